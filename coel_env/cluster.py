@@ -1,0 +1,191 @@
+"""The static cluster: a scenario compiled into numpy arrays and a networkx topology.
+
+Indices used everywhere: servers `s` (0..S-1), devices `d` (all GPUs, 0..D-1, grouped by server),
+physical links `k` (topology edges), logical links `p` (unordered server pairs, token compression is per pair).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+
+from coel_env.specs import BIT_WIDTHS, HardwareProfile, ModelSpec, ScenarioSpec, load_hardware_profile
+
+TIERS: tuple[str, ...] = ("gpu", "cpu", "ssd")
+GB = 1e9
+
+
+@dataclass
+class Cluster:
+    """Immutable arrays derived from a ScenarioSpec (built once, shared by every state and backend)."""
+
+    spec: ScenarioSpec
+    hw: HardwareProfile
+    graph: nx.Graph
+    server_names: list[str]
+    device_names: list[str]
+    dev_server: np.ndarray  # [D] server of each GPU
+    dev_mem: np.ndarray  # [D] bytes
+    dev_bw: np.ndarray  # [D] bytes/s (vendor)
+    dev_flops: np.ndarray  # [D] FLOP/s (vendor)
+    dev_p_idle: np.ndarray
+    dev_p_max: np.ndarray
+    cpu_bw: np.ndarray  # [S] bytes/s
+    cpu_flops: np.ndarray  # [S]
+    cpu_p_idle: np.ndarray
+    cpu_p_max: np.ndarray
+    cpu_ram: np.ndarray  # [S] bytes
+    ssd_bytes: np.ndarray  # [S]
+    ssd_bw: np.ndarray  # [S] bytes/s
+    pcie_bw: np.ndarray  # [S] bytes/s
+    link_ends: list[tuple[str, str]]  # [K] physical links
+    link_bw: np.ndarray  # [K] bytes/s nominal
+    link_latency: np.ndarray  # [K] seconds
+    pair_index: np.ndarray  # [S, S] logical link id of a server pair (-1 on the diagonal)
+    pair_links: np.ndarray  # [P, K] 1 where the pair's route uses the physical link
+    pair_latency: np.ndarray  # [S, S] one-way seconds along the route
+    first_gpu: np.ndarray = field(default=None)  # [S] index of each server's first GPU
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.server_names)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_names)
+
+    @property
+    def num_links(self) -> int:
+        return len(self.link_ends)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_links.shape[0]
+
+    @cached_property
+    def gpus_per_server(self) -> np.ndarray:
+        return np.bincount(self.dev_server, minlength=self.num_servers)
+
+    @cached_property
+    def expert_bytes_by_bits(self) -> np.ndarray:
+        """[17] bytes of one expert indexed by bit-width (0 where unsupported)."""
+        table = np.zeros(17, dtype=np.float64)
+        for b in BIT_WIDTHS:
+            table[b] = self.model.expert_bytes(b)
+        return table
+
+    @cached_property
+    def non_expert_bytes_per_gpu(self) -> np.ndarray:
+        """[D] non-expert weights each GPU holds: every server keeps a full copy, split over its GPUs."""
+        return self.model.non_expert_bytes(16) / self.gpus_per_server[self.dev_server]
+
+    @cached_property
+    def gpu_expert_capacity(self) -> np.ndarray:
+        """[D] bytes of GPU memory left for routed experts."""
+        cap = self.dev_mem * (1 - self.hw.kv_reserve_frac) - self.non_expert_bytes_per_gpu
+        return np.maximum(cap, 0.0)
+
+    @cached_property
+    def cpu_expert_capacity(self) -> np.ndarray:
+        return np.maximum(self.cpu_ram - self.hw.cpu_reserve_gb * GB, 0.0)
+
+    @cached_property
+    def pair_servers(self) -> np.ndarray:
+        """[P, 2] the two servers of each logical link."""
+        out = np.zeros((self.num_pairs, 2), dtype=np.int64)
+        for a in range(self.num_servers):
+            for b in range(a + 1, self.num_servers):
+                out[self.pair_index[a, b]] = (a, b)
+        return out
+
+
+def _build_graph(spec: ScenarioSpec) -> nx.Graph:
+    g = nx.Graph()
+    names = [s.name for s in spec.servers]
+    g.add_nodes_from(names, kind="server")
+    topo = spec.topology
+    gbps = topo.bandwidth_gbps
+    if topo.kind == "star":
+        g.add_node("switch", kind="switch")
+        for n in names:
+            g.add_edge(n, "switch", bandwidth_gbps=gbps, latency_ms=topo.latency_ms / 2)
+    elif topo.kind == "mesh":
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                g.add_edge(a, b, bandwidth_gbps=gbps, latency_ms=topo.latency_ms)
+    else:
+        for link in topo.links:
+            for end in (link.a, link.b):
+                if end not in g:
+                    g.add_node(end, kind="switch")
+            g.add_edge(link.a, link.b, bandwidth_gbps=link.bandwidth_gbps, latency_ms=link.latency_ms)
+    if len(names) > 1 and not nx.is_connected(g):
+        from coel_env.errors import ConfigError
+
+        raise ConfigError(f"scenario {spec.name}: topology: servers are not all connected")
+    return g
+
+
+def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = None) -> Cluster:
+    """Compile `spec` (with its hardware profile unless one is given) into a Cluster."""
+    hw = load_hardware_profile(hardware if hardware is not None else spec.hardware)
+    graph = _build_graph(spec)
+    servers = spec.servers
+    S = len(servers)
+    dev_server, dev_names, devs = [], [], []
+    first_gpu = np.zeros(S, dtype=np.int64)
+    for s, srv in enumerate(servers):
+        first_gpu[s] = len(devs)
+        for g, gpu in enumerate(srv.gpus):
+            dev_server.append(s)
+            dev_names.append(f"{srv.name}/gpu{g}")
+            devs.append(gpu)
+    edges = list(graph.edges(data=True))
+    link_ends = [(a, b) for a, b, _ in edges]
+    link_bw = np.array([d["bandwidth_gbps"] * 1e9 / 8 for *_, d in edges], dtype=np.float64)
+    link_lat = np.array([d["latency_ms"] / 1e3 for *_, d in edges], dtype=np.float64)
+    edge_id = {frozenset((a, b)): k for k, (a, b) in enumerate(link_ends)}
+    names = [s.name for s in servers]
+    P = S * (S - 1) // 2
+    pair_index = -np.ones((S, S), dtype=np.int64)
+    pair_links = np.zeros((P, len(edges)), dtype=np.float64)
+    pair_latency = np.zeros((S, S), dtype=np.float64)
+    paths = dict(nx.all_pairs_dijkstra_path(graph, weight="latency_ms")) if S > 1 else {}
+    p = 0
+    for a in range(S):
+        for b in range(a + 1, S):
+            pair_index[a, b] = pair_index[b, a] = p
+            path = paths[names[a]][names[b]]
+            for u, v in zip(path[:-1], path[1:]):
+                k = edge_id[frozenset((u, v))]
+                pair_links[p, k] = 1.0
+                pair_latency[a, b] += link_lat[k]
+            pair_latency[b, a] = pair_latency[a, b]
+            p += 1
+    arr = np.asarray
+    return Cluster(
+        spec=spec, hw=hw, graph=graph, server_names=names, device_names=dev_names,
+        dev_server=arr(dev_server, dtype=np.int64),
+        dev_mem=arr([d.memory_gb * GB for d in devs]),
+        dev_bw=arr([d.mem_bw_gbs * GB for d in devs]),
+        dev_flops=arr([d.peak_tflops * 1e12 for d in devs]),
+        dev_p_idle=arr([d.power_idle_w for d in devs], dtype=np.float64),
+        dev_p_max=arr([d.power_max_w for d in devs], dtype=np.float64),
+        cpu_bw=arr([s.cpu.mem_bw_gbs * GB for s in servers]),
+        cpu_flops=arr([s.cpu.peak_tflops * 1e12 for s in servers]),
+        cpu_p_idle=arr([s.cpu.power_idle_w for s in servers], dtype=np.float64),
+        cpu_p_max=arr([s.cpu.power_max_w for s in servers], dtype=np.float64),
+        cpu_ram=arr([s.cpu_ram_gb * GB for s in servers]),
+        ssd_bytes=arr([s.ssd_gb * GB for s in servers]),
+        ssd_bw=arr([s.ssd_bw_gbs * GB for s in servers]),
+        pcie_bw=arr([s.pcie_bw_gbs * GB for s in servers]),
+        link_ends=link_ends, link_bw=link_bw, link_latency=link_lat,
+        pair_index=pair_index, pair_links=pair_links, pair_latency=pair_latency, first_gpu=first_gpu,
+    )

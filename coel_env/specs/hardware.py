@@ -1,0 +1,130 @@
+"""Devices (vendor peaks) and the hardware profile: every physics constant the surrogate uses.
+
+A profile lives in `conf/hardware/<name>.yaml`; `experiments.calibrate` writes new ones from measurements.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coel_env.errors import ConfigError, format_pydantic_error
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class DeviceSpec(BaseModel):
+    """One accelerator (or a CPU socket) with vendor peak numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    memory_gb: float = Field(gt=0)
+    mem_bw_gbs: float = Field(gt=0, description="memory bandwidth, GB/s")
+    peak_tflops: float = Field(gt=0, description="dense bf16 peak, TFLOP/s")
+    power_idle_w: float = Field(ge=0)
+    power_max_w: float = Field(gt=0)
+
+
+DEVICE_PRESETS: dict[str, dict] = {
+    "rtx4090d": dict(memory_gb=24, mem_bw_gbs=1008, peak_tflops=147, power_idle_w=25, power_max_w=425),
+    "rtx4090": dict(memory_gb=24, mem_bw_gbs=1008, peak_tflops=165, power_idle_w=25, power_max_w=450),
+    "jetson-agx-orin": dict(memory_gb=64, mem_bw_gbs=204.8, peak_tflops=21, power_idle_w=15, power_max_w=60),
+    "a100-80gb": dict(memory_gb=80, mem_bw_gbs=2039, peak_tflops=312, power_idle_w=60, power_max_w=400),
+    "h100-sxm": dict(memory_gb=80, mem_bw_gbs=3350, peak_tflops=989, power_idle_w=70, power_max_w=700),
+    "h200": dict(memory_gb=141, mem_bw_gbs=4800, peak_tflops=989, power_idle_w=70, power_max_w=700),
+    # CPU sockets (expert compute on the CPU, Fiddler-style)
+    "i9-14900kf": dict(memory_gb=64, mem_bw_gbs=89.6, peak_tflops=2.0, power_idle_w=10, power_max_w=253),
+    "xeon-edge": dict(memory_gb=32, mem_bw_gbs=60, peak_tflops=1.2, power_idle_w=15, power_max_w=150),
+    "arm-a78ae": dict(memory_gb=64, mem_bw_gbs=204.8, peak_tflops=0.3, power_idle_w=2, power_max_w=10),
+    "cpu-small": dict(memory_gb=8, mem_bw_gbs=20, peak_tflops=0.2, power_idle_w=5, power_max_w=35),
+}
+
+
+def device_preset(name: str) -> DeviceSpec:
+    key = name.lower()
+    if key not in DEVICE_PRESETS:
+        raise ConfigError(f"device: unknown preset '{name}'; allowed: {', '.join(DEVICE_PRESETS)}")
+    return DeviceSpec(name=key, **DEVICE_PRESETS[key])
+
+
+def resolve_device(value: str | dict | DeviceSpec) -> DeviceSpec:
+    if isinstance(value, DeviceSpec):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        base = {}
+        if "preset" in value:
+            base = device_preset(str(value.pop("preset"))).model_dump()
+        try:
+            return DeviceSpec(**{**base, **value})
+        except ValidationError as exc:
+            raise ConfigError(format_pydantic_error("device", exc)) from None
+    return device_preset(str(value))
+
+
+class QualityModel(BaseModel):
+    """Quality loss constants (fraction of accuracy lost); calibrated from real-backend KL/top-1 measurements."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loss_per_bits: dict[int, float] = Field(default_factory=lambda: {16: 0.0, 8: 0.002, 4: 0.02})
+    prune_linear: float = Field(0.005, ge=0, description="loss per unit prune ratio below the knee")
+    prune_knee: float = Field(0.5, gt=0, le=1)
+    prune_quadratic: float = Field(0.4, ge=0, description="loss per (ratio - knee)^2 above the knee")
+    fusion_loss: float = Field(0.004, ge=0, description="loss per unit fused fraction")
+    fusion_fraction: float = Field(0.25, ge=0, lt=1, description="tokens merged by fusion on a link")
+
+
+class HardwareProfile(BaseModel):
+    """Every physics constant of the surrogate. Defaults are public-spec estimates; calibration refines them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "default"
+    source: str = "vendor specs and public measurements (uncalibrated)"
+    compute_efficiency: float = Field(0.55, gt=0, le=1, description="achievable fraction of peak FLOP/s")
+    memory_efficiency: float = Field(0.80, gt=0, le=1, description="achievable fraction of memory bandwidth")
+    link_efficiency: float = Field(0.94, gt=0, le=1, description="goodput fraction of a network link")
+    pcie_efficiency: float = Field(0.80, gt=0, le=1)
+    layer_overhead_s: float = Field(25e-6, ge=0, description="kernel launches etc. per layer per step")
+    expert_overhead_s: float = Field(4e-6, ge=0, description="per activated expert per step")
+    dequant_slowdown: dict[int, float] = Field(
+        default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"
+    )
+    prefetch_hit_rate: float = Field(0.6, ge=0, le=1, description="next-layer predictor hit rate")
+    cpu_compute: bool = Field(True, description="may run CPU-resident experts on the CPU (Fiddler)")
+    kv_reserve_frac: float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
+    cpu_reserve_gb: float = Field(8.0, ge=0, description="host RAM kept for the OS and the runtime")
+    transfer_latency_s: float = Field(50e-6, ge=0, description="software latency per message (α)")
+    cloud_bandwidth_gbps: float = Field(0.1, gt=0, description="WAN to the checkpoint store")
+    cloud_latency_s: float = Field(0.05, ge=0)
+    quality: QualityModel = Field(default_factory=QualityModel)
+
+
+def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | None = None) -> HardwareProfile:
+    """A profile by name (`conf/hardware/<name>.yaml`), path, dict or instance; None gives the defaults."""
+    if name_or_path is None:
+        return HardwareProfile()
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        data, source = name_or_path, "hardware"
+    else:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = CONF_DIR / "hardware" / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+            raise ConfigError(f"hardware: unknown profile '{name_or_path}'; allowed: {', '.join(known)}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"hardware: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        source = f"hardware profile {path.name}"
+    try:
+        return HardwareProfile(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_pydantic_error(source, exc)) from None

@@ -1,0 +1,249 @@
+"""MoE model specifications: presets with real checkpoint values and Hugging Face `config.json` loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coel_env.errors import ConfigError, format_pydantic_error
+
+BIT_WIDTHS: tuple[int, ...] = (16, 8, 4)
+INT4_GROUP_SIZE = 128
+
+
+class ModelSpec(BaseModel):
+    """Dimensions of a Mixture-of-Experts transformer (values as in the checkpoint's config.json)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    num_layers: int = Field(gt=0, description="all transformer layers, dense ones included")
+    first_k_dense: int = Field(0, ge=0, description="leading layers with a dense MLP instead of experts")
+    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
+    top_k: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    d_ff_expert: int = Field(gt=0)
+    d_ff_shared: int = Field(0, ge=0, description="total width of the shared expert(s); 0 = none")
+    shared_expert_gate: bool = False
+    d_ff_dense: int = Field(0, ge=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    attn_bias: bool = False
+    attn_params_per_layer: int | None = Field(None, description="override for non-standard attention (MLA)")
+    num_expert_groups: int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.first_k_dense >= self.num_layers:
+            raise ValueError(f"first_k_dense ({self.first_k_dense}) must be < num_layers ({self.num_layers})")
+        if self.num_experts % self.num_expert_groups:
+            raise ValueError("num_expert_groups must divide num_experts")
+        return self
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up and down projections)."""
+        return 3 * self.d_model * self.d_ff_expert
+
+    def expert_bytes(self, bits: int) -> int:
+        """Bytes of one routed expert at `bits`, quantization scales included (fp16 scales)."""
+        if bits not in BIT_WIDTHS:
+            raise ConfigError(f"bits: {bits} is not supported; allowed: {', '.join(map(str, BIT_WIDTHS))}")
+        payload = self.expert_params * bits // 8
+        if bits == 16:
+            return payload
+        if bits == 8:  # one scale per output channel of each projection
+            return payload + 2 * (2 * self.d_ff_expert + self.d_model)
+        return payload + 2 * (self.expert_params // INT4_GROUP_SIZE)  # group-wise int4
+
+    @property
+    def attention_params(self) -> int:
+        if self.attn_params_per_layer is not None:
+            return self.attn_params_per_layer
+        q = self.d_model * self.num_heads * self.head_dim
+        kv = 2 * self.d_model * self.num_kv_heads * self.head_dim
+        o = self.num_heads * self.head_dim * self.d_model
+        bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attn_bias else 0
+        return q + kv + o + bias
+
+    @property
+    def non_expert_params(self) -> int:
+        """Everything but the routed experts: embeddings, attention, norms, routers, shared and dense MLPs."""
+        embed = self.vocab_size * self.d_model * (1 if self.tie_word_embeddings else 2)
+        per_layer = self.attention_params + 2 * self.d_model
+        moe = self.num_experts * self.d_model + 3 * self.d_model * self.d_ff_shared
+        moe += self.d_model if self.shared_expert_gate else 0
+        dense = 3 * self.d_model * self.d_ff_dense
+        return (
+            embed
+            + self.d_model
+            + self.num_layers * per_layer
+            + self.num_moe_layers * moe
+            + self.first_k_dense * dense
+        )
+
+    @property
+    def routed_expert_params(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_params
+
+    @property
+    def total_params(self) -> int:
+        return self.non_expert_params + self.routed_expert_params
+
+    @property
+    def active_params(self) -> int:
+        return self.non_expert_params + self.num_moe_layers * self.top_k * self.expert_params
+
+    def non_expert_bytes(self, bits: int = 16) -> int:
+        return self.non_expert_params * bits // 8
+
+    @property
+    def hidden_bytes(self) -> int:
+        """Bytes of one bf16 hidden state (what a token sends to a remote expert)."""
+        return 2 * self.d_model
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+
+# Values read from the checkpoints' config.json files (not library defaults).
+MODEL_PRESETS: dict[str, dict] = {
+    "qwen1.5-moe-a2.7b": dict(
+        num_layers=24, num_experts=60, top_k=4, d_model=2048, d_ff_expert=1408, d_ff_shared=5632,
+        shared_expert_gate=True, num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=151936,
+        attn_bias=True,
+    ),
+    "mixtral-8x7b": dict(
+        num_layers=32, num_experts=8, top_k=2, d_model=4096, d_ff_expert=14336, num_heads=32,
+        num_kv_heads=8, head_dim=128, vocab_size=32000,
+    ),
+    "olmoe-1b-7b": dict(
+        num_layers=16, num_experts=64, top_k=8, d_model=2048, d_ff_expert=1024, num_heads=16,
+        num_kv_heads=16, head_dim=128, vocab_size=50304,
+    ),
+    "deepseek-v2-lite": dict(
+        num_layers=27, first_k_dense=1, num_experts=64, top_k=6, d_model=2048, d_ff_expert=1408,
+        d_ff_shared=2 * 1408, d_ff_dense=10944, num_heads=16, num_kv_heads=16, head_dim=192,
+        vocab_size=102400, attn_params_per_layer=2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048,
+    ),
+    "qwen3-30b-a3b": dict(
+        num_layers=48, num_experts=128, top_k=8, d_model=2048, d_ff_expert=768, num_heads=32,
+        num_kv_heads=4, head_dim=128, vocab_size=151936,
+    ),
+    "deepseek-v3": dict(
+        num_layers=61, first_k_dense=3, num_experts=256, top_k=8, d_model=7168, d_ff_expert=2048,
+        d_ff_shared=2048, d_ff_dense=18432, num_heads=128, num_kv_heads=128, head_dim=192,
+        vocab_size=129280, num_expert_groups=8,
+        attn_params_per_layer=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
+    ),
+    # Small enough for tests and for a CPU real backend.
+    "tiny-moe": dict(
+        num_layers=4, num_experts=8, top_k=2, d_model=64, d_ff_expert=128, d_ff_shared=128,
+        shared_expert_gate=True, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
+    ),
+}
+
+
+def model_preset(name: str) -> ModelSpec:
+    """The preset called `name` (see MODEL_PRESETS)."""
+    key = name.lower()
+    if key not in MODEL_PRESETS:
+        raise ConfigError(f"model: unknown preset '{name}'; allowed: {', '.join(MODEL_PRESETS)}")
+    return ModelSpec(name=key, **MODEL_PRESETS[key])
+
+
+def _first(cfg: dict, *keys: str, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec:
+    """Read a Hugging Face `config.json` (a file, or a checkpoint directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"model: no config.json at '{path}'")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    n_experts = _first(cfg, "num_experts", "num_local_experts", "n_routed_experts")
+    if n_experts is None:
+        raise ConfigError(f"model: {p} has no num_experts/num_local_experts/n_routed_experts: not a MoE model")
+    d_model = cfg.get("hidden_size")
+    heads = cfg.get("num_attention_heads")
+    mtype = cfg.get("model_type", "")
+    d_ff_expert = _first(cfg, "moe_intermediate_size") if mtype != "mixtral" else None
+    d_ff_expert = d_ff_expert or cfg.get("intermediate_size")
+    fields = dict(
+        name=name or cfg.get("_name_or_path") or p.parent.name or mtype,
+        num_layers=cfg.get("num_hidden_layers"),
+        first_k_dense=cfg.get("first_k_dense_replace", 0) or 0,
+        num_experts=n_experts,
+        top_k=_first(cfg, "num_experts_per_tok", "moe_top_k"),
+        d_model=d_model,
+        d_ff_expert=d_ff_expert,
+        num_heads=heads,
+        num_kv_heads=_first(cfg, "num_key_value_heads", default=heads),
+        head_dim=_first(cfg, "head_dim", default=(d_model // heads) if d_model and heads else None),
+        vocab_size=cfg.get("vocab_size"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_expert_groups=cfg.get("n_group") or 1,
+        attn_bias=mtype in ("qwen2_moe",),
+    )
+    if cfg.get("shared_expert_intermediate_size"):
+        fields.update(d_ff_shared=cfg["shared_expert_intermediate_size"], shared_expert_gate=True)
+    elif cfg.get("n_shared_experts"):
+        fields["d_ff_shared"] = cfg["n_shared_experts"] * d_ff_expert
+    if fields["first_k_dense"]:
+        fields["d_ff_dense"] = cfg.get("intermediate_size", 0)
+    if cfg.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek)
+        nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+        qdim = heads * (nope + rope)
+        q = d_model * qdim if not cfg.get("q_lora_rank") else (
+            d_model * cfg["q_lora_rank"] + cfg["q_lora_rank"] * qdim)
+        kv_rank = cfg["kv_lora_rank"]
+        attn = q + d_model * (kv_rank + rope) + kv_rank * heads * (nope + v) + heads * v * d_model
+        fields.update(attn_params_per_layer=attn, head_dim=nope + rope)
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as exc:
+        raise ConfigError(format_pydantic_error(f"model config {p}", exc)) from None
+
+
+def resolve_model(value: str | dict | ModelSpec) -> ModelSpec:
+    """A model given as a preset name, a path to a config.json/checkpoint dir, a dict of fields or a spec."""
+    if isinstance(value, ModelSpec):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        if "preset" in value:
+            base = MODEL_PRESETS.get(str(value.pop("preset")).lower())
+            if base is None:
+                raise ConfigError(f"model.preset: unknown preset; allowed: {', '.join(MODEL_PRESETS)}")
+            value = {**base, **value}
+        value.setdefault("name", "custom")
+        try:
+            return ModelSpec(**value)
+        except ValidationError as exc:
+            raise ConfigError(format_pydantic_error("model", exc)) from None
+    if str(value).lower() in MODEL_PRESETS:
+        return model_preset(str(value))
+    if Path(value).exists():
+        return model_from_hf_config(value)
+    raise ConfigError(f"model: unknown preset '{value}'; allowed: {', '.join(MODEL_PRESETS)} or a config.json path")
