@@ -6,6 +6,7 @@ physical links `k` (topology edges), logical links `p` (unordered server pairs, 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -163,7 +164,7 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         for b in range(a + 1, S):
             pair_index[a, b] = pair_index[b, a] = p
             path = paths[names[a]][names[b]]
-            for u, v in zip(path[:-1], path[1:]):
+            for u, v in itertools.pairwise(path):
                 k = edge_id[frozenset((u, v))]
                 pair_links[p, k] = 1.0
                 pair_latency[a, b] += link_lat[k]

@@ -103,7 +103,7 @@ class RoutingTrace:
             with np.load(path, allow_pickle=False) as z:
                 trace = cls(z["experts"], z["server"], z["epoch"])
         except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"trace: cannot read '{path}' ({exc}); expected .npz with experts/server/epoch")
+            raise ConfigError(f"trace: cannot read '{path}' ({exc}); expected .npz with experts/server/epoch") from None
         if trace.experts.ndim != 3 or len(trace.server) != len(trace.experts) != len(trace.epoch):
             raise ConfigError(f"trace: '{path}' arrays disagree: experts must be [T, L, k], server/epoch [T]")
         return trace
@@ -114,7 +114,7 @@ class RoutingTrace:
 
     def popularity(self, epoch: int, num_servers: int, num_experts: int) -> np.ndarray:
         """Empirical inclusion probabilities [S, L, E] of one epoch (uniform where a server has no tokens)."""
-        T, L, k = self.experts.shape
+        _, L, k = self.experts.shape
         sel = self.epoch == epoch % max(self.num_epochs, 1)
         counts = np.zeros((num_servers, L, num_experts))
         srv = np.repeat(self.server[sel], L * k)
