@@ -37,33 +37,24 @@ def activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre):
                     a_pre[i, s, l, e] = li * p
 
 
-@njit(cache=True, fastmath=True)
-def _replica_cost(u, a, w, slow_b, gpu_bw, gpu_flops, tier, fetch, cpu_read, cpu_flops, cpu_ok,
-                  flops_tok, overhead):
-    """(time, unit-is-cpu) of serving `a` tokens (expert used with chance `u`) from one replica."""
-    gpu = max(u * w * slow_b / gpu_bw, a * flops_tok / gpu_flops) + u * (fetch + overhead)
-    if tier == 0 or not cpu_ok:
-        return gpu, False
-    cpu = max(u * cpu_read, a * flops_tok / cpu_flops) + u * overhead
-    if tier == 2:
-        cpu += u * fetch  # SSD read before the CPU can use it (fetch holds SSD + PCIe; a slight overcount)
-    if cpu < gpu:
-        return cpu, True
-    return gpu, False
+BITS_INDEX = np.zeros(17, dtype=np.int64)  # bits -> column of the unit table
+BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def serve_kernel(
-    dev, tier, bits, tok_keep, byte_keep, state_idx,
-    pop, u_dec, a_dec, u_pre, a_pre, server_up, comp_avail, pair_bw, pair_lat,
-    dev_server, gpu_bw, gpu_flops, cpu_bw, cpu_flops, pcie_bw, ssd_bw,
-    ebytes, slow, qloss, flops_tok, hidden, hit, cpu_ok, overhead,
+    dev, tier, bits, tok_keep, comm_tok, state_idx,
+    pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, dev_server, bits_index, qloss,
     o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross,
 ):
     """Fill, per plan n and server s: o_time[n, s, 0:6] = decode (compute, comm-bandwidth, comm-latency) and
-    prefill (same three); o_pair_bytes[n, s, s2, 0:2] one-way bytes per decode step / prefill; o_busy[n, s, u, 0:2]
-    busy seconds per unit u (GPUs then CPUs); o_quality, o_miss (expert mass with no live replica), o_cross
-    (token mass crossing to s2)."""
+    prefill (same three); o_pair_bytes[n, s, s2, 0:2] tokens sent to s2 per decode step / prefill, before
+    compression; o_busy[n, s, u, 0:2] busy seconds per unit u (GPUs then CPUs); o_quality, o_miss (expert mass
+    with no live replica), o_cross (token mass crossing to s2).
+
+    table[si, key, 0:6] holds per (device, tier, bits) key = (d * 3 + tier) * 3 + bits_index the GPU path
+    (read s per activation, compute s per token, fetch+overhead s per activation) then the same for the CPU path.
+    comm_tok[n, s, s2] = round-trip seconds per token crossing (bandwidth part); pair_lat2 = round-trip latency."""
     N, L, E, R = dev.shape
     S = server_up.shape[1]
     D = dev_server.shape[0]
@@ -77,102 +68,88 @@ def serve_kernel(
         acc_d = np.zeros(U)
         acc_p = np.zeros(U)
         touched = np.zeros(U, dtype=np.bool_)
-        bytes_d = np.zeros(S)
-        bytes_p = np.zeros(S)
+        tok_d = np.zeros(S)
+        tok_p = np.zeros(S)
         none_d = np.ones(S)
         none_p = np.ones(S)
         quality = 0.0
         miss = 0.0
+        pop_s = pop[si, s]
+        ud_s = u_dec[si, s]
+        ad_s = a_dec[si, s]
+        up_s = u_pre[si, s]
+        ap_s = a_pre[si, s]
+        tab = table[si]
+        up_srv = server_up[si]
+        keep_s = tok_keep[n, s]
+        ct_s = comm_tok[n, s]
+        lat_s = pair_lat2[s]
         for l in range(L):
+            dev_l = dev[n, l]
+            tier_l = tier[n, l]
+            bits_l = bits[n, l]
             for e in range(E):
-                p = pop[si, s, l, e]
+                p = pop_s[l, e]
                 if p <= 0.0:
                     continue
-                ud = u_dec[si, s, l, e]
-                ad = a_dec[si, s, l, e]
-                up = u_pre[si, s, l, e]
-                ap = a_pre[si, s, l, e]
-                best_d = np.inf
-                best_p = np.inf
+                ud = ud_s[l, e]
+                ad = ad_s[l, e]
+                best = np.inf
                 rd = -1
-                rp = -1
-                loc_d = 0.0
-                loc_p = 0.0
-                cpu_d = False
-                cpu_p = False
+                key_best = 0
                 for r in range(R):
-                    d = dev[n, l, e, r]
+                    d = dev_l[e, r]
                     if d < 0:
                         continue
                     sd = dev_server[d]
-                    if not server_up[si, sd]:
+                    if not up_srv[sd]:
                         continue
-                    b = bits[n, l, e, r]
-                    t = tier[n, l, e, r]
-                    w = ebytes[b]
-                    if t == 0:
-                        fetch = 0.0
-                        cread = 0.0
-                    elif t == 1:
-                        fetch = (1.0 - hit) * w / pcie_bw[sd]
-                        cread = w / cpu_bw[sd]
-                    else:
-                        fetch = (1.0 - hit) * (w / ssd_bw[sd] + w / pcie_bw[sd])
-                        cread = w / cpu_bw[sd]
-                    gb = gpu_bw[d] * comp_avail[si, d]
-                    gf = gpu_flops[d] * comp_avail[si, d]
+                    key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
                     keep = 1.0
-                    comm_d = 0.0
-                    comm_p = 0.0
+                    comm = 0.0
                     if sd != s:
-                        keep = tok_keep[n, s, sd]
-                        bw = pair_bw[si, s, sd]
-                        comm_d = 2.0 * ad * hidden * byte_keep[n, s, sd] / bw + 2.0 * pair_lat[s, sd] * ud
-                        comm_p = 2.0 * ap * hidden * byte_keep[n, s, sd] / bw + 2.0 * pair_lat[s, sd] * up
-                    td, cd = _replica_cost(ud, ad * keep, w, slow[b], gb, gf, t, fetch, cread, cpu_flops[sd],
-                                           cpu_ok, flops_tok, overhead)
-                    tp, cp = _replica_cost(up, ap * keep, w, slow[b], gb, gf, t, fetch, cread, cpu_flops[sd],
-                                           cpu_ok, flops_tok, overhead)
-                    if td + comm_d < best_d:
-                        best_d = td + comm_d
+                        keep = keep_s[sd]
+                        comm = ad * ct_s[sd] + lat_s[sd] * ud
+                    gd = max(ud * tab[key, 0], ad * keep * tab[key, 1]) + ud * tab[key, 2]
+                    cd = max(ud * tab[key, 3], ad * keep * tab[key, 4]) + ud * tab[key, 5]
+                    cost = min(gd, cd) + comm
+                    if cost < best:
+                        best = cost
                         rd = r
-                        loc_d = td
-                        cpu_d = cd
-                    if tp + comm_p < best_p:
-                        best_p = tp + comm_p
-                        rp = r
-                        loc_p = tp
-                        cpu_p = cp
+                        key_best = key
                 if rd < 0:
                     miss += p
                     continue
-                d = dev[n, l, e, rd]
+                # tokens follow the replica chosen for decode; prefill is costed on the same replica
+                d = dev_l[e, rd]
                 sd = dev_server[d]
-                unit = D + sd if cpu_d else d
-                acc_d[unit] += loc_d
-                touched[unit] = True
-                quality += p * qloss[bits[n, l, e, rd]]
+                up = up_s[l, e]
+                ap = ap_s[l, e]
+                keep = keep_s[sd] if sd != s else 1.0
+                gd = max(ud * tab[key_best, 0], ad * keep * tab[key_best, 1]) + ud * tab[key_best, 2]
+                cd = max(ud * tab[key_best, 3], ad * keep * tab[key_best, 4]) + ud * tab[key_best, 5]
+                gp = max(up * tab[key_best, 0], ap * keep * tab[key_best, 1]) + up * tab[key_best, 2]
+                cp = max(up * tab[key_best, 3], ap * keep * tab[key_best, 4]) + up * tab[key_best, 5]
+                unit_d = d if gd <= cd else D + sd
+                unit_p = d if gp <= cp else D + sd
+                acc_d[unit_d] += min(gd, cd)
+                acc_p[unit_p] += min(gp, cp)
+                touched[unit_d] = True
+                touched[unit_p] = True
+                quality += p * qloss[bits_l[e, rd]]
                 if sd != s:
-                    bytes_d[sd] += ad * hidden * byte_keep[n, s, sd]
+                    tok_d[sd] += ad
+                    tok_p[sd] += ap
                     none_d[sd] *= 1.0 - ud
-                    o_cross[n, s, sd] += p
-                d = dev[n, l, e, rp]
-                sd = dev_server[d]
-                unit = D + sd if cpu_p else d
-                acc_p[unit] += loc_p
-                touched[unit] = True
-                if sd != s:
-                    bytes_p[sd] += ap * hidden * byte_keep[n, s, sd]
                     none_p[sd] *= 1.0 - up
+                    o_cross[n, s, sd] += p
             # close the layer: devices in parallel, transfers serial on the sender's path
             mx_d = 0.0
             mx_p = 0.0
             for u in range(U):
                 if touched[u]:
-                    if acc_d[u] > mx_d:
-                        mx_d = acc_d[u]
-                    if acc_p[u] > mx_p:
-                        mx_p = acc_p[u]
+                    mx_d = max(mx_d, acc_d[u])
+                    mx_p = max(mx_p, acc_p[u])
                     o_busy[n, s, u, 0] += acc_d[u]
                     o_busy[n, s, u, 1] += acc_p[u]
                     acc_d[u] = 0.0
@@ -183,17 +160,17 @@ def serve_kernel(
             lat_d = 0.0
             lat_p = 0.0
             for s2 in range(S):
-                if bytes_d[s2] > 0.0 or none_d[s2] < 1.0:
-                    o_time[n, s, 1] += 2.0 * bytes_d[s2] / pair_bw[si, s, s2]
-                    lat_d = max(lat_d, 2.0 * pair_lat[s, s2] * (1.0 - none_d[s2]))
-                    o_pair_bytes[n, s, s2, 0] += bytes_d[s2]
-                    bytes_d[s2] = 0.0
+                if none_d[s2] < 1.0 or tok_d[s2] > 0.0:
+                    o_time[n, s, 1] += tok_d[s2] * comm_tok[n, s, s2]
+                    lat_d = max(lat_d, pair_lat2[s, s2] * (1.0 - none_d[s2]))
+                    o_pair_bytes[n, s, s2, 0] += tok_d[s2]
+                    tok_d[s2] = 0.0
                     none_d[s2] = 1.0
-                if bytes_p[s2] > 0.0 or none_p[s2] < 1.0:
-                    o_time[n, s, 4] += 2.0 * bytes_p[s2] / pair_bw[si, s, s2]
-                    lat_p = max(lat_p, 2.0 * pair_lat[s, s2] * (1.0 - none_p[s2]))
-                    o_pair_bytes[n, s, s2, 1] += bytes_p[s2]
-                    bytes_p[s2] = 0.0
+                if none_p[s2] < 1.0 or tok_p[s2] > 0.0:
+                    o_time[n, s, 4] += tok_p[s2] * comm_tok[n, s, s2]
+                    lat_p = max(lat_p, pair_lat2[s, s2] * (1.0 - none_p[s2]))
+                    o_pair_bytes[n, s, s2, 1] += tok_p[s2]
+                    tok_p[s2] = 0.0
                     none_p[s2] = 1.0
             o_time[n, s, 2] += lat_d
             o_time[n, s, 5] += lat_p
@@ -276,3 +253,186 @@ def memory_kernel(dev, tier, bits, dev_server, ebytes, o_gpu, o_cpu, o_ssd):
                         o_cpu[n, dev_server[d]] += w
                     else:
                         o_ssd[n, dev_server[d]] += w
+
+
+@njit(cache=True)
+def pair_coefficients(prune, fuse, pair_index, pair_bw, state_idx, hidden, fusion_fraction,
+                      tok_keep, byte_keep, comm_tok):
+    """Per plan and ordered server pair: fraction of tokens kept by pruning, of bytes kept by pruning+fusion,
+    and round-trip seconds per routed token (bandwidth part)."""
+    N = prune.shape[0]
+    S = pair_index.shape[0]
+    for n in range(N):
+        si = state_idx[n]
+        for s in range(S):
+            for s2 in range(S):
+                p = pair_index[s, s2]
+                if p < 0:
+                    tok_keep[n, s, s2] = 1.0
+                    byte_keep[n, s, s2] = 1.0
+                    comm_tok[n, s, s2] = 0.0
+                    continue
+                keep = 1.0 - prune[n, p]
+                bk = keep * (1.0 - fusion_fraction) if fuse[n, p] else keep
+                tok_keep[n, s, s2] = keep
+                byte_keep[n, s, s2] = bk
+                comm_tok[n, s, s2] = 2.0 * hidden * bk / pair_bw[si, s, s2]
+
+
+@njit(cache=True)
+def _weighted_quantile(values, weights, q):
+    order = np.argsort(values)
+    total = 0.0
+    for i in range(values.size):
+        total += weights[i]
+    if total <= 0.0:
+        return values[order[-1]] if values.size else 0.0
+    acc = 0.0
+    for i in range(values.size):
+        acc += weights[order[i]]
+        if acc >= q * total:
+            return values[order[i]]
+    return values[order[-1]]
+
+
+N_SCALARS = 14  # see surrogate.SCALAR_FIELDS
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
+                  pair_index, lam, rate, batch, up, ne_dec, ne_pre, link_cap, route, dev_server, p_idle, p_max,
+                  in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst,
+                  o_scalars, o_link, o_util):
+    """Batching, link contention, queueing, percentiles, energy and quality per plan (see surrogate.py).
+    qconst = (prune_linear, prune_knee, prune_quadratic, fusion_loss * fusion_fraction)."""
+    N, S = o_time.shape[0], o_time.shape[1]
+    D = dev_server.shape[0]
+    U = D + S
+    K = link_cap.shape[1]
+    H = route.shape[2]
+    Q = in_q.size
+    I = in_q.mean()
+    O = out_q.mean()
+    for n in prange(N):
+        si = state_idx[n]
+        link = np.zeros(K)
+        per_req = np.zeros((S, S))
+        for s in range(S):
+            for s2 in range(S):
+                if s2 == s:
+                    continue
+                b = (o_pair[n, s, s2, 1] + O * o_pair[n, s, s2, 0] / batch[si, s]) * hidden * byte_keep[n, s, s2]
+                per_req[s, s2] = b
+                if b > 0.0:
+                    r = lam[si, s] * b * 2.0
+                    for h in range(H):
+                        k = route[s, s2, h]
+                        if k < 0:
+                            break
+                        link[k] += r
+        tpot = np.zeros(S)
+        ttft = np.zeros(S)
+        for s in range(S):
+            rho = 0.0
+            for s2 in range(S):
+                if per_req[s, s2] > 0.0:
+                    for h in range(H):
+                        k = route[s, s2, h]
+                        if k < 0:
+                            break
+                        rho = max(rho, link[k] / link_cap[si, k])
+            inflate = 1.0 / (1.0 - min(rho, max_rho))
+            tpot[s] = o_time[n, s, 0] + o_time[n, s, 1] * inflate + o_time[n, s, 2] + ne_dec[si, s] + overhead
+            ttft[s] = o_time[n, s, 3] + o_time[n, s, 4] * inflate + o_time[n, s, 5] + ne_pre[si, s] + overhead
+        # utilization of every unit (GPUs, then CPUs) and each server's load-weighted view of it
+        rho_unit = np.zeros(U)
+        ne_busy = np.zeros(S)
+        for s in range(S):
+            ne_busy[s] = lam[si, s] * (ne_pre[si, s] + O * ne_dec[si, s] / batch[si, s])
+            for u in range(U):
+                rho_unit[u] += lam[si, s] * (o_busy[n, s, u, 1] + O * o_busy[n, s, u, 0] / batch[si, s])
+        for d in range(D):
+            rho_unit[d] += ne_busy[dev_server[d]]
+        served = np.zeros(S)
+        drop = np.zeros(S)
+        qual = np.zeros(S)
+        for s in range(S):
+            num = 0.0
+            den = 0.0
+            for u in range(U):
+                w = lam[si, s] * (o_busy[n, s, u, 1] + O * o_busy[n, s, u, 0] / batch[si, s])
+                if u < D and dev_server[u] == s:
+                    w += ne_busy[s]
+                num += w * rho_unit[u]
+                den += w
+            rho_s = num / den if den > 0.0 else 0.0
+            rho_c = min(rho_s, max_rho)
+            queue = 1.0 + rho_c / (2.0 * (1.0 - rho_c))
+            ttft[s] *= queue
+            tpot[s] *= queue
+            if up[si, s]:
+                miss_drop = 1.0 - np.exp(-(I + O) * o_miss[n, s])
+                drop[s] = 1.0 - (1.0 - miss_drop) / max(rho_s, 1.0)
+            else:
+                drop[s] = 1.0
+            served[s] = rate[si, s] * (1.0 - drop[s])
+            q = o_quality[n, s] / lm
+            for s2 in range(S):
+                p = pair_index[s, s2]
+                if p >= 0 and o_cross[n, s, s2] > 0.0:
+                    pr = prune[n, p]
+                    loss = qconst[0] * pr + qconst[2] * max(pr - qconst[1], 0.0) ** 2
+                    if fuse[n, p]:
+                        loss += qconst[3]
+                    q += o_cross[n, s, s2] / lm * loss
+            qual[s] = q
+        # requests on a grid of input x output length quantiles
+        e2e = np.empty(S * Q * Q)
+        w_e2e = np.empty(S * Q * Q)
+        ttft_v = np.empty(S * Q)
+        w_ttft = np.empty(S * Q)
+        i = 0
+        late = 0.0
+        speed = 0.0
+        for s in range(S):
+            for a in range(Q):
+                ttft_v[s * Q + a] = ttft[s] * in_q[a] / I
+                w_ttft[s * Q + a] = served[s] / Q
+                for b in range(Q):
+                    v = ttft[s] * in_q[a] / I + (out_q[b] - 1.0) * tpot[s]
+                    e2e[i] = v
+                    w_e2e[i] = served[s] / (Q * Q)
+                    if v > slo:
+                        late += w_e2e[i]
+                    speed += w_e2e[i] * out_q[b] / v
+                    i += 1
+        tot = rate[si].sum()
+        srv = served.sum()
+        srv_safe = max(srv, 1e-30)
+        dropped = 0.0
+        for s in range(S):
+            dropped += rate[si, s] * drop[s]
+        energy = 0.0
+        for u in range(U):
+            util = min(rho_unit[u], 1.0)
+            srv_of = dev_server[u] if u < D else u - D
+            if up[si, srv_of]:
+                energy += p_idle[u] + (p_max[u] - p_idle[u]) * util
+            if u < D:
+                o_util[n, u] = util
+        o_scalars[n, 0] = (served * ttft).sum() / srv_safe
+        o_scalars[n, 1] = _weighted_quantile(ttft_v, w_ttft, 0.95)
+        o_scalars[n, 2] = (served * tpot).sum() / srv_safe
+        o_scalars[n, 3] = _weighted_quantile(tpot, served, 0.95)
+        o_scalars[n, 4] = (w_e2e * e2e).sum() / srv_safe
+        o_scalars[n, 5] = _weighted_quantile(e2e, w_e2e, 0.95)
+        o_scalars[n, 6] = srv * O
+        o_scalars[n, 7] = speed / srv_safe
+        o_scalars[n, 8] = energy * window
+        o_scalars[n, 9] = (served * qual).sum() / srv_safe
+        o_scalars[n, 10] = dropped / max(tot, 1e-30)
+        o_scalars[n, 11] = (late + dropped) / max(tot, 1e-30)
+        o_scalars[n, 12] = tot * window
+        o_scalars[n, 13] = window
+        for k in range(K):
+            o_link[n, k] = link[k] * window / 2.0

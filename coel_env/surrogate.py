@@ -13,13 +13,27 @@ import numpy as np
 
 from coel_env.backend import Metrics, MigrationReport
 from coel_env.cluster import Cluster
-from coel_env.physics import activation_stats, memory_kernel, migration_kernel, serve_kernel
+from coel_env.physics import (
+    BITS_INDEX,
+    N_SCALARS,
+    activation_stats,
+    finish_kernel,
+    memory_kernel,
+    migration_kernel,
+    pair_coefficients,
+    serve_kernel,
+)
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.state import ClusterState
 
 QUANTILES = (np.arange(8) + 0.5) / 8  # request-length quantile grid for percentiles
-MAX_RHO = 0.95
+MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
+BITS = (16, 8, 4)  # columns of the unit table, as physics.BITS_INDEX
+SCALAR_FIELDS = (
+    "ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
+    "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests", "window_s",
+)
 
 
 def length_quantiles(dist: LengthDist) -> np.ndarray:
@@ -83,6 +97,14 @@ class SurrogateBackend:
         self.srv_gpu_flops = np.bincount(c.dev_server, weights=self.gpu_flops, minlength=S)
         active_bytes = m.active_params * 2.0
         self.tpot_ref = active_bytes / self.srv_gpu_bw  # batch-1 decode step, for the batch estimate
+        self.pair_lat2 = 2.0 * (c.pair_latency + hw.transfer_latency_s)
+        self.route = _routes(c)
+        self.unit_p_idle = np.concatenate([c.dev_p_idle, c.cpu_p_idle])
+        self.unit_p_max = np.concatenate([c.dev_p_max, c.cpu_p_max])
+        self.step_overhead = m.num_layers * hw.layer_overhead_s
+        q = hw.quality
+        self.qconst = np.array([q.prune_linear, q.prune_knee, q.prune_quadratic, q.fusion_loss * q.fusion_fraction])
+        self._zero_idx = np.zeros(64, dtype=np.int64)
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
         self.current: DeploymentPlan | None = None
@@ -152,189 +174,122 @@ class SurrogateBackend:
         return per_pair @ c.pair_links
 
     def _state_arrays(self, states: list[ClusterState]) -> dict:
-        """Per-state inputs of the kernel, cached while the same states are served again."""
+        """Per-state inputs of the kernels, cached while the same states are served again."""
         key = tuple((id(s), s.epoch, s.popularity.ctypes.data) for s in states)
         if key == self._cache_key:
             return self._cache
-        c = self.cluster
-        wl = c.spec.workload
+        c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
+        S = c.num_servers
         pop = np.ascontiguousarray(np.stack([s.popularity for s in states]), dtype=np.float64)
-        lam = np.stack([s.arrival_rate * s.server_up for s in states])
-        batch = np.clip(lam * (self.out_mean * self.tpot_ref), 1.0, wl.max_batch)
-        in_len = np.full_like(batch, self.in_mean)
+        rate = np.stack([s.arrival_rate for s in states]).astype(np.float64)
+        up = np.stack([s.server_up for s in states])
+        lam = rate * up
+        batch = np.clip(lam * (self.out_mean * self.tpot_ref), 1.0, c.spec.workload.max_batch)
         u_dec, a_dec, u_pre, a_pre = (np.empty_like(pop) for _ in range(4))
-        activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre)
+        activation_stats(pop, batch, np.full_like(batch, self.in_mean), u_dec, a_dec, u_pre, a_pre)
+        comp = np.stack([s.compute_avail for s in states])
+        link_factor = np.stack([s.link_factor for s in states])
+        # non-expert part of each step on the server's own GPUs (tensor parallel)
+        srv_avail = np.stack([np.bincount(c.dev_server, weights=row, minlength=S) for row in comp]) / \
+            c.gpus_per_server
+        I, O = self.in_mean, self.out_mean
+        kv = batch * (I + O / 2) * m.kv_bytes_per_token()
+        ne_dec = np.maximum((self.ne_bytes + kv) / self.srv_gpu_bw, batch * self.ne_flops_tok / self.srv_gpu_flops)
+        attn = 4.0 * I * I * m.d_model * m.num_layers
+        ne_pre = np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
         self._cache = dict(
-            pop=pop, rate=np.stack([s.arrival_rate for s in states]), u_dec=u_dec, a_dec=a_dec, u_pre=u_pre, a_pre=a_pre, lam=lam, batch=batch,
-            up=np.stack([s.server_up for s in states]),
-            comp=np.stack([s.compute_avail for s in states]),
-            link_factor=np.stack([s.link_factor for s in states]),
-            pair_bw=np.stack([self._pair_bandwidth(s.link_factor) for s in states]),
+            pop=pop, rate=rate, up=up, lam=lam, batch=batch, u_dec=u_dec, a_dec=a_dec, u_pre=u_pre, a_pre=a_pre,
+            table=np.stack([self._unit_table(row) for row in comp]),
+            pair_bw=np.stack([self._pair_bandwidth(f) for f in link_factor]),
+            link_cap=2.0 * np.maximum(c.link_bw * link_factor * hw.link_efficiency, 1.0),
+            ne_dec=ne_dec / srv_avail, ne_pre=ne_pre / srv_avail,
         )
         self._cache_key = key
         return self._cache
 
+    def _unit_table(self, compute_avail: np.ndarray) -> np.ndarray:
+        """[D * 3 tiers * 3 bit-widths, 6]: GPU path (read s/activation, compute s/token, fetch+overhead
+        s/activation) and CPU path (same) of an expert replica, given each GPU's free compute fraction."""
+        c, hw = self.cluster, self.cluster.hw
+        D = c.num_devices
+        srv = c.dev_server
+        gb = self.gpu_bw * compute_avail
+        gf = self.gpu_flops * compute_avail
+        tab = np.full((D, 3, 3, 6), np.inf)
+        miss = 1.0 - hw.prefetch_hit_rate
+        oh = hw.expert_overhead_s
+        for j, b in enumerate(BITS):
+            w = self.ebytes[b]
+            fetch = (0.0, miss * w / self.pcie_bw[srv], miss * (w / self.ssd_bw[srv] + w / self.pcie_bw[srv]))
+            for t in range(3):
+                tab[:, t, j, 0] = w * self.slow[b] / gb
+                tab[:, t, j, 1] = self.flops_tok / gf
+                tab[:, t, j, 2] = fetch[t] + oh
+                if t > 0 and hw.cpu_compute:
+                    tab[:, t, j, 3] = w / self.cpu_bw[srv]
+                    tab[:, t, j, 4] = self.flops_tok / self.cpu_flops[srv]
+                    tab[:, t, j, 5] = oh + (miss * w / self.ssd_bw[srv] if t == 2 else 0.0)
+        return tab.reshape(D * 9, 6)
+
     def serve_batch(self, plans: list[DeploymentPlan], states: ClusterState | list[ClusterState],
                     window_s: float) -> MetricsBatch:
         """Metrics of N plans, each against `states` (one shared state, or one state per plan)."""
-        dev = np.stack([p.device for p in plans])
-        tier = np.stack([p.tier for p in plans])
-        bits = np.stack([p.bits for p in plans])
-        prune = np.stack([p.prune for p in plans]).astype(np.float64)
-        fuse = np.stack([p.fuse for p in plans])
-        return self.serve_arrays(dev, tier, bits, prune, fuse, states, window_s)
+        if len(plans) == 1:
+            p = plans[0]
+            arrays = (p.device[None], p.tier[None], p.bits[None], p.prune[None], p.fuse[None])
+        else:
+            arrays = tuple(np.stack([getattr(p, f) for p in plans]) for f in ("device", "tier", "bits", "prune",
+                                                                                 "fuse"))
+        return self.serve_arrays(*arrays, states, window_s)
 
     def serve_arrays(self, dev, tier, bits, prune, fuse, states, window_s: float) -> MetricsBatch:
         """`serve_batch` on stacked plan arrays [N, L, E, R] and compression [N, P] (no per-plan objects)."""
-        c, hw = self.cluster, self.cluster.hw
+        c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
         shared = isinstance(states, ClusterState)
-        st_list = [states] if shared else list(states)
-        sa = self._state_arrays(st_list)
+        sa = self._state_arrays([states] if shared else list(states))
         N = dev.shape[0]
-        S, D = c.num_servers, c.num_devices
-        state_idx = np.zeros(N, dtype=np.int64) if shared else np.arange(N, dtype=np.int64)
-        ff = hw.quality.fusion_fraction
-        tok_keep = np.ones((N, S, S))
-        byte_keep = np.ones((N, S, S))
-        if c.num_pairs:
-            keep = 1.0 - prune
-            pair = c.pair_index
-            mask = pair >= 0
-            tok_keep[:, mask] = keep[:, pair[mask]]
-            byte_keep[:, mask] = (keep * (1.0 - ff * fuse))[:, pair[mask]]
+        S, D, K = c.num_servers, c.num_devices, c.num_links
+        state_idx = self._zeros_idx(N) if shared else np.arange(N, dtype=np.int64)
+        prune = np.asarray(prune, dtype=np.float64)
+        tok_keep, byte_keep, comm_tok = (np.empty((N, S, S)) for _ in range(3))
+        pair_coefficients(prune, fuse, c.pair_index, sa["pair_bw"], state_idx, float(m.hidden_bytes),
+                          hw.quality.fusion_fraction, tok_keep, byte_keep, comm_tok)
         o_time = np.zeros((N, S, 6))
         o_pair = np.zeros((N, S, S, 2))
         o_busy = np.zeros((N, S, D + S, 2))
         o_quality = np.zeros((N, S))
         o_miss = np.zeros((N, S))
         o_cross = np.zeros((N, S, S))
-        m = c.model
-        serve_kernel(
-            dev, tier, bits, tok_keep, byte_keep, state_idx,
-            sa["pop"], sa["u_dec"], sa["a_dec"], sa["u_pre"], sa["a_pre"], sa["up"], sa["comp"],
-            sa["pair_bw"], c.pair_latency + hw.transfer_latency_s,
-            c.dev_server, self.gpu_bw, self.gpu_flops, self.cpu_bw, self.cpu_flops, self.pcie_bw, self.ssd_bw,
-            self.ebytes, self.slow, self.qloss, self.flops_tok, float(m.hidden_bytes), hw.prefetch_hit_rate,
-            hw.cpu_compute, hw.expert_overhead_s,
-            o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
-        )
-        o_gpu = np.zeros((N, D))
-        o_cpu = np.zeros((N, S))
-        o_ssd = np.zeros((N, S))
-        memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, o_gpu, o_cpu, o_ssd)
-        sel = state_idx
-        return self._finish(sa, sel, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, prune, fuse,
-                            o_gpu, o_cpu, o_ssd, window_s)
-
-    def _finish(self, sa, sel, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, prune, fuse,
-                o_gpu, o_cpu, o_ssd, window_s) -> MetricsBatch:
-        c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
-        S, D = c.num_servers, c.num_devices
-        lam = sa["lam"][sel]  # [N, S] requests/s of live servers
-        B = sa["batch"][sel]
-        comp = sa["comp"][sel]
-        I, O = self.in_mean, self.out_mean
-        lm = m.num_moe_layers * m.top_k
-        # non-expert part of each step on the server's own GPUs (tensor parallel)
-        srv_avail = np.stack([np.bincount(c.dev_server, weights=row, minlength=S) for row in comp]) / \
-            c.gpus_per_server
-        kv = B * (I + O / 2) * m.kv_bytes_per_token()
-        ne_dec = np.maximum((self.ne_bytes + kv) / self.srv_gpu_bw, B * self.ne_flops_tok / self.srv_gpu_flops)
-        attn = 4.0 * I * I * m.d_model * m.num_layers
-        ne_pre = np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
-        ne_dec, ne_pre = ne_dec / srv_avail, ne_pre / srv_avail
-        overhead = m.num_layers * hw.layer_overhead_s
-        # link contention: bytes/s over each physical link (both directions, there and back)
-        per_req = o_pair[..., 1] + O * o_pair[..., 0] / B[:, :, None]  # [N, S, S] one-way bytes per request
-        rate = lam[:, :, None] * per_req * 2.0
-        link_rate = self._pair_to_links(rate)  # [N, K]
-        link_cap = 2.0 * np.maximum(c.link_bw * sa["link_factor"][sel] * hw.link_efficiency, 1.0)
-        rho_link = link_rate / link_cap
-        if c.num_pairs:
-            pair_rho = np.where(c.pair_links[None] > 0, rho_link[:, None, :], 0.0).max(-1)  # [N, P]
-            rho_pair = np.zeros((len(sel), S, S))
-            mask = c.pair_index >= 0
-            rho_pair[:, mask] = pair_rho[:, c.pair_index[mask]]
-            rho_comm = np.where(per_req > 0, rho_pair, 0.0).max(-1)
-        else:
-            rho_comm = np.zeros_like(lam)
-        comm_inflate = 1.0 / (1.0 - np.minimum(rho_comm, MAX_RHO))
-        tpot0 = o_time[..., 0] + o_time[..., 1] * comm_inflate + o_time[..., 2] + ne_dec + overhead
-        pre0 = o_time[..., 3] + o_time[..., 4] * comm_inflate + o_time[..., 5] + ne_pre + overhead
-        # device utilization (units: GPUs then CPUs) and queueing
-        busy = lam[:, :, None] * (o_busy[..., 1] + O * o_busy[..., 0] / B[:, :, None])  # [N, S, U]
-        ne_busy = lam * (ne_pre + O * ne_dec / B)  # [N, S] on the server's own GPUs
-        rho_unit = busy.sum(1)
-        rho_unit[:, :D] += ne_busy[:, c.dev_server]
-        share = busy.copy()
-        share[:, :, :D] += np.where(c.dev_server[None, None, :] == np.arange(S)[None, :, None],
-                                    ne_busy[:, :, None], 0.0)
-        weight = share.sum(-1)
-        rho_srv = np.where(weight > 0, (share * rho_unit[:, None, :]).sum(-1) / np.maximum(weight, 1e-30), 0.0)
-        overload = np.maximum(rho_srv, 1.0)
-        rho_c = np.minimum(rho_srv, MAX_RHO)
-        queue = 1.0 + rho_c / (2.0 * (1.0 - rho_c))
-        ttft = pre0 * queue
-        tpot = tpot0 * queue
-        # requests: quantile grid of input x output lengths per server
-        qi = self.in_q / I
-        e2e = ttft[..., None, None] * qi[None, None, :, None] + \
-            (self.out_q[None, None, None, :] - 1) * tpot[..., None, None]  # [N, S, Q, Q]
-        up = sa["up"][sel]
-        total_rate = sa["rate"][sel]  # arrivals, failed servers included (all dropped)
-        miss_drop = 1.0 - np.exp(-(I + O) * o_miss)
-        drop = np.where(up, 1.0 - (1.0 / overload) * (1.0 - miss_drop), 1.0)
-        served = total_rate * (1.0 - drop)
-        Q = len(QUANTILES) ** 2
-        w = np.repeat(served[..., None] / Q, Q, axis=-1).reshape(len(sel), -1)
-        flat = e2e.reshape(len(sel), -1)
-        wsum = np.maximum(w.sum(-1), 1e-30)
-        tot = np.maximum(total_rate.sum(-1), 1e-30)
-        late = ((w * (flat > c.spec.workload.slo_s)).sum(-1) + (total_rate * drop).sum(-1)) / tot
-        out_tok = (self.out_q[None, None, None, :] * np.ones_like(e2e)).reshape(len(sel), -1)
-        srv_w = np.maximum(served.sum(-1), 1e-30)
-        qual = (o_quality / lm)
-        if c.num_pairs:
-            ql = hw.quality
-            comp_loss = ql.prune_linear * prune + ql.prune_quadratic * np.maximum(prune - ql.prune_knee, 0) ** 2 \
-                + ql.fusion_loss * ql.fusion_fraction * fuse
-            loss_pair = np.zeros((len(sel), S, S))
-            mask = c.pair_index >= 0
-            loss_pair[:, mask] = comp_loss[:, c.pair_index[mask]]
-            qual = qual + (o_cross / lm * loss_pair).sum(-1)
-        util = np.minimum(rho_unit, 1.0)
-        gpu_up = up[:, c.dev_server]
-        energy = ((c.dev_p_idle + (c.dev_p_max - c.dev_p_idle) * util[:, :D]) * gpu_up).sum(-1) + \
-            ((c.cpu_p_idle + (c.cpu_p_max - c.cpu_p_idle) * util[:, D:]) * up).sum(-1)
-        fields = dict(
-            ttft_mean_s=(served * ttft).sum(-1) / srv_w,
-            ttft_p95_s=_weighted_quantile(ttft, served, 0.95),
-            tpot_mean_s=(served * tpot).sum(-1) / srv_w,
-            tpot_p95_s=_weighted_quantile(tpot, served, 0.95),
-            e2e_mean_s=(w * flat).sum(-1) / wsum,
-            e2e_p95_s=_weighted_quantile(flat, w, 0.95),
-            tokens_per_s=(served * O).sum(-1),
-            request_tokens_per_s=(w * out_tok / flat).sum(-1) / wsum,
-            energy_j=energy * window_s,
-            quality_loss=(served * qual).sum(-1) / srv_w,
-            dropped_frac=(total_rate * drop).sum(-1) / tot,
-            late_frac=late,
-            requests=tot * window_s,
-            window_s=np.full(len(sel), float(window_s)),
-            gpu_mem_bytes=o_gpu, cpu_mem_bytes=o_cpu, ssd_bytes=o_ssd,
-            link_bytes=link_rate * window_s / 2.0,
-            device_util=util[:, :D],
-        )
+        serve_kernel(dev, tier, bits, tok_keep, comm_tok, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"],
+                     sa["u_pre"], sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, c.dev_server, BITS_INDEX,
+                     self.qloss, o_time, o_pair, o_busy, o_quality, o_miss, o_cross)
+        scalars = np.empty((N, N_SCALARS))
+        link = np.empty((N, K))
+        util = np.empty((N, D))
+        finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
+                      c.pair_index, sa["lam"], sa["rate"], sa["batch"], sa["up"], sa["ne_dec"], sa["ne_pre"],
+                      sa["link_cap"], self.route, c.dev_server, self.unit_p_idle, self.unit_p_max, self.in_q,
+                      self.out_q, float(m.hidden_bytes), c.spec.workload.slo_s, self.step_overhead, float(window_s),
+                      float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, scalars, link, util)
+        gpu, cpu, ssd = np.zeros((N, D)), np.zeros((N, S)), np.zeros((N, S))
+        memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, gpu, cpu, ssd)
+        fields = {name: scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}
+        fields.update(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, ssd_bytes=ssd, link_bytes=link, device_util=util)
         return MetricsBatch(fields)
 
+    def _zeros_idx(self, n: int) -> np.ndarray:
+        if self._zero_idx.shape[0] < n:
+            self._zero_idx = np.zeros(n, dtype=np.int64)
+        return self._zero_idx[:n]
 
-def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
-    """Row-wise weighted quantile of [N, M] values."""
-    order = np.argsort(values, axis=-1)
-    v = np.take_along_axis(values, order, -1)
-    w = np.take_along_axis(weights, order, -1)
-    cw = np.cumsum(w, -1)
-    total = cw[:, -1:]
-    idx = (cw < q * np.maximum(total, 1e-30)).sum(-1)
-    idx = np.minimum(idx, values.shape[-1] - 1)
-    return v[np.arange(len(v)), idx]
+
+def _routes(c: Cluster) -> np.ndarray:
+    """[S, S, H] physical links on each server pair's route, padded with -1."""
+    S = c.num_servers
+    hops = int(c.pair_links.sum(1).max()) if c.num_pairs else 1
+    route = -np.ones((S, S, max(hops, 1)), dtype=np.int64)
+    for p, (a, b) in enumerate(c.pair_servers):
+        links = np.flatnonzero(c.pair_links[p])
+        route[a, b, : len(links)] = links
+        route[b, a, : len(links)] = links
+    return route

@@ -1,0 +1,1 @@
+"""Runnable experiments (Hydra apps): paper reproduction, plan evaluation, training, evaluation, reports."""

@@ -1,0 +1,120 @@
+"""Reproduce the seed paper's three experiments (CoEL, DESIGN.md §3) on the surrogate.
+
+fig4: generation throughput vs output length (input 128), one server with 2 GPUs vs two servers with 1 GPU each;
+fig5: end-to-end latency for the same sweep; fig6: latency vs input length (output 128), 2 vs 3 servers.
+Writes fig4.csv, fig5.csv, fig6.csv, figures.png and results.json to the Hydra output dir.
+
+    python -m experiments.reproduce_paper [output_lens=[64,2048]] [plan=path/to/manifest.json]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from coel_env.errors import CoELError
+from coel_env.specs import load_scenario_spec
+from coel_env.state import Scenario
+from coel_env.surrogate import SurrogateBackend
+from experiments.plan_io import initial_state, resolve_plan
+
+log = logging.getLogger(__name__)
+
+
+def measure(scenario_name: str, input_len: int, output_len: int, cfg: DictConfig) -> dict:
+    """Latency and per-request throughput of one request at a time with the configured plan."""
+    spec = load_scenario_spec(scenario_name)
+    workload = spec.workload.model_copy(update={
+        "input_len": spec.workload.input_len.model_copy(update={"dist": "fixed", "mean": input_len}),
+        "output_len": spec.workload.output_len.model_copy(update={"dist": "fixed", "mean": output_len}),
+    })
+    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=cfg.hardware)
+    plan = resolve_plan(cfg.plan, scenario).validate(scenario.cluster)
+    metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window_s=60.0)
+    return {"latency_s": metrics.e2e_mean_s, "tok_s": metrics.request_tokens_per_s, "ttft_s": metrics.ttft_mean_s,
+            "tpot_s": metrics.tpot_mean_s}
+
+
+def run(cfg: DictConfig) -> dict:
+    s = cfg.setups
+    fig4, fig5, fig6 = [], [], []
+    for out_len in cfg.output_lens:
+        one = measure(s.single_server, cfg.input_len_fixed, out_len, cfg)
+        two = measure(s.two_servers, cfg.input_len_fixed, out_len, cfg)
+        fig4.append({"output_len": out_len, "single_server_tok_s": one["tok_s"], "two_servers_tok_s": two["tok_s"]})
+        fig5.append({"output_len": out_len, "single_server_latency_s": one["latency_s"],
+                     "two_servers_latency_s": two["latency_s"]})
+    for in_len in cfg.input_lens:
+        two = measure(s.two_servers, in_len, cfg.output_len_fixed, cfg)
+        three = measure(s.three_servers, in_len, cfg.output_len_fixed, cfg)
+        fig6.append({"input_len": in_len, "two_servers_latency_s": two["latency_s"],
+                     "three_servers_latency_s": three["latency_s"]})
+    return {"fig4": fig4, "fig5": fig5, "fig6": fig6}
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    for name, rows in results.items():
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "figures.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [
+        ("fig4", "output_len", [("single_server_tok_s", "1 server, 2 GPUs"), ("two_servers_tok_s", "2 servers, 1 GPU")],
+         "generation throughput (tokens/s)", "(a) throughput vs output length (input 128)"),
+        ("fig5", "output_len", [("single_server_latency_s", "1 server, 2 GPUs"),
+                                ("two_servers_latency_s", "2 servers, 1 GPU")],
+         "end-to-end latency (s)", "(b) latency vs output length (input 128)"),
+        ("fig6", "input_len", [("two_servers_latency_s", "2 servers"), ("three_servers_latency_s", "3 servers")],
+         "end-to-end latency (s)", "(c) latency vs input length (output 128)"),
+    ]
+    for ax, (key, xkey, series, ylabel, title) in zip(axes, panels):
+        rows = results[key]
+        xs = [r[xkey] for r in rows]
+        for col, label in series:
+            ax.plot(xs, [r[col] for r in rows], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xkey.replace("_", " "))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Seed-paper experiments on the CoEL-Gym surrogate (Qwen1.5-MoE-A2.7B, RTX 4090D, 1 GbE)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="reproduce_paper")
+def main(cfg: DictConfig) -> None:
+    out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg)
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    write_outputs(results, out)
+    f4, f6 = results["fig4"], results["fig6"]
+    log.info("fig4 @%d out: 1 server %.1f tok/s vs 2 servers %.1f tok/s", f4[-1]["output_len"],
+             f4[-1]["single_server_tok_s"], f4[-1]["two_servers_tok_s"])
+    log.info("fig6 @%d in: 2 servers %.2f s vs 3 servers %.2f s", f6[-1]["input_len"],
+             f6[-1]["two_servers_latency_s"], f6[-1]["three_servers_latency_s"])
+    print(f"paper reproduction written to {out}")
+
+
+if __name__ == "__main__":
+    main()
