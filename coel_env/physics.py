@@ -72,6 +72,7 @@ def serve_kernel(
         tok_p = np.zeros(S)
         none_d = np.ones(S)
         none_p = np.ones(S)
+        cross = np.zeros(S)
         quality = 0.0
         miss = 0.0
         pop_s = pop[si, s]
@@ -105,11 +106,8 @@ def serve_kernel(
                     if not up_srv[sd]:
                         continue
                     key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
-                    keep = 1.0
-                    comm = 0.0
-                    if sd != s:
-                        keep = keep_s[sd]
-                        comm = ad * ct_s[sd] + lat_s[sd] * ud
+                    keep = keep_s[sd]  # 1 for the own server (branch-free: the diagonals are neutral)
+                    comm = ad * ct_s[sd] + lat_s[sd] * ud
                     gd = max(ud * tab[key, 0], ad * keep * tab[key, 1]) + ud * tab[key, 2]
                     cd = max(ud * tab[key, 3], ad * keep * tab[key, 4]) + ud * tab[key, 5]
                     cost = min(gd, cd) + comm
@@ -125,7 +123,7 @@ def serve_kernel(
                 sd = dev_server[d]
                 up = up_s[l, e]
                 ap = ap_s[l, e]
-                keep = keep_s[sd] if sd != s else 1.0
+                keep = keep_s[sd]
                 gd = max(ud * tab[key_best, 0], ad * keep * tab[key_best, 1]) + ud * tab[key_best, 2]
                 cd = max(ud * tab[key_best, 3], ad * keep * tab[key_best, 4]) + ud * tab[key_best, 5]
                 gp = max(up * tab[key_best, 0], ap * keep * tab[key_best, 1]) + up * tab[key_best, 2]
@@ -137,12 +135,12 @@ def serve_kernel(
                 touched[unit_d] = True
                 touched[unit_p] = True
                 quality += p * qloss[bits_l[e, rd]]
-                if sd != s:
-                    tok_d[sd] += ad
-                    tok_p[sd] += ap
-                    none_d[sd] *= 1.0 - ud
-                    none_p[sd] *= 1.0 - up
-                    o_cross[n, s, sd] += p
+                # own-server entries accumulate too and are ignored when the layer closes
+                tok_d[sd] += ad
+                tok_p[sd] += ap
+                none_d[sd] *= 1.0 - ud
+                none_p[sd] *= 1.0 - up
+                cross[sd] += p
             # close the layer: devices in parallel, transfers serial on the sender's path
             mx_d = 0.0
             mx_p = 0.0
@@ -159,6 +157,10 @@ def serve_kernel(
             o_time[n, s, 3] += mx_p
             lat_d = 0.0
             lat_p = 0.0
+            tok_d[s] = 0.0
+            tok_p[s] = 0.0
+            none_d[s] = 1.0
+            none_p[s] = 1.0
             for s2 in range(S):
                 if none_d[s2] < 1.0 or tok_d[s2] > 0.0:
                     o_time[n, s, 1] += tok_d[s2] * comm_tok[n, s, s2]
@@ -176,6 +178,9 @@ def serve_kernel(
             o_time[n, s, 5] += lat_p
         o_quality[n, s] = quality
         o_miss[n, s] = miss
+        for s2 in range(S):
+            if s2 != s:
+                o_cross[n, s, s2] = cross[s2]
 
 
 @njit(cache=True)

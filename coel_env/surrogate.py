@@ -98,6 +98,7 @@ class SurrogateBackend:
         active_bytes = m.active_params * 2.0
         self.tpot_ref = active_bytes / self.srv_gpu_bw  # batch-1 decode step, for the batch estimate
         self.pair_lat2 = 2.0 * (c.pair_latency + hw.transfer_latency_s)
+        np.fill_diagonal(self.pair_lat2, 0.0)  # a server's own experts cross no link
         self.route = _routes(c)
         self.unit_p_idle = np.concatenate([c.dev_p_idle, c.cpu_p_idle])
         self.unit_p_max = np.concatenate([c.dev_p_max, c.cpu_p_max])

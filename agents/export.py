@@ -1,0 +1,91 @@
+"""Export a trained SB3 actor as an SB3-free deployment policy: `actor.onnx` + `policy.json`.
+
+The ONNX graph maps a (normalised) flat observation batch to the actor's raw output: logits for Discrete /
+MultiDiscrete actions (so action masks can be applied at deployment) or the mean action for Box. `policy.json`
+holds everything else a deployment needs — spaces, observation normalisation, how to decode actions, the env
+(scenario, spaces) the policy was trained for — and the SHA-256 of the ONNX file, so tampering is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+POLICY_FORMAT = "coel-deployment-policy"
+POLICY_VERSION = 1
+ONNX_NAME = "actor.onnx"
+META_NAME = "policy.json"
+SUPPORTED_ALGOS = ("PPO", "A2C", "MaskablePPO")
+
+
+class _Actor(nn.Module):
+    """The deterministic part of an SB3 ActorCriticPolicy: features -> actor MLP -> action net."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        p = self.policy
+        features = p.extract_features(obs, p.pi_features_extractor)
+        return p.action_net(p.mlp_extractor.forward_actor(features))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def describe_action_space(space: spaces.Space) -> dict:
+    if isinstance(space, spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec.astype(int).ravel().tolist(), "output": "logits"}
+    if isinstance(space, spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "output": "logits"}
+    if isinstance(space, spaces.Box):
+        return {"type": "Box", "shape": list(space.shape), "low": space.low.ravel().tolist(),
+                "high": space.high.ravel().tolist(), "output": "mean"}
+    raise TypeError(f"action space {type(space).__name__} is not exportable; allowed: MultiDiscrete, Discrete, Box")
+
+
+def export_policy(model, out_dir: str | Path, env_spec: dict | None = None, obs_rms=None, clip_obs: float = 10.0,
+                  extra: dict | None = None) -> Path:
+    """Write `actor.onnx` and `policy.json` for an SB3 on-policy model (PPO, A2C, MaskablePPO).
+
+    `env_spec` records how to rebuild the environment (id and kwargs); `obs_rms` is VecNormalize's running mean/var
+    (observations are normalised in numpy at deployment, exactly as VecNormalize does)."""
+    algo = type(model).__name__
+    if algo not in SUPPORTED_ALGOS:
+        raise TypeError(f"export: algorithm {algo} unsupported; allowed: {', '.join(SUPPORTED_ALGOS)}")
+    obs_space = model.observation_space
+    if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
+        raise TypeError("export: the observation space must be a flat Box (wrap the env in FlattenObservation)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    actor = _Actor(model.policy).to("cpu").eval()
+    dummy = torch.zeros((2, obs_space.shape[0]), dtype=torch.float32)
+    onnx_path = out / ONNX_NAME
+    with torch.no_grad():
+        torch.onnx.export(
+            actor, (dummy,), str(onnx_path), input_names=["obs"], output_names=["action_out"],
+            dynamic_shapes={"obs": {0: torch.export.Dim("batch", min=1, max=4096)}}, dynamo=True,
+            external_data=False, verbose=False,
+        )
+    norm = None
+    if obs_rms is not None:
+        norm = {"mean": np.asarray(obs_rms.mean, dtype=np.float64).tolist(),
+                "var": np.asarray(obs_rms.var, dtype=np.float64).tolist(), "clip": float(clip_obs), "epsilon": 1e-8}
+    meta = {
+        "format": POLICY_FORMAT, "version": POLICY_VERSION, "algorithm": algo,
+        "onnx": ONNX_NAME, "onnx_sha256": sha256(onnx_path),
+        "observation": {"shape": list(obs_space.shape), "dtype": "float32"},
+        "normalization": norm, "action": describe_action_space(model.action_space),
+        "env": env_spec or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
+    }
+    (out / META_NAME).write_text(json.dumps(meta, indent=1))
+    return out

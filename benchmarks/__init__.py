@@ -1,0 +1,1 @@
+"""On-demand benchmarks; each writes its results to benchmarks/results/."""
