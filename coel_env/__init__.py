@@ -16,3 +16,9 @@ __all__ = [
     "MetricsBatch", "MigrationReport", "PlanError", "RoutingModel", "RoutingTrace", "Scenario",
     "SurrogateBackend", "build_cluster", "list_scenarios", "load_scenario_spec", "make_scenario",
 ]
+
+import gymnasium as _gym
+
+if "CoEL-v0" not in _gym.registry:
+    _gym.register("CoEL-v0", entry_point="coel_env.env:CoELEnv",
+                  vector_entry_point="coel_env.env.vector:CoELVectorEnv")

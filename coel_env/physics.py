@@ -9,7 +9,7 @@ destination. Everything else (batching, queueing, energy, percentiles) is done i
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True, fastmath=True)
@@ -41,7 +41,7 @@ BITS_INDEX = np.zeros(17, dtype=np.int64)  # bits -> column of the unit table
 BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
 def serve_kernel(
     dev, tier, bits, tok_keep, comm_tok, state_idx,
     pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, dev_server, bits_index, qloss,
@@ -59,7 +59,7 @@ def serve_kernel(
     S = server_up.shape[1]
     D = dev_server.shape[0]
     U = D + S
-    for job in prange(N * S):
+    for job in range(N * S):
         n = job // S
         s = job % S
         si = state_idx[n]
@@ -303,7 +303,7 @@ def _weighted_quantile(values, weights, q):
 N_SCALARS = 14  # see surrogate.SCALAR_FIELDS
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
 def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
                   pair_index, lam, rate, batch, up, ne_dec, ne_pre, link_cap, route, dev_server, p_idle, p_max,
                   in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst,
@@ -318,7 +318,7 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
     Q = in_q.size
     I = in_q.mean()
     O = out_q.mean()
-    for n in prange(N):
+    for n in range(N):
         si = state_idx[n]
         link = np.zeros(K)
         per_req = np.zeros((S, S))

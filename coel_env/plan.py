@@ -173,7 +173,7 @@ class DeploymentPlan:
                 experts.append({"layer": l, "expert": e, "replicas": reps})
         links = [
             {"servers": [cluster.server_names[a], cluster.server_names[b]],
-             "prune_ratio": round(float(self.prune[p]), 6), "fusion": bool(self.fuse[p])}
+             "prune_ratio": float(str(np.float32(self.prune[p]))), "fusion": bool(self.fuse[p])}
             for p, (a, b) in enumerate(cluster.pair_servers)
         ]
         return {
@@ -195,12 +195,16 @@ class DeploymentPlan:
         plan = cls.for_cluster(cluster)
         L, E, R = plan.device.shape
         dev_id = {n: i for i, n in enumerate(cluster.device_names)}
+        seen: set[tuple[int, int]] = set()
         try:
             for item in data["experts"]:
                 l, e = int(item["layer"]), int(item["expert"])
                 if not (0 <= l < L and 0 <= e < E):
                     raise PlanError(f"manifest: layer {l} expert {e} out of range; layers 0..{L - 1}, "
                                     f"experts 0..{E - 1}")
+                if (l, e) in seen:
+                    raise PlanError(f"manifest: layer {l} expert {e} is listed twice; allowed: one entry each")
+                seen.add((l, e))
                 reps = item["replicas"]
                 if len(reps) > R:
                     raise PlanError(f"manifest: layer {l} expert {e} has {len(reps)} replicas; max_replicas={R}")
@@ -210,9 +214,13 @@ class DeploymentPlan:
                                         f"{', '.join(cluster.device_names)}")
                     if rep["tier"] not in TIERS:
                         raise PlanError(f"manifest: unknown tier '{rep['tier']}'; allowed: {', '.join(TIERS)}")
+                    bits = int(rep["bits"])
+                    if bits not in BIT_WIDTHS:
+                        raise PlanError(f"manifest: layer {l} expert {e} has bits={bits}; allowed: "
+                                        f"{', '.join(map(str, BIT_WIDTHS))}")
                     plan.device[l, e, r] = dev_id[rep["device"]]
                     plan.tier[l, e, r] = TIERS.index(rep["tier"])
-                    plan.bits[l, e, r] = int(rep["bits"])
+                    plan.bits[l, e, r] = bits
             pair_of = {frozenset(cluster.server_names[i] for i in pr): p
                        for p, pr in enumerate(cluster.pair_servers)}
             for link in data.get("links", []):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from coel_env.cluster import Cluster, build_cluster
+from coel_env.errors import ConfigError
 from coel_env.specs import HardwareProfile, ScenarioSpec, load_scenario_spec
 from coel_env.traces import RoutingModel, RoutingTrace
 
@@ -49,6 +50,8 @@ class Scenario:
         self.cluster = build_cluster(self.spec, hardware)
         self.routing = RoutingModel.generate(self.spec.model, self.spec.routing, seed)
         self.trace = RoutingTrace.load(trace) if isinstance(trace, (str, Path)) else trace
+        if self.trace is not None:
+            _check_trace(self.trace, self.spec)
         self.seed = seed
 
     @property
@@ -107,6 +110,21 @@ class Scenario:
             state.server_up = up
         self._refresh_popularity(state)
         return state
+
+
+def _check_trace(trace: RoutingTrace, spec: ScenarioSpec) -> None:
+    """One-line ConfigError if a routing trace does not fit the scenario's model and servers."""
+    m, S = spec.model, len(spec.servers)
+    _, L, k = trace.experts.shape
+    if m.num_moe_layers != L or k > m.num_experts:
+        raise ConfigError(f"trace: routes are [T, {L}, {k}]; scenario {spec.name} needs [T, {m.num_moe_layers}, "
+                          f"<= {m.num_experts}] (layers, top-k)")
+    if trace.experts.size and not (trace.experts.min() >= 0 and trace.experts.max() < m.num_experts):
+        raise ConfigError(f"trace: expert ids must lie in 0..{m.num_experts - 1}")
+    if trace.server.size and not (trace.server.min() >= 0 and trace.server.max() < S):
+        raise ConfigError(f"trace: server ids must lie in 0..{S - 1} (scenario {spec.name} has {S} servers)")
+    if trace.epoch.size and trace.epoch.min() < 0:
+        raise ConfigError("trace: epochs must be >= 0")
 
 
 def make_scenario(name: str | Path | dict | ScenarioSpec, seed: int = 0, **kwargs) -> Scenario:

@@ -102,9 +102,9 @@ class RoutingTrace:
         try:
             with np.load(path, allow_pickle=False) as z:
                 trace = cls(z["experts"], z["server"], z["epoch"])
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"trace: cannot read '{path}' ({exc}); expected .npz with experts/server/epoch") from None
-        if trace.experts.ndim != 3 or len(trace.server) != len(trace.experts) != len(trace.epoch):
+        if trace.experts.ndim != 3 or not len(trace.server) == len(trace.experts) == len(trace.epoch):
             raise ConfigError(f"trace: '{path}' arrays disagree: experts must be [T, L, k], server/epoch [T]")
         return trace
 

@@ -61,7 +61,7 @@ def resolve_device(value: str | dict | DeviceSpec) -> DeviceSpec:
         try:
             return DeviceSpec(**{**base, **value})
         except ValidationError as exc:
-            raise ConfigError(format_pydantic_error("device", exc)) from None
+            raise ConfigError(format_pydantic_error("device", exc, DeviceSpec)) from None
     return device_preset(str(value))
 
 
@@ -127,4 +127,4 @@ def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | No
     try:
         return HardwareProfile(**data)
     except ValidationError as exc:
-        raise ConfigError(format_pydantic_error(source, exc)) from None
+        raise ConfigError(format_pydantic_error(source, exc, HardwareProfile)) from None

@@ -223,7 +223,7 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec
     try:
         return ModelSpec(**fields)
     except ValidationError as exc:
-        raise ConfigError(format_pydantic_error(f"model config {p}", exc)) from None
+        raise ConfigError(format_pydantic_error(f"model config {p}", exc, ModelSpec)) from None
 
 
 def resolve_model(value: str | dict | ModelSpec) -> ModelSpec:
@@ -241,7 +241,7 @@ def resolve_model(value: str | dict | ModelSpec) -> ModelSpec:
         try:
             return ModelSpec(**value)
         except ValidationError as exc:
-            raise ConfigError(format_pydantic_error("model", exc)) from None
+            raise ConfigError(format_pydantic_error("model", exc, ModelSpec)) from None
     if str(value).lower() in MODEL_PRESETS:
         return model_preset(str(value))
     if Path(value).exists():

@@ -70,6 +70,13 @@ class WorkloadSpec(_Strict):
     max_batch: int = Field(32, ge=1)
     slo_s: float = Field(30.0, gt=0, description="end-to-end latency SLO per request")
 
+    @field_validator("arrival_rate")
+    @classmethod
+    def _rate(cls, v):
+        if min(v if isinstance(v, list) else [v], default=0.0) < 0:
+            raise ValueError(f"must be >= 0 requests/s, got {v}")
+        return v
+
 
 class RoutingSpec(_Strict):
     """Routing-trace generator: per-layer Zipf popularity, inter-layer affinity, per-server domains."""
@@ -93,6 +100,13 @@ class DynamicsSpec(_Strict):
     link_change_range: tuple[float, float] = (0.3, 1.0)
     failure_rate: float = Field(0.0, ge=0, le=1, description="chance per server per epoch to fail")
     recovery_rate: float = Field(0.2, ge=0, le=1, description="chance per failed server per epoch to rejoin")
+
+    @field_validator("link_change_range")
+    @classmethod
+    def _range(cls, v):
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError(f"must be [low, high] with 0 <= low <= high <= 1, got {list(v)}")
+        return v
 
 
 class BudgetSpec(_Strict):
@@ -153,7 +167,7 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> ScenarioSpec:
     try:
         return ScenarioSpec(**data)
     except ValidationError as exc:
-        raise ConfigError(format_pydantic_error(source, exc)) from None
+        raise ConfigError(format_pydantic_error(source, exc, ScenarioSpec)) from None
 
 
 def load_scenario_spec(name_or_path: str | Path | dict | ScenarioSpec) -> ScenarioSpec:

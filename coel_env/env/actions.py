@@ -1,0 +1,288 @@
+"""Named action spaces ("full", "edit", "threshold"), their vectorized codecs and action masks.
+
+Every codec turns a batch of flat actions [N, A] plus the current plans into proposed plans and an update flag;
+`repair.repair` then makes the proposals valid. Masks follow sb3-contrib's MaskablePPO convention: one flat bool
+vector over the concatenated choices of every MultiDiscrete dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gymnasium import spaces
+
+from coel_env.cluster import Cluster
+from coel_env.env.kernels import decode_full_kernel
+from coel_env.errors import ConfigError
+from coel_env.plan import MAX_PRUNE, DeploymentPlan
+from coel_env.specs import BIT_WIDTHS
+
+BITS = np.array(BIT_WIDTHS, dtype=np.int8)  # action index -> bits (16, 8, 4)
+BITS_INDEX = np.zeros(17, dtype=np.int64)
+for _i, _b in enumerate(BIT_WIDTHS):
+    BITS_INDEX[_b] = _i
+PRUNE_LEVELS = np.array([0.0, 0.2, 0.4, 0.6, 0.8])
+EDIT_OPS: tuple[str, ...] = ("noop", "move", "replicate", "drop", "set_tier", "set_bits", "set_compression")
+
+
+@dataclass
+class View:
+    """What decoding may look at, batched: live servers [N, S] and observed popularity [N, L, E]."""
+
+    up: np.ndarray
+    popularity: np.ndarray
+
+
+class ActionCodec:
+    """Base: a gymnasium action space over one env, batched decode, masks (None for Box spaces)."""
+
+    name = "base"
+    space: spaces.Space
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        m = cluster.model
+        self.L, self.E, self.R = m.num_moe_layers, m.num_experts, cluster.spec.max_replicas
+        self.D, self.S, self.P = cluster.num_devices, cluster.num_servers, cluster.num_pairs
+        self._mask_cache: dict[bytes, np.ndarray] = {}
+
+    def decode_batch(self, actions: np.ndarray, current, view: View):
+        """(proposed PlanBatch, update [N] bool, invalid edits [N] int)."""
+        raise NotImplementedError
+
+    def decode(self, action, current_plan: DeploymentPlan, view) -> tuple[DeploymentPlan, dict]:
+        """One action -> (repaired plan, repair info); `view` is a ClusterState (e.g. the perceived one)."""
+        from coel_env.env.planbatch import PlanBatch
+        from coel_env.env.repair import REPAIR_KINDS, repair
+        from coel_env.plan import gpu_capacity
+
+        cur = PlanBatch.from_plans([current_plan])
+        v = View(view.server_up[None].astype(bool), _popularity_of(view)[None])
+        pb, update, invalid = self.decode_batch(np.asarray(action)[None], cur, v)
+        pb = pb.where(~update, cur) if not update[0] else pb
+        cap = gpu_capacity(self.cluster, view.memory_avail)[None]
+        pb, counts, _ = repair(pb, self.cluster, cap, v.up, v.popularity, cur)
+        reasons = [k for k, c in zip(REPAIR_KINDS, counts[0]) if c]
+        return pb.plan(0), {"update": bool(update[0]), "repaired": bool(reasons or invalid[0]),
+                            "repair_reasons": reasons, "repair_counts": dict(zip(REPAIR_KINDS, counts[0].tolist())),
+                            "invalid_edits": int(invalid[0])}
+
+    def masks(self, up: np.ndarray, current=None) -> np.ndarray | None:
+        """[N, sum(nvec)] flat masks (None for continuous spaces)."""
+        return None
+
+
+def _popularity_of(state) -> np.ndarray:
+    pop = state.popularity
+    return pop.sum(0) if pop.ndim == 3 else pop
+
+
+class FullCodec(ActionCodec):
+    """Every (layer, expert, replica slot): device (D = empty), tier, bits index; per server pair: prune level,
+    fusion; last: update flag (0 keep, 1 apply). Slot 0 may not be empty (masked; repaired if chosen)."""
+
+    name = "full"
+
+    def __init__(self, cluster: Cluster):
+        super().__init__(cluster)
+        L, E, R, D, P = self.L, self.E, self.R, self.D, self.P
+        slot = np.array([D + 1, 3, len(BITS)], dtype=np.int64)
+        self.n_slots = L * E * R * 3
+        nvec = np.concatenate([np.tile(slot, L * E * R), np.tile([len(PRUNE_LEVELS), 2], P), [2]])
+        self.space = spaces.MultiDiscrete(nvec)
+        self.nvec = nvec
+
+    def decode_batch(self, actions, current, view):
+        from coel_env.env.planbatch import PlanBatch
+
+        a = np.asarray(actions, dtype=np.int64)
+        N = a.shape[0]
+        L, E, R, D, P = self.L, self.E, self.R, self.D, self.P
+        dev = np.empty((N, L, E, R), dtype=np.int16)
+        tier = np.empty((N, L, E, R), dtype=np.int8)
+        bits = np.empty((N, L, E, R), dtype=np.int8)
+        decode_full_kernel(a, D, BITS, dev, tier, bits)
+        c = a[:, self.n_slots:self.n_slots + 2 * P].reshape(N, P, 2)
+        prune = PRUNE_LEVELS[np.clip(c[..., 0], 0, len(PRUNE_LEVELS) - 1)]
+        fuse = c[..., 1] == 1
+        update = a[:, -1] == 1
+        return PlanBatch(dev, tier, bits, prune, fuse), update, np.zeros(N, dtype=np.int64)
+
+    def encode(self, plan: DeploymentPlan, update: bool = True) -> np.ndarray:
+        """The action that decodes to `plan` (prune ratios rounded to the nearest level)."""
+        valid = plan.device >= 0
+        s = np.stack([np.where(valid, plan.device, self.D), np.where(valid, plan.tier, 0),
+                      np.where(valid, BITS_INDEX[np.clip(plan.bits, 0, 16)], 0)], -1).astype(np.int64)
+        lvl = np.abs(np.asarray(plan.prune, dtype=np.float64)[:, None] - PRUNE_LEVELS[None]).argmin(1)
+        c = np.stack([lvl, plan.fuse.astype(np.int64)], -1)
+        return np.concatenate([s.ravel(), c.ravel(), [int(update)]]).astype(np.int64)
+
+    def masks(self, up, current=None):
+        up = np.asarray(up, dtype=bool)
+        out = np.empty((up.shape[0], int(self.nvec.sum())), dtype=bool)
+        for i, row in enumerate(up):
+            key = row.tobytes()
+            m = self._mask_cache.get(key)
+            if m is None:
+                m = self._build_mask(row)
+                if len(self._mask_cache) > 64:
+                    self._mask_cache.clear()
+                self._mask_cache[key] = m
+            out[i] = m
+        return out
+
+    def mask_for(self, up_row: np.ndarray) -> np.ndarray:
+        """Cached (read-only) mask of one env."""
+        key = np.asarray(up_row, dtype=bool).tobytes()
+        m = self._mask_cache.get(key)
+        if m is None:
+            m = self._mask_cache[key] = self._build_mask(np.asarray(up_row, dtype=bool))
+        return m
+
+    def _build_mask(self, up_row: np.ndarray) -> np.ndarray:
+        D, R = self.D, self.R
+        live = up_row[self.cluster.dev_server]
+        block = np.ones((R, D + 1 + 3 + len(BITS)), dtype=bool)
+        block[:, :D] = live
+        block[0, D] = False  # slot 0 never empty
+        tail = np.ones(self.P * (len(PRUNE_LEVELS) + 2) + 2, dtype=bool)
+        m = np.concatenate([np.tile(block.ravel(), self.L * self.E), tail])
+        m.flags.writeable = False
+        return m
+
+
+class EditCodec(ActionCodec):
+    """`num_edits` edits, each (op, layer, expert, slot, device, tier, bits, pair, prune level, fusion), then a
+    commit flag (0 keep the deployment, 1 apply current + edits). Ops: noop; move (slot -> device); replicate
+    (first empty slot := device, tier, bits); drop (slot; never the last replica); set_tier; set_bits;
+    set_compression (pair := level, fusion). Edits that do not apply (empty slot, last replica, no free slot) are
+    ignored and counted as invalid."""
+
+    name = "edit"
+    FIELDS = 10
+
+    def __init__(self, cluster: Cluster, num_edits: int = 4):
+        super().__init__(cluster)
+        if num_edits < 1:
+            raise ConfigError(f"num_edits: {num_edits}; allowed: an integer >= 1")
+        self.K = num_edits
+        edit = np.array([len(EDIT_OPS), self.L, self.E, self.R, self.D, 3, len(BITS), max(self.P, 1),
+                         len(PRUNE_LEVELS), 2], dtype=np.int64)
+        self.nvec = np.concatenate([np.tile(edit, num_edits), [2]])
+        self.space = spaces.MultiDiscrete(self.nvec)
+
+    def decode_batch(self, actions, current, view):
+        a = np.asarray(actions, dtype=np.int64)
+        N = a.shape[0]
+        pb = current.copy()
+        dev, tier, bits = pb.dev, pb.tier, pb.bits
+        invalid = np.zeros(N, dtype=np.int64)
+        rows = np.arange(N)
+        for k in range(self.K):
+            op, l, e, r, d, t, b, p, lv, fu = (a[:, k * self.FIELDS + j] for j in range(self.FIELDS))
+            slot_dev = dev[rows, l, e, r]
+            occupied = slot_dev >= 0
+            n_rep = (dev[rows, l, e] >= 0).sum(-1)
+            on_dev = (dev[rows, l, e] == d[:, None]).any(-1)
+            free = dev[rows, l, e] < 0
+            has_free = free.any(-1)
+            first_free = np.argmax(free, -1)
+            ok = np.ones(N, dtype=bool)
+            m = (op == 1) & occupied & ~on_dev  # move
+            dev[rows[m], l[m], e[m], r[m]] = d[m]
+            ok &= ~((op == 1) & ~m)
+            m = (op == 2) & has_free & ~on_dev  # replicate
+            ff = first_free[m]
+            dev[rows[m], l[m], e[m], ff] = d[m]
+            tier[rows[m], l[m], e[m], ff] = t[m]
+            bits[rows[m], l[m], e[m], ff] = BITS[b[m]]
+            ok &= ~((op == 2) & ~m)
+            m = (op == 3) & occupied & (n_rep > 1)  # drop
+            dev[rows[m], l[m], e[m], r[m]] = -1
+            tier[rows[m], l[m], e[m], r[m]] = 0
+            bits[rows[m], l[m], e[m], r[m]] = 0
+            ok &= ~((op == 3) & ~m)
+            m = (op == 4) & occupied
+            tier[rows[m], l[m], e[m], r[m]] = t[m]
+            ok &= ~((op == 4) & ~m)
+            m = (op == 5) & occupied
+            bits[rows[m], l[m], e[m], r[m]] = BITS[b[m]]
+            ok &= ~((op == 5) & ~m)
+            m = (op == 6) & (self.P > 0)
+            if self.P:
+                pb.prune[rows[m], p[m]] = PRUNE_LEVELS[lv[m]]
+                pb.fuse[rows[m], p[m]] = fu[m] == 1
+            ok &= ~((op == 6) & ~m)
+            invalid += ~ok
+        return pb, a[:, -1] == 1, invalid
+
+    def masks(self, up, current=None):
+        up = np.asarray(up, dtype=bool)
+        N = up.shape[0]
+        out = np.ones((N, int(self.nvec.sum())), dtype=bool)
+        nv = self.nvec[:self.FIELDS]
+        offs = np.concatenate([[0], np.cumsum(nv)])
+        live = up[:, self.cluster.dev_server]
+        multi = np.ones(N, dtype=bool) if current is None else ((current.dev >= 0).sum(-1) > 1).reshape(N, -1).any(1)
+        for k in range(self.K):
+            base = k * int(nv.sum())
+            out[:, base + offs[4]: base + offs[5]] = live
+            out[:, base + offs[0] + 3] = multi  # drop needs an expert with >= 2 replicas
+            if self.P == 0:
+                out[:, base + offs[0] + 6] = False
+        return out
+
+
+class ThresholdCodec(ActionCodec):
+    """Compact parametric space, Box [-1, 1]: per layer (replicated fraction, GPU fraction, 16-bit fraction) of
+    experts ranked by observed popularity, per pair a prune ratio, and an update flag (> 0 applies). Ranked experts
+    go round-robin over live GPUs; the top replicated fraction gets a second replica on another GPU."""
+
+    name = "threshold"
+
+    def __init__(self, cluster: Cluster):
+        super().__init__(cluster)
+        self.space = spaces.Box(-1.0, 1.0, shape=(3 * self.L + self.P + 1,), dtype=np.float32)
+
+    def decode_batch(self, actions, current, view):
+        from coel_env.env.planbatch import PlanBatch
+
+        x = (np.clip(np.nan_to_num(np.asarray(actions, dtype=np.float64)), -1, 1) + 1) / 2
+        N = x.shape[0]
+        L, E, R = self.L, self.E, self.R
+        frac = x[:, :3 * L].reshape(N, L, 3)
+        order = np.argsort(-view.popularity, axis=-1, kind="stable")  # [N, L, E] experts by popularity
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(E)[None, None], -1)
+        live = view.up[:, self.cluster.dev_server]  # [N, D]
+        live_sorted = np.argsort(~live, axis=1, kind="stable")  # live GPUs first
+        nlive = np.maximum(live.sum(1), 1)
+        pos = (rank + np.arange(L)[None, :, None] * E) % nlive[:, None, None]
+        dev = np.full((N, L, E, R), -1, dtype=np.int16)
+        tier = np.zeros((N, L, E, R), dtype=np.int8)
+        bits = np.zeros((N, L, E, R), dtype=np.int8)
+        rows = np.arange(N)[:, None, None]
+        dev[..., 0] = live_sorted[rows, pos]
+        on_gpu = rank < np.round(frac[..., 1:2] * E)
+        tier[..., 0] = np.where(on_gpu, 0, 1)
+        hi = rank < np.round(frac[..., 2:3] * E)
+        bits[..., 0] = np.where(hi, 16, 8)
+        if R > 1:
+            rep = (rank < np.round(frac[..., 0:1] * E)) & (nlive[:, None, None] > 1)
+            pos2 = (pos + np.maximum(nlive // 2, 1)[:, None, None]) % nlive[:, None, None]
+            dev[..., 1] = np.where(rep, live_sorted[rows, pos2], -1)
+            tier[..., 1] = np.where(rep, tier[..., 0], 0)
+            bits[..., 1] = np.where(rep, bits[..., 0], 0)
+        prune = x[:, 3 * L:3 * L + self.P] * MAX_PRUNE
+        fuse = np.zeros_like(prune, dtype=bool)
+        return PlanBatch(dev, tier, bits, prune, fuse), x[:, -1] > 0.5, np.zeros(N, dtype=np.int64)
+
+
+ACTION_SPACES = {"full": FullCodec, "edit": EditCodec, "threshold": ThresholdCodec}
+
+
+def make_action_codec(name: str, cluster: Cluster, **kw) -> ActionCodec:
+    if name not in ACTION_SPACES:
+        raise ConfigError(f"action_space: unknown name '{name}'; allowed: {', '.join(ACTION_SPACES)}")
+    return ACTION_SPACES[name](cluster, **kw)

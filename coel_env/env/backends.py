@@ -1,0 +1,34 @@
+"""Backend factory: the one place that turns a backend name into a Backend instance (extensible by name)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from coel_env.backend import Backend
+from coel_env.cluster import Cluster
+from coel_env.errors import ConfigError
+from coel_env.surrogate import SurrogateBackend
+
+BackendFactory = Callable[..., Backend]
+BACKENDS: dict[str, BackendFactory] = {"surrogate": lambda cluster, **kw: SurrogateBackend(cluster, **kw)}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make `make_backend(name, cluster, **kw)` call `factory(cluster, **kw)` (e.g. the real backend)."""
+    BACKENDS[name] = factory
+
+
+def make_backend(name: str | Backend, cluster: Cluster, **kw) -> Backend:
+    """A Backend for `cluster`: a registered name ("surrogate", later "real") or an instance passed through."""
+    if not isinstance(name, str):
+        if not isinstance(name, Backend):
+            raise ConfigError(f"backend: {type(name).__name__} does not implement the Backend protocol")
+        return name
+    if name not in BACKENDS and name == "real":
+        with contextlib.suppress(ImportError):  # the real backend registers itself on import
+            import real_backend  # noqa: F401
+    if name not in BACKENDS:
+        raise ConfigError(f"backend: unknown name '{name}'; allowed: {', '.join(sorted(BACKENDS))} "
+                          "or a Backend instance")
+    return BACKENDS[name](cluster, **kw)

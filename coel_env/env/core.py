@@ -1,0 +1,295 @@
+"""CoELCore: N CoEL environments stepped together with numpy (the single env is N = 1).
+
+One step = one decision epoch: decode the action -> repair (penalty) -> if update: apply (migration) -> dynamics
+-> faults (restore orphaned experts, fit memory) -> Hello perception -> serve the window -> reward (+ budgets).
+Migration degrades service: requests arriving while experts move (a fraction f = min(t / window, 1) of the window)
+wait t / 2 on average and the window's throughput drops by `migration_slowdown` * f.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coel_env.backend import Backend, Metrics
+from coel_env.env.actions import View, make_action_codec
+from coel_env.env.dynamics import BatchedStates
+from coel_env.env.faults import handle_faults
+from coel_env.env.kernels import differs_kernel
+from coel_env.env.observations import ObservationEncoder
+from coel_env.env.perception import Perception
+from coel_env.env.planbatch import PlanBatch
+from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
+from coel_env.env.rewards import RewardContext, make_reward
+from coel_env.errors import ConfigError
+from coel_env.physics import migration_kernel
+from coel_env.plan import DeploymentPlan
+from coel_env.state import Scenario
+from coel_env.surrogate import SurrogateBackend
+
+METRIC_KEYS = ("ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
+               "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests")
+MIGRATION_KEYS = ("bytes_total", "bytes_local", "bytes_peer", "bytes_cloud", "time_s", "replicas_added",
+                  "replicas_removed")
+
+
+class CoELCore:
+    def __init__(self, scenario: Scenario, backend: Backend, num_envs: int = 1, action_space: str = "full",
+                 observation_space: str = "default", reward_space: str = "latency",
+                 reward_weights: dict | None = None, perception: str = "hello", max_epochs: int = 200,
+                 num_edits: int = 4, repair_penalty: float = 0.1, repair_unit_penalty: float = 1.0,
+                 invalid_edit_penalty: float = 0.02, migration_slowdown: float = 0.5,
+                 hello_cost_per_kbit: float = 0.0, budget_penalty: float = 1.0, drop_cost: float = 2.0,
+                 hello: dict | None = None, initial_plan: DeploymentPlan | None = None):
+        if max_epochs < 1:
+            raise ConfigError(f"max_epochs: {max_epochs}; allowed: an integer >= 1")
+        self.scenario = scenario
+        self.cluster = c = scenario.cluster
+        self.backend = backend
+        self.fast = isinstance(backend, SurrogateBackend)
+        if not self.fast and num_envs != 1:
+            raise ConfigError("backend: a natively batched env needs the surrogate backend; "
+                              "use gymnasium.vector.SyncVectorEnv/AsyncVectorEnv for other backends")
+        self.N = num_envs
+        spec = scenario.spec
+        self.window = spec.dynamics.epoch_s
+        self.max_epochs = max_epochs
+        self.codec = make_action_codec(action_space, c, **({"num_edits": num_edits} if action_space == "edit" else {}))
+        self.reward_fn = make_reward(reward_space, reward_weights)
+        self.reward_space = reward_space
+        wl = spec.workload
+        be = backend if self.fast else SurrogateBackend(c)
+        tok_per_req = be.in_mean + be.out_mean
+        self.ctx = RewardContext(
+            window_s=self.window, slo_s=wl.slo_s, demand_tokens_per_s=float(sum(spec.arrival_rates)) * be.out_mean,
+            power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()), drop_cost=drop_cost)
+        self.penalties = dict(repair=repair_penalty, unit=repair_unit_penalty, invalid=invalid_edit_penalty,
+                              hello=hello_cost_per_kbit, budget=budget_penalty)
+        self.slowdown = migration_slowdown
+        self.budgets = spec.budgets
+        perc = Perception(c, num_envs, np.asarray(spec.arrival_rates, dtype=np.float64), self.window, tok_per_req,
+                          mode=perception, **(hello or {}))
+        self.perception = perc
+        self.states = BatchedStates(scenario, num_envs, extra_normals=perc.num_normals)
+        self.obs_encoder = ObservationEncoder(c, max_epochs, observation_space)
+        plan0 = initial_plan if initial_plan is not None else DeploymentPlan.uniform(c)
+        plan0.validate(c)
+        self.plan0 = PlanBatch.from_plans([plan0])
+        self.plans = PlanBatch.tile(plan0, num_envs)
+        self.usage = usage_of(self.plans, c)
+        self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
+        self.last_info: dict = {}
+        # migration work buffers
+        S = c.num_servers
+        self._mb = np.zeros((num_envs, S, 3))
+        self._mp = np.zeros((num_envs, S, S))
+        self._mc = np.zeros((num_envs, 2), dtype=np.int64)
+        if self.fast:
+            self.pcie_bw = backend.pcie_bw
+            self.cloud_bw = c.hw.cloud_bandwidth_gbps * 1e9 / 8
+
+    # ---- reset --------------------------------------------------------------------------------------
+    def reset_env(self, i: int, seed: int | None = None) -> dict:
+        """Reset env i (re-seeding it when `seed` is given); returns its reset info."""
+        if seed is not None:
+            self.rngs[i] = np.random.default_rng(seed)
+        rng = self.rngs[i]
+        st = self.scenario.initial_state(rng)
+        self.states.load(i, st)
+        self.states.refresh_popularity([i])
+        self.plans.set(i, self.plan0)
+        self.usage = usage_of(self.plans, self.cluster)
+        z = rng.standard_normal(self.perception.num_normals)
+        bits = self.perception.reset(i, self.states, z)
+        if self.fast:
+            self.backend._cache_key = None  # states are reused in place; never serve from a stale cache
+        else:
+            self.backend.reset(self.plans.plan(i), self.states.views[i])
+        return {"hello_bits": bits, "epoch": 0}
+
+    # ---- step ---------------------------------------------------------------------------------------
+    def step(self, actions: np.ndarray | None = None, proposed: PlanBatch | None = None,
+             update: np.ndarray | None = None, active: np.ndarray | None = None):
+        """Step every env (rows with active=False are about to be reset: they draw no randomness)."""
+        c, N, st, perc = self.cluster, self.N, self.states, self.perception
+        view = View(st.server_up, perc.pop)
+        if proposed is None:
+            proposed, update, invalid = self.codec.decode_batch(actions, self.plans, view)
+        else:
+            invalid = np.zeros(N, dtype=np.int64)
+            update = np.broadcast_to(np.asarray(update, dtype=bool), (N,))
+        gpu_cap = self._gpu_cap(st.memory_avail)
+        if update.all():
+            proposed, rcounts, usage = repair(proposed, c, gpu_cap, st.server_up, perc.pop, self.plans)
+        else:  # only committed proposals are repaired; the other envs keep their (valid) plans
+            idx = np.flatnonzero(update)
+            rcounts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
+            usage = tuple(u.copy() for u in self.usage)
+            merged = self.plans.copy()
+            if idx.size:
+                sub, sub_counts, sub_usage = repair(proposed.take(idx), c, gpu_cap[idx], st.server_up[idx],
+                                                    perc.pop[idx], self.plans.take(idx))
+                merged.put(idx, sub)
+                rcounts[idx] = sub_counts
+                for u, su in zip(usage, sub_usage):
+                    u[idx] = su
+            proposed = merged
+        changed = self._differs(self.plans, proposed, update)
+        mig = self._migrate(self.plans, proposed, changed, st.server_up, st.link_factor)
+        self.plans = proposed
+        # dynamics, faults, perception
+        prev_up = st.server_up.copy()
+        st.draw(self.rngs if active is None else [r if a else None for r, a in zip(self.rngs, active)])
+        st.advance()
+        gpu_cap = self._gpu_cap(st.memory_avail)
+        fixed, fchanged, lost, restored, fcounts, self.usage = handle_faults(self.plans, c, st.server_up, gpu_cap,
+                                                                            perc.pop, usage)
+        fmig = None
+        if fchanged.any():
+            fmig = self._migrate(self.plans, fixed, fchanged, st.server_up, st.link_factor)
+            self.plans = fixed
+        hello_bits = perc.observe(st, st.z_extra, st.server_up & ~prev_up).copy()
+        # serve and reward
+        f = self._serve()
+        mig_s = mig["time_s"] + (fmig["time_s"] if fmig is not None else 0.0)
+        self._degrade(f, mig_s)
+        n_rep = rcounts[:, :-1].sum(1)
+        repaired = (rcounts.sum(1) > 0) | (invalid > 0)
+        pen = self.penalties
+        total_replicas = c.model.num_moe_layers * c.model.num_experts
+        penalty = (pen["repair"] * repaired + pen["unit"] * n_rep / total_replicas + pen["invalid"] * invalid
+                   + pen["hello"] * hello_bits / 1000.0)
+        terminated = np.zeros(N, dtype=bool)
+        over = np.zeros(N)
+        b = self.budgets
+        if b.energy_j is not None:
+            over += np.maximum(f["energy_j"] / b.energy_j - 1.0, 0.0)
+        if b.latency_s is not None:
+            over += np.maximum(f["e2e_p95_s"] / b.latency_s - 1.0, 0.0)
+        if b.mode == "terminate":
+            terminated = over > 0
+            penalty = penalty + pen["budget"] * terminated
+        else:
+            penalty = penalty + pen["budget"] * over
+        reward = self.reward_fn(f, mig_s, self.ctx) - penalty
+        truncated = st.epoch >= self.max_epochs
+        info = dict(f=f, mig=mig, fmig=fmig, mig_s=mig_s, update=update, changed=changed, repaired=repaired,
+                    rcounts=rcounts, invalid=invalid, penalty=penalty, budget_excess=over, hello_bits=hello_bits,
+                    lost=lost, restored=restored, fcounts=fcounts)
+        self.last_info = info
+        return reward, terminated, truncated, info
+
+    def observe(self) -> dict[str, np.ndarray]:
+        return self.obs_encoder.encode(self)
+
+    # ---- pieces -------------------------------------------------------------------------------------
+    def _gpu_cap(self, memory_avail: np.ndarray) -> np.ndarray:
+        c = self.cluster
+        return np.maximum(c.dev_mem * (memory_avail - c.hw.kv_reserve_frac) - c.non_expert_bytes_per_gpu, 0.0)
+
+    @staticmethod
+    def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(a), dtype=bool)
+        differs_kernel(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits, np.ascontiguousarray(rows), out)
+        return out
+
+    def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray, up: np.ndarray,
+                 link_factor: np.ndarray) -> dict[str, np.ndarray]:
+        """Migration cost per env (zeros where rows is False), the surrogate's model on stacked arrays."""
+        c, N = self.cluster, self.N
+        out = {k: np.zeros(N) for k in MIGRATION_KEYS}
+        out["link_bytes"] = np.zeros((N, c.num_links))
+        idx = np.flatnonzero(rows)
+        if idx.size == 0:
+            return out
+        if not self.fast:
+            rep = self.backend.apply(new.plan(0), self.states.views[0])
+            for k in MIGRATION_KEYS:
+                out[k][0] = getattr(rep, k)
+            out["link_bytes"][0] = rep.link_bytes
+            return out
+        mb, mp, mc = self._mb, self._mp, self._mc
+        mb[idx] = 0.0
+        mp[idx] = 0.0
+        mc[idx] = 0
+        for i in idx:
+            migration_kernel(old.dev[i], old.tier[i], old.bits[i], new.dev[i], new.tier[i], new.bits[i],
+                             c.dev_server, up[i], c.pair_latency, c.expert_bytes_by_bits, mb[i], mp[i], mc[i])
+        b, p = mb[idx], mp[idx]
+        pair_bw = self._pair_bandwidth(link_factor[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            net = np.where(p > 0, p / pair_bw + c.pair_latency, 0.0).sum(1)
+        local = b[..., 0] / self.pcie_bw
+        cloud_bytes = b[..., 2].sum(-1)
+        cloud = cloud_bytes / self.cloud_bw + np.where(cloud_bytes > 0, c.hw.cloud_latency_s, 0.0)
+        out["time_s"][idx] = np.maximum((local + net).max(-1), cloud)
+        out["bytes_total"][idx] = b.sum((1, 2))
+        out["bytes_local"][idx] = b[..., 0].sum(-1)
+        out["bytes_peer"][idx] = b[..., 1].sum(-1)
+        out["bytes_cloud"][idx] = cloud_bytes
+        out["replicas_added"][idx] = mc[idx, 0]
+        out["replicas_removed"][idx] = mc[idx, 1]
+        if c.num_pairs:
+            pp = p + p.transpose(0, 2, 1)
+            a_, b_ = c.pair_servers[:, 0], c.pair_servers[:, 1]
+            out["link_bytes"][idx] = (pp[:, a_, b_] + pp[:, b_, a_]) @ c.pair_links / 2
+        return out
+
+    def _pair_bandwidth(self, link_factor: np.ndarray) -> np.ndarray:
+        c = self.cluster
+        n, S = link_factor.shape[0], c.num_servers
+        out = np.full((n, S, S), np.inf)
+        if c.num_pairs:
+            link = np.maximum(c.link_bw * link_factor * c.hw.link_efficiency, 1.0)
+            per_pair = np.where(c.pair_links[None] > 0, link[:, None, :], np.inf).min(-1)
+            a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
+            out[:, a, b] = per_pair
+            out[:, b, a] = per_pair
+        return out
+
+    def _serve(self) -> dict[str, np.ndarray]:
+        pb, st = self.plans, self.states
+        if self.fast:
+            states = st.views[0] if self.N == 1 else st.views
+            mb = self.backend.serve_arrays(pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, states, self.window)
+            return mb.fields
+        m: Metrics = self.backend.serve(pb.plan(0), st.views[0], self.window)
+        return {k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))
+                for k, v in m.__dict__.items()}
+
+    def _degrade(self, f: dict, mig_s: np.ndarray) -> None:
+        if not (mig_s > 0).any():
+            return
+        frac = np.minimum(mig_s / self.window, 1.0)
+        wait = np.minimum(mig_s, self.window) / 2.0
+        f["e2e_mean_s"] = f["e2e_mean_s"] + frac * wait
+        f["ttft_mean_s"] = f["ttft_mean_s"] + frac * wait
+        f["e2e_p95_s"] = f["e2e_p95_s"] + np.where(frac > 0.05, wait, 0.0)
+        f["ttft_p95_s"] = f["ttft_p95_s"] + np.where(frac > 0.05, wait, 0.0)
+        f["tokens_per_s"] = f["tokens_per_s"] * (1.0 - self.slowdown * frac)
+        f["late_frac"] = f["late_frac"] + (1 - f["late_frac"]) * frac * np.minimum(wait / self.ctx.slo_s, 1.0)
+
+    # ---- info ---------------------------------------------------------------------------------------
+    def env_info(self, i: int) -> dict:
+        """Env i's info dict from the last step (plain Python values)."""
+        x = self.last_info
+        f = x["f"]
+        mig = {k: float(x["mig"][k][i]) for k in MIGRATION_KEYS}
+        if x["fmig"] is not None:
+            fm = {k: float(x["fmig"][k][i]) for k in MIGRATION_KEYS}
+        else:
+            fm = dict.fromkeys(MIGRATION_KEYS, 0.0)
+        rc = x["rcounts"][i]
+        reasons = [k for k, n in zip(REPAIR_KINDS, rc) if n]
+        if x["invalid"][i]:
+            reasons.append("invalid_edit")
+        return {
+            "metrics": {k: float(f[k][i]) for k in METRIC_KEYS},
+            "migration": mig, "restore_migration": fm, "migration_time_s": float(x["mig_s"][i]),
+            "update": bool(x["update"][i]), "plan_changed": bool(x["changed"][i]),
+            "repaired": bool(x["repaired"][i]), "repair_reasons": reasons,
+            "penalty": float(x["penalty"][i]), "budget_excess": float(x["budget_excess"][i]),
+            "hello_bits": int(x["hello_bits"][i]),
+            "dropped_requests": float(f["dropped_frac"][i] * f["requests"][i]),
+            "replicas_lost": int(x["lost"][i]), "restored_experts": int(x["restored"][i]),
+            "servers_up": int(self.states.server_up[i].sum()), "epoch": int(self.states.epoch[i]),
+        }
