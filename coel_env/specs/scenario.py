@@ -82,7 +82,7 @@ class RoutingSpec(_Strict):
     """Routing-trace generator: per-layer Zipf popularity, inter-layer affinity, per-server domains."""
 
     num_domains: int = Field(4, ge=1)
-    zipf_alpha: float = Field(0.8, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
+    zipf_alpha: float = Field(0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
     domain_overlap: float = Field(0.5, ge=0, le=1, description="share of popularity common to all domains")
     affinity: float = Field(0.6, ge=0, le=1, description="weight of the previous layer in routing")
     affinity_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of affinity rows")

@@ -1,0 +1,152 @@
+"""stable-baselines3 glue: algorithms by name, vector envs, VecNormalize stats without pickle, and the callback
+that checkpoints and evaluates the agent against the baselines during training."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.wrappers import FlattenObservation
+from omegaconf import DictConfig, OmegaConf
+from sb3_contrib import MaskablePPO
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+
+from agents.rollout import run_episode, summarize
+from coel_env.errors import ConfigError
+
+ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
+VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
+
+
+def make_flat_env(env_kwargs: dict) -> gym.Env:
+    """CoEL-v0 with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
+    import coel_env  # noqa: F401  (registers CoEL-v0)
+
+    return FlattenObservation(gym.make("CoEL-v0", **env_kwargs))
+
+
+def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "subproc",
+                      normalize_obs: bool = True) -> VecEnv:
+    if vec_env not in VEC_ENVS:
+        raise ConfigError(f"vec_env: '{vec_env}' unknown; allowed: {', '.join(VEC_ENVS)}")
+    cls = VEC_ENVS[vec_env] if n_envs > 1 else DummyVecEnv
+    kwargs = {"start_method": "forkserver"} if cls is SubprocVecEnv else None
+    venv = make_vec_env(make_flat_env, n_envs=n_envs, seed=seed, vec_env_cls=cls, env_kwargs={"env_kwargs": env_kwargs},
+                        vec_env_kwargs=kwargs)
+    if normalize_obs:
+        venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
+    return venv
+
+
+def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, resume: str | None = None):
+    cfg = OmegaConf.to_container(agent_cfg, resolve=True) if isinstance(agent_cfg, DictConfig) else dict(agent_cfg)
+    cls = ALGORITHMS[cfg["algo"]]
+    if resume is not None:
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"resume: no checkpoint at '{resume}'")
+        return cls.load(path, env=venv, device="cpu")  # our own checkpoint (SB3 format)
+    return cls(cfg.get("policy", "MlpPolicy"), venv, seed=seed, device="cpu", verbose=0,
+               policy_kwargs=cfg.get("policy_kwargs") or None, **(cfg.get("kwargs") or {}))
+
+
+def save_vecnormalize(venv: VecEnv, path: Path) -> None:
+    """Observation-normalisation statistics as .npz (no pickle)."""
+    if isinstance(venv, VecNormalize):
+        rms = venv.obs_rms
+        np.savez(path, mean=rms.mean, var=rms.var, count=np.array(rms.count), clip_obs=np.array(venv.clip_obs))
+
+
+def load_vecnormalize(venv: VecEnv, path: Path) -> None:
+    if isinstance(venv, VecNormalize) and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            venv.obs_rms.mean, venv.obs_rms.var = z["mean"], z["var"]
+            venv.obs_rms.count = float(z["count"])
+
+
+def model_act_fn(model, venv: VecEnv):
+    """Deterministic acting function of an SB3 model (masks applied for MaskablePPO)."""
+    masked = isinstance(model, MaskablePPO)
+
+    def act(obs: Any, env: gym.Env) -> Any:
+        o = venv.normalize_obs(obs) if isinstance(venv, VecNormalize) else obs
+        if masked:
+            mask = env.unwrapped.action_masks()
+            return model.predict(o, deterministic=True, action_masks=mask)[0]
+        return model.predict(o, deterministic=True)[0]
+
+    return act
+
+
+class BaselineEvalCallback(BaseCallback):
+    """Every `eval_every` env steps: checkpoint (model + normalisation) and evaluate the deterministic agent and
+    (once, cached) the baselines on the same seeds; logs eval/* and records when the agent first beats them all."""
+
+    def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int,
+                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None):
+        super().__init__()
+        self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed
+        self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
+        self.checkpoint_dir, self.out_dir, self.run = Path(checkpoint_dir), Path(out_dir), run
+        self.history: list[dict] = []
+        self.baseline_scores: dict[str, dict] = {}
+        self.first_win_s: float | None = None
+        self._next_eval = eval_every
+        self._next_ckpt = checkpoint_every
+        self._start = 0.0
+        self._env: gym.Env | None = None
+
+    def _on_training_start(self) -> None:
+        self._start = time.time()
+        self._env = make_flat_env(self.env_kwargs)
+        for name in self.baselines:
+            self.baseline_scores[name] = self.evaluate_baseline(name)
+            self.logger.record(f"eval/{name}_return", self.baseline_scores[name]["return"])
+
+    def evaluate_baseline(self, name: str) -> dict:
+        from agents.baselines import make_policy
+
+        policy = make_policy(name, seed=self.seed)
+        return summarize([run_episode(self._env, policy, seed=self.seed + i) for i in range(self.episodes)])
+
+    def evaluate_agent(self) -> dict:
+        act = model_act_fn(self.model, self.training_env)
+        return summarize([run_episode(self._env, act, seed=self.seed + i) for i in range(self.episodes)])
+
+    def _on_step(self) -> bool:
+        steps = self.num_timesteps
+        if self.checkpoint_every and steps >= self._next_ckpt:
+            self._next_ckpt += self.checkpoint_every
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            path = self.checkpoint_dir / f"ckpt_{steps}_steps.zip"
+            self.model.save(path)
+            save_vecnormalize(self.training_env, path.with_suffix(".vecnorm.npz"))
+        if self.eval_every and steps >= self._next_eval:
+            self._next_eval += self.eval_every
+            self._evaluate(steps)
+        return True
+
+    def _on_training_end(self) -> None:
+        if not self.history or self.history[-1]["timesteps"] != self.num_timesteps:
+            self._evaluate(self.num_timesteps)
+        if self._env is not None:
+            self._env.close()
+
+    def _evaluate(self, steps: int) -> None:
+        agent = self.evaluate_agent()
+        elapsed = time.time() - self._start
+        best = max((s["return"] for s in self.baseline_scores.values()), default=-np.inf)
+        if self.first_win_s is None and agent["return"] >= best:
+            self.first_win_s = elapsed
+        row = {"timesteps": steps, "wall_s": elapsed, "agent": agent, "best_baseline_return": best}
+        self.history.append(row)
+        for key in ("return", "e2e_p95_s", "quality_loss", "tokens_per_s", "slo_attainment"):
+            self.logger.record(f"eval/agent_{key}", agent[key])
+        self.logger.record("eval/best_baseline_return", best)
+        self.logger.dump(steps)

@@ -1,0 +1,249 @@
+"""Leaderboard (Hydra app): policies x scenarios x seeds on one backend.
+
+    python -m experiments.evaluate scenarios=[paper-testbed,metro-8,moe2-heterogeneous] seeds=5
+    python -m experiments.evaluate policies=[static_linear,eplb,coel] max_epochs=10 logger=disabled
+
+Every episode starts from reset(seed); plan-based policies step with `step_plan` (their own plan, no encoding
+loss; the first decision always deploys), action policies with `step`. Writes to the Hydra output dir:
+`leaderboard.csv` / `leaderboard.md` (mean ± 95% CI over episodes of the episode return, p95 latency, tokens/s,
+quality loss, energy, migration bytes, SLO attainment, decision time; each row with the exact config that produced
+it and its id), `episodes.csv` (one row per episode) and `leaderboard_<metric>.png`; logs the table to W&B
+(offline unless WANDB_MODE / logger.mode say otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from agents.baselines import make_policy
+from agents.policy import ActionPolicy, Policy
+
+log = logging.getLogger(__name__)
+
+# (key, column title, scale for display)
+METRICS: tuple[tuple[str, str, float], ...] = (
+    ("return", "return", 1.0),
+    ("e2e_p95_s", "p95 latency (s)", 1.0),
+    ("tokens_per_s", "tokens/s", 1.0),
+    ("quality_loss", "quality loss (%)", 100.0),
+    ("energy_j", "energy (kJ/epoch)", 1e-3),
+    ("migration_bytes", "migration (GB)", 1e-9),
+    ("slo_attainment", "SLO attainment (%)", 100.0),
+    ("decide_ms", "decision (ms)", 1.0),
+)
+
+
+def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None) -> dict[str, float]:
+    """One episode of `policy` in CoEL-v0 from reset(seed); returns the per-episode metrics of METRICS."""
+    core = env.unwrapped
+    obs, _ = env.reset(seed=seed)
+    policy.reset(core.cluster, seed=seed, scenario=core.scenario)
+    rec: dict[str, list[float]] = {k: [] for k in ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j",
+                                                   "late_frac", "decide_ms")}
+    total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
+    while not done:
+        t0 = time.perf_counter()
+        if isinstance(policy, ActionPolicy):
+            action = policy.act(obs, env)
+            rec["decide_ms"].append(1e3 * (time.perf_counter() - t0))
+            obs, reward, term, trunc, info = env.step(action)
+        else:
+            current = core.plan if steps else None  # every policy deploys its own plan first
+            decision = policy.decide(core.perceived_state(), core.cluster, current)
+            rec["decide_ms"].append(1e3 * (time.perf_counter() - t0))
+            obs, reward, term, trunc, info = core.step_plan(decision.plan, update=decision.update)
+        total += float(reward)
+        steps += 1
+        for k in ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac"):
+            rec[k].append(float(info["metrics"][k]))
+        migration += float(info["migration"]["bytes_total"])
+        repairs += int(info.get("repaired", False))
+        done = term or trunc or (max_steps is not None and steps >= max_steps)
+    out = {k: float(np.mean(v)) for k, v in rec.items()}
+    out.update({"return": total, "migration_bytes": migration, "slo_attainment": 1.0 - out.pop("late_frac"),
+                "repairs": repairs, "epochs": steps})
+    return out
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (Student t) of finite values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if v is not None}
+    kw.update(scenario=scenario, max_epochs=int(cfg.max_epochs), backend=cfg.backend)
+    return kw
+
+
+def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
+    """Run the grid; return one summary row per (scenario, policy) and write every artifact into `out`."""
+    from tqdm import tqdm
+
+    import coel_env  # noqa: F401  (registers CoEL-v0)
+
+    seeds = [int(cfg.seed_offset) + i for i in range(int(cfg.seeds))]
+    pkw = OmegaConf.to_container(cfg.policy_kwargs, resolve=True) or {}
+    commit = git_commit()
+    rows, episodes = [], []
+    bar = tqdm(total=len(cfg.scenarios) * len(cfg.policies) * len(seeds), desc="evaluate",
+               disable=not cfg.progress_bar)
+    for scenario in cfg.scenarios:
+        kwargs = env_kwargs(cfg, scenario)
+        env = gym.make("CoEL-v0", **kwargs)
+        for name in cfg.policies:
+            kw = dict(pkw.get(name, {}) or {})
+            config = {"policy": name, "policy_kwargs": kw, "scenario": scenario, "seeds": seeds,
+                      "env": kwargs, "git": commit}
+            cid = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+            eps = []
+            for seed in seeds:
+                bar.set_postfix_str(f"{scenario}/{name}/seed{seed}")
+                policy = make_policy(name, seed=seed, **kw)
+                t0 = time.perf_counter()
+                ep = run_episode(env, policy, seed)
+                ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0,
+                          config_id=cid)
+                eps.append(ep)
+                bar.update(1)
+            row: dict[str, Any] = {"scenario": scenario, "policy": name, "episodes": len(eps),
+                                   "epochs": int(np.mean([e["epochs"] for e in eps])),
+                                   "repairs": float(np.mean([e["repairs"] for e in eps]))}
+            for key, _, _ in METRICS:
+                row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
+            row.update(config_id=cid, config=json.dumps(config, sort_keys=True))
+            rows.append(row)
+            episodes += eps
+            log.info("%s %s return %.3f ± %.3f", scenario, name, row["return"], row["return_ci95"])
+        env.close()
+    bar.close()
+    write_csv(out / "leaderboard.csv", rows)
+    write_csv(out / "episodes.csv", episodes)
+    (out / "leaderboard.md").write_text(markdown(rows, cfg))
+    if cfg.plots:
+        plot(rows, out)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fmt(x: float, ci: float, scale: float) -> str:
+    if not np.isfinite(x):
+        return "n/a"
+    x, ci = x * scale, ci * scale
+    digits = max(0, min(4, 2 - int(np.floor(np.log10(abs(ci))))) if ci > 0 else 3) if abs(x) < 1e6 else 0
+    return f"{x:.{digits}f} ± {ci:.{digits}f}"
+
+
+def markdown(rows: list[dict], cfg: DictConfig) -> str:
+    cols = [t for _, t, _ in METRICS]
+    first, last = int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds) - 1
+    lines = [f"# CoEL-Gym leaderboard ({cfg.backend} backend)", "",
+             f"{int(cfg.seeds)} episodes per cell (seeds {first}..{last}), "
+             f"{int(cfg.max_epochs)} decision epochs each, reward space `{cfg.env.reward_space}`, perception "
+             f"`{cfg.env.perception}`. Mean ± 95% CI over episodes; p95 latency, tokens/s, quality loss, energy and "
+             "SLO attainment are per-epoch means, migration is the episode total. Sorted by return.", ""]
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        lines += [f"## {scenario}", "", "| policy | " + " | ".join(cols) + " | config |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for r in sorted((r for r in rows if r["scenario"] == scenario), key=lambda r: -r["return"]):
+            cells = [_fmt(r[k], r[f"{k}_ci95"], s) for k, _, s in METRICS]
+            lines.append(f"| {r['policy']} | " + " | ".join(cells) + f" | `{r['config_id']}` |")
+        lines.append("")
+    lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, seeds, git commit):", ""]
+    for r in rows:
+        lines.append(f"- `{r['config_id']}`: `{r['config']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    paths = []
+    for key, title, scale in METRICS[:3] + METRICS[6:7]:
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(4.5 * len(scenarios), 3.6), squeeze=False)
+        for ax, sc in zip(axes[0], scenarios):
+            sel = {r["policy"]: r for r in rows if r["scenario"] == sc}
+            names = [p for p in policies if p in sel]
+            ax.bar(range(len(names)), [sel[p][key] * scale for p in names],
+                   yerr=[sel[p][f"{key}_ci95"] * scale for p in names], color="tab:blue", capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_title(sc, fontsize=10)
+            ax.set_ylabel(title)
+        fig.tight_layout()
+        path = out / f"leaderboard_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
+    lg = cfg.logger
+    mode = os.environ.get("WANDB_MODE", lg.get("mode", "offline"))
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(mode=mode, project=lg.get("project", "coel-gym"), entity=lg.get("entity"),
+                     group=lg.get("group"), tags=[*list(lg.get("tags") or []), "evaluate"], dir=str(out),
+                     config=OmegaConf.to_container(cfg, resolve=True), job_type="evaluate")
+    cols = list(rows[0])
+    run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+    for png in sorted(out.glob("leaderboard_*.png")):
+        run.log({png.stem: wandb.Image(str(png))})
+    run.finish()
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    rows = evaluate(cfg, out)
+    log_wandb(cfg, out, rows)
+    print((out / "leaderboard.md").read_text())
+    print(f"wrote {out / 'leaderboard.csv'}")
+
+
+if __name__ == "__main__":
+    main()
