@@ -1,67 +1,70 @@
-"""Run episodes of CoEL-v0 with any acting function and summarise them (shared by training and evaluation)."""
+"""Run episodes of CoEL-v0 with any Policy and summarise them (shared by the leaderboard and training)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import time
 
 import gymnasium as gym
 import numpy as np
 
-from agents.policy import ActionPolicy, Policy
+from agents.policy import ActionPolicy, Decision, Policy
 
-EPISODE_FIELDS = ("return", "e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "migration_bytes",
-                  "slo_attainment", "dropped_frac", "epochs")
+EPISODE_METRICS = ("return", "e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "migration_bytes",
+                   "slo_attainment", "decide_ms")
+_PER_EPOCH = ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac")
 
-ActFn = Callable[[Any, gym.Env], Any]
 
+def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None) -> dict[str, float]:
+    """One episode of `policy` in CoEL-v0 from reset(seed).
 
-def run_episode(env: gym.Env, actor: Policy | ActFn, seed: int, max_steps: int | None = None) -> dict:
-    """One episode from reset(seed). `actor` is a plan-producing Policy (stepped with `step_plan`, whatever the
-    env's action space) or a function `act(obs, env) -> action`. Returns EPISODE_FIELDS."""
-    obs, info = env.reset(seed=seed)
+    Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
+    action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic)."""
     core = env.unwrapped
-    planner = isinstance(actor, Policy) and not isinstance(actor, ActionPolicy)
-    if planner:
-        actor.reset(core.cluster, seed=seed, scenario=core.scenario)
-    total, steps = 0.0, 0
-    acc = {k: [] for k in ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac", "dropped_frac")}
-    migration = 0.0
-    done = False
+    obs, _ = env.reset(seed=seed)
+    policy.reset(core.cluster, seed=seed, scenario=core.scenario)
+    rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms")}
+    total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
     while not done:
-        if planner:
-            decision = actor.decide(core.perceived_state(), core.cluster, core.plan)
-            obs, reward, terminated, truncated, info = core.step_plan(decision.plan, update=decision.update)
+        t0 = time.perf_counter()
+        if isinstance(policy, ActionPolicy):
+            out = policy.act(obs, env)
         else:
-            obs, reward, terminated, truncated, info = env.step(actor(obs, env))
+            current = core.plan if steps else None
+            out = policy.decide(core.perceived_state(), core.cluster, current)
+        rec["decide_ms"].append(1e3 * (time.perf_counter() - t0))
+        if isinstance(out, Decision):
+            obs, reward, term, trunc, info = core.step_plan(out.plan, update=out.update)
+        else:
+            obs, reward, term, trunc, info = env.step(out)
         total += float(reward)
         steps += 1
-        metrics = info.get("metrics", {})
-        for k in acc:
-            if k in metrics:
-                acc[k].append(float(metrics[k]))
-        migration += float(info.get("migration", {}).get("bytes_total", 0.0))
-        done = terminated or truncated or (max_steps is not None and steps >= max_steps)
+        for k in _PER_EPOCH:
+            rec[k].append(float(info["metrics"][k]))
+        migration += float(info["migration"]["bytes_total"])
+        repairs += int(info.get("repaired", False))
+        done = term or trunc or (max_steps is not None and steps >= max_steps)
+    out_row = {k: float(np.mean(v)) for k, v in rec.items()}
+    out_row.update({"return": total, "migration_bytes": migration, "slo_attainment": 1.0 - out_row.pop("late_frac"),
+                    "repairs": repairs, "epochs": steps})
+    return out_row
 
-    def mean(key: str) -> float:
-        return float(np.mean(acc[key])) if acc[key] else float("nan")
 
-    return {"return": total, "e2e_p95_s": mean("e2e_p95_s"), "tokens_per_s": mean("tokens_per_s"),
-            "quality_loss": mean("quality_loss"), "energy_j": mean("energy_j"), "migration_bytes": migration,
-            "slo_attainment": 1.0 - mean("late_frac"), "dropped_frac": mean("dropped_frac"), "epochs": steps}
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (Student t) of finite values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def summarize(episodes: list[dict]) -> dict:
-    """Mean and 95% confidence half-width (Student t) of each field over episodes."""
-    from scipy import stats
-
-    out = {"episodes": len(episodes)}
-    for key in EPISODE_FIELDS:
-        vals = np.array([e[key] for e in episodes], dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        out[key] = float(vals.mean()) if len(vals) else float("nan")
-        if len(vals) > 1:
-            out[f"{key}_ci95"] = float(stats.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals)))
-        else:
-            out[f"{key}_ci95"] = 0.0
+    """Mean and `<key>_ci95` of every EPISODE_METRICS field over episodes."""
+    out: dict[str, float] = {"episodes": len(episodes)}
+    for key in EPISODE_METRICS:
+        out[key], out[f"{key}_ci95"] = mean_ci([e[key] for e in episodes])
     return out

@@ -17,6 +17,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
+from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
 
@@ -24,21 +25,27 @@ ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
 VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
 
 
-def make_flat_env(env_kwargs: dict) -> gym.Env:
-    """CoEL-v0 with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
+def make_flat_env(env_kwargs: dict, knobs: str | None = None) -> gym.Env:
+    """CoEL-v0 (optionally with the `knobs` action space over a base policy) with its Dict observation flattened
+    into one Box (what SB3 MLP policies and exports take)."""
     import coel_env  # noqa: F401  (registers CoEL-v0)
 
-    return FlattenObservation(gym.make("CoEL-v0", **env_kwargs))
+    env = gym.make("CoEL-v0", **env_kwargs)
+    if knobs:
+        from agents.knobs import KnobsWrapper
+
+        env = KnobsWrapper(env, base=knobs)
+    return FlattenObservation(env)
 
 
 def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "subproc",
-                      normalize_obs: bool = True) -> VecEnv:
+                      normalize_obs: bool = True, knobs: str | None = None) -> VecEnv:
     if vec_env not in VEC_ENVS:
         raise ConfigError(f"vec_env: '{vec_env}' unknown; allowed: {', '.join(VEC_ENVS)}")
     cls = VEC_ENVS[vec_env] if n_envs > 1 else DummyVecEnv
     kwargs = {"start_method": "forkserver"} if cls is SubprocVecEnv else None
-    venv = make_vec_env(make_flat_env, n_envs=n_envs, seed=seed, vec_env_cls=cls, env_kwargs={"env_kwargs": env_kwargs},
-                        vec_env_kwargs=kwargs)
+    venv = make_vec_env(make_flat_env, n_envs=n_envs, seed=seed, vec_env_cls=cls,
+                        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs}, vec_env_kwargs=kwargs)
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
@@ -70,18 +77,23 @@ def load_vecnormalize(venv: VecEnv, path: Path) -> None:
             venv.obs_rms.count = float(z["count"])
 
 
-def model_act_fn(model, venv: VecEnv):
-    """Deterministic acting function of an SB3 model (masks applied for MaskablePPO)."""
-    masked = isinstance(model, MaskablePPO)
+class ModelPolicy(ActionPolicy):
+    """A (training) SB3 model as a Policy: deterministic actions on normalised observations, masks for
+    MaskablePPO. The env it acts in must be the flat training env (FlattenObservation, knobs wrapper if any)."""
 
-    def act(obs: Any, env: gym.Env) -> Any:
-        o = venv.normalize_obs(obs) if isinstance(venv, VecNormalize) else obs
-        if masked:
-            mask = env.unwrapped.action_masks()
-            return model.predict(o, deterministic=True, action_masks=mask)[0]
-        return model.predict(o, deterministic=True)[0]
+    def __init__(self, model, venv: VecEnv):
+        masked = isinstance(model, MaskablePPO)
 
-    return act
+        def predict(obs: Any, env: gym.Env | None = None) -> Any:
+            o = venv.normalize_obs(obs) if isinstance(venv, VecNormalize) else obs
+            if masked and env is not None:
+                return model.predict(o, deterministic=True, action_masks=env.unwrapped.action_masks())[0]
+            return model.predict(o, deterministic=True)[0]
+
+        super().__init__(predict, name=type(model).__name__)
+
+    def act(self, obs: Any, env: Any) -> Any:
+        return self.predict(obs, env)
 
 
 class BaselineEvalCallback(BaseCallback):
@@ -89,9 +101,10 @@ class BaselineEvalCallback(BaseCallback):
     (once, cached) the baselines on the same seeds; logs eval/* and records when the agent first beats them all."""
 
     def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int,
-                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None):
+                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None):
         super().__init__()
         self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed
+        self.knobs = knobs
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
         self.checkpoint_dir, self.out_dir, self.run = Path(checkpoint_dir), Path(out_dir), run
         self.history: list[dict] = []
@@ -104,7 +117,7 @@ class BaselineEvalCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self._start = time.time()
-        self._env = make_flat_env(self.env_kwargs)
+        self._env = make_flat_env(self.env_kwargs, self.knobs)
         for name in self.baselines:
             self.baseline_scores[name] = self.evaluate_baseline(name)
             self.logger.record(f"eval/{name}_return", self.baseline_scores[name]["return"])
@@ -116,8 +129,8 @@ class BaselineEvalCallback(BaseCallback):
         return summarize([run_episode(self._env, policy, seed=self.seed + i) for i in range(self.episodes)])
 
     def evaluate_agent(self) -> dict:
-        act = model_act_fn(self.model, self.training_env)
-        return summarize([run_episode(self._env, act, seed=self.seed + i) for i in range(self.episodes)])
+        policy = ModelPolicy(self.model, self.training_env)
+        return summarize([run_episode(self._env, policy, seed=self.seed + i) for i in range(self.episodes)])
 
     def _on_step(self) -> bool:
         steps = self.num_timesteps
@@ -146,7 +159,7 @@ class BaselineEvalCallback(BaseCallback):
             self.first_win_s = elapsed
         row = {"timesteps": steps, "wall_s": elapsed, "agent": agent, "best_baseline_return": best}
         self.history.append(row)
-        for key in ("return", "e2e_p95_s", "quality_loss", "tokens_per_s", "slo_attainment"):
+        for key in ("return", "e2e_p95_s", "quality_loss", "tokens_per_s", "slo_attainment", "migration_bytes"):
             self.logger.record(f"eval/agent_{key}", agent[key])
         self.logger.record("eval/best_baseline_return", best)
         self.logger.dump(steps)

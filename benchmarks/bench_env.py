@@ -1,6 +1,7 @@
 """Random-action step rate of CoEL-v0 against Gymnasium's CartPole-v1, measured in the same run (medians).
 
-Usage: .venv/bin/python benchmarks/bench_env.py [--trial-s 1.0] [--trials 5] [--quick]
+Usage: .venv/bin/python -m benchmarks.bench_env [--trial-s 1.0] [--trials 5] [--quick] [--baseline DIR]
+(DIR from `python -m benchmarks.baseline HEAD DIR`: that revision is timed side by side, trials alternating)
 Writes benchmarks/results/env.json and env.md. Actions come from a pre-sampled pool of random (unmasked) actions
 so that sampling a 90k-dimensional MultiDiscrete does not count; episodes reset when they end. Envs are stepped
 unwrapped (no checker/order wrappers) for both CoEL and CartPole. `env overhead` rows stub the backend's serve
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import gymnasium as gym
 
-import coel_env  # noqa: F401
-from coel_env.env import CoELEnv
-from coel_env.env.vector import CoELVectorEnv
+import coel_env
+import coel_env.env
+import coel_env.env.vector
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,13 +71,36 @@ def stub_serve(core) -> None:
     core._serve = lambda: {key: v.copy() for key, v in fields.items()}
 
 
+def _interleaved(steppers: list, n_per_call: int, trial_s: float, trials: int) -> list[list[float]]:
+    """Rates of several steppers, trials alternating between them (fair under a shared, noisy machine)."""
+    for step in steppers:
+        for _ in range(3):
+            step()
+    out = [[] for _ in steppers]
+    for _ in range(trials):
+        for j, step in enumerate(steppers):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < trial_s:
+                step()
+                n += 1
+            out[j].append(n * n_per_call / (time.perf_counter() - t0))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trial-s", type=float, default=1.0)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one short trial each (smoke test)")
+    ap.add_argument("--baseline", default=None, help="an exported baseline (python -m benchmarks.baseline) to time "
+                    "side by side, trials alternating")
     args = ap.parse_args()
     trial_s, trials = (0.2, 1) if args.quick else (args.trial_s, args.trials)
+    pkgs = {"new": coel_env}
+    if args.baseline:
+        from benchmarks.baseline import load
+
+        pkgs["baseline"] = load(args.baseline)
     rows = []
 
     def record(name, scenario, envs, rates, note=""):
@@ -85,33 +109,53 @@ def main() -> None:
                      "trials": rates, "note": note})
         print(f"{name:<44} {scenario:<15} N={envs:<3} median {med:10.1f} env-steps/s", flush=True)
 
+    def measure(name, scenario, envs, make, n_per_call=1, t_s=None, note=""):
+        """make(pkg) -> step function; one row per package, trials interleaved."""
+        steppers = [make(pkg) for pkg in pkgs.values()]
+        rates = _interleaved(steppers, n_per_call, t_s or trial_s, trials)
+        record(name, scenario, envs, rates[0], note)
+        if len(rates) > 1:
+            rows[-1]["baseline_median_steps_per_s"] = statistics.median(rates[1])
+            rows[-1]["baseline_trials"] = rates[1]
+
+    def single(space, scenario="paper-testbed", mask=False, stub=False, pool=32):
+        def make(pkg):
+            env = pkg.env.CoELEnv(scenario=scenario, action_space=space, info_action_mask=mask)
+            if stub:
+                stub_serve(env.core)
+            return single_stepper(env, pool)
+        return make
+
+    def vector(n, stub=False):
+        def make(pkg):
+            import importlib
+
+            venv = importlib.import_module(pkg.__name__ + ".env.vector").CoELVectorEnv(
+                n, scenario="paper-testbed", action_space="full")
+            if stub:
+                stub_serve(venv.core)
+            return vector_stepper(venv)
+        return make
+
     cart = gym.make("CartPole-v1").unwrapped
     record("CartPole-v1 (unwrapped)", "-", 1, rate(single_stepper(cart, 256), 1, trial_s, trials))
     for space in ("full", "edit", "threshold"):
-        env = CoELEnv(scenario="paper-testbed", action_space=space, info_action_mask=space != "full")
-        record(f"CoEL-v0 {space}", "paper-testbed", 1, rate(single_stepper(env), 1, trial_s, trials),
-               "info_action_mask off" if space == "full" else "")
-    env = CoELEnv(scenario="paper-testbed", action_space="full")
-    record("CoEL-v0 full + info action_mask", "paper-testbed", 1, rate(single_stepper(env), 1, trial_s, trials))
+        measure(f"CoEL-v0 {space}", "paper-testbed", 1, single(space, mask=space != "full"),
+                note="info_action_mask off" if space == "full" else "")
+    measure("CoEL-v0 full + info action_mask", "paper-testbed", 1, single("full", mask=True))
+    stub_note = "not a CoEL step rate: the surrogate is replaced"
     for space in ("full", "edit"):
-        env = CoELEnv(scenario="paper-testbed", action_space=space, info_action_mask=False)
-        stub_serve(env.core)
-        record(f"CoEL-v0 {space}: env overhead (serve stubbed)", "paper-testbed", 1,
-               rate(single_stepper(env), 1, trial_s, trials), "not a CoEL step rate: the surrogate is replaced")
+        measure(f"CoEL-v0 {space}: env overhead (serve stubbed)", "paper-testbed", 1, single(space, stub=True),
+                note=stub_note)
     for n in (64,):
-        venv = CoELVectorEnv(n, scenario="paper-testbed", action_space="full")
-        record("CoELVectorEnv full (native batch)", "paper-testbed", n, rate(vector_stepper(venv), n, trial_s, trials))
-        venv = CoELVectorEnv(n, scenario="paper-testbed", action_space="full")
-        stub_serve(venv.core)
-        record("CoELVectorEnv full: env overhead (serve stubbed)", "paper-testbed", n,
-               rate(vector_stepper(venv), n, trial_s, trials), "not a CoEL step rate: the surrogate is replaced")
+        measure("CoELVectorEnv full (native batch)", "paper-testbed", n, vector(n), n_per_call=n)
+        measure("CoELVectorEnv full: env overhead (serve stubbed)", "paper-testbed", n, vector(n, stub=True),
+                n_per_call=n, note=stub_note)
     for space in ("edit", "full"):
-        env = CoELEnv(scenario="deepseek-scale", action_space=space, info_action_mask=False)
-        record(f"CoEL-v0 {space}", "deepseek-scale", 1, rate(single_stepper(env, 4), 1, max(trial_s, 2.0), trials))
-    env = CoELEnv(scenario="deepseek-scale", action_space="edit", info_action_mask=False)
-    stub_serve(env.core)
-    record("CoEL-v0 edit: env overhead (serve stubbed)", "deepseek-scale", 1,
-           rate(single_stepper(env, 4), 1, trial_s, trials), "not a CoEL step rate: the surrogate is replaced")
+        measure(f"CoEL-v0 {space}", "deepseek-scale", 1, single(space, "deepseek-scale", pool=4),
+                t_s=max(trial_s, 2.0))
+    measure("CoEL-v0 edit: env overhead (serve stubbed)", "deepseek-scale", 1,
+            single("edit", "deepseek-scale", stub=True, pool=4), note=stub_note)
 
     cart_rate = rows[0]["median_steps_per_s"]
     for r in rows:
@@ -127,16 +171,19 @@ def main() -> None:
     }
     meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0], "trial_s": trial_s, "trials": trials,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "baseline": args.baseline}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "env.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets_met": targets}, indent=1))
     lines = ["# CoEL-v0 step rate (random actions, medians)", "",
              f"{meta['time']}, Python {meta['python']}, {meta['cpus']} CPUs, 1-min load average "
              f"{meta['load_avg_1m']:.2f} (other jobs share this machine), {trials} trials x {trial_s} s.", "",
-             "| benchmark | scenario | envs | median env-steps/s | step time vs CartPole |", "|---|---|---|---|---|"]
+             "| benchmark | scenario | envs | median env-steps/s | step time vs CartPole | baseline median | "
+             "speedup vs baseline |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        base = r.get("baseline_median_steps_per_s")
+        extra = f"{base:,.0f} | {r['median_steps_per_s'] / base:.2f}x" if base else "- | -"
         lines.append(f"| {r['name']} | {r['scenario']} | {r['num_envs']} | {r['median_steps_per_s']:,.0f} | "
-                     f"{r['step_time_vs_cartpole']:.1f}x |")
+                     f"{r['step_time_vs_cartpole']:.1f}x | {extra} |")
     lines += ["", "Targets (issue 3):", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
     lines += ["", "`env overhead` rows replace the surrogate's serve with a replayed result: they measure the "
               "environment's own cost (decode, repair, dynamics, faults, perception, observation, reward), not "

@@ -31,8 +31,9 @@ def activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre):
                         u_pre[i, s, l, e] = 0.0
                     else:
                         lq = np.log1p(-p)
-                        u_dec[i, s, l, e] = -np.expm1(lb * lq)
-                        u_pre[i, s, l, e] = -np.expm1(li * lq)
+                        # a batch of one uses the expert with probability p itself: skip two transcendentals
+                        u_dec[i, s, l, e] = p if lb == 1.0 else -np.expm1(lb * lq)
+                        u_pre[i, s, l, e] = p if li == 1.0 else -np.expm1(li * lq)
                     a_dec[i, s, l, e] = lb * p
                     a_pre[i, s, l, e] = li * p
 
@@ -59,6 +60,10 @@ def serve_kernel(
     S = server_up.shape[1]
     D = dev_server.shape[0]
     U = D + S
+    dev_up = np.zeros(D, dtype=np.bool_)  # per device, for server s: live, token keep, comm s/token, latency
+    dev_keep = np.zeros(D)
+    dev_ct = np.zeros(D)
+    dev_lat = np.zeros(D)
     for job in range(N * S):
         n = job // S
         s = job % S
@@ -81,10 +86,12 @@ def serve_kernel(
         up_s = u_pre[si, s]
         ap_s = a_pre[si, s]
         tab = table[si]
-        up_srv = server_up[si]
-        keep_s = tok_keep[n, s]
-        ct_s = comm_tok[n, s]
-        lat_s = pair_lat2[s]
+        for d in range(D):
+            sd = dev_server[d]
+            dev_up[d] = server_up[si, sd]
+            dev_keep[d] = tok_keep[n, s, sd]  # 1 for the own server (the diagonals are neutral)
+            dev_ct[d] = comm_tok[n, s, sd]
+            dev_lat[d] = pair_lat2[s, sd]
         for l in range(L):
             dev_l = dev[n, l]
             tier_l = tier[n, l]
@@ -98,23 +105,25 @@ def serve_kernel(
                 best = np.inf
                 rd = -1
                 key_best = 0
+                gd_best = 0.0
+                cd_best = 0.0
                 for r in range(R):
                     d = dev_l[e, r]
                     if d < 0:
                         continue
-                    sd = dev_server[d]
-                    if not up_srv[sd]:
+                    if not dev_up[d]:
                         continue
                     key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
-                    keep = keep_s[sd]  # 1 for the own server (branch-free: the diagonals are neutral)
-                    comm = ad * ct_s[sd] + lat_s[sd] * ud
-                    gd = max(ud * tab[key, 0], ad * keep * tab[key, 1]) + ud * tab[key, 2]
-                    cd = max(ud * tab[key, 3], ad * keep * tab[key, 4]) + ud * tab[key, 5]
-                    cost = min(gd, cd) + comm
+                    akeep = ad * dev_keep[d]
+                    gd = max(ud * tab[key, 0], akeep * tab[key, 1]) + ud * tab[key, 2]
+                    cd = max(ud * tab[key, 3], akeep * tab[key, 4]) + ud * tab[key, 5]
+                    cost = min(gd, cd) + (ad * dev_ct[d] + dev_lat[d] * ud)
                     if cost < best:
                         best = cost
                         rd = r
                         key_best = key
+                        gd_best = gd
+                        cd_best = cd
                 if rd < 0:
                     miss += p
                     continue
@@ -123,17 +132,21 @@ def serve_kernel(
                 sd = dev_server[d]
                 up = up_s[l, e]
                 ap = ap_s[l, e]
-                keep = keep_s[sd]
-                gd = max(ud * tab[key_best, 0], ad * keep * tab[key_best, 1]) + ud * tab[key_best, 2]
-                cd = max(ud * tab[key_best, 3], ad * keep * tab[key_best, 4]) + ud * tab[key_best, 5]
-                gp = max(up * tab[key_best, 0], ap * keep * tab[key_best, 1]) + up * tab[key_best, 2]
-                cp = max(up * tab[key_best, 3], ap * keep * tab[key_best, 4]) + up * tab[key_best, 5]
-                unit_d = d if gd <= cd else D + sd
-                unit_p = d if gp <= cp else D + sd
-                acc_d[unit_d] += min(gd, cd)
-                acc_p[unit_p] += min(gp, cp)
-                touched[unit_d] = True
-                touched[unit_p] = True
+                akeep = ap * dev_keep[d]
+                gp = max(up * tab[key_best, 0], akeep * tab[key_best, 1]) + up * tab[key_best, 2]
+                cp = max(up * tab[key_best, 3], akeep * tab[key_best, 4]) + up * tab[key_best, 5]
+                if gd_best <= cd_best:
+                    acc_d[d] += gd_best
+                    touched[d] = True
+                else:
+                    acc_d[D + sd] += cd_best
+                    touched[D + sd] = True
+                if gp <= cp:
+                    acc_p[d] += gp
+                    touched[d] = True
+                else:
+                    acc_p[D + sd] += cp
+                    touched[D + sd] = True
                 quality += p * qloss[bits_l[e, rd]]
                 # own-server entries accumulate too and are ignored when the layer closes
                 tok_d[sd] += ad
@@ -441,3 +454,4 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
         o_scalars[n, 13] = window
         for k in range(K):
             o_link[n, k] = link[k] * window / 2.0
+

@@ -1,9 +1,18 @@
-"""The dynamic cluster state and the dynamics that advance it each decision epoch."""
+"""The dynamic cluster state and the dynamics that advance it each decision epoch.
+
+One implementation of the dynamics: `StateBatch` holds N states as stacked arrays and advances them in one
+vectorized call; `Scenario.advance` runs it on a batch of one. Randomness is one fixed-size block per state and
+epoch (`StateBatch.draw`), so a state's trajectory depends only on its own generator, whatever the batch size.
+Dirichlet(0.5) domain targets are normalized squared normals (Gamma(1/2) = Z^2/2).
+
+Caches (the surrogate's) key on `ClusterState.version`: whoever writes a state's arrays in place calls `touch()`.
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +22,21 @@ from coel_env.errors import ConfigError
 from coel_env.specs import HardwareProfile, ScenarioSpec, load_scenario_spec
 from coel_env.traces import RoutingModel, RoutingTrace
 
+STATE_FIELDS: tuple[str, ...] = ("server_up", "compute_avail", "memory_avail", "link_factor", "arrival_rate",
+                                 "domain_mix", "domain_target", "popularity")
+_VERSIONS = itertools.count(1)  # process-wide, so a version never repeats (not even for a recycled id())
+
+
+def new_version() -> int:
+    return next(_VERSIONS)
+
 
 @dataclass
 class ClusterState:
-    """What is true in the cluster now (ground truth; agents see it through perception)."""
+    """What is true in the cluster now (ground truth; agents see it through perception).
+
+    `version` changes on every `touch()`: call it after writing any array in place (Scenario.advance and the
+    environment do), so that backends caching per-state inputs see the change."""
 
     cluster: Cluster
     epoch: int
@@ -28,13 +48,21 @@ class ClusterState:
     domain_mix: np.ndarray  # [S, M]
     domain_target: np.ndarray  # [S, M]
     popularity: np.ndarray  # [S, L, E] inclusion probabilities
+    version: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        self.version = new_version()
+
+    def touch(self) -> ClusterState:
+        """Mark the state as changed in place (new `version`)."""
+        self.version = new_version()
+        return self
 
     def copy(self) -> ClusterState:
         new = copy.copy(self)
-        for name in ("server_up", "compute_avail", "memory_avail", "link_factor", "arrival_rate",
-                     "domain_mix", "domain_target", "popularity"):
+        for name in STATE_FIELDS:
             setattr(new, name, getattr(self, name).copy())
-        return new
+        return new.touch()
 
     @property
     def device_up(self) -> np.ndarray:
@@ -67,49 +95,149 @@ class Scenario:
             server_up=np.ones(S, dtype=bool),
             compute_avail=np.ones(c.num_devices), memory_avail=np.ones(c.num_devices),
             link_factor=np.ones(c.num_links),
-            arrival_rate=np.asarray(self.spec.arrival_rates, dtype=np.float64),
+            arrival_rate=np.array(self.spec.arrival_rates, dtype=np.float64),
             domain_mix=mix, domain_target=mix.copy(), popularity=np.empty(0),
         )
-        self._refresh_popularity(state)
-        return state
+        state.popularity = self.popularity(mix, 0)
+        return state.touch()
 
-    def _refresh_popularity(self, state: ClusterState) -> None:
+    def popularity(self, domain_mix: np.ndarray, epoch: int) -> np.ndarray:
+        """Ground-truth popularity [S, L, E] of one state (the trace's epoch if replaying, else the mixture's)."""
+        out = np.empty((self.cluster.num_servers, *self.routing.domain_popularity.shape[1:]))
+        self.popularity_into(domain_mix[None], np.array([epoch]), out[None])
+        return out
+
+    def popularity_into(self, domain_mix: np.ndarray, epochs: np.ndarray, out: np.ndarray) -> None:
+        """out[n] := popularity of state n, from mixtures [N, S, M] (or the trace's epochs [N])."""
         if self.trace is not None:
-            state.popularity = self.trace.popularity(state.epoch, self.cluster.num_servers,
-                                                     self.spec.model.num_experts)
-        else:
-            state.popularity = self.routing.popularity(state.domain_mix)
+            S, E = self.cluster.num_servers, self.spec.model.num_experts
+            for n, ep in enumerate(epochs):
+                out[n] = self.trace.popularity(int(ep), S, E)
+            return
+        M = self.routing.domain_popularity.shape[0]
+        dp = self.routing.domain_popularity.reshape(M, -1)
+        for n in range(domain_mix.shape[0]):  # one BLAS call per state: a row never depends on the batch size
+            np.matmul(domain_mix[n], dp, out=out[n].reshape(domain_mix.shape[1], -1))
 
     def advance(self, state: ClusterState, rng: np.random.Generator) -> ClusterState:
-        """One epoch of dynamics in place: drift, arrivals, resource noise, link changes, failures/joins."""
-        dyn = self.spec.dynamics
-        c = self.cluster
+        """One epoch of dynamics in place: drift, arrivals, resource noise, link changes, failures/joins (the
+        batched dynamics of `StateBatch` on a batch of one; the state's arrays are replaced by new ones)."""
+        batch = StateBatch(self, 1)
+        batch.load(0, state)
+        batch.draw([rng])
+        batch.advance()
+        state.epoch = int(batch.epoch[0])
+        for name in STATE_FIELDS:
+            setattr(state, name, getattr(batch, name)[0])
+        return state.touch()
+
+
+class StateBatch:
+    """N cluster states as stacked arrays [N, ...], advanced in one vectorized call; `views[i]` is a
+    ClusterState onto row i. `version` changes whenever any row does (`touch`)."""
+
+    def __init__(self, scenario: Scenario, num_envs: int, extra_normals: int = 0):
+        self.scenario = sc = scenario
+        c = sc.cluster
+        N = self.N = num_envs
         S, D, K = c.num_servers, c.num_devices, c.num_links
-        state.epoch += 1
-        switch = rng.random(S) < dyn.domain_switch_rate
-        if switch.any():
-            state.domain_target[switch] = rng.dirichlet(np.full(self.routing.num_domains, 0.5), size=int(switch.sum()))
-        state.domain_mix += dyn.drift_rate * (state.domain_target - state.domain_mix)
-        base = np.asarray(self.spec.arrival_rates)
-        state.arrival_rate = base * rng.lognormal(0.0, dyn.arrival_burstiness, size=S) if dyn.arrival_burstiness \
-            else base.copy()
+        M = sc.routing.num_domains
+        L, E = c.model.num_moe_layers, c.model.num_experts
+        self.S, self.D, self.K, self.M = S, D, K, M
+        self.cluster = c
+        self.epoch = np.zeros(N, dtype=np.int64)
+        self.server_up = np.ones((N, S), dtype=bool)
+        self.compute_avail = np.ones((N, D))
+        self.memory_avail = np.ones((N, D))
+        self.link_factor = np.ones((N, K))
+        self.arrival_rate = np.zeros((N, S))
+        self.domain_mix = np.zeros((N, S, M))
+        self.domain_target = np.zeros((N, S, M))
+        self.popularity = np.zeros((N, S, L, E))
+        self.base_rate = np.asarray(sc.spec.arrival_rates, dtype=np.float64)
+        self.views = [ClusterState(c, 0, *(getattr(self, f)[i] for f in STATE_FIELDS)) for i in range(N)]
+        # random block per env and epoch: normals [dirichlet S*M | arrivals S | compute D | memory D | extra]
+        self.nz = S * M + S + 2 * D + extra_normals
+        self.nu = S + 2 * K + 2 * S + 1  # uniforms [switch S | link change K | link value K | fail S | join S | 1]
+        self.z = np.zeros((N, self.nz))
+        self.u = np.zeros((N, self.nu))
+        self.z_extra = self.z[:, S * M + S + 2 * D:]
+        self.version = new_version()
+
+    def touch(self, rows=None) -> None:
+        """Mark rows (default: all) as changed in place."""
+        self.version = new_version()
+        for i in (range(self.N) if rows is None else rows):
+            v = self.views[i]
+            v.epoch = int(self.epoch[i])
+            v.touch()
+
+    def load(self, i: int, state: ClusterState) -> None:
+        """Row i := a ClusterState (e.g. Scenario.initial_state)."""
+        for f in STATE_FIELDS:
+            getattr(self, f)[i] = getattr(state, f)
+        self.epoch[i] = state.epoch
+        self.touch([i])
+
+    def draw(self, rngs: list[np.random.Generator | None]) -> None:
+        """One epoch's randomness for every env from its own generator (None: that row draws nothing)."""
+        for i, rng in enumerate(rngs):
+            if rng is None:
+                continue
+            rng.standard_normal(out=self.z[i])
+            rng.random(out=self.u[i])
+
+    def advance(self) -> None:
+        """One epoch of dynamics for every env, in place (after `draw`)."""
+        dyn = self.scenario.spec.dynamics
+        N, S, D, K, M = self.N, self.S, self.D, self.K, self.M
+        z, u = self.z, self.u
+        self.epoch += 1
+        g = z[:, :S * M].reshape(N, S, M) ** 2
+        g /= np.maximum(g.sum(-1, keepdims=True), 1e-300)
+        switch = u[:, :S] < dyn.domain_switch_rate
+        np.copyto(self.domain_target, g, where=switch[..., None])
+        self.domain_mix += dyn.drift_rate * (self.domain_target - self.domain_mix)
+        o = S * M
+        if dyn.arrival_burstiness:
+            np.multiply(self.base_rate, np.exp(dyn.arrival_burstiness * z[:, o:o + S]), out=self.arrival_rate)
+        else:
+            self.arrival_rate[:] = self.base_rate
+        o += S
         noise = dyn.resource_noise
-        state.compute_avail = np.clip(1 - np.abs(rng.normal(0, noise, size=D)), 0.2, 1.0) if noise else np.ones(D)
-        state.memory_avail = np.clip(1 - np.abs(rng.normal(0, noise, size=D)), 0.5, 1.0) if noise else np.ones(D)
-        if dyn.link_change_rate:
-            change = rng.random(K) < dyn.link_change_rate
+        if noise:
+            np.clip(1 - np.abs(noise * z[:, o:o + D]), 0.2, 1.0, out=self.compute_avail)
+            np.clip(1 - np.abs(noise * z[:, o + D:o + 2 * D]), 0.5, 1.0, out=self.memory_avail)
+        else:
+            self.compute_avail[:] = 1.0
+            self.memory_avail[:] = 1.0
+        if dyn.link_change_rate and K:
+            change = u[:, S:S + K] < dyn.link_change_rate
             lo, hi = dyn.link_change_range
-            state.link_factor = np.where(change, rng.uniform(lo, hi, size=K),
-                                         np.minimum(state.link_factor + 0.25, 1.0))
-        if dyn.failure_rate or not state.server_up.all():
-            fail = state.server_up & (rng.random(S) < dyn.failure_rate)
-            join = ~state.server_up & (rng.random(S) < dyn.recovery_rate)
-            up = (state.server_up & ~fail) | join
-            if not up.any():  # the edge never loses every server at once
-                up[int(rng.integers(S))] = True
-            state.server_up = up
-        self._refresh_popularity(state)
-        return state
+            new = lo + (hi - lo) * u[:, S + K:S + 2 * K]
+            self.link_factor[:] = np.where(change, new, np.minimum(self.link_factor + 0.25, 1.0))
+        o = S + 2 * K
+        up = self.server_up
+        if dyn.failure_rate or not up.all():
+            fail = up & (u[:, o:o + S] < dyn.failure_rate)
+            join = ~up & (u[:, o + S:o + 2 * S] < dyn.recovery_rate)
+            new_up = (up & ~fail) | join
+            none = ~new_up.any(1)
+            if none.any():  # the edge never loses every server at once
+                new_up[none, np.minimum((u[none, -1] * S).astype(np.int64), S - 1)] = True
+            up[:] = new_up
+        self.refresh_popularity()
+
+    def refresh_popularity(self, rows=None) -> None:
+        """Ground-truth popularity of rows (default: all) from their mixtures (or the replayed trace)."""
+        sl = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is None:
+            self.scenario.popularity_into(self.domain_mix, self.epoch, self.popularity)
+        else:
+            pop = np.empty((len(sl), *self.popularity.shape[1:]))
+            self.scenario.popularity_into(self.domain_mix[sl], self.epoch[sl], pop)
+            self.popularity[sl] = pop
+        self.touch(rows)
 
 
 def _check_trace(trace: RoutingTrace, spec: ScenarioSpec) -> None:

@@ -25,7 +25,7 @@ from coel_env.physics import (
 )
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
-from coel_env.state import ClusterState
+from coel_env.state import ClusterState, StateBatch
 
 QUANTILES = (np.arange(8) + 0.5) / 8  # request-length quantile grid for percentiles
 MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
@@ -105,6 +105,13 @@ class SurrogateBackend:
         self.step_overhead = m.num_layers * hw.layer_overhead_s
         q = hw.quality
         self.qconst = np.array([q.prune_linear, q.prune_knee, q.prune_quadratic, q.fusion_loss * q.fusion_fraction])
+        I = self.in_mean
+        self.kv_tok = m.kv_bytes_per_token()
+        attn = 4.0 * I * I * m.d_model * m.num_layers
+        self.ne_pre = np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
+        self.dev_onehot = (c.dev_server[:, None] == np.arange(S)[None]).astype(np.float64)  # [D, S]
+        self._tab_static = self._static_unit_table()
+        self._w_slow = np.array([self.ebytes[b] * self.slow[b] for b in BITS])  # [3] per bit-width column
         self._zero_idx = np.zeros(64, dtype=np.int64)
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
@@ -130,39 +137,49 @@ class SurrogateBackend:
     def migration(self, old: DeploymentPlan, new: DeploymentPlan, state: ClusterState) -> MigrationReport:
         """Cost of moving from `old` to `new`: each new replica copies from a local copy, else the nearest peer
         with at least its precision, else the cloud; transfers into one server serialize."""
+        r = self.migration_arrays(old.device[None], old.tier[None], old.bits[None], new.device[None],
+                                  new.tier[None], new.bits[None], state.server_up[None], state.link_factor[None])
+        return MigrationReport(**{k: (int(v[0]) if k.startswith("replicas") else float(v[0]))
+                                  for k, v in r.items() if k != "link_bytes"}, link_bytes=r["link_bytes"][0])
+
+    def migration_arrays(self, old_dev, old_tier, old_bits, new_dev, new_tier, new_bits, server_up,
+                         link_factor) -> dict[str, np.ndarray]:
+        """`migration` of N plan pairs on stacked arrays [N, L, E, R], live servers [N, S] and link factors
+        [N, K]: MIGRATION_FIELDS -> [N] arrays, link_bytes -> [N, K]."""
         c, hw = self.cluster, self.cluster.hw
-        S = c.num_servers
-        o_bytes = np.zeros((S, 3))
-        o_pair = np.zeros((S, S))
-        counts = np.zeros(2, dtype=np.int64)
-        migration_kernel(old.device, old.tier, old.bits, new.device, new.tier, new.bits, c.dev_server,
-                         state.server_up, c.pair_latency, self.ebytes, o_bytes, o_pair, counts)
-        pair_bw = self._pair_bandwidth(state.link_factor)
+        N, S = old_dev.shape[0], c.num_servers
+        b = np.zeros((N, S, 3))
+        p = np.zeros((N, S, S))
+        counts = np.zeros((N, 2), dtype=np.int64)
+        for i in range(N):
+            migration_kernel(old_dev[i], old_tier[i], old_bits[i], new_dev[i], new_tier[i], new_bits[i],
+                             c.dev_server, server_up[i], c.pair_latency, self.ebytes, b[i], p[i], counts[i])
+        pair_bw = self._pair_bandwidth(link_factor)
         with np.errstate(divide="ignore", invalid="ignore"):
-            net = np.where(o_pair > 0, o_pair / pair_bw + c.pair_latency, 0.0).sum(0)
-        local = o_bytes[:, 0] / self.pcie_bw
-        cloud_bytes = o_bytes[:, 2].sum()
-        cloud = cloud_bytes / (hw.cloud_bandwidth_gbps * 1e9 / 8) + (hw.cloud_latency_s if cloud_bytes else 0.0)
-        link_bytes = self._pair_to_links(o_pair + o_pair.T) / 2
-        return MigrationReport(
-            bytes_total=float(o_bytes.sum()), bytes_local=float(o_bytes[:, 0].sum()),
-            bytes_peer=float(o_bytes[:, 1].sum()), bytes_cloud=float(cloud_bytes),
-            time_s=float(max((local + net).max(initial=0.0), cloud)),
-            replicas_added=int(counts[0]), replicas_removed=int(counts[1]), link_bytes=link_bytes,
-        )
+            net = np.where(p > 0, p / pair_bw + c.pair_latency, 0.0).sum(1)
+        local = b[..., 0] / self.pcie_bw
+        cloud_bytes = b[..., 2].sum(-1)
+        cloud = cloud_bytes / (hw.cloud_bandwidth_gbps * 1e9 / 8) + np.where(cloud_bytes > 0, hw.cloud_latency_s,
+                                                                            0.0)
+        return dict(bytes_total=b.sum((1, 2)), bytes_local=b[..., 0].sum(-1), bytes_peer=b[..., 1].sum(-1),
+                    bytes_cloud=cloud_bytes, time_s=np.maximum((local + net).max(-1, initial=0.0), cloud),
+                    replicas_added=counts[:, 0], replicas_removed=counts[:, 1],
+                    link_bytes=self._pair_to_links(p + p.transpose(0, 2, 1)) / 2)
 
     # ---- serving ------------------------------------------------------------------------------------
     def _pair_bandwidth(self, link_factor: np.ndarray) -> np.ndarray:
-        """[S, S] bottleneck goodput (bytes/s) of each server pair's route; inf on the diagonal."""
+        """[..., S, S] bottleneck goodput (bytes/s) of each server pair's route for link factors [..., K]; inf on
+        the diagonal."""
         c = self.cluster
         S = c.num_servers
-        out = np.full((S, S), np.inf)
+        lead = link_factor.shape[:-1]
+        out = np.full((*lead, S, S), np.inf)
         if c.num_pairs:
             link = np.maximum(c.link_bw * link_factor * c.hw.link_efficiency, 1.0)
-            per_pair = np.where(c.pair_links > 0, link[None, :], np.inf).min(1)
+            per_pair = np.where(c.pair_links > 0, link[..., None, :], np.inf).min(-1)
             a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
-            out[a, b] = per_pair
-            out[b, a] = per_pair
+            out[..., a, b] = per_pair
+            out[..., b, a] = per_pair
         return out
 
     def _pair_to_links(self, pair_matrix: np.ndarray) -> np.ndarray:
@@ -174,48 +191,54 @@ class SurrogateBackend:
         per_pair = pair_matrix[..., a, b] + pair_matrix[..., b, a]
         return per_pair @ c.pair_links
 
-    def _state_arrays(self, states: list[ClusterState]) -> dict:
-        """Per-state inputs of the kernels, cached while the same states are served again."""
-        key = tuple((id(s), s.epoch, s.popularity.ctypes.data) for s in states)
+    def _state_key(self, states) -> tuple:
+        """Cache key of a state set: versions (bumped by `touch()`), plus the small arrays' values so that an
+        untouched in-place edit of rates, liveness, compute or links is still seen."""
+        if isinstance(states, StateBatch):
+            return ("batch", id(states), states.version)
+        return tuple((id(s), s.version, s.epoch, s.popularity.ctypes.data, s.popularity.shape,
+                      s.server_up.tobytes(), s.arrival_rate.tobytes(), s.compute_avail.tobytes(),
+                      s.link_factor.tobytes()) for s in states)
+
+    def _state_arrays(self, states: list[ClusterState] | StateBatch) -> dict:
+        """Per-state inputs of the kernels [N, ...] (a list of states or a StateBatch), cached while the same
+        states (same versions) are served again."""
+        key = self._state_key(states)
         if key == self._cache_key:
             return self._cache
-        c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
-        S = c.num_servers
-        pop = np.ascontiguousarray(np.stack([s.popularity for s in states]), dtype=np.float64)
-        rate = np.stack([s.arrival_rate for s in states]).astype(np.float64)
-        up = np.stack([s.server_up for s in states])
+        c = self.cluster
+        if isinstance(states, StateBatch):
+            pop, rate, up = states.popularity, states.arrival_rate, states.server_up
+            comp, link_factor = states.compute_avail, states.link_factor
+        else:
+            pop = np.ascontiguousarray(np.stack([s.popularity for s in states]), dtype=np.float64)
+            rate = np.stack([s.arrival_rate for s in states]).astype(np.float64)
+            up = np.stack([s.server_up for s in states])
+            comp = np.stack([s.compute_avail for s in states]).astype(np.float64)
+            link_factor = np.stack([s.link_factor for s in states]).astype(np.float64)
         lam = rate * up
         batch = np.clip(lam * (self.out_mean * self.tpot_ref), 1.0, c.spec.workload.max_batch)
         u_dec, a_dec, u_pre, a_pre = (np.empty_like(pop) for _ in range(4))
         activation_stats(pop, batch, np.full_like(batch, self.in_mean), u_dec, a_dec, u_pre, a_pre)
-        comp = np.stack([s.compute_avail for s in states])
-        link_factor = np.stack([s.link_factor for s in states])
         # non-expert part of each step on the server's own GPUs (tensor parallel)
-        srv_avail = np.stack([np.bincount(c.dev_server, weights=row, minlength=S) for row in comp]) / \
-            c.gpus_per_server
-        I, O = self.in_mean, self.out_mean
-        kv = batch * (I + O / 2) * m.kv_bytes_per_token()
+        srv_avail = (comp @ self.dev_onehot) / c.gpus_per_server
+        kv = batch * (self.in_mean + self.out_mean / 2) * self.kv_tok
         ne_dec = np.maximum((self.ne_bytes + kv) / self.srv_gpu_bw, batch * self.ne_flops_tok / self.srv_gpu_flops)
-        attn = 4.0 * I * I * m.d_model * m.num_layers
-        ne_pre = np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
         self._cache = dict(
             pop=pop, rate=rate, up=up, lam=lam, batch=batch, u_dec=u_dec, a_dec=a_dec, u_pre=u_pre, a_pre=a_pre,
-            table=np.stack([self._unit_table(row) for row in comp]),
-            pair_bw=np.stack([self._pair_bandwidth(f) for f in link_factor]),
-            link_cap=2.0 * np.maximum(c.link_bw * link_factor * hw.link_efficiency, 1.0),
-            ne_dec=ne_dec / srv_avail, ne_pre=ne_pre / srv_avail,
+            table=self._unit_table(comp), pair_bw=self._pair_bandwidth(link_factor),
+            link_cap=2.0 * np.maximum(c.link_bw * link_factor * c.hw.link_efficiency, 1.0),
+            ne_dec=ne_dec / srv_avail, ne_pre=self.ne_pre / srv_avail,
         )
         self._cache_key = key
         return self._cache
 
-    def _unit_table(self, compute_avail: np.ndarray) -> np.ndarray:
-        """[D * 3 tiers * 3 bit-widths, 6]: GPU path (read s/activation, compute s/token, fetch+overhead
-        s/activation) and CPU path (same) of an expert replica, given each GPU's free compute fraction."""
+    def _static_unit_table(self) -> np.ndarray:
+        """[D, 3 tiers, 3 bit-widths, 6] unit table entries that do not depend on free compute (see _unit_table);
+        the GPU read/compute columns are filled per state."""
         c, hw = self.cluster, self.cluster.hw
         D = c.num_devices
         srv = c.dev_server
-        gb = self.gpu_bw * compute_avail
-        gf = self.gpu_flops * compute_avail
         tab = np.full((D, 3, 3, 6), np.inf)
         miss = 1.0 - hw.prefetch_hit_rate
         oh = hw.expert_overhead_s
@@ -223,14 +246,24 @@ class SurrogateBackend:
             w = self.ebytes[b]
             fetch = (0.0, miss * w / self.pcie_bw[srv], miss * (w / self.ssd_bw[srv] + w / self.pcie_bw[srv]))
             for t in range(3):
-                tab[:, t, j, 0] = w * self.slow[b] / gb
-                tab[:, t, j, 1] = self.flops_tok / gf
                 tab[:, t, j, 2] = fetch[t] + oh
                 if t > 0 and hw.cpu_compute:
                     tab[:, t, j, 3] = w / self.cpu_bw[srv]
                     tab[:, t, j, 4] = self.flops_tok / self.cpu_flops[srv]
                     tab[:, t, j, 5] = oh + (miss * w / self.ssd_bw[srv] if t == 2 else 0.0)
-        return tab.reshape(D * 9, 6)
+        return tab
+
+    def _unit_table(self, compute_avail: np.ndarray) -> np.ndarray:
+        """[N, D * 3 tiers * 3 bit-widths, 6] for free compute fractions [N, D]: GPU path (read s/activation,
+        compute s/token, fetch+overhead s/activation) and CPU path (same) of an expert replica."""
+        N, D = compute_avail.shape
+        gb = self.gpu_bw * compute_avail
+        gf = self.gpu_flops * compute_avail
+        tab = np.empty((N, D, 3, 3, 6))
+        tab[:] = self._tab_static
+        tab[..., 0] = self._w_slow / gb[:, :, None, None]
+        tab[..., 1] = (self.flops_tok / gf)[:, :, None, None]
+        return tab.reshape(N, D * 9, 6)
 
     def serve_batch(self, plans: list[DeploymentPlan], states: ClusterState | list[ClusterState],
                     window_s: float) -> MetricsBatch:
@@ -246,8 +279,12 @@ class SurrogateBackend:
     def serve_arrays(self, dev, tier, bits, prune, fuse, states, window_s: float) -> MetricsBatch:
         """`serve_batch` on stacked plan arrays [N, L, E, R] and compression [N, P] (no per-plan objects)."""
         c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
-        shared = isinstance(states, ClusterState)
-        sa = self._state_arrays([states] if shared else list(states))
+        if isinstance(states, StateBatch):
+            shared = states.N == 1
+            sa = self._state_arrays(states)
+        else:
+            shared = isinstance(states, ClusterState)
+            sa = self._state_arrays([states] if shared else list(states))
         N = dev.shape[0]
         S, D, K = c.num_servers, c.num_devices, c.num_links
         state_idx = self._zeros_idx(N) if shared else np.arange(N, dtype=np.int64)

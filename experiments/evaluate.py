@@ -29,7 +29,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from agents.baselines import make_policy
-from agents.policy import ActionPolicy, Policy
+from agents.deployed import DeployedAgent
+from agents.rollout import mean_ci, run_episode
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +45,6 @@ METRICS: tuple[tuple[str, str, float], ...] = (
     ("slo_attainment", "SLO attainment (%)", 100.0),
     ("decide_ms", "decision (ms)", 1.0),
 )
-
-
-def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None) -> dict[str, float]:
-    """One episode of `policy` in CoEL-v0 from reset(seed); returns the per-episode metrics of METRICS."""
-    core = env.unwrapped
-    obs, _ = env.reset(seed=seed)
-    policy.reset(core.cluster, seed=seed, scenario=core.scenario)
-    rec: dict[str, list[float]] = {k: [] for k in ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j",
-                                                   "late_frac", "decide_ms")}
-    total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
-    while not done:
-        t0 = time.perf_counter()
-        if isinstance(policy, ActionPolicy):
-            action = policy.act(obs, env)
-            rec["decide_ms"].append(1e3 * (time.perf_counter() - t0))
-            obs, reward, term, trunc, info = env.step(action)
-        else:
-            current = core.plan if steps else None  # every policy deploys its own plan first
-            decision = policy.decide(core.perceived_state(), core.cluster, current)
-            rec["decide_ms"].append(1e3 * (time.perf_counter() - t0))
-            obs, reward, term, trunc, info = core.step_plan(decision.plan, update=decision.update)
-        total += float(reward)
-        steps += 1
-        for k in ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac"):
-            rec[k].append(float(info["metrics"][k]))
-        migration += float(info["migration"]["bytes_total"])
-        repairs += int(info.get("repaired", False))
-        done = term or trunc or (max_steps is not None and steps >= max_steps)
-    out = {k: float(np.mean(v)) for k, v in rec.items()}
-    out.update({"return": total, "migration_bytes": migration, "slo_attainment": 1.0 - out.pop("late_frac"),
-                "repairs": repairs, "epochs": steps})
-    return out
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (Student t) of finite values."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return float("nan"), float("nan")
-    if len(v) < 2:
-        return float(v.mean()), 0.0
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def git_commit() -> str:
@@ -119,16 +75,23 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                disable=not cfg.progress_bar)
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
-        env = gym.make("CoEL-v0", **kwargs)
+        base_env = gym.make("CoEL-v0", **kwargs)
         for name in cfg.policies:
             kw = dict(pkw.get(name, {}) or {})
+            env, env_kw, agent = base_env, kwargs, None
+            if Path(str(name)).is_dir():  # an exported deployment policy: its own action space, our scenario
+                agent = DeployedAgent(name)
+                env_kw = {**agent.env_kwargs, **{k: kwargs[k] for k in ("scenario", "max_epochs", "backend")}}
+                env_kw.pop("backend_kwargs", None)
+                env = gym.make("CoEL-v0", **env_kw)
+                name = agent.name
             config = {"policy": name, "policy_kwargs": kw, "scenario": scenario, "seeds": seeds,
-                      "env": kwargs, "git": commit}
-            cid = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+                      "env": env_kw, "git": commit}
+            cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
             eps = []
             for seed in seeds:
                 bar.set_postfix_str(f"{scenario}/{name}/seed{seed}")
-                policy = make_policy(name, seed=seed, **kw)
+                policy = agent if agent is not None else make_policy(name, seed=seed, **kw)
                 t0 = time.perf_counter()
                 ep = run_episode(env, policy, seed)
                 ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0,
@@ -140,11 +103,13 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                                    "repairs": float(np.mean([e["repairs"] for e in eps]))}
             for key, _, _ in METRICS:
                 row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
-            row.update(config_id=cid, config=json.dumps(config, sort_keys=True))
+            row.update(config_id=cid, config=json.dumps(config, sort_keys=True, default=str))
+            if env is not base_env:
+                env.close()
             rows.append(row)
             episodes += eps
             log.info("%s %s return %.3f ± %.3f", scenario, name, row["return"], row["return_ci95"])
-        env.close()
+        base_env.close()
     bar.close()
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)

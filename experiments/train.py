@@ -58,7 +58,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     run = init_wandb(OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}"
                      f"-s{cfg.seed}")
-    venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs)
+    venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs)
     try:
         resumed = cfg.resume is not None
         model = make_algorithm(cfg.agent, venv, cfg.seed, resume=cfg.resume)
@@ -69,7 +69,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
         callback = BaselineEvalCallback(
             env_kwargs=kwargs, baselines=list(cfg.eval_baselines), episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
             eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, checkpoint_dir=ckpt_dir, out_dir=out,
-            run=run,
+            run=run, knobs=cfg.knobs,
         )
         start = time.time()
         model.learn(cfg.total_timesteps, callback=callback, progress_bar=cfg.progress_bar,
@@ -83,7 +83,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
         if cfg.export:
             from agents.export import export_policy
 
-            env_spec = {"id": "CoEL-v0", "kwargs": kwargs}
+            env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs}
             export_policy(model, out / "policy", env_spec=env_spec, obs_rms=getattr(venv, "obs_rms", None),
                           clip_obs=getattr(venv, "clip_obs", 10.0), extra={"train": {
                               k: summary[k] for k in ("algo", "scenario", "seed", "timesteps")}})

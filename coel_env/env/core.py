@@ -12,7 +12,6 @@ import numpy as np
 
 from coel_env.backend import Backend, Metrics
 from coel_env.env.actions import View, make_action_codec
-from coel_env.env.dynamics import BatchedStates
 from coel_env.env.faults import handle_faults
 from coel_env.env.kernels import differs_kernel
 from coel_env.env.observations import ObservationEncoder
@@ -21,9 +20,8 @@ from coel_env.env.planbatch import PlanBatch
 from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.env.rewards import RewardContext, make_reward
 from coel_env.errors import ConfigError
-from coel_env.physics import migration_kernel
 from coel_env.plan import DeploymentPlan
-from coel_env.state import Scenario
+from coel_env.state import Scenario, StateBatch
 from coel_env.surrogate import SurrogateBackend
 
 METRIC_KEYS = ("ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
@@ -69,7 +67,7 @@ class CoELCore:
         perc = Perception(c, num_envs, np.asarray(spec.arrival_rates, dtype=np.float64), self.window, tok_per_req,
                           mode=perception, **(hello or {}))
         self.perception = perc
-        self.states = BatchedStates(scenario, num_envs, extra_normals=perc.num_normals)
+        self.states = StateBatch(scenario, num_envs, extra_normals=perc.num_normals)
         self.obs_encoder = ObservationEncoder(c, max_epochs, observation_space)
         plan0 = initial_plan if initial_plan is not None else DeploymentPlan.uniform(c)
         plan0.validate(c)
@@ -78,14 +76,6 @@ class CoELCore:
         self.usage = usage_of(self.plans, c)
         self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
         self.last_info: dict = {}
-        # migration work buffers
-        S = c.num_servers
-        self._mb = np.zeros((num_envs, S, 3))
-        self._mp = np.zeros((num_envs, S, S))
-        self._mc = np.zeros((num_envs, 2), dtype=np.int64)
-        if self.fast:
-            self.pcie_bw = backend.pcie_bw
-            self.cloud_bw = c.hw.cloud_bandwidth_gbps * 1e9 / 8
 
     # ---- reset --------------------------------------------------------------------------------------
     def reset_env(self, i: int, seed: int | None = None) -> dict:
@@ -100,9 +90,7 @@ class CoELCore:
         self.usage = usage_of(self.plans, self.cluster)
         z = rng.standard_normal(self.perception.num_normals)
         bits = self.perception.reset(i, self.states, z)
-        if self.fast:
-            self.backend._cache_key = None  # states are reused in place; never serve from a stale cache
-        else:
+        if not self.fast:
             self.backend.reset(self.plans.plan(i), self.states.views[i])
         return {"hello_bits": bits, "epoch": 0}
 
@@ -207,50 +195,16 @@ class CoELCore:
                 out[k][0] = getattr(rep, k)
             out["link_bytes"][0] = rep.link_bytes
             return out
-        mb, mp, mc = self._mb, self._mp, self._mc
-        mb[idx] = 0.0
-        mp[idx] = 0.0
-        mc[idx] = 0
-        for i in idx:
-            migration_kernel(old.dev[i], old.tier[i], old.bits[i], new.dev[i], new.tier[i], new.bits[i],
-                             c.dev_server, up[i], c.pair_latency, c.expert_bytes_by_bits, mb[i], mp[i], mc[i])
-        b, p = mb[idx], mp[idx]
-        pair_bw = self._pair_bandwidth(link_factor[idx])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            net = np.where(p > 0, p / pair_bw + c.pair_latency, 0.0).sum(1)
-        local = b[..., 0] / self.pcie_bw
-        cloud_bytes = b[..., 2].sum(-1)
-        cloud = cloud_bytes / self.cloud_bw + np.where(cloud_bytes > 0, c.hw.cloud_latency_s, 0.0)
-        out["time_s"][idx] = np.maximum((local + net).max(-1), cloud)
-        out["bytes_total"][idx] = b.sum((1, 2))
-        out["bytes_local"][idx] = b[..., 0].sum(-1)
-        out["bytes_peer"][idx] = b[..., 1].sum(-1)
-        out["bytes_cloud"][idx] = cloud_bytes
-        out["replicas_added"][idx] = mc[idx, 0]
-        out["replicas_removed"][idx] = mc[idx, 1]
-        if c.num_pairs:
-            pp = p + p.transpose(0, 2, 1)
-            a_, b_ = c.pair_servers[:, 0], c.pair_servers[:, 1]
-            out["link_bytes"][idx] = (pp[:, a_, b_] + pp[:, b_, a_]) @ c.pair_links / 2
-        return out
-
-    def _pair_bandwidth(self, link_factor: np.ndarray) -> np.ndarray:
-        c = self.cluster
-        n, S = link_factor.shape[0], c.num_servers
-        out = np.full((n, S, S), np.inf)
-        if c.num_pairs:
-            link = np.maximum(c.link_bw * link_factor * c.hw.link_efficiency, 1.0)
-            per_pair = np.where(c.pair_links[None] > 0, link[:, None, :], np.inf).min(-1)
-            a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
-            out[:, a, b] = per_pair
-            out[:, b, a] = per_pair
+        r = self.backend.migration_arrays(old.dev[idx], old.tier[idx], old.bits[idx], new.dev[idx], new.tier[idx],
+                                          new.bits[idx], up[idx], link_factor[idx])
+        for k, v in r.items():
+            out[k][idx] = v
         return out
 
     def _serve(self) -> dict[str, np.ndarray]:
         pb, st = self.plans, self.states
         if self.fast:
-            states = st.views[0] if self.N == 1 else st.views
-            mb = self.backend.serve_arrays(pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, states, self.window)
+            mb = self.backend.serve_arrays(pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, st, self.window)
             return mb.fields
         m: Metrics = self.backend.serve(pb.plan(0), st.views[0], self.window)
         return {k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))

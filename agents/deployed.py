@@ -1,0 +1,49 @@
+"""An exported deployment policy (ONNX + JSON) as a Policy that runs inside CoEL-v0 — no SB3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from agents.deployment_policy import DeploymentPolicy
+from agents.policy import ActionPolicy, Decision
+
+
+class DeployedAgent(ActionPolicy):
+    """Flattens the env's Dict observation, runs the ONNX actor and returns an action (masks applied) — or, for
+    agents trained on the knobs space, the base heuristic's Decision under the predicted knobs."""
+
+    def __init__(self, directory: str | Path):
+        self.deployment = DeploymentPolicy(directory)
+        super().__init__(self.deployment.act, name=f"agent:{Path(directory).name}")
+        base = self.deployment.env_spec.get("knobs")
+        self.knobbed = None
+        if base:
+            from agents.knobs import KnobbedPolicy
+
+            self.knobbed = KnobbedPolicy(base)
+
+    @property
+    def env_kwargs(self) -> dict:
+        """The CoEL-v0 keyword arguments the policy was trained with."""
+        return dict(self.deployment.env_spec.get("kwargs", {}))
+
+    def reset(self, cluster, seed=None, scenario=None) -> None:
+        super().reset(cluster, seed, scenario)
+        if self.knobbed is not None:
+            self.knobbed.reset(cluster, seed=seed, scenario=scenario)
+
+    def act(self, obs: Any, env: Any) -> Any:
+        core = env.unwrapped
+        flat = spaces.flatten(core.observation_space, obs) if isinstance(obs, dict) else np.asarray(obs)
+        if self.knobbed is not None:
+            return self.knobbed.decide_with(self.deployment.act(flat), core.perceived_state(), core.cluster,
+                                            core.plan)
+        mask = core.action_masks() if self.deployment.action_type == "MultiDiscrete" else None
+        return self.deployment.act(flat, mask)
+
+
+__all__ = ["Decision", "DeployedAgent"]

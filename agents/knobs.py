@@ -1,0 +1,87 @@
+"""Learn to steer a heuristic: the agent sets a plan-producing baseline's knobs every decision epoch.
+
+`KnobsWrapper` turns CoEL-v0 into an env whose action is a Box in [-1, 1] of the base policy's knobs (mapped onto
+their ranges) plus an update gate; the base policy turns perceived state + knobs into a DeploymentPlan, stepped with
+`step_plan`. A plain end-to-end action space (`full`, `edit`, `threshold`) needs no wrapper; this one gives the agent
+the baseline's locality-aware decoding and leaves it the adaptive part (how local, how compressed, when to update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from agents.baselines import make_policy
+from agents.policy import Decision, Policy, needs_repair
+from coel_env.errors import ConfigError
+
+# knob -> (low, high) of the base policy's constructor argument
+KNOB_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "coel": {"locality": (0.0, 2.0), "balance": (0.0, 2.0), "prune_ratio": (0.0, 0.6),
+             "drift_threshold": (0.01, 0.3), "fill": (0.8, 0.99), "compress_below_gbps": (0.05, 5.0)},
+    "greedy_popularity": {"fill": (0.8, 0.99)},
+}
+
+
+def knob_values(base: str, action: np.ndarray) -> dict[str, float]:
+    """Map an action in [-1, 1]^K onto the knobs' ranges (in KNOB_RANGES order)."""
+    ranges = KNOB_RANGES[base]
+    x = (np.clip(np.nan_to_num(np.asarray(action, dtype=np.float64)), -1.0, 1.0) + 1.0) / 2.0
+    return {k: lo + float(x[i]) * (hi - lo) for i, (k, (lo, hi)) in enumerate(ranges.items())}
+
+
+class KnobbedPolicy(Policy):
+    """A base policy whose knobs come from an action each epoch (also used by exported policies)."""
+
+    def __init__(self, base: str, seed: int | None = None):
+        if base not in KNOB_RANGES:
+            raise ConfigError(f"knobs.base: '{base}' has no knobs; allowed: {', '.join(KNOB_RANGES)}")
+        super().__init__(seed)
+        self.base_name = base
+        self.base = make_policy(base, seed=seed)
+        self.name = f"knobs:{base}"
+
+    @property
+    def num_knobs(self) -> int:
+        return len(KNOB_RANGES[self.base_name])
+
+    def reset(self, cluster, seed=None, scenario=None) -> None:
+        super().reset(cluster, seed, scenario)
+        self.base.reset(cluster, seed=seed, scenario=scenario)
+
+    def plan(self, view, cluster):
+        return self.base.plan(view, cluster)
+
+    def decide_with(self, action: np.ndarray, view, cluster, current) -> Decision:
+        """Set the knobs from `action`; its last entry gates updates (<= 0 keeps a still-valid deployment)."""
+        for k, v in knob_values(self.base_name, action[: self.num_knobs]).items():
+            setattr(self.base, k, v)
+        self.epoch += 1
+        self.base.epoch += 1
+        update = self.base.should_update(view, cluster, current)  # the base's own rule (e.g. drift threshold)
+        if current is not None and float(action[-1]) <= 0.0 and not needs_repair(current, view, cluster):
+            update = False
+        return Decision(self.base.plan(view, cluster), True) if update else Decision(current, False)
+
+
+class KnobsWrapper(gym.Wrapper):
+    """CoEL-v0 with the knobs action space (observations unchanged)."""
+
+    def __init__(self, env: gym.Env, base: str = "coel"):
+        super().__init__(env)
+        self.knobbed = KnobbedPolicy(base)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.knobbed.num_knobs + 1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        core = self.env.unwrapped
+        self.knobbed.reset(core.cluster, seed=seed, scenario=core.scenario)
+        return obs, info
+
+    def step(self, action):
+        core = self.env.unwrapped
+        decision = self.knobbed.decide_with(np.asarray(action), core.perceived_state(), core.cluster, core.plan)
+        return core.step_plan(decision.plan, update=decision.update)

@@ -1,0 +1,474 @@
+"""RealBackend: the Backend protocol on a real MoE model spread over one process per edge server.
+
+    backend = RealBackend(Scenario("tiny").cluster)          # 3 gloo processes on CPU
+    backend.reset(plan, state); report = backend.apply(new_plan, state); metrics = backend.serve(new_plan, state, 10)
+
+What is measured: migration wall time and bytes (real copies, requantization, shaped link transfers), per-request
+TTFT/TPOT/e2e from measured step times, tokens/s, bytes per link, expert memory per tier, quality (KL / top-1
+agreement of the prompt logits against the 16-bit single-process model, when the model is small enough to keep a
+reference in the parent). Energy is the cluster's power model applied to the measured busy fraction.
+Failures: a crashed or hung server becomes a `ServerError` within `timeout_s`; every process is then stopped, and
+the next `reset` starts fresh ones. Bad plans raise PlanError before any weight moves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing.connection as mpc
+import shutil
+import socket
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as tmp
+
+from coel_env.backend import Metrics, MigrationReport
+from coel_env.cluster import Cluster
+from coel_env.errors import ConfigError, PlanError
+from coel_env.plan import DeploymentPlan
+from coel_env.specs import LengthDist
+from coel_env.state import ClusterState
+from coel_env.traces import RoutingModel
+from real_backend.model import MoEConfig, generate, reference_model
+from real_backend.quant import quality
+from real_backend.server import WorkerSpec, worker_main
+from real_backend.shaper import LinkShaper, NetnsTopology
+
+LINK_MODES = ("app", "netns", "none")
+ROUTE_MODES = ("traces", "router")
+
+
+class ServerError(RuntimeError):
+    """A server process crashed, hung past the timeout, or raised; all server processes have been stopped."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list, conns: list) -> None:
+    for c in conns:
+        with contextlib.suppress(OSError):
+            c.close()
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(3)
+        if p.is_alive():
+            p.kill()
+            p.join(3)
+
+
+def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.ndarray:
+    if dist.dist == "fixed" or dist.spread == 0:
+        x = np.full(n, dist.mean)
+    elif dist.dist == "uniform":
+        x = dist.mean * (1 + dist.spread * rng.uniform(-1, 1, n))
+    else:
+        x = dist.mean * np.exp(dist.spread * rng.standard_normal(n) - dist.spread**2 / 2)
+    return np.maximum(np.rint(x), 1).astype(np.int64)
+
+
+class RealBackend:
+    """Backend protocol on real processes (gloo on CPU, NCCL on GPUs)."""
+
+    name = "real"
+
+    def __init__(self, cluster: Cluster, *, seed: int = 0, checkpoint: str | Path | None = None, device: str = "cpu",
+                 links: str = "app", timeout_s: float = 60.0, start_timeout_s: float = 180.0,
+                 route_from: str = "traces", measure_quality: bool | None = None, cpu_compute: bool | None = None,
+                 prefetch: int = 0, max_requests_per_server: int | None = None, arch: str | None = None,
+                 threads: int = 1, routing: RoutingModel | None = None):
+        if links not in LINK_MODES:
+            raise ConfigError(f"real backend: links '{links}' unknown; allowed: {', '.join(LINK_MODES)}")
+        if route_from not in ROUTE_MODES:
+            raise ConfigError(f"real backend: route_from '{route_from}' unknown; allowed: {', '.join(ROUTE_MODES)}")
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"real backend: device '{device}' unknown; allowed: cpu, cuda")
+        self.cluster = cluster
+        self.cfg = MoEConfig.from_hf_config(checkpoint) if checkpoint else MoEConfig.from_spec(cluster.model, arch)
+        self.seed, self.checkpoint, self.device, self.links = seed, checkpoint, device, links
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.route_from = route_from
+        self.routing = routing or RoutingModel.generate(cluster.model, cluster.spec.routing, seed)
+        if measure_quality is None:
+            measure_quality = cluster.model.total_params < 50_000_000
+        self.measure_quality = measure_quality
+        self.cpu_compute = cluster.hw.cpu_compute if cpu_compute is None else cpu_compute
+        self.prefetch, self.max_requests, self.threads = prefetch, max_requests_per_server, threads
+        self.procs: list = []
+        self.conns: list = []
+        self.current: DeploymentPlan | None = None
+        self.netns: NetnsTopology | None = None
+        self.ssd_root: str | None = None
+        self._ref = None
+        self.window_index = 0
+        self.last_requests: list[list[dict]] = []
+        self.last_details: dict = {}
+        self._finalizer = None
+
+    # ---- processes ----------------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    def _start(self) -> None:
+        self._shutdown()
+        c = self.cluster
+        ctx = tmp.get_context("spawn")
+        self.ssd_root = tempfile.mkdtemp(prefix="coel-real-")
+        addr = "127.0.0.1"
+        if self.links == "netns":
+            rates = [float(min(c.link_bw[k] for k, (a, b) in enumerate(c.link_ends) if n in (a, b)) * 8)
+                     for n in c.server_names]
+            self.netns = NetnsTopology(rates).__enter__()
+            addr = self.netns.address(0)
+        spec = WorkerSpec(
+            cluster=c, cfg=self.cfg, seed=self.seed, checkpoint=str(self.checkpoint) if self.checkpoint else None,
+            ssd_root=self.ssd_root, device=self.device, master_addr=addr, master_port=_free_port(),
+            timeout_s=self.timeout_s, cpu_compute=self.cpu_compute, prefetch=self.prefetch,
+            affinity=self.routing.affinity if self.prefetch else None, links=self.links, threads=self.threads,
+        )
+        shared = LinkShaper.new_shared(c, ctx)
+        for rank in range(c.num_servers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(rank, spec, child, shared), daemon=True,
+                            name=f"coel-real-{c.server_names[rank]}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self._gather("start", self.start_timeout_s)
+
+    def _shutdown(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        elif self.procs:
+            _stop(self.procs, self.conns)
+        self.procs, self.conns = [], []
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
+        if self.ssd_root:
+            shutil.rmtree(self.ssd_root, ignore_errors=True)
+            self.ssd_root = None
+
+    def _fail(self, msg: str) -> None:
+        self._shutdown()
+        self.current = None
+        raise ServerError(msg)
+
+    def _gather(self, cmd: str, timeout: float) -> list:
+        names = self.cluster.server_names
+        out: list = [None] * len(self.procs)
+        pending = set(range(len(self.procs)))
+        deadline = time.monotonic() + timeout
+        while pending:
+            conns = {self.conns[r]: r for r in pending}
+            sentinels = {self.procs[r].sentinel: r for r in pending}
+            ready = mpc.wait(list(conns) + list(sentinels), timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                r = min(pending)
+                self._fail(f"server {names[r]} did not answer '{cmd}' within {timeout:.0f} s (hung); "
+                           "all server processes stopped; reset() starts new ones")
+            for obj in ready:
+                r = conns.get(obj)
+                if r is None or r not in pending:
+                    continue
+                try:
+                    status, val = obj.recv()
+                except (EOFError, OSError):
+                    continue  # the sentinel reports the exit
+                if status == "error":
+                    self._dead_peer(cmd, grace=1.0)  # a peer's crash shows up first as a socket error here
+                    last = [ln for ln in str(val).strip().splitlines() if ln.strip()][-1]
+                    self._fail(f"server {names[r]} failed in '{cmd}': {last}")
+                out[r] = val
+                pending.discard(r)
+            for obj in ready:
+                r = sentinels.get(obj)
+                if r is not None and r in pending and not self.conns[r].poll():
+                    self._dead_peer(cmd, grace=0.0)
+        return out
+
+    def _dead_peer(self, cmd: str, grace: float) -> None:
+        """If a server process has exited (waiting up to `grace` s for one to), fail naming it."""
+        deadline = time.monotonic() + grace
+        while True:
+            for r, p in enumerate(self.procs):
+                if not p.is_alive():
+                    p.join(1)
+                    self._fail(f"server {self.cluster.server_names[r]} (pid {p.pid}) exited with code {p.exitcode} "
+                               f"during '{cmd}'; all server processes stopped; reset() starts new ones")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+    def _call(self, cmd: str, args: list | None = None, timeout: float | None = None) -> list:
+        if not self.alive:
+            dead = [self.cluster.server_names[i] for i, p in enumerate(self.procs) if not p.is_alive()]
+            self._fail(f"server process(es) {', '.join(dead) or 'not started'} not running; call reset() first")
+        for r, conn in enumerate(self.conns):
+            try:
+                conn.send((cmd, None if args is None else args[r]))
+            except (BrokenPipeError, OSError):
+                self._fail(f"server {self.cluster.server_names[r]} is gone (pipe closed) before '{cmd}'")
+        return self._gather(cmd, self.timeout_s if timeout is None else timeout)
+
+    # ---- Backend protocol ----------------------------------------------------------------------------------
+    def _check(self, plan: DeploymentPlan, state: ClusterState) -> None:
+        problems = plan.problems(self.cluster, state.memory_avail)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise PlanError(problems[0] + more)
+
+    def reset(self, plan: DeploymentPlan, state: ClusterState) -> None:
+        self._check(plan, state)
+        if not self.alive:
+            self._start()
+        arrs = {"device": plan.device, "tier": plan.tier, "bits": plan.bits}
+        self._call("reset", [arrs] * self.cluster.num_servers)
+        self.current = plan.copy()
+
+    def apply(self, plan: DeploymentPlan, state: ClusterState) -> MigrationReport:
+        c = self.cluster
+        self._check(plan, state)  # refused before any weight moves
+        if self.current is None or not self.alive:
+            self.reset(plan, state)
+            return MigrationReport(link_bytes=np.zeros(c.num_links))
+        moves, removes, added, removed = self.migration_moves(self.current, plan, state.server_up)
+        arg = {"moves": moves, "removes": removes, "device": plan.device, "link_factor": state.link_factor}
+        res = self._call("apply", [arg] * c.num_servers)
+        self.current = plan.copy()
+        pair = np.stack([r["pair"] for r in res])  # [src, dst] bytes
+        link = self._pair_to_links(pair)
+        return MigrationReport(
+            bytes_total=float(sum(r["local"] + r["peer"] + r["cloud"] for r in res)),
+            bytes_local=float(sum(r["local"] for r in res)), bytes_peer=float(sum(r["peer"] for r in res)),
+            bytes_cloud=float(sum(r["cloud"] for r in res)), time_s=float(max(r["time_s"] for r in res)),
+            replicas_added=added, replicas_removed=removed, link_bytes=link,
+        )
+
+    def serve(self, plan: DeploymentPlan, state: ClusterState, window_s: float) -> Metrics:
+        c = self.cluster
+        if self.current is None or plan != self.current or not self.alive:
+            self.apply(plan, state)
+        requests, arrived, dropped = self.workload(plan, state, window_s)
+        wl = c.spec.workload
+        arg = [{"requests": requests[s], "server_up": state.server_up, "prune": self._pair_matrix(plan.prune),
+                "fuse": self._pair_matrix(plan.fuse).astype(bool), "fusion_fraction": c.hw.quality.fusion_fraction,
+                "max_batch": wl.max_batch, "want_logits": self.measure_quality, "link_factor": state.link_factor}
+               for s in range(c.num_servers)]
+        timeout = self.timeout_s + 5.0 * sum(len(r) for r in requests)
+        res = self._call("serve", arg, timeout)
+        self.last_requests = requests
+        return self._metrics(res, requests, arrived, dropped, window_s, state)
+
+    def close(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ServerError):
+                self._call("close", timeout=10.0)
+        self._shutdown()
+        self.current = None
+
+    def __enter__(self) -> RealBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _pair_matrix(self, per_pair: np.ndarray) -> np.ndarray:
+        c = self.cluster
+        out = np.zeros((c.num_servers, c.num_servers), dtype=np.float64)
+        mask = c.pair_index >= 0
+        out[mask] = np.asarray(per_pair, dtype=np.float64)[c.pair_index[mask]]
+        return out
+
+    def _pair_to_links(self, pair: np.ndarray) -> np.ndarray:
+        c = self.cluster
+        if not c.num_pairs:
+            return np.zeros(c.num_links)
+        a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
+        return (pair[a, b] + pair[b, a]) @ c.pair_links
+
+    def migration_moves(self, old: DeploymentPlan, new: DeploymentPlan, server_up: np.ndarray
+                        ) -> tuple[list[dict], list[tuple[int, int, int]], int, int]:
+        """Moves (local requantize / peer copy / cloud reload) and removals turning `old` into `new`.
+
+        A new replica copies from a replica of the same server with >= its bits, else from the nearest live peer
+        with >= its bits (the peer requantizes and sends the packed result), else from the checkpoint store."""
+        srv, lat = self.cluster.dev_server, self.cluster.pair_latency
+        moves, removes = [], []
+        added = removed = 0
+        L, E, R = new.device.shape
+        for l in range(L):
+            for e in range(E):
+                o = [(int(old.device[l, e, r]), int(old.tier[l, e, r]), int(old.bits[l, e, r]))
+                     for r in range(R) if old.device[l, e, r] >= 0]
+                n = [(int(new.device[l, e, r]), int(new.tier[l, e, r]), int(new.bits[l, e, r]))
+                     for r in range(R) if new.device[l, e, r] >= 0]
+                for d, t, b in n:
+                    if (d, t, b) in o:
+                        continue
+                    added += 1
+                    dst = int(srv[d])
+                    cands = [(0.0 if srv[od] == dst else lat[srv[od], dst] + 1.0, ot, -ob, od)
+                             for od, ot, ob in o if ob >= b and server_up[srv[od]]]
+                    m = {"l": l, "e": e, "dev": d, "tier": t, "bits": b, "dst": dst, "src": -1, "src_dev": -1}
+                    if cands:
+                        _, _, _, od = min(cands)
+                        m.update(src=int(srv[od]), src_dev=od, kind="local" if srv[od] == dst else "peer")
+                    else:
+                        m["kind"] = "cloud"
+                    moves.append(m)
+                new_devs = {d for d, _, _ in n}
+                for d, t, b in o:
+                    if (d, t, b) not in n:
+                        removed += 1
+                        if d not in new_devs:
+                            removes.append((l, e, d))
+        return moves, removes, added, removed
+
+    def workload(self, plan: DeploymentPlan, state: ClusterState, window_s: float
+                 ) -> tuple[list[list[dict]], np.ndarray, np.ndarray]:
+        """The window's requests per server (seeded): Poisson arrivals, lengths, prompts and forced routes.
+        Returns (requests to serve, arrived per server, dropped per server)."""
+        c, wl = self.cluster, self.cluster.spec.workload
+        rng = np.random.default_rng([self.seed, self.window_index])
+        self.window_index += 1
+        S = c.num_servers
+        live = np.zeros((self.cfg.num_moe_layers, self.cfg.num_experts), dtype=bool)
+        up_dev = state.server_up[c.dev_server]
+        for r in range(plan.device.shape[-1]):
+            d = plan.device[:, :, r]
+            live |= (d >= 0) & up_dev[np.maximum(d, 0)]
+        requests: list[list[dict]] = [[] for _ in range(S)]
+        arrived, dropped = np.zeros(S), np.zeros(S)
+        rid = 0
+        for s in range(S):
+            n = int(rng.poisson(state.arrival_rate[s] * window_s))
+            arrived[s] = n
+            arrivals = np.sort(rng.uniform(0, window_s, n))
+            n_in = sample_lengths(wl.input_len, n, rng)
+            n_out = sample_lengths(wl.output_len, n, rng)
+            for i in range(n):
+                if self.max_requests is not None and len(requests[s]) >= self.max_requests:
+                    break
+                prompt = rng.integers(0, self.cfg.vocab_size, int(n_in[i]))
+                routes = None
+                if self.route_from == "traces":
+                    routes = self.routing.sample(state.domain_mix[s], int(n_in[i] + n_out[i] - 1), rng).astype(np.int16)
+                rid += 1
+                if not state.server_up[s] or (routes is not None and not live[
+                        np.arange(routes.shape[1])[None, :, None], routes].all()):
+                    dropped[s] += 1
+                    continue
+                requests[s].append({"rid": rid, "arrival": float(arrivals[i]), "max_new": int(n_out[i]),
+                                    "prompt": prompt, "routes": routes, "server": s})
+        return requests, arrived, dropped
+
+    def reference(self):
+        """(model, experts) of the 16-bit single-process reference (built on first use)."""
+        if self._ref is None:
+            self._ref = reference_model(self.cfg, self.seed, self.checkpoint)
+        return self._ref
+
+    def reference_generate(self, req: dict) -> tuple[list[int], torch.Tensor]:
+        model, experts = self.reference()
+        routes = None if req["routes"] is None else [torch.as_tensor(req["routes"], dtype=torch.long)]
+        toks, logits = generate(model, [torch.as_tensor(req["prompt"])], [req["max_new"]], experts, routes)
+        return toks[0], logits[0]
+
+    def _metrics(self, res: list[dict], requests, arrived, dropped, window_s, state) -> Metrics:
+        c = self.cluster
+        done = [d for r in res for d in r["done"]]
+        served_n = len(done)
+        n_arrived = float(arrived.sum())
+        n_dropped = float(dropped.sum())
+        sampled_out = n_arrived - n_dropped - served_n  # beyond max_requests_per_server (not served, not dropped)
+        ttft = np.array([d["t_first"] - d["arrival"] for d in done])
+        e2e = np.array([d["t_last"] - d["arrival"] for d in done])
+        tpot = np.array([(d["t_last"] - d["t_first"]) / max(d["n_out"] - 1, 1) for d in done])
+        n_out = np.array([d["n_out"] for d in done], dtype=np.float64)
+        makespan = max([d["t_last"] for d in done], default=0.0)
+        span = max(window_s, makespan)
+        scale = (served_n + sampled_out) / served_n if served_n else 0.0
+        stat = lambda a, f: float(f(a)) if len(a) else 0.0  # noqa: E731
+        p95 = lambda a: np.percentile(a, 95)  # noqa: E731
+        slo = c.spec.workload.slo_s
+        late = float((e2e > slo).sum()) * (scale if served_n else 0.0) + n_dropped
+        busy = np.array([r["busy_s"] for r in res])
+        util = np.minimum(busy[c.dev_server] / max(span, 1e-9), 1.0)
+        gpu_up = state.server_up[c.dev_server]
+        energy = float(((c.dev_p_idle + (c.dev_p_max - c.dev_p_idle) * util) * gpu_up).sum() +
+                       (c.cpu_p_idle * state.server_up).sum()) * window_s
+        qloss, kl, agree = 0.0, 0.0, 1.0
+        if self.measure_quality and served_n:
+            ref_l, got_l = [], []
+            by_rid = {q["rid"]: q for reqs in requests for q in reqs}
+            for r in res:
+                for rid, lg in r["logits"].items():
+                    _, ref = self.reference_generate({**by_rid[rid], "max_new": 1})
+                    ref_l.append(ref)
+                    got_l.append(torch.as_tensor(lg))
+            kl, agree = quality(torch.cat(got_l), torch.cat(ref_l))
+            qloss = 1.0 - agree
+        mem = [r["memory"] for r in res]
+        self.last_details = {
+            "served": served_n, "arrived": n_arrived, "dropped": n_dropped, "sampled_out": sampled_out,
+            "kl": kl, "top1_agreement": agree, "makespan_s": makespan,
+            "wall_s": [r["wall_s"] for r in res], "steps": [r["steps"] for r in res],
+            "busy_s": busy.tolist(), "comm_wait_s": [r["comm_wait_s"] for r in res],
+            "tokens_pruned": sum(r["tokens_pruned"] for r in res), "tokens_fused": sum(r["tokens_fused"] for r in res),
+            "tokens_to": np.stack([r["tokens_to"] for r in res]).tolist(),
+            "tiers": [r["tiers"] for r in res], "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
+            "tokens": {d["rid"]: d["tokens"] for d in done},
+            "prompt_logits": {rid: lg for r in res for rid, lg in r["logits"].items()},
+        }
+        return Metrics(
+            ttft_mean_s=stat(ttft, np.mean), ttft_p95_s=stat(ttft, p95), tpot_mean_s=stat(tpot, np.mean),
+            tpot_p95_s=stat(tpot, p95), e2e_mean_s=stat(e2e, np.mean), e2e_p95_s=stat(e2e, p95),
+            tokens_per_s=float(n_out.sum() * scale / span) if span > 0 else 0.0,
+            request_tokens_per_s=stat(n_out / np.maximum(e2e, 1e-9), np.mean),
+            energy_j=energy, quality_loss=qloss,
+            dropped_frac=n_dropped / n_arrived if n_arrived else 0.0,
+            late_frac=late / n_arrived if n_arrived else 0.0,
+            requests=n_arrived, window_s=float(window_s),
+            gpu_mem_bytes=np.sum([m["gpu"] for m in mem], axis=0),
+            cpu_mem_bytes=np.array([m["cpu"] for m in mem]), ssd_bytes=np.array([m["ssd"] for m in mem]),
+            link_bytes=self._pair_to_links(np.stack([r["bytes_to"] for r in res])),
+            device_util=util,
+        )
+
+    # ---- test hooks ----------------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def inject(self, server: int, fault: str) -> None:
+        """Make one server crash ('crash') or hang ('hang') on its next command (for robustness tests)."""
+        if fault not in ("crash", "hang"):
+            raise ConfigError(f"inject: fault '{fault}' unknown; allowed: crash, hang")
+        self.conns[server].send((fault, None))
+
+
+def make_real_backend(cluster: Cluster, **kw) -> RealBackend:
+    """Factory hook for the environment's `make_backend("real", cluster, **kw)`."""
+    return RealBackend(cluster, **kw)
+
+
+@atexit.register
+def _cleanup_tmp() -> None:  # belt and braces: daemonic processes die with the parent anyway
+    for p in tmp.active_children():
+        if p.name.startswith("coel-real-"):
+            p.kill()

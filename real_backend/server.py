@@ -1,0 +1,352 @@
+"""One edge server = one process: its share of the model, its expert tiers, its requests and its links.
+
+The parent (`RealBackend`) talks to each server process over a pipe with small commands (reset, apply, serve,
+close); the servers talk to each other over a torch.distributed process group (expert dispatch, weight copies).
+Serving is lock-step: every step each server runs one forward pass of its own continuous batch (or an empty one)
+and all servers meet at each MoE layer's token exchange. Service times are measured; arrivals are virtual
+(a server whose queue is empty jumps to its next arrival), so a window of W seconds need not take W seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from coel_env.cluster import Cluster
+from real_backend.dist import TAG_MIGRATE, Dispatcher, _bits_f64, _f64_bits, dispatch_targets
+from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
+from real_backend.quant import QTensor, int4_group, quantize, requantize
+from real_backend.shaper import LinkShaper, enter_netns, sleep_until
+from real_backend.tiers import Expert, ExpertStore, expert_nbytes
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a server process needs to start (picklable)."""
+
+    cluster: Cluster
+    cfg: MoEConfig
+    seed: int = 0
+    checkpoint: str | None = None
+    ssd_root: str = "/tmp/coel-real"
+    device: str = "cpu"  # "cpu" or "cuda"
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29512
+    timeout_s: float = 60.0
+    cpu_compute: bool = False
+    prefetch: int = 0
+    affinity: np.ndarray | None = None
+    links: str = "app"  # app | netns | none
+    netns_prefix: str = "coel"
+    threads: int = 1
+    env: dict = field(default_factory=dict)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the parent is killed
+
+
+def pack_expert(w: Expert) -> torch.Tensor:
+    """One contiguous uint8 buffer of an expert's packed tensors (what goes over a link)."""
+    parts = []
+    for t in w:
+        for v in t.tensors().values():
+            parts.append(v.contiguous().cpu().view(-1).view(torch.uint8))
+    return torch.cat(parts)
+
+
+def expert_layout(cfg: MoEConfig, bits: int) -> list[tuple[tuple[int, int], list[tuple[torch.dtype, tuple]]]]:
+    out = []
+    for shape in expert_shapes(cfg):
+        o, i = shape
+        if bits == 16:
+            out.append((shape, [(torch.bfloat16, (o, i))]))
+        elif bits == 8:
+            out.append((shape, [(torch.int8, (o, i)), (torch.float16, (o,))]))
+        else:
+            out.append((shape, [(torch.uint8, (o, i // 2)), (torch.float16, (o, i // int4_group(i)))]))
+    return out
+
+
+def expert_buffer_size(cfg: MoEConfig, bits: int) -> int:
+    return sum(int(np.prod(s)) * torch.empty(0, dtype=dt).element_size()
+               for _, parts in expert_layout(cfg, bits) for dt, s in parts)
+
+
+def unpack_expert(buf: torch.Tensor, cfg: MoEConfig, bits: int) -> Expert:
+    out, off = [], 0
+    for shape, parts in expert_layout(cfg, bits):
+        ts = []
+        for dt, s in parts:
+            n = int(np.prod(s)) * torch.empty(0, dtype=dt).element_size()
+            ts.append(buf[off:off + n].clone().view(dt).view(s))
+            off += n
+        group = int4_group(shape[1]) if bits == 4 else 0
+        out.append(QTensor(bits, ts[0], ts[1] if len(ts) > 1 else None, shape, group))
+    return tuple(out)
+
+
+class _Seq:
+    def __init__(self, r: dict, num_layers: int):
+        self.rid, self.arrival, self.max_new = r["rid"], r["arrival"], r["max_new"]
+        self.prompt = torch.as_tensor(r["prompt"], dtype=torch.long)
+        self.routes = None if r.get("routes") is None else torch.as_tensor(r["routes"], dtype=torch.long)
+        self.cache = KVCache(num_layers)
+        self.out: list[int] = []
+        self.t_first = self.t_last = 0.0
+
+
+class ServerProcess:
+    """State of one server process (built inside the child)."""
+
+    def __init__(self, rank: int, spec: WorkerSpec, shared_links):
+        self.rank, self.spec, self.c = rank, spec, spec.cluster
+        self.S = self.c.num_servers
+        cfg = spec.cfg
+        self.cfg = cfg
+        use_cuda = spec.device == "cuda" and torch.cuda.is_available()
+        n_gpu = torch.cuda.device_count() if use_cuda else 0
+        my_devs = np.flatnonzero(self.c.dev_server == rank).tolist()
+        self.devices = {d: torch.device(f"cuda:{d % n_gpu}") if use_cuda else torch.device("cpu") for d in my_devs}
+        self.device = self.devices[my_devs[0]]
+        self.dtype = torch.bfloat16 if use_cuda else torch.float32
+        self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.source = WeightSource(cfg, spec.seed, spec.checkpoint)
+        self.model = MoETransformer(cfg, self.source.non_expert(self.device), self.device, self.dtype)
+        ssd = Path(spec.ssd_root) / f"server{rank}"
+        self.store = ExpertStore(self.devices, ssd, cpu_compute=spec.cpu_compute, dtype=self.dtype,
+                                 prefetch=spec.prefetch, affinity=spec.affinity)
+        self.shaper = None
+        if spec.links != "none":
+            self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
+        self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device)
+        self.plan_holders: list[list[set[int]]] | None = None
+
+    # ---- placement ----------------------------------------------------------------------------------------
+    def _holders(self, device: np.ndarray) -> list[list[set[int]]]:
+        L, E, _R = device.shape
+        srv = self.c.dev_server
+        return [[{int(srv[d]) for d in device[l, e] if d >= 0} for e in range(E)] for l in range(L)]
+
+    def _master(self, l: int, e: int, bits: int) -> Expert:
+        return tuple(quantize(t, bits) for t in self.source.expert(l, e))
+
+    def reset(self, arg: dict) -> dict:
+        """Install a plan's replicas for this server straight from the checkpoint store (no cost charged)."""
+        for key in list(self.store.replicas):
+            self.store.remove(*key)
+        dev, tier, bits = arg["device"], arg["tier"], arg["bits"]
+        for l, e, r in np.argwhere(dev >= 0):
+            d = int(dev[l, e, r])
+            if d in self.devices:
+                self.store.put(int(l), int(e), d, int(tier[l, e, r]), self._master(int(l), int(e), int(bits[l, e, r])))
+        self.plan_holders = self._holders(dev)
+        return self.memory()
+
+    def memory(self) -> dict:
+        gpu, cpu, ssd = self.store.memory(self.c.num_devices)
+        return {"gpu": gpu, "cpu": cpu, "ssd": ssd}
+
+    def apply(self, arg: dict) -> dict:
+        """Carry out this server's part of a migration (see RealBackend._migration_moves)."""
+        me = self.rank
+        if self.shaper is not None and arg.get("link_factor") is not None:
+            self.shaper.set_link_factor(arg["link_factor"])
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = {"local": 0, "peer": 0, "cloud": 0, "pair": np.zeros(self.S)}
+        staged: dict[int, Expert] = {}
+        for i, m in enumerate(arg["moves"]):  # read every source first: a move may replace another's source
+            if m["src"] == me:
+                rep = self.store.replicas[(m["l"], m["e"], m["src_dev"])]
+                staged[i] = tuple(requantize(t, m["bits"]) for t in self.store.read(rep))
+        sends = []
+        for i, m in enumerate(arg["moves"]):
+            if m["kind"] == "peer" and m["src"] == me:
+                buf = pack_expert(staged[i])
+                arrive = self.shaper.reserve(me, m["dst"], buf.numel()) if self.shaper else time.monotonic()
+                out["pair"][m["dst"]] += buf.numel()
+                sends += [dist.isend(self._comm(_f64_bits(arrive)), m["dst"], tag=TAG_MIGRATE),
+                          dist.isend(self._comm(buf), m["dst"], tag=TAG_MIGRATE + 1)]
+        for i, m in enumerate(arg["moves"]):
+            if m["dst"] != me:
+                continue
+            if m["kind"] == "local":
+                w = staged[i]
+                out["local"] += expert_nbytes(w)
+            elif m["kind"] == "cloud":
+                w = self._master(m["l"], m["e"], m["bits"])
+                n = expert_nbytes(w)
+                if self.shaper is not None:
+                    sleep_until(self.shaper.reserve_cloud(n))
+                out["cloud"] += n
+            else:
+                hdr = torch.empty(1, dtype=torch.int64, device=self.comm_device)
+                buf = torch.empty(expert_buffer_size(self.cfg, m["bits"]), dtype=torch.uint8, device=self.comm_device)
+                dist.recv(hdr, m["src"], tag=TAG_MIGRATE)
+                dist.recv(buf, m["src"], tag=TAG_MIGRATE + 1)
+                sleep_until(_bits_f64(hdr.cpu()))
+                w = unpack_expert(buf.cpu(), self.cfg, m["bits"])
+                out["peer"] += buf.numel()
+            self.store.put(m["l"], m["e"], m["dev"], m["tier"], w)
+        for l, e, d in arg["removes"]:
+            if d in self.devices:
+                self.store.remove(l, e, d)
+        for s in sends:
+            s.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out["time_s"] = time.perf_counter() - t0
+        self.plan_holders = self._holders(arg["device"])
+        out["memory"] = self.memory()
+        return out
+
+    def _comm(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.comm_device)
+
+    # ---- serving -----------------------------------------------------------------------------------------
+    def serve(self, arg: dict) -> dict:
+        """Serve this server's requests of a window, lock-step with the other servers."""
+        me, _S = self.rank, self.S
+        if self.shaper is not None and arg.get("link_factor") is not None:
+            self.shaper.set_link_factor(arg["link_factor"])
+        target = dispatch_targets(self.plan_holders, me, arg["server_up"], self.c.pair_latency)
+        self.dispatcher.configure(target, arg["prune"], arg["fuse"], arg["fusion_fraction"])
+        self.dispatcher.reset_counters()
+        self.store.stats.__init__()
+        L = self.cfg.num_layers
+        pending = deque(sorted((_Seq(r, L) for r in arg["requests"]), key=lambda q: q.arrival))
+        max_batch, want_logits = arg["max_batch"], arg["want_logits"]
+        active: list[_Seq] = []
+        done, logits_out = [], {}
+        clock = busy = 0.0
+        steps = 0
+        flag = torch.zeros(1, dtype=torch.int64, device=self.comm_device)
+        empty = torch.empty(0, self.cfg.d_model, dtype=self.dtype, device=self.device)
+        empty_idx = torch.empty(0, self.cfg.top_k, dtype=torch.long, device=self.device)
+        dist.barrier()
+        wall0 = time.perf_counter()
+        while True:
+            if not active and pending and pending[0].arrival > clock:
+                clock = pending[0].arrival
+            fresh = []
+            while pending and len(active) < max_batch and pending[0].arrival <= clock:
+                fresh.append(pending.popleft())
+                active.append(fresh[-1])
+            flag.fill_(1 if active else 0)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()) == 0:
+                break
+            t0 = time.perf_counter()
+            if not active:
+                for l in range(self.cfg.num_moe_layers):
+                    self.dispatcher(l, empty, empty_idx, empty)
+                continue
+            toks = [q.prompt if not q.out else torch.tensor([q.out[-1]]) for q in active]
+            routes = None
+            if all(q.routes is not None for q in active):
+                routes = [q.routes[q.cache.length:q.cache.length + len(t)] for q, t in zip(active, toks)]
+            logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
+            ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
+            nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
+            dt = time.perf_counter() - t0
+            clock += dt
+            busy += dt
+            steps += 1
+            start, still = 0, []
+            for q, t, tok in zip(active, toks, nxt):
+                if not q.out:
+                    q.t_first = clock
+                    if want_logits:
+                        logits_out[q.rid] = logits[start:start + len(t)].cpu().numpy()
+                start += len(t)
+                q.out.append(int(tok))
+                if len(q.out) >= q.max_new:
+                    q.t_last = clock
+                    done.append({"rid": q.rid, "arrival": q.arrival, "t_first": q.t_first, "t_last": q.t_last,
+                                 "n_out": len(q.out), "tokens": q.out})
+                else:
+                    still.append(q)
+            active = still
+        wall = time.perf_counter() - wall0
+        d = self.dispatcher
+        st = self.store.stats
+        return {
+            "done": done, "logits": logits_out, "busy_s": busy, "wall_s": wall, "steps": steps,
+            "bytes_to": d.bytes_to.copy(), "tokens_to": d.tokens_to.copy(), "tokens_pruned": d.tokens_pruned,
+            "tokens_fused": d.tokens_fused, "remote_tokens_served": d.remote_tokens_served,
+            "comm_wait_s": d.comm_wait_s, "memory": self.memory(),
+            "tiers": {"fetches": st.fetches, "fetch_bytes": st.fetch_bytes, "cpu_computes": st.cpu_computes,
+                      "prefetch_hits": st.prefetch_hits, "prefetch_issued": st.prefetch_issued,
+                      "tier_tokens": list(st.tier_tokens)},
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
+        }
+
+    # ---- test hooks ----------------------------------------------------------------------------------------
+    def crash(self, arg) -> None:
+        os._exit(3)
+
+    def hang(self, arg) -> None:
+        time.sleep(1e6)
+
+    def ping(self, arg) -> int:
+        return os.getpid()
+
+    def close(self, arg) -> None:
+        self.store.close()
+
+
+def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
+    """Entry point of a server process (torch.multiprocessing spawn target)."""
+    _die_with_parent()
+    os.environ.update(spec.env)
+    torch.set_num_threads(spec.threads)
+    try:
+        if spec.links == "netns":
+            enter_netns(f"{spec.netns_prefix}{rank}")
+            os.environ["GLOO_SOCKET_IFNAME"] = f"{spec.netns_prefix}n{rank}"
+        else:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = spec.master_addr, str(spec.master_port)
+        n_gpu = torch.cuda.device_count() if spec.device == "cuda" else 0
+        if n_gpu:
+            torch.cuda.set_device(rank % n_gpu)
+        use_nccl = n_gpu >= spec.cluster.num_servers  # NCCL needs one GPU per rank; else gloo over host memory
+        dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=spec.cluster.num_servers,
+                                timeout=timedelta(seconds=spec.timeout_s))
+        server = ServerProcess(rank, spec, shared_links)
+        conn.send(("ok", os.getpid()))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    parent = os.getppid()
+    while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent:
+                break
+            continue
+        try:
+            cmd, arg = conn.recv()
+        except EOFError:
+            break
+        try:
+            conn.send(("ok", getattr(server, cmd)(arg)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+        if cmd == "close":
+            break
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()

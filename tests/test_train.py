@@ -1,0 +1,150 @@
+"""Training (tiny runs as subprocesses, CleanRL style), resume, export parity and the deployment-policy loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from agents.deployment_policy import DeploymentPolicy, PolicyLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "offline"}
+
+
+def train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.train", "experiment=smoke", "scenario=tiny", f"hydra.run.dir={out}",
+           *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    proc = train(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_training_writes_model_policy_checkpoints_and_wandb(trained):
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["timesteps"] >= 512 and summary["scenario"] == "tiny"
+    assert (trained / "model.zip").is_file() and (trained / "model.vecnorm.npz").is_file()
+    assert sorted(p.name for p in (trained / "checkpoints").glob("*.zip")) == ["ckpt_256_steps.zip",
+                                                                             "ckpt_512_steps.zip"]
+    assert list((trained / "wandb").glob("offline-run-*")), "no W&B offline run directory"
+    evals = summary["evaluations"]
+    assert evals and all(np.isfinite(e["agent"]["return"]) for e in evals)
+    assert np.isfinite(evals[-1]["best_baseline_return"])
+    progress = (trained / "progress.csv").read_text().splitlines()
+    assert "eval/agent_return" in progress[0]
+
+
+def test_resume_continues_from_checkpoint(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "ckpt_256_steps.zip"
+    proc = train(tmp_path, f"resume={ckpt}", "total_timesteps=256", "export=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["timesteps"] >= 512  # 256 restored + 256 more, counter not reset
+
+
+def test_resume_from_missing_checkpoint_is_one_line(tmp_path):
+    proc = train(tmp_path, "resume=/nonexistent/ckpt.zip")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: resume: no checkpoint at '/nonexistent/ckpt.zip'"
+
+
+def _flat_env(trained: Path):
+    from agents.sb3 import make_flat_env
+
+    meta = json.loads((trained / "policy" / "policy.json").read_text())
+    return make_flat_env(meta["env"]["kwargs"], meta["env"]["knobs"])
+
+
+def test_exported_knobs_policy_matches_sb3(trained):
+    from stable_baselines3 import PPO
+
+    model = PPO.load(trained / "model.zip", device="cpu")
+    with np.load(trained / "model.vecnorm.npz") as z:
+        mean, var, clip = z["mean"], z["var"], float(z["clip_obs"])
+    policy = DeploymentPolicy(trained / "policy")
+    env = _flat_env(trained)
+    obs, _ = env.reset(seed=3)
+    batch = [obs]
+    for _ in range(6):
+        obs, *_ = env.step(env.action_space.sample())
+        batch.append(obs)
+    obs = np.stack(batch)
+    ours = policy.act(obs)
+    norm = np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)
+    ref = model.predict(norm, deterministic=True)[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert ours.shape == (7, env.action_space.shape[0])
+
+
+def test_exported_masked_multidiscrete_policy_matches_sb3(tmp_path):
+    """MaskablePPO on the `full` space: ONNX logits + masks give SB3's deterministic masked actions."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.export import export_policy
+    from agents.sb3 import make_flat_env
+
+    env = make_flat_env({"scenario": "tiny", "max_epochs": 8, "action_space": "full"})
+    model = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(32)
+    export_policy(model, tmp_path, env_spec={"id": "CoEL-v0", "kwargs": {"scenario": "tiny"}})
+    policy = DeploymentPolicy(tmp_path)
+    obs, _ = env.reset(seed=1)
+    for _ in range(3):
+        mask = env.unwrapped.action_masks()
+        ref = model.predict(obs, deterministic=True, action_masks=mask)[0]
+        np.testing.assert_array_equal(policy.act(obs, mask), ref)
+        assert mask.reshape(-1)[np.cumsum([0, *policy.nvec[:-1]]) + policy.act(obs, mask)].all()
+        obs, *_ = env.step(ref)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"), "does not match onnx_sha256"),
+    (lambda d: (d / "policy.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _edit_meta(d, lambda m: m.pop("action")), "lacks field 'action'"),
+    (lambda d: _edit_meta(d, lambda m: m.update(format="pickle")), "unsupported"),
+    (lambda d: _edit_meta(d, lambda m: m.update(onnx="../../etc/passwd")), "missing from"),
+    (lambda d: (d / "actor.onnx").unlink(), "missing from"),
+])
+def test_deployment_policy_refuses_tampered_directories(trained, tmp_path, tamper, message):
+    d = tmp_path / "policy"
+    shutil.copytree(trained / "policy", d)
+    tamper(d)
+    with pytest.raises(PolicyLoadError, match=message) as err:
+        DeploymentPolicy(d)
+    assert "\n" not in str(err.value)
+
+
+def _edit_meta(d: Path, fn) -> None:
+    meta = json.loads((d / "policy.json").read_text())
+    fn(meta)
+    (d / "policy.json").write_text(json.dumps(meta))
+
+
+def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
+    cmd = [sys.executable, "-m", "experiments.evaluate", "scenarios=[tiny]",
+           f"policies=[static_linear,{trained}/policy]",
+           "seeds=2", "max_epochs=4", "logger=disabled", "progress_bar=false", "plots=false",
+           f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "agent:policy" in board and "static_linear" in board
+
+
+def test_gym_make_registered():
+    import coel_env  # noqa: F401
+
+    assert "CoEL-v0" in gym.registry
