@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m experiments.reproduce_paper
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m experiments.main
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m ruff check .

@@ -38,7 +38,12 @@ class DeployedAgent(ActionPolicy):
 
     def act(self, obs: Any, env: Any) -> Any:
         core = env.unwrapped
-        flat = spaces.flatten(core.observation_space, obs) if isinstance(obs, dict) else np.asarray(obs)
+        if isinstance(obs, dict):
+            keys = self.deployment.env_spec.get("obs_keys") or list(core.observation_space.spaces)
+            space = spaces.Dict({k: core.observation_space[k] for k in keys})
+            flat = spaces.flatten(space, {k: obs[k] for k in keys})
+        else:
+            flat = np.asarray(obs)
         if self.knobbed is not None:
             return self.knobbed.decide_with(self.deployment.act(flat), core.perceived_state(), core.cluster,
                                             core.plan)

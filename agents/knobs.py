@@ -18,12 +18,14 @@ from agents.baselines import make_policy
 from agents.policy import Decision, Policy, needs_repair
 from coel_env.errors import ConfigError
 
-# knob -> (low, high) of the base policy's constructor argument
+# knob -> (low, high) of the base policy's constructor argument; each range is centred on the base policy's
+# default, so a zero action reproduces the baseline and learning starts from it (residual control).
 KNOB_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "coel": {"locality": (0.0, 2.0), "balance": (0.0, 2.0), "prune_ratio": (0.0, 0.6),
-             "drift_threshold": (0.01, 0.3), "fill": (0.8, 0.99), "compress_below_gbps": (0.05, 5.0)},
-    "greedy_popularity": {"fill": (0.8, 0.99)},
+    "coel": {"locality": (0.0, 2.0), "balance": (0.0, 2.0), "prune_ratio": (0.0, 0.5),
+             "drift_threshold": (0.0, 0.1), "fill": (0.95, 0.99), "compress_below_gbps": (0.0, 2.0)},
+    "greedy_popularity": {"fill": (0.95, 0.99)},
 }
+KEEP_BELOW = -0.5  # gate: an action's last entry below this keeps a still-valid deployment
 
 
 def knob_values(base: str, action: np.ndarray) -> dict[str, float]:
@@ -56,13 +58,14 @@ class KnobbedPolicy(Policy):
         return self.base.plan(view, cluster)
 
     def decide_with(self, action: np.ndarray, view, cluster, current) -> Decision:
-        """Set the knobs from `action`; its last entry gates updates (<= 0 keeps a still-valid deployment)."""
+        """Set the knobs from `action`; its last entry gates updates (< KEEP_BELOW keeps a still-valid deployment,
+        otherwise the base policy's own update rule decides)."""
         for k, v in knob_values(self.base_name, action[: self.num_knobs]).items():
             setattr(self.base, k, v)
         self.epoch += 1
         self.base.epoch += 1
         update = self.base.should_update(view, cluster, current)  # the base's own rule (e.g. drift threshold)
-        if current is not None and float(action[-1]) <= 0.0 and not needs_repair(current, view, cluster):
+        if current is not None and float(action[-1]) < KEEP_BELOW and not needs_repair(current, view, cluster):
             update = False
         return Decision(self.base.plan(view, cluster), True) if update else Decision(current, False)
 

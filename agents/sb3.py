@@ -9,7 +9,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.wrappers import FlattenObservation
+from gymnasium import spaces
+from gymnasium.wrappers import FilterObservation, FlattenObservation
 from omegaconf import DictConfig, OmegaConf
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
@@ -25,9 +26,18 @@ ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
 VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
 
 
-def make_flat_env(env_kwargs: dict, knobs: str | None = None) -> gym.Env:
-    """CoEL-v0 (optionally with the `knobs` action space over a base policy) with its Dict observation flattened
-    into one Box (what SB3 MLP policies and exports take)."""
+def observed_keys(space: spaces.Dict, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The observation entries an agent sees (all but `exclude`), in the Dict space's order."""
+    unknown = set(exclude) - set(space.spaces)
+    if unknown:
+        raise ConfigError(f"obs_exclude: unknown key '{sorted(unknown)[0]}'; allowed: {', '.join(space.spaces)}")
+    return [k for k in space.spaces if k not in exclude]
+
+
+def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[str] | tuple[str, ...] = ()
+                  ) -> gym.Env:
+    """CoEL-v0 (optionally with the `knobs` action space over a base policy, and without the observation entries
+    in `obs_exclude`) with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
     import coel_env  # noqa: F401  (registers CoEL-v0)
 
     env = gym.make("CoEL-v0", **env_kwargs)
@@ -35,17 +45,21 @@ def make_flat_env(env_kwargs: dict, knobs: str | None = None) -> gym.Env:
         from agents.knobs import KnobsWrapper
 
         env = KnobsWrapper(env, base=knobs)
+    if obs_exclude:
+        env = FilterObservation(env, observed_keys(env.observation_space, obs_exclude))
     return FlattenObservation(env)
 
 
 def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "subproc",
-                      normalize_obs: bool = True, knobs: str | None = None) -> VecEnv:
+                      normalize_obs: bool = True, knobs: str | None = None, obs_exclude: tuple[str, ...] = ()
+                      ) -> VecEnv:
     if vec_env not in VEC_ENVS:
         raise ConfigError(f"vec_env: '{vec_env}' unknown; allowed: {', '.join(VEC_ENVS)}")
     cls = VEC_ENVS[vec_env] if n_envs > 1 else DummyVecEnv
     kwargs = {"start_method": "forkserver"} if cls is SubprocVecEnv else None
     venv = make_vec_env(make_flat_env, n_envs=n_envs, seed=seed, vec_env_cls=cls,
-                        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs}, vec_env_kwargs=kwargs)
+                        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
+                        vec_env_kwargs=kwargs)
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
@@ -101,10 +115,11 @@ class BaselineEvalCallback(BaseCallback):
     (once, cached) the baselines on the same seeds; logs eval/* and records when the agent first beats them all."""
 
     def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int,
-                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None):
+                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None,
+                 obs_exclude: tuple[str, ...] = ()):
         super().__init__()
         self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed
-        self.knobs = knobs
+        self.knobs, self.obs_exclude = knobs, tuple(obs_exclude)
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
         self.checkpoint_dir, self.out_dir, self.run = Path(checkpoint_dir), Path(out_dir), run
         self.history: list[dict] = []
@@ -117,7 +132,7 @@ class BaselineEvalCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self._start = time.time()
-        self._env = make_flat_env(self.env_kwargs, self.knobs)
+        self._env = make_flat_env(self.env_kwargs, self.knobs, self.obs_exclude)
         for name in self.baselines:
             self.baseline_scores[name] = self.evaluate_baseline(name)
             self.logger.record(f"eval/{name}_return", self.baseline_scores[name]["return"])

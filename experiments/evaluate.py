@@ -81,8 +81,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
             env, env_kw, agent = base_env, kwargs, None
             if Path(str(name)).is_dir():  # an exported deployment policy: its own action space, our scenario
                 agent = DeployedAgent(name)
-                env_kw = {**agent.env_kwargs, **{k: kwargs[k] for k in ("scenario", "max_epochs", "backend")}}
-                env_kw.pop("backend_kwargs", None)
+                # the leaderboard's env (reward, perception, scenario) with the agent's own action space
+                env_kw = {**kwargs, "action_space": agent.env_kwargs.get("action_space", "full")}
                 env = gym.make("CoEL-v0", **env_kw)
                 name = agent.name
             config = {"policy": name, "policy_kwargs": kw, "scenario": scenario, "seeds": seeds,

@@ -26,9 +26,11 @@ from agents.sb3 import (
     load_vecnormalize,
     make_algorithm,
     make_training_env,
+    observed_keys,
     save_vecnormalize,
 )
 from agents.tracking import init_wandb, make_sb3_logger
+from coel_env.env.env import CoELEnv
 from coel_env.errors import CoELError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def train(cfg: DictConfig, out: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     run = init_wandb(OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}"
                      f"-s{cfg.seed}")
-    venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs)
+    obs_exclude = tuple(cfg.obs_exclude or ())
+    venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude)
     try:
         resumed = cfg.resume is not None
         model = make_algorithm(cfg.agent, venv, cfg.seed, resume=cfg.resume)
@@ -69,7 +72,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
         callback = BaselineEvalCallback(
             env_kwargs=kwargs, baselines=list(cfg.eval_baselines), episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
             eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, checkpoint_dir=ckpt_dir, out_dir=out,
-            run=run, knobs=cfg.knobs,
+            run=run, knobs=cfg.knobs, obs_exclude=obs_exclude,
         )
         start = time.time()
         model.learn(cfg.total_timesteps, callback=callback, progress_bar=cfg.progress_bar,
@@ -83,7 +86,8 @@ def train(cfg: DictConfig, out: Path) -> dict:
         if cfg.export:
             from agents.export import export_policy
 
-            env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs}
+            env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
+                        "obs_keys": observed_keys(CoELEnv(**kwargs).observation_space, obs_exclude)}
             export_policy(model, out / "policy", env_spec=env_spec, obs_rms=getattr(venv, "obs_rms", None),
                           clip_obs=getattr(venv, "clip_obs", 10.0), extra={"train": {
                               k: summary[k] for k in ("algo", "scenario", "seed", "timesteps")}})

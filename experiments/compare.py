@@ -1,0 +1,281 @@
+"""Comparison report (Hydra app): trained agents and baselines side by side.
+
+    python -m experiments.compare runs=[outputs/train/paper-testbed/...] leaderboard=outputs/evaluate/...
+
+Writes `report.md` and `report.html` with PNGs into the output dir — learning curves (agent vs baselines during
+training), the leaderboard, latency-vs-quality and energy-vs-latency Pareto plots, placement heatmaps — and logs the
+tables and images to W&B (offline by default). With W&B online and `wandb-workspaces` installed it also builds a
+W&B Report.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import matplotlib
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from coel_env.errors import CoELError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _float(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def learning_curves(runs: list[Path], out: Path) -> Path | None:
+    """eval/agent_return against env steps for every training run, baselines as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plotted = False
+    for i, run in enumerate(runs):
+        rows = [r for r in read_csv(run / "progress.csv") if r.get("eval/agent_return")]
+        if not rows:
+            continue
+        x = [_float(r.get("time/total_timesteps") or r.get("global_step")) for r in rows]
+        ax.plot(x, [_float(r["eval/agent_return"]) for r in rows], marker="o", label=f"agent ({run.name})",
+                color=f"C{i}")
+        plotted = True
+        baselines = sorted(k for k in rows[0] if k.startswith("eval/") and k.endswith("_return")
+                           and k not in ("eval/agent_return", "eval/best_baseline_return"))
+        for j, key in enumerate(baselines):
+            vals = [_float(r.get(key)) for r in read_csv(run / "progress.csv") if r.get(key)]
+            if vals and i == 0:
+                ax.axhline(vals[0], ls="--", color=f"C{j + len(runs)}", label=key[5:-7])
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation episode return")
+    ax.set_title("Learning curves (deterministic agent vs baselines, same seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out / "learning_curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Points not dominated when both coordinates are to be minimised."""
+    keep = np.ones(len(x), dtype=bool)
+    for i in range(len(x)):
+        dominated = (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
+        keep[i] = not dominated.any()
+    return keep
+
+
+def pareto_plot(rows: list[dict], xkey: str, ykey: str, xlabel: str, ylabel: str, path: Path) -> Path:
+    scenarios = sorted({r["scenario"] for r in rows})
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 4.2), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios):
+        sub = [r for r in rows if r["scenario"] == sc]
+        x = np.array([_float(r[xkey]) for r in sub])
+        y = np.array([_float(r[ykey]) for r in sub])
+        front = pareto_mask(x, y)
+        for r, xi, yi, f in zip(sub, x, y, front):
+            ax.scatter(xi, yi, s=60 if f else 25, edgecolor="k" if f else "none")
+            ax.annotate(r["policy"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        order = np.argsort(x[front])
+        ax.plot(x[front][order], y[front][order], "k--", lw=0.8, label="Pareto front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(sc)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: int, out: Path) -> list[Path]:
+    """Render (rgb_array) the deployment each policy holds after `epochs` decision epochs."""
+    import gymnasium as gym
+
+    import coel_env  # noqa: F401
+    from agents.baselines import make_policy
+    from agents.deployed import DeployedAgent
+    from agents.rollout import run_episode
+
+    paths = []
+    for name in policies:
+        policy = DeployedAgent(name) if Path(name).is_dir() else make_policy(name, seed=seed)
+        kwargs = {"scenario": scenario, "max_epochs": epochs, "render_mode": "rgb_array"}
+        if isinstance(policy, DeployedAgent):
+            kwargs["action_space"] = policy.env_kwargs.get("action_space", "full")
+        env = gym.make("CoEL-v0", **kwargs)
+        run_episode(env, policy, seed)
+        frame = env.render()
+        env.close()
+        label = policy.name.replace(":", "_").replace("/", "_")
+        path = out / f"placement_{scenario}_{label}.png"
+        plt.imsave(path, frame)
+        paths.append(path)
+    return paths
+
+
+LEADERBOARD_COLUMNS = (("policy", "policy", None), ("return", "return", 1.0), ("e2e_p95_s", "p95 latency (s)", 1.0),
+                       ("tokens_per_s", "tokens/s", 1.0), ("quality_loss", "quality loss (%)", 100.0),
+                       ("energy_j", "energy (kJ/epoch)", 1e-3), ("migration_bytes", "migration (GB)", 1e-9),
+                       ("slo_attainment", "SLO (%)", 100.0))
+
+
+def leaderboard_markdown(rows: list[dict]) -> str:
+    lines = []
+    for sc in sorted({r["scenario"] for r in rows}):
+        lines += [f"### {sc}", "", "| " + " | ".join(c[1] for c in LEADERBOARD_COLUMNS) + " |",
+                  "|" + "---|" * len(LEADERBOARD_COLUMNS)]
+        sub = sorted((r for r in rows if r["scenario"] == sc), key=lambda r: -_float(r["return"]))
+        for r in sub:
+            cells = []
+            for key, _, scale in LEADERBOARD_COLUMNS:
+                if scale is None:
+                    cells.append(r[key])
+                else:
+                    cells.append(f"{_float(r[key]) * scale:.4g} ± {_float(r.get(key + '_ci95')) * scale:.2g}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_to_html(md: str, title: str) -> str:
+    """A small self-contained HTML page: headings, tables, images and paragraphs of the report."""
+    body, table = [], []
+
+    def flush_table() -> None:
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
+            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])
+            trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            body.append(f'<img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" style="max-width:100%">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
+           f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def build_report(cfg: DictConfig, out: Path) -> dict:
+    runs = [Path(r) for r in cfg.runs]
+    for r in runs:
+        if not (r / "progress.csv").is_file():
+            raise ConfigError(f"runs: '{r}' is not a training run directory (no progress.csv)")
+    board_dir = Path(cfg.leaderboard) if cfg.leaderboard else None
+    if board_dir is not None and not (board_dir / "leaderboard.csv").is_file():
+        raise ConfigError(f"leaderboard: '{board_dir}' has no leaderboard.csv (run experiments.evaluate first)")
+    md = ["# CoEL-Gym comparison report", ""]
+    images: dict[str, Path] = {}
+    summaries = [json.loads((r / "train_summary.json").read_text()) for r in runs
+                 if (r / "train_summary.json").is_file()]
+    if summaries:
+        md += ["## Training runs", "",
+               "| run | algorithm | scenario | seed | steps | wall (s) | first beat all baselines (s) |",
+               "|---|---|---|---|---|---|---|"]
+        for r, s in zip(runs, summaries):
+            first = f"{s['first_win_s']:.0f}" if s.get("first_win_s") is not None else "not within the run"
+            md.append(f"| {r.name} | {s['algo']} | {s['scenario']} | {s['seed']} | {s['timesteps']} | "
+                      f"{s['train_time_s']:.0f} | {first} |")
+        md.append("")
+    curve = learning_curves(runs, out) if runs else None
+    if curve:
+        images["learning_curves"] = curve
+        md += ["## Learning curves", "", f"![learning curves]({curve.name})", ""]
+    rows: list[dict] = []
+    if board_dir is not None:
+        rows = read_csv(board_dir / "leaderboard.csv")
+        md += ["## Leaderboard", "", f"From `{board_dir}` (mean ± 95% CI over episodes).", "",
+               leaderboard_markdown(rows)]
+        p1 = pareto_plot(rows, "e2e_p95_s", "quality_loss", "p95 latency (s)", "quality loss",
+                         out / "pareto_latency_quality.png")
+        p2 = pareto_plot(rows, "e2e_p95_s", "energy_j", "p95 latency (s)", "energy per epoch (J)",
+                         out / "pareto_latency_energy.png")
+        images.update(pareto_latency_quality=p1, pareto_latency_energy=p2)
+        md += ["## Pareto fronts", "", f"![latency vs quality]({p1.name})", "", f"![latency vs energy]({p2.name})", ""]
+    if cfg.heatmaps.scenario:
+        policies = list(cfg.heatmaps.policies) + [str(r / "policy") for r in runs if (r / "policy").is_dir()]
+        heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out)
+        md += ["## Placements", "", f"Deployments held after {cfg.heatmaps.epochs} epochs on "
+               f"`{cfg.heatmaps.scenario}` (layers × experts coloured by device, tier and bits; link loads).", ""]
+        for p in heat:
+            images[p.stem] = p
+            md += [f"![{p.stem}]({p.name})", ""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(markdown_to_html(text, "CoEL-Gym comparison report"))
+    log_wandb(cfg, out, rows, images, text)
+    return {"report": str(out / "report.md"), "html": str(out / "report.html"), "images": len(images)}
+
+
+def log_wandb(cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Path], text: str) -> None:
+    from agents.tracking import init_wandb
+
+    run = init_wandb(OmegaConf.to_container(cfg.logger), out, OmegaConf.to_container(cfg, resolve=True),
+                     name="compare", job_type="report")
+    if run is None or run.disabled:
+        return
+    import wandb
+
+    if rows:
+        cols = list(rows[0])
+        run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+    run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+    if run.settings.mode == "online":
+        try:  # optional: a W&B Report (needs the wandb-workspaces package)
+            import wandb_workspaces.reports.v2 as wr
+
+            report = wr.Report(project=run.project, title="CoEL-Gym comparison", description=text[:500])
+            report.blocks = [wr.MarkdownBlock(text=text)]
+            report.save()
+        except ImportError:
+            log.info("wandb-workspaces not installed: no W&B Report built (tables and images are logged)")
+    run.finish()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="compare")
+def main(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = build_report(cfg, out)
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"comparison report: {result['report']} ({result['html']})")
+
+
+if __name__ == "__main__":
+    main()
