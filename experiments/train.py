@@ -83,16 +83,16 @@ def train(cfg: DictConfig, out: Path) -> dict:
         summary = {"algo": algo, "scenario": kwargs["scenario"]["name"], "seed": cfg.seed,
                    "timesteps": int(model.num_timesteps), "train_time_s": train_time,
                    "first_win_s": callback.first_win_s, "evaluations": callback.history}
+        env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
+                    "obs_keys": observed_keys(CoELEnv(**kwargs).observation_space, obs_exclude)}
+        (out / "env_spec.json").write_text(json.dumps(env_spec, indent=1))
         if cfg.export:
-            from agents.export import export_policy
-
-            env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
-                        "obs_keys": observed_keys(CoELEnv(**kwargs).observation_space, obs_exclude)}
-            export_policy(model, out / "policy", env_spec=env_spec, obs_rms=getattr(venv, "obs_rms", None),
-                          clip_obs=getattr(venv, "clip_obs", 10.0), extra={"train": {
-                              k: summary[k] for k in ("algo", "scenario", "seed", "timesteps")}})
             summary["policy_dir"] = str(out / "policy")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+        if cfg.export:  # the summary is part of the policy's provenance
+            from experiments.export import export_run
+
+            export_run(out, model=model)
         return summary
     finally:
         venv.close()

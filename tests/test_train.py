@@ -148,3 +148,15 @@ def test_gym_make_registered():
     import coel_env  # noqa: F401
 
     assert "CoEL-v0" in gym.registry
+
+
+def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
+    out = tmp_path / "policy256"
+    cmd = [sys.executable, "-m", "experiments.export", f"run={trained}", f"out={out}", "checkpoint=ckpt_256_steps"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policy = DeploymentPolicy(out)
+    assert policy.env_spec["knobs"] == "coel" and "plan" not in policy.env_spec["obs_keys"]
+    bad = subprocess.run([sys.executable, "-m", "experiments.export", f"run={tmp_path}"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "has no env_spec.json" in bad.stderr.strip().splitlines()[-1]
