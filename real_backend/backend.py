@@ -86,7 +86,7 @@ class RealBackend:
                  links: str = "app", timeout_s: float = 60.0, start_timeout_s: float = 180.0,
                  route_from: str = "traces", measure_quality: bool | None = None, cpu_compute: bool | None = None,
                  prefetch: int = 0, max_requests_per_server: int | None = None, arch: str | None = None,
-                 threads: int = 1, routing: RoutingModel | None = None):
+                 threads: int = 1, routing: RoutingModel | None = None, gen_device: str = "cpu"):
         if links not in LINK_MODES:
             raise ConfigError(f"real backend: links '{links}' unknown; allowed: {', '.join(LINK_MODES)}")
         if route_from not in ROUTE_MODES:
@@ -104,6 +104,7 @@ class RealBackend:
         self.measure_quality = measure_quality
         self.cpu_compute = cluster.hw.cpu_compute if cpu_compute is None else cpu_compute
         self.prefetch, self.max_requests, self.threads = prefetch, max_requests_per_server, threads
+        self.gen_device = gen_device  # "cuda": server processes draw random weights on their GPU (other values)
         self.procs: list = []
         self.conns: list = []
         self.current: DeploymentPlan | None = None
@@ -136,6 +137,7 @@ class RealBackend:
             ssd_root=self.ssd_root, device=self.device, master_addr=addr, master_port=_free_port(),
             timeout_s=self.timeout_s, cpu_compute=self.cpu_compute, prefetch=self.prefetch,
             affinity=self.routing.affinity if self.prefetch else None, links=self.links, threads=self.threads,
+            gen_device=self.gen_device,
         )
         shared = LinkShaper.new_shared(c, ctx)
         for rank in range(c.num_servers):
@@ -260,10 +262,23 @@ class RealBackend:
         )
 
     def serve(self, plan: DeploymentPlan, state: ClusterState, window_s: float) -> Metrics:
-        c = self.cluster
         if self.current is None or plan != self.current or not self.alive:
             self.apply(plan, state)
         requests, arrived, dropped = self.workload(plan, state, window_s)
+        return self.serve_requests(plan, state, requests, window_s, arrived, dropped)
+
+    def serve_requests(self, plan: DeploymentPlan, state: ClusterState, requests: list[list[dict]],
+                       window_s: float, arrived: np.ndarray | None = None, dropped: np.ndarray | None = None
+                       ) -> Metrics:
+        """Serve given requests (per server: dicts rid, arrival, max_new, prompt, routes, server as `workload`
+        makes them) instead of sampling a window; benchmarks use it for fixed-length sweeps."""
+        c = self.cluster
+        if self.current is None or plan != self.current or not self.alive:
+            self.apply(plan, state)
+        if arrived is None:
+            arrived = np.array([len(r) for r in requests], dtype=np.float64)
+        if dropped is None:
+            dropped = np.zeros(c.num_servers)
         wl = c.spec.workload
         arg = [{"requests": requests[s], "server_up": state.server_up, "prune": self._pair_matrix(plan.prune),
                 "fuse": self._pair_matrix(plan.fuse).astype(bool), "fusion_fraction": c.hw.quality.fusion_fraction,
@@ -432,6 +447,8 @@ class RealBackend:
             "busy_s": busy.tolist(), "comm_wait_s": [r["comm_wait_s"] for r in res],
             "tokens_pruned": sum(r["tokens_pruned"] for r in res), "tokens_fused": sum(r["tokens_fused"] for r in res),
             "tokens_to": np.stack([r["tokens_to"] for r in res]).tolist(),
+            "rows_to": np.stack([r["rows_to"] for r in res]).tolist(),
+            "msgs_to": np.stack([r["msgs_to"] for r in res]).tolist(),
             "tiers": [r["tiers"] for r in res], "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
             "tokens": {d["rid"]: d["tokens"] for d in done},
             "prompt_logits": {rid: lg for r in res for rid, lg in r["logits"].items()},

@@ -90,6 +90,8 @@ class Dispatcher:
     def reset_counters(self) -> None:
         self.bytes_to = np.zeros(self.world)  # bytes this server sent to each peer (requests + replies)
         self.tokens_to = np.zeros(self.world)
+        self.rows_to = np.zeros(self.world)  # hidden rows requested from each peer (after pruning and fusion)
+        self.msgs_to = np.zeros(self.world)  # request messages (meta + hidden) sent to each peer
         self.tokens_pruned = 0
         self.tokens_fused = 0
         self.remote_tokens_served = 0
@@ -150,6 +152,8 @@ class Dispatcher:
             sends[p] = (tok, w, rows_x, rows_e, row_of)
             counts[p] = rows_x.shape[0]
             self.tokens_to[p] += tok.numel()
+            self.rows_to[p] += rows_x.shape[0]
+            self.msgs_to[p] += 1
         # ---- who sends what to whom ----
         gathered = [torch.zeros(S, dtype=torch.int64, device=self.comm_device) for _ in range(S)]
         dist.all_gather(gathered, counts.to(self.comm_device))

@@ -51,6 +51,7 @@ class WorkerSpec:
     links: str = "app"  # app | netns | none
     netns_prefix: str = "coel"
     threads: int = 1
+    gen_device: str = "cpu"  # where seeded random weights are drawn ("cuda": fast for full-size models)
     env: dict = field(default_factory=dict)
 
 
@@ -124,7 +125,8 @@ class ServerProcess:
         self.device = self.devices[my_devs[0]]
         self.dtype = torch.bfloat16 if use_cuda else torch.float32
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        self.source = WeightSource(cfg, spec.seed, spec.checkpoint)
+        gen = spec.gen_device if use_cuda else "cpu"
+        self.source = WeightSource(cfg, spec.seed, spec.checkpoint, gen_device=gen)
         self.model = MoETransformer(cfg, self.source.non_expert(self.device), self.device, self.dtype)
         ssd = Path(spec.ssd_root) / f"server{rank}"
         self.store = ExpertStore(self.devices, ssd, cpu_compute=spec.cpu_compute, dtype=self.dtype,
@@ -286,7 +288,8 @@ class ServerProcess:
         st = self.store.stats
         return {
             "done": done, "logits": logits_out, "busy_s": busy, "wall_s": wall, "steps": steps,
-            "bytes_to": d.bytes_to.copy(), "tokens_to": d.tokens_to.copy(), "tokens_pruned": d.tokens_pruned,
+            "bytes_to": d.bytes_to.copy(), "tokens_to": d.tokens_to.copy(),
+            "rows_to": d.rows_to.copy(), "msgs_to": d.msgs_to.copy(), "tokens_pruned": d.tokens_pruned,
             "tokens_fused": d.tokens_fused, "remote_tokens_served": d.remote_tokens_served,
             "comm_wait_s": d.comm_wait_s, "memory": self.memory(),
             "tiers": {"fetches": st.fetches, "fetch_bytes": st.fetch_bytes, "cpu_computes": st.cpu_computes,
@@ -322,8 +325,8 @@ def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = spec.master_addr, str(spec.master_port)
         n_gpu = torch.cuda.device_count() if spec.device == "cuda" else 0
-        if n_gpu:
-            torch.cuda.set_device(rank % n_gpu)
+        if n_gpu:  # the server's first GPU (cluster devices map to cuda:d mod n_gpu, as in ServerProcess)
+            torch.cuda.set_device(int(np.flatnonzero(spec.cluster.dev_server == rank)[0]) % n_gpu)
         use_nccl = n_gpu >= spec.cluster.num_servers  # NCCL needs one GPU per rank; else gloo over host memory
         dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=spec.cluster.num_servers,
                                 timeout=timedelta(seconds=spec.timeout_s))

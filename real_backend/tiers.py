@@ -164,8 +164,9 @@ class ExpertStore:
         if rep is None:
             raise KeyError(f"layer {layer} expert {expert} is not held by this server")
         self.stats.tier_tokens[rep.tier] += int(x.shape[0])
+        dev = self.devices[rep.device]  # a server with several GPUs computes each expert where it lives
         if rep.tier == TIER_GPU:
-            return expert_forward(x.to(self.dtype), rep.weights).to(x.dtype)
+            return expert_forward(x.to(dev, self.dtype), rep.weights).to(x.device, x.dtype)
         if rep.tier == TIER_CPU and self.cpu_compute:
             self.stats.cpu_computes += 1
             return expert_forward(x.to("cpu", torch.float32), rep.weights).to(x.device, x.dtype)
@@ -175,7 +176,7 @@ class ExpertStore:
             w = fut.result()
         else:
             w = self._fetch(rep)
-        return expert_forward(x.to(self.dtype), w).to(x.dtype)
+        return expert_forward(x.to(w[0].data.device, self.dtype), w).to(x.device, x.dtype)
 
     def prefetch(self, layer: int, experts: torch.Tensor) -> None:
         """Start loading the cold experts most likely needed at layer+1, given layer's chosen experts."""
