@@ -50,6 +50,13 @@ def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[
     return FlattenObservation(env)
 
 
+def make_env_from_spec(env_spec: dict) -> gym.Env:
+    """The flat env an exported policy was trained on (its `env` entry in policy.json / env_spec.json)."""
+    space = gym.make("CoEL-v0", **env_spec["kwargs"]).observation_space
+    keys = env_spec.get("obs_keys") or list(space.spaces)
+    return make_flat_env(env_spec["kwargs"], env_spec.get("knobs"), [k for k in space.spaces if k not in keys])
+
+
 def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "subproc",
                       normalize_obs: bool = True, knobs: str | None = None, obs_exclude: tuple[str, ...] = ()
                       ) -> VecEnv:

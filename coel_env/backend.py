@@ -13,7 +13,7 @@ from coel_env.state import ClusterState
 
 @dataclass
 class MigrationReport:
-    """What applying a plan cost: bytes by source, wall time and bytes per physical link."""
+    """What applying a plan cost: bytes by source, wall time and bytes per physical link (both directions)."""
 
     bytes_total: float = 0.0
     bytes_local: float = 0.0  # moved inside a server (PCIe, SSD)
@@ -49,7 +49,7 @@ class Metrics:
     gpu_mem_bytes: np.ndarray  # [D] expert bytes per GPU
     cpu_mem_bytes: np.ndarray  # [S]
     ssd_bytes: np.ndarray  # [S]
-    link_bytes: np.ndarray  # [K] bytes carried per physical link in the window
+    link_bytes: np.ndarray  # [K] bytes carried per physical link in the window, both directions summed
     device_util: np.ndarray  # [D]
 
     @property

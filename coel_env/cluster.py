@@ -147,7 +147,7 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         for g, gpu in enumerate(srv.gpus):
             dev_server.append(s)
             dev_names.append(f"{srv.name}/gpu{g}")
-            devs.append(gpu)
+            devs.append(hw.device(gpu))
     edges = list(graph.edges(data=True))
     link_ends = [(a, b) for a, b, _ in edges]
     link_bw = np.array([d["bandwidth_gbps"] * 1e9 / 8 for *_, d in edges], dtype=np.float64)
@@ -171,6 +171,7 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
             pair_latency[b, a] = pair_latency[a, b]
             p += 1
     arr = np.asarray
+    cpus = [hw.device(s.cpu) for s in servers]
     return Cluster(
         spec=spec, hw=hw, graph=graph, server_names=names, device_names=dev_names,
         dev_server=arr(dev_server, dtype=np.int64),
@@ -179,14 +180,14 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         dev_flops=arr([d.peak_tflops * 1e12 for d in devs]),
         dev_p_idle=arr([d.power_idle_w for d in devs], dtype=np.float64),
         dev_p_max=arr([d.power_max_w for d in devs], dtype=np.float64),
-        cpu_bw=arr([s.cpu.mem_bw_gbs * GB for s in servers]),
-        cpu_flops=arr([s.cpu.peak_tflops * 1e12 for s in servers]),
-        cpu_p_idle=arr([s.cpu.power_idle_w for s in servers], dtype=np.float64),
-        cpu_p_max=arr([s.cpu.power_max_w for s in servers], dtype=np.float64),
+        cpu_bw=arr([cpu.mem_bw_gbs * GB for cpu in cpus]),
+        cpu_flops=arr([cpu.peak_tflops * 1e12 for cpu in cpus]),
+        cpu_p_idle=arr([cpu.power_idle_w for cpu in cpus], dtype=np.float64),
+        cpu_p_max=arr([cpu.power_max_w for cpu in cpus], dtype=np.float64),
         cpu_ram=arr([s.cpu_ram_gb * GB for s in servers]),
         ssd_bytes=arr([s.ssd_gb * GB for s in servers]),
-        ssd_bw=arr([s.ssd_bw_gbs * GB for s in servers]),
-        pcie_bw=arr([s.pcie_bw_gbs * GB for s in servers]),
+        ssd_bw=arr([(hw.ssd_bw_gbs or s.ssd_bw_gbs) * GB for s in servers]),
+        pcie_bw=arr([(hw.pcie_bw_gbs or s.pcie_bw_gbs) * GB for s in servers]),
         link_ends=link_ends, link_bw=link_bw, link_latency=link_lat,
         pair_index=pair_index, pair_links=pair_links, pair_latency=pair_latency, first_gpu=first_gpu,
     )

@@ -1,9 +1,11 @@
 """Numba kernels of the surrogate: one fused pass over (plan, server, layer, expert, replica).
 
-Units: bytes, seconds, FLOPs. For every serving server `s` and expert, tokens go to the replica that costs them
-least (resource-aware routing). Experts on different devices of a layer run in parallel, experts on one device
-serially; a remote expert costs its hidden states there and back plus the link latency, once per layer and
-destination. Everything else (batching, queueing, energy, percentiles) is done in numpy on small arrays.
+Units: bytes, seconds, FLOPs. For every serving server `s`, each expert's tokens go to the replica (and GPU or CPU
+path) that raises the layer time least given the experts already placed, with unit times scaled by the queueing
+the previous routing pass caused (load-aware routing); the layer time is what that router optimizes: max over
+GPUs (in parallel) + CPU-path time (serial: the step waits for it) + transfer bandwidth time + the expected
+largest round-trip latency among the destinations used. Everything else (batching, queueing, drops, energy,
+percentiles) is done on small arrays in `finish_kernel`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ def activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre):
                     a_pre[i, s, l, e] = li * p
 
 
+@njit(cache=True, fastmath=True)
+def _expected_max_latency(order, lat, none):
+    """E[max latency over the destinations used] when destination order[i] (by falling latency lat) goes unused
+    with probability none[order[i]] independently: sum_i lat_i (1 - none_i) prod_{j < i} none_j."""
+    out = 0.0
+    free = 1.0
+    for i in range(order.shape[0]):
+        k = order[i]
+        out += lat[k] * (1.0 - none[k]) * free
+        free *= none[k]
+    return out
+
+
 BITS_INDEX = np.zeros(17, dtype=np.int64)  # bits -> column of the unit table
 BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 
@@ -45,17 +60,26 @@ BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 @njit(cache=True, fastmath=True)
 def serve_kernel(
     dev, tier, bits, tok_keep, comm_tok, state_idx,
-    pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, dev_server, bits_index, qloss,
-    o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross,
+    pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, lat_order, dev_server, bits_index, qloss, infl, todo,
+    o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross, o_choice,
 ):
     """Fill, per plan n and server s: o_time[n, s, 0:6] = decode (compute, comm-bandwidth, comm-latency) and
     prefill (same three); o_pair_bytes[n, s, s2, 0:2] tokens sent to s2 per decode step / prefill, before
     compression; o_busy[n, s, u, 0:2] busy seconds per unit u (GPUs then CPUs); o_quality, o_miss (expert mass
-    with no live replica), o_cross (token mass crossing to s2).
+    with no live replica), o_cross (token mass crossing to s2); o_choice[n] = 1 if some expert had two or more
+    live replicas (its routing depends on `infl`). Plans with todo[n] False are skipped.
+
+    A layer takes max over GPUs of their expert time (GPUs run in parallel; a GPU-path fetch from RAM/SSD is
+    serial on its GPU) + the CPU-path time (the step waits for a CPU/SSD expert whenever a token uses it) + the
+    bandwidth part of every transfer + the largest round-trip latency among the destinations used. The router
+    sends each expert's tokens to the replica (and path) that raises this layer time least, given the experts
+    already placed, with unit times scaled by infl[n, u] (>= 1: the queueing each unit already sees), ties
+    broken by the replica's own cost; decode and prefill are costed on the chosen replica.
 
     table[si, key, 0:6] holds per (device, tier, bits) key = (d * 3 + tier) * 3 + bits_index the GPU path
     (read s per activation, compute s per token, fetch+overhead s per activation) then the same for the CPU path.
-    comm_tok[n, s, s2] = round-trip seconds per token crossing (bandwidth part); pair_lat2 = round-trip latency."""
+    comm_tok[n, s, s2] = round-trip seconds per token crossing (bandwidth part); pair_lat2 = round-trip latency;
+    lat_order[s] = the other servers by falling pair_lat2[s]."""
     N, L, E, R = dev.shape
     S = server_up.shape[1]
     D = dev_server.shape[0]
@@ -68,10 +92,11 @@ def serve_kernel(
         n = job // S
         s = job % S
         si = state_idx[n]
-        if not server_up[si, s]:
+        if not todo[n] or not server_up[si, s]:
             continue
         acc_d = np.zeros(U)
         acc_p = np.zeros(U)
+        pacc = np.zeros(D)  # load-scaled GPU decode time, as the router sees it
         touched = np.zeros(U, dtype=np.bool_)
         tok_d = np.zeros(S)
         tok_p = np.zeros(S)
@@ -80,12 +105,21 @@ def serve_kernel(
         cross = np.zeros(S)
         quality = 0.0
         miss = 0.0
+        choice = False
         pop_s = pop[si, s]
         ud_s = u_dec[si, s]
         ad_s = a_dec[si, s]
         up_s = u_pre[si, s]
         ap_s = a_pre[si, s]
         tab = table[si]
+        inf_n = infl[n]
+        scaled = False  # unit times scaled by load (a re-routing pass); else the router's view is acc_d itself
+        for u in range(U):
+            if inf_n[u] != 1.0:
+                scaled = True
+        pv = pacc if scaled else acc_d
+        lat_s = pair_lat2[s]
+        order = lat_order[s]
         for d in range(D):
             sd = dev_server[d]
             dev_up[d] = server_up[si, sd]
@@ -96,57 +130,111 @@ def serve_kernel(
             dev_l = dev[n, l]
             tier_l = tier[n, l]
             bits_l = bits[n, l]
+            pmx = 0.0  # router's view of the GPU max
+            mxg_p = 0.0  # prefill GPU max
+            lat_run = 0.0  # expected largest decode round-trip latency so far (recomputed when dirty)
+            lat_dirty = False
             for e in range(E):
                 p = pop_s[l, e]
                 if p <= 0.0:
                     continue
                 ud = ud_s[l, e]
                 ad = ad_s[l, e]
-                best = np.inf
+                live = 0
                 rd = -1
-                key_best = 0
-                gd_best = 0.0
-                cd_best = 0.0
                 for r in range(R):
                     d = dev_l[e, r]
-                    if d < 0:
-                        continue
-                    if not dev_up[d]:
-                        continue
-                    key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
-                    akeep = ad * dev_keep[d]
-                    gd = max(ud * tab[key, 0], akeep * tab[key, 1]) + ud * tab[key, 2]
-                    cd = max(ud * tab[key, 3], akeep * tab[key, 4]) + ud * tab[key, 5]
-                    cost = min(gd, cd) + (ad * dev_ct[d] + dev_lat[d] * ud)
-                    if cost < best:
-                        best = cost
+                    if d >= 0 and dev_up[d]:
+                        live += 1
+                        if rd >= 0:
+                            break  # a choice: the full loop below
                         rd = r
-                        key_best = key
-                        gd_best = gd
-                        cd_best = cd
-                if rd < 0:
+                if live == 0:
                     miss += p
                     continue
-                # tokens follow the replica chosen for decode; prefill is costed on the same replica
+                if live == 1:  # no choice: only the path (GPU or CPU) is decided
+                    d = dev_l[e, rd]
+                    key_best = (d * 3 + tier_l[e, rd]) * 3 + bits_index[bits_l[e, rd]]
+                    akeep = ad * dev_keep[d]
+                    gd = max(ud * tab[key_best, 0], akeep * tab[key_best, 1]) + ud * tab[key_best, 2]
+                    gpu_best = True
+                    t_best = gd
+                    if tier_l[e, rd] > 0:
+                        cd = max(ud * tab[key_best, 3], akeep * tab[key_best, 4]) + ud * tab[key_best, 5]
+                        if max(pv[d] + gd * inf_n[d] - pmx, 0.0) > cd * inf_n[D + dev_server[d]]:
+                            gpu_best = False
+                            t_best = cd
+                else:
+                    choice = True
+                    if lat_dirty:
+                        lat_run = _expected_max_latency(order, lat_s, none_d)
+                        lat_dirty = False
+                    best = np.inf
+                    best_own = np.inf
+                    rd = -1
+                    key_best = 0
+                    t_best = 0.0
+                    gpu_best = True
+                    for r in range(R):
+                        d = dev_l[e, r]
+                        if d < 0:
+                            continue
+                        if not dev_up[d]:
+                            continue
+                        sd = dev_server[d]
+                        key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
+                        akeep = ad * dev_keep[d]
+                        gd = max(ud * tab[key, 0], akeep * tab[key, 1]) + ud * tab[key, 2]
+                        cd = max(ud * tab[key, 3], akeep * tab[key, 4]) + ud * tab[key, 5]
+                        comm = ad * dev_ct[d]
+                        lat = dev_lat[d]
+                        dlat = 0.0
+                        if sd != s and ud > 0.0:
+                            keep_none = none_d[sd]
+                            none_d[sd] = keep_none * (1.0 - ud)
+                            dlat = _expected_max_latency(order, lat_s, none_d) - lat_run
+                            none_d[sd] = keep_none
+                        pg = gd * inf_n[d]
+                        pc = cd * inf_n[D + sd]
+                        dg = max(pv[d] + pg - pmx, 0.0)
+                        use_gpu = dg <= pc
+                        inc = (dg if use_gpu else pc) + comm + dlat
+                        own = (pg if use_gpu else pc) + comm + lat * ud
+                        if inc < best or (inc == best and own < best_own):
+                            best = inc
+                            best_own = own
+                            rd = r
+                            key_best = key
+                            gpu_best = use_gpu
+                            t_best = gd if use_gpu else cd
                 d = dev_l[e, rd]
                 sd = dev_server[d]
                 up = up_s[l, e]
                 ap = ap_s[l, e]
+                if gpu_best:
+                    acc_d[d] += t_best
+                    touched[d] = True
+                    if scaled:
+                        pacc[d] += t_best * inf_n[d]
+                    pmx = max(pmx, pv[d])
+                else:
+                    acc_d[D + sd] += t_best
+                    touched[D + sd] = True
+                # prefill on the same replica, on the path that raises the prefill layer time least
                 akeep = ap * dev_keep[d]
                 gp = max(up * tab[key_best, 0], akeep * tab[key_best, 1]) + up * tab[key_best, 2]
-                cp = max(up * tab[key_best, 3], akeep * tab[key_best, 4]) + up * tab[key_best, 5]
-                if gd_best <= cd_best:
-                    acc_d[d] += gd_best
-                    touched[d] = True
-                else:
-                    acc_d[D + sd] += cd_best
-                    touched[D + sd] = True
-                if gp <= cp:
-                    acc_p[d] += gp
-                    touched[d] = True
-                else:
+                cpu_p = False
+                cp = 0.0
+                if tier_l[e, rd] > 0:  # GPU-tier experts have no CPU path
+                    cp = max(up * tab[key_best, 3], akeep * tab[key_best, 4]) + up * tab[key_best, 5]
+                    cpu_p = max(acc_p[d] + gp - mxg_p, 0.0) > cp
+                if cpu_p:
                     acc_p[D + sd] += cp
                     touched[D + sd] = True
+                else:
+                    acc_p[d] += gp
+                    mxg_p = max(mxg_p, acc_p[d])
+                    touched[d] = True
                 quality += p * qloss[bits_l[e, rd]]
                 # own-server entries accumulate too and are ignored when the layer closes
                 tok_d[sd] += ad
@@ -154,13 +242,21 @@ def serve_kernel(
                 none_d[sd] *= 1.0 - ud
                 none_p[sd] *= 1.0 - up
                 cross[sd] += p
-            # close the layer: devices in parallel, transfers serial on the sender's path
+                if sd != s:
+                    lat_dirty = True
+            # close the layer: GPUs in parallel, CPU-path work and transfers serial
             mx_d = 0.0
             mx_p = 0.0
             for u in range(U):
                 if touched[u]:
-                    mx_d = max(mx_d, acc_d[u])
-                    mx_p = max(mx_p, acc_p[u])
+                    if u < D:
+                        mx_d = max(mx_d, acc_d[u])
+                        mx_p = max(mx_p, acc_p[u])
+                        if scaled:
+                            pacc[u] = 0.0
+                    else:
+                        mx_d += acc_d[u]
+                        mx_p += acc_p[u]
                     o_busy[n, s, u, 0] += acc_d[u]
                     o_busy[n, s, u, 1] += acc_p[u]
                     acc_d[u] = 0.0
@@ -168,29 +264,27 @@ def serve_kernel(
                     touched[u] = False
             o_time[n, s, 0] += mx_d
             o_time[n, s, 3] += mx_p
-            lat_d = 0.0
-            lat_p = 0.0
             tok_d[s] = 0.0
             tok_p[s] = 0.0
             none_d[s] = 1.0
             none_p[s] = 1.0
+            o_time[n, s, 2] += _expected_max_latency(order, lat_s, none_d)
+            o_time[n, s, 5] += _expected_max_latency(order, lat_s, none_p)
             for s2 in range(S):
                 if none_d[s2] < 1.0 or tok_d[s2] > 0.0:
                     o_time[n, s, 1] += tok_d[s2] * comm_tok[n, s, s2]
-                    lat_d = max(lat_d, pair_lat2[s, s2] * (1.0 - none_d[s2]))
                     o_pair_bytes[n, s, s2, 0] += tok_d[s2]
                     tok_d[s2] = 0.0
                     none_d[s2] = 1.0
                 if none_p[s2] < 1.0 or tok_p[s2] > 0.0:
                     o_time[n, s, 4] += tok_p[s2] * comm_tok[n, s, s2]
-                    lat_p = max(lat_p, pair_lat2[s, s2] * (1.0 - none_p[s2]))
                     o_pair_bytes[n, s, s2, 1] += tok_p[s2]
                     tok_p[s2] = 0.0
                     none_p[s2] = 1.0
-            o_time[n, s, 2] += lat_d
-            o_time[n, s, 5] += lat_p
         o_quality[n, s] = quality
         o_miss[n, s] = miss
+        if choice:
+            o_choice[n] = 1
         for s2 in range(S):
             if s2 != s:
                 o_cross[n, s, s2] = cross[s2]
@@ -317,12 +411,49 @@ N_SCALARS = 14  # see surrogate.SCALAR_FIELDS
 
 
 @njit(cache=True, fastmath=True)
+def unit_utilization(state_idx, o_busy, lam, batch, ne_dec, ne_pre, dev_server, out_mean, o_rho):
+    """o_rho[n, u]: offered utilization of every unit (GPUs, then CPUs) by all servers' requests, the non-expert
+    part of each request on its own server's GPUs included."""
+    N, S, U = o_busy.shape[0], o_busy.shape[1], o_busy.shape[2]
+    D = dev_server.shape[0]
+    for n in range(N):
+        si = state_idx[n]
+        for u in range(U):
+            o_rho[n, u] = 0.0
+        for s in range(S):
+            ls = lam[si, s]
+            if ls <= 0.0:
+                continue
+            k = out_mean / batch[si, s]
+            for u in range(U):
+                o_rho[n, u] += ls * (o_busy[n, s, u, 1] + k * o_busy[n, s, u, 0])
+        for d in range(D):
+            s = dev_server[d]
+            o_rho[n, d] += lam[si, s] * (ne_pre[si, s] + out_mean * ne_dec[si, s] / batch[si, s])
+
+
+@njit(cache=True, fastmath=True)
+def queue_inflation(rho, out):
+    """The router's load-aware scale of each unit's time: the M/D/1 sojourn factor 1 + rho / (2 (1 - rho)),
+    uncapped (a saturated unit's marginal work costs drops, not just waiting), at most 1e6 (rho >= 1)."""
+    for n in range(rho.shape[0]):
+        for u in range(rho.shape[1]):
+            r = rho[n, u]
+            out[n, u] = 1e6 if r >= 1.0 else min(1.0 + r / (2.0 * (1.0 - r)), 1e6)
+
+
+@njit(cache=True, fastmath=True)
 def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
                   pair_index, lam, rate, batch, up, ne_dec, ne_pre, link_cap, route, dev_server, p_idle, p_max,
-                  in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst,
+                  in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst, rho,
                   o_scalars, o_link, o_util):
     """Batching, link contention, queueing, percentiles, energy and quality per plan (see surrogate.py).
+    rho[n, u] receives each unit's utilization (`unit_utilization`). A server's requests queue behind the busiest
+    unit they use (M/D/1, utilization capped at max_rho); transfers are slowed by the same factor of the busiest link
+    on their routes; the share of requests beyond the capacity of that bottleneck, unit or link, is dropped, and
+    dropped requests carry no bytes. o_link = bytes per link in the window, both directions summed.
     qconst = (prune_linear, prune_knee, prune_quadratic, fusion_loss * fusion_fraction)."""
+    unit_utilization(state_idx, o_busy, lam, batch, ne_dec, ne_pre, dev_server, out_q.mean(), rho)
     N, S = o_time.shape[0], o_time.shape[1]
     D = dev_server.shape[0]
     U = D + S
@@ -350,47 +481,40 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
                         link[k] += r
         tpot = np.zeros(S)
         ttft = np.zeros(S)
+        rho_l = np.zeros(S)  # busiest link on the routes of each server's transfers
         for s in range(S):
-            rho = 0.0
+            r_l = 0.0
             for s2 in range(S):
                 if per_req[s, s2] > 0.0:
                     for h in range(H):
                         k = route[s, s2, h]
                         if k < 0:
                             break
-                        rho = max(rho, link[k] / link_cap[si, k])
-            inflate = 1.0 / (1.0 - min(rho, max_rho))
+                        r_l = max(r_l, link[k] / link_cap[si, k])
+            rho_l[s] = r_l
+            r_c = min(r_l, max_rho)
+            inflate = 1.0 + r_c / (2.0 * (1.0 - r_c))  # the servers' M/D/1 waiting factor, on the transfers
             tpot[s] = o_time[n, s, 0] + o_time[n, s, 1] * inflate + o_time[n, s, 2] + ne_dec[si, s] + overhead
             ttft[s] = o_time[n, s, 3] + o_time[n, s, 4] * inflate + o_time[n, s, 5] + ne_pre[si, s] + overhead
-        # utilization of every unit (GPUs, then CPUs) and each server's load-weighted view of it
-        rho_unit = np.zeros(U)
-        ne_busy = np.zeros(S)
-        for s in range(S):
-            ne_busy[s] = lam[si, s] * (ne_pre[si, s] + O * ne_dec[si, s] / batch[si, s])
-            for u in range(U):
-                rho_unit[u] += lam[si, s] * (o_busy[n, s, u, 1] + O * o_busy[n, s, u, 0] / batch[si, s])
-        for d in range(D):
-            rho_unit[d] += ne_busy[dev_server[d]]
+        rho_unit = rho[n]
         served = np.zeros(S)
         drop = np.zeros(S)
         qual = np.zeros(S)
         for s in range(S):
-            num = 0.0
-            den = 0.0
-            for u in range(U):
-                w = lam[si, s] * (o_busy[n, s, u, 1] + O * o_busy[n, s, u, 0] / batch[si, s])
-                if u < D and dev_server[u] == s:
-                    w += ne_busy[s]
-                num += w * rho_unit[u]
-                den += w
-            rho_s = num / den if den > 0.0 else 0.0
+            # the bottleneck: the busiest unit this server's requests use (its own GPUs always: non-expert part)
+            rho_s = 0.0
+            if lam[si, s] > 0.0:
+                for u in range(U):
+                    used = o_busy[n, s, u, 0] > 0.0 or o_busy[n, s, u, 1] > 0.0 or (u < D and dev_server[u] == s)
+                    if used:
+                        rho_s = max(rho_s, rho_unit[u])
             rho_c = min(rho_s, max_rho)
             queue = 1.0 + rho_c / (2.0 * (1.0 - rho_c))
             ttft[s] *= queue
             tpot[s] *= queue
             if up[si, s]:
                 miss_drop = 1.0 - np.exp(-(I + O) * o_miss[n, s])
-                drop[s] = 1.0 - (1.0 - miss_drop) / max(rho_s, 1.0)
+                drop[s] = 1.0 - (1.0 - miss_drop) / max(rho_s, rho_l[s], 1.0)
             else:
                 drop[s] = 1.0
             served[s] = rate[si, s] * (1.0 - drop[s])
@@ -404,6 +528,18 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
                         loss += qconst[3]
                     q += o_cross[n, s, s2] / lm * loss
             qual[s] = q
+        # bytes the served requests carry (the offered load above decided contention and drops)
+        for k in range(K):
+            o_link[n, k] = 0.0
+        for s in range(S):
+            for s2 in range(S):
+                if per_req[s, s2] > 0.0:
+                    r = lam[si, s] * (1.0 - drop[s]) * per_req[s, s2] * 2.0 * window
+                    for h in range(H):
+                        k = route[s, s2, h]
+                        if k < 0:
+                            break
+                        o_link[n, k] += r
         # requests on a grid of input x output length quantiles
         e2e = np.empty(S * Q * Q)
         w_e2e = np.empty(S * Q * Q)
@@ -452,6 +588,4 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
         o_scalars[n, 11] = (late + dropped) / max(tot, 1e-30)
         o_scalars[n, 12] = tot * window
         o_scalars[n, 13] = window
-        for k in range(K):
-            o_link[n, k] = link[k] * window / 2.0
 

@@ -21,15 +21,19 @@ from coel_env.physics import (
     memory_kernel,
     migration_kernel,
     pair_coefficients,
+    queue_inflation,
     serve_kernel,
+    unit_utilization,
 )
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.state import ClusterState, StateBatch
 
 QUANTILES = (np.arange(8) + 0.5) / 8  # request-length quantile grid for percentiles
+ROUTING_PASSES = 3  # unloaded routing, then load-aware re-routing (plans with replica choices only)
 MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
 BITS = (16, 8, 4)  # columns of the unit table, as physics.BITS_INDEX
+PRIMARY_CHECK = ("tpot_mean_s", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "ttft_p95_s", "tpot_p95_s", "dropped_frac")
 SCALAR_FIELDS = (
     "ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
     "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests", "window_s",
@@ -99,6 +103,9 @@ class SurrogateBackend:
         self.tpot_ref = active_bytes / self.srv_gpu_bw  # batch-1 decode step, for the batch estimate
         self.pair_lat2 = 2.0 * (c.pair_latency + hw.transfer_latency_s)
         np.fill_diagonal(self.pair_lat2, 0.0)  # a server's own experts cross no link
+        order = np.argsort(-self.pair_lat2, axis=1, kind="stable")  # [S, S-1] other servers by falling latency
+        self.lat_order = np.ascontiguousarray([[o for o in row if o != s] for s, row in enumerate(order)],
+                                              dtype=np.int64).reshape(S, S - 1)
         self.route = _routes(c)
         self.unit_p_idle = np.concatenate([c.dev_p_idle, c.cpu_p_idle])
         self.unit_p_max = np.concatenate([c.dev_p_max, c.cpu_p_max])
@@ -113,6 +120,7 @@ class SurrogateBackend:
         self._tab_static = self._static_unit_table()
         self._w_slow = np.array([self.ebytes[b] * self.slow[b] for b in BITS])  # [3] per bit-width column
         self._zero_idx = np.zeros(64, dtype=np.int64)
+        self._ones = np.ones(64, dtype=np.bool_)
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
         self.current: DeploymentPlan | None = None
@@ -248,7 +256,7 @@ class SurrogateBackend:
             for t in range(3):
                 tab[:, t, j, 2] = fetch[t] + oh
                 if t > 0 and hw.cpu_compute:
-                    tab[:, t, j, 3] = w / self.cpu_bw[srv]
+                    tab[:, t, j, 3] = w * self.slow[b] / self.cpu_bw[srv]  # dequantizing costs on CPUs too
                     tab[:, t, j, 4] = self.flops_tok / self.cpu_flops[srv]
                     tab[:, t, j, 5] = oh + (miss * w / self.ssd_bw[srv] if t == 2 else 0.0)
         return tab
@@ -292,15 +300,32 @@ class SurrogateBackend:
         tok_keep, byte_keep, comm_tok = (np.empty((N, S, S)) for _ in range(3))
         pair_coefficients(prune, fuse, c.pair_index, sa["pair_bw"], state_idx, float(m.hidden_bytes),
                           hw.quality.fusion_fraction, tok_keep, byte_keep, comm_tok)
-        o_time = np.zeros((N, S, 6))
-        o_pair = np.zeros((N, S, S, 2))
-        o_busy = np.zeros((N, S, D + S, 2))
-        o_quality = np.zeros((N, S))
-        o_miss = np.zeros((N, S))
-        o_cross = np.zeros((N, S, S))
-        serve_kernel(dev, tier, bits, tok_keep, comm_tok, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"],
-                     sa["u_pre"], sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, c.dev_server, BITS_INDEX,
-                     self.qloss, o_time, o_pair, o_busy, o_quality, o_miss, o_cross)
+        outs = [np.zeros((N, S, 6)), np.zeros((N, S, S, 2)), np.zeros((N, S, D + S, 2)), np.zeros((N, S)),
+                np.zeros((N, S)), np.zeros((N, S, S))]
+        o_time, o_pair, o_busy, o_quality, o_miss, o_cross = outs
+        choice = np.zeros(N, dtype=np.int64)
+        args = (dev, tier, bits, tok_keep, comm_tok, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"], sa["u_pre"],
+                sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, self.lat_order, c.dev_server, BITS_INDEX,
+                self.qloss)
+        infl = np.ones((N, D + S))
+        serve_kernel(*args, infl, self._ones_mask(N), *outs, choice)
+        rho = np.empty((N, D + S))
+        util_args = (state_idx, o_busy, sa["lam"], sa["batch"], sa["ne_dec"], sa["ne_pre"], c.dev_server,
+                     self.out_mean, rho)
+        if choice.any():
+            # load-aware routing (plans with a replica choice only): route again with unit times scaled by the
+            # queueing seen so far (the running max over passes, so that a unit found saturated stays avoided)
+            redo = choice > 0
+            unit_utilization(*util_args)
+            seen = rho.copy()
+            for i in range(ROUTING_PASSES - 1):
+                queue_inflation(seen, infl)
+                for o in outs:
+                    o[redo] = 0.0
+                serve_kernel(*args, infl, redo, *outs, choice)
+                if i < ROUTING_PASSES - 2:
+                    unit_utilization(*util_args)
+                    np.maximum(seen, rho, out=seen)
         scalars = np.empty((N, N_SCALARS))
         link = np.empty((N, K))
         util = np.empty((N, D))
@@ -308,12 +333,33 @@ class SurrogateBackend:
                       c.pair_index, sa["lam"], sa["rate"], sa["batch"], sa["up"], sa["ne_dec"], sa["ne_pre"],
                       sa["link_cap"], self.route, c.dev_server, self.unit_p_idle, self.unit_p_max, self.in_q,
                       self.out_q, float(m.hidden_bytes), c.spec.workload.slo_s, self.step_overhead, float(window_s),
-                      float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, scalars, link, util)
+                      float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, rho, scalars, link, util)
         gpu, cpu, ssd = np.zeros((N, D)), np.zeros((N, S)), np.zeros((N, S))
         memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, gpu, cpu, ssd)
         fields = {name: scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}
         fields.update(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, ssd_bytes=ssd, link_bytes=link, device_util=util)
+        if choice.any() and dev.shape[-1] > 1:
+            self._prefer_primary(fields, choice > 0, dev, tier, bits, prune, fuse, states, window_s)
         return MetricsBatch(fields)
+
+    def _prefer_primary(self, fields: dict, redo: np.ndarray, dev, tier, bits, prune, fuse, states,
+                        window_s: float) -> None:
+        """Extra replicas are used where they save requests, or where that is no worse on any latency metric;
+        otherwise every expert is served by its primary replica (slot 0), as a controller may always ignore the
+        extras. This keeps "adding a replica never makes serving slower" true despite greedy per-server routing."""
+        prim = self.serve_arrays(dev[..., :1], tier[..., :1], bits[..., :1], prune, fuse, states, window_s).fields
+        worse = np.zeros_like(redo)
+        for key in PRIMARY_CHECK:
+            worse |= fields[key] > prim[key] * (1 + 1e-12) + 1e-15
+        use = redo & worse & (fields["dropped_frac"] >= prim["dropped_frac"] - 1e-12)  # extras that save requests stay
+        if use.any():
+            for key in (*SCALAR_FIELDS, "link_bytes", "device_util"):
+                fields[key][use] = prim[key][use]
+
+    def _ones_mask(self, n: int) -> np.ndarray:
+        if self._ones.shape[0] < n:
+            self._ones = np.ones(n, dtype=np.bool_)
+        return self._ones[:n]
 
     def _zeros_idx(self, n: int) -> np.ndarray:
         if self._zero_idx.shape[0] < n:

@@ -79,9 +79,10 @@ def test_one_remote_expert_costs_the_transfer_formula(hand):
     assert mb["ttft_mean_s"][1] - mb["ttft_mean_s"][0] == pytest.approx(d_ttft, rel=1e-5)
     # e2e of a 128-in / 64-out request = ttft + 63 tpot
     assert mb["e2e_mean_s"][1] - mb["e2e_mean_s"][0] == pytest.approx(d_ttft + 63 * d_tpot, rel=1e-5)
-    # bytes on each of the two star links, each way: (prefill + decode tokens) x p x hidden, per request
+    # bytes on each of the two star links, both directions summed (as the real backend counts them): (prefill +
+    # decode tokens) x p x hidden there and back, per request
     np.testing.assert_allclose(mb["link_bytes"][0], 0.0)
-    np.testing.assert_allclose(mb["link_bytes"][1], TINY_RATE * 60 * (128 + 64) * p * HIDDEN, rtol=1e-9)
+    np.testing.assert_allclose(mb["link_bytes"][1], 2 * TINY_RATE * 60 * (128 + 64) * p * HIDDEN, rtol=1e-9)
     np.testing.assert_array_equal(mb["quality_loss"], 0.0)
 
 
@@ -107,7 +108,8 @@ def test_pruning_and_fusion_scale_bytes_and_cost_quality_by_hand(hand):
     mb = SurrogateBackend(c).serve_batch([base, pruned, fused], state, 60.0)
     q = HW.quality
     keep = np.array([1.0, 0.375, 0.375 * (1 - q.fusion_fraction)])
-    np.testing.assert_allclose(mb["link_bytes"][:, 1], TINY_RATE * 60 * (128 + 64) * 0.3 * HIDDEN * keep, rtol=1e-9)
+    np.testing.assert_allclose(mb["link_bytes"][:, 1], 2 * TINY_RATE * 60 * (128 + 64) * 0.3 * HIDDEN * keep,
+                               rtol=1e-9)  # there and back
     # quality: the crossing token mass (0.3 of 1 layer x top-1) times the per-link compression loss
     loss = q.prune_linear * 0.625 + q.prune_quadratic * (0.625 - q.prune_knee) ** 2
     np.testing.assert_allclose(mb["quality_loss"], [0.0, 0.3 * loss, 0.3 * (loss + q.fusion_loss * q.fusion_fraction)],
@@ -456,23 +458,6 @@ def test_moving_an_expert_to_ssd_never_lowers_latency_loaded(scenarios, name, se
     assert mb["dropped_frac"][1] >= mb["dropped_frac"][0] - 1e-12
 
 
-def _near_users_case(sc, seed: int, only_that_server: bool):
-    c = sc.cluster
-    rng = np.random.default_rng(seed)
-    state = sc.initial_state(rng)
-    s = int(rng.integers(c.num_servers))
-    if only_that_server:
-        state.arrival_rate = np.where(np.arange(c.num_servers) == s, state.arrival_rate, 0.0)
-    plan = DeploymentPlan.uniform(c)
-    g = c.first_gpu[s]
-    add = (c.dev_server[plan.device[..., 0]] != s) & (rng.random(plan.device.shape[:2]) < rng.uniform(0.05, 1.0))
-    more = plan.copy()
-    more.device[..., 1] = np.where(add, g, -1)
-    more.bits[..., 1] = np.where(add, plan.bits[..., 0], 0)
-    mb = SurrogateBackend(c).serve_batch([plan, more], state, 60.0)
-    return mb, c.server_names[s], int(add.sum())
-
-
 NEAR_SCENARIOS = ("tiny", "paper-testbed", "moe2-heterogeneous", "metro-8")
 
 
@@ -506,9 +491,10 @@ def test_more_replicas_near_users_never_slower_unloaded(scenarios, name, seed):
 @HYP
 @given(name=st.sampled_from(NEAR_SCENARIOS), seed=st.integers(0, 1000))
 def test_more_replicas_near_users_never_slower(scenarios, name, seed):
-    """The scenario's own load and all servers' requests: a replica added next to server s's users must not
-    make serving slower (the router may always ignore it)."""
-    _near_users_case(scenarios[name], seed, load=1.0, only_that_server=False)
+    """Server s's requests at the scenario's own load (queueing included): a replica added next to its users must
+    not make serving slower — s's router may always ignore it. (With every server loaded this does not hold for a
+    cross-server percentile: another server may start using the replica and slow a third one's GPU a little.)"""
+    _near_users_case(scenarios[name], seed, load=1.0, only_that_server=True)
 
 
 # ---- batching and determinism ------------------------------------------------------------------------------------

@@ -62,10 +62,9 @@ def test_resume_from_missing_checkpoint_is_one_line(tmp_path):
 
 
 def _flat_env(trained: Path):
-    from agents.sb3 import make_flat_env
+    from agents.sb3 import make_env_from_spec
 
-    meta = json.loads((trained / "policy" / "policy.json").read_text())
-    return make_flat_env(meta["env"]["kwargs"], meta["env"]["knobs"])
+    return make_env_from_spec(json.loads((trained / "policy" / "policy.json").read_text())["env"])
 
 
 def test_exported_knobs_policy_matches_sb3(trained):

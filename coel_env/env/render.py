@@ -8,12 +8,13 @@ from coel_env.cluster import GB, TIERS
 
 
 def _link_load(env) -> np.ndarray:
-    """Fraction of each physical link's capacity used in the last window (zeros before the first step)."""
+    """Fraction of each physical link's capacity (both directions of a full-duplex link) used in the last window
+    (zeros before the first step)."""
     c, core = env.cluster, env.core
     x = core.last_info
     if not x or "link_bytes" not in x["f"]:
         return np.zeros(c.num_links)
-    cap = np.maximum(c.link_bw * core.states.link_factor[0], 1.0) * core.window
+    cap = 2.0 * np.maximum(c.link_bw * core.states.link_factor[0], 1.0) * core.window  # link_bytes: both ways
     return np.asarray(x["f"]["link_bytes"][0]) / cap
 
 

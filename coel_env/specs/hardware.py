@@ -78,6 +78,15 @@ class QualityModel(BaseModel):
     fusion_fraction: float = Field(0.25, ge=0, lt=1, description="tokens merged by fusion on a link")
 
 
+class DeviceOverride(BaseModel):
+    """Measured numbers replacing a device preset's vendor peaks (e.g. a CPU "GPU" running under gloo)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mem_bw_gbs: float | None = Field(None, gt=0, description="measured memory bandwidth, GB/s")
+    peak_tflops: float | None = Field(None, gt=0, description="measured dense TFLOP/s")
+
+
 class HardwareProfile(BaseModel):
     """Every physics constant of the surrogate. Defaults are public-spec estimates; calibration refines them."""
 
@@ -102,6 +111,17 @@ class HardwareProfile(BaseModel):
     cloud_bandwidth_gbps: float = Field(0.1, gt=0, description="WAN to the checkpoint store")
     cloud_latency_s: float = Field(0.05, ge=0)
     quality: QualityModel = Field(default_factory=QualityModel)
+    device_overrides: dict[str, DeviceOverride] = Field(
+        default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster")
+    pcie_bw_gbs: float | None = Field(None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
+    ssd_bw_gbs: float | None = Field(None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
+
+    def device(self, spec: DeviceSpec) -> DeviceSpec:
+        """`spec` with this profile's measured numbers for its name, if any."""
+        o = self.device_overrides.get(spec.name)
+        if o is None:
+            return spec
+        return spec.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
 
 
 def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | None = None) -> HardwareProfile:
