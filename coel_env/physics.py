@@ -60,8 +60,8 @@ BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 @njit(cache=True, fastmath=True)
 def serve_kernel(
     dev, tier, bits, tok_keep, comm_tok, state_idx,
-    pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, lat_order, dev_server, bits_index, qloss, infl, todo,
-    o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross, o_choice,
+    pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, lat_order, dev_server, bits_index, qloss,
+    local_first, infl, todo, o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross, o_choice,
 ):
     """Fill, per plan n and server s: o_time[n, s, 0:6] = decode (compute, comm-bandwidth, comm-latency) and
     prefill (same three); o_pair_bytes[n, s, s2, 0:2] tokens sent to s2 per decode step / prefill, before
@@ -74,7 +74,8 @@ def serve_kernel(
     bandwidth part of every transfer + the largest round-trip latency among the destinations used. The router
     sends each expert's tokens to the replica (and path) that raises this layer time least, given the experts
     already placed, with unit times scaled by infl[n, u] (>= 1: the queueing each unit already sees), ties
-    broken by the replica's own cost; decode and prefill are costed on the chosen replica.
+    broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
+    (the real backend's dispatcher), a server that holds a live replica itself only considers its own replicas.
 
     table[si, key, 0:6] holds per (device, tier, bits) key = (d * 3 + tier) * 3 + bits_index the GPU path
     (read s per activation, compute s per token, fetch+overhead s per activation) then the same for the CPU path.
@@ -169,6 +170,12 @@ def serve_kernel(
                     if lat_dirty:
                         lat_run = _expected_max_latency(order, lat_s, none_d)
                         lat_dirty = False
+                    has_local = False
+                    if local_first:
+                        for r in range(R):
+                            d = dev_l[e, r]
+                            if d >= 0 and dev_up[d] and dev_server[d] == s:
+                                has_local = True
                     best = np.inf
                     best_own = np.inf
                     rd = -1
@@ -182,6 +189,8 @@ def serve_kernel(
                         if not dev_up[d]:
                             continue
                         sd = dev_server[d]
+                        if has_local and sd != s:
+                            continue
                         key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
                         akeep = ad * dev_keep[d]
                         gd = max(ud * tab[key, 0], akeep * tab[key, 1]) + ud * tab[key, 2]

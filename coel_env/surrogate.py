@@ -298,7 +298,7 @@ class SurrogateBackend:
         state_idx = self._zeros_idx(N) if shared else np.arange(N, dtype=np.int64)
         prune = np.asarray(prune, dtype=np.float64)
         tok_keep, byte_keep, comm_tok = (np.empty((N, S, S)) for _ in range(3))
-        pair_coefficients(prune, fuse, c.pair_index, sa["pair_bw"], state_idx, float(m.hidden_bytes),
+        pair_coefficients(prune, fuse, c.pair_index, sa["pair_bw"], state_idx, hw.wire_bytes(m.d_model),
                           hw.quality.fusion_fraction, tok_keep, byte_keep, comm_tok)
         outs = [np.zeros((N, S, 6)), np.zeros((N, S, S, 2)), np.zeros((N, S, D + S, 2)), np.zeros((N, S)),
                 np.zeros((N, S)), np.zeros((N, S, S))]
@@ -306,7 +306,7 @@ class SurrogateBackend:
         choice = np.zeros(N, dtype=np.int64)
         args = (dev, tier, bits, tok_keep, comm_tok, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"], sa["u_pre"],
                 sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, self.lat_order, c.dev_server, BITS_INDEX,
-                self.qloss)
+                self.qloss, hw.routing == "local_first")
         infl = np.ones((N, D + S))
         serve_kernel(*args, infl, self._ones_mask(N), *outs, choice)
         rho = np.empty((N, D + S))
@@ -332,13 +332,13 @@ class SurrogateBackend:
         finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
                       c.pair_index, sa["lam"], sa["rate"], sa["batch"], sa["up"], sa["ne_dec"], sa["ne_pre"],
                       sa["link_cap"], self.route, c.dev_server, self.unit_p_idle, self.unit_p_max, self.in_q,
-                      self.out_q, float(m.hidden_bytes), c.spec.workload.slo_s, self.step_overhead, float(window_s),
+                      self.out_q, hw.wire_bytes(m.d_model), c.spec.workload.slo_s, self.step_overhead, float(window_s),
                       float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, rho, scalars, link, util)
         gpu, cpu, ssd = np.zeros((N, D)), np.zeros((N, S)), np.zeros((N, S))
         memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, gpu, cpu, ssd)
         fields = {name: scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}
         fields.update(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, ssd_bytes=ssd, link_bytes=link, device_util=util)
-        if choice.any() and dev.shape[-1] > 1:
+        if choice.any() and dev.shape[-1] > 1 and hw.routing == "load_aware":  # local-first routes as given
             self._prefer_primary(fields, choice > 0, dev, tier, bits, prune, fuse, states, window_s)
         return MetricsBatch(fields)
 

@@ -6,6 +6,7 @@ A profile lives in `conf/hardware/<name>.yaml`; `experiments.calibrate` writes n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -108,6 +109,12 @@ class HardwareProfile(BaseModel):
     kv_reserve_frac: float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
     cpu_reserve_gb: float = Field(8.0, ge=0, description="host RAM kept for the OS and the runtime")
     transfer_latency_s: float = Field(50e-6, ge=0, description="software latency per message (α)")
+    routing: Literal["load_aware", "local_first"] = Field(
+        "load_aware", description="replica choice: least added layer time, or own replica first (real backend)")
+    activation_bytes: int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "
+                                  "(2: bf16 on GPUs; 4: the CPU backend's fp32)")
+    row_header_bytes: int = Field(0, ge=0, description="extra bytes per routed token row per round trip "
+                                  "(the real dispatcher sends an 8-byte expert id with each row)")
     cloud_bandwidth_gbps: float = Field(0.1, gt=0, description="WAN to the checkpoint store")
     cloud_latency_s: float = Field(0.05, ge=0)
     quality: QualityModel = Field(default_factory=QualityModel)
@@ -115,6 +122,10 @@ class HardwareProfile(BaseModel):
         default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster")
     pcie_bw_gbs: float | None = Field(None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
     ssd_bw_gbs: float | None = Field(None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
+
+    def wire_bytes(self, d_model: int) -> float:
+        """One-way bytes of a routed token's hidden state (the round trip carries two, plus the row header)."""
+        return d_model * self.activation_bytes + self.row_header_bytes / 2
 
     def device(self, spec: DeviceSpec) -> DeviceSpec:
         """`spec` with this profile's measured numbers for its name, if any."""

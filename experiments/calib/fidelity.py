@@ -1,0 +1,115 @@
+"""Surrogate vs real backend on held-out plans: scenarios that fit the CPU/gloo setup, plan sets, measurement.
+
+The surrogate is queried through its public API only. Each real window's realized arrivals (Poisson draws) are fed
+back to the surrogate as the state's arrival rates, so the comparison tests the service model, not the sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import yaml
+
+from coel_env.cluster import Cluster
+from coel_env.plan import DeploymentPlan
+from coel_env.specs.hardware import CONF_DIR
+from coel_env.state import ClusterState, Scenario
+from coel_env.surrogate import SurrogateBackend
+
+SCALARS = ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "tokens_per_s", "quality_loss")
+LATENCY = ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s")
+
+
+def scenario_variants(base: str = "tiny") -> dict[str, dict]:
+    """`base` plus small variants that still run on CPU: a slow 100 Mb/s star, 2 servers on a mesh, a busy mix."""
+    data = yaml.safe_load((CONF_DIR / "scenario" / f"{base}.yaml").read_text())
+    data["name"] = base
+    slow = copy.deepcopy(data)
+    slow.update(name=f"{base}-slowlink", topology={"kind": "star", "bandwidth_gbps": 0.1, "latency_ms": 1.0})
+    two = copy.deepcopy(data)
+    two.update(name=f"{base}-2srv", servers=data["servers"][:2], topology={"kind": "mesh", "bandwidth_gbps": 1.0,
+                                                                          "latency_ms": 0.5})
+    two["workload"] = {**data["workload"], "arrival_rate": data["workload"]["arrival_rate"][:2]}
+    busy = copy.deepcopy(data)
+    busy["name"] = f"{base}-busy"
+    busy["workload"] = {**data["workload"], "arrival_rate": [1.0, 0.6, 0.6]}
+    return {d["name"]: d for d in (data, slow, two, busy)}
+
+
+def random_plan(cluster: Cluster, rng: np.random.Generator, tries: int = 50) -> DeploymentPlan:
+    """A random valid plan: 1..R replicas per expert on distinct devices, random tiers (mostly GPU), bits, pruning
+    and fusion per server pair."""
+    for _ in range(tries):
+        plan = DeploymentPlan.for_cluster(cluster)
+        L, E, R = plan.device.shape
+        D = cluster.num_devices
+        for l in range(L):
+            for e in range(E):
+                k = int(rng.integers(1, min(R, D) + 1))
+                for r, d in enumerate(rng.choice(D, k, replace=False)):
+                    plan.device[l, e, r] = d
+                    plan.tier[l, e, r] = rng.choice(3, p=[0.7, 0.2, 0.1])
+                    plan.bits[l, e, r] = rng.choice([16, 8, 4])
+        plan.prune[:] = rng.choice([0.0, 0.0, 0.25, 0.5, 0.75], plan.prune.shape)
+        plan.fuse[:] = rng.random(plan.fuse.shape) < 0.3
+        if not plan.problems(cluster):
+            return plan
+    raise RuntimeError("random_plan: no valid plan found")
+
+
+def baseline_plans(scenario: Scenario, state: ClusterState, names: tuple[str, ...], seed: int = 0
+                   ) -> dict[str, DeploymentPlan]:
+    """Each named baseline's plan for `state` (agents.baselines.make_policy)."""
+    from agents.baselines import make_policy
+
+    out = {}
+    for name in names:
+        pol = make_policy(name, seed=seed) if name != "oracle" else make_policy(name)
+        pol.reset(scenario.cluster, seed=seed, scenario=scenario)
+        plan = pol.plan(state, scenario.cluster)
+        if not plan.problems(scenario.cluster):
+            out[name] = plan
+    return out
+
+
+def with_rates(state: ClusterState, rates) -> ClusterState:
+    """A shallow copy of `state` with other arrival rates (e.g. the requests a real window actually drew)."""
+    st = copy.copy(state)
+    st.arrival_rate = np.asarray(rates, dtype=np.float64).copy()
+    return st.touch()
+
+
+def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int
+                           ) -> np.ndarray:
+    """Exact bytes per physical link of the real dispatcher's wire format, from its row and message counts:
+    a request carries rows * d_model * elem + 8 * (rows + 1) bytes, its reply rows * d_model * elem + 8."""
+    d = cluster.model.d_model
+    pair = np.asarray(rows_to) * (2 * d * elem_bytes + 8) + 16 * np.asarray(msgs_to)
+    a, b = cluster.pair_servers[:, 0], cluster.pair_servers[:, 1]
+    return (pair[a, b] + pair[b, a]) @ cluster.pair_links
+
+
+def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, window_s: float,
+            elem_bytes: int) -> dict:
+    """Serve `plan` on the real backend, predict it with the surrogate at the realized arrivals; one row."""
+    backend.apply(plan, state)
+    real = backend.serve(plan, state, window_s)
+    det = backend.last_details
+    rates = [len(r) / window_s for r in backend.last_requests]
+    pred = surrogate.serve(plan, with_rates(state, rates), window_s)
+    c = surrogate.cluster
+    return {
+        "real": {k: float(getattr(real, k)) for k in SCALARS},
+        "pred": {k: float(getattr(pred, k)) for k in SCALARS},
+        "real_link_bytes": real.link_bytes.tolist(), "pred_link_bytes": pred.link_bytes.tolist(),
+        "count_link_bytes": link_bytes_from_counts(c, np.array(det["rows_to"]), np.array(det["msgs_to"]),
+                                                   elem_bytes).tolist(),
+        "real_mem": [float(real.gpu_mem_bytes.sum()), float(real.cpu_mem_bytes.sum()), float(real.ssd_bytes.sum())],
+        "pred_mem": [float(pred.gpu_mem_bytes.sum()), float(pred.cpu_mem_bytes.sum()), float(pred.ssd_bytes.sum())],
+        "rate": rates, "window_s": window_s, "served": det["served"], "kl": det["kl"], "steps": det["steps"],
+    }
+
+
+def with_profile(spec_dict: dict, profile, seed: int = 0) -> Scenario:
+    return Scenario(dict(spec_dict), seed=seed, hardware=profile)
