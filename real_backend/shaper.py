@@ -34,6 +34,10 @@ def sleep_until(t: float) -> None:
         time.sleep(left)
 
 
+BURST_S = 0.02  # bucket depth: a late sender may catch up this much idle time (like tbf's burst), so scheduler
+# jitter on a busy host does not lower the average rate below the set one
+
+
 class TokenBucket:
     """One FIFO link of `rate` bytes/s and one-way `latency` s (single process): `send(n)` returns arrival time."""
 
@@ -43,7 +47,7 @@ class TokenBucket:
         self.rate, self.latency, self.free = rate, latency, 0.0
 
     def send(self, nbytes: int, t: float | None = None) -> float:
-        start = max(now() if t is None else t, self.free)
+        start = max((now() if t is None else t) - BURST_S, self.free)
         self.free = start + nbytes / self.rate
         return self.free + self.latency
 
@@ -95,7 +99,7 @@ class LinkShaper:
             with self.free.get_lock():
                 for k, direction in hops:
                     i = 2 * k + direction
-                    start = max(t, self.free[i])
+                    start = max(t - BURST_S, self.free[i])
                     self.free[i] = start + nbytes / self.rate[k]
                     arrive = max(arrive, self.free[i])
         if self.latency:
@@ -107,7 +111,7 @@ class LinkShaper:
         t = now()
         with self.free.get_lock():
             i = len(self.free) - 1
-            start = max(t, self.free[i])
+            start = max(t - BURST_S, self.free[i])
             self.free[i] = start + nbytes / self.cloud_rate
             arrive = self.free[i]
         return arrive + self.cluster.hw.cloud_latency_s
