@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from coel_env.errors import CoELError
+from coel_env.errors import CoELError, read_json_object
 
 POLICY_FORMAT = "coel-deployment-policy"  # keep in sync with agents.export
 POLICY_VERSION = 1
@@ -53,17 +52,11 @@ class DeploymentPolicy:
 
     @staticmethod
     def _read_meta(directory: Path) -> dict:
-        meta_path = directory / "policy.json"
         if not directory.is_dir():
             raise PolicyLoadError(f"policy: '{directory}' is not a directory")
-        if not meta_path.is_file():
+        if not (directory / "policy.json").is_file():
             raise PolicyLoadError(f"policy: '{directory}' has no policy.json")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PolicyLoadError(f"policy: policy.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(meta, dict):
-            raise PolicyLoadError("policy: policy.json must hold a JSON object")
+        meta = read_json_object(directory / "policy.json", "policy", PolicyLoadError)
         missing = [k for k in REQUIRED if k not in meta]
         if missing:
             raise PolicyLoadError(f"policy: policy.json lacks field '{missing[0]}'; required: {', '.join(REQUIRED)}")

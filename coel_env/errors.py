@@ -57,3 +57,22 @@ def format_pydantic_error(source: str, exc, model=None) -> str:
     more = len(exc.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {loc + ': ' if loc else ''}{msg}{tail}"
+
+
+def read_json_object(path, label: str, error: type[CoELError] = ConfigError) -> dict:
+    """The JSON object in file `path`; `error` (one line, prefixed by `label`) if it is missing, not JSON or not an
+    object — the one way user-supplied JSON files (manifests, HF configs, policy metadata) are read."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{label}: no file '{p}'")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise error(f"{label}: '{p}' is not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise error(f"{label}: '{p}' must hold a JSON object")
+    return data

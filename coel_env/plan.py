@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from coel_env.cluster import GB, TIERS, Cluster
-from coel_env.errors import PlanError
+from coel_env.errors import PlanError, read_json_object
 from coel_env.specs import BIT_WIDTHS
 
 MANIFEST_FORMAT = "coel-deployment-manifest"
@@ -242,13 +242,7 @@ class DeploymentPlan:
 
     @classmethod
     def load_manifest(cls, path: str | Path, cluster: Cluster) -> DeploymentPlan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PlanError(f"manifest: no file '{path}'") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"manifest: '{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_manifest(data, cluster)
+        return cls.from_manifest(read_json_object(path, "manifest", PlanError), cluster)
 
 
 def _duplicate_slots(plan: DeploymentPlan) -> tuple[int, int, int] | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from coel_env.errors import ConfigError, format_pydantic_error
+from coel_env.errors import ConfigError, format_pydantic_error, read_json_object
 
 BIT_WIDTHS: tuple[int, ...] = (16, 8, 4)
 INT4_GROUP_SIZE = 128
@@ -178,10 +177,7 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec
         p = p / "config.json"
     if not p.is_file():
         raise ConfigError(f"model: no config.json at '{path}'")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    cfg = read_json_object(p, "model")
     n_experts = _first(cfg, "num_experts", "num_local_experts", "n_routed_experts")
     if n_experts is None:
         raise ConfigError(f"model: {p} has no num_experts/num_local_experts/n_routed_experts: not a MoE model")
