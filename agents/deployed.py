@@ -18,7 +18,8 @@ class DeployedAgent(ActionPolicy):
 
     def __init__(self, directory: str | Path):
         self.deployment = DeploymentPolicy(directory)
-        super().__init__(self.deployment.act, name=f"agent:{Path(directory).name}")
+        d = Path(directory).resolve()
+        super().__init__(self.deployment.act, name=f"agent:{d.parent.name}" if d.name == "policy" else f"agent:{d.name}")
         base = self.deployment.env_spec.get("knobs")
         self.knobbed = None
         if base:

@@ -14,15 +14,20 @@ EPISODE_METRICS = ("return", "e2e_p95_s", "tokens_per_s", "quality_loss", "energ
 _PER_EPOCH = ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac")
 
 
-def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None) -> dict[str, float]:
+def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None,
+                predictor=None) -> dict[str, float]:
     """One episode of `policy` in CoEL-v0 from reset(seed).
 
     Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
-    action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic)."""
+    action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic).
+    With a `predictor` backend (the surrogate, while the env runs the real backend), every served window is also
+    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones."""
     core = env.unwrapped
     obs, _ = env.reset(seed=seed)
     policy.reset(core.cluster, seed=seed, scenario=core.scenario)
     rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms")}
+    if predictor is not None:
+        rec.update({f"pred_{k}": [] for k in _PER_EPOCH})
     total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
     while not done:
         t0 = time.perf_counter()
@@ -40,12 +45,18 @@ def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None =
         steps += 1
         for k in _PER_EPOCH:
             rec[k].append(float(info["metrics"][k]))
+        if predictor is not None:
+            pred = predictor.serve(core.plan, core.state, float(core.scenario.spec.dynamics.epoch_s))
+            for k in _PER_EPOCH:
+                rec[f"pred_{k}"].append(float(getattr(pred, k)))
         migration += float(info["migration"]["bytes_total"])
         repairs += int(info.get("repaired", False))
         done = term or trunc or (max_steps is not None and steps >= max_steps)
     out_row = {k: float(np.mean(v)) for k, v in rec.items()}
     out_row.update({"return": total, "migration_bytes": migration, "slo_attainment": 1.0 - out_row.pop("late_frac"),
                     "repairs": repairs, "epochs": steps})
+    if predictor is not None:
+        out_row["pred_slo_attainment"] = 1.0 - out_row.pop("pred_late_frac")
     return out_row
 
 

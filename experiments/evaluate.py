@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.baselines import make_policy
 from agents.deployed import DeployedAgent
 from agents.rollout import mean_ci, run_episode
+from coel_env.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def predictor(env: gym.Env, cfg: DictConfig):
+    """The surrogate, to predict every window next to the measurement, when evaluating on another backend."""
+    if cfg.backend.name == "surrogate" or not cfg.get("predict_with_surrogate", True):
+        return None
+    from coel_env.surrogate import SurrogateBackend
+
+    return SurrogateBackend(env.unwrapped.cluster)
+
+
 def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
     kw = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if v is not None}
-    kw.update(scenario=scenario, max_epochs=int(cfg.max_epochs), backend=cfg.backend)
+    backend = OmegaConf.to_container(cfg.backend, resolve=True)
+    kw.update(scenario=scenario, max_epochs=int(cfg.max_epochs), backend=backend.pop("name"))
+    if backend.pop("hardware", None):
+        raise ConfigError("backend.hardware: set the hardware profile in the scenario for the leaderboard")
+    if backend:
+        kw["backend_kwargs"] = backend
     return kw
 
 
@@ -93,7 +108,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 bar.set_postfix_str(f"{scenario}/{name}/seed{seed}")
                 policy = agent if agent is not None else make_policy(name, seed=seed, **kw)
                 t0 = time.perf_counter()
-                ep = run_episode(env, policy, seed)
+                ep = run_episode(env, policy, seed, predictor=predictor(env, cfg))
                 ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0,
                           config_id=cid)
                 eps.append(ep)
@@ -102,6 +117,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                                    "epochs": int(np.mean([e["epochs"] for e in eps])),
                                    "repairs": float(np.mean([e["repairs"] for e in eps]))}
             for key, _, _ in METRICS:
+                row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
+            for key in (k for k in eps[0] if k.startswith("pred_")):  # the surrogate's prediction, same windows
                 row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
             row.update(config_id=cid, config=json.dumps(config, sort_keys=True, default=str))
             if env is not base_env:
@@ -137,7 +154,7 @@ def _fmt(x: float, ci: float, scale: float) -> str:
 def markdown(rows: list[dict], cfg: DictConfig) -> str:
     cols = [t for _, t, _ in METRICS]
     first, last = int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds) - 1
-    lines = [f"# CoEL-Gym leaderboard ({cfg.backend} backend)", "",
+    lines = [f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)", "",
              f"{int(cfg.seeds)} episodes per cell (seeds {first}..{last}), "
              f"{int(cfg.max_epochs)} decision epochs each, reward space `{cfg.env.reward_space}`, perception "
              f"`{cfg.env.perception}`. Mean ± 95% CI over episodes; p95 latency, tokens/s, quality loss, energy and "
@@ -148,6 +165,16 @@ def markdown(rows: list[dict], cfg: DictConfig) -> str:
         for r in sorted((r for r in rows if r["scenario"] == scenario), key=lambda r: -r["return"]):
             cells = [_fmt(r[k], r[f"{k}_ci95"], s) for k, _, s in METRICS]
             lines.append(f"| {r['policy']} | " + " | ".join(cells) + f" | `{r['config_id']}` |")
+        lines.append("")
+    pred = [(k, t, sc) for k, t, sc in METRICS if f"pred_{k}" in rows[0]]
+    if pred:
+        lines += ["## Measured vs the surrogate's prediction (same plans, same windows)", "",
+                  "| scenario | policy | " + " | ".join(f"{t} measured | predicted" for _, t, _ in pred) + " |",
+                  "|---" * (2 + 2 * len(pred)) + "|"]
+        for r in rows:
+            cells = [f"{_fmt(r[k], r[f'{k}_ci95'], sc)} | {_fmt(r[f'pred_{k}'], r[f'pred_{k}_ci95'], sc)}"
+                     for k, _, sc in pred]
+            lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, seeds, git commit):", ""]
     for r in rows:

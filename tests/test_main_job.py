@@ -21,7 +21,7 @@ def test_main_job_smoke(tmp_path):
     assert f"Everything is under {tmp_path}" in proc.stdout
     assert (Path(summary["policy"]) / "actor.onnx").is_file()
     board = Path(summary["leaderboard"]).read_text()
-    assert "agent:policy" in board and "eplb" in board and "static_linear" in board
+    assert "agent:train" in board and "eplb" in board and "static_linear" in board
     report = Path(summary["report"]).read_text()
     for section in ("## Training runs", "## Learning curves", "## Leaderboard", "## Pareto fronts", "## Placements"):
         assert section in report

@@ -140,7 +140,7 @@ def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = (tmp_path / "leaderboard.md").read_text()
-    assert "agent:policy" in board and "static_linear" in board
+    assert f"agent:{trained.name}" in board and "static_linear" in board
 
 
 def test_gym_make_registered():
