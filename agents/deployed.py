@@ -19,7 +19,8 @@ class DeployedAgent(ActionPolicy):
     def __init__(self, directory: str | Path):
         self.deployment = DeploymentPolicy(directory)
         d = Path(directory).resolve()
-        super().__init__(self.deployment.act, name=f"agent:{d.parent.name}" if d.name == "policy" else f"agent:{d.name}")
+        label = d.parent.name if d.name == "policy" else d.name  # a run's policy/ is named after its run
+        super().__init__(self.deployment.act, name=f"agent:{label}")
         base = self.deployment.env_spec.get("knobs")
         self.knobbed = None
         if base:
