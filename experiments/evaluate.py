@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.baselines import make_policy
 from agents.deployed import DeployedAgent
 from agents.rollout import mean_ci, run_episode
-from coel_env.errors import ConfigError
+from coel_env.errors import CoELError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,20 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
             if Path(str(name)).is_dir():  # an exported deployment policy: its own action space, our scenario
                 agent = DeployedAgent(name)
                 # the leaderboard's env (reward, perception, scenario) with the agent's own action space
-                env_kw = {**kwargs, "action_space": agent.env_kwargs.get("action_space", "full")}
+                shaping = ("action_space", "num_edits", "observation_space")
+                env_kw = {**kwargs, **{k: agent.env_kwargs[k] for k in shaping if k in agent.env_kwargs}}
                 env = gym.make("CoEL-v0", **env_kw)
                 name = agent.name
             config = {"policy": name, "policy_kwargs": kw, "scenario": scenario, "seeds": seeds,
                       "env": env_kw, "git": commit}
             cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
             eps = []
+            pred = predictor(env, cfg)
             for seed in seeds:
                 bar.set_postfix_str(f"{scenario}/{name}/seed{seed}")
                 policy = agent if agent is not None else make_policy(name, seed=seed, **kw)
                 t0 = time.perf_counter()
-                ep = run_episode(env, policy, seed, predictor=predictor(env, cfg))
+                ep = run_episode(env, policy, seed, predictor=pred)
                 ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0,
                           config_id=cid)
                 eps.append(ep)
@@ -231,7 +233,12 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    rows = evaluate(cfg, out)
+    try:
+        if int(cfg.seeds) < 1 or not cfg.policies or not cfg.scenarios:
+            raise ConfigError("seeds, policies, scenarios: need seeds >= 1 and at least one policy and scenario")
+        rows = evaluate(cfg, out)
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
     log_wandb(cfg, out, rows)
     print((out / "leaderboard.md").read_text())
     print(f"wrote {out / 'leaderboard.csv'}")

@@ -38,7 +38,9 @@ def export_run(run: str | Path, out: str | Path | None = None, checkpoint: str |
             raise ConfigError(f"checkpoint: no model at '{stem.with_suffix('.zip')}'")
         if not (run / "train_summary.json").is_file():
             raise ConfigError(f"run: '{run}' has no train_summary.json (training did not finish)")
-        algo = json.loads((run / "train_summary.json").read_text())["algo"]
+        algo = json.loads((run / "train_summary.json").read_text()).get("algo")
+        if algo not in ALGORITHMS:
+            raise ConfigError(f"run: train_summary.json names algorithm {algo!r}; allowed: {', '.join(ALGORITHMS)}")
         model = ALGORITHMS[algo].load(stem.with_suffix(".zip"), device="cpu")  # our own checkpoint (SB3 format)
     rms, clip = None, 10.0
     norm = stem.with_suffix(".vecnorm.npz")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m experiments.export run=<training run dir> [out=<dir>] [checkpoint=<name>]")
     try:
         path = export_run(args.run, args.get("out"), args.get("checkpoint"))
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"exported deployment policy to {path}")
 

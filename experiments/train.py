@@ -61,8 +61,10 @@ def train(cfg: DictConfig, out: Path) -> dict:
     run = init_wandb(OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}"
                      f"-s{cfg.seed}")
     obs_exclude = tuple(cfg.obs_exclude or ())
-    venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude)
+    venv = None
     try:
+        venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs,
+                                 obs_exclude)
         resumed = cfg.resume is not None
         model = make_algorithm(cfg.agent, venv, cfg.seed, resume=cfg.resume)
         if resumed:
@@ -83,8 +85,12 @@ def train(cfg: DictConfig, out: Path) -> dict:
         summary = {"algo": algo, "scenario": kwargs["scenario"]["name"], "seed": cfg.seed,
                    "timesteps": int(model.num_timesteps), "train_time_s": train_time,
                    "first_win_s": callback.first_win_s, "evaluations": callback.history}
-        env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
-                    "obs_keys": observed_keys(CoELEnv(**kwargs).observation_space, obs_exclude)}
+        probe = CoELEnv(**kwargs)
+        try:
+            obs_keys = observed_keys(probe.observation_space, obs_exclude)
+        finally:
+            probe.close()
+        env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs, "obs_keys": obs_keys}
         (out / "env_spec.json").write_text(json.dumps(env_spec, indent=1))
         if cfg.export:
             summary["policy_dir"] = str(out / "policy")
@@ -95,7 +101,8 @@ def train(cfg: DictConfig, out: Path) -> dict:
             export_run(out, model=model)
         return summary
     finally:
-        venv.close()
+        if venv is not None:
+            venv.close()
         if run is not None:
             run.finish()
 

@@ -159,3 +159,16 @@ def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.export", f"run={tmp_path}"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "has no env_spec.json" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_deployed_agent_on_another_scenario_is_one_clear_error(trained):
+    from agents.deployed import DeployedAgent
+    from coel_env.errors import ConfigError
+
+    agent = DeployedAgent(trained / "policy")
+    env = gym.make("CoEL-v0", scenario="paper-testbed", max_epochs=2)
+    obs, _ = env.reset(seed=0)
+    agent.reset(env.unwrapped.cluster, seed=0, scenario=env.unwrapped.scenario)
+    with pytest.raises(ConfigError, match="trained on scenario 'tiny'") as err:
+        agent.act(obs, env)
+    assert "\n" not in str(err.value)
