@@ -16,6 +16,7 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from agents.policy import ActionPolicy
@@ -91,11 +92,24 @@ def save_vecnormalize(venv: VecEnv, path: Path) -> None:
         np.savez(path, mean=rms.mean, var=rms.var, count=np.array(rms.count), clip_obs=np.array(venv.clip_obs))
 
 
+def read_vecnormalize(path: Path) -> tuple[RunningMeanStd, float] | None:
+    """Observation statistics and clip written by `save_vecnormalize` (None if the file does not exist)."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        rms = RunningMeanStd(shape=z["mean"].shape)
+        rms.mean, rms.var, rms.count = z["mean"], z["var"], float(z["count"])
+        return rms, float(z["clip_obs"])
+
+
 def load_vecnormalize(venv: VecEnv, path: Path) -> None:
-    if isinstance(venv, VecNormalize) and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            venv.obs_rms.mean, venv.obs_rms.var = z["mean"], z["var"]
-            venv.obs_rms.count = float(z["count"])
+    """Restore a checkpoint's observation statistics into `venv` (a missing file is an error when normalising)."""
+    if not isinstance(venv, VecNormalize):
+        return
+    stats = read_vecnormalize(path)
+    if stats is None:
+        raise ConfigError(f"resume: no observation statistics at '{path}' (needed with normalize_obs=true)")
+    venv.obs_rms = stats[0]
 
 
 class ModelPolicy(ActionPolicy):

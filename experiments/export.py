@@ -12,17 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from agents.export import export_policy
-from agents.sb3 import ALGORITHMS
+from agents.sb3 import ALGORITHMS, read_vecnormalize
 from coel_env.errors import ConfigError
-
-
-class _ObsRMS:
-    def __init__(self, mean: np.ndarray, var: np.ndarray):
-        self.mean, self.var = mean, var
 
 
 def export_run(run: str | Path, out: str | Path | None = None, checkpoint: str | None = None, model=None) -> Path:
@@ -42,11 +36,7 @@ def export_run(run: str | Path, out: str | Path | None = None, checkpoint: str |
         if algo not in ALGORITHMS:
             raise ConfigError(f"run: train_summary.json names algorithm {algo!r}; allowed: {', '.join(ALGORITHMS)}")
         model = ALGORITHMS[algo].load(stem.with_suffix(".zip"), device="cpu")  # our own checkpoint (SB3 format)
-    rms, clip = None, 10.0
-    norm = stem.with_suffix(".vecnorm.npz")
-    if norm.is_file():
-        with np.load(norm, allow_pickle=False) as z:
-            rms, clip = _ObsRMS(z["mean"], z["var"]), float(z["clip_obs"])
+    rms, clip = read_vecnormalize(stem.with_suffix(".vecnorm.npz")) or (None, 10.0)
     extra = {}
     if (run / "train_summary.json").is_file():
         s = json.loads((run / "train_summary.json").read_text())

@@ -72,6 +72,7 @@ class CoELCore:
         plan0 = initial_plan if initial_plan is not None else DeploymentPlan.uniform(c)
         plan0.validate(c)
         self.plan0 = PlanBatch.from_plans([plan0])
+        self._usage0 = usage_of(self.plan0, c)  # memory use of the initial plan, copied into an env on reset
         self.plans = PlanBatch.tile(plan0, num_envs)
         self.usage = usage_of(self.plans, c)
         self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
@@ -87,7 +88,8 @@ class CoELCore:
         self.states.load(i, st)
         self.states.refresh_popularity([i])
         self.plans.set(i, self.plan0)
-        self.usage = usage_of(self.plans, self.cluster)
+        for arr, row in zip(self.usage, self._usage0):  # only env i's plan changed: no pass over all N envs
+            arr[i] = row[0]
         z = rng.standard_normal(self.perception.num_normals)
         bits = self.perception.reset(i, self.states, z)
         if not self.fast:
