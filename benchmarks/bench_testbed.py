@@ -36,19 +36,21 @@ JOBS = {  # name -> (scenario, links)
     "3srv-app": ("paper-3server-1gpu", "app"),
 }
 LENS = [64, 128, 256, 512, 1024, 2048]
-FIELDS = ["job", "scenario", "links", "sweep", "input_len", "output_len", "status", "latency_s", "tok_s", "ttft_s",
-          "tpot_s", "wall_s", "comm_wait_s", "link_bytes", "note"]
+FIELDS = ["job", "scenario", "links", "sweep", "batch", "input_len", "output_len", "status", "latency_s", "tok_s",
+          "batch_tok_s", "ttft_s", "tpot_s", "wall_s", "comm_wait_s", "link_bytes", "note"]
 OUT_DIR = Path(__file__).resolve().parent / "results" / "testbed"
 
 
-def scenario_spec(name: str, model: str | None = None, gpu: str | None = None):
-    """The scenario's spec, optionally with another model preset or every GPU replaced by `gpu`."""
+def scenario_spec(name: str, model: str | None = None, gpu: str | None = None, max_batch: int | None = None):
+    """The scenario's spec, optionally with another model preset, every GPU replaced by `gpu`, or another batch cap."""
     from coel_env.specs import load_scenario_spec, model_preset
 
     spec = load_scenario_spec(name)
-    if not (model or gpu):
+    if not (model or gpu or max_batch):
         return spec
     d = spec.model_dump()
+    if max_batch:
+        d["workload"]["max_batch"] = max_batch
     if model:
         d["model"] = model_preset(model).model_dump()
     if gpu:
@@ -118,7 +120,7 @@ def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer,
     from real_backend.backend import RealBackend, ServerError
 
     scen_name, links = JOBS[job]
-    base = dict(job=job, scenario=scen_name, links=links, sweep=sweep)
+    base = dict(job=job, scenario=scen_name, links=links, sweep=sweep, batch=args.batch)
 
     def skip(pts, note):
         for n_in, n_out in pts:
@@ -127,7 +129,7 @@ def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer,
     if deadline - time.monotonic() < args.min_job_s:
         skip(points, "budget: job not started")
         return
-    scenario = Scenario(scenario_spec(scen_name, args.model), seed=args.seed)
+    scenario = Scenario(scenario_spec(scen_name, args.model, max_batch=args.batch), seed=args.seed)
     c = scenario.cluster
     plan = DeploymentPlan.uniform(c)
     state = scenario.initial_state(np.random.default_rng(args.seed))
@@ -152,14 +154,18 @@ def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer,
                 skip(points[done:], f"budget: needs ~{need:.0f} s, {left:.0f} s left")
                 return
             backend.timeout_s = max(left, 10.0)
-            reqs = [[make_request(backend, state, n_in, n_out, rid, rng)]] + [[] for _ in range(c.num_servers - 1)]
+            batch = [make_request(backend, state, n_in, n_out, rid + b, rng) for b in range(args.batch)]
+            rid += args.batch - 1
+            reqs = [batch] + [[] for _ in range(c.num_servers - 1)]
             t1 = time.perf_counter()
             m = backend.serve_requests(plan, state, reqs, 60.0)
             wall = time.perf_counter() - t1
             d = backend.last_details
-            n_tok = len(d["tokens"][rid])
-            writer.row(**base, input_len=n_in, output_len=n_out, status="ok" if n_tok == n_out else "short",
+            n_tok = sum(len(d["tokens"][q["rid"]]) for q in batch)
+            status = "ok" if n_tok == n_out * args.batch else "short"
+            writer.row(**base, input_len=n_in, output_len=n_out, status=status,
                        latency_s=m.e2e_mean_s, tok_s=m.request_tokens_per_s, ttft_s=m.ttft_mean_s,
+                       batch_tok_s=n_tok / max(d["makespan_s"], 1e-9),
                        tpot_s=m.tpot_mean_s, wall_s=wall, comm_wait_s=d["comm_wait_s"][0],
                        link_bytes=float(np.sum(m.link_bytes)))
             est.add(n_in, m.ttft_mean_s, m.tpot_mean_s)
@@ -328,6 +334,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-lens", type=int, nargs="+", default=LENS)
     p.add_argument("--input-lens", type=int, nargs="+", default=LENS)
     p.add_argument("--fixed-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="requests sent together to server 0 (one continuous batch)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of this measure run")
     p.add_argument("--min-job-s", type=float, default=20.0, help="do not start a job with less budget left")
     p.add_argument("--timeout-s", type=float, default=120.0, help="server hang timeout (NCCL too)")

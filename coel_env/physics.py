@@ -75,7 +75,8 @@ def serve_kernel(
     sends each expert's tokens to the replica (and path) that raises this layer time least, given the experts
     already placed, with unit times scaled by infl[n, u] (>= 1: the queueing each unit already sees), ties
     broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
-    (the real backend's dispatcher), a server that holds a live replica itself only considers its own replicas.
+    (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
+    holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
 
     table[si, key, 0:6] holds per (device, tier, bits) key = (d * 3 + tier) * 3 + bits_index the GPU path
     (read s per activation, compute s per token, fetch+overhead s per activation) then the same for the CPU path.
@@ -170,12 +171,18 @@ def serve_kernel(
                     if lat_dirty:
                         lat_run = _expected_max_latency(order, lat_s, none_d)
                         lat_dirty = False
-                    has_local = False
+                    target = -1  # local-first: the one server whose replicas are considered
                     if local_first:
                         for r in range(R):
                             d = dev_l[e, r]
-                            if d >= 0 and dev_up[d] and dev_server[d] == s:
-                                has_local = True
+                            if d >= 0 and dev_up[d]:
+                                sd = dev_server[d]
+                                if sd == s:
+                                    target = s
+                                    break
+                                if target < 0 or lat_s[sd] < lat_s[target] or (
+                                        lat_s[sd] == lat_s[target] and sd < target):
+                                    target = sd
                     best = np.inf
                     best_own = np.inf
                     rd = -1
@@ -189,7 +196,7 @@ def serve_kernel(
                         if not dev_up[d]:
                             continue
                         sd = dev_server[d]
-                        if has_local and sd != s:
+                        if target >= 0 and sd != target:
                             continue
                         key = (d * 3 + tier_l[e, r]) * 3 + bits_index[bits_l[e, r]]
                         akeep = ad * dev_keep[d]
@@ -433,12 +440,12 @@ def unit_utilization(state_idx, o_busy, lam, batch, ne_dec, ne_pre, dev_server, 
             ls = lam[si, s]
             if ls <= 0.0:
                 continue
-            k = out_mean / batch[si, s]
+            k = (out_mean - 1.0) / batch[si, s]  # the prefill step yields the first token
             for u in range(U):
                 o_rho[n, u] += ls * (o_busy[n, s, u, 1] + k * o_busy[n, s, u, 0])
         for d in range(D):
             s = dev_server[d]
-            o_rho[n, d] += lam[si, s] * (ne_pre[si, s] + out_mean * ne_dec[si, s] / batch[si, s])
+            o_rho[n, d] += lam[si, s] * (ne_pre[si, s] + (out_mean - 1.0) * ne_dec[si, s] / batch[si, s])
 
 
 @njit(cache=True, fastmath=True)
@@ -452,16 +459,69 @@ def queue_inflation(rho, out):
 
 
 @njit(cache=True, fastmath=True)
+def _lockstep(busy_n, lam_n, ne_dec_n, ne_pre_n, comm_d, comm_p, overhead, out_mean, tpot, ttft):
+    """Lock-step serving (expert parallelism: every live server runs each step and all meet at every MoE layer).
+    Server s's step waits for the slowest active server and for every unit's work from all active servers. Server
+    s2 is active with probability a = 1 - exp(-lam * e2e) (Little); mean-field over the others: decode step =
+    max(E[max of the isolated steps of s and the active others], own non-expert + transfers + the busiest unit's
+    expected work); a prefill meets the others' typical step (1 prefill + O-1 decode steps per request).
+    tpot/ttft: isolated step times in, lock-step times out."""
+    S, U = busy_n.shape[0], busy_n.shape[1]
+    act = np.zeros(S)
+    typ = np.zeros(S)
+    for s in range(S):
+        if lam_n[s] > 0.0:
+            act[s] = -np.expm1(-lam_n[s] * (ttft[s] + (out_mean - 1.0) * tpot[s]))
+        typ[s] = (ttft[s] + (out_mean - 1.0) * tpot[s]) / out_mean
+    order = np.argsort(-typ)
+    new_d = np.empty(S)
+    new_p = np.empty(S)
+    for s in range(S):
+        # expected max of own step and the active others' typical steps (falling order)
+        e_d = 0.0
+        e_p = 0.0
+        free_d = 1.0
+        free_p = 1.0
+        for i in range(S):
+            k = order[i]
+            if k == s or act[k] <= 0.0:
+                continue
+            if typ[k] > tpot[s]:
+                e_d += typ[k] * act[k] * free_d
+                free_d *= 1.0 - act[k]
+            if typ[k] > ttft[s]:
+                e_p += typ[k] * act[k] * free_p
+                free_p *= 1.0 - act[k]
+        e_d += tpot[s] * free_d
+        e_p += ttft[s] * free_p
+        w_d = 0.0
+        w_p = 0.0
+        for u in range(U):
+            other = 0.0
+            for s2 in range(S):
+                if s2 != s:
+                    other += act[s2] * busy_n[s2, u, 0]
+            w_d = max(w_d, busy_n[s, u, 0] + other)
+            w_p = max(w_p, busy_n[s, u, 1] + other)
+        new_d[s] = max(e_d, ne_dec_n[s] + comm_d[s] + overhead + w_d)
+        new_p[s] = max(e_p, ne_pre_n[s] + comm_p[s] + overhead + w_p)
+    for s in range(S):
+        tpot[s] = new_d[s]
+        ttft[s] = new_p[s]
+
+
+@njit(cache=True, fastmath=True)
 def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross, byte_keep, prune, fuse,
                   pair_index, lam, rate, batch, up, ne_dec, ne_pre, link_cap, route, dev_server, p_idle, p_max,
-                  in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst, rho,
+                  in_q, out_q, hidden, slo, overhead, window, lm, max_rho, qconst, rho, lockstep, contention,
                   o_scalars, o_link, o_util):
     """Batching, link contention, queueing, percentiles, energy and quality per plan (see surrogate.py).
     rho[n, u] receives each unit's utilization (`unit_utilization`). A server's requests queue behind the busiest
     unit they use (M/D/1, utilization capped at max_rho); transfers are slowed by the same factor of the busiest link
     on their routes; the share of requests beyond the capacity of that bottleneck, unit or link, is dropped, and
     dropped requests carry no bytes. o_link = bytes per link in the window, both directions summed.
-    qconst = (prune_linear, prune_knee, prune_quadratic, fusion_loss * fusion_fraction)."""
+    qconst = (prune_linear, prune_knee, prune_quadratic, fusion_loss * fusion_fraction). With `lockstep` the
+    servers' steps are coupled (`_lockstep`); contention[si] stretches every step (servers sharing host cores)."""
     unit_utilization(state_idx, o_busy, lam, batch, ne_dec, ne_pre, dev_server, out_q.mean(), rho)
     N, S = o_time.shape[0], o_time.shape[1]
     D = dev_server.shape[0]
@@ -479,7 +539,8 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
             for s2 in range(S):
                 if s2 == s:
                     continue
-                b = (o_pair[n, s, s2, 1] + O * o_pair[n, s, s2, 0] / batch[si, s]) * hidden * byte_keep[n, s, s2]
+                tokens = o_pair[n, s, s2, 1] + (O - 1.0) * o_pair[n, s, s2, 0] / batch[si, s]
+                b = tokens * hidden * byte_keep[n, s, s2]
                 per_req[s, s2] = b
                 if b > 0.0:
                     r = lam[si, s] * b * 2.0
@@ -490,6 +551,8 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
                         link[k] += r
         tpot = np.zeros(S)
         ttft = np.zeros(S)
+        comm_d = np.zeros(S)
+        comm_p = np.zeros(S)
         rho_l = np.zeros(S)  # busiest link on the routes of each server's transfers
         for s in range(S):
             r_l = 0.0
@@ -503,8 +566,15 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
             rho_l[s] = r_l
             r_c = min(r_l, max_rho)
             inflate = 1.0 + r_c / (2.0 * (1.0 - r_c))  # the servers' M/D/1 waiting factor, on the transfers
-            tpot[s] = o_time[n, s, 0] + o_time[n, s, 1] * inflate + o_time[n, s, 2] + ne_dec[si, s] + overhead
-            ttft[s] = o_time[n, s, 3] + o_time[n, s, 4] * inflate + o_time[n, s, 5] + ne_pre[si, s] + overhead
+            comm_d[s] = o_time[n, s, 1] * inflate + o_time[n, s, 2]
+            comm_p[s] = o_time[n, s, 4] * inflate + o_time[n, s, 5]
+            tpot[s] = o_time[n, s, 0] + comm_d[s] + ne_dec[si, s] + overhead
+            ttft[s] = o_time[n, s, 3] + comm_p[s] + ne_pre[si, s] + overhead
+        if lockstep:
+            _lockstep(o_busy[n], lam[si], ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, O, tpot, ttft)
+        for s in range(S):
+            tpot[s] *= contention[si]
+            ttft[s] *= contention[si]
         rho_unit = rho[n]
         served = np.zeros(S)
         drop = np.zeros(S)
@@ -522,7 +592,7 @@ def finish_kernel(state_idx, o_time, o_pair, o_busy, o_quality, o_miss, o_cross,
             ttft[s] *= queue
             tpot[s] *= queue
             if up[si, s]:
-                miss_drop = 1.0 - np.exp(-(I + O) * o_miss[n, s])
+                miss_drop = 1.0 - np.exp(-(I + O - 1.0) * o_miss[n, s])  # every routed token
                 drop[s] = 1.0 - (1.0 - miss_drop) / max(rho_s, rho_l[s], 1.0)
             else:
                 drop[s] = 1.0

@@ -7,6 +7,7 @@ Every constant comes from the cluster's HardwareProfile, which calibration repla
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,8 @@ class SurrogateBackend:
         self.srv_gpu_flops = np.bincount(c.dev_server, weights=self.gpu_flops, minlength=S)
         active_bytes = m.active_params * 2.0
         self.tpot_ref = active_bytes / self.srv_gpu_bw  # batch-1 decode step, for the batch estimate
-        self.pair_lat2 = 2.0 * (c.pair_latency + hw.transfer_latency_s)
+        alpha = hw.transfer_latency_s
+        self.pair_lat2 = 2.0 * (np.maximum(c.pair_latency, alpha) if hw.emulated_latency else c.pair_latency + alpha)
         np.fill_diagonal(self.pair_lat2, 0.0)  # a server's own experts cross no link
         order = np.argsort(-self.pair_lat2, axis=1, kind="stable")  # [S, S-1] other servers by falling latency
         self.lat_order = np.ascontiguousarray([[o for o in row if o != s] for s, row in enumerate(order)],
@@ -112,10 +114,8 @@ class SurrogateBackend:
         self.step_overhead = m.num_layers * hw.layer_overhead_s
         q = hw.quality
         self.qconst = np.array([q.prune_linear, q.prune_knee, q.prune_quadratic, q.fusion_loss * q.fusion_fraction])
-        I = self.in_mean
         self.kv_tok = m.kv_bytes_per_token()
-        attn = 4.0 * I * I * m.d_model * m.num_layers
-        self.ne_pre = np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
+        self.ne_pre = self._prefill_non_expert()
         self.dev_onehot = (c.dev_server[:, None] == np.arange(S)[None]).astype(np.float64)  # [D, S]
         self._tab_static = self._static_unit_table()
         self._w_slow = np.array([self.ebytes[b] * self.slow[b] for b in BITS])  # [3] per bit-width column
@@ -124,6 +124,20 @@ class SurrogateBackend:
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
         self.current: DeploymentPlan | None = None
+
+    def with_lengths(self, input_len: np.ndarray, output_len: np.ndarray) -> SurrogateBackend:
+        """A copy that predicts requests of these lengths (e.g. a real window's realized requests, for fidelity
+        reports) instead of the scenario's length distributions: their values at the QUANTILES grid."""
+        if len(input_len) == 0 or len(input_len) != len(output_len):
+            raise ValueError(f"with_lengths: need equally many (>0) input and output lengths, got "
+                             f"{len(input_len)} and {len(output_len)}")
+        out = copy.copy(self)
+        out.in_q = np.quantile(np.asarray(input_len, dtype=np.float64), QUANTILES, method="inverted_cdf")
+        out.out_q = np.quantile(np.asarray(output_len, dtype=np.float64), QUANTILES, method="inverted_cdf")
+        out.in_mean, out.out_mean = float(out.in_q.mean()), float(out.out_q.mean())
+        out.ne_pre = out._prefill_non_expert()
+        out._cache_key, out._cache, out.current = None, None, None
+        return out
 
     # ---- Backend protocol ---------------------------------------------------------------------------
     def reset(self, plan: DeploymentPlan, state: ClusterState) -> None:
@@ -241,6 +255,19 @@ class SurrogateBackend:
         self._cache_key = key
         return self._cache
 
+    def _contention(self, up: np.ndarray) -> np.ndarray:
+        """Per state: how much longer every step takes when more servers are live than the shared host has cores."""
+        hw = self.cluster.hw
+        if hw.host_cores is None:
+            return np.ones(len(up))
+        return np.maximum(up.sum(axis=1) / hw.host_cores, 1.0) ** hw.oversubscription_exponent
+
+    def _prefill_non_expert(self) -> np.ndarray:
+        """Seconds of a mean-length prefill's non-expert part (attention, dense weights) per server."""
+        m, I = self.cluster.model, self.in_mean
+        attn = 4.0 * I * I * m.d_model * m.num_layers
+        return np.maximum(self.ne_bytes / self.srv_gpu_bw, (I * self.ne_flops_tok + attn) / self.srv_gpu_flops)
+
     def _static_unit_table(self) -> np.ndarray:
         """[D, 3 tiers, 3 bit-widths, 6] unit table entries that do not depend on free compute (see _unit_table);
         the GPU read/compute columns are filled per state."""
@@ -333,7 +360,8 @@ class SurrogateBackend:
                       c.pair_index, sa["lam"], sa["rate"], sa["batch"], sa["up"], sa["ne_dec"], sa["ne_pre"],
                       sa["link_cap"], self.route, c.dev_server, self.unit_p_idle, self.unit_p_max, self.in_q,
                       self.out_q, hw.wire_bytes(m.d_model), c.spec.workload.slo_s, self.step_overhead, float(window_s),
-                      float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, rho, scalars, link, util)
+                      float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, rho, hw.serving == "lockstep",
+                      self._contention(sa["up"]), scalars, link, util)
         gpu, cpu, ssd = np.zeros((N, D)), np.zeros((N, S)), np.zeros((N, S))
         memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, gpu, cpu, ssd)
         fields = {name: scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}

@@ -85,27 +85,46 @@ def predict_rows(profile: HardwareProfile, spec_dicts: dict[str, dict], rows: li
             st = sc.initial_state(np.random.default_rng(seed))
             cache[name] = (SurrogateBackend(build_cluster(sc.spec, profile)), st)
         sur, st = cache[name]
-        m = sur.serve(plan_from_row(row), fid.with_rates(st, row["rate"]), row["window_s"])
+        m = fid.replay(sur, plan_from_row(row), st, row["workload"], row["window_s"])
         for k in fid.SCALARS:
             out[k].append(getattr(m, k))
         out["link_bytes"].append(m.link_bytes)
-    return {k: np.array(v) for k, v in out.items()}
+    return {k: (np.array(v) if k != "link_bytes" else v) for k, v in out.items()}
 
 
 def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], seed: int) -> HardwareProfile:
-    """Regress the per-layer, per-expert and per-message overheads on measured TTFT and TPOT (log residuals)."""
+    """Regress the per-layer, per-expert and per-message overheads (and, for servers sharing host cores, the
+    oversubscription exponent) on measured TTFT and TPOT (log residuals)."""
     meas = np.concatenate([[r["real"]["ttft_mean_s"] for r in rows], [r["real"]["tpot_mean_s"] for r in rows]])
+    names = OVERHEADS + (("oversubscription_exponent",) if profile.host_cores else ())
 
     def make(x):
-        return profile.model_copy(update=dict(zip(OVERHEADS, np.exp(x).tolist())))
+        return profile.model_copy(update=dict(zip(names, np.exp(x).tolist())))
 
     def predict(x):
         p = predict_rows(make(x), spec_dicts, rows, seed)
         return np.concatenate([p["ttft_mean_s"], p["tpot_mean_s"]])
 
-    x0 = np.log([1e-3, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5)])
-    x, _ = fit.fit_black_box(predict, meas, x0, np.log([1e-7] * 3), np.log([1.0] * 3))
+    x0 = np.log([1e-3, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
+    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 10.0])
+    n = len(names)
+    x, _ = fit.fit_black_box(predict, meas, x0[:n], lo[:n], hi[:n])
     return make(x)
+
+
+def training_plans(spec_dict: dict, profile: HardwareProfile, cfg: DictConfig) -> dict[str, DeploymentPlan]:
+    """The regression's plans on one scenario: uniform, every expert twice, and random plans (seeds disjoint from
+    the held-out ones)."""
+    sc = fid.with_profile(spec_dict, profile, cfg.seed)
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    plans = {"uniform": DeploymentPlan.uniform(sc.cluster)}
+    rep = plans["uniform"].copy()  # every expert twice: more of the tokens stay home
+    rep.device[..., 1] = (rep.device[..., 0] + 1) % sc.cluster.num_devices
+    rep.tier[..., 1], rep.bits[..., 1] = 0, rep.bits[..., 0]
+    plans["replicated"] = rep
+    for i in range(cfg.e2e.train_plans):
+        plans[f"train{i}"] = fid.random_plan(sc.cluster, rng)
+    return plans
 
 
 def quality_runs(cfg: DictConfig, spec_dict: dict, profile: HardwareProfile, log) -> tuple[QualityModel, list]:
@@ -223,18 +242,12 @@ def run(cfg: DictConfig) -> dict:
             profile = profile.model_copy(update={"quality": qm})
             report["quality_runs"] = qrows
         log("end-to-end regression runs")
-        rng = np.random.default_rng(10_000 + cfg.seed)
-        sc = fid.with_profile(base_spec, profile, cfg.seed)
-        plans = {"uniform": DeploymentPlan.uniform(sc.cluster)}
-        rep = plans["uniform"].copy()  # every expert twice: more of the tokens stay home
-        rep.device[..., 1] = (rep.device[..., 0] + 1) % sc.cluster.num_devices
-        rep.tier[..., 1], rep.bits[..., 1] = 0, rep.bits[..., 0]
-        plans["replicated"] = rep
-        for i in range(cfg.e2e.train_plans):
-            plans[f"train{i}"] = fid.random_plan(sc.cluster, rng)
-        train = measure_plans(base_spec, profile, plans, cfg, cfg.e2e.window_s, log)
+        train = []
+        for name in cfg.e2e.scenarios:  # server counts on both sides of the host's core count
+            train += measure_plans(variants[name], profile, training_plans(variants[name], profile, cfg), cfg,
+                                   cfg.e2e.window_s, log)
         profile = fit_overheads(profile, variants, train, cfg.seed)
-        report["overheads"] = {k: getattr(profile, k) for k in OVERHEADS}
+        report["overheads"] = {k: getattr(profile, k) for k in (*OVERHEADS, "oversubscription_exponent")}
         tr = predict_rows(profile, variants, train, cfg.seed)
         report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
         log(f"overheads {report['overheads']} train fit {report['train_fit']}")

@@ -9,18 +9,19 @@ agreement of the prompt logits against the 16-bit single-process model, when the
 reference in the parent). Energy is the cluster's power model applied to the measured busy fraction.
 Failures: a crashed or hung server becomes a `ServerError` within `timeout_s`; every process is then stopped, and
 the next `reset` starts fresh ones. Bad plans raise PlanError before any weight moves.
+
+Launchers: by default the server processes are spawned on this host (`channels.PipeChannel`). Built inside a
+torchrun-launched process (several nodes, c10d rendezvous), rank 0 is the driver and server 0 and every other rank
+becomes server `rank` and never returns from the constructor (`torchrun.TorchrunChannel`; see real_backend/torchrun.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import multiprocessing.connection as mpc
 import shutil
 import socket
 import tempfile
-import time
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,37 +35,23 @@ from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.state import ClusterState
 from coel_env.traces import RoutingModel
+from real_backend.channels import PipeChannel, ServerError, check_fault
 from real_backend.model import MoEConfig, generate, reference_model
 from real_backend.quant import quality
-from real_backend.server import WorkerSpec, worker_main
-from real_backend.shaper import LinkShaper, NetnsTopology
+from real_backend.server import WorkerSpec
+from real_backend.shaper import NetnsTopology
+from real_backend.torchrun import TorchrunChannel, TorchrunSession, torchrun_env
 
 LINK_MODES = ("app", "netns", "none")
 ROUTE_MODES = ("traces", "router")
-
-
-class ServerError(RuntimeError):
-    """A server process crashed, hung past the timeout, or raised; all server processes have been stopped."""
+LAUNCHERS = ("auto", "spawn", "torchrun")
+__all__ = ["LAUNCHERS", "LINK_MODES", "ROUTE_MODES", "RealBackend", "ServerError", "make_real_backend"]
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(procs: list, conns: list) -> None:
-    for c in conns:
-        with contextlib.suppress(OSError):
-            c.close()
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(3)
-        if p.is_alive():
-            p.kill()
-            p.join(3)
 
 
 def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +65,11 @@ def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.nda
 
 
 class RealBackend:
-    """Backend protocol on real processes (gloo on CPU, NCCL on GPUs)."""
+    """Backend protocol on real processes (gloo on CPU, NCCL on GPUs).
+
+    `launcher`: "spawn" starts one process per server on this host; "torchrun" runs one server per torchrun rank
+    (WORLD_SIZE must equal the number of servers; ranks != 0 serve rank 0 and exit without returning from here;
+    no crash/hang injection, no restart after a failure); "auto" picks torchrun when torchrun's variables are set."""
 
     name = "real"
 
@@ -86,13 +77,20 @@ class RealBackend:
                  links: str = "app", timeout_s: float = 60.0, start_timeout_s: float = 180.0,
                  route_from: str = "traces", measure_quality: bool | None = None, cpu_compute: bool | None = None,
                  prefetch: int = 0, max_requests_per_server: int | None = None, arch: str | None = None,
-                 threads: int = 1, routing: RoutingModel | None = None, gen_device: str = "cpu"):
+                 threads: int = 1, routing: RoutingModel | None = None, gen_device: str = "cpu",
+                 launcher: str = "auto"):
         if links not in LINK_MODES:
             raise ConfigError(f"real backend: links '{links}' unknown; allowed: {', '.join(LINK_MODES)}")
         if route_from not in ROUTE_MODES:
             raise ConfigError(f"real backend: route_from '{route_from}' unknown; allowed: {', '.join(ROUTE_MODES)}")
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"real backend: device '{device}' unknown; allowed: cpu, cuda")
+        if launcher not in LAUNCHERS:
+            raise ConfigError(f"real backend: launcher '{launcher}' unknown; allowed: {', '.join(LAUNCHERS)}")
+        launch = torchrun_env() if launcher != "spawn" else None
+        if launcher == "torchrun" and launch is None:
+            raise ConfigError("real backend: launcher 'torchrun' but RANK/WORLD_SIZE/LOCAL_RANK/TORCHELASTIC_RUN_ID "
+                              "are not set; start the script with torchrun")
         self.cluster = cluster
         self.cfg = MoEConfig.from_hf_config(checkpoint) if checkpoint else MoEConfig.from_spec(cluster.model, arch)
         self.seed, self.checkpoint, self.device, self.links = seed, checkpoint, device, links
@@ -105,8 +103,7 @@ class RealBackend:
         self.cpu_compute = cluster.hw.cpu_compute if cpu_compute is None else cpu_compute
         self.prefetch, self.max_requests, self.threads = prefetch, max_requests_per_server, threads
         self.gen_device = gen_device  # "cuda": server processes draw random weights on their GPU (other values)
-        self.procs: list = []
-        self.conns: list = []
+        self.channel: PipeChannel | TorchrunChannel | None = None
         self.current: DeploymentPlan | None = None
         self.netns: NetnsTopology | None = None
         self.ssd_root: str | None = None
@@ -114,17 +111,19 @@ class RealBackend:
         self.window_index = 0
         self.last_requests: list[list[dict]] = []
         self.last_details: dict = {}
-        self._finalizer = None
+        self.session: TorchrunSession | None = None
+        if launch is not None:  # on ranks != 0 this serves rank 0's commands, then exits the process
+            self.session = TorchrunSession.attach(cluster, launch, device=device, links=links, timeout_s=timeout_s)
+        self.launcher = "torchrun" if self.session is not None else "spawn"
 
     # ---- processes ----------------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+        return self.channel is not None and self.channel.alive
 
     def _start(self) -> None:
         self._shutdown()
         c = self.cluster
-        ctx = tmp.get_context("spawn")
         self.ssd_root = tempfile.mkdtemp(prefix="coel-real-")
         addr = "127.0.0.1"
         if self.links == "netns":
@@ -139,25 +138,19 @@ class RealBackend:
             affinity=self.routing.affinity if self.prefetch else None, links=self.links, threads=self.threads,
             gen_device=self.gen_device,
         )
-        shared = LinkShaper.new_shared(c, ctx)
-        for rank in range(c.num_servers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(rank, spec, child, shared), daemon=True,
-                            name=f"coel-real-{c.server_names[rank]}")
-            p.start()
-            child.close()
-            self.procs.append(p)
-            self.conns.append(parent)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
-        self._gather("start", self.start_timeout_s)
+        try:
+            if self.session is not None:
+                self.channel = TorchrunChannel(self.session, spec, self.start_timeout_s)
+            else:
+                self.channel = PipeChannel(spec, self.start_timeout_s)
+        except BaseException:
+            self._shutdown()
+            raise
 
     def _shutdown(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        elif self.procs:
-            _stop(self.procs, self.conns)
-        self.procs, self.conns = [], []
+        if self.channel is not None:
+            self.channel.stop()
+            self.channel = None
         if self.netns is not None:
             self.netns.close()
             self.netns = None
@@ -170,62 +163,17 @@ class RealBackend:
         self.current = None
         raise ServerError(msg)
 
-    def _gather(self, cmd: str, timeout: float) -> list:
-        names = self.cluster.server_names
-        out: list = [None] * len(self.procs)
-        pending = set(range(len(self.procs)))
-        deadline = time.monotonic() + timeout
-        while pending:
-            conns = {self.conns[r]: r for r in pending}
-            sentinels = {self.procs[r].sentinel: r for r in pending}
-            ready = mpc.wait(list(conns) + list(sentinels), timeout=max(deadline - time.monotonic(), 0))
-            if not ready:
-                r = min(pending)
-                self._fail(f"server {names[r]} did not answer '{cmd}' within {timeout:.0f} s (hung); "
-                           "all server processes stopped; reset() starts new ones")
-            for obj in ready:
-                r = conns.get(obj)
-                if r is None or r not in pending:
-                    continue
-                try:
-                    status, val = obj.recv()
-                except (EOFError, OSError):
-                    continue  # the sentinel reports the exit
-                if status == "error":
-                    self._dead_peer(cmd, grace=1.0)  # a peer's crash shows up first as a socket error here
-                    last = [ln for ln in str(val).strip().splitlines() if ln.strip()][-1]
-                    self._fail(f"server {names[r]} failed in '{cmd}': {last}")
-                out[r] = val
-                pending.discard(r)
-            for obj in ready:
-                r = sentinels.get(obj)
-                if r is not None and r in pending and not self.conns[r].poll():
-                    self._dead_peer(cmd, grace=0.0)
-        return out
-
-    def _dead_peer(self, cmd: str, grace: float) -> None:
-        """If a server process has exited (waiting up to `grace` s for one to), fail naming it."""
-        deadline = time.monotonic() + grace
-        while True:
-            for r, p in enumerate(self.procs):
-                if not p.is_alive():
-                    p.join(1)
-                    self._fail(f"server {self.cluster.server_names[r]} (pid {p.pid}) exited with code {p.exitcode} "
-                               f"during '{cmd}'; all server processes stopped; reset() starts new ones")
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(0.05)
-
     def _call(self, cmd: str, args: list | None = None, timeout: float | None = None) -> list:
-        if not self.alive:
-            dead = [self.cluster.server_names[i] for i, p in enumerate(self.procs) if not p.is_alive()]
-            self._fail(f"server process(es) {', '.join(dead) or 'not started'} not running; call reset() first")
-        for r, conn in enumerate(self.conns):
-            try:
-                conn.send((cmd, None if args is None else args[r]))
-            except (BrokenPipeError, OSError):
-                self._fail(f"server {self.cluster.server_names[r]} is gone (pipe closed) before '{cmd}'")
-        return self._gather(cmd, self.timeout_s if timeout is None else timeout)
+        """Run a server command on every server; one reply per server. Any failure stops the servers and raises
+        ServerError (after which reset() starts new processes, except under torchrun)."""
+        if self.channel is None:
+            self._fail("server processes not started; call reset() first")
+        try:
+            return self.channel.call(cmd, args, self.timeout_s if timeout is None else timeout)
+        except ServerError:
+            self._shutdown()
+            self.current = None
+            raise
 
     # ---- Backend protocol ----------------------------------------------------------------------------------
     def _check(self, plan: DeploymentPlan, state: ClusterState) -> None:
@@ -470,13 +418,15 @@ class RealBackend:
 
     # ---- test hooks ----------------------------------------------------------------------------------------
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return self.channel.pids() if self.channel is not None else []
 
     def inject(self, server: int, fault: str) -> None:
-        """Make one server crash ('crash') or hang ('hang') on its next command (for robustness tests)."""
-        if fault not in ("crash", "hang"):
-            raise ConfigError(f"inject: fault '{fault}' unknown; allowed: crash, hang")
-        self.conns[server].send((fault, None))
+        """Make one server crash ('crash') or hang ('hang') on its next command (for robustness tests; locally
+        spawned servers only: ConfigError under torchrun)."""
+        check_fault(fault)
+        if self.channel is None:
+            raise ConfigError("inject: no server processes; call reset() first")
+        self.channel.inject(server, fault)
 
 
 def make_real_backend(cluster: Cluster, **kw) -> RealBackend:

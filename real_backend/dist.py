@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from real_backend.shaper import LinkShaper, sleep_until
+from real_backend.shaper import LinkShaper, now, sleep_until
 from real_backend.tiers import ExpertStore
 
 TAG_META, TAG_HIDDEN, TAG_REPLY, TAG_REPLY_HDR, TAG_MIGRATE = 11, 12, 13, 14, 15
@@ -110,7 +110,7 @@ class Dispatcher:
 
     def _book(self, dst: int, nbytes: int) -> float:
         self.bytes_to[dst] += nbytes
-        return self.shaper.reserve(self.rank, dst, nbytes) if self.shaper is not None else time.monotonic()
+        return self.shaper.reserve(self.rank, dst, nbytes) if self.shaper is not None else now()
 
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.comm_device).contiguous()

@@ -2,9 +2,10 @@
 
 The parent (`RealBackend`) talks to each server process over a pipe with small commands (reset, apply, serve,
 close); the servers talk to each other over a torch.distributed process group (expert dispatch, weight copies).
-Serving is lock-step: every step each server runs one forward pass of its own continuous batch (or an empty one)
-and all servers meet at each MoE layer's token exchange. Service times are measured; arrivals are virtual
-(a server whose queue is empty jumps to its next arrival), so a window of W seconds need not take W seconds.
+Serving is lock-step, as expert parallelism is: every step each server runs one forward pass of its own continuous
+batch (or an empty one) and all servers meet at each MoE layer's token exchange. The servers share one virtual clock:
+each step advances it by the slowest server's measured step time, and when every server is idle it jumps to the next
+arrival, so a window of W seconds need not take W seconds of wall time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from coel_env.cluster import Cluster
 from real_backend.dist import TAG_MIGRATE, Dispatcher, _bits_f64, _f64_bits, dispatch_targets
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
 from real_backend.quant import QTensor, int4_group, quantize, requantize
-from real_backend.shaper import LinkShaper, enter_netns, sleep_until
+from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
 from real_backend.tiers import Expert, ExpertStore, expert_nbytes
 
 
@@ -179,7 +180,7 @@ class ServerProcess:
         for i, m in enumerate(arg["moves"]):
             if m["kind"] == "peer" and m["src"] == me:
                 buf = pack_expert(staged[i])
-                arrive = self.shaper.reserve(me, m["dst"], buf.numel()) if self.shaper else time.monotonic()
+                arrive = self.shaper.reserve(me, m["dst"], buf.numel()) if self.shaper else now()
                 out["pair"][m["dst"]] += buf.numel()
                 sends += [dist.isend(self._comm(_f64_bits(arrive)), m["dst"], tag=TAG_MIGRATE),
                           dist.isend(self._comm(buf), m["dst"], tag=TAG_MIGRATE + 1)]
@@ -236,26 +237,26 @@ class ServerProcess:
         done, logits_out = [], {}
         clock = busy = 0.0
         steps = 0
-        flag = torch.zeros(1, dtype=torch.int64, device=self.comm_device)
+        flag = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         empty = torch.empty(0, self.cfg.d_model, dtype=self.dtype, device=self.device)
         empty_idx = torch.empty(0, self.cfg.top_k, dtype=torch.long, device=self.device)
         dist.barrier()
         wall0 = time.perf_counter()
         while True:
-            if not active and pending and pending[0].arrival > clock:
-                clock = pending[0].arrival
-            fresh = []
-            while pending and len(active) < max_batch and pending[0].arrival <= clock:
-                fresh.append(pending.popleft())
-                active.append(fresh[-1])
-            flag.fill_(1 if active else 0)
+            # one clock for the cluster: jump to the earliest time any server has work, if all are idle
+            flag.fill_(-(clock if active else pending[0].arrival if pending else np.inf))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag.item()) == 0:
+            earliest = -float(flag.item())
+            if earliest == np.inf:
                 break
+            clock = max(clock, earliest)
+            while pending and len(active) < max_batch and pending[0].arrival <= clock:
+                active.append(pending.popleft())
             t0 = time.perf_counter()
             if not active:
                 for l in range(self.cfg.num_moe_layers):
                     self.dispatcher(l, empty, empty_idx, empty)
+                clock += self._step_time(time.perf_counter() - t0, flag)
                 continue
             toks = [q.prompt if not q.out else torch.tensor([q.out[-1]]) for q in active]
             routes = None
@@ -265,7 +266,7 @@ class ServerProcess:
             ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
             nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
             dt = time.perf_counter() - t0
-            clock += dt
+            clock += self._step_time(dt, flag)
             busy += dt
             steps += 1
             start, still = 0, []
@@ -298,6 +299,13 @@ class ServerProcess:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }
 
+    @staticmethod
+    def _step_time(dt: float, buf: torch.Tensor) -> float:
+        """The lock-step's duration: the slowest server's measured time (every server advances by it)."""
+        buf.fill_(dt)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return float(buf.item())
+
     # ---- test hooks ----------------------------------------------------------------------------------------
     def crash(self, arg) -> None:
         os._exit(3)
@@ -310,6 +318,15 @@ class ServerProcess:
 
     def close(self, arg) -> None:
         self.store.close()
+
+
+def run_command(server: ServerProcess, cmd: str, arg) -> tuple[str, object]:
+    """Run one driver command (a ServerProcess method) on this server: ("ok", result) or ("error", traceback).
+    Every transport (pipe, torchrun control group) goes through here."""
+    try:
+        return "ok", getattr(server, cmd)(arg)
+    except Exception:
+        return "error", traceback.format_exc()
 
 
 def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
@@ -345,10 +362,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
             cmd, arg = conn.recv()
         except EOFError:
             break
-        try:
-            conn.send(("ok", getattr(server, cmd)(arg)))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
+        conn.send(run_command(server, cmd, arg))
         if cmd == "close":
             break
     with contextlib.suppress(Exception):

@@ -25,11 +25,22 @@ import numpy as np
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
 
-now = time.monotonic
+_clock_offset = 0.0  # added to time.monotonic(): 0 on one host; multi-node ranks align it to rank 0's clock
+
+
+def now() -> float:
+    """The servers' common clock: time.monotonic(), plus this host's offset to rank 0's clock on multi-node runs."""
+    return time.monotonic() + _clock_offset
+
+
+def set_clock_offset(offset_s: float) -> None:
+    """Align `now()` with rank 0's clock (real_backend.torchrun measures the offset when ranks span hosts)."""
+    global _clock_offset
+    _clock_offset = float(offset_s)
 
 
 def sleep_until(t: float) -> None:
-    """Sleep until time.monotonic() reaches t (no spinning: server processes may share few cores)."""
+    """Sleep until now() reaches t (no spinning: server processes may share few cores)."""
     while (left := t - now()) > 0:
         time.sleep(left)
 
@@ -89,7 +100,7 @@ class LinkShaper:
         self.rate = np.maximum(self.cluster.link_bw * np.asarray(link_factor, dtype=np.float64), 1.0)
 
     def reserve(self, src: int, dst: int, nbytes: int) -> float:
-        """Book `nbytes` from server src to dst; return when they arrive (time.monotonic)."""
+        """Book `nbytes` from server src to dst; return when they arrive (on the `now()` clock)."""
         if src == dst:
             return now()
         t = now()

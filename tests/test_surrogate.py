@@ -80,9 +80,10 @@ def test_one_remote_expert_costs_the_transfer_formula(hand):
     # e2e of a 128-in / 64-out request = ttft + 63 tpot
     assert mb["e2e_mean_s"][1] - mb["e2e_mean_s"][0] == pytest.approx(d_ttft + 63 * d_tpot, rel=1e-5)
     # bytes on each of the two star links, both directions summed (as the real backend counts them): (prefill +
-    # decode tokens) x p x hidden there and back, per request
+    # decode tokens) x p x hidden there and back, per request; the prefill yields the first of the 64 tokens, so 63
+    # decode steps route a token each (as the real backend's requests do)
     np.testing.assert_allclose(mb["link_bytes"][0], 0.0)
-    np.testing.assert_allclose(mb["link_bytes"][1], 2 * TINY_RATE * 60 * (128 + 64) * p * HIDDEN, rtol=1e-9)
+    np.testing.assert_allclose(mb["link_bytes"][1], 2 * TINY_RATE * 60 * (128 + 63) * p * HIDDEN, rtol=1e-9)
     np.testing.assert_array_equal(mb["quality_loss"], 0.0)
 
 
@@ -108,7 +109,7 @@ def test_pruning_and_fusion_scale_bytes_and_cost_quality_by_hand(hand):
     mb = SurrogateBackend(c).serve_batch([base, pruned, fused], state, 60.0)
     q = HW.quality
     keep = np.array([1.0, 0.375, 0.375 * (1 - q.fusion_fraction)])
-    np.testing.assert_allclose(mb["link_bytes"][:, 1], 2 * TINY_RATE * 60 * (128 + 64) * 0.3 * HIDDEN * keep,
+    np.testing.assert_allclose(mb["link_bytes"][:, 1], 2 * TINY_RATE * 60 * (128 + 63) * 0.3 * HIDDEN * keep,
                                rtol=1e-9)  # there and back
     # quality: the crossing token mass (0.3 of 1 layer x top-1) times the per-link compression loss
     loss = q.prune_linear * 0.625 + q.prune_quadratic * (0.625 - q.prune_knee) ** 2
@@ -275,8 +276,8 @@ def test_failed_servers_replicas_are_not_used(hand):
     assert down.tpot_mean_s > up.tpot_mean_s
     only_b = _plan(c, [0, 2])
     lost = SurrogateBackend(c).serve(only_b, down_state, 60.0)
-    # the only replica of an expert used by 30% of tokens is gone: a 192-token request almost surely needs it
-    assert lost.dropped_frac == pytest.approx(1 - math.exp(-(128 + 64) * 0.3), abs=1e-9)
+    # the only replica of an expert used by 30% of tokens is gone: a request routing 191 tokens almost surely needs it
+    assert lost.dropped_frac == pytest.approx(1 - math.exp(-(128 + 63) * 0.3), abs=1e-9)
 
 
 def test_a_failed_server_drops_its_own_requests(testbed, testbed_state):

@@ -109,6 +109,16 @@ class HardwareProfile(BaseModel):
     kv_reserve_frac: float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
     cpu_reserve_gb: float = Field(8.0, ge=0, description="host RAM kept for the OS and the runtime")
     transfer_latency_s: float = Field(50e-6, ge=0, description="software latency per message (α)")
+    emulated_latency: bool = Field(False, description="link latency is emulated by the application (the real "
+                                   "backend's shaper), which hides the per-message software cost: a round trip "
+                                   "takes 2 max(latency, α) instead of 2 (latency + α)")
+    serving: Literal["independent", "lockstep"] = Field(
+        "independent", description="servers step on their own, or in lock-step as expert parallelism does "
+        "(every live server runs each step and all meet at each MoE layer; the real backend)")
+    host_cores: int | None = Field(None, ge=1, description="all servers are processes sharing one host with this "
+                                   "many cores (the CPU/gloo real backend); None: each server has its own hardware")
+    oversubscription_exponent: float = Field(1.0, ge=0, description="with more live servers P than host_cores C, "
+                                             "every step takes (P / C) ** this longer (fitted)")
     routing: Literal["load_aware", "local_first"] = Field(
         "load_aware", description="replica choice: least added layer time, or own replica first (real backend)")
     activation_bytes: int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "

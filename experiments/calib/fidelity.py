@@ -1,7 +1,8 @@
 """Surrogate vs real backend on held-out plans: scenarios that fit the CPU/gloo setup, plan sets, measurement.
 
-The surrogate is queried through its public API only. Each real window's realized arrivals (Poisson draws) are fed
-back to the surrogate as the state's arrival rates, so the comparison tests the service model, not the sampling.
+The surrogate is queried through its public API only. Each real window's realized workload (its Poisson arrivals,
+request lengths and routed experts) is fed back to the surrogate as the state's arrival rates and popularity and as
+the length quantiles, so the comparison tests the service model, not the sampling.
 """
 
 from __future__ import annotations
@@ -80,6 +81,35 @@ def with_rates(state: ClusterState, rates) -> ClusterState:
     return st.touch()
 
 
+def realized_workload(requests: list[list[dict]], window_s: float, num_experts: int) -> dict:
+    """What a real window drew: each server's arrival rate and expert popularity (the share of its requests'
+    tokens routed to each expert, per layer; None for a server without traced requests), and the lengths."""
+    pop = []
+    for reqs in requests:
+        routes = [r["routes"] for r in reqs if r.get("routes") is not None]
+        if not routes:
+            pop.append(None)
+            continue
+        tok = np.concatenate(routes).astype(np.int64)  # [T, L, k]
+        pop.append([(np.bincount(tok[:, l].ravel(), minlength=num_experts) / len(tok)).tolist()
+                    for l in range(tok.shape[1])])
+    flat = [r for rr in requests for r in rr]
+    return {"rate": [len(r) / window_s for r in requests], "popularity": pop,
+            "in_len": [len(r["prompt"]) for r in flat], "out_len": [int(r["max_new"]) for r in flat]}
+
+
+def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, workload: dict, window_s: float):
+    """The surrogate's Metrics for `plan` on a realized workload (`realized_workload`)."""
+    st = with_rates(state, workload["rate"])
+    st.popularity = state.popularity.copy()
+    for s, pop in enumerate(workload["popularity"]):
+        if pop is not None:
+            st.popularity[s] = pop
+    if workload["in_len"]:
+        surrogate = surrogate.with_lengths(np.array(workload["in_len"]), np.array(workload["out_len"]))
+    return surrogate.serve(plan, st.touch(), window_s)
+
+
 def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int
                            ) -> np.ndarray:
     """Exact bytes per physical link of the real dispatcher's wire format, from its row and message counts:
@@ -90,14 +120,15 @@ def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.nd
     return (pair[a, b] + pair[b, a]) @ cluster.pair_links
 
 
+
 def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, window_s: float,
             elem_bytes: int) -> dict:
-    """Serve `plan` on the real backend, predict it with the surrogate at the realized arrivals; one row."""
+    """Serve `plan` on the real backend, predict it with the surrogate on the realized workload; one row."""
     backend.apply(plan, state)
     real = backend.serve(plan, state, window_s)
     det = backend.last_details
-    rates = [len(r) / window_s for r in backend.last_requests]
-    pred = surrogate.serve(plan, with_rates(state, rates), window_s)
+    workload = realized_workload(backend.last_requests, window_s, plan.device.shape[1])
+    pred = replay(surrogate, plan, state, workload, window_s)
     c = surrogate.cluster
     return {
         "real": {k: float(getattr(real, k)) for k in SCALARS},
@@ -107,7 +138,8 @@ def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: C
                                                    elem_bytes).tolist(),
         "real_mem": [float(real.gpu_mem_bytes.sum()), float(real.cpu_mem_bytes.sum()), float(real.ssd_bytes.sum())],
         "pred_mem": [float(pred.gpu_mem_bytes.sum()), float(pred.cpu_mem_bytes.sum()), float(pred.ssd_bytes.sum())],
-        "rate": rates, "window_s": window_s, "served": det["served"], "kl": det["kl"], "steps": det["steps"],
+        "workload": workload, "rate": workload["rate"], "window_s": window_s, "served": det["served"],
+        "kl": det["kl"], "steps": det["steps"],
     }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -74,6 +75,8 @@ def base_profile(cfg, scenario, fits: dict, device_names: list[str] | None = Non
         prefetch_hit_rate=0.0, transfer_latency_s=float(fits["gloo"]["alpha_s"]),
         # the real dispatcher's wire format: fp32 (CPU) / bf16 (CUDA) rows plus an 8-byte expert id per row
         activation_bytes=2 if cfg.device == "cuda" else 4, row_header_bytes=8, routing="local_first",
+        # the real backend steps its servers in lock-step; on CPU they are processes sharing this host's cores
+        serving="lockstep", host_cores=None if cfg.device == "cuda" else os.cpu_count(), emulated_latency=True,
         device_overrides={n: DeviceOverride(mem_bw_gbs=bw_gbs, peak_tflops=tflops) for n in sorted(names)},
         pcie_bw_gbs=float(np.clip(tiers["cpu"]["effective_Bps"] / 1e9, 0.01, 1e4)),
         ssd_bw_gbs=float(np.clip(tiers["ssd"]["effective_Bps"] / 1e9, 0.001, 1e3)),
