@@ -102,10 +102,16 @@ class Dispatcher:
         self.prune, self.fuse, self.fusion_fraction = prune, fuse, fusion_fraction
 
     def _compute_grouped(self, layer: int, x: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
+        """Each row of x through its expert: rows sorted by expert, one host sync, contiguous slices per expert."""
+        order = torch.argsort(eids, stable=True)
+        experts, counts = torch.unique_consecutive(eids[order], return_counts=True)
+        xs = x[order]
+        parts, start = [], 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            parts.append(self.store.compute(layer, e, xs[start:start + n]))
+            start += n
         y = torch.empty_like(x)
-        for e in eids.unique().tolist():
-            rows = (eids == e).nonzero(as_tuple=True)[0]
-            y[rows] = self.store.compute(layer, e, x[rows])
+        y[order] = torch.cat(parts) if parts else xs
         return y
 
     def _book(self, dst: int, nbytes: int) -> float:

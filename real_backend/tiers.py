@@ -92,6 +92,7 @@ class ExpertStore:
         self.cpu_compute, self.dtype = cpu_compute, dtype
         self.pin = pin and torch.cuda.is_available()
         self.replicas: dict[tuple[int, int, int], Replica] = {}
+        self._best: dict[tuple[int, int], Replica] = {}  # (layer, expert) -> the replica computed with
         self.stats = TierStats()
         self.prefetch_k, self.affinity = prefetch, affinity
         self._pool = ThreadPoolExecutor(1) if prefetch and affinity is not None else None
@@ -113,6 +114,7 @@ class ExpertStore:
             rep.path = self.ssd_dir / f"L{layer}_E{expert}_D{device}_b{bits}.safetensors"
             save_expert(rep.path, w)
         self.replicas[(layer, expert, device)] = rep
+        self._rank(layer, expert)
         return rep
 
     def remove(self, layer: int, expert: int, device: int) -> Replica | None:
@@ -120,7 +122,17 @@ class ExpertStore:
         if rep is not None and rep.path is not None:
             rep.path.unlink(missing_ok=True)
         self._cache.pop((layer, expert), None)
+        if rep is not None:
+            self._rank(layer, expert)
         return rep
+
+    def _rank(self, layer: int, expert: int) -> None:
+        """Re-pick the replica an expert is computed with (the fastest tier, then the highest precision)."""
+        reps = [self.replicas[(layer, expert, d)] for d in self.devices if (layer, expert, d) in self.replicas]
+        if reps:
+            self._best[(layer, expert)] = min(reps, key=lambda r: (r.tier, -r.bits, r.device))
+        else:
+            self._best.pop((layer, expert), None)
 
     def read(self, rep: Replica) -> Expert:
         """The replica's packed weights on the CPU (for copies and re-tiering)."""
@@ -129,12 +141,11 @@ class ExpertStore:
         return tuple(t.to("cpu") for t in rep.weights)
 
     def holds(self, layer: int, expert: int) -> bool:
-        return any(k[0] == layer and k[1] == expert for k in self.replicas)
+        return (layer, expert) in self._best
 
     def best(self, layer: int, expert: int) -> Replica | None:
         """The replica this server computes with: the fastest tier, then the highest precision."""
-        reps = [r for k, r in self.replicas.items() if k[0] == layer and k[1] == expert]
-        return min(reps, key=lambda r: (r.tier, -r.bits, r.device)) if reps else None
+        return self._best.get((layer, expert))
 
     def memory(self, num_devices: int) -> tuple[np.ndarray, float, float]:
         """Bytes actually held: per GPU [D], in CPU memory, on SSD."""
