@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure_plans(spec_dict: dict, profile: HardwareProfile, plans: dict[str, DeploymentPlan], cfg: DictConfig,
-                  window_s: float, log) -> list[dict]:
+                  window_s: float, log, repeats: int = 0) -> list[dict]:
     """Real measurement + surrogate prediction of every plan (one RealBackend for the scenario)."""
     from real_backend import RealBackend
 
@@ -48,9 +48,10 @@ def measure_plans(spec_dict: dict, profile: HardwareProfile, plans: dict[str, De
     try:
         first = next(iter(plans.values()))
         rb.reset(first, state)
-        for name, plan in plans.items():
+        for i, (name, plan) in enumerate(plans.items()):
             t0 = time.perf_counter()
-            row = fid.measure(rb, sur, plan, state, window_s, elem_bytes=4 if cfg.device == "cpu" else 2)
+            row = fid.measure(rb, sur, plan, state, window_s, elem_bytes=4 if cfg.device == "cpu" else 2,
+                              repeat=i < repeats)
             row.update(scenario=sc.name, plan=name, device=plan.device.tolist(), tier=plan.tier.tolist(),
                        bits=plan.bits.tolist(), prune=plan.prune.tolist(), fuse=plan.fuse.tolist())
             rows.append(row)
@@ -184,6 +185,10 @@ def summarize(rows: list[dict]) -> dict:
         name: {k: fit.error_stats(_arr([r["pred"] for r in rows if r["scenario"] == name], k),
                                   _arr([r["real"] for r in rows if r["scenario"] == name], k)) for k in fid.LATENCY}
         for name in sorted({r["scenario"] for r in rows})}
+    rep = [r for r in rows if "real_repeat" in r]
+    if rep:  # the same requests served twice: the real measurement's own spread (a floor for any model's error)
+        again, first = [r["real_repeat"] for r in rep], [r["real"] for r in rep]
+        out["noise_floor"] = {k: fit.error_stats(_arr(again, k), _arr(first, k)) for k in fid.LATENCY}
     out["plans"] = len(rows)
     out["scenarios"] = sorted({r["scenario"] for r in rows})
     return out
@@ -280,7 +285,8 @@ def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Pat
             plans[f"random_plan{j}"] = fid.random_plan(sc.cluster, rng)
             j += 1
         log(f"fidelity {name}: {len(plans)} plans")
-        got = measure_plans(variants[name], profile, plans, cfg, cfg.fidelity.window_s, log)
+        got = measure_plans(variants[name], profile, plans, cfg, cfg.fidelity.window_s, log,
+                            repeats=cfg.fidelity.repeats if i == 0 else 0)
         rows += got
     summary = summarize(rows)
     summary["command"] = "python -m experiments.calibrate"
@@ -300,6 +306,11 @@ def fidelity_markdown(summary: dict) -> str:
     for k in (*fid.SCALARS, "link_bytes", "memory_gpu", "memory_cpu", "memory_ssd"):
         s = summary[k]
         lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
+    if "noise_floor" in summary:
+        lines += ["", "Noise floor (the same requests served twice, real vs real):", "",
+                  "| metric | n | MAPE % | max error % | Spearman |", "| --- | ---: | ---: | ---: | ---: |"]
+        for k, s in summary["noise_floor"].items():
+            lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
     lines += ["", f"quality_loss MAE: {summary['quality_loss']['mae']:.4f}; link bytes from the dispatcher's wire "
               f"format equal the measured bytes: {summary['link_bytes_wire_format_exact']}; memory exact: "
               + ", ".join(f"{t} {summary[f'memory_{t}']['exact']}" for t in ("gpu", "cpu", "ssd")), ""]

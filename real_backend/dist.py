@@ -78,8 +78,9 @@ class Dispatcher:
     """The ExpertFn of one server process: local experts from its ExpertStore, remote ones over the process group."""
 
     def __init__(self, rank: int, world: int, store: ExpertStore, shaper: LinkShaper | None, device: torch.device,
-                 comm_device: torch.device):
+                 comm_device: torch.device, seed: int = 0):
         self.rank, self.world, self.store, self.shaper = rank, world, store, shaper
+        self.rng = np.random.default_rng([seed, rank])  # rounds the pruned count of each message (unbiased)
         self.device, self.comm_device = device, comm_device
         self.target = None  # [L, E] torch long
         self.prune = np.zeros((world, world))
@@ -138,10 +139,13 @@ class Dispatcher:
             eid = idx[tok, slot]
             r = float(self.prune[me, p])
             if r > 0:
-                n_keep = tok.numel() - int(r * tok.numel())
+                drop = r * tok.numel()  # r of the tokens in expectation, also in messages of one or two tokens
+                n_keep = tok.numel() - int(drop) - int(self.rng.random() < drop - int(drop))
                 keep = w.float().argsort(descending=True)[:n_keep].sort().values
                 self.tokens_pruned += tok.numel() - n_keep
                 tok, slot, w, eid = tok[keep], slot[keep], w[keep], eid[keep]
+                if n_keep == 0:  # every token for this peer pruned: no message at all
+                    continue
             rows_x, rows_e, row_of = x[tok], eid, torch.arange(tok.numel(), device=x.device)
             if self.fuse[me, p] and tok.numel() > 1:
                 xs, es, ro = [], [], torch.empty(tok.numel(), dtype=torch.long, device=x.device)

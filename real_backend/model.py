@@ -296,20 +296,38 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 
 class KVCache:
-    """Growing per-sequence KV cache: one (k, v) pair [Hkv, T, hd] per layer."""
+    """Per-sequence KV cache: one (k, v) buffer [Hkv, capacity, hd] per layer, grown by doubling (amortized O(1)
+    appends instead of a copy of the whole cache per token)."""
 
     def __init__(self, num_layers: int):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.kbuf: list[torch.Tensor | None] = [None] * num_layers
+        self.vbuf: list[torch.Tensor | None] = [None] * num_layers
+        self.filled = [0] * num_layers
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], 1)
-            self.v[layer] = torch.cat([self.v[layer], v], 1)
-        return self.k[layer], self.v[layer]
+        """Add k, v [Hkv, n, hd]; return the layer's whole cache (views)."""
+        n, t = k.shape[1], self.filled[layer]
+        buf = self.kbuf[layer]
+        if buf is None or t + n > buf.shape[1]:
+            cap = max(2 * (0 if buf is None else buf.shape[1]), t + n, 16)
+            kb = k.new_empty(k.shape[0], cap, k.shape[2])
+            vb = v.new_empty(v.shape[0], cap, v.shape[2])
+            if t:
+                kb[:, :t], vb[:, :t] = self.kbuf[layer][:, :t], self.vbuf[layer][:, :t]
+            self.kbuf[layer], self.vbuf[layer] = kb, vb
+        self.kbuf[layer][:, t:t + n] = k
+        self.vbuf[layer][:, t:t + n] = v
+        self.filled[layer] = t + n
+        return self.kv(layer)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.filled[layer]
+        return self.kbuf[layer][:, :t], self.vbuf[layer][:, :t]
+
+    def truncate(self, layer: int, length: int) -> None:
+        """Forget the layer's entries beyond `length` (e.g. to time one step repeatedly)."""
+        self.filled[layer] = min(self.filled[layer], length)
 
 
 class MoETransformer:
@@ -332,6 +350,8 @@ class MoETransformer:
         q = F.linear(x, w[f"{p}self_attn.q_proj.weight"], w.get(f"{p}self_attn.q_proj.bias"))
         k = F.linear(x, w[f"{p}self_attn.k_proj.weight"], w.get(f"{p}self_attn.k_proj.bias"))
         v = F.linear(x, w[f"{p}self_attn.v_proj.weight"], w.get(f"{p}self_attn.v_proj.bias"))
+        if len(chunks) > 1 and all(n == 1 for n in chunks):
+            return F.linear(self._decode_attention(i, q, k, v, caches), w[f"{p}self_attn.o_proj.weight"])
         outs, start = [], 0
         for n, cache in zip(chunks, caches):
             pos = torch.arange(cache.length, cache.length + n, device=x.device)
@@ -348,6 +368,29 @@ class MoETransformer:
             outs.append(o.transpose(0, 1).reshape(n, H * hd))
             start += n
         return F.linear(torch.cat(outs), w[f"{p}self_attn.o_proj.weight"])
+
+    def _decode_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache]
+                          ) -> torch.Tensor:
+        """One new token for each of B sequences at once: rope for all, caches padded to the longest, one masked
+        SDPA call (instead of a dozen small ops per sequence)."""
+        cfg = self.cfg
+        hd, H, Hkv, B = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, len(caches)
+        lengths = [c.length for c in caches]
+        cos, sin = rope_cos_sin(cfg, torch.tensor(lengths, device=q.device), q.dtype)  # [B, hd]
+        qs = apply_rope(q.view(B, H, hd), cos[:, None], sin[:, None])
+        ks = apply_rope(k.view(B, Hkv, hd), cos[:, None], sin[:, None])
+        vs = v.view(B, Hkv, hd)
+        T = max(lengths) + 1
+        K = q.new_zeros(B, Hkv, T, hd)
+        V = q.new_zeros(B, Hkv, T, hd)
+        for b, c in enumerate(caches):
+            kb, vb = c.append(i, ks[b, :, None], vs[b, :, None])
+            K[b, :, :kb.shape[1]], V[b, :, :vb.shape[1]] = kb, vb
+        rep = H // Hkv
+        K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
+        valid = torch.arange(T, device=q.device)[None] <= torch.tensor(lengths, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(qs[:, :, None], K, V, attn_mask=valid[:, None, None])  # [B, H, 1, hd]
+        return o.reshape(B, H * hd)
 
     def route(self, i: int, x: torch.Tensor, forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and gate weights [T, k]; `forced` ids (from traces) replace the router's."""

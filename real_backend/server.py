@@ -135,7 +135,7 @@ class ServerProcess:
         self.shaper = None
         if spec.links != "none":
             self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
-        self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device)
+        self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device, spec.seed)
         self.plan_holders: list[list[set[int]]] | None = None
 
     # ---- placement ----------------------------------------------------------------------------------------

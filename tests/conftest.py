@@ -44,6 +44,15 @@ def scenario_dict(
     return spec
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still exists (orphan checks of the real backend's servers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture
 def make_spec():
     """Factory of scenario dicts: `make_spec(num_servers=3, bandwidth_gbps=10, ...)`."""

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import pid_alive
 
 from coel_env import Backend, DeploymentPlan, PlanError, Scenario
 from real_backend import RealBackend, ServerError, make_real_backend
@@ -34,18 +35,10 @@ def _replay(backend: RealBackend, plan, state, window: int = 0):
     return m, dict(backend.last_details["tokens"]), dict(backend.last_details["prompt_logits"])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_protocol_and_factory(env):
     _, _, _, backend = env
     assert isinstance(backend, Backend) and backend.name == "real"
-    assert len(backend.pids()) == 3 and all(_alive(p) for p in backend.pids())
+    assert len(backend.pids()) == 3 and all(pid_alive(p) for p in backend.pids())
 
 
 def test_distributed_equals_single_process(env):
@@ -147,7 +140,7 @@ def test_killed_server_gives_clear_error_then_reset_recovers(env):
     with pytest.raises(ServerError, match=r"server s1 \(pid \d+\) exited with code -9"):
         _replay(backend, plan, state)
     assert time.monotonic() - t0 < 20
-    assert not any(_alive(p) for p in pids)  # no orphans
+    assert not any(pid_alive(p) for p in pids)  # no orphans
     backend.reset(plan, state)
     assert set(backend.pids()).isdisjoint(pids)
     m, _, _ = _replay(backend, plan, state)
@@ -163,5 +156,5 @@ def test_hung_server_times_out(env):
     with pytest.raises(ServerError, match=r"hung|failed"):
         backend._call("ping")
     assert time.monotonic() - t0 < 10
-    assert not any(_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     assert not backend.alive and backend.current is None  # the next reset/serve starts fresh processes

@@ -11,6 +11,7 @@ from coel_env import ConfigError
 from coel_env.specs import model_preset
 from real_backend.model import (
     DenseExperts,
+    KVCache,
     MoEConfig,
     MoETransformer,
     WeightSource,
@@ -98,3 +99,26 @@ def test_mixtral_style_model_runs():
     model = MoETransformer(cfg, src.non_expert())
     toks, logits = generate(model, [torch.arange(7)], [3], DenseExperts(cfg, src))
     assert len(toks[0]) == 3 and logits[0].shape == (7, cfg.vocab_size) and torch.isfinite(logits[0]).all()
+
+
+def test_batched_decode_step_equals_one_sequence_at_a_time():
+    """A decode step over sequences of different lengths (one masked SDPA over padded caches, GQA included) gives
+    the logits and caches of running each sequence alone; the caches grow past their first capacity on the way."""
+    cfg = MoEConfig.from_spec(model_preset("tiny-moe").model_copy(update={"num_kv_heads": 2}))
+    model, experts = reference_model(cfg, 0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (3, 17, 9)]
+    together = [KVCache(cfg.num_layers) for _ in prompts]
+    alone = [KVCache(cfg.num_layers) for _ in prompts]
+    model.forward(prompts, together, experts)
+    for p, c in zip(prompts, alone):
+        model.forward([p], [c], experts)
+    for _ in range(3):
+        nxt = [torch.randint(0, cfg.vocab_size, (1,), generator=g) for _ in prompts]
+        batched = model.forward(nxt, together, experts)
+        single = torch.cat([model.forward([t], [c], experts) for t, c in zip(nxt, alone)])
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    for a, b in zip(together, alone):
+        assert a.length == b.length
+        for layer in range(cfg.num_layers):
+            torch.testing.assert_close(a.kv(layer)[0], b.kv(layer)[0])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import pid_alive
 
 from coel_env import Scenario
 from coel_env.errors import ConfigError
@@ -29,14 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -103,7 +96,7 @@ def test_torchrun_server_exception_reaches_driver_and_ranks_exit(torchrun_run, s
     assert first == "server s1 failed in 'reset': TypeError: 'NoneType' object is not subscriptable"
     assert first == spawned_run["error"].splitlines()[0]  # same error as with spawned servers
     assert "traceback of server s1" in got["error"] and 'arg["device"]' in got["error"]  # the rank's traceback
-    assert len(got["pids"]) == 3 and not any(_alive(p) for p in got["pids"])  # every rank exited
+    assert len(got["pids"]) == 3 and not any(pid_alive(p) for p in got["pids"])  # every rank exited
     assert not list(tmp.glob("coel-real-*"))  # every rank removed its SSD tier directory
 
 

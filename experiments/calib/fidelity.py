@@ -122,15 +122,17 @@ def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.nd
 
 
 def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, window_s: float,
-            elem_bytes: int) -> dict:
-    """Serve `plan` on the real backend, predict it with the surrogate on the realized workload; one row."""
+            elem_bytes: int, repeat: bool = False) -> dict:
+    """Serve `plan` on the real backend, predict it with the surrogate on the realized workload; one row.
+    `repeat`: serve the same requests a second time (`real_repeat`: the measurement's own run-to-run spread)."""
     backend.apply(plan, state)
     real = backend.serve(plan, state, window_s)
     det = backend.last_details
-    workload = realized_workload(backend.last_requests, window_s, plan.device.shape[1])
+    requests = backend.last_requests
+    workload = realized_workload(requests, window_s, plan.device.shape[1])
     pred = replay(surrogate, plan, state, workload, window_s)
     c = surrogate.cluster
-    return {
+    row = {
         "real": {k: float(getattr(real, k)) for k in SCALARS},
         "pred": {k: float(getattr(pred, k)) for k in SCALARS},
         "real_link_bytes": real.link_bytes.tolist(), "pred_link_bytes": pred.link_bytes.tolist(),
@@ -141,6 +143,10 @@ def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: C
         "workload": workload, "rate": workload["rate"], "window_s": window_s, "served": det["served"],
         "kl": det["kl"], "steps": det["steps"],
     }
+    if repeat:  # the same requests once more: how much the measurement itself moves (the noise floor)
+        again = backend.serve_requests(plan, state, requests, window_s)
+        row["real_repeat"] = {k: float(getattr(again, k)) for k in SCALARS}
+    return row
 
 
 def with_profile(spec_dict: dict, profile, seed: int = 0) -> Scenario:

@@ -71,7 +71,7 @@ def attention_sweep(cfg: MoEConfig, contexts: list[int], device: str = "cpu", re
 
         def step(cache=cache, T=T, x=x):
             model._attention(0, x, [1], [cache])
-            cache.k[0], cache.v[0] = cache.k[0][:, :T], cache.v[0][:, :T]  # undo the append
+            cache.truncate(0, T)  # undo the append
 
         rows.append({"context": T, "seconds": _time(step, dev, reps)})
     return rows
