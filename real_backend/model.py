@@ -291,6 +291,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [H, n, hd] (the last n positions) over k, v [H, T, hd]: causal attention without an explicit mask where
+    none is needed (a single new token sees everything; a fresh prompt is plain causal), so fused kernels apply."""
+    n, T = q.shape[1], k.shape[1]
+    if n == 1:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+    if n == T:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+    mask = torch.ones(n, T, dtype=torch.bool, device=q.device).tril(T - n)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
@@ -362,9 +374,7 @@ class MoETransformer:
             K, V = cache.append(i, ks, vs)
             rep = H // Hkv
             K, V = K.repeat_interleave(rep, 0), V.repeat_interleave(rep, 0)
-            T = K.shape[1]
-            mask = torch.ones(n, T, dtype=torch.bool, device=x.device).tril(T - n)
-            o = F.scaled_dot_product_attention(qs[None], K[None], V[None], attn_mask=mask)[0]
+            o = _causal_attention(qs, K, V)
             outs.append(o.transpose(0, 1).reshape(n, H * hd))
             start += n
         return F.linear(torch.cat(outs), w[f"{p}self_attn.o_proj.weight"])
@@ -388,8 +398,11 @@ class MoETransformer:
             K[b, :, :kb.shape[1]], V[b, :, :vb.shape[1]] = kb, vb
         rep = H // Hkv
         K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
-        valid = torch.arange(T, device=q.device)[None] <= torch.tensor(lengths, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qs[:, :, None], K, V, attn_mask=valid[:, None, None])  # [B, H, 1, hd]
+        mask = None  # equal lengths: nothing padded, the fused kernels apply
+        if min(lengths) != max(lengths):  # padded keys get -inf (an additive mask keeps the fused GPU kernels)
+            pad = torch.arange(T, device=q.device)[None] > torch.tensor(lengths, device=q.device)[:, None]
+            mask = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device).masked_fill(pad[:, None, None], -torch.inf)
+        o = F.scaled_dot_product_attention(qs[:, :, None], K, V, attn_mask=mask)  # [B, H, 1, hd]
         return o.reshape(B, H * hd)
 
     def route(self, i: int, x: torch.Tensor, forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

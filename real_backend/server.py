@@ -11,6 +11,7 @@ arrival, so a window of W seconds need not take W seconds of wall time.
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import ctypes
 import os
 import signal
@@ -137,6 +138,7 @@ class ServerProcess:
             self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
         self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device, spec.seed)
         self.plan_holders: list[list[set[int]]] | None = None
+        self.profiled = 0  # serve calls profiled so far (see PROFILE_ENV)
 
     # ---- placement ----------------------------------------------------------------------------------------
     def _holders(self, device: np.ndarray) -> list[list[set[int]]]:
@@ -320,13 +322,26 @@ class ServerProcess:
         self.store.close()
 
 
+PROFILE_ENV = "COEL_PROFILE_DIR"  # set it to cProfile every server's `serve` into <dir>/server<rank>_serve<n>.prof
+
+
 def run_command(server: ServerProcess, cmd: str, arg) -> tuple[str, object]:
     """Run one driver command (a ServerProcess method) on this server: ("ok", result) or ("error", traceback).
     Every transport (pipe, torchrun control group) goes through here."""
+    prof_dir = os.environ.get(PROFILE_ENV) if cmd == "serve" else None
+    prof = cProfile.Profile() if prof_dir else None
     try:
+        if prof is not None:
+            prof.enable()
         return "ok", getattr(server, cmd)(arg)
     except Exception:
         return "error", traceback.format_exc()
+    finally:
+        if prof is not None:
+            prof.disable()
+            server.profiled += 1
+            Path(prof_dir).mkdir(parents=True, exist_ok=True)
+            prof.dump_stats(Path(prof_dir) / f"server{server.rank}_serve{server.profiled}.prof")
 
 
 def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
