@@ -53,13 +53,25 @@ def _expected_max_latency(order, lat, none):
     return out
 
 
+@njit(cache=True, fastmath=True)
+def _fused_keep(p, tokens, keep, frac):
+    """Share of an expert's crossing tokens still sent after fusion: a step's `tokens` tokens each use the expert
+    with probability p and survive pruning with `keep`; fusion merges `frac` of a message's rows for that expert but
+    needs two of them, so per token the saving is frac * P(another of the step's tokens joins) =
+    frac * (1 - (1 - p keep)^(tokens / p - 1))."""
+    n = tokens / p  # tokens in the step
+    if n <= 1.0:
+        return 1.0
+    return 1.0 - frac * -np.expm1((n - 1.0) * np.log1p(-min(p * keep, 1.0 - 1e-12)))
+
+
 BITS_INDEX = np.zeros(17, dtype=np.int64)  # bits -> column of the unit table
 BITS_INDEX[16], BITS_INDEX[8], BITS_INDEX[4] = 0, 1, 2
 
 
 @njit(cache=True, fastmath=True)
 def serve_kernel(
-    dev, tier, bits, tok_keep, comm_tok, state_idx,
+    dev, tier, bits, tok_keep, comm_tok, fuse_frac, state_idx,
     pop, u_dec, a_dec, u_pre, a_pre, server_up, table, pair_lat2, lat_order, dev_server, bits_index, qloss,
     local_first, infl, todo, o_time, o_pair_bytes, o_busy, o_quality, o_miss, o_cross, o_choice,
 ):
@@ -80,7 +92,8 @@ def serve_kernel(
 
     table[si, key, 0:6] holds per (device, tier, bits) key = (d * 3 + tier) * 3 + bits_index the GPU path
     (read s per activation, compute s per token, fetch+overhead s per activation) then the same for the CPU path.
-    comm_tok[n, s, s2] = round-trip seconds per token crossing (bandwidth part); pair_lat2 = round-trip latency;
+    comm_tok[n, s, s2] = round-trip seconds per token crossing (bandwidth part), fuse_frac[n, s, s2] its fusion
+    fraction (`_fused_keep`: fusion needs two tokens of an expert in a message); pair_lat2 = round-trip latency;
     lat_order[s] = the other servers by falling pair_lat2[s]."""
     N, L, E, R = dev.shape
     S = server_up.shape[1]
@@ -90,6 +103,7 @@ def serve_kernel(
     dev_keep = np.zeros(D)
     dev_ct = np.zeros(D)
     dev_lat = np.zeros(D)
+    dev_fuse = np.zeros(D)
     for job in range(N * S):
         n = job // S
         s = job % S
@@ -127,6 +141,7 @@ def serve_kernel(
             dev_up[d] = server_up[si, sd]
             dev_keep[d] = tok_keep[n, s, sd]  # 1 for the own server (the diagonals are neutral)
             dev_ct[d] = comm_tok[n, s, sd]
+            dev_fuse[d] = fuse_frac[n, s, sd]
             dev_lat[d] = pair_lat2[s, sd]
         for l in range(L):
             dev_l = dev[n, l]
@@ -203,6 +218,8 @@ def serve_kernel(
                         gd = max(ud * tab[key, 0], akeep * tab[key, 1]) + ud * tab[key, 2]
                         cd = max(ud * tab[key, 3], akeep * tab[key, 4]) + ud * tab[key, 5]
                         comm = ad * dev_ct[d]
+                        if dev_fuse[d] > 0.0:
+                            comm *= _fused_keep(p, ad, dev_keep[d], dev_fuse[d])
                         lat = dev_lat[d]
                         dlat = 0.0
                         if sd != s and ud > 0.0:
@@ -253,8 +270,12 @@ def serve_kernel(
                     touched[d] = True
                 quality += p * qloss[bits_l[e, rd]]
                 # own-server entries accumulate too and are ignored when the layer closes
-                tok_d[sd] += ad
-                tok_p[sd] += ap
+                if dev_fuse[d] > 0.0:
+                    tok_d[sd] += ad * _fused_keep(p, ad, dev_keep[d], dev_fuse[d])
+                    tok_p[sd] += ap * _fused_keep(p, ap, dev_keep[d], dev_fuse[d])
+                else:
+                    tok_d[sd] += ad
+                    tok_p[sd] += ap
                 none_d[sd] *= 1.0 - ud
                 none_p[sd] *= 1.0 - up
                 cross[sd] += p
@@ -385,9 +406,9 @@ def memory_kernel(dev, tier, bits, dev_server, ebytes, o_gpu, o_cpu, o_ssd):
 
 @njit(cache=True)
 def pair_coefficients(prune, fuse, pair_index, pair_bw, state_idx, hidden, fusion_fraction,
-                      tok_keep, byte_keep, comm_tok):
-    """Per plan and ordered server pair: fraction of tokens kept by pruning, of bytes kept by pruning+fusion,
-    and round-trip seconds per routed token (bandwidth part)."""
+                      tok_keep, byte_keep, comm_tok, fuse_frac):
+    """Per plan and ordered server pair: fraction of tokens (and bytes) kept by pruning, round-trip seconds per
+    routed token (bandwidth part) and the fusion fraction (0 without fusion; `_fused_keep` applies it per expert)."""
     N = prune.shape[0]
     S = pair_index.shape[0]
     for n in range(N):
@@ -399,12 +420,13 @@ def pair_coefficients(prune, fuse, pair_index, pair_bw, state_idx, hidden, fusio
                     tok_keep[n, s, s2] = 1.0
                     byte_keep[n, s, s2] = 1.0
                     comm_tok[n, s, s2] = 0.0
+                    fuse_frac[n, s, s2] = 0.0
                     continue
                 keep = 1.0 - prune[n, p]
-                bk = keep * (1.0 - fusion_fraction) if fuse[n, p] else keep
                 tok_keep[n, s, s2] = keep
-                byte_keep[n, s, s2] = bk
-                comm_tok[n, s, s2] = 2.0 * hidden * bk / pair_bw[si, s, s2]
+                byte_keep[n, s, s2] = keep
+                comm_tok[n, s, s2] = 2.0 * hidden * keep / pair_bw[si, s, s2]
+                fuse_frac[n, s, s2] = fusion_fraction if fuse[n, p] else 0.0
 
 
 @njit(cache=True)

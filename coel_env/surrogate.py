@@ -324,16 +324,16 @@ class SurrogateBackend:
         S, D, K = c.num_servers, c.num_devices, c.num_links
         state_idx = self._zeros_idx(N) if shared else np.arange(N, dtype=np.int64)
         prune = np.asarray(prune, dtype=np.float64)
-        tok_keep, byte_keep, comm_tok = (np.empty((N, S, S)) for _ in range(3))
+        tok_keep, byte_keep, comm_tok, fuse_frac = (np.empty((N, S, S)) for _ in range(4))
         pair_coefficients(prune, fuse, c.pair_index, sa["pair_bw"], state_idx, hw.wire_bytes(m.d_model),
-                          hw.quality.fusion_fraction, tok_keep, byte_keep, comm_tok)
+                          hw.quality.fusion_fraction, tok_keep, byte_keep, comm_tok, fuse_frac)
         outs = [np.zeros((N, S, 6)), np.zeros((N, S, S, 2)), np.zeros((N, S, D + S, 2)), np.zeros((N, S)),
                 np.zeros((N, S)), np.zeros((N, S, S))]
         o_time, o_pair, o_busy, o_quality, o_miss, o_cross = outs
         choice = np.zeros(N, dtype=np.int64)
-        args = (dev, tier, bits, tok_keep, comm_tok, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"], sa["u_pre"],
-                sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, self.lat_order, c.dev_server, BITS_INDEX,
-                self.qloss, hw.routing == "local_first")
+        args = (dev, tier, bits, tok_keep, comm_tok, fuse_frac, state_idx, sa["pop"], sa["u_dec"], sa["a_dec"],
+                sa["u_pre"], sa["a_pre"], sa["up"], sa["table"], self.pair_lat2, self.lat_order, c.dev_server,
+                BITS_INDEX, self.qloss, hw.routing == "local_first")
         infl = np.ones((N, D + S))
         serve_kernel(*args, infl, self._ones_mask(N), *outs, choice)
         rho = np.empty((N, D + S))

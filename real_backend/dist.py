@@ -46,10 +46,14 @@ def dispatch_targets(holder_servers: list[list[set[int]]], me: int, server_up: n
     return out
 
 
-def fuse_tokens(x: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe bipartite merge of `x` [n, d]: returns (rows to send [m, d], row_of [n] index of each token's row)."""
+def fuse_tokens(x: torch.Tensor, frac: float, rng: np.random.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe bipartite merge of `x` [n, d]: returns (rows to send [m, d], row_of [n] index of each token's row).
+    `frac * n` rows are merged away (with `rng`: that many in expectation, the fraction rounded at random)."""
     n = x.shape[0]
     r = int(frac * n)
+    if rng is not None and n >= 2:
+        r += int(rng.random() < frac * n - r)
     if n < 2 or r == 0:
         return x, torch.arange(n, device=x.device)
     a, b = torch.arange(0, n, 2, device=x.device), torch.arange(1, n, 2, device=x.device)
@@ -80,7 +84,7 @@ class Dispatcher:
     def __init__(self, rank: int, world: int, store: ExpertStore, shaper: LinkShaper | None, device: torch.device,
                  comm_device: torch.device, seed: int = 0):
         self.rank, self.world, self.store, self.shaper = rank, world, store, shaper
-        self.rng = np.random.default_rng([seed, rank])  # rounds the pruned count of each message (unbiased)
+        self.rng = np.random.default_rng([seed, rank])  # rounds pruned and fused counts without bias
         self.device, self.comm_device = device, comm_device
         self.target = None  # [L, E] torch long
         self.prune = np.zeros((world, world))
@@ -152,7 +156,7 @@ class Dispatcher:
                 base = 0
                 for e in eid.unique().tolist():
                     sel = (eid == e).nonzero(as_tuple=True)[0]
-                    rx, rof = fuse_tokens(x[tok[sel]], self.fusion_fraction)
+                    rx, rof = fuse_tokens(x[tok[sel]], self.fusion_fraction, self.rng)
                     xs.append(rx)
                     es.append(torch.full((rx.shape[0],), e, dtype=eid.dtype, device=x.device))
                     ro[sel] = base + rof
