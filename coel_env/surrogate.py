@@ -250,7 +250,7 @@ class SurrogateBackend:
             pop=pop, rate=rate, up=up, lam=lam, batch=batch, u_dec=u_dec, a_dec=a_dec, u_pre=u_pre, a_pre=a_pre,
             table=self._unit_table(comp), pair_bw=self._pair_bandwidth(link_factor),
             link_cap=2.0 * np.maximum(c.link_bw * link_factor * c.hw.link_efficiency, 1.0),
-            ne_dec=ne_dec / srv_avail, ne_pre=self.ne_pre / srv_avail,
+            ne_dec=ne_dec / srv_avail, ne_pre=self.ne_pre / srv_avail, contention=self._contention(up),
         )
         self._cache_key = key
         return self._cache
@@ -361,7 +361,7 @@ class SurrogateBackend:
                       sa["link_cap"], self.route, c.dev_server, self.unit_p_idle, self.unit_p_max, self.in_q,
                       self.out_q, hw.wire_bytes(m.d_model), c.spec.workload.slo_s, self.step_overhead, float(window_s),
                       float(m.num_moe_layers * m.top_k), MAX_RHO, self.qconst, rho, hw.serving == "lockstep",
-                      self._contention(sa["up"]), scalars, link, util)
+                      sa["contention"], scalars, link, util)
         gpu, cpu, ssd = np.zeros((N, D)), np.zeros((N, S)), np.zeros((N, S))
         memory_kernel(dev, tier, bits, c.dev_server, self.ebytes, gpu, cpu, ssd)
         fields = {name: scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}

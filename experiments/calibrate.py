@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from coel_env.cluster import build_cluster
+from coel_env.errors import CoELError, ConfigError
 from coel_env.plan import DeploymentPlan
 from coel_env.specs.hardware import HardwareProfile, QualityModel
 from coel_env.specs.scenario import scenario_from_dict
@@ -231,6 +232,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
     variants = fid.scenario_variants(cfg.scenario)
+    for field in ("e2e.scenarios", "fidelity.scenarios"):
+        unknown = [n for n in OmegaConf.select(cfg, field) if n not in variants]
+        if unknown:
+            raise ConfigError(f"calibrate: {field} {unknown} unknown; allowed: {', '.join(variants)}")
     base_spec = variants[cfg.scenario]
     from coel_env.state import Scenario
 
@@ -323,7 +328,10 @@ def main(cfg: DictConfig) -> None:
 
     OmegaConf.set_struct(cfg, False)
     cfg.overrides = list(HydraConfig.get().overrides.task)
-    run(cfg)
+    try:
+        run(cfg)
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -381,12 +381,13 @@ class MoETransformer:
 
     def _decode_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache]
                           ) -> torch.Tensor:
-        """One new token for each of B sequences at once: rope for all, caches padded to the longest, one masked
-        SDPA call (instead of a dozen small ops per sequence)."""
+        """One new token for each of B sequences at once: rope for all, caches padded to the longest, one SDPA
+        call (masking the padding, if any) instead of a dozen small ops per sequence."""
         cfg = self.cfg
         hd, H, Hkv, B = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, len(caches)
         lengths = [c.length for c in caches]
-        cos, sin = rope_cos_sin(cfg, torch.tensor(lengths, device=q.device), q.dtype)  # [B, hd]
+        pos = torch.tensor(lengths, device=q.device)
+        cos, sin = rope_cos_sin(cfg, pos, q.dtype)  # [B, hd]
         qs = apply_rope(q.view(B, H, hd), cos[:, None], sin[:, None])
         ks = apply_rope(k.view(B, Hkv, hd), cos[:, None], sin[:, None])
         vs = v.view(B, Hkv, hd)
@@ -400,7 +401,7 @@ class MoETransformer:
         K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
         mask = None  # equal lengths: nothing padded, the fused kernels apply
         if min(lengths) != max(lengths):  # padded keys get -inf (an additive mask keeps the fused GPU kernels)
-            pad = torch.arange(T, device=q.device)[None] > torch.tensor(lengths, device=q.device)[:, None]
+            pad = torch.arange(T, device=q.device)[None] > pos[:, None]
             mask = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device).masked_fill(pad[:, None, None], -torch.inf)
         o = F.scaled_dot_product_attention(qs[:, :, None], K, V, attn_mask=mask)  # [B, H, 1, hd]
         return o.reshape(B, H * hd)

@@ -3,6 +3,10 @@ parity test of the surrogate (cpu-gloo profile) against the real backend on `tin
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -155,3 +159,13 @@ def test_parity_surrogate_vs_real_backend_on_tiny():
     logr = np.abs(np.log(ratios))
     assert np.exp(logr.mean()) < MEAN_FACTOR, ratios
     assert np.exp(logr.max()) < ANY_FACTOR, ratios
+
+
+def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "experiments.calibrate", "fidelity.scenarios=[tiny,nope]",
+                           f"hydra.run.dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == ("error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: "
+                                                    "tiny, tiny-slowlink, tiny-2srv, tiny-busy")
+    assert "Traceback" not in proc.stderr

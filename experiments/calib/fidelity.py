@@ -120,7 +120,6 @@ def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.nd
     return (pair[a, b] + pair[b, a]) @ cluster.pair_links
 
 
-
 def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, window_s: float,
             elem_bytes: int, repeat: bool = False) -> dict:
     """Serve `plan` on the real backend, predict it with the surrogate on the realized workload; one row.
