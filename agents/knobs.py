@@ -4,6 +4,9 @@
 their ranges) plus an update gate; the base policy turns perceived state + knobs into a DeploymentPlan, stepped with
 `step_plan`. A plain end-to-end action space (`full`, `edit`, `threshold`) needs no wrapper; this one gives the agent
 the baseline's locality-aware decoding and leaves it the adaptive part (how local, how compressed, when to update).
+Actions are validated like the env's Box spaces (coel_env/env/actions.py): wrong shape/dtype or NaN/inf is a one-line
+ActionError (`action (knobs): ...`, nothing applied); finite values outside [-1, 1] are clipped and the step counts
+as repaired (`"action_clipped"` in `info["repair_reasons"]`, the repair penalty).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from gymnasium import spaces
 
 from agents.baselines import make_policy
 from agents.policy import Decision, Policy, needs_repair
+from coel_env.env.actions import ActionCheck
 from coel_env.errors import ConfigError
 
 # knob -> (low, high) of the base policy's constructor argument; each range is centred on the base policy's
@@ -77,6 +81,7 @@ class KnobsWrapper(gym.Wrapper):
         super().__init__(env)
         self.knobbed = KnobbedPolicy(base)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(self.knobbed.num_knobs + 1,), dtype=np.float32)
+        self._check = ActionCheck("knobs", self.action_space)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
@@ -85,6 +90,7 @@ class KnobsWrapper(gym.Wrapper):
         return obs, info
 
     def step(self, action):
+        a, clipped = self._check(action)  # before the base policy sees (and stores) any knob
         core = self.env.unwrapped
-        decision = self.knobbed.decide_with(np.asarray(action), core.perceived_state(), core.cluster, core.plan)
-        return core.step_plan(decision.plan, update=decision.update)
+        decision = self.knobbed.decide_with(a[0], core.perceived_state(), core.cluster, core.plan)
+        return core.step_plan(decision.plan, update=decision.update, action_clipped=bool(clipped[0]))

@@ -18,6 +18,10 @@ class PlanError(CoELError):
     """A deployment plan or manifest is invalid for its scenario."""
 
 
+class ActionError(CoELError):
+    """An action does not fit its action space (shape, dtype, NaN/inf, out of range); nothing was applied."""
+
+
 def _field_names(model, loc: tuple) -> list[str]:
     """Field names of the pydantic model found by walking `loc` from `model` (empty if it cannot be followed)."""
     cur = model

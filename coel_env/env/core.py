@@ -19,7 +19,7 @@ from coel_env.env.perception import Perception
 from coel_env.env.planbatch import PlanBatch
 from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.env.rewards import RewardContext, make_reward
-from coel_env.errors import ConfigError
+from coel_env.errors import ConfigError, PlanError
 from coel_env.plan import DeploymentPlan
 from coel_env.state import Scenario, StateBatch
 from coel_env.surrogate import SurrogateBackend
@@ -98,15 +98,26 @@ class CoELCore:
 
     # ---- step ---------------------------------------------------------------------------------------
     def step(self, actions: np.ndarray | None = None, proposed: PlanBatch | None = None,
-             update: np.ndarray | None = None, active: np.ndarray | None = None):
-        """Step every env (rows with active=False are about to be reset: they draw no randomness)."""
+             update: np.ndarray | None = None, active: np.ndarray | None = None, single: bool = False,
+             clipped: np.ndarray | None = None):
+        """Step every env (rows with active=False are about to be reset: they draw no randomness).
+
+        `actions` [N, A] (or, with `single`, one action of the space's shape for N = 1) are validated before
+        anything changes (ActionError; Box values outside the bounds are clipped and counted, see actions.py);
+        `proposed` plans must have this cluster's shapes (PlanError); `clipped` [N] marks proposals made from a
+        clipped wrapper action (counted like a clipped action)."""
         c, N, st, perc = self.cluster, self.N, self.states, self.perception
         view = View(st.server_up, perc.pop)
         if proposed is None:
+            if single and N != 1:
+                raise ConfigError(f"single: a single action needs num_envs == 1, not {N}")
+            actions, clipped = self.codec.check(actions, None if single else N)
             proposed, update, invalid = self.codec.decode_batch(actions, self.plans, view)
         else:
+            self.check_plans(proposed)
             invalid = np.zeros(N, dtype=np.int64)
             update = np.broadcast_to(np.asarray(update, dtype=bool), (N,))
+            clipped = np.zeros(N, dtype=bool) if clipped is None else np.broadcast_to(np.asarray(clipped, bool), (N,))
         gpu_cap = self._gpu_cap(st.memory_avail)
         if update.all():
             proposed, rcounts, usage = repair(proposed, c, gpu_cap, st.server_up, perc.pop, self.plans)
@@ -143,7 +154,7 @@ class CoELCore:
         mig_s = mig["time_s"] + (fmig["time_s"] if fmig is not None else 0.0)
         self._degrade(f, mig_s)
         n_rep = rcounts[:, :-1].sum(1)
-        repaired = (rcounts.sum(1) > 0) | (invalid > 0)
+        repaired = (rcounts.sum(1) > 0) | (invalid > 0) | clipped
         pen = self.penalties
         total_replicas = c.model.num_moe_layers * c.model.num_experts
         penalty = (pen["repair"] * repaired + pen["unit"] * n_rep / total_replicas + pen["invalid"] * invalid
@@ -163,10 +174,23 @@ class CoELCore:
         reward = self.reward_fn(f, mig_s, self.ctx) - penalty
         truncated = st.epoch >= self.max_epochs
         info = dict(f=f, mig=mig, fmig=fmig, mig_s=mig_s, update=update, changed=changed, repaired=repaired,
-                    rcounts=rcounts, invalid=invalid, penalty=penalty, budget_excess=over, hello_bits=hello_bits,
-                    lost=lost, restored=restored, fcounts=fcounts)
+                    rcounts=rcounts, invalid=invalid, clipped=clipped, penalty=penalty, budget_excess=over,
+                    hello_bits=hello_bits, lost=lost, restored=restored, fcounts=fcounts)
         self.last_info = info
         return reward, terminated, truncated, info
+
+    def check_plans(self, proposed: PlanBatch) -> None:
+        """PlanError (one line) unless `proposed` holds N plans shaped for this cluster."""
+        N, P, ler = self.N, self.cluster.num_pairs, self.plans.dev.shape[1:]
+        got = dict(device=proposed.dev.shape, tier=proposed.tier.shape, bits=proposed.bits.shape,
+                   prune=proposed.prune.shape, fuse=proposed.fuse.shape)
+        want = dict(device=ler, tier=ler, bits=ler, prune=(P,), fuse=(P,))
+        if any(g[:1] != (N,) for g in got.values()):
+            raise PlanError(f"plan: {proposed.dev.shape[:1] or 0} plans given; expected one per env ({N},)")
+        bad = [f"{k} {g[1:]}" for k, g in got.items() if g[1:] != want[k]]
+        if bad:
+            raise PlanError(f"plan: {', '.join(bad)} given; expected device/tier/bits {ler} and prune/fuse ({P},) "
+                            f"for scenario '{self.scenario.name}'")
 
     def observe(self) -> dict[str, np.ndarray]:
         return self.obs_encoder.encode(self)
@@ -235,7 +259,7 @@ class CoELCore:
         else:
             fm = dict.fromkeys(MIGRATION_KEYS, 0.0)
         rc = x["rcounts"][i]
-        reasons = [k for k, n in zip(REPAIR_KINDS, rc) if n]
+        reasons = ["action_clipped"] * bool(x["clipped"][i]) + [k for k, n in zip(REPAIR_KINDS, rc) if n]
         if x["invalid"][i]:
             reasons.append("invalid_edit")
         return {

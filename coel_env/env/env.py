@@ -12,7 +12,7 @@ from coel_env.backend import Backend
 from coel_env.env.backends import make_backend
 from coel_env.env.core import CoELCore
 from coel_env.env.planbatch import PlanBatch
-from coel_env.errors import ConfigError
+from coel_env.errors import ConfigError, PlanError
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import ScenarioSpec
 from coel_env.state import ClusterState, Scenario
@@ -67,16 +67,23 @@ class CoELEnv(gym.Env):
         return self._obs(), self._with_mask(info)
 
     def step(self, action):
-        r, term, trunc, _ = self.core.step(actions=np.asarray(action)[None])
+        """One decision epoch. The action is validated first (ActionError, nothing applied; rules in
+        coel_env/env/actions.py)."""
+        r, term, trunc, _ = self.core.step(actions=action, single=True)
         return self._obs(), float(r[0]), bool(term[0]), bool(trunc[0]), self._with_mask(self.core.env_info(0))
 
-    def step_plan(self, plan: DeploymentPlan, update: bool = True):
-        """Step with a DeploymentPlan instead of an action (repaired and validated like any action)."""
-        L, E, R = self.core.plans.dev.shape[1:]
-        if plan.device.shape != (L, E, R) or plan.prune.shape != (self.cluster.num_pairs,):
-            raise ConfigError(f"plan: replica arrays have shape {plan.device.shape}; expected {(L, E, R)} "
-                              f"and {self.cluster.num_pairs} links")
-        r, term, trunc, _ = self.core.step(proposed=PlanBatch.from_plans([plan]), update=np.array([update]))
+    def step_plan(self, plan: DeploymentPlan, update: bool = True, *, action_clipped: bool = False):
+        """Step with a DeploymentPlan instead of an action (repaired and validated like any action; PlanError if
+        its arrays are not shaped for this cluster). `action_clipped` marks a plan made from a wrapper's clipped
+        action (e.g. agents/knobs.py): the step counts as repaired with reason `action_clipped`."""
+        if not isinstance(plan, DeploymentPlan):
+            raise PlanError(f"plan: a DeploymentPlan is required, {type(plan).__name__} given")
+        try:
+            pb = PlanBatch.from_plans([plan])
+        except (TypeError, ValueError, AttributeError):
+            raise PlanError("plan: its arrays are not numeric arrays") from None
+        r, term, trunc, _ = self.core.step(proposed=pb, update=np.array([bool(update)]),
+                                           clipped=np.array([bool(action_clipped)]))
         return self._obs(), float(r[0]), bool(term[0]), bool(trunc[0]), self._with_mask(self.core.env_info(0))
 
     def action_masks(self) -> np.ndarray | None:

@@ -2,6 +2,8 @@
 
 Env i seeded with `seed + i` behaves exactly like `CoELEnv` reset with that seed (same observations, rewards,
 infos); autoreset follows gymnasium's default NEXT_STEP mode. Infos are dicts of arrays with `_key` masks.
+`step` validates the whole batch [N, *single_action_space.shape] before anything changes (rows of envs about to
+autoreset included): a bad row raises a one-line ActionError naming the env index (rules in actions.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class CoELVectorEnv(VectorEnv):
     def step(self, actions):
         core, N = self.core, self.num_envs
         resetting = self._autoreset.copy()
-        reward, term, trunc, x = core.step(actions=np.asarray(actions), active=~resetting)
+        reward, term, trunc, x = core.step(actions=actions, active=~resetting)  # validated first (ActionError)
         reset_bits = np.zeros(N, dtype=np.int64)
         for i in np.flatnonzero(resetting):
             reset_bits[i] = core.reset_env(i)["hello_bits"]
@@ -98,8 +100,8 @@ class CoELVectorEnv(VectorEnv):
         put("repaired", x["repaired"].copy())
         reasons = np.empty(N, dtype=object)
         for i in range(N):
-            reasons[i] = [k for k, n in zip(REPAIR_KINDS, x["rcounts"][i]) if n] + \
-                (["invalid_edit"] if x["invalid"][i] else [])
+            reasons[i] = ["action_clipped"] * bool(x["clipped"][i]) + \
+                [k for k, n in zip(REPAIR_KINDS, x["rcounts"][i]) if n] + (["invalid_edit"] if x["invalid"][i] else [])
         put("repair_reasons", reasons)
         put("penalty", x["penalty"].astype(np.float64))
         put("budget_excess", x["budget_excess"].astype(np.float64))

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
+from coel_env.atomic import atomic_write_json
 from coel_env.state import Scenario
 from experiments.calib.micro import base_profile, fit_raw, micro
 from experiments.calib.profile import write_profile
@@ -51,8 +52,8 @@ def main() -> None:
                                f"{name} (micro sweeps of real_backend modules).\n"
                                f"Raw sweeps and fits: benchmarks/results/calibration/sweeps_{a.profile}.json",
                          out / f"{a.profile}.yaml")
-    (out / f"sweeps_{a.profile}.json").write_text(json.dumps({"raw": raw, "fits": fits, "gpu": name, "wall_s":
-                                                              time.perf_counter() - t0}, indent=1, default=float))
+    atomic_write_json(out / f"sweeps_{a.profile}.json",
+                      {"raw": raw, "fits": fits, "gpu": name, "wall_s": time.perf_counter() - t0}, default=float)
     print(path.read_text())
     print(json.dumps(fits, indent=1, default=float)[:4000])
 

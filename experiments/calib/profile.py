@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from coel_env.atomic import atomic_write_text
 from coel_env.specs.hardware import CONF_DIR, HardwareProfile
 
 
@@ -22,6 +23,5 @@ def write_profile(profile: HardwareProfile, header: str, path: str | Path | None
     path = Path(path) if path else CONF_DIR / "hardware" / f"{profile.name}.yaml"
     text = "".join(f"# {ln}\n" for ln in header.splitlines())
     text += yaml.safe_dump(profile_dict(profile), sort_keys=False, default_flow_style=None, width=118)
-    path.write_text(text)
-    HardwareProfile(**yaml.safe_load(path.read_text()))  # round-trip check
-    return path
+    HardwareProfile(**yaml.safe_load(text))  # round-trip check before anything is written
+    return atomic_write_text(path, text)
