@@ -1,15 +1,18 @@
-"""Export a trained SB3 actor as an SB3-free deployment policy: `actor.onnx` + `policy.json`.
+"""Export a trained SB3 actor as an SB3-free deployment policy: `actor.onnx` + `policy.json` + `integrity.json`.
 
 The ONNX graph maps a (normalised) flat observation batch to the actor's raw output: logits for Discrete /
 MultiDiscrete actions (so action masks can be applied at deployment) or the mean action for Box. `policy.json`
 holds everything else a deployment needs — spaces, observation normalisation, how to decode actions, the env
-(scenario, spaces) the policy was trained for — and the SHA-256 of the ONNX file, so tampering is detected.
+(scenario, spaces) the policy was trained for. `integrity.json` lists the SHA-256 of every other file in the
+directory; the loader (agents.deployment_policy) refuses any extra, missing, changed or symlinked file. The directory
+is built beside its target and renamed into place, so a crash never leaves half an export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,10 +21,14 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-POLICY_FORMAT = "coel-deployment-policy"
-POLICY_VERSION = 1
+from coel_env.atomic import atomic_dir
+
+POLICY_FORMAT = "coel-deployment-policy"  # keep in sync with agents.deployment_policy
+POLICY_VERSION = 2  # 2: integrity.json covers every file
 ONNX_NAME = "actor.onnx"
 META_NAME = "policy.json"
+INTEGRITY_NAME = "integrity.json"
+INTEGRITY_FORMAT = "coel-policy-integrity"
 SUPPORTED_ALGOS = ("PPO", "A2C", "MaskablePPO")
 
 
@@ -65,8 +72,15 @@ def export_policy(model, out_dir: str | Path, env_spec: dict | None = None, obs_
     obs_space = model.observation_space
     if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
         raise TypeError("export: the observation space must be a flat Box (wrap the env in FlattenObservation)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir) as tmp:
+        _write_policy(tmp, model, env_spec, obs_rms, clip_obs, extra)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    return Path(out_dir)
+
+
+def _write_policy(out: Path, model, env_spec: dict | None, obs_rms, clip_obs: float, extra: dict | None) -> None:
+    """Write the policy's files into the (empty, temporary) folder `out`, then the integrity list of all of them."""
+    obs_space = model.observation_space
     actor = _Actor(model.policy).to("cpu").eval()
     dummy = torch.zeros((2, obs_space.shape[0]), dtype=torch.float32)
     onnx_path = out / ONNX_NAME
@@ -81,11 +95,13 @@ def export_policy(model, out_dir: str | Path, env_spec: dict | None = None, obs_
         norm = {"mean": np.asarray(obs_rms.mean, dtype=np.float64).tolist(),
                 "var": np.asarray(obs_rms.var, dtype=np.float64).tolist(), "clip": float(clip_obs), "epsilon": 1e-8}
     meta = {
-        "format": POLICY_FORMAT, "version": POLICY_VERSION, "algorithm": algo,
+        "format": POLICY_FORMAT, "version": POLICY_VERSION, "algorithm": type(model).__name__,
         "onnx": ONNX_NAME, "onnx_sha256": sha256(onnx_path),
         "observation": {"shape": list(obs_space.shape), "dtype": "float32"},
         "normalization": norm, "action": describe_action_space(model.action_space),
         "env": env_spec or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=1))
-    return out
+    files = {p.name: sha256(p) for p in sorted(out.iterdir())}
+    (out / INTEGRITY_NAME).write_text(json.dumps({"format": INTEGRITY_FORMAT, "version": 1, "sha256": files},
+                                                 indent=1))

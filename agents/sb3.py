@@ -1,8 +1,9 @@
-"""stable-baselines3 glue: algorithms by name, vector envs, VecNormalize stats without pickle, and the callback
-that checkpoints and evaluates the agent against the baselines during training."""
+"""stable-baselines3 glue: algorithms by name, vector envs, building/restoring algorithms from our pickle-free
+checkpoints (agents.checkpoint), and the callback that checkpoints and evaluates the agent against the baselines."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
+from agents.checkpoint import Checkpoint, space_from_description, write_checkpoint
 from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
@@ -73,43 +74,65 @@ def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "
     return venv
 
 
-def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, resume: str | None = None):
+def agent_config(agent_cfg: DictConfig | dict) -> dict:
+    """The agent group (algo, policy, policy_kwargs, kwargs) as plain JSON-able values."""
     cfg = OmegaConf.to_container(agent_cfg, resolve=True) if isinstance(agent_cfg, DictConfig) else dict(agent_cfg)
+    return json.loads(json.dumps(cfg))
+
+
+def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, checkpoint: Checkpoint | None = None):
+    """A fresh algorithm from the agent config, or (with `checkpoint`) one that continues the checkpoint: same
+    algorithm, network and spaces required, weights, optimizer, step count and observation statistics restored."""
+    cfg = agent_config(agent_cfg)
+    if cfg.get("algo") not in ALGORITHMS:
+        raise ConfigError(f"agent.algo: {cfg.get('algo')!r} unknown; allowed: {', '.join(ALGORITHMS)}")
     cls = ALGORITHMS[cfg["algo"]]
-    if resume is not None:
-        path = Path(resume)
-        if not path.is_file():
-            raise ConfigError(f"resume: no checkpoint at '{resume}'")
-        return cls.load(path, env=venv, device="cpu")  # our own checkpoint (SB3 format)
-    return cls(cfg.get("policy", "MlpPolicy"), venv, seed=seed, device="cpu", verbose=0,
-               policy_kwargs=cfg.get("policy_kwargs") or None, **(cfg.get("kwargs") or {}))
+    policy = cfg.get("policy", "MlpPolicy")
+    if policy not in cls.policy_aliases:
+        raise ConfigError(f"agent.policy: {policy!r} unknown; allowed: {', '.join(cls.policy_aliases)}")
+    if checkpoint is not None:
+        if checkpoint.algo != cfg["algo"]:
+            raise checkpoint.error(f"was trained with {checkpoint.algo}, this run's agent.algo is {cfg['algo']}")
+        saved = checkpoint.meta["agent"]
+        for key in ("policy", "policy_kwargs"):
+            if saved.get(key) != cfg.get(key):
+                raise checkpoint.error(f"has {key} {saved.get(key)!r}, this run's agent.{key} is {cfg.get(key)!r}")
+        checkpoint.check_spaces(venv.observation_space, venv.action_space)
+    model = cls(policy, venv, seed=seed, device="cpu", verbose=0, policy_kwargs=cfg.get("policy_kwargs") or None,
+                **(cfg.get("kwargs") or {}))
+    if checkpoint is not None:
+        checkpoint.restore(model, venv)
+    return model
 
 
-def save_vecnormalize(venv: VecEnv, path: Path) -> None:
-    """Observation-normalisation statistics as .npz (no pickle)."""
-    if isinstance(venv, VecNormalize):
-        rms = venv.obs_rms
-        np.savez(path, mean=rms.mean, var=rms.var, count=np.array(rms.count), clip_obs=np.array(venv.clip_obs))
+class _SpacesEnv(gym.Env):
+    """An env that only has spaces: enough to rebuild an algorithm around a checkpoint's weights."""
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space):
+        self.observation_space, self.action_space = observation_space, action_space
 
 
-def read_vecnormalize(path: Path) -> tuple[RunningMeanStd, float] | None:
-    """Observation statistics and clip written by `save_vecnormalize` (None if the file does not exist)."""
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        rms = RunningMeanStd(shape=z["mean"].shape)
-        rms.mean, rms.var, rms.count = z["mean"], z["var"], float(z["count"])
-        return rms, float(z["clip_obs"])
+def load_model(checkpoint: Checkpoint):
+    """The algorithm a checkpoint holds, rebuilt from its own agent config (for export and evaluation; no env)."""
+    if checkpoint.algo not in ALGORITHMS:
+        raise checkpoint.error(f"names algorithm {checkpoint.algo!r}; allowed: {', '.join(ALGORITHMS)}")
+    obs = space_from_description(checkpoint.meta["observation_space"])
+    act = space_from_description(checkpoint.meta["action_space"])
+    venv = DummyVecEnv([lambda: _SpacesEnv(obs, act)] * checkpoint.meta["n_envs"])  # the training rollout size
+    try:
+        model = make_algorithm(checkpoint.meta["agent"], venv, seed=checkpoint.meta.get("seed") or 0)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AssertionError) as exc:  # kwargs SB3 refuses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise checkpoint.error(f"has an agent config the algorithm refuses: {first}") from None
+    checkpoint.restore(model)  # observation statistics: checkpoint.obs_normalization()
+    return model
 
 
-def load_vecnormalize(venv: VecEnv, path: Path) -> None:
-    """Restore a checkpoint's observation statistics into `venv` (a missing file is an error when normalising)."""
-    if not isinstance(venv, VecNormalize):
-        return
-    stats = read_vecnormalize(path)
-    if stats is None:
-        raise ConfigError(f"resume: no observation statistics at '{path}' (needed with normalize_obs=true)")
-    venv.obs_rms = stats[0]
+def save_model(model, path: Path, agent_cfg: DictConfig | dict, venv: VecEnv | None = None) -> Path:
+    """Write `model` with its agent config and `venv`'s observation statistics as a CoEL-Gym checkpoint."""
+    return write_checkpoint(path, model, agent_config(agent_cfg), venv if isinstance(venv, VecNormalize) else None)
 
 
 class ModelPolicy(ActionPolicy):
@@ -132,13 +155,15 @@ class ModelPolicy(ActionPolicy):
 
 
 class BaselineEvalCallback(BaseCallback):
-    """Every `eval_every` env steps: checkpoint (model + normalisation) and evaluate the deterministic agent and
-    (once, cached) the baselines on the same seeds; logs eval/* and records when the agent first beats them all."""
+    """Every `checkpoint_every` env steps: a checkpoint (agents.checkpoint); every `eval_every`: evaluate the
+    deterministic agent and (once, cached) the baselines on the same seeds, log eval/* and record when the agent first
+    beats them all (None turns either off; a final evaluation always runs)."""
 
-    def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int,
-                 checkpoint_every: int, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None,
-                 obs_exclude: tuple[str, ...] = ()):
+    def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int | None,
+                 checkpoint_every: int | None, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None,
+                 obs_exclude: tuple[str, ...] = (), *, agent_cfg: DictConfig | dict):
         super().__init__()
+        self.agent_cfg = agent_cfg
         self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed
         self.knobs, self.obs_exclude = knobs, tuple(obs_exclude)
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
@@ -146,13 +171,15 @@ class BaselineEvalCallback(BaseCallback):
         self.history: list[dict] = []
         self.baseline_scores: dict[str, dict] = {}
         self.first_win_s: float | None = None
-        self._next_eval = eval_every
-        self._next_ckpt = checkpoint_every
+        self._next_eval = self._next_ckpt = 0
         self._start = 0.0
         self._env: gym.Env | None = None
 
     def _on_training_start(self) -> None:
         self._start = time.time()
+        steps = self.num_timesteps  # > 0 when resuming: the next multiples after the restored count
+        self._next_eval = (steps // self.eval_every + 1) * self.eval_every if self.eval_every else 0
+        self._next_ckpt = (steps // self.checkpoint_every + 1) * self.checkpoint_every if self.checkpoint_every else 0
         self._env = make_flat_env(self.env_kwargs, self.knobs, self.obs_exclude)
         for name in self.baselines:
             self.baseline_scores[name] = self.evaluate_baseline(name)
@@ -172,10 +199,7 @@ class BaselineEvalCallback(BaseCallback):
         steps = self.num_timesteps
         if self.checkpoint_every and steps >= self._next_ckpt:
             self._next_ckpt += self.checkpoint_every
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            path = self.checkpoint_dir / f"ckpt_{steps}_steps.zip"
-            self.model.save(path)
-            save_vecnormalize(self.training_env, path.with_suffix(".vecnorm.npz"))
+            save_model(self.model, self.checkpoint_dir / f"ckpt_{steps}_steps.zip", self.agent_cfg, self.training_env)
         if self.eval_every and steps >= self._next_eval:
             self._next_eval += self.eval_every
             self._evaluate(steps)

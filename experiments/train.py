@@ -1,5 +1,6 @@
 """Train an SB3 agent on CoEL-v0 (Hydra app): vector envs, periodic evaluation against the baselines,
-checkpoints, resume, W&B logging (offline by default) and export of an SB3-free deployment policy.
+checkpoints, resume, W&B logging (offline by default) and export of an SB3-free deployment policy. Checkpoints and
+`model.zip` are agents.checkpoint zips (JSON + safetensors): resuming never unpickles anything.
 
     python -m experiments.train                                  # MaskablePPO on paper-testbed
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
@@ -9,7 +10,6 @@ checkpoints, resume, W&B logging (offline by default) and export of an SB3-free 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,18 +20,21 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from agents.checkpoint import read_checkpoint
 from agents.sb3 import (
     ALGORITHMS,
+    VEC_ENVS,
     BaselineEvalCallback,
-    load_vecnormalize,
     make_algorithm,
     make_training_env,
     observed_keys,
-    save_vecnormalize,
+    save_model,
 )
 from agents.tracking import init_wandb, make_sb3_logger
+from coel_env.atomic import atomic_write_json
 from coel_env.env.env import CoELEnv
 from coel_env.errors import CoELError, ConfigError
+from experiments.cli_checks import require_int
 
 log = logging.getLogger(__name__)
 
@@ -51,37 +54,52 @@ def env_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
+def check_cfg(cfg: DictConfig) -> None:
+    """Refuse bad top-level values in one line, before any work starts or any file is written."""
+    require_int(cfg.seed, "seed", 0)
+    for field in ("n_envs", "total_timesteps", "eval_episodes", "torch_threads"):
+        require_int(cfg[field], field, 1)
+    for field in ("checkpoint_every", "eval_every"):  # null turns them off
+        if cfg[field] is not None and (isinstance(cfg[field], bool) or not isinstance(cfg[field], int)
+                                       or cfg[field] <= 0):
+            raise ConfigError(f"{field}: {cfg[field]!r} must be an integer >= 1 (env steps), or null for off")
+    for field in ("normalize_obs", "export", "progress_bar"):
+        if not isinstance(cfg[field], bool):
+            raise ConfigError(f"{field}: {cfg[field]!r} must be true or false")
+    if cfg.vec_env not in VEC_ENVS:
+        raise ConfigError(f"vec_env: {cfg.vec_env!r} unknown; allowed: {', '.join(VEC_ENVS)}")
+    if cfg.agent.algo not in ALGORITHMS:
+        raise ConfigError(f"agent.algo: '{cfg.agent.algo}' unknown; allowed: {', '.join(ALGORITHMS)}")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        raise ConfigError(f"resume: {cfg.resume!r} must be the path of a checkpoint .zip, or null")
+
+
 def train(cfg: DictConfig, out: Path) -> dict:
+    check_cfg(cfg)
+    checkpoint = read_checkpoint(cfg.resume, "resume") if cfg.resume is not None else None  # never unpickles
     torch.set_num_threads(cfg.torch_threads)
     algo = cfg.agent.algo
-    if algo not in ALGORITHMS:
-        raise ConfigError(f"agent.algo: '{algo}' unknown; allowed: {', '.join(ALGORITHMS)}")
     kwargs = env_kwargs(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    run = init_wandb(OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}"
-                     f"-s{cfg.seed}")
     obs_exclude = tuple(cfg.obs_exclude or ())
-    venv = None
+    venv = run = None
     try:
         venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs,
                                  obs_exclude)
-        resumed = cfg.resume is not None
-        model = make_algorithm(cfg.agent, venv, cfg.seed, resume=cfg.resume)
-        if resumed:
-            load_vecnormalize(venv, Path(cfg.resume).with_suffix(".vecnorm.npz"))
+        model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run = init_wandb(OmegaConf.to_container(cfg.logger), out, config,
+                         name=f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}")
         model.set_logger(make_sb3_logger(out, run))
-        ckpt_dir = out / "checkpoints"
         callback = BaselineEvalCallback(
             env_kwargs=kwargs, baselines=list(cfg.eval_baselines), episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
-            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, checkpoint_dir=ckpt_dir, out_dir=out,
-            run=run, knobs=cfg.knobs, obs_exclude=obs_exclude,
+            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, checkpoint_dir=out / "checkpoints",
+            out_dir=out, run=run, knobs=cfg.knobs, obs_exclude=obs_exclude, agent_cfg=cfg.agent,
         )
         start = time.time()
         model.learn(cfg.total_timesteps, callback=callback, progress_bar=cfg.progress_bar,
-                    reset_num_timesteps=not resumed)
+                    reset_num_timesteps=checkpoint is None)
         train_time = time.time() - start
-        model.save(out / "model.zip")
-        save_vecnormalize(venv, out / "model.vecnorm.npz")
+        save_model(model, out / "model.zip", cfg.agent, venv)
         summary = {"algo": algo, "scenario": kwargs["scenario"]["name"], "seed": cfg.seed,
                    "timesteps": int(model.num_timesteps), "train_time_s": train_time,
                    "first_win_s": callback.first_win_s, "evaluations": callback.history}
@@ -90,15 +108,15 @@ def train(cfg: DictConfig, out: Path) -> dict:
             obs_keys = observed_keys(probe.observation_space, obs_exclude)
         finally:
             probe.close()
-        env_spec = {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs, "obs_keys": obs_keys}
-        (out / "env_spec.json").write_text(json.dumps(env_spec, indent=1))
+        atomic_write_json(out / "env_spec.json", {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
+                                                  "obs_keys": obs_keys})
         if cfg.export:
             summary["policy_dir"] = str(out / "policy")
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-        if cfg.export:  # the summary is part of the policy's provenance
+        atomic_write_json(out / "train_summary.json", summary, default=_json_default)
+        if cfg.export:  # from the model.zip just written; the summary is part of the policy's provenance
             from experiments.export import export_run
 
-            export_run(out, model=model)
+            export_run(out)
         return summary
     finally:
         if venv is not None:

@@ -52,3 +52,16 @@ def test_cli_checks_refuse_bad_numbers_in_one_line():
     for bad in (0, -1.0, float("nan"), float("inf"), "1"):
         with pytest.raises(ConfigError, match=r"^window_s: .* must be a finite number > 0$"):
             require_positive(bad, "window_s")
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o644 and (tmp_path / "d").stat().st_mode & 0o777 == 0o755

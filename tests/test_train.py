@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from agents.checkpoint import read_checkpoint
 from agents.deployment_policy import DeploymentPolicy, PolicyLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +38,11 @@ def trained(tmp_path_factory) -> Path:
 def test_training_writes_model_policy_checkpoints_and_wandb(trained):
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["timesteps"] >= 512 and summary["scenario"] == "tiny"
-    assert (trained / "model.zip").is_file() and (trained / "model.vecnorm.npz").is_file()
-    assert sorted(p.name for p in (trained / "checkpoints").glob("*.zip")) == ["ckpt_256_steps.zip",
-                                                                             "ckpt_512_steps.zip"]
+    assert read_checkpoint(trained / "model.zip").num_timesteps == summary["timesteps"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt_256_steps.zip", "ckpt_512_steps.zip"]
+    assert read_checkpoint(trained / "checkpoints" / "ckpt_256_steps.zip").num_timesteps == 256
+    assert sorted(p.name for p in (trained / "policy").iterdir()) == ["actor.onnx", "integrity.json", "policy.json"]
+    assert not list(trained.glob(".*.tmp*")), "temporary files left behind"
     assert list((trained / "wandb").glob("offline-run-*")), "no W&B offline run directory"
     evals = summary["evaluations"]
     assert evals and all(np.isfinite(e["agent"]["return"]) for e in evals)
@@ -53,6 +57,18 @@ def test_resume_continues_from_checkpoint(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["timesteps"] >= 512  # 256 restored + 256 more, counter not reset
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_512_steps.zip"]  # next multiple
+
+
+def test_resume_from_truncated_checkpoint_is_one_line(trained, tmp_path):
+    data = (trained / "checkpoints" / "ckpt_256_steps.zip").read_bytes()
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(data[: len(data) // 2])
+    proc = train(tmp_path / "run", f"resume={cut}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: resume: checkpoint '{cut}' is not a readable zip "
+                                                    "(truncated or corrupt?): BadZipFile")
+    assert not (tmp_path / "run" / "model.zip").exists() and not (tmp_path / "run" / "wandb").exists()
 
 
 def test_resume_from_missing_checkpoint_is_one_line(tmp_path):
@@ -68,11 +84,12 @@ def _flat_env(trained: Path):
 
 
 def test_exported_knobs_policy_matches_sb3(trained):
-    from stable_baselines3 import PPO
+    from agents.sb3 import load_model
 
-    model = PPO.load(trained / "model.zip", device="cpu")
-    with np.load(trained / "model.vecnorm.npz") as z:
-        mean, var, clip = z["mean"], z["var"], float(z["clip_obs"])
+    ckpt = read_checkpoint(trained / "model.zip")
+    model = load_model(ckpt)
+    rms, clip = ckpt.obs_normalization()
+    mean, var = rms.mean, rms.var
     policy = DeploymentPolicy(trained / "policy")
     env = _flat_env(trained)
     obs, _ = env.reset(seed=3)
@@ -110,12 +127,17 @@ def test_exported_masked_multidiscrete_policy_matches_sb3(tmp_path):
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"), "does not match onnx_sha256"),
-    (lambda d: (d / "policy.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"), "does not match its SHA-256"),
+    (lambda d: _edit_meta(d, lambda m: m.update(algorithm="DQN"), reseal=False), "'policy.json' in .* does not match"),
+    (lambda d: _reseal(d, (d / "policy.json").write_text("{not json")), "not valid JSON"),
     (lambda d: _edit_meta(d, lambda m: m.pop("action")), "lacks field 'action'"),
     (lambda d: _edit_meta(d, lambda m: m.update(format="pickle")), "unsupported"),
+    (lambda d: _edit_meta(d, lambda m: m.update(version=1)), "unsupported"),
     (lambda d: _edit_meta(d, lambda m: m.update(onnx="../../etc/passwd")), "missing from"),
+    (lambda d: _edit_meta(d, lambda m: m.update(onnx_sha256="0" * 64)), "does not match onnx_sha256"),
+    (lambda d: _edit_meta(d, lambda m: m.update(observation={})), "malformed observation"),
     (lambda d: (d / "actor.onnx").unlink(), "missing from"),
+    (lambda d: (d / "integrity.json").unlink(), "has no integrity.json"),
 ])
 def test_deployment_policy_refuses_tampered_directories(trained, tmp_path, tamper, message):
     d = tmp_path / "policy"
@@ -126,10 +148,17 @@ def test_deployment_policy_refuses_tampered_directories(trained, tmp_path, tampe
     assert "\n" not in str(err.value)
 
 
-def _edit_meta(d: Path, fn) -> None:
+def _edit_meta(d: Path, fn, reseal: bool = True) -> None:
     meta = json.loads((d / "policy.json").read_text())
     fn(meta)
     (d / "policy.json").write_text(json.dumps(meta))
+    if reseal:  # a consistent integrity list: the loader's other checks still refuse
+        _reseal(d)
+
+
+def _reseal(d: Path, _=None) -> None:
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir() if p.name != "integrity.json"}
+    (d / "integrity.json").write_text(json.dumps({"format": "coel-policy-integrity", "version": 1, "sha256": files}))
 
 
 def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
