@@ -1,13 +1,17 @@
-"""Shared timing and result-writing helpers of the benchmarks."""
+"""Shared timing and result-writing helpers of the benchmarks (every result file is written atomically)."""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from coel_env.atomic import atomic_write_json, atomic_write_text
+from experiments.results_io import save_png, write_csv
+
+__all__ = ["RESULTS", "machine", "median_rate", "save_png", "write_csv", "write_results"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,9 +44,8 @@ def write_results(name: str, payload: dict, table: list[tuple], header: tuple, c
     """Write results/<name>.json and a Markdown table results/<name>.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    atomic_write_json(RESULTS / f"{name}.json", payload, indent=2)
     lines = [f"# {name}", "", f"Command: `{command}`", "", f"Machine: {payload['machine']}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    return RESULTS / f"{name}.md"
+    return atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")

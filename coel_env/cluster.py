@@ -13,6 +13,7 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 
+from coel_env.errors import ConfigError
 from coel_env.specs import BIT_WIDTHS, HardwareProfile, ModelSpec, ScenarioSpec, load_hardware_profile
 
 TIERS: tuple[str, ...] = ("gpu", "cpu", "ssd")
@@ -128,8 +129,6 @@ def _build_graph(spec: ScenarioSpec) -> nx.Graph:
                     g.add_node(end, kind="switch")
             g.add_edge(link.a, link.b, bandwidth_gbps=link.bandwidth_gbps, latency_ms=link.latency_ms)
     if len(names) > 1 and not nx.is_connected(g):
-        from coel_env.errors import ConfigError
-
         raise ConfigError(f"scenario {spec.name}: topology: servers are not all connected")
     return g
 
@@ -172,7 +171,7 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
             p += 1
     arr = np.asarray
     cpus = [hw.device(s.cpu) for s in servers]
-    return Cluster(
+    cluster = Cluster(
         spec=spec, hw=hw, graph=graph, server_names=names, device_names=dev_names,
         dev_server=arr(dev_server, dtype=np.int64),
         dev_mem=arr([d.memory_gb * GB for d in devs]),
@@ -191,3 +190,13 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         link_ends=link_ends, link_bw=link_bw, link_latency=link_lat,
         pair_index=pair_index, pair_links=pair_links, pair_latency=pair_latency, first_gpu=first_gpu,
     )
+    _check_finite(cluster)
+    return cluster
+
+
+def _check_finite(cluster: Cluster) -> None:
+    """Last guard before the kernels: every compiled number is finite (the specs bound each input already)."""
+    for name, value in vars(cluster).items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ConfigError(f"scenario {cluster.spec.name}: {name}: not finite; every spec value must be a finite "
+                              "number in its range")

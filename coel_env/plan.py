@@ -7,12 +7,12 @@ Stored as dense arrays so that the surrogate and the action decoders stay vector
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from coel_env.atomic import atomic_write_json
 from coel_env.cluster import GB, TIERS, Cluster
 from coel_env.errors import PlanError, read_json_object
 from coel_env.specs import BIT_WIDTHS
@@ -236,9 +236,8 @@ class DeploymentPlan:
         return plan.validate(cluster)
 
     def save_manifest(self, path: str | Path, cluster: Cluster) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_manifest(cluster), indent=1))
-        return path
+        """Write the JSON manifest atomically (a crash never leaves half a manifest); returns the path."""
+        return atomic_write_json(path, self.to_manifest(cluster), indent=1)
 
     @classmethod
     def load_manifest(cls, path: str | Path, cluster: Cluster) -> DeploymentPlan:

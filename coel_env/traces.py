@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coel_env.atomic import atomic_path
 from coel_env.errors import ConfigError
 from coel_env.specs import ModelSpec, RoutingSpec
 
@@ -94,7 +95,10 @@ class RoutingTrace:
     epoch: np.ndarray
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, experts=self.experts, server=self.server, epoch=self.epoch)
+        """Write a `.npz` trace atomically (`.npz` is appended to a path without it, as numpy does)."""
+        target = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+        with atomic_path(target, ".npz") as tmp:
+            np.savez_compressed(tmp, experts=self.experts, server=self.server, epoch=self.epoch)
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:

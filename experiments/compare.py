@@ -25,7 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from coel_env.atomic import atomic_write_text
 from coel_env.errors import CoELError, ConfigError
+from coel_env.specs import load_scenario_spec
+from experiments.cli_checks import require_int
+from experiments.results_io import save_image, save_png
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ def learning_curves(runs: list[Path], out: Path) -> Path | None:
     ax.legend(fontsize=8)
     path = out / "learning_curves.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -103,7 +107,7 @@ def pareto_plot(rows: list[dict], xkey: str, ykey: str, xlabel: str, ylabel: str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -129,7 +133,7 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
         env.close()
         label = policy.name.replace(":", "_").replace("/", "_")
         path = out / f"placement_{scenario}_{label}.png"
-        plt.imsave(path, frame)
+        save_image(frame, path)
         paths.append(path)
     return paths
 
@@ -191,7 +195,16 @@ def markdown_to_html(md: str, title: str) -> str:
            f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
 
 
+def check(cfg: DictConfig) -> None:
+    """Refuse bad command-line values in one line, before anything is rendered or written."""
+    require_int(cfg.heatmaps.epochs, "heatmaps.epochs", 1)
+    require_int(cfg.heatmaps.seed, "heatmaps.seed", 0)
+    if cfg.heatmaps.scenario:
+        load_scenario_spec(str(cfg.heatmaps.scenario))
+
+
 def build_report(cfg: DictConfig, out: Path) -> dict:
+    check(cfg)
     runs = [Path(r) for r in cfg.runs]
     for r in runs:
         if not (r / "progress.csv").is_file():
@@ -236,8 +249,8 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
             images[p.stem] = p
             md += [f"![{p.stem}]({p.name})", ""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(markdown_to_html(text, "CoEL-Gym comparison report"))
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", markdown_to_html(text, "CoEL-Gym comparison report"))
     log_wandb(cfg, out, rows, images, text)
     return {"report": str(out / "report.md"), "html": str(out / "report.html"), "images": len(images)}
 

@@ -2,6 +2,7 @@
 
     python -m experiments.evaluate scenarios=[paper-testbed,metro-8,moe2-heterogeneous] seeds=5
     python -m experiments.evaluate policies=[static_linear,eplb,coel] max_epochs=10 logger=disabled
+    python -m experiments.evaluate scenarios=[paper-testbed] backend.hardware=h100   # another hardware profile
 
 Every episode starts from reset(seed); plan-based policies step with `step_plan` (their own plan, no encoding
 loss; the first decision always deploys), action policies with `step`. Writes to the Hydra output dir:
@@ -13,7 +14,6 @@ it and its id), `episodes.csv` (one row per episode) and `leaderboard_<metric>.p
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -31,7 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from agents.baselines import make_policy
 from agents.deployed import DeployedAgent
 from agents.rollout import mean_ci, run_episode
+from coel_env.atomic import atomic_write_text
 from coel_env.errors import CoELError, ConfigError
+from coel_env.specs import load_scenario_spec, scenario_with_hardware
+from experiments.cli_checks import require_int
+from experiments.results_io import save_png, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +70,29 @@ def predictor(env: gym.Env, cfg: DictConfig):
 
 
 def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
+    """Keyword arguments of gymnasium.make("CoEL-v0"); `backend.hardware` replaces every scenario's own profile."""
     kw = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if v is not None}
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
-    kw.update(scenario=scenario, max_epochs=int(cfg.max_epochs), backend=backend.pop("name"))
-    if backend.pop("hardware", None):
-        raise ConfigError("backend.hardware: set the hardware profile in the scenario for the leaderboard")
+    hardware = backend.pop("hardware", None)
+    kw.update(scenario=scenario_with_hardware(scenario, hardware), max_epochs=int(cfg.max_epochs),
+              backend=backend.pop("name"))
     if backend:
         kw["backend_kwargs"] = backend
     return kw
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse bad command-line values in one line, before any episode runs or any file is written."""
+    require_int(cfg.seeds, "seeds", 1)
+    require_int(cfg.seed_offset, "seed_offset", 0)
+    require_int(cfg.max_epochs, "max_epochs", 1)
+    for key in ("policies", "scenarios"):
+        value = cfg.get(key)
+        if isinstance(value, str) or not hasattr(value, "__len__") or not len(value):
+            raise ConfigError(f"{key}: {value!r} must be a non-empty list, e.g. {key}=[a,b]")
+    for scenario in cfg.scenarios:
+        load_scenario_spec(str(scenario))
+    scenario_with_hardware(str(cfg.scenarios[0]), cfg.backend.get("hardware"))
 
 
 def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
@@ -132,17 +151,10 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     bar.close()
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)
-    (out / "leaderboard.md").write_text(markdown(rows, cfg))
+    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg))
     if cfg.plots:
         plot(rows, out)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _fmt(x: float, ci: float, scale: float) -> str:
@@ -205,7 +217,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             ax.set_ylabel(title)
         fig.tight_layout()
         path = out / f"leaderboard_{key}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -234,8 +246,7 @@ def main(cfg: DictConfig) -> None:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if int(cfg.seeds) < 1 or not cfg.policies or not cfg.scenarios:
-            raise ConfigError("seeds, policies, scenarios: need seeds >= 1 and at least one policy and scenario")
+        check(cfg)
         rows = evaluate(cfg, out)
     except CoELError as exc:
         raise SystemExit(f"error: {exc}") from None

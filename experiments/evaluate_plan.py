@@ -2,6 +2,7 @@
 
     python -m experiments.evaluate_plan scenario=metro-8 plan=uniform
     python -m experiments.evaluate_plan scenario=paper-testbed plan=path/to/manifest.json
+    python -m experiments.evaluate_plan scenario=paper-testbed hardware=h100     # a profile of conf/hardware
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from coel_env.errors import CoELError
+from coel_env.specs import HardwareProfile
 from coel_env.specs.scenario import scenario_from_dict
 from coel_env.state import Scenario
 from coel_env.surrogate import SurrogateBackend
-from experiments.plan_io import initial_state, resolve_plan
+from experiments.cli_checks import optional_positive, require_int
+from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
 
 
-def scenario_from_cfg(cfg: DictConfig, seed: int, hardware: str | None = None) -> Scenario:
+def scenario_from_cfg(cfg: DictConfig, seed: int, hardware: HardwareProfile | str | None = None) -> Scenario:
     """The Scenario selected in the `scenario` config group (named after the chosen option)."""
     data = OmegaConf.to_container(cfg.scenario, resolve=True)
     choice = HydraConfig.get().runtime.choices.get("scenario") if HydraConfig.initialized() else None
@@ -29,26 +32,40 @@ def scenario_from_cfg(cfg: DictConfig, seed: int, hardware: str | None = None) -
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    scenario = scenario_from_cfg(cfg, cfg.seed, cfg.hardware)
+    seed = require_int(cfg.seed, "seed", 0)
+    window = optional_positive(cfg.window_s, "window_s")
+    scenario = scenario_from_cfg(cfg, seed, hardware_from_cfg(cfg))
     plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
-    window = cfg.window_s or scenario.spec.dynamics.epoch_s
-    metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window)
+    window = window or scenario.spec.dynamics.epoch_s
+    metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, seed), window)
     return {
-        "scenario": scenario.name, "plan": str(cfg.plan), "seed": cfg.seed, "backend": "surrogate",
-        "metrics": metrics.to_dict(),
+        "scenario": scenario.name, "plan": str(cfg.plan), "seed": seed, "backend": "surrogate",
+        "hardware": scenario.cluster.hw.name, "metrics": metrics.to_dict(),
         "devices": scenario.cluster.device_names, "servers": scenario.cluster.server_names,
         "links": [list(e) for e in scenario.cluster.link_ends],
     }
 
 
+def fail(exc: CoELError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate_plan")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     try:
         result = evaluate(cfg)
     except CoELError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
     print(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    try:
+        sys.argv[1:] = hardware_args(sys.argv[1:])
+    except CoELError as exc:
+        fail(exc)
+    run()
 
 
 if __name__ == "__main__":

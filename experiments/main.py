@@ -9,7 +9,6 @@ printed at the end:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from coel_env.atomic import atomic_write_json
+from coel_env.errors import CoELError, ConfigError
+from experiments.cli_checks import require_int
 
 
 def stage(name: str, module: str, args: list[str], root: Path) -> float:
@@ -30,6 +33,18 @@ def stage(name: str, module: str, args: list[str], root: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"error: stage '{name}' failed (exit {proc.returncode}); its outputs are in {root / name}")
     return time.time() - start
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse bad command-line values in one line before the first stage starts (training takes minutes)."""
+    require_int(cfg.seeds, "seeds", 1)
+    require_int(cfg.eval_epochs, "eval_epochs", 1)
+    for key in ("policies", "train_overrides"):
+        value = cfg.get(key)
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"{key}: {value!r} must be a list, e.g. {key}=[a,b]")
+    if not cfg.policies:
+        raise ConfigError("policies: must list at least one baseline to evaluate the agent against")
 
 
 def run(cfg: DictConfig, root: Path) -> dict:
@@ -50,13 +65,17 @@ def run(cfg: DictConfig, root: Path) -> dict:
     summary = {"root": str(root), "times_s": times, "model": str(train_dir / "model.zip"),
                "policy": str(train_dir / "policy"), "leaderboard": str(eval_dir / "leaderboard.md"),
                "report": str(report_dir / "report.md"), "report_html": str(report_dir / "report.html")}
-    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(root / "summary.json", summary)
     return summary
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="main")
 def main(cfg: DictConfig) -> None:
     root = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        check(cfg)
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
     s = run(cfg, root)
     print("\nDone in {:.0f} s. Everything is under {}:".format(sum(s["times_s"].values()), s["root"]))
     for key in ("model", "policy", "leaderboard", "report", "report_html"):

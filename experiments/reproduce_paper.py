@@ -4,37 +4,52 @@ fig4: generation throughput vs output length (input 128), one server with 2 GPUs
 fig5: end-to-end latency for the same sweep; fig6: latency vs input length (output 128), 2 vs 3 servers.
 Writes fig4.csv, fig5.csv, fig6.csv, figures.png and results.json to the Hydra output dir.
 
-    python -m experiments.reproduce_paper [output_lens=[64,2048]] [plan=path/to/manifest.json]
+    python -m experiments.reproduce_paper [output_lens=[64,2048]] [plan=path/to/manifest.json] [hardware=h100]
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from coel_env.atomic import atomic_write_json
 from coel_env.errors import CoELError
-from coel_env.specs import load_scenario_spec
+from coel_env.specs import LengthDist, load_scenario_spec
+from coel_env.specs.bounds import MAX_LENGTH_TOKENS
 from coel_env.state import Scenario
 from coel_env.surrogate import SurrogateBackend
-from experiments.plan_io import initial_state, resolve_plan
+from experiments.cli_checks import require_int, require_int_in, require_int_list
+from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
+from experiments.results_io import save_png, write_csv
 
 log = logging.getLogger(__name__)
 
 
-def measure(scenario_name: str, input_len: int, output_len: int, cfg: DictConfig) -> dict:
-    """Latency and per-request throughput of one request at a time with the configured plan."""
+def check(cfg: DictConfig) -> None:
+    """Refuse bad command-line values in one line, before any scenario is built or any file written."""
+    require_int(cfg.seed, "seed", 0)
+    for key in ("input_len_fixed", "output_len_fixed"):
+        require_int_in(cfg[key], key, 1, MAX_LENGTH_TOKENS)
+    for key in ("output_lens", "input_lens"):
+        require_int_list(cfg[key], key, 1, MAX_LENGTH_TOKENS)
+    for key in ("single_server", "two_servers", "three_servers"):
+        load_scenario_spec(str(cfg.setups[key]))
+    hardware_from_cfg(cfg)
+
+
+def measure(scenario_name, input_len: int, output_len: int, cfg: DictConfig) -> dict:
+    """Latency and per-request throughput of one request at a time with the configured plan (`scenario_name`: a
+    registry name, path, dict or spec)."""
     spec = load_scenario_spec(scenario_name)
-    workload = spec.workload.model_copy(update={
-        "input_len": spec.workload.input_len.model_copy(update={"dist": "fixed", "mean": input_len}),
-        "output_len": spec.workload.output_len.model_copy(update={"dist": "fixed", "mean": output_len}),
+    workload = spec.workload.model_copy(update={  # validated: a bad length fails here, not in the kernels
+        "input_len": LengthDist(dist="fixed", mean=input_len), "output_len": LengthDist(dist="fixed", mean=output_len),
     })
-    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=cfg.hardware)
-    plan = resolve_plan(cfg.plan, scenario).validate(scenario.cluster)
+    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=hardware_from_cfg(cfg))
+    plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
     metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window_s=60.0)
     return {"latency_s": metrics.e2e_mean_s, "tok_s": metrics.request_tokens_per_s, "ttft_s": metrics.ttft_mean_s,
             "tpot_s": metrics.tpot_mean_s}
@@ -58,12 +73,10 @@ def run(cfg: DictConfig) -> dict:
 
 
 def write_outputs(results: dict, out: Path) -> None:
+    """fig*.csv, results.json and figures.png, each written atomically (never half a file)."""
     for name, rows in results.items():
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_csv(out / f"{name}.csv", rows)
+    atomic_write_json(out / "results.json", results, indent=2)
     plot(results, out / "figures.png")
 
 
@@ -96,14 +109,15 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     fig.suptitle("Seed-paper experiments on the CoEL-Gym surrogate (Qwen1.5-MoE-A2.7B, RTX 4090D, 1 GbE)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="reproduce_paper")
-def main(cfg: DictConfig) -> None:
+def reproduce(cfg: DictConfig) -> None:
     out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     try:
+        check(cfg)
         results = run(cfg)
     except CoELError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -114,6 +128,14 @@ def main(cfg: DictConfig) -> None:
     log.info("fig6 @%d in: 2 servers %.2f s vs 3 servers %.2f s", f6[-1]["input_len"],
              f6[-1]["two_servers_latency_s"], f6[-1]["three_servers_latency_s"])
     print(f"paper reproduction written to {out}")
+
+
+def main() -> None:
+    try:
+        sys.argv[1:] = hardware_args(sys.argv[1:])
+    except CoELError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    reproduce()
 
 
 if __name__ == "__main__":

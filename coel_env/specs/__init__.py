@@ -6,6 +6,7 @@ from coel_env.specs.hardware import (
     HardwareProfile,
     QualityModel,
     device_preset,
+    hardware_profile_names,
     load_hardware_profile,
 )
 from coel_env.specs.model import BIT_WIDTHS, MODEL_PRESETS, ModelSpec, model_from_hf_config, model_preset
@@ -21,11 +22,12 @@ from coel_env.specs.scenario import (
     WorkloadSpec,
     list_scenarios,
     load_scenario_spec,
+    scenario_with_hardware,
 )
 
 __all__ = [
     "BIT_WIDTHS", "DEVICE_PRESETS", "MODEL_PRESETS", "BudgetSpec", "DeviceSpec", "DynamicsSpec",
     "HardwareProfile", "LengthDist", "LinkSpec", "ModelSpec", "QualityModel", "RoutingSpec", "ScenarioSpec",
-    "ServerSpec", "TopologySpec", "WorkloadSpec", "device_preset", "list_scenarios", "load_hardware_profile",
-    "load_scenario_spec", "model_from_hf_config", "model_preset",
+    "ServerSpec", "TopologySpec", "WorkloadSpec", "device_preset", "hardware_profile_names", "list_scenarios",
+    "load_hardware_profile", "load_scenario_spec", "model_from_hf_config", "model_preset", "scenario_with_hardware",
 ]

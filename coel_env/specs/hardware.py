@@ -6,12 +6,24 @@ A profile lives in `conf/hardware/<name>.yaml`; `experiments.calibrate` writes n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error
+from coel_env.specs.bounds import (
+    MAX_GB,
+    MAX_GBS,
+    MAX_OVERSUBSCRIPTION_EXPONENT,
+    MAX_ROW_HEADER_BYTES,
+    MAX_SECONDS,
+    MAX_SLOWDOWN,
+    MAX_TFLOPS,
+    MAX_WATTS,
+    at_most,
+)
+from coel_env.specs.model import BIT_WIDTHS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -19,14 +31,20 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 class DeviceSpec(BaseModel):
     """One accelerator (or a CPU socket) with vendor peak numbers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    memory_gb: float = Field(gt=0)
-    mem_bw_gbs: float = Field(gt=0, description="memory bandwidth, GB/s")
-    peak_tflops: float = Field(gt=0, description="dense bf16 peak, TFLOP/s")
-    power_idle_w: float = Field(ge=0)
-    power_max_w: float = Field(gt=0)
+    memory_gb: Annotated[float, at_most(MAX_GB)] = Field(gt=0)
+    mem_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(gt=0, description="memory bandwidth, GB/s")
+    peak_tflops: Annotated[float, at_most(MAX_TFLOPS)] = Field(gt=0, description="dense bf16 peak, TFLOP/s")
+    power_idle_w: Annotated[float, at_most(MAX_WATTS)] = Field(ge=0)
+    power_max_w: Annotated[float, at_most(MAX_WATTS)] = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeviceSpec:
+        if self.power_idle_w > self.power_max_w:
+            raise ValueError(f"power_idle_w ({self.power_idle_w:g}) must be <= power_max_w ({self.power_max_w:g})")
+        return self
 
 
 DEVICE_PRESETS: dict[str, dict] = {
@@ -69,7 +87,7 @@ def resolve_device(value: str | dict | DeviceSpec) -> DeviceSpec:
 class QualityModel(BaseModel):
     """Quality loss constants (fraction of accuracy lost); calibrated from real-backend KL/top-1 measurements."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     loss_per_bits: dict[int, float] = Field(default_factory=lambda: {16: 0.0, 8: 0.002, 4: 0.02})
     prune_linear: float = Field(0.005, ge=0, description="loss per unit prune ratio below the knee")
@@ -78,20 +96,37 @@ class QualityModel(BaseModel):
     fusion_loss: float = Field(0.004, ge=0, description="loss per unit fused fraction")
     fusion_fraction: float = Field(0.25, ge=0, lt=1, description="tokens merged by fusion on a link")
 
+    @field_validator("loss_per_bits")
+    @classmethod
+    def _losses(cls, v: dict[int, float]) -> dict[int, float]:
+        _check_bits(v)
+        bad = {b: x for b, x in v.items() if not 0 <= x <= 1}
+        if bad:
+            raise ValueError(f"{bad} must be fractions of accuracy lost, in [0, 1]")
+        return v
+
+
+def _check_bits(table: dict[int, float]) -> None:
+    """Keys of a per-bit-width table must be supported bit-widths."""
+    unknown = sorted(set(table) - set(BIT_WIDTHS))
+    if unknown:
+        raise ValueError(f"bit-widths {unknown} are not supported; allowed: {', '.join(map(str, BIT_WIDTHS))}")
+
 
 class DeviceOverride(BaseModel):
     """Measured numbers replacing a device preset's vendor peaks (e.g. a CPU "GPU" running under gloo)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    mem_bw_gbs: float | None = Field(None, gt=0, description="measured memory bandwidth, GB/s")
-    peak_tflops: float | None = Field(None, gt=0, description="measured dense TFLOP/s")
+    mem_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+        None, gt=0, description="measured memory bandwidth, GB/s")
+    peak_tflops: Annotated[float | None, at_most(MAX_TFLOPS)] = Field(None, gt=0, description="measured dense TFLOP/s")
 
 
 class HardwareProfile(BaseModel):
     """Every physics constant of the surrogate. Defaults are public-spec estimates; calibration refines them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "default"
     source: str = "vendor specs and public measurements (uncalibrated)"
@@ -99,16 +134,20 @@ class HardwareProfile(BaseModel):
     memory_efficiency: float = Field(0.80, gt=0, le=1, description="achievable fraction of memory bandwidth")
     link_efficiency: float = Field(0.94, gt=0, le=1, description="goodput fraction of a network link")
     pcie_efficiency: float = Field(0.80, gt=0, le=1)
-    layer_overhead_s: float = Field(25e-6, ge=0, description="kernel launches etc. per layer per step")
-    expert_overhead_s: float = Field(4e-6, ge=0, description="per activated expert per step")
+    layer_overhead_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+        25e-6, ge=0, description="kernel launches etc. per layer per step")
+    expert_overhead_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+        4e-6, ge=0, description="per activated expert per step")
     dequant_slowdown: dict[int, float] = Field(
         default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"
     )
     prefetch_hit_rate: float = Field(0.6, ge=0, le=1, description="next-layer predictor hit rate")
     cpu_compute: bool = Field(True, description="may run CPU-resident experts on the CPU (Fiddler)")
     kv_reserve_frac: float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
-    cpu_reserve_gb: float = Field(8.0, ge=0, description="host RAM kept for the OS and the runtime")
-    transfer_latency_s: float = Field(50e-6, ge=0, description="software latency per message (α)")
+    cpu_reserve_gb: Annotated[float, at_most(MAX_GB)] = Field(
+        8.0, ge=0, description="host RAM kept for the OS and the runtime")
+    transfer_latency_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+        50e-6, ge=0, description="software latency per message (α)")
     emulated_latency: bool = Field(False, description="link latency is emulated by the application (the real "
                                    "backend's shaper), which hides the per-message software cost: a round trip "
                                    "takes 2 max(latency, α) instead of 2 (latency + α)")
@@ -117,21 +156,35 @@ class HardwareProfile(BaseModel):
         "(every live server runs each step and all meet at each MoE layer; the real backend)")
     host_cores: int | None = Field(None, ge=1, description="all servers are processes sharing one host with this "
                                    "many cores (the CPU/gloo real backend); None: each server has its own hardware")
-    oversubscription_exponent: float = Field(1.0, ge=0, description="with more live servers P than host_cores C, "
-                                             "every step takes (P / C) ** this longer (fitted)")
+    oversubscription_exponent: Annotated[float, at_most(MAX_OVERSUBSCRIPTION_EXPONENT)] = Field(
+        1.0, ge=0, description="with more live servers P than host_cores C, every step takes (P / C) ** this longer "
+        "(fitted)")
     routing: Literal["load_aware", "local_first"] = Field(
         "load_aware", description="replica choice: least added layer time, or own replica first (real backend)")
     activation_bytes: int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "
                                   "(2: bf16 on GPUs; 4: the CPU backend's fp32)")
-    row_header_bytes: int = Field(0, ge=0, description="extra bytes per routed token row per round trip "
-                                  "(the real dispatcher sends an 8-byte expert id with each row)")
-    cloud_bandwidth_gbps: float = Field(0.1, gt=0, description="WAN to the checkpoint store")
-    cloud_latency_s: float = Field(0.05, ge=0)
+    row_header_bytes: Annotated[int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
+        0, ge=0, description="extra bytes per routed token row per round trip (the real dispatcher sends an 8-byte "
+        "expert id with each row)")
+    cloud_bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(
+        0.1, gt=0, description="WAN to the checkpoint store")
+    cloud_latency_s: Annotated[float, at_most(MAX_SECONDS)] = Field(0.05, ge=0)
     quality: QualityModel = Field(default_factory=QualityModel)
     device_overrides: dict[str, DeviceOverride] = Field(
         default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster")
-    pcie_bw_gbs: float | None = Field(None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
-    ssd_bw_gbs: float | None = Field(None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
+    pcie_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+        None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
+    ssd_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+        None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
+
+    @field_validator("dequant_slowdown")
+    @classmethod
+    def _slowdown(cls, v: dict[int, float]) -> dict[int, float]:
+        _check_bits(v)
+        bad = {b: x for b, x in v.items() if not 0 < x <= MAX_SLOWDOWN}
+        if bad:
+            raise ValueError(f"{bad} must be time multipliers in (0, {MAX_SLOWDOWN:g}]")
+        return v
 
     def wire_bytes(self, d_model: int) -> float:
         """One-way bytes of a routed token's hidden state (the round trip carries two, plus the row header)."""
@@ -145,27 +198,41 @@ class HardwareProfile(BaseModel):
         return spec.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
 
 
-def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | None = None) -> HardwareProfile:
-    """A profile by name (`conf/hardware/<name>.yaml`), path, dict or instance; None gives the defaults."""
+def hardware_profile_names() -> list[str]:
+    """Names of the shipped (and calibrated) profiles: `conf/hardware/*.yaml`."""
+    return sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+
+
+def unknown_profile(name: object) -> ConfigError:
+    """The one-line error for a profile name that is not in `conf/hardware`."""
+    return ConfigError(f"hardware: unknown profile '{name}'; allowed: {', '.join(hardware_profile_names())}")
+
+
+def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | None = None,
+                          source: str = "hardware") -> HardwareProfile:
+    """A profile by name (`conf/hardware/<name>.yaml`), path, dict or instance; None gives the defaults.
+
+    `source` starts the error message of a bad dict (e.g. the Hydra option it came from)."""
     if name_or_path is None:
         return HardwareProfile()
     if isinstance(name_or_path, HardwareProfile):
         return name_or_path
     if isinstance(name_or_path, dict):
-        data, source = name_or_path, "hardware"
+        data = name_or_path
     else:
         path = Path(name_or_path)
         if not path.suffix:
             path = CONF_DIR / "hardware" / f"{name_or_path}.yaml"
         if not path.is_file():
-            known = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
-            raise ConfigError(f"hardware: unknown profile '{name_or_path}'; allowed: {', '.join(known)}")
+            raise unknown_profile(name_or_path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"hardware: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         source = f"hardware profile {path.name}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     try:
-        return HardwareProfile(**data)
+        return HardwareProfile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_pydantic_error(source, exc, HardwareProfile)) from None

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error, read_json_object
+from coel_env.specs.bounds import (
+    MAX_D_FF,
+    MAX_D_MODEL,
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_ROUTING_ENTRIES,
+    MAX_VOCAB,
+    at_most,
+)
 
 BIT_WIDTHS: tuple[int, ...] = (16, 8, 4)
 INT4_GROUP_SIZE = 128
@@ -15,25 +27,27 @@ INT4_GROUP_SIZE = 128
 class ModelSpec(BaseModel):
     """Dimensions of a Mixture-of-Experts transformer (values as in the checkpoint's config.json)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    num_layers: int = Field(gt=0, description="all transformer layers, dense ones included")
+    num_layers: Annotated[int, at_most(MAX_LAYERS)] = Field(
+        gt=0, description="all transformer layers, dense ones included")
     first_k_dense: int = Field(0, ge=0, description="leading layers with a dense MLP instead of experts")
-    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
+    num_experts: Annotated[int, at_most(MAX_EXPERTS)] = Field(gt=0, description="routed experts per MoE layer")
     top_k: int = Field(gt=0)
-    d_model: int = Field(gt=0)
-    d_ff_expert: int = Field(gt=0)
-    d_ff_shared: int = Field(0, ge=0, description="total width of the shared expert(s); 0 = none")
+    d_model: Annotated[int, at_most(MAX_D_MODEL)] = Field(gt=0)
+    d_ff_expert: Annotated[int, at_most(MAX_D_FF)] = Field(gt=0)
+    d_ff_shared: Annotated[int, at_most(MAX_D_FF)] = Field(
+        0, ge=0, description="total width of the shared expert(s); 0 = none")
     shared_expert_gate: bool = False
-    d_ff_dense: int = Field(0, ge=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
+    d_ff_dense: Annotated[int, at_most(MAX_D_FF)] = Field(0, ge=0)
+    num_heads: Annotated[int, at_most(MAX_HEADS)] = Field(gt=0)
+    num_kv_heads: Annotated[int, at_most(MAX_HEADS)] = Field(gt=0)
+    head_dim: Annotated[int, at_most(MAX_HEAD_DIM)] = Field(gt=0)
+    vocab_size: Annotated[int, at_most(MAX_VOCAB)] = Field(gt=0)
     tie_word_embeddings: bool = False
     attn_bias: bool = False
-    attn_params_per_layer: int | None = Field(None, description="override for non-standard attention (MLA)")
+    attn_params_per_layer: int | None = Field(None, gt=0, description="override for non-standard attention (MLA)")
     num_expert_groups: int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
 
     @model_validator(mode="after")
@@ -44,6 +58,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"first_k_dense ({self.first_k_dense}) must be < num_layers ({self.num_layers})")
         if self.num_experts % self.num_expert_groups:
             raise ValueError("num_expert_groups must divide num_experts")
+        affinity = self.num_moe_layers * self.num_experts**2
+        if affinity > MAX_ROUTING_ENTRIES:
+            raise ValueError(f"MoE layers ({self.num_moe_layers}) x num_experts^2 ({self.num_experts}^2) = {affinity} "
+                             f"routing entries must be <= {MAX_ROUTING_ENTRIES}")
         return self
 
     # ---- sizes -------------------------------------------------------------------------------------

@@ -2,37 +2,59 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error
-from coel_env.specs.hardware import CONF_DIR, DeviceSpec, resolve_device
+from coel_env.specs.bounds import (
+    MAX_ARRIVAL_RATE,
+    MAX_BATCH,
+    MAX_DOMAINS,
+    MAX_GB,
+    MAX_GBS,
+    MAX_GPUS_PER_SERVER,
+    MAX_LENGTH_TOKENS,
+    MAX_POPULARITY_ENTRIES,
+    MAX_REPLICAS,
+    MAX_ROUTE_ENTRIES,
+    MAX_SECONDS,
+    MAX_SERVERS,
+    MAX_SIGMA,
+    MAX_UNIFORM_SPREAD,
+    MAX_ZIPF_ALPHA,
+    at_most,
+)
+from coel_env.specs.hardware import CONF_DIR, DeviceSpec, load_hardware_profile, resolve_device
 from coel_env.specs.model import ModelSpec, resolve_model
 
 SCENARIO_DIR = CONF_DIR / "scenario"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServerSpec(_Strict):
     """An edge server: its GPUs, host CPU/RAM, SSD and the intra-server link (PCIe)."""
 
     name: str
-    gpus: list[DeviceSpec] = Field(min_length=1)
+    gpus: list[DeviceSpec] = Field(min_length=1, max_length=MAX_GPUS_PER_SERVER)
     cpu: DeviceSpec
-    cpu_ram_gb: float = Field(gt=0)
-    ssd_gb: float = Field(512, ge=0)
-    ssd_bw_gbs: float = Field(3.5, gt=0)
-    pcie_bw_gbs: float = Field(25.0, gt=0, description="host<->GPU per direction; also GPU<->GPU in a server")
+    cpu_ram_gb: Annotated[float, at_most(MAX_GB)] = Field(gt=0)
+    ssd_gb: Annotated[float, at_most(MAX_GB)] = Field(512, ge=0)
+    ssd_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(3.5, gt=0)
+    pcie_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(
+        25.0, gt=0, description="host<->GPU per direction; also GPU<->GPU in a server")
 
     @field_validator("gpus", mode="before")
     @classmethod
     def _gpus(cls, v):
+        if isinstance(v, list) and len(v) > MAX_GPUS_PER_SERVER:
+            return v  # refused by max_length before any preset is resolved
         return [resolve_device(x) for x in v] if isinstance(v, list) else v
 
     @field_validator("cpu", mode="before")
@@ -44,45 +66,70 @@ class ServerSpec(_Strict):
 class LinkSpec(_Strict):
     a: str
     b: str
-    bandwidth_gbps: float = Field(gt=0)
-    latency_ms: float = Field(0.2, ge=0)
+    bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(gt=0)
+    latency_ms: Annotated[float, at_most(MAX_SECONDS)] = Field(0.2, ge=0)
 
 
 class TopologySpec(_Strict):
     """`star` (every server to one switch), `mesh` (every pair) or `explicit` (the `links` list)."""
 
     kind: Literal["star", "mesh", "explicit"] = "star"
-    bandwidth_gbps: float = Field(1.0, gt=0, description="for star/mesh")
-    latency_ms: float = Field(0.2, ge=0, description="one-way, for star/mesh")
-    links: list[LinkSpec] = Field(default_factory=list)
+    bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(1.0, gt=0, description="for star/mesh")
+    latency_ms: Annotated[float, at_most(MAX_SECONDS)] = Field(0.2, ge=0, description="one-way, for star/mesh")
+    links: list[LinkSpec] = Field(default_factory=list, description="for explicit: each pair of ends at most once")
+
+    def num_links(self, num_servers: int) -> int:
+        """Physical links this topology compiles to (cluster.build_cluster)."""
+        if self.kind == "star":
+            return num_servers
+        if self.kind == "mesh":
+            return num_servers * (num_servers - 1) // 2
+        return len(self.links)
 
 
 class LengthDist(_Strict):
+    """Request lengths in tokens. `uniform`: mean x (1 ± spread), so spread <= 1 keeps them >= 0; `lognormal`: the
+    given mean, sigma = spread. The surrogate uses the quantiles as they are; the real backend rounds sampled lengths
+    and clips them at 1 token."""
+
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
-    mean: float = Field(128, gt=0)
+    mean: Annotated[float, at_most(MAX_LENGTH_TOKENS)] = Field(128, ge=1, description="tokens")
     spread: float = Field(0.0, ge=0, description="uniform: ±fraction of mean; lognormal: sigma")
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthDist:
+        if self.dist == "uniform" and self.spread > MAX_UNIFORM_SPREAD:
+            raise ValueError(f"spread: {self.spread:g} must be <= {MAX_UNIFORM_SPREAD:g} for a uniform length "
+                             "(mean x (1 ± spread) would go negative)")
+        if self.dist == "lognormal" and self.spread > MAX_SIGMA:
+            raise ValueError(f"spread: {self.spread:g} must be <= {MAX_SIGMA:g} (the lognormal sigma)")
+        return self
 
 
 class WorkloadSpec(_Strict):
     arrival_rate: float | list[float] = Field(0.2, description="requests/s per server (one value or a list)")
     input_len: LengthDist = Field(default_factory=LengthDist)
     output_len: LengthDist = Field(default_factory=LengthDist)
-    max_batch: int = Field(32, ge=1)
-    slo_s: float = Field(30.0, gt=0, description="end-to-end latency SLO per request")
+    max_batch: Annotated[int, at_most(MAX_BATCH)] = Field(32, ge=1)
+    slo_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+        30.0, gt=0, description="end-to-end latency SLO per request")
 
-    @field_validator("arrival_rate")
+    @field_validator("arrival_rate", mode="before")
     @classmethod
     def _rate(cls, v):
-        if min(v if isinstance(v, list) else [v], default=0.0) < 0:
-            raise ValueError(f"must be >= 0 requests/s, got {v}")
-        return v
+        values = v if isinstance(v, (list, tuple)) else [v]
+        numbers = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if len(numbers) == len(values) and not all(math.isfinite(x) and 0 <= x <= MAX_ARRIVAL_RATE for x in numbers):
+            raise ValueError(f"must be finite, >= 0 and <= {MAX_ARRIVAL_RATE:g} requests/s, got {v}")
+        return v  # anything else: the type check names what is allowed
 
 
 class RoutingSpec(_Strict):
     """Routing-trace generator: per-layer Zipf popularity, inter-layer affinity, per-server domains."""
 
-    num_domains: int = Field(4, ge=1)
-    zipf_alpha: float = Field(0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
+    num_domains: Annotated[int, at_most(MAX_DOMAINS)] = Field(4, ge=1)
+    zipf_alpha: Annotated[float, at_most(MAX_ZIPF_ALPHA)] = Field(
+        0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
     domain_overlap: float = Field(0.5, ge=0, le=1, description="share of popularity common to all domains")
     affinity: float = Field(0.6, ge=0, le=1, description="weight of the previous layer in routing")
     affinity_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of affinity rows")
@@ -91,10 +138,11 @@ class RoutingSpec(_Strict):
 class DynamicsSpec(_Strict):
     """Rates are per decision epoch."""
 
-    epoch_s: float = Field(60.0, gt=0)
+    epoch_s: Annotated[float, at_most(MAX_SECONDS)] = Field(60.0, gt=0)
     drift_rate: float = Field(0.05, ge=0, le=1, description="step of each server's domain mix to its target")
     domain_switch_rate: float = Field(0.02, ge=0, le=1, description="chance a server's target mix changes")
-    arrival_burstiness: float = Field(0.1, ge=0, description="lognormal sigma of per-epoch arrival rate")
+    arrival_burstiness: Annotated[float, at_most(MAX_SIGMA)] = Field(
+        0.1, ge=0, description="lognormal sigma of per-epoch arrival rate")
     resource_noise: float = Field(0.03, ge=0, le=0.5, description="std of free compute/memory fractions")
     link_change_rate: float = Field(0.0, ge=0, le=1)
     link_change_range: tuple[float, float] = (0.3, 1.0)
@@ -111,7 +159,8 @@ class DynamicsSpec(_Strict):
 
 class BudgetSpec(_Strict):
     energy_j: float | None = Field(None, gt=0, description="energy per epoch")
-    latency_s: float | None = Field(None, gt=0, description="p95 end-to-end latency")
+    latency_s: Annotated[float | None, at_most(MAX_SECONDS)] = Field(
+        None, gt=0, description="p95 end-to-end latency")
     mode: Literal["penalty", "terminate"] = "penalty"
 
 
@@ -120,13 +169,13 @@ class ScenarioSpec(_Strict):
     description: str = ""
     model: ModelSpec
     hardware: str = "default"
-    servers: list[ServerSpec] = Field(min_length=1)
+    servers: list[ServerSpec] = Field(min_length=1, max_length=MAX_SERVERS)
     topology: TopologySpec = Field(default_factory=TopologySpec)
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     dynamics: DynamicsSpec = Field(default_factory=DynamicsSpec)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
-    max_replicas: int = Field(2, ge=1, le=8)
+    max_replicas: Annotated[int, at_most(MAX_REPLICAS)] = Field(2, ge=1)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -141,13 +190,32 @@ class ScenarioSpec(_Strict):
         rate = self.workload.arrival_rate
         if isinstance(rate, list) and len(rate) != len(self.servers):
             raise ValueError(f"workload.arrival_rate has {len(rate)} values for {len(self.servers)} servers")
-        if self.topology.kind == "explicit":
-            known = set(names)
-            for i, link in enumerate(self.topology.links):
+        topo = self.topology
+        if topo.kind != "explicit" and topo.links:
+            raise ValueError(f"topology.links: only used with kind 'explicit', not '{topo.kind}'")
+        if topo.kind == "explicit":
+            known, seen = set(names), {}
+            for i, link in enumerate(topo.links):
                 for end in (link.a, link.b):
                     if end not in known and not end.startswith("switch"):
                         raise ValueError(f"topology.links[{i}]: unknown server '{end}'; allowed: "
                                          f"{', '.join(names)} or a name starting with 'switch'")
+                if link.a == link.b:
+                    raise ValueError(f"topology.links[{i}]: a self-loop ({link.a} - {link.b}); a link needs two ends")
+                j = seen.setdefault(frozenset((link.a, link.b)), i)
+                if j != i:
+                    raise ValueError(f"topology.links[{i}]: {link.a} - {link.b} duplicates topology.links[{j}]; "
+                                     "each pair of ends may have one link")
+        S, model = len(names), self.model
+        pairs, links = S * (S - 1) // 2, topo.num_links(S)
+        if pairs * links > MAX_ROUTE_ENTRIES:
+            raise ValueError(f"topology: {S} servers ({topo.kind}) give {pairs} server pairs x {links} links = "
+                             f"{pairs * links} route entries; must be <= {MAX_ROUTE_ENTRIES}")
+        for what, n in (("servers", S), ("routing.num_domains", self.routing.num_domains)):
+            entries = n * model.num_moe_layers * model.num_experts
+            if entries > MAX_POPULARITY_ENTRIES:
+                raise ValueError(f"{what} ({n}) x MoE layers ({model.num_moe_layers}) x experts ({model.num_experts}) "
+                                 f"= {entries} popularity entries; must be <= {MAX_POPULARITY_ENTRIES}")
         return self
 
     @property
@@ -165,7 +233,7 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> ScenarioSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     try:
-        return ScenarioSpec(**data)
+        return ScenarioSpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_pydantic_error(source, exc, ScenarioSpec)) from None
 
@@ -190,3 +258,14 @@ def load_scenario_spec(name_or_path: str | Path | dict | ScenarioSpec) -> Scenar
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return scenario_from_dict(data, f"scenario {path.name}")
+
+
+def scenario_with_hardware(scenario: str | Path | dict | ScenarioSpec, hardware: str | None):
+    """The rule of a hardware profile chosen on the command line (`backend.hardware=<name or YAML path>`): it
+    replaces the scenario's own `hardware`; None or "" leaves `scenario` as it is. A scenario given by name or path
+    becomes its full dict (plain data, as env kwargs and leaderboard configs need)."""
+    if not hardware:
+        return scenario
+    load_hardware_profile(str(hardware))  # an unknown profile fails here, in one line
+    data = dict(scenario) if isinstance(scenario, dict) else load_scenario_spec(scenario).model_dump(mode="json")
+    return {**data, "hardware": str(hardware)}
