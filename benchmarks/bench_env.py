@@ -11,7 +11,6 @@ unwrapped (no checker/order wrappers) for both CoEL and CartPole. `env overhead`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import gymnasium as gym
 import coel_env
 import coel_env.env
 import coel_env.env.vector
+from coel_env.atomic import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -173,7 +173,7 @@ def main() -> None:
             "load_avg_1m": os.getloadavg()[0], "trial_s": trial_s, "trials": trials,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "baseline": args.baseline}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "env.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets_met": targets}, indent=1))
+    atomic_write_json(RESULTS / "env.json", {"meta": meta, "rows": rows, "targets_met": targets})
     lines = ["# CoEL-v0 step rate (random actions, medians)", "",
              f"{meta['time']}, Python {meta['python']}, {meta['cpus']} CPUs, 1-min load average "
              f"{meta['load_avg_1m']:.2f} (other jobs share this machine), {trials} trials x {trial_s} s.", "",
@@ -188,7 +188,7 @@ def main() -> None:
     lines += ["", "`env overhead` rows replace the surrogate's serve with a replayed result: they measure the "
               "environment's own cost (decode, repair, dynamics, faults, perception, observation, reward), not "
               "a CoEL step rate."]
-    (RESULTS / "env.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "env.md", "\n".join(lines) + "\n")
     print("\n".join(lines[-8:]))
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from coel_env.atomic import atomic_write_json, atomic_write_text
 from coel_env.specs import model_preset
 from real_backend.engine import FastMoE
 from real_backend.model import MoEConfig, WeightSource, expert_names, generate, non_expert_shapes, reference_model
@@ -243,8 +243,8 @@ def main() -> None:
     res["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(res))
+    atomic_write_json(out / f"{args.name}.json", res)
+    atomic_write_text(out / f"{args.name}.md", markdown(res))
     print(markdown(res))
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from coel_env.atomic import atomic_write_text
+from experiments.results_io import save_png, write_csv
+
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_k, _v)  # NVLink multicast stays off (inherited by the server processes)
 
@@ -219,11 +222,7 @@ def surrogate_rows(output_lens: list[int], input_lens: list[int], fixed: int, mo
 def cmd_surrogate(args) -> None:
     rows = surrogate_rows(args.output_lens, args.input_lens, args.fixed_len, args.model)
     path = Path(args.out) / "surrogate.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print(f"wrote {path} ({len(rows)} rows)")
 
 
@@ -306,7 +305,7 @@ def plot(measured: list[dict], surrogate: list[dict], path: Path) -> None:
         ax.legend(fontsize=6.5)
     fig.suptitle("Seed-paper experiments: real backend on H200s (1 Gb/s app-shaped LAN) vs the surrogate")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -317,7 +316,7 @@ def cmd_report(args) -> None:
         print(f"report: no measured_*.csv in {out}; nothing to do")
         return
     rows = comparison(measured, surrogate)
-    (out / "comparison.md").write_text(comparison_md(rows, measured))
+    atomic_write_text(out / "comparison.md", comparison_md(rows, measured))
     plot(measured, surrogate, out / "testbed.png")
     print(f"wrote {out / 'comparison.md'} and {out / 'testbed.png'}")
 

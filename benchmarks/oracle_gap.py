@@ -20,6 +20,7 @@ import yaml
 from agents.baselines import HEURISTICS, make_policy
 from agents.baselines.oracle import optimize, score_plans, solve_milp
 from coel_env import SurrogateBackend, make_scenario
+from coel_env.atomic import atomic_write_json, atomic_write_text
 from coel_env.specs.scenario import SCENARIO_DIR
 
 OUT = Path(__file__).parent / "results"
@@ -69,7 +70,7 @@ def main() -> None:
         )
         print(name, json.dumps(results[name], default=float)[:300])
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "oracle_gap.json").write_text(json.dumps(results, indent=1, default=float))
+    atomic_write_json(OUT / "oracle_gap.json", results, default=float)
     lines = ["# Oracle vs heuristics on small static instances (surrogate)", "",
              f"Command: `.venv/bin/python benchmarks/oracle_gap.py --time-limit {args.time_limit:g} "
              f"--search-iters {args.search_iters}`. Objective (s, lower is better): mean e2e latency + SLO x "
@@ -84,7 +85,7 @@ def main() -> None:
             f"{r['milp_surrogate_objective']:.4f} | {r['milp_gap']:.3f} | {r['milp_time_s']:.1f} | "
             f"{r['oracle_objective']:.4f} ({r['oracle_method']}) | {r['oracle_vs_best_heuristic_pct']:+.1f}% | "
             + " | ".join(f"{r['heuristics'][h]:.4f}" for h in HEURISTICS) + " |")
-    (OUT / "oracle_gap.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(OUT / "oracle_gap.md", "\n".join(lines) + "\n")
     print((OUT / "oracle_gap.md").read_text())
 
 

@@ -34,6 +34,7 @@ from agents.tracking import init_wandb, make_sb3_logger
 from coel_env.atomic import atomic_write_json
 from coel_env.env.env import CoELEnv
 from coel_env.errors import CoELError, ConfigError
+from coel_env.specs import scenario_with_hardware
 from experiments.cli_checks import require_int
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ def env_kwargs(cfg: DictConfig) -> dict:
     scenario.setdefault("name", HydraConfig.get().runtime.choices.get("scenario", "custom"))
     kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True))
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
+    scenario = scenario_with_hardware(scenario, backend.pop("hardware", None))
     kwargs.update(scenario=scenario, backend=backend.pop("name"))
-    hardware = backend.pop("hardware", None)
-    if hardware:
-        scenario["hardware"] = hardware
     if backend and kwargs["backend"] != "surrogate":
         kwargs["backend_kwargs"] = backend
     return kwargs
