@@ -7,8 +7,18 @@ What is measured: migration wall time and bytes (real copies, requantization, sh
 TTFT/TPOT/e2e from measured step times, tokens/s, bytes per link, expert memory per tier, quality (KL / top-1
 agreement of the prompt logits against the 16-bit single-process model, when the model is small enough to keep a
 reference in the parent). Energy is the cluster's power model applied to the measured busy fraction.
-Failures: a crashed or hung server becomes a `ServerError` within `timeout_s`; every process is then stopped, and
-the next `reset` starts fresh ones. Bad plans raise PlanError before any weight moves.
+Failures never hang the driver and are never hidden (every `ServerError` names the server, and every process is
+stopped before it is raised; the next `reset`/`apply`/`serve` then starts fresh ones, from the checkpoint store):
+- a server that raises, crashes or hangs during a command: the error within `timeout_s` (+ a few seconds' grace
+  to tell the hung server from the peers that timed out waiting for it);
+- a server that died between commands (killed, OOM): the next `reset`, `apply` or `serve` raises
+  "real backend: server s1 (pid N) died (exit code -9 = SIGKILL) between steps; ..." (it is not restarted
+  silently: reported once, the call after that starts fresh servers);
+- a server that dies or raises while starting: the start fails at once naming it (not after `start_timeout_s`);
+- Ctrl-C: the servers ignore SIGINT; the interrupted call stops them (terminate, then kill) and re-raises
+  KeyboardInterrupt; `close()` is idempotent, bounded (seconds) and safe from a KeyboardInterrupt handler,
+  `__del__` and atexit (which closes every open backend).
+Bad plans raise PlanError before any weight moves.
 
 Launchers: by default the server processes are spawned on this host (`channels.PipeChannel`). Built inside a
 torchrun-launched process (several nodes, c10d rendezvous), rank 0 is the driver and server 0 and every other rank
@@ -22,6 +32,7 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +57,9 @@ LINK_MODES = ("app", "netns", "none")
 ROUTE_MODES = ("traces", "router")
 LAUNCHERS = ("auto", "spawn", "torchrun")
 __all__ = ["LAUNCHERS", "LINK_MODES", "ROUTE_MODES", "RealBackend", "ServerError", "make_real_backend"]
+CLOSE_TIMEOUT_S = 5.0  # close(): how long the servers may take to answer "close" (then they are terminated)
+EXIT_WAIT_S = 2.0  # close(): how long they may take to exit by themselves after answering
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # backends with server processes (closed at exit)
 
 
 def _free_port() -> int:
@@ -69,7 +83,12 @@ class RealBackend:
 
     `launcher`: "spawn" starts one process per server on this host; "torchrun" runs one server per torchrun rank
     (WORLD_SIZE must equal the number of servers; ranks != 0 serve rank 0 and exit without returning from here;
-    no crash/hang injection, no restart after a failure); "auto" picks torchrun when torchrun's variables are set."""
+    no crash/hang injection, no restart after a failure); "auto" picks torchrun when torchrun's variables are set.
+
+    Failures (see the module docstring): any server failure raises `ServerError` naming the server, after every
+    server process has been stopped; a server that died between steps is reported by the next reset / apply /
+    serve (never restarted silently); the call after the error starts fresh servers (under torchrun: raises,
+    relaunch the job). `close()` is idempotent and bounded."""
 
     name = "real"
 
@@ -79,6 +98,10 @@ class RealBackend:
                  prefetch: int = 0, max_requests_per_server: int | None = None, arch: str | None = None,
                  threads: int = 1, routing: RoutingModel | None = None, gen_device: str = "cpu",
                  launcher: str = "auto"):
+        self.channel: PipeChannel | TorchrunChannel | None = None  # first: close() / __del__ work on a failed init
+        self.session: TorchrunSession | None = None
+        self.netns: NetnsTopology | None = None
+        self.ssd_root: str | None = None
         if links not in LINK_MODES:
             raise ConfigError(f"real backend: links '{links}' unknown; allowed: {', '.join(LINK_MODES)}")
         if route_from not in ROUTE_MODES:
@@ -103,15 +126,11 @@ class RealBackend:
         self.cpu_compute = cluster.hw.cpu_compute if cpu_compute is None else cpu_compute
         self.prefetch, self.max_requests, self.threads = prefetch, max_requests_per_server, threads
         self.gen_device = gen_device  # "cuda": server processes draw random weights on their GPU (other values)
-        self.channel: PipeChannel | TorchrunChannel | None = None
         self.current: DeploymentPlan | None = None
-        self.netns: NetnsTopology | None = None
-        self.ssd_root: str | None = None
         self._ref = None
         self.window_index = 0
         self.last_requests: list[list[dict]] = []
         self.last_details: dict = {}
-        self.session: TorchrunSession | None = None
         if launch is not None:  # on ranks != 0 this serves rank 0's commands, then exits the process
             self.session = TorchrunSession.attach(cluster, launch, device=device, links=links, timeout_s=timeout_s)
         self.launcher = "torchrun" if self.session is not None else "spawn"
@@ -138,6 +157,7 @@ class RealBackend:
             affinity=self.routing.affinity if self.prefetch else None, links=self.links, threads=self.threads,
             gen_device=self.gen_device,
         )
+        _OPEN.add(self)
         try:
             if self.session is not None:
                 self.channel = TorchrunChannel(self.session, spec, self.start_timeout_s)
@@ -147,9 +167,11 @@ class RealBackend:
             self._shutdown()
             raise
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, wait_s: float = 0.0) -> None:
+        """Stop the server processes (bounded; see PipeChannel.stop) and remove this backend's temporary state.
+        Idempotent; after an interruption (a second Ctrl-C) calling it again finishes the job."""
         if self.channel is not None:
-            self.channel.stop()
+            self.channel.stop(wait_s)
             self.channel = None
         if self.netns is not None:
             self.netns.close()
@@ -157,6 +179,17 @@ class RealBackend:
         if self.ssd_root:
             shutil.rmtree(self.ssd_root, ignore_errors=True)
             self.ssd_root = None
+        _OPEN.discard(self)
+
+    def _check_servers(self) -> None:
+        """A server that died since the last command (between steps) is reported, not restarted silently."""
+        if self.channel is not None:
+            try:
+                self.channel.check("between steps")
+            except BaseException:
+                self._shutdown()
+                self.current = None
+                raise
 
     def _fail(self, msg: str) -> None:
         self._shutdown()
@@ -170,7 +203,7 @@ class RealBackend:
             self._fail("server processes not started; call reset() first")
         try:
             return self.channel.call(cmd, args, self.timeout_s if timeout is None else timeout)
-        except ServerError:
+        except BaseException:  # ServerError, or Ctrl-C mid-command: the servers are stopped (bounded) either way
             self._shutdown()
             self.current = None
             raise
@@ -184,6 +217,7 @@ class RealBackend:
 
     def reset(self, plan: DeploymentPlan, state: ClusterState) -> None:
         self._check(plan, state)
+        self._check_servers()
         if not self.alive:
             self._start()
         arrs = {"device": plan.device, "tier": plan.tier, "bits": plan.bits}
@@ -193,6 +227,7 @@ class RealBackend:
     def apply(self, plan: DeploymentPlan, state: ClusterState) -> MigrationReport:
         c = self.cluster
         self._check(plan, state)  # refused before any weight moves
+        self._check_servers()
         if self.current is None or not self.alive:
             self.reset(plan, state)
             return MigrationReport(link_bytes=np.zeros(c.num_links))
@@ -210,6 +245,7 @@ class RealBackend:
         )
 
     def serve(self, plan: DeploymentPlan, state: ClusterState, window_s: float) -> Metrics:
+        self._check_servers()
         if self.current is None or plan != self.current or not self.alive:
             self.apply(plan, state)
         requests, arrived, dropped = self.workload(plan, state, window_s)
@@ -221,6 +257,7 @@ class RealBackend:
         """Serve given requests (per server: dicts rid, arrival, max_new, prompt, routes, server as `workload`
         makes them) instead of sampling a window; benchmarks use it for fixed-length sweeps."""
         c = self.cluster
+        self._check_servers()
         if self.current is None or plan != self.current or not self.alive:
             self.apply(plan, state)
         if arrived is None:
@@ -238,17 +275,28 @@ class RealBackend:
         return self._metrics(res, requests, arrived, dropped, window_s, state)
 
     def close(self) -> None:
-        if self.alive:
-            with contextlib.suppress(ServerError):
-                self._call("close", timeout=10.0)
-        self._shutdown()
-        self.current = None
+        """Close the servers ("close" command, then terminate/kill what is left). Idempotent, bounded (at worst
+        about CLOSE_TIMEOUT_S + channels.GRACE_S + EXIT_WAIT_S + 2 * channels.TERM_S, 18 s; typically well under
+        a second) and safe from a KeyboardInterrupt handler or atexit. It raises nothing for a server that died
+        since the last step (closing is what the caller wanted anyway)."""
+        try:
+            if self.alive:
+                with contextlib.suppress(ServerError):
+                    self.channel.call("close", None, CLOSE_TIMEOUT_S)
+        finally:
+            self._shutdown(EXIT_WAIT_S)
+            self.current = None
 
     def __enter__(self) -> RealBackend:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:  # no messages from a finalizer: just stop the processes (torchrun: its atexit hook)
+        if getattr(self, "session", None) is None:
+            with contextlib.suppress(Exception):
+                self._shutdown()
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _pair_matrix(self, per_pair: np.ndarray) -> np.ndarray:
@@ -435,7 +483,12 @@ def make_real_backend(cluster: Cluster, **kw) -> RealBackend:
 
 
 @atexit.register
-def _cleanup_tmp() -> None:  # belt and braces: daemonic processes die with the parent anyway
+def _close_all() -> None:
+    """At exit: close every open backend (bounded), then kill any server process left (belt and braces: the servers
+    also get SIGKILL when the driver dies, via PR_SET_PDEATHSIG)."""
+    for b in list(_OPEN):
+        with contextlib.suppress(Exception):
+            b.close()
     for p in tmp.active_children():
         if p.name.startswith("coel-real-"):
             p.kill()

@@ -15,6 +15,7 @@ import cProfile
 import ctypes
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import deque
@@ -344,12 +345,32 @@ def run_command(server: ServerProcess, cmd: str, arg) -> tuple[str, object]:
             prof.dump_stats(Path(prof_dir) / f"server{server.rank}_serve{server.profiled}.prof")
 
 
+FAIL_START_ENV = "COEL_REAL_FAIL_START"  # test hook: "<rank>" makes that server raise while starting, "<rank>:exit"
+# makes it exit with code 3 (both before it joins the process group)
+
+
+def _start_fault(rank: int) -> None:
+    hook = os.environ.get(FAIL_START_ENV, "")
+    who, _, how = hook.partition(":")
+    if who.strip() != str(rank):
+        return
+    if how == "exit":
+        os._exit(3)
+    raise RuntimeError(f"test hook {FAIL_START_ENV}={hook}: server {rank} fails while starting")
+
+
 def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
-    """Entry point of a server process (torch.multiprocessing spawn target)."""
+    """Entry point of a server process (torch.multiprocessing spawn target).
+
+    Ctrl-C is for the driver: a server ignores SIGINT (it was spawned with SIGINT blocked), and the driver closes or
+    terminates it; if the driver dies, the parent-death signal (SIGKILL) ends the server too."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     os.environ.update(spec.env)
     torch.set_num_threads(spec.threads)
     try:
+        _start_fault(rank)
         if spec.links == "netns":
             enter_netns(f"{spec.netns_prefix}{rank}")
             os.environ["GLOO_SOCKET_IFNAME"] = f"{spec.netns_prefix}n{rank}"
@@ -382,3 +403,9 @@ def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
             break
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+    # nothing is left to clean up (the tier files live in the driver's temporary directory): skip the interpreter's
+    # teardown, which with torch loaded takes seconds, so that close() returns promptly
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
-from real_backend.channels import ServerError, failure_message
+from real_backend.channels import COMM_ERRORS, ServerError, failure_message
 from real_backend.server import ServerProcess, WorkerSpec, _die_with_parent, run_command
 from real_backend.shaper import set_clock_offset
 
@@ -52,8 +52,6 @@ GRACE_S = 2.0  # the driver still collects replies this long after a command's d
 EXIT_TIMEOUT_S = 10.0
 CLOCK_PINGS = 8
 TAG_CMD, TAG_REPLY, TAG_CLOCK = 101, 103, 105
-COMM_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError", "Connection closed", "Connection reset",
-               "Timed out", "timed out", "gloo", "NCCL")
 
 
 def torchrun_env() -> dict | None:
@@ -315,7 +313,7 @@ class TorchrunChannel:
 
     @property
     def alive(self) -> bool:
-        return self.open and self.session.broken is None
+        return self.open and self.session.broken is None and not self.session.closed
 
     def pids(self) -> list[int]:
         """Process ids of the ranks (each on its own host)."""
@@ -327,7 +325,13 @@ class TorchrunChannel:
         if not self.alive:
             raise ServerError(f"torchrun: servers of this backend are closed or failed ({self.session.broken}); "
                               "servers cannot be restarted under torchrun")
-        out = self.session.call(self.bid, cmd, args, timeout)
+        try:
+            out = self.session.call(self.bid, cmd, args, timeout)
+        except BaseException:  # Ctrl-C mid-command: the control group is out of step; no more commands but "exit"
+            self.session.fail([("ok", None)] * self.session.world, f"interrupted during '{cmd}'")
+            self.open = False
+            self.session._drop(self.bid)
+            raise
         msg = self._failure(cmd, out, timeout)
         if msg is not None:
             self.session.fail(out, msg)
@@ -357,12 +361,16 @@ class TorchrunChannel:
         raise ConfigError(f"inject: '{fault}' injection needs locally spawned servers (launcher 'spawn'), "
                           "not torchrun")
 
-    def stop(self) -> None:
-        """Close this backend's servers (all ranks when the job is healthy, else this rank's); idempotent."""
+    def check(self, when: str) -> None:
+        """Nothing to check between steps: the ranks are torchrun's (a lost rank fails the next command)."""
+
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Close this backend's servers (all ranks when the job is healthy, else this rank's); idempotent and
+        bounded (EXIT_TIMEOUT_S)."""
         if not self.open:
             return
         self.open = False
-        if self.session.broken is None:
+        if self.session.broken is None and not self.session.closed:
             out = self.session.call(self.bid, "close", None, EXIT_TIMEOUT_S)
             msg = self._failure("close", out, EXIT_TIMEOUT_S)
             if msg is not None:
