@@ -3,7 +3,9 @@
 One implementation of the dynamics: `StateBatch` holds N states as stacked arrays and advances them in one
 vectorized call; `Scenario.advance` runs it on a batch of one. Randomness is one fixed-size block per state and
 epoch (`StateBatch.draw`), so a state's trajectory depends only on its own generator, whatever the batch size.
-Dirichlet(0.5) domain targets are normalized squared normals (Gamma(1/2) = Z^2/2).
+The blocks are named layouts (coel_env/rng.py, `dynamics_layouts`): a new stream is appended at the END of a
+layout (after `extra`), so existing streams never shift. Dirichlet(0.5) domain targets are normalized squared
+normals (Gamma(1/2) = Z^2/2).
 
 Caches (the surrogate's) key on `ClusterState.version`: whoever writes a state's arrays in place calls `touch()`.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 from coel_env.cluster import Cluster, build_cluster
 from coel_env.errors import ConfigError
+from coel_env.rng import Layout
 from coel_env.specs import HardwareProfile, ScenarioSpec, load_scenario_spec
 from coel_env.traces import RoutingModel, RoutingTrace
 
@@ -132,11 +135,30 @@ class Scenario:
         return state.touch()
 
 
+def dynamics_layouts(S: int, D: int, K: int, M: int, extra_normals: int = 0) -> tuple[Layout, Layout]:
+    """The per-env, per-epoch random layouts of the dynamics, in draw order (append new streams at the end):
+
+    normals: domain [S, M] (Dirichlet targets) | arrival [S] (burstiness) | compute [D] | memory [D] (resource
+    noise) | extra [extra_normals] (drawn here for the env's perception, see perception.py);
+    uniforms: switch [S] (domain switches) | link_change [K] | link_value [K] | fail [S] | join [S] | keep_one [1]
+    (which server stays up when all would be down). A new uniform stream goes at the end of `uniforms`; a new
+    normal stream goes after `extra` (it then shifts if the perception's layout grows) or, safest, is drawn from
+    a generator of its own."""
+    normals = Layout({"domain": (S, M), "arrival": S, "compute": D, "memory": D, "extra": extra_normals}, "normal")
+    uniforms = Layout({"switch": S, "link_change": K, "link_value": K, "fail": S, "join": S, "keep_one": 1},
+                      "uniform")
+    return normals, uniforms
+
+
 class StateBatch:
     """N cluster states as stacked arrays [N, ...], advanced in one vectorized call; `views[i]` is a
-    ClusterState onto row i. `version` changes whenever any row does (`touch`)."""
+    ClusterState onto row i. `version` changes whenever any row does (`touch`).
 
-    def __init__(self, scenario: Scenario, num_envs: int, extra_normals: int = 0):
+    Each epoch's randomness lives in persistent buffers `z` (normals) and `u` (uniforms) [N, size], read through
+    named views `normals[name]` / `uniforms[name]` [N, *shape] (`dynamics_layouts`); `extra` holds the views of an
+    `extra` layout (e.g. the perception's) nested in the `extra` normals block."""
+
+    def __init__(self, scenario: Scenario, num_envs: int, extra: Layout | None = None):
         self.scenario = sc = scenario
         c = sc.cluster
         N = self.N = num_envs
@@ -156,12 +178,14 @@ class StateBatch:
         self.popularity = np.zeros((N, S, L, E))
         self.base_rate = np.asarray(sc.spec.arrival_rates, dtype=np.float64)
         self.views = [ClusterState(c, 0, *(getattr(self, f)[i] for f in STATE_FIELDS)) for i in range(N)]
-        # random block per env and epoch: normals [dirichlet S*M | arrivals S | compute D | memory D | extra]
-        self.nz = S * M + S + 2 * D + extra_normals
-        self.nu = S + 2 * K + 2 * S + 1  # uniforms [switch S | link change K | link value K | fail S | join S | 1]
-        self.z = np.zeros((N, self.nz))
-        self.u = np.zeros((N, self.nu))
-        self.z_extra = self.z[:, S * M + S + 2 * D:]
+        if extra is not None and extra.kind != "normal":
+            raise ValueError("extra: a layout of normals is required")
+        self.normal_layout, self.uniform_layout = dynamics_layouts(S, D, K, M, extra.size if extra else 0)
+        self.z = np.zeros((N, self.normal_layout.size))
+        self.u = np.zeros((N, self.uniform_layout.size))
+        self.normals = self.normal_layout.views(self.z)
+        self.uniforms = self.uniform_layout.views(self.u)
+        self.extra = extra.views(self.normals["extra"]) if extra is not None else {}
         self.version = new_version()
 
     def touch(self, rows=None) -> None:
@@ -184,47 +208,44 @@ class StateBatch:
         for i, rng in enumerate(rngs):
             if rng is None:
                 continue
-            rng.standard_normal(out=self.z[i])
-            rng.random(out=self.u[i])
+            self.normal_layout.draw_into(rng, self.z[i])
+            self.uniform_layout.draw_into(rng, self.u[i])
 
     def advance(self) -> None:
         """One epoch of dynamics for every env, in place (after `draw`)."""
         dyn = self.scenario.spec.dynamics
-        N, S, D, K, M = self.N, self.S, self.D, self.K, self.M
-        z, u = self.z, self.u
+        S, K = self.S, self.K
+        z, u = self.normals, self.uniforms
         self.epoch += 1
-        g = z[:, :S * M].reshape(N, S, M) ** 2
+        g = z["domain"] ** 2
         g /= np.maximum(g.sum(-1, keepdims=True), 1e-300)
-        switch = u[:, :S] < dyn.domain_switch_rate
+        switch = u["switch"] < dyn.domain_switch_rate
         np.copyto(self.domain_target, g, where=switch[..., None])
         self.domain_mix += dyn.drift_rate * (self.domain_target - self.domain_mix)
-        o = S * M
         if dyn.arrival_burstiness:
-            np.multiply(self.base_rate, np.exp(dyn.arrival_burstiness * z[:, o:o + S]), out=self.arrival_rate)
+            np.multiply(self.base_rate, np.exp(dyn.arrival_burstiness * z["arrival"]), out=self.arrival_rate)
         else:
             self.arrival_rate[:] = self.base_rate
-        o += S
         noise = dyn.resource_noise
         if noise:
-            np.clip(1 - np.abs(noise * z[:, o:o + D]), 0.2, 1.0, out=self.compute_avail)
-            np.clip(1 - np.abs(noise * z[:, o + D:o + 2 * D]), 0.5, 1.0, out=self.memory_avail)
+            np.clip(1 - np.abs(noise * z["compute"]), 0.2, 1.0, out=self.compute_avail)
+            np.clip(1 - np.abs(noise * z["memory"]), 0.5, 1.0, out=self.memory_avail)
         else:
             self.compute_avail[:] = 1.0
             self.memory_avail[:] = 1.0
         if dyn.link_change_rate and K:
-            change = u[:, S:S + K] < dyn.link_change_rate
+            change = u["link_change"] < dyn.link_change_rate
             lo, hi = dyn.link_change_range
-            new = lo + (hi - lo) * u[:, S + K:S + 2 * K]
+            new = lo + (hi - lo) * u["link_value"]
             self.link_factor[:] = np.where(change, new, np.minimum(self.link_factor + 0.25, 1.0))
-        o = S + 2 * K
         up = self.server_up
         if dyn.failure_rate or not up.all():
-            fail = up & (u[:, o:o + S] < dyn.failure_rate)
-            join = ~up & (u[:, o + S:o + 2 * S] < dyn.recovery_rate)
+            fail = up & (u["fail"] < dyn.failure_rate)
+            join = ~up & (u["join"] < dyn.recovery_rate)
             new_up = (up & ~fail) | join
             none = ~new_up.any(1)
             if none.any():  # the edge never loses every server at once
-                new_up[none, np.minimum((u[none, -1] * S).astype(np.int64), S - 1)] = True
+                new_up[none, np.minimum((u["keep_one"][none, 0] * S).astype(np.int64), S - 1)] = True
             up[:] = new_up
         self.refresh_popularity()
 

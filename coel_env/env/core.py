@@ -1,33 +1,34 @@
 """CoELCore: N CoEL environments stepped together with numpy (the single env is N = 1).
 
-One step = one decision epoch: decode the action -> repair (penalty) -> if update: apply (migration) -> dynamics
--> faults (restore orphaned experts, fit memory) -> Hello perception -> serve the window -> reward (+ budgets).
-Migration degrades service: requests arriving while experts move (a fraction f = min(t / window, 1) of the window)
-wait t / 2 on average and the window's throughput drops by `migration_slowdown` * f.
+One step = one decision epoch: decode the action -> repair -> if update: apply (migration) -> dynamics
+-> faults (restore orphaned experts, fit memory) -> Hello perception -> serve the window (measured) -> migration
+disruption (served, disruption.py) -> StepRecord (record.py) -> reward and penalties (rewards.StepScorer).
+The public infos of CoELEnv and CoELVectorEnv are derived from the StepRecord (record.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import numpy as np
 
 from coel_env.backend import Backend, Metrics
 from coel_env.env.actions import View, make_action_codec
+from coel_env.env.disruption import MigrationDisruption
 from coel_env.env.faults import handle_faults
 from coel_env.env.kernels import differs_kernel
 from coel_env.env.observations import ObservationEncoder
 from coel_env.env.perception import Perception
 from coel_env.env.planbatch import PlanBatch
+from coel_env.env.record import METRIC_KEYS, MIGRATION_KEYS, StepRecord, env_info
 from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
-from coel_env.env.rewards import RewardContext, make_reward
+from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, make_reward
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan import DeploymentPlan
 from coel_env.state import Scenario, StateBatch
 from coel_env.surrogate import SurrogateBackend
 
-METRIC_KEYS = ("ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
-               "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests")
-MIGRATION_KEYS = ("bytes_total", "bytes_local", "bytes_peer", "bytes_cloud", "time_s", "replicas_added",
-                  "replicas_removed")
+__all__ = ["METRIC_KEYS", "MIGRATION_KEYS", "CoELCore"]
 
 
 class CoELCore:
@@ -60,14 +61,16 @@ class CoELCore:
         self.ctx = RewardContext(
             window_s=self.window, slo_s=wl.slo_s, demand_tokens_per_s=float(sum(spec.arrival_rates)) * be.out_mean,
             power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()), drop_cost=drop_cost)
-        self.penalties = dict(repair=repair_penalty, unit=repair_unit_penalty, invalid=invalid_edit_penalty,
-                              hello=hello_cost_per_kbit, budget=budget_penalty)
-        self.slowdown = migration_slowdown
         self.budgets = spec.budgets
+        weights = PenaltyWeights(repair=repair_penalty, unit=repair_unit_penalty, invalid=invalid_edit_penalty,
+                                 hello=hello_cost_per_kbit, budget=budget_penalty)
+        self.scorer = StepScorer(self.reward_fn, self.ctx, weights, self.budgets,
+                                 c.model.num_moe_layers * c.model.num_experts)
+        self.disruption = MigrationDisruption(self.window, wl.slo_s, migration_slowdown)
         perc = Perception(c, num_envs, np.asarray(spec.arrival_rates, dtype=np.float64), self.window, tok_per_req,
                           mode=perception, **(hello or {}))
         self.perception = perc
-        self.states = StateBatch(scenario, num_envs, extra_normals=perc.num_normals)
+        self.states = StateBatch(scenario, num_envs, extra=perc.normals)  # perception's draws ride on the dynamics'
         self.obs_encoder = ObservationEncoder(c, max_epochs, observation_space)
         plan0 = initial_plan if initial_plan is not None else DeploymentPlan.uniform(c)
         plan0.validate(c)
@@ -76,7 +79,12 @@ class CoELCore:
         self.plans = PlanBatch.tile(plan0, num_envs)
         self.usage = usage_of(self.plans, c)
         self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
-        self.last_info: dict = {}
+        self.last_record: StepRecord | None = None
+
+    @property
+    def penalties(self) -> dict[str, float]:
+        """The penalty weights by name (a copy; see rewards.PenaltyWeights)."""
+        return asdict(self.scorer.weights)
 
     # ---- reset --------------------------------------------------------------------------------------
     def reset_env(self, i: int, seed: int | None = None) -> dict:
@@ -90,8 +98,7 @@ class CoELCore:
         self.plans.set(i, self.plan0)
         for arr, row in zip(self.usage, self._usage0):  # only env i's plan changed: no pass over all N envs
             arr[i] = row[0]
-        z = rng.standard_normal(self.perception.num_normals)
-        bits = self.perception.reset(i, self.states, z)
+        bits = self.perception.reset(i, self.states, self.perception.normals.draw(rng))
         if not self.fast:
             self.backend.reset(self.plans.plan(i), self.states.views[i])
         return {"hello_bits": bits, "epoch": 0}
@@ -99,13 +106,14 @@ class CoELCore:
     # ---- step ---------------------------------------------------------------------------------------
     def step(self, actions: np.ndarray | None = None, proposed: PlanBatch | None = None,
              update: np.ndarray | None = None, active: np.ndarray | None = None, single: bool = False,
-             clipped: np.ndarray | None = None):
+             clipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, StepRecord]:
         """Step every env (rows with active=False are about to be reset: they draw no randomness).
 
         `actions` [N, A] (or, with `single`, one action of the space's shape for N = 1) are validated before
         anything changes (ActionError; Box values outside the bounds are clipped and counted, see actions.py);
         `proposed` plans must have this cluster's shapes (PlanError); `clipped` [N] marks proposals made from a
-        clipped wrapper action (counted like a clipped action)."""
+        clipped wrapper action (counted like a clipped action). Returns (reward [N], terminated [N], truncated [N],
+        StepRecord); the record is also kept as `last_record`."""
         c, N, st, perc = self.cluster, self.N, self.states, self.perception
         view = View(st.server_up, perc.pop)
         if proposed is None:
@@ -148,36 +156,18 @@ class CoELCore:
         if fchanged.any():
             fmig = self._migrate(self.plans, fixed, fchanged, st.server_up, st.link_factor)
             self.plans = fixed
-        hello_bits = perc.observe(st, st.z_extra, st.server_up & ~prev_up).copy()
-        # serve and reward
-        f = self._serve()
+        hello_bits = perc.observe(st, st.extra, st.server_up & ~prev_up).copy()
+        # serve, disrupt, record, score
+        measured = self._serve()
         mig_s = mig["time_s"] + (fmig["time_s"] if fmig is not None else 0.0)
-        self._degrade(f, mig_s)
-        n_rep = rcounts[:, :-1].sum(1)
-        repaired = (rcounts.sum(1) > 0) | (invalid > 0) | clipped
-        pen = self.penalties
-        total_replicas = c.model.num_moe_layers * c.model.num_experts
-        penalty = (pen["repair"] * repaired + pen["unit"] * n_rep / total_replicas + pen["invalid"] * invalid
-                   + pen["hello"] * hello_bits / 1000.0)
-        terminated = np.zeros(N, dtype=bool)
-        over = np.zeros(N)
-        b = self.budgets
-        if b.energy_j is not None:
-            over += np.maximum(f["energy_j"] / b.energy_j - 1.0, 0.0)
-        if b.latency_s is not None:
-            over += np.maximum(f["e2e_p95_s"] / b.latency_s - 1.0, 0.0)
-        if b.mode == "terminate":
-            terminated = over > 0
-            penalty = penalty + pen["budget"] * terminated
-        else:
-            penalty = penalty + pen["budget"] * over
-        reward = self.reward_fn(f, mig_s, self.ctx) - penalty
-        truncated = st.epoch >= self.max_epochs
-        info = dict(f=f, mig=mig, fmig=fmig, mig_s=mig_s, update=update, changed=changed, repaired=repaired,
-                    rcounts=rcounts, invalid=invalid, clipped=clipped, penalty=penalty, budget_excess=over,
-                    hello_bits=hello_bits, lost=lost, restored=restored, fcounts=fcounts)
-        self.last_info = info
-        return reward, terminated, truncated, info
+        rec = StepRecord(measured=measured, served=self.disruption(measured, mig_s), migration=mig,
+                         restore_migration=fmig, migration_time_s=mig_s, update=update, changed=changed,
+                         repair_counts=rcounts, invalid_edits=invalid, clipped=clipped, hello_bits=hello_bits,
+                         replicas_lost=lost, restored_experts=restored, fault_counts=fcounts,
+                         servers_up=st.server_up.sum(1), epoch=st.epoch.copy(), truncated=st.epoch >= self.max_epochs)
+        self.scorer.score(rec)
+        self.last_record = rec
+        return rec.reward, rec.terminated, rec.truncated, rec
 
     def check_plans(self, proposed: PlanBatch) -> None:
         """PlanError (one line) unless `proposed` holds N plans shaped for this cluster."""
@@ -236,40 +226,9 @@ class CoELCore:
         return {k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))
                 for k, v in m.__dict__.items()}
 
-    def _degrade(self, f: dict, mig_s: np.ndarray) -> None:
-        if not (mig_s > 0).any():
-            return
-        frac = np.minimum(mig_s / self.window, 1.0)
-        wait = np.minimum(mig_s, self.window) / 2.0
-        f["e2e_mean_s"] = f["e2e_mean_s"] + frac * wait
-        f["ttft_mean_s"] = f["ttft_mean_s"] + frac * wait
-        f["e2e_p95_s"] = f["e2e_p95_s"] + np.where(frac > 0.05, wait, 0.0)
-        f["ttft_p95_s"] = f["ttft_p95_s"] + np.where(frac > 0.05, wait, 0.0)
-        f["tokens_per_s"] = f["tokens_per_s"] * (1.0 - self.slowdown * frac)
-        f["late_frac"] = f["late_frac"] + (1 - f["late_frac"]) * frac * np.minimum(wait / self.ctx.slo_s, 1.0)
-
     # ---- info ---------------------------------------------------------------------------------------
     def env_info(self, i: int) -> dict:
-        """Env i's info dict from the last step (plain Python values)."""
-        x = self.last_info
-        f = x["f"]
-        mig = {k: float(x["mig"][k][i]) for k in MIGRATION_KEYS}
-        if x["fmig"] is not None:
-            fm = {k: float(x["fmig"][k][i]) for k in MIGRATION_KEYS}
-        else:
-            fm = dict.fromkeys(MIGRATION_KEYS, 0.0)
-        rc = x["rcounts"][i]
-        reasons = ["action_clipped"] * bool(x["clipped"][i]) + [k for k, n in zip(REPAIR_KINDS, rc) if n]
-        if x["invalid"][i]:
-            reasons.append("invalid_edit")
-        return {
-            "metrics": {k: float(f[k][i]) for k in METRIC_KEYS},
-            "migration": mig, "restore_migration": fm, "migration_time_s": float(x["mig_s"][i]),
-            "update": bool(x["update"][i]), "plan_changed": bool(x["changed"][i]),
-            "repaired": bool(x["repaired"][i]), "repair_reasons": reasons,
-            "penalty": float(x["penalty"][i]), "budget_excess": float(x["budget_excess"][i]),
-            "hello_bits": int(x["hello_bits"][i]),
-            "dropped_requests": float(f["dropped_frac"][i] * f["requests"][i]),
-            "replicas_lost": int(x["lost"][i]), "restored_experts": int(x["restored"][i]),
-            "servers_up": int(self.states.server_up[i].sum()), "epoch": int(self.states.epoch[i]),
-        }
+        """Env i's public info from the last step (plain Python values; record.env_info)."""
+        if self.last_record is None:
+            raise RuntimeError("env_info: no step yet")
+        return env_info(self.last_record, i)

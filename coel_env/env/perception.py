@@ -6,6 +6,9 @@ moved by more than `threshold` since its last Hello, on rejoining, or after `max
 in between the last values stay (stale). Bits sent are counted. Popularity is observed from the epoch's routing
 log: `popularity_tokens` routed tokens (or fewer if fewer were served) give binomial counts per (layer, expert)
 (normal approximation), smoothed by an exponential moving average. `mode="ideal"` reveals ground truth.
+
+Randomness: `Perception.normals`, a named layout (coel_env/rng.py) popularity [L, E] | rate [S], drawn on reset
+from the env's generator and each epoch inside the dynamics' `extra` block (state.py); append new streams at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
+from coel_env.rng import Layout
 
 MODES = ("hello", "ideal")
 RATE_SCALE = 4.0  # a Hello reports the request rate as a fraction of RATE_SCALE x nominal
@@ -46,7 +50,12 @@ class Perception:
         self.age = np.zeros((N, S), dtype=np.int64)
         self.pop = np.zeros((N, L, E))
         self.bits = np.zeros(N, dtype=np.int64)
-        self.num_normals = L * E + S
+        # per env and epoch: routing-log counts per (layer, expert) | measured request rate per server
+        self.normals = Layout({"popularity": (L, E), "rate": S}, "normal")
+
+    @property
+    def num_normals(self) -> int:
+        return self.normals.size
 
     # ---- perceived values ---------------------------------------------------------------------------
     @property
@@ -84,25 +93,26 @@ class Perception:
             return x
         return np.round(np.clip(x, 0.0, 1.0) * 255.0) / 255.0
 
-    def reset(self, i: int, bs, z: np.ndarray) -> int:
-        """Env i starts: every live server sends a full Hello; popularity from one routing log."""
+    def reset(self, i: int, bs, z: dict[str, np.ndarray]) -> int:
+        """Env i starts: every live server sends a full Hello; popularity from one routing log. `z`: one draw of
+        `normals` by name (popularity [L, E], rate [S])."""
         rows = slice(i, i + 1)
-        zr = z[None, -self.S:]
-        self.last[rows] = self._quantize(self._truth(bs, zr, rows))
+        self.last[rows] = self._quantize(self._truth(bs, z["rate"][None], rows))
         self.age[i] = 0
         self.pop[i] = 0.0
-        self._observe_popularity(bs, z[None, :-self.S], rows, first=True)
+        self._observe_popularity(bs, z["popularity"][None], rows, first=True)
         up = bs.server_up[i]
         self.bits[i] = 0 if self.mode == "ideal" else int(
             (up * (self.header_bits + self.field_bits * self.fields_per_server)).sum())
         return int(self.bits[i])
 
-    def observe(self, bs, z: np.ndarray, rejoined: np.ndarray) -> np.ndarray:
-        """One epoch of Hellos for every env (after the dynamics); returns bits sent [N]."""
+    def observe(self, bs, z: dict[str, np.ndarray], rejoined: np.ndarray) -> np.ndarray:
+        """One epoch of Hellos for every env (after the dynamics); returns bits sent [N]. `z`: this epoch's
+        `normals` by name, batched (popularity [N, L, E], rate [N, S])."""
         rows = slice(None)
-        x = self._quantize(self._truth(bs, z[:, -self.S:], rows))
+        x = self._quantize(self._truth(bs, z["rate"], rows))
         up = bs.server_up
-        self._observe_popularity(bs, z[:, :-self.S], rows)
+        self._observe_popularity(bs, z["popularity"], rows)
         if self.mode == "ideal":
             self.last[:] = x
             self.age[:] = 0
@@ -131,7 +141,7 @@ class Perception:
         n = np.minimum(total * self.window * self.tok_per_req, self.pop_tokens)  # [N] tokens in the log
         nn = n[:, None, None]
         p = np.clip(agg, 0.0, 1.0)
-        cnt = np.clip(nn * p + np.sqrt(nn * p * (1 - p)) * z.reshape(agg.shape), 0.0, nn)
+        cnt = np.clip(nn * p + np.sqrt(nn * p * (1 - p)) * z, 0.0, nn)  # z: [N, L, E] normals
         new = np.round(cnt) / np.maximum(nn, 1.0)
         a = 1.0 if first else self.smoothing
         seen = (n > 0)[:, None, None]

@@ -11,11 +11,11 @@ def _link_load(env) -> np.ndarray:
     """Fraction of each physical link's capacity (both directions of a full-duplex link) used in the last window
     (zeros before the first step)."""
     c, core = env.cluster, env.core
-    x = core.last_info
-    if not x or "link_bytes" not in x["f"]:
+    rec = core.last_record
+    if rec is None or "link_bytes" not in rec.served:
         return np.zeros(c.num_links)
     cap = 2.0 * np.maximum(c.link_bw * core.states.link_factor[0], 1.0) * core.window  # link_bytes: both ways
-    return np.asarray(x["f"]["link_bytes"][0]) / cap
+    return np.asarray(rec.served["link_bytes"][0]) / cap
 
 
 def render_ansi(env) -> str:
@@ -46,12 +46,12 @@ def render_ansi(env) -> str:
     load = _link_load(env)
     if load.size:
         lines.append("  link load: " + ", ".join(f"{a}-{b} {x:.0%}" for (a, b), x in zip(c.link_ends, load)))
-    x = core.last_info
-    if x:
-        f = x["f"]
+    rec = core.last_record
+    if rec is not None:
+        f = rec.served
         lines.append(f"  last epoch: e2e mean {f['e2e_mean_s'][0]:.2f}s p95 {f['e2e_p95_s'][0]:.2f}s | "
                      f"{f['tokens_per_s'][0]:.1f} tok/s | late {f['late_frac'][0]:.1%} | dropped "
-                     f"{f['dropped_frac'][0]:.1%} | migration {float(np.asarray(x['mig_s'])[0]):.2f}s")
+                     f"{f['dropped_frac'][0]:.1%} | migration {float(np.asarray(rec.migration_time_s)[0]):.2f}s")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,16 @@
-"""Named reward spaces, computed on batched metric fields (arrays [N])."""
+"""Named reward spaces on batched metric fields (arrays [N]), the step's penalties, and `StepScorer`: the one place
+that turns a StepRecord into reward and penalty."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from coel_env.env.record import StepRecord
 from coel_env.errors import ConfigError
+from coel_env.specs import BudgetSpec
 
 COMPOSITE_DEFAULTS = {"latency": 1.0, "throughput": 0.5, "quality": 10.0, "energy": 0.1, "migration": 0.5,
                       "dropped": 1.0}
@@ -72,3 +76,61 @@ def make_reward(name: str, weights: dict | None = None):
     if name not in fns:
         raise ConfigError(f"reward_space: unknown name '{name}'; allowed: {', '.join(REWARD_SPACES)}")
     return fns[name]
+
+
+RewardFn = Callable[[dict, np.ndarray, RewardContext], np.ndarray]
+
+
+@dataclass(frozen=True)
+class PenaltyWeights:
+    """Penalty weights (CoELCore's keyword arguments of the same meaning)."""
+
+    repair: float = 0.1  # per step whose action needed fixing (repair, invalid edit or clipping)
+    unit: float = 1.0  # x repaired replicas / (MoE layers x experts)
+    invalid: float = 0.02  # per invalid edit
+    hello: float = 0.0  # per kbit of Hello messages
+    budget: float = 1.0  # x budget excess (mode 'penalty'), or once when a budget ends the episode ('terminate')
+
+
+class StepScorer:
+    """Reward and penalty of a step, from its StepRecord:
+
+        penalty = repair * [repaired] + unit * repaired replicas / (L * E) + invalid * invalid edits
+                  + hello * Hello bits / 1000 + budget * (excess, or [excess > 0] in mode 'terminate')
+        excess  = max(energy_j / energy budget - 1, 0) + max(e2e_p95_s / latency budget - 1, 0)  (set budgets only)
+        reward  = reward_fn(served metrics, migration time, ctx) - penalty
+    """
+
+    def __init__(self, reward_fn: RewardFn, ctx: RewardContext, weights: PenaltyWeights, budgets: BudgetSpec,
+                 total_replicas: int):
+        self.reward_fn, self.ctx, self.weights, self.budgets = reward_fn, ctx, weights, budgets
+        self.total_replicas = total_replicas
+
+    def penalty(self, rec: StepRecord) -> np.ndarray:
+        """[N] repair, invalid-edit and Hello penalties (budgets excluded)."""
+        w = self.weights
+        return (w.repair * rec.repaired + w.unit * rec.repaired_replicas / self.total_replicas
+                + w.invalid * rec.invalid_edits + w.hello * rec.hello_bits / 1000.0)
+
+    def budget_excess(self, served: dict) -> np.ndarray:
+        """[N] summed relative excess over the set energy / latency budgets (0 within them)."""
+        b = self.budgets
+        over = np.zeros(len(served["energy_j"]))
+        if b.energy_j is not None:
+            over += np.maximum(served["energy_j"] / b.energy_j - 1.0, 0.0)
+        if b.latency_s is not None:
+            over += np.maximum(served["e2e_p95_s"] / b.latency_s - 1.0, 0.0)
+        return over
+
+    def score(self, rec: StepRecord) -> None:
+        """Set rec.budget_excess, rec.terminated, rec.penalty and rec.reward."""
+        penalty = self.penalty(rec)
+        over = self.budget_excess(rec.served)
+        if self.budgets.mode == "terminate":
+            terminated = over > 0
+            penalty = penalty + self.weights.budget * terminated
+        else:
+            terminated = np.zeros(len(over), dtype=bool)
+            penalty = penalty + self.weights.budget * over
+        rec.budget_excess, rec.terminated, rec.penalty = over, terminated, penalty
+        rec.reward = self.reward_fn(rec.served, rec.migration_time_s, self.ctx) - penalty

@@ -1,7 +1,8 @@
 """CoELVectorEnv: a natively batched `gymnasium.vector.VectorEnv` stepping N surrogate envs in one numpy call.
 
 Env i seeded with `seed + i` behaves exactly like `CoELEnv` reset with that seed (same observations, rewards,
-infos); autoreset follows gymnasium's default NEXT_STEP mode. Infos are dicts of arrays with `_key` masks.
+infos); autoreset follows gymnasium's default NEXT_STEP mode. Infos are dicts of arrays with `_key` masks, derived from
+the core's StepRecord by the same function as CoELEnv's info (record.py).
 `step` validates the whole batch [N, *single_action_space.shape] before anything changes (rows of envs about to
 autoreset included): a bad row raises a one-line ActionError naming the env index (rules in actions.py).
 """
@@ -15,9 +16,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from coel_env.env.backends import make_backend
-from coel_env.env.core import METRIC_KEYS, MIGRATION_KEYS, CoELCore
+from coel_env.env.core import CoELCore
 from coel_env.env.env import build_scenario
-from coel_env.env.repair import REPAIR_KINDS
+from coel_env.env.record import StepRecord, vector_info
 from coel_env.errors import ConfigError
 
 
@@ -62,7 +63,7 @@ class CoELVectorEnv(VectorEnv):
     def step(self, actions):
         core, N = self.core, self.num_envs
         resetting = self._autoreset.copy()
-        reward, term, trunc, x = core.step(actions=actions, active=~resetting)  # validated first (ActionError)
+        reward, term, trunc, rec = core.step(actions=actions, active=~resetting)  # validated first (ActionError)
         reset_bits = np.zeros(N, dtype=np.int64)
         for i in np.flatnonzero(resetting):
             reset_bits[i] = core.reset_env(i)["hello_bits"]
@@ -70,49 +71,16 @@ class CoELVectorEnv(VectorEnv):
         term = term & ~resetting
         trunc = trunc & ~resetting
         self._autoreset = term | trunc
-        return core.observe(), reward, term, trunc, self._infos(x, resetting, reset_bits)
+        return core.observe(), reward, term, trunc, self._infos(rec, resetting, reset_bits)
 
-    def _infos(self, x: dict, resetting: np.ndarray, reset_bits: np.ndarray) -> dict:
-        core, N = self.core, self.num_envs
-        stepped = ~resetting
-        f = x["f"]
-        infos: dict[str, Any] = {}
-
-        def put(key, value, mask=stepped):
-            infos[key] = value
-            infos["_" + key] = mask
-
-        ones = np.ones(N, dtype=bool)
-
-        def sub(d: dict, keys) -> dict:
-            out = {}
-            for k in keys:
-                out[k] = np.asarray(d[k], dtype=np.float64) if d is not None else np.zeros(N)
-                out["_" + k] = stepped
-            return out
-
-        put("metrics", sub(f, METRIC_KEYS))
-        put("migration", sub(x["mig"], MIGRATION_KEYS))
-        put("restore_migration", sub(x["fmig"], MIGRATION_KEYS))
-        put("migration_time_s", np.asarray(x["mig_s"], dtype=np.float64) * np.ones(N))
-        put("update", x["update"].copy())
-        put("plan_changed", x["changed"].copy())
-        put("repaired", x["repaired"].copy())
-        reasons = np.empty(N, dtype=object)
-        for i in range(N):
-            reasons[i] = ["action_clipped"] * bool(x["clipped"][i]) + \
-                [k for k, n in zip(REPAIR_KINDS, x["rcounts"][i]) if n] + (["invalid_edit"] if x["invalid"][i] else [])
-        put("repair_reasons", reasons)
-        put("penalty", x["penalty"].astype(np.float64))
-        put("budget_excess", x["budget_excess"].astype(np.float64))
-        put("hello_bits", np.where(resetting, reset_bits, x["hello_bits"]), ones)
-        put("dropped_requests", f["dropped_frac"] * f["requests"])
-        put("replicas_lost", x["lost"].copy())
-        put("restored_experts", x["restored"].copy())
-        put("servers_up", core.states.server_up.sum(1))
-        put("epoch", core.states.epoch.copy(), ones)
+    def _infos(self, rec: StepRecord, resetting: np.ndarray, reset_bits: np.ndarray) -> dict:
+        """record.vector_info; rows of envs reset this step show their fresh episode's Hello bits, servers, epoch."""
+        st = self.core.states
+        fresh = {"hello_bits": reset_bits, "servers_up": st.server_up.sum(1), "epoch": st.epoch.copy()}
+        infos = vector_info(rec, resetting, fresh)
         if self.info_action_mask:
-            put("action_mask", self.action_masks(), ones)
+            infos["action_mask"] = self.action_masks()
+            infos["_action_mask"] = np.ones(self.num_envs, dtype=bool)
         return infos
 
     def action_masks(self) -> np.ndarray | None:
