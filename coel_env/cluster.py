@@ -90,8 +90,14 @@ class Cluster:
 
     @cached_property
     def gpu_expert_capacity(self) -> np.ndarray:
-        """[D] bytes of GPU memory left for routed experts."""
-        cap = self.dev_mem * (1 - self.hw.kv_reserve_frac) - self.non_expert_bytes_per_gpu
+        """[D] bytes of GPU memory left for routed experts when every GPU is fully free."""
+        return self.gpu_expert_capacity_at(1.0)
+
+    def gpu_expert_capacity_at(self, memory_avail: np.ndarray | float) -> np.ndarray:
+        """[..., D] bytes of GPU memory for routed experts, given each GPU's free fraction `memory_avail` ([..., D]):
+        `max(mem · (free − kv_reserve_frac) − non-expert bytes, 0)` — the one capacity rule of plans, repair and
+        observations."""
+        cap = self.dev_mem * (memory_avail - self.hw.kv_reserve_frac) - self.non_expert_bytes_per_gpu
         return np.maximum(cap, 0.0)
 
     @cached_property

@@ -26,9 +26,7 @@ def gpu_capacity(cluster: Cluster, memory_avail: np.ndarray | None = None) -> np
     """[D] bytes of GPU memory for routed experts, given the free memory fraction of each GPU."""
     if memory_avail is None:
         return cluster.gpu_expert_capacity
-    hw = cluster.hw
-    cap = cluster.dev_mem * (memory_avail - hw.kv_reserve_frac) - cluster.non_expert_bytes_per_gpu
-    return np.maximum(cap, 0.0)
+    return cluster.gpu_expert_capacity_at(memory_avail)
 
 
 @dataclass

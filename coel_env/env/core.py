@@ -187,8 +187,7 @@ class CoELCore:
 
     # ---- pieces -------------------------------------------------------------------------------------
     def _gpu_cap(self, memory_avail: np.ndarray) -> np.ndarray:
-        c = self.cluster
-        return np.maximum(c.dev_mem * (memory_avail - c.hw.kv_reserve_frac) - c.non_expert_bytes_per_gpu, 0.0)
+        return self.cluster.gpu_expert_capacity_at(memory_avail)
 
     @staticmethod
     def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:

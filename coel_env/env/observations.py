@@ -45,8 +45,7 @@ class ObservationEncoder:
         c, pb, perc = self.c, core.plans, core.perception
         N = len(pb)
         gpu, cpu, ssd = core.usage
-        hw = c.hw
-        cap = np.maximum(c.dev_mem * (perc.memory_avail - hw.kv_reserve_frac) - c.non_expert_bytes_per_gpu, 0.0)
+        cap = c.gpu_expert_capacity_at(perc.memory_avail)
         mem = np.concatenate([(cap - gpu) / self.gpu_nominal, 1 - cpu / self.cpu_cap, 1 - ssd / self.ssd_cap], 1)
         plan = np.empty((N, self.sizes["plan"]), dtype=np.float32)
         encode_plan_kernel(pb.dev, pb.tier, pb.bits, self.inv_dev, plan)
