@@ -74,6 +74,10 @@ SIGINT_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
 
     if __name__ == "__main__":
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test dumps the stacks if close() hangs
         from coel_env.env.env import CoELEnv
 
         env = CoELEnv(scenario="tiny", backend="real", backend_kwargs=json.loads(sys.argv[1]))
@@ -115,7 +119,12 @@ def test_ctrl_c_to_the_process_group_mid_episode_closes_in_bounded_time(tmp_path
         assert len(pids) == 3 and all(running(p) for p in pids)
         time.sleep(1.5)  # mid-episode
         os.killpg(started["pgid"], signal.SIGINT)  # what Ctrl-C in a terminal does
-        rc = proc.wait(timeout=90)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # every thread's stack into stderr.log
+            time.sleep(3)
+            pytest.fail("no exit within 90 s of Ctrl-C; stacks:\n" + (tmp_path / "stderr.log").read_text()[-8000:])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
