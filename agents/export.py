@@ -5,7 +5,9 @@ MultiDiscrete actions (so action masks can be applied at deployment) or the mean
 holds everything else a deployment needs — spaces, observation normalisation, how to decode actions, the env
 (scenario, spaces) the policy was trained for. `integrity.json` lists the SHA-256 of every other file in the
 directory; the loader (agents.deployment_policy) refuses any extra, missing, changed or symlinked file. The directory
-is built beside its target and renamed into place, so a crash never leaves half an export.
+is built beside its target and renamed into place, so a crash never leaves half an export. An existing target is
+replaced only when it is an empty folder or itself a policy directory (`is_policy_dir`): anything else — a training
+run, a folder of other files, a file — is refused in one `ConfigError` line and left untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gymnasium import spaces
 from torch import nn
 
 from coel_env.atomic import atomic_dir
+from coel_env.errors import ConfigError
 
 POLICY_FORMAT = "coel-deployment-policy"  # keep in sync with agents.deployment_policy
 POLICY_VERSION = 2  # 2: integrity.json covers every file
@@ -30,6 +33,7 @@ META_NAME = "policy.json"
 INTEGRITY_NAME = "integrity.json"
 INTEGRITY_FORMAT = "coel-policy-integrity"
 SUPPORTED_ALGOS = ("PPO", "A2C", "MaskablePPO")
+MAX_INTEGRITY_BYTES = 1 << 20
 
 
 class _Actor(nn.Module):
@@ -43,6 +47,51 @@ class _Actor(nn.Module):
         p = self.policy
         features = p.extract_features(obs, p.pi_features_extractor)
         return p.action_net(p.mlp_extractor.forward_actor(features))
+
+
+def is_policy_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a real (not symlinked) folder holding policy.json, integrity.json and nothing but regular
+    files that integrity.json lists: an earlier export, which a new one may replace."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        with os.scandir(path) as it:
+            entries = {e.name: e for e in it}
+        if META_NAME not in entries or INTEGRITY_NAME not in entries:
+            return False
+        if any(e.is_symlink() or not e.is_file(follow_symlinks=False) for e in entries.values()):
+            return False
+        if entries[INTEGRITY_NAME].stat(follow_symlinks=False).st_size > MAX_INTEGRITY_BYTES:
+            return False
+        integrity = json.loads((path / INTEGRITY_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON
+        return False
+    if not isinstance(integrity, dict) or integrity.get("format") != INTEGRITY_FORMAT:
+        return False
+    listed = integrity.get("sha256")
+    return isinstance(listed, dict) and set(entries) - {INTEGRITY_NAME} <= set(listed)
+
+
+def check_export_target(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as an absolute path (symlinks not followed) if an export may be written there: absent, an empty
+    folder, or an earlier policy directory; otherwise one ConfigError line naming it (nothing is touched)."""
+    target = Path(os.path.abspath(out_dir))
+    if not os.path.lexists(target):
+        return target
+    if target.is_symlink():
+        raise ConfigError(f"out: '{target}' is a symlink; refusing to replace it (pass a new or policy directory)")
+    if not target.is_dir():
+        raise ConfigError(f"out: '{target}' is an existing file, not a policy directory; refusing to replace it "
+                          "(remove it or choose another out)")
+    try:
+        empty = not any(target.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"out: cannot read '{target}' ({exc.strerror})") from None
+    if not empty and not is_policy_dir(target):
+        raise ConfigError(f"out: '{target}' exists and is not a policy directory (policy.json, integrity.json and "
+                          "only the files it lists); refusing to replace it (remove it or choose another out)")
+    return target
 
 
 def sha256(path: Path) -> str:
@@ -72,10 +121,11 @@ def export_policy(model, out_dir: str | Path, env_spec: dict | None = None, obs_
     obs_space = model.observation_space
     if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
         raise TypeError("export: the observation space must be a flat Box (wrap the env in FlattenObservation)")
-    with atomic_dir(out_dir) as tmp:
+    out_dir = check_export_target(out_dir)
+    with atomic_dir(out_dir, replace=is_policy_dir) as tmp:
         _write_policy(tmp, model, env_spec, obs_rms, clip_obs, extra)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    return Path(out_dir)
+    return out_dir
 
 
 def _write_policy(out: Path, model, env_spec: dict | None, obs_rms, clip_obs: float, extra: dict | None) -> None:

@@ -18,13 +18,16 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+from torch import nn
 
-from agents.checkpoint import Checkpoint, space_from_description, write_checkpoint
+from agents.checkpoint import Checkpoint, check_agent_config, space_from_description, write_checkpoint
 from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
 
 ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU,
+               "silu": nn.SiLU}  # policy_kwargs.activation_fn by name (agents.checkpoint.ACTIVATIONS)
 VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
 
 
@@ -90,6 +93,7 @@ def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, checkp
     policy = cfg.get("policy", "MlpPolicy")
     if policy not in cls.policy_aliases:
         raise ConfigError(f"agent.policy: {policy!r} unknown; allowed: {', '.join(cls.policy_aliases)}")
+    check_agent_config(cfg, venv.num_envs)  # whitelisted kwargs in range, a rollout that fits in memory
     if checkpoint is not None:
         if checkpoint.algo != cfg["algo"]:
             raise checkpoint.error(f"was trained with {checkpoint.algo}, this run's agent.algo is {cfg['algo']}")
@@ -98,7 +102,10 @@ def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, checkp
             if saved.get(key) != cfg.get(key):
                 raise checkpoint.error(f"has {key} {saved.get(key)!r}, this run's agent.{key} is {cfg.get(key)!r}")
         checkpoint.check_spaces(venv.observation_space, venv.action_space)
-    model = cls(policy, venv, seed=seed, device="cpu", verbose=0, policy_kwargs=cfg.get("policy_kwargs") or None,
+    policy_kwargs = dict(cfg.get("policy_kwargs") or {})
+    if "activation_fn" in policy_kwargs:
+        policy_kwargs["activation_fn"] = ACTIVATIONS[policy_kwargs["activation_fn"]]
+    model = cls(policy, venv, seed=seed, device="cpu", verbose=0, policy_kwargs=policy_kwargs or None,
                 **(cfg.get("kwargs") or {}))
     if checkpoint is not None:
         checkpoint.restore(model, venv)

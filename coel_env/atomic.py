@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -55,18 +55,35 @@ def atomic_write_json(path: str | os.PathLike, obj, **dump_kwargs) -> Path:
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs))
 
 
+def _replaceable(target: Path, replace: Callable[[Path], bool] | None) -> bool:
+    """Whether `target` may be replaced: absent, an empty real folder, or accepted by `replace`."""
+    if not os.path.lexists(target):
+        return True
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return True
+    return replace is not None and bool(replace(target))
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replace: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on a clean exit it replaces `path` (an older folder there is
-    removed only after the new one is complete), on an error it is removed and `path` stays as it was."""
+    removed only after the new one is complete), on an error it is removed and `path` stays as it was.
+
+    An existing `path` is replaced only when it is an empty folder or `replace(path)` says so (checked before the
+    folder is yielded and again just before the swap); anything else is a FileExistsError and `path` is untouched,
+    so a mistyped target can never delete someone's files."""
     target = Path(path)
+    if not _replaceable(target, replace):
+        raise FileExistsError(f"'{target}' exists and may not be replaced (not an empty folder)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())  # what mkdir would have given, not mkdtemp's 0700
     old = None
     try:
         yield tmp
-        if target.exists():
+        if not _replaceable(target, replace):  # it changed while the new folder was being written
+            raise FileExistsError(f"'{target}' exists and may not be replaced (not an empty folder)")
+        if os.path.lexists(target):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
         os.replace(tmp, target)

@@ -20,11 +20,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from agents.checkpoint import read_checkpoint
+from agents.baselines import POLICIES
+from agents.checkpoint import MAX_SEED, check_agent_config, read_checkpoint
 from agents.sb3 import (
     ALGORITHMS,
     VEC_ENVS,
     BaselineEvalCallback,
+    agent_config,
     make_algorithm,
     make_training_env,
     observed_keys,
@@ -56,6 +58,8 @@ def env_kwargs(cfg: DictConfig) -> dict:
 def check_cfg(cfg: DictConfig) -> None:
     """Refuse bad top-level values in one line, before any work starts or any file is written."""
     require_int(cfg.seed, "seed", 0)
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed: {cfg.seed} must be an integer in [0, {MAX_SEED}]")
     for field in ("n_envs", "total_timesteps", "eval_episodes", "torch_threads"):
         require_int(cfg[field], field, 1)
     for field in ("checkpoint_every", "eval_every"):  # null turns them off
@@ -69,6 +73,14 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"vec_env: {cfg.vec_env!r} unknown; allowed: {', '.join(VEC_ENVS)}")
     if cfg.agent.algo not in ALGORITHMS:
         raise ConfigError(f"agent.algo: '{cfg.agent.algo}' unknown; allowed: {', '.join(ALGORITHMS)}")
+    check_agent_config(agent_config(cfg.agent), cfg.n_envs)  # the same whitelist and ranges a checkpoint gets
+    baselines = cfg.eval_baselines
+    if not OmegaConf.is_list(baselines) and not isinstance(baselines, list):
+        raise ConfigError(f"eval_baselines: {baselines!r} must be a list of baseline names; allowed: "
+                          f"{', '.join(POLICIES)}")
+    for name in baselines:
+        if not isinstance(name, str) or name not in POLICIES:
+            raise ConfigError(f"eval_baselines: unknown baseline {name!r}; allowed: {', '.join(POLICIES)}")
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         raise ConfigError(f"resume: {cfg.resume!r} must be the path of a checkpoint .zip, or null")
 

@@ -27,16 +27,50 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 
 def test_atomic_dir_swaps_whole_folders(tmp_path):
     d = tmp_path / "policy"
+    ours = lambda p: (p / "f").exists() or (p / "g").exists()  # noqa: E731  (folders this test wrote)
     with atomic_dir(d) as tmp:
         (tmp / "f").write_text("1")
-    with pytest.raises(KeyboardInterrupt), atomic_dir(d) as tmp:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(d, replace=ours) as tmp:
         (tmp / "f").write_text("2")
         raise KeyboardInterrupt
     assert (d / "f").read_text() == "1"
-    with atomic_dir(d) as tmp:
+    with atomic_dir(d, replace=ours) as tmp:
         (tmp / "g").write_text("3")
     assert sorted(f.name for f in d.iterdir()) == ["g"]
     assert [f.name for f in tmp_path.iterdir()] == ["policy"]
+
+
+def test_atomic_dir_never_replaces_what_it_may_not(tmp_path):
+    """By default only an absent target or an empty folder is replaced; a folder of files, a file or a symlink is a
+    FileExistsError before anything is written, and stays exactly as it was."""
+    full = tmp_path / "run"
+    full.mkdir()
+    (full / "model.zip").write_bytes(b"weights")
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(full, target_is_directory=True)
+    for target in (full, file, link):
+        with pytest.raises(FileExistsError, match="may not be replaced"), atomic_dir(target) as tmp:
+            (tmp / "f").write_text("new")
+        with pytest.raises(FileExistsError), atomic_dir(target, replace=lambda p: False) as tmp:
+            pass
+    assert (full / "model.zip").read_bytes() == b"weights" and file.read_text() == "keep" and link.is_symlink()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link", "notes.txt", "run"]  # no temporaries left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:
+        (tmp / "f").write_text("1")
+    assert (empty / "f").read_text() == "1"
+
+
+def test_atomic_dir_rechecks_the_target_before_the_swap(tmp_path):
+    d = tmp_path / "out"
+    with pytest.raises(FileExistsError), atomic_dir(d) as tmp:
+        (tmp / "f").write_text("new")
+        d.mkdir()
+        (d / "theirs").write_text("keep")  # appeared while the new folder was written
+    assert [f.name for f in d.iterdir()] == ["theirs"] and [f.name for f in tmp_path.iterdir()] == ["out"]
 
 
 def test_cli_checks_refuse_bad_numbers_in_one_line():

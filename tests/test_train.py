@@ -190,6 +190,27 @@ def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
     assert bad.returncode != 0 and "has no env_spec.json" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_export_cli_never_replaces_the_run_it_exports(trained):
+    """`out=<run>` used to move the whole training run away and delete it; now one line, and the run is intact."""
+    before = {str(p.relative_to(trained)): p.stat().st_mtime_ns for p in trained.rglob("*")}
+    cmd = [sys.executable, "-m", "experiments.export", f"run={trained}", f"out={trained}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: out: '{trained}' is the run directory")
+    assert {str(p.relative_to(trained)): p.stat().st_mtime_ns for p in trained.rglob("*")} == before
+
+
+def test_deployment_policy_refuses_bad_observations_of_a_trained_policy(trained):
+    from agents.deployment_policy import PolicyInputError
+
+    policy = DeploymentPolicy(trained / "policy")
+    n = policy.obs_dim
+    for obs in (np.zeros(2 * n), np.full(n, np.nan), {"time": 0.0}):
+        with pytest.raises(PolicyInputError, match=rf"expected shape \({n},\) or a batch \(B, {n}\)") as err:
+            policy.act(obs)
+        assert "\n" not in str(err.value)
+
+
 def test_deployed_agent_on_another_scenario_is_one_clear_error(trained):
     from agents.deployed import DeployedAgent
     from coel_env.errors import ConfigError
