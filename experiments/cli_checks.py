@@ -54,3 +54,36 @@ def require_int_list(value: Any, field: str, minimum: int, maximum: int | None =
 def optional_positive(value: Any, field: str) -> float | None:
     """None (the documented default), or `value` as a finite number > 0."""
     return None if value is None else require_positive(value, field)
+
+
+def optional_seconds(value: Any, field: str, maximum: float | None = None) -> float | None:
+    """None (the documented default), or `value` as a finite number of seconds in (0, maximum] (default:
+    `coel_env.specs.bounds.MAX_SECONDS`, the cap of every duration in a spec)."""
+    from coel_env.specs.bounds import MAX_SECONDS
+
+    if value is None:
+        return None
+    seconds = require_positive(value, field)
+    cap = MAX_SECONDS if maximum is None else maximum
+    if seconds > cap:
+        shown = int(cap) if float(cap).is_integer() else cap
+        raise ConfigError(f"{field}: {value!r} must be a finite number in (0, {shown}] seconds")
+    return seconds
+
+
+def error_line(exc: BaseException, out=None) -> str:
+    """The one line a CLI prints for a CoELError: `error: ` and the message's first line. A ServerError carries the
+    failed server's traceback below that line: with `out` (the run's output folder) the whole message is written
+    (atomically) to `out/error.txt` and the line says so."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    if len(lines) == 1 or out is None:
+        return f"error: {lines[0]}"
+    from pathlib import Path
+
+    from coel_env.atomic import atomic_write_text
+
+    try:
+        path = atomic_write_text(Path(out) / "error.txt", str(exc).rstrip() + "\n")
+    except OSError:
+        return f"error: {lines[0]}"
+    return f"error: {lines[0]} (details: {path})"

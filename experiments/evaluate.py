@@ -34,7 +34,7 @@ from agents.rollout import mean_ci, run_episode
 from coel_env.atomic import atomic_write_text
 from coel_env.errors import CoELError, ConfigError
 from coel_env.specs import load_scenario_spec, scenario_with_hardware
-from experiments.cli_checks import require_int
+from experiments.cli_checks import error_line, require_int
 from experiments.results_io import save_png, write_csv
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,29 @@ def check(cfg: DictConfig) -> None:
     for scenario in cfg.scenarios:
         load_scenario_spec(str(scenario))
     scenario_with_hardware(str(cfg.scenarios[0]), cfg.backend.get("hardware"))
+    check_policy_kwargs(cfg)
+
+
+def check_policy_kwargs(cfg: DictConfig) -> None:
+    """Build every listed baseline once with its `policy_kwargs`: an unknown argument or a value out of range fails
+    here in one line (`policy oracle: time_limit: ...`), not after the grid's first episodes."""
+    raw = cfg.get("policy_kwargs")
+    pkw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
+    if pkw is None:
+        return
+    if not isinstance(pkw, dict):
+        raise ConfigError(f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. "
+                          "policy_kwargs.oracle.time_limit=5")
+    for name in cfg.policies:
+        if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments
+            continue
+        kw = pkw.get(name) or {}
+        if not isinstance(kw, dict):
+            raise ConfigError(f"policy_kwargs.{name}: {kw!r} must be a mapping of constructor arguments")
+        if "seed" in kw:
+            raise ConfigError(f"policy_kwargs.{name}.seed: not an argument here; episodes are seeded by seeds and "
+                              "seed_offset")
+        make_policy(str(name), seed=int(cfg.seed_offset), **kw)
 
 
 def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
@@ -248,8 +271,8 @@ def main(cfg: DictConfig) -> None:
     try:
         check(cfg)
         rows = evaluate(cfg, out)
-    except CoELError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except CoELError as exc:  # a ServerError of backend=real too: its first line (the server's traceback to a file)
+        raise SystemExit(error_line(exc, out)) from None
     log_wandb(cfg, out, rows)
     print((out / "leaderboard.md").read_text())
     print(f"wrote {out / 'leaderboard.csv'}")

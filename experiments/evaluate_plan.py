@@ -19,7 +19,7 @@ from coel_env.specs import HardwareProfile
 from coel_env.specs.scenario import scenario_from_dict
 from coel_env.state import Scenario
 from coel_env.surrogate import SurrogateBackend
-from experiments.cli_checks import optional_positive, require_int
+from experiments.cli_checks import error_line, optional_seconds, require_int
 from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
 
 
@@ -33,7 +33,7 @@ def scenario_from_cfg(cfg: DictConfig, seed: int, hardware: HardwareProfile | st
 
 def evaluate(cfg: DictConfig) -> dict:
     seed = require_int(cfg.seed, "seed", 0)
-    window = optional_positive(cfg.window_s, "window_s")
+    window = optional_seconds(cfg.window_s, "window_s")
     scenario = scenario_from_cfg(cfg, seed, hardware_from_cfg(cfg))
     plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
     window = window or scenario.spec.dynamics.epoch_s
@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def fail(exc: CoELError) -> None:
-    print(f"error: {exc}", file=sys.stderr)
+    print(error_line(exc), file=sys.stderr)
     sys.exit(2)
 
 

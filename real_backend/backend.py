@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import shutil
 import socket
 import tempfile
@@ -44,6 +45,7 @@ from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
+from coel_env.specs.bounds import MAX_EXPERTS, MAX_SECONDS, Arg
 from coel_env.state import ClusterState
 from coel_env.traces import RoutingModel
 from real_backend.channels import PipeChannel, ServerError, check_fault
@@ -56,6 +58,16 @@ from real_backend.torchrun import TorchrunChannel, TorchrunSession, torchrun_env
 LINK_MODES = ("app", "netns", "none")
 ROUTE_MODES = ("traces", "router")
 LAUNCHERS = ("auto", "spawn", "torchrun")
+MAX_THREADS = 1024
+# the constructor's scalar options (a config's `backend_kwargs`): each checked in one line before anything starts
+OPTIONS = {
+    "seed": Arg(int, 0), "timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
+    "start_timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True), "measure_quality": Arg(bool, optional=True),
+    "cpu_compute": Arg(bool, optional=True), "prefetch": Arg(int, 0, MAX_EXPERTS),
+    "max_requests_per_server": Arg(int, 1, optional=True), "arch": Arg(str, optional=True),
+    "threads": Arg(int, 1, MAX_THREADS), "gen_device": Arg(str), "device": Arg(str), "links": Arg(str),
+    "route_from": Arg(str), "launcher": Arg(str),
+}
 __all__ = ["LAUNCHERS", "LINK_MODES", "ROUTE_MODES", "RealBackend", "ServerError", "make_real_backend"]
 CLOSE_TIMEOUT_S = 5.0  # close(): how long the servers may take to answer "close" (then they are terminated)
 EXIT_WAIT_S = 2.0  # close(): how long they may take to exit by themselves after answering
@@ -102,6 +114,14 @@ class RealBackend:
         self.session: TorchrunSession | None = None
         self.netns: NetnsTopology | None = None
         self.ssd_root: str | None = None
+        given = dict(seed=seed, timeout_s=timeout_s, start_timeout_s=start_timeout_s, measure_quality=measure_quality,
+                     cpu_compute=cpu_compute, prefetch=prefetch, max_requests_per_server=max_requests_per_server,
+                     arch=arch, threads=threads, gen_device=gen_device, device=device, links=links,
+                     route_from=route_from, launcher=launcher)
+        ok = {k: OPTIONS[k].check(f"real backend: {k}", v) for k, v in given.items()}
+        seed, timeout_s, start_timeout_s = ok["seed"], ok["timeout_s"], ok["start_timeout_s"]
+        if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+            raise ConfigError(f"real backend: checkpoint: {type(checkpoint).__name__} given; must be a path or null")
         if links not in LINK_MODES:
             raise ConfigError(f"real backend: links '{links}' unknown; allowed: {', '.join(LINK_MODES)}")
         if route_from not in ROUTE_MODES:
@@ -478,7 +498,12 @@ class RealBackend:
 
 
 def make_real_backend(cluster: Cluster, **kw) -> RealBackend:
-    """Factory hook for the environment's `make_backend("real", cluster, **kw)`."""
+    """Factory hook for the environment's `make_backend("real", cluster, **kw)`; an unknown option is a one-line
+    ConfigError naming the allowed ones."""
+    allowed = [n for n in inspect.signature(RealBackend.__init__).parameters if n not in ("self", "cluster")]
+    unknown = [k for k in kw if k not in allowed]
+    if unknown:
+        raise ConfigError(f"real backend: unknown option '{unknown[0]}'; allowed: {', '.join(allowed)}")
     return RealBackend(cluster, **kw)
 
 

@@ -31,7 +31,7 @@ from typing import NoReturn
 
 import torch.multiprocessing as tmp
 
-from coel_env.errors import ConfigError
+from coel_env.errors import CoELError, ConfigError
 from real_backend.server import WorkerSpec, worker_main
 from real_backend.shaper import LinkShaper
 
@@ -43,8 +43,11 @@ TERM_S = 3.0  # stop: how long terminated (SIGTERM) servers may take to exit bef
 RESTART_HINT = "all server processes stopped; reset() starts new ones"
 
 
-class ServerError(RuntimeError):
-    """A server process crashed, hung past the timeout, or raised; all server processes have been stopped."""
+class ServerError(CoELError, RuntimeError):
+    """A server process crashed, hung past the timeout, or raised; all server processes have been stopped.
+
+    A CoELError, so the CLIs report it as `error: ...` (its first line: a server that raised adds its traceback
+    below), and still a RuntimeError for callers that catch that."""
 
 
 def failure_message(name: str, cmd: str, tb: str) -> str:

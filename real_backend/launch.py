@@ -13,20 +13,22 @@ Under torchrun only rank 0 (the driver) gets past the backend's constructor; it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from coel_env import DeploymentPlan, Scenario
+from coel_env.atomic import atomic_write_json
 from coel_env.errors import CoELError
+from coel_env.specs.bounds import MAX_SECONDS, Arg
 from real_backend.backend import LAUNCHERS, LINK_MODES, RealBackend, ServerError
 
 
 def run(scenario: str = "tiny", *, seed: int = 0, requests: int = 2, window_s: float = 4.0, links: str = "app",
         device: str = "cpu", timeout_s: float = 60.0, launcher: str = "auto", check_errors: bool = False) -> dict:
     """Reset to the uniform plan, serve the seeded first window; tokens per request id, bytes per link, metrics."""
+    window_s = Arg(float, 0, MAX_SECONDS, open_low=True).check("window", window_s)
     sc = Scenario(scenario, seed=seed)
     state = sc.initial_state(np.random.default_rng(seed))
     plan = DeploymentPlan.uniform(sc.cluster)
@@ -71,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = run(a.scenario, seed=a.seed, requests=a.requests, window_s=a.window, links=a.links, device=a.device,
                   timeout_s=a.timeout, launcher=a.launcher, check_errors=a.check_errors)
-    except CoELError as e:
-        raise SystemExit(f"error: {e}") from None
+    except CoELError as e:  # a ServerError too: its first line (a server's traceback follows it in the message)
+        raise SystemExit(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     m = res["metrics"]
     print(f"{res['scenario']}: {res['servers']} servers ({res['launcher']}), {len(res['tokens'])} requests served, "
           f"{m['tokens_per_s']:.1f} tokens/s, link bytes {[round(x) for x in res['link_bytes']]}")
     if a.out:
-        a.out.write_text(json.dumps(res, indent=1))
+        atomic_write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from coel_env.atomic import atomic_path, atomic_write_json
 from coel_env.errors import ConfigError
 from coel_env.specs import ModelSpec
 
@@ -258,15 +259,22 @@ class WeightSource:
 
 
 def save_checkpoint(cfg: MoEConfig, seed: int, path: str | Path) -> Path:
-    """Write the seeded random model as a HF-style checkpoint (config.json + model.safetensors)."""
+    """Write the seeded random model as a HF-style checkpoint (config.json + model.safetensors).
+
+    Atomic per file (coel_env.atomic): a crash or Ctrl-C leaves no half-written file, and config.json, which makes
+    the folder a checkpoint, is removed first and written last, so an interrupted overwrite is no checkpoint rather
+    than new weights under an old config."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     names = list(non_expert_shapes(cfg)) + [n for l in range(cfg.num_moe_layers) for e in range(cfg.num_experts)
                                             for n in expert_names(cfg, l, e)]
-    save_file(random_weights(cfg, seed, names), str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg.hf_config_dict(), indent=1))
+    weights = random_weights(cfg, seed, names)
+    (path / "config.json").unlink(missing_ok=True)
+    with atomic_path(path / "model.safetensors", suffix=".safetensors") as tmp:
+        save_file(weights, str(tmp))
+    atomic_write_json(path / "config.json", cfg.hf_config_dict())
     return path
 
 

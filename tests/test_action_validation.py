@@ -338,3 +338,60 @@ def test_random_arrays_never_corrupt_the_env(action_space, shape, dtype, into_ra
     assert env.observation_space.contains(obs) and np.isfinite(r)
     plan = env.plan
     assert plan.problems(env.cluster, env.state.memory_avail) == []
+
+
+# ---- objects numpy cannot (or should not) read as an array --------------------------------------------------------
+class _ArrayRaises:
+    """An object whose `__array__` fails (a lazy tensor of another library, a broken wrapper)."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+
+@pytest.mark.parametrize("action_space", SPACES)
+def test_unreadable_and_masked_actions_are_refused_in_one_line(action_space):
+    torch = pytest.importorskip("torch")
+    env = get_env(action_space)
+    env.reset(seed=0)
+    good = valid_action(env)
+    grad = torch.tensor(good.astype(np.float32), requires_grad=True)  # np.asarray raises RuntimeError on it
+    assert_refused(env, grad, "Tensor that cannot be read as an array given", "detach()")
+    assert_refused(env, _ArrayRaises(), "_ArrayRaises that cannot be read as an array given (boom)")
+    masked = np.ma.masked_array(good, mask=np.ones(good.shape, dtype=bool))  # np.asarray would drop the mask
+    assert_refused(env, masked, "a masked array given")
+    _, r, *_ = env.step(torch.as_tensor(good))  # a plain tensor is an array like any other
+    assert np.isfinite(r)
+
+
+def test_vector_env_refuses_a_tensor_that_requires_grad():
+    torch = pytest.importorskip("torch")
+    venv = CoELVectorEnv(num_envs=3, scenario="tiny", action_space="threshold")
+    venv.reset(seed=0)
+    good = venv.action_space.sample()
+    before, epoch = venv.core.plans.dev.copy(), venv.core.states.epoch.copy()
+    with pytest.raises(ActionError) as exc:
+        venv.step(torch.tensor(good, requires_grad=True))
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("actions (threshold): Tensor that cannot be read as an array"), msg
+    assert np.array_equal(before, venv.core.plans.dev) and np.array_equal(epoch, venv.core.states.epoch)
+    _, r, *_ = venv.step(torch.tensor(good, requires_grad=True).detach())
+    assert np.isfinite(r).all()
+    venv.close()
+
+
+def test_the_full_mask_cache_is_bounded_by_bytes(monkeypatch):
+    import coel_env.env.actions as actions
+
+    env = get_env("full")
+    env.reset(seed=0)
+    codec = env.unwrapped.action_codec
+    size = int(codec.nvec.sum())
+    monkeypatch.setattr(actions, "MAX_ACTION_ENTRIES", size)  # room for 4 masks of this size
+    codec._mask_cache.clear()
+    S = env.unwrapped.cluster.num_servers
+    rows = [np.array([(i >> s) & 1 for s in range(S)], dtype=bool) for i in range(2**S)]
+    for row in rows:
+        m = codec.mask_for(row)
+        assert len(codec._mask_cache) <= 4 and m.shape == (size,) and not m.flags.writeable
+    assert np.array_equal(codec.masks(np.stack(rows[:2]))[1], codec.mask_for(rows[1]))
+    codec._mask_cache.clear()

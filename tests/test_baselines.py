@@ -102,3 +102,62 @@ def test_policy_acts_inside_coel_v0_and_registry_errors():
         make_policy("nope")
     with pytest.raises(ConfigError, match="layout"):
         make_policy("static", layout="diagonal")
+
+
+# ---- constructor arguments: one line naming the policy, the argument and what is allowed ------------------------
+NAN = float("nan")
+BAD_POLICY_ARGS = [
+    ("oracle", {"time_limit": NAN}, "policy oracle: time_limit: nan given; must be a finite number in (0, 1000000]"),
+    ("oracle", {"time_limit": -1}, "policy oracle: time_limit: -1 given; must be a finite number in (0, 1000000]"),
+    ("oracle", {"time_limit": 0}, "policy oracle: time_limit: 0 given; must be a finite number in (0, 1000000]"),
+    ("oracle", {"time_limit": "abc"}, "policy oracle: time_limit: 'abc' given; must be a finite number in (0, "
+                                      "1000000]"),
+    ("oracle", {"time_limit": 10**400}, "policy oracle: time_limit: an integer of ~400 digits given; must be a finite "
+                                        "number in (0, 1000000]"),
+    ("oracle", {"search_iters": -1}, "policy oracle: search_iters: -1 given; must be an integer in [0, 10000000]"),
+    ("oracle", {"search_iters": 1.5}, "policy oracle: search_iters: 1.5 given; must be an integer in [0, 10000000]"),
+    ("oracle", {"search_iters": True}, "policy oracle: search_iters: True given; must be an integer in [0, 10000000]"),
+    ("oracle", {"batch": 0}, "policy oracle: batch: 0 given; must be an integer in [1, 4096]"),
+    ("oracle", {"max_quality_loss": 2}, "policy oracle: max_quality_loss: 2 given; must be a finite number in [0, 1]"),
+    ("oracle", {"period": 0}, "policy oracle: period: 0 given; must be an integer >= 1"),
+    (
+        "oracle",
+        {"bogus": 1},
+        "policy oracle: unknown argument 'bogus'; allowed: seed, max_quality_loss, milp_max_binaries, time_limit, "
+        "search_iters, batch, period",
+    ),
+    ("random", {"seed": -1}, "policy random: seed: -1 given; must be an integer >= 0 or null"),
+    ("random", {"update_prob": 1.5}, "policy random: update_prob: 1.5 given; must be a finite number in [0, 1]"),
+    ("random", {"max_prune": 0.95}, "policy random: max_prune: 0.95 given; must be a finite number in [0, 0.9]"),
+    ("greedy_popularity", {"period": 0}, "policy greedy_popularity: period: 0 given; must be an integer >= 1"),
+    ("greedy_popularity", {"fill": 0}, "policy greedy_popularity: fill: 0 given; must be a finite number in (0, 1]"),
+    ("eplb", {"redundancy": float("inf")}, "policy eplb: redundancy: inf given; must be a finite number in [0, 8]"),
+    ("coel", {"ema": NAN}, "policy coel: ema: nan given; must be a finite number in [0, 1]"),
+    ("coel", {"fuse": "yes"}, "policy coel: fuse: 'yes' given; must be a boolean"),
+    ("static", {"layout": 3}, "policy static: layout: 3 given; must be a string"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected"), BAD_POLICY_ARGS,
+                         ids=[f"{n}-{next(iter(k))}-{i}" for i, (n, k, _) in enumerate(BAD_POLICY_ARGS)])
+def test_make_policy_refuses_bad_arguments_in_one_line(name, kwargs, expected):
+    with pytest.raises(ConfigError) as exc:
+        make_policy(name, **kwargs)
+    assert str(exc.value) == expected
+
+
+def test_policy_arguments_are_checked_however_the_policy_is_built(tiny, tiny_state):
+    from agents.baselines import OraclePolicy
+    from agents.baselines.oracle import optimize, solve_milp
+
+    with pytest.raises(ConfigError, match=r"^policy oracle: time_limit: nan given"):
+        OraclePolicy(time_limit=NAN)  # the constructor itself, not only make_policy
+    for fn in (solve_milp, optimize):  # HiGHS never sees a NaN or negative limit (it would not return)
+        for bad in (NAN, -1.0):
+            with pytest.raises(ConfigError, match=r"^oracle: time_limit: .* must be a finite number in \(0, "):
+                fn(tiny.cluster, tiny_state, time_limit=bad)
+    ok = make_policy("oracle", seed=np.int64(3), time_limit=5, search_iters=np.int64(2))  # numpy scalars, int secs
+    assert ok.kw["time_limit"] == 5.0 and isinstance(ok.kw["time_limit"], float) and ok.kw["search_iters"] == 2
+    assert make_policy("static_round_robin", seed=None).layout == "round_robin"
+    with pytest.raises(ConfigError, match=r"^policy static_linear: bad arguments"):
+        make_policy("static_linear", layout="round_robin")  # the registry name fixes the layout

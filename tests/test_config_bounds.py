@@ -64,6 +64,11 @@ def _links(*pairs) -> dict:
 
 
 NAN, INF = float("nan"), float("inf")
+BOOL = "True is a boolean (YAML reads on/off, yes/no, true/false as booleans); must be a number"
+MODEL_KINDS = (
+    f"must be a preset name ({', '.join(MODEL_PRESETS)}), a path to a Hugging Face config.json (or its checkpoint "
+    "directory) or a mapping of fields"
+)
 
 # (field path, value, the message's tail): one case per rule
 SCENARIO_RULES = [
@@ -153,7 +158,8 @@ SCENARIO_RULES = [
         1e6,
         "workload.arrival_rate: must be finite, >= 0 and <= 10000 requests/s, got 1000000.0",
     ),
-    ("workload.slo_s", 0, "workload.slo_s: Input should be greater than 0"),
+    ("workload.slo_s", 0, "workload.slo_s: Input should be greater than or equal to 0.001"),
+    ("workload.slo_s", 1e-300, "workload.slo_s: Input should be greater than or equal to 0.001"),
     # routing and dynamics: probabilities in [0, 1], positive epochs, bounded skew and burstiness
     ("routing.domain_overlap", 2, "routing.domain_overlap: Input should be less than or equal to 1"),
     ("routing.zipf_alpha", 100, "routing.zipf_alpha: 100 must be <= 10"),
@@ -163,7 +169,47 @@ SCENARIO_RULES = [
     ("dynamics.recovery_rate", -0.1, "dynamics.recovery_rate: Input should be greater than or equal to 0"),
     ("dynamics.link_change_rate", 2, "dynamics.link_change_rate: Input should be less than or equal to 1"),
     ("dynamics.arrival_burstiness", 10, "dynamics.arrival_burstiness: 10 must be <= 3"),
-    ("budgets.latency_s", 0, "budgets.latency_s: Input should be greater than 0"),
+    ("budgets.latency_s", 0, "budgets.latency_s: Input should be greater than or equal to 0.001"),
+    ("budgets.latency_s", 1e-300, "budgets.latency_s: Input should be greater than or equal to 0.001"),
+    # energy budgets: rewards divide by them, so a denormal budget would give -inf rewards
+    ("budgets.energy_j", 5e-324, "budgets.energy_j: Input should be greater than or equal to 1"),
+    ("budgets.energy_j", 1e-300, "budgets.energy_j: Input should be greater than or equal to 1"),
+    ("budgets.energy_j", 1e300, "budgets.energy_j: 1e+300 must be <= 1000000000000000"),
+    ("budgets.energy_j", 10**400, "budgets.energy_j: Input should be a valid number"),
+    # huge integers are capped (they would overflow float products downstream), and named briefly
+    (
+        "model",
+        {"preset": "tiny-moe", "attn_params_per_layer": 10**400},
+        "model: attn_params_per_layer: an integer of ~400 digits must be <= 4398046511104",
+    ),
+    (
+        "model",
+        {"preset": "tiny-moe", "attn_params_per_layer": 10**18},
+        "model: attn_params_per_layer: 1e+18 must be <= 4398046511104",
+    ),
+    # booleans (YAML on/yes/true) are not numbers
+    ("workload.max_batch", True, "workload.max_batch: " + BOOL),
+    ("max_replicas", True, "max_replicas: " + BOOL),
+    ("model", {"preset": "tiny-moe", "num_layers": True}, "model: num_layers: " + BOOL),
+    ("workload.arrival_rate", True, "workload.arrival_rate: " + BOOL),
+    ("workload.arrival_rate", [0.1, False, 0.2], "workload.arrival_rate: " + BOOL.replace("True", "False")),
+    ("budgets.latency_s", True, "budgets.latency_s: " + BOOL),
+    ("servers.0.cpu_ram_gb", True, "servers.0.cpu_ram_gb: " + BOOL),
+    ("dynamics.link_change_range", [0.1, True], "dynamics.link_change_range.1: " + BOOL),
+    (
+        "workload.arrival_rate",
+        {"a": 1},
+        "workload.arrival_rate: {'a': 1} given; must be a number or a list of numbers (requests/s, one per server)",
+    ),
+    (
+        "workload.arrival_rate",
+        10**400,
+        "workload.arrival_rate: must be finite, >= 0 and <= 10000 requests/s, got an integer of ~400 digits",
+    ),
+    # the model: a preset name, a config.json path or a mapping, nothing else
+    ("model", None, "model: None given; " + MODEL_KINDS),
+    ("model", 7, "model: 7 given; " + MODEL_KINDS),
+    ("model", [1], "model: [1] given; " + MODEL_KINDS),
     # NaN and inf never pass
     ("servers.0.cpu_ram_gb", NAN, "servers.0.cpu_ram_gb: Input should be a finite number"),
     ("servers.0.gpus", [{"preset": "rtx4090d", "memory_gb": INF}], "memory_gb: Input should be a finite number"),
@@ -258,6 +304,32 @@ def test_nan_and_inf_in_yaml_files_are_refused(make_spec, tmp_path):
     )
 
 
+def test_yaml_booleans_are_not_numbers(make_spec, tmp_path):
+    """YAML reads on/yes/true as booleans; pydantic alone would take them as 1."""
+    text = yaml.safe_dump(make_spec()).replace("max_batch: 8", "max_batch: on")
+    text = text.replace("max_replicas: 2", "max_replicas: yes")
+    assert "max_batch: on" in text and "max_replicas: yes" in text
+    (tmp_path / "yes.yaml").write_text(text)
+    assert one_line_error(load_scenario_spec, tmp_path / "yes.yaml") == (
+        f"scenario yes.yaml: workload.max_batch: {BOOL} (and 1 more error)"
+    )
+    (tmp_path / "hw.yaml").write_text("name: hw\nhost_cores: yes\n")
+    msg = one_line_error(load_hardware_profile, tmp_path / "hw.yaml")
+    assert msg == f"hardware profile hw.yaml: host_cores: {BOOL}"
+    assert one_line_error(load_hardware_profile, {"link_efficiency": True}) == f"hardware: link_efficiency: {BOOL}"
+    assert load_hardware_profile({"cpu_compute": True}).cpu_compute  # a boolean field still takes booleans
+
+
+def test_files_that_are_not_utf8_are_refused_in_one_line(make_spec, tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"name: x\nmodel: \xff\xfe tiny\n")
+    assert one_line_error(load_scenario_spec, tmp_path / "bin.yaml") == (
+        "scenario bin.yaml: not UTF-8 text (byte 0xff at offset 15)"
+    )
+    (tmp_path / "hw.yaml").write_bytes(b"name: \xc3\x28\n")
+    msg = one_line_error(load_hardware_profile, tmp_path / "hw.yaml")
+    assert msg == f"hardware: {tmp_path / 'hw.yaml'}: not UTF-8 text (byte 0xc3 at offset 6)"
+
+
 def test_a_huge_model_fails_in_validation_before_any_allocation(make_spec, monkeypatch):
     """10^7 layers: refused by the spec, never reaching the cluster or the routing generator."""
     import coel_env.state as state
@@ -295,6 +367,52 @@ def test_a_huge_hf_config_is_refused(tmp_path):
     assert msg.endswith("num_layers: 10000000 must be <= 1024")
 
 
+def _big_full_space(make_spec) -> dict:
+    """8 servers x 64 GPUs and 64 MoE layers x 256 experts x 8 replicas: every spec cap passes (popularity,
+    routing, route entries), but the `full` space's mask would be 64 x 256 x 8 x (512 + 7) = 68 million entries."""
+    gpu = {"preset": "cpu-small", "memory_gb": 0.05}
+    return make_spec(
+        model={"preset": "tiny-moe", "num_layers": 64, "num_experts": 256},
+        servers=[dict(name=f"s{i}", gpus=[gpu] * 64, cpu="cpu-small", cpu_ram_gb=16) for i in range(8)],
+        max_replicas=8,
+        routing={"num_domains": 1},
+    )
+
+
+def test_an_action_space_too_big_to_allocate_is_refused_when_built(make_spec):
+    from coel_env.env import make_action_codec
+
+    spec = load_scenario_spec(_big_full_space(make_spec))  # the scenario itself is fine
+    cluster = build_cluster(spec)
+    tracemalloc.start()
+    try:
+        msg = one_line_error(make_action_codec, "full", cluster)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert msg == (
+        "action_space full: mask of MoE layers (64) x experts (256) x max_replicas (8) x (devices (512) + 7) + 7 x "
+        f"server pairs (28) + 2 = 68026566 entries; must be <= {bounds.MAX_ACTION_ENTRIES}; use action_space 'edit' "
+        "or 'threshold' for a cluster and model this big"
+    )
+    assert peak < 8 * 2**20, peak  # refused before the mask (or the nvec) was allocated
+    assert make_action_codec("edit", cluster).space.shape == (41,)  # the compact spaces still work
+    assert make_action_codec("threshold", cluster).space.shape == (3 * 64 + 28 + 1,)
+    assert one_line_error(lambda: make_action_codec("edit", cluster, num_edits=10**7)).startswith(
+        "action_space edit: mask of num_edits (10000000) x "
+    )
+
+
+def test_a_too_big_full_space_fails_in_the_env_in_one_line(make_spec):
+    import gymnasium as gym
+
+    import coel_env  # noqa: F401  (registers CoEL-v0)
+
+    with pytest.raises(ConfigError) as exc:
+        gym.make("CoEL-v0", scenario=_big_full_space(make_spec), action_space="full")
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("action_space full: mask of MoE layers (64)")
+
+
 def test_caps_are_far_above_every_shipped_preset():
     v3 = model_preset("deepseek-v3")
     assert v3.num_layers * 8 <= bounds.MAX_LAYERS and v3.num_experts * 8 <= bounds.MAX_EXPERTS
@@ -302,6 +420,9 @@ def test_caps_are_far_above_every_shipped_preset():
     big = load_scenario_spec("deepseek-scale")
     assert len(big.servers) * 4 <= bounds.MAX_SERVERS
     assert len(big.servers) * v3.num_moe_layers * v3.num_experts * 8 <= bounds.MAX_POPULARITY_ENTRIES
+    c = build_cluster(big)  # the `full` action space of the biggest shipped scenario
+    full_mask = v3.num_moe_layers * v3.num_experts * big.max_replicas * (c.num_devices + 7)
+    assert full_mask * 16 <= bounds.MAX_ACTION_ENTRIES
 
 
 @pytest.mark.parametrize("name", list_scenarios())
@@ -375,6 +496,19 @@ CLI_CASES = [
     ),
     ("experiments.evaluate_plan", "window_s=0", "error: window_s: 0 must be a finite number > 0"),
     ("experiments.evaluate_plan", "window_s=-5", "error: window_s: -5 must be a finite number > 0"),
+    ("experiments.evaluate_plan", "window_s=1e308", "error: window_s: 1e+308 must be a finite number in (0, 1000000] "
+     "seconds"),
+    (
+        "experiments.evaluate",
+        "policy_kwargs.oracle.time_limit=nan",
+        "error: policy oracle: time_limit: nan given; must be a finite number in (0, 1000000]",
+    ),
+    (
+        "experiments.evaluate",
+        "+policy_kwargs.coel.bogus=1",
+        "error: policy coel: unknown argument 'bogus'; allowed: seed, drift_threshold, ema, locality, "
+        "compress_below_gbps, prune_ratio, fuse, fill, min_region_gbps, balance",
+    ),
     ("experiments.evaluate_plan", "seed=1.5", "error: seed: 1.5 must be an integer >= 0"),
     (
         "experiments.evaluate_plan",

@@ -253,3 +253,120 @@ def test_server_dying_at_start_fails_the_start_at_once(monkeypatch, how):
     assert not backend.alive and backend.pids() == []
     assert wait_gone(children() - before) == []  # no server process left
     backend.close()
+
+
+# ---- options, error classes, CLI reporting, atomic files ----------------------------------------------------------
+BAD_OPTIONS = [
+    ({"timeout_s": float("nan")}, "real backend: timeout_s: nan given; must be a finite number in (0, 1000000]"),
+    ({"timeout_s": -1}, "real backend: timeout_s: -1 given; must be a finite number in (0, 1000000]"),
+    ({"timeout_s": 0}, "real backend: timeout_s: 0 given; must be a finite number in (0, 1000000]"),
+    ({"timeout_s": "5"}, "real backend: timeout_s: '5' given; must be a finite number in (0, 1000000]"),
+    (
+        {"start_timeout_s": float("inf")},
+        "real backend: start_timeout_s: inf given; must be a finite number in (0, 1000000]",
+    ),
+    ({"seed": -1}, "real backend: seed: -1 given; must be an integer >= 0"),
+    ({"threads": 0}, "real backend: threads: 0 given; must be an integer in [1, 1024]"),
+    ({"prefetch": 1.5}, "real backend: prefetch: 1.5 given; must be an integer in [0, 4096]"),
+    (
+        {"max_requests_per_server": 0},
+        "real backend: max_requests_per_server: 0 given; must be an integer >= 1 or null",
+    ),
+    ({"measure_quality": "yes"}, "real backend: measure_quality: 'yes' given; must be a boolean or null"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), BAD_OPTIONS, ids=[str(i) for i in range(len(BAD_OPTIONS))])
+def test_bad_backend_options_are_refused_in_one_line_before_any_server_starts(kwargs, expected):
+    from coel_env.errors import ConfigError
+
+    before = children()
+    with pytest.raises(ConfigError) as ei:
+        CoELEnv(scenario="tiny", backend="real", backend_kwargs=kwargs)
+    assert str(ei.value) == expected
+    with pytest.raises(ConfigError, match=r"^real backend: unknown option 'bogus'; allowed: seed, checkpoint, "):
+        CoELEnv(scenario="tiny", backend="real", backend_kwargs={"bogus": 1})
+    assert children() == before  # nothing was started
+
+
+def test_server_error_is_a_coel_error_and_still_a_runtime_error(tmp_path):
+    from coel_env.errors import CoELError
+    from experiments.cli_checks import error_line
+
+    assert issubclass(ServerError, CoELError) and issubclass(ServerError, RuntimeError)
+    with pytest.raises(RuntimeError):  # callers that catch RuntimeError keep working
+        raise ServerError("server s1 (pid 1) exited with code -9 during 'serve'")
+    one = ServerError("server s1 (pid 1) exited with code -9 during 'serve'; all server processes stopped")
+    assert error_line(one, tmp_path) == f"error: {one}" and not (tmp_path / "error.txt").exists()
+    full = ServerError("server s1 failed in 'serve': RuntimeError: boom\n--- traceback of server s1 ---\n"
+                       "Traceback (most recent call last):\nRuntimeError: boom")
+    line = error_line(full, tmp_path)
+    assert line == f"error: server s1 failed in 'serve': RuntimeError: boom (details: {tmp_path / 'error.txt'})"
+    assert (tmp_path / "error.txt").read_text() == str(full) + "\n"  # the server's traceback is kept, in the file
+    assert error_line(full) == "error: server s1 failed in 'serve': RuntimeError: boom"
+
+
+def test_evaluate_reports_a_failing_server_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", FAIL_START_ENV: "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", "backend=real", "scenarios=[tiny]", "seeds=1", "max_epochs=1",
+         "policies=[static_linear]", "logger=disabled", "plots=false", "progress_bar=false", f"hydra.run.dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: server s1 failed in 'start': RuntimeError: test hook {FAIL_START_ENV}=1: server 1 fails while "
+        f"starting (details: {out / 'error.txt'})"
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "traceback of server s1" in (out / "error.txt").read_text()
+    assert not {"leaderboard.csv", "leaderboard.md", "episodes.csv"} & {p.name for p in out.iterdir()}
+
+
+def test_launch_checks_its_window_and_writes_out_atomically(tmp_path, monkeypatch):
+    from real_backend import launch
+
+    with pytest.raises(SystemExit, match=r"^error: window: nan given; must be a finite number in \(0, 1000000\]$"):
+        launch.main(["--window", "nan"])
+    target = tmp_path / "run.json"
+    target.write_text('{"old": true}')
+    result = {"scenario": "tiny", "servers": 3, "launcher": "spawn", "tokens": {}, "link_bytes": [],
+              "metrics": {"tokens_per_s": 1.0}, "bad": object()}  # not JSON: the write fails half-way
+    monkeypatch.setattr(launch, "run", lambda *a, **k: result)
+    with pytest.raises(TypeError):
+        launch.main(["--out", str(target)])
+    assert target.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    del result["bad"]
+    launch.main(["--out", str(target)])
+    assert json.loads(target.read_text())["scenario"] == "tiny" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_save_checkpoint_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from real_backend.model import MoEConfig, save_checkpoint
+
+    cfg = MoEConfig.from_spec(Scenario("tiny", seed=0).cluster.model)
+    path = save_checkpoint(cfg, 0, tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    good = (path / "model.safetensors").read_bytes()
+    real_save = safetensors.torch.save_file
+
+    def crash(tensors, filename, *args, **kwargs):  # writes part of the file, then dies (disk full, Ctrl-C)
+        real_save(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(cfg, 1, path)
+    # no temp file, the old weights intact, and no config.json: an interrupted overwrite is no checkpoint at all
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors"]
+    assert (path / "model.safetensors").read_bytes() == good
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    save_checkpoint(cfg, 1, path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((path / "config.json").read_text()) == cfg.hf_config_dict()

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.baselines.common import PlanBuilder, device_speed
+from agents.baselines.common import FRACTION, SEED, Arg, PlanBuilder, checked_args, device_speed
 from agents.baselines.greedy import popularity_bits
 from agents.policy import Policy, needs_repair
 from coel_env.cluster import Cluster
-from coel_env.plan import DeploymentPlan
+from coel_env.plan import MAX_PRUNE, DeploymentPlan
+from coel_env.specs.bounds import MAX_GBS
 from coel_env.state import ClusterState
 
 
@@ -44,6 +45,10 @@ def pair_bandwidth(view: ClusterState, cluster: Cluster) -> np.ndarray:
 class CoELPolicy(Policy):
     name = "coel"
 
+    @checked_args(seed=SEED, drift_threshold=Arg(float, 0, 1e6), ema=FRACTION, locality=Arg(float, 0, 1e6),
+                  compress_below_gbps=Arg(float, 0, MAX_GBS), prune_ratio=Arg(float, 0, MAX_PRUNE), fuse=Arg(bool),
+                  fill=Arg(float, 0, 1, open_low=True), min_region_gbps=Arg(float, 0, MAX_GBS),
+                  balance=Arg(float, 0, 1e6))
     def __init__(self, seed: int | None = None, drift_threshold: float = 0.05, ema: float = 0.5,
                  locality: float = 1.0, compress_below_gbps: float = 1.0, prune_ratio: float = 0.25,
                  fuse: bool = True, fill: float = 0.97, min_region_gbps: float = 0.5, balance: float = 1.0):

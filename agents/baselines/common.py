@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import numpy as np
 
 from coel_env.cluster import Cluster
+from coel_env.errors import ConfigError
 from coel_env.plan import DeploymentPlan, gpu_capacity
 from coel_env.specs import BIT_WIDTHS
+from coel_env.specs.bounds import Arg
 from coel_env.state import ClusterState
 
 BITS_DESC: tuple[int, ...] = tuple(sorted(BIT_WIDTHS, reverse=True))  # 16, 8, 4
+
+
+# ---- constructor arguments ---------------------------------------------------------------------------------------
+SEED = Arg(int, 0, optional=True)  # every baseline's `seed` (numpy's default_rng refuses negative seeds)
+FRACTION = Arg(float, 0, 1)
+
+
+def checked_args(**specs: Arg):
+    """Decorate a baseline's `__init__`: unknown keyword arguments and values outside their `Arg` become one
+    `ConfigError` line `policy <name>: <argument>: ... given; must be ...` (naming what is allowed), before the
+    constructor runs; arguments without a spec are passed as they are."""
+
+    def wrap(init):
+        sig = inspect.signature(init)
+        names = [n for n in sig.parameters if n != "self"]
+        missing = set(specs) - set(names)
+        if missing:
+            raise TypeError(f"checked_args: {init.__qualname__} has no argument(s) {sorted(missing)}")
+
+        @functools.wraps(init)
+        def inner(self, *args, **kwargs):
+            who = f"policy {getattr(self, 'name', type(self).__name__)}"
+            unknown = [k for k in kwargs if k not in sig.parameters or k == "self"]
+            if unknown:
+                raise ConfigError(f"{who}: unknown argument '{unknown[0]}'; allowed: {', '.join(names)}")
+            try:
+                bound = sig.bind(self, *args, **kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"{who}: {exc}") from None
+            for key, value in list(bound.arguments.items()):
+                if key in specs:
+                    bound.arguments[key] = specs[key].check(f"{who}: {key}", value)
+            return init(*bound.args, **bound.kwargs)
+
+        return inner
+
+    return wrap
 
 
 def demand(view: ClusterState, cluster: Cluster) -> np.ndarray:

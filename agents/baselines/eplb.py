@@ -19,11 +19,21 @@ import math
 
 import numpy as np
 
-from agents.baselines.common import PlanBuilder, demand, device_speed, highest_bits_that_fit, pack_by_speed
+from agents.baselines.common import (
+    SEED,
+    Arg,
+    PlanBuilder,
+    checked_args,
+    demand,
+    device_speed,
+    highest_bits_that_fit,
+    pack_by_speed,
+)
 from agents.policy import Policy
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
 from coel_env.plan import DeploymentPlan
+from coel_env.specs.bounds import MAX_REPLICAS
 from coel_env.state import ClusterState
 
 
@@ -155,6 +165,7 @@ class EPLBPolicy(Policy):
 
     name = "eplb"
 
+    @checked_args(seed=SEED, period=Arg(int, 1), redundancy=Arg(float, 0, MAX_REPLICAS))
     def __init__(self, seed: int | None = None, period: int = 10, redundancy: float = 1.0):
         super().__init__(seed)
         self.period, self.redundancy = period, redundancy

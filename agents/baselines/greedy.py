@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.baselines.common import BITS_DESC, PlanBuilder, demand, device_speed
+from agents.baselines.common import BITS_DESC, SEED, Arg, PlanBuilder, checked_args, demand, device_speed
 from agents.policy import Policy
 from coel_env.cluster import Cluster
 from coel_env.plan import DeploymentPlan
@@ -41,6 +41,7 @@ def popularity_bits(pop: np.ndarray, capacity: float, ebytes: np.ndarray) -> np.
 class GreedyPopularityPolicy(Policy):
     name = "greedy_popularity"
 
+    @checked_args(seed=SEED, period=Arg(int, 1), replicate=Arg(bool), fill=Arg(float, 0, 1, open_low=True))
     def __init__(self, seed: int | None = None, period: int = 10, replicate: bool = True, fill: float = 0.97):
         super().__init__(seed)
         self.period, self.replicate, self.fill = period, replicate, fill

@@ -28,14 +28,20 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from agents.baselines.common import FRACTION, SEED, Arg, checked_args
 from agents.policy import Policy
 from coel_env.cluster import Cluster
 from coel_env.plan import MAX_PRUNE, DeploymentPlan, gpu_capacity
 from coel_env.specs import BIT_WIDTHS
+from coel_env.specs.bounds import MAX_SECONDS
 from coel_env.state import ClusterState
 from coel_env.surrogate import MetricsBatch, SurrogateBackend
 
 QUALITY_PENALTY = 1e3  # seconds of objective per unit of quality loss above the budget
+MAX_ITERS = 10**7  # annealing iterations
+MAX_BATCH = 4096  # neighbours scored per iteration (one surrogate call)
+MAX_BINARIES = 10**7  # HiGHS gets no instance above this many binaries
+TIME_LIMIT = Arg(float, 0, MAX_SECONDS, open_low=True)  # HiGHS hangs on NaN and on a negative limit
 
 
 def objective(m: MetricsBatch | dict, slo_s: float, max_quality_loss: float) -> np.ndarray:
@@ -140,6 +146,8 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
                latency_binaries: bool = True,
                backend: SurrogateBackend | None = None) -> OracleResult:
     """Exact MILP of the static instance `state` (see module docstring); returns the plan and HiGHS's gap."""
+    time_limit = TIME_LIMIT.check("oracle: time_limit", time_limit)
+    mip_rel_gap = Arg(float, 0, 1).check("oracle: mip_rel_gap", mip_rel_gap)
     t0 = time.perf_counter()
     be = backend or SurrogateBackend(cluster)
     c, hw = cluster, cluster.hw
@@ -401,6 +409,7 @@ def optimize(cluster: Cluster, state: ClusterState, max_quality_loss: float = 0.
              start: DeploymentPlan | None = None, backend: SurrogateBackend | None = None) -> OracleResult:
     """MILP (+ annealing polish) when the instance is small enough, annealing from `start` (or the greedy
     heuristic) otherwise."""
+    time_limit = TIME_LIMIT.check("oracle: time_limit", time_limit)
     be = backend or SurrogateBackend(cluster)
     m = cluster.model
     n_bin = m.num_moe_layers * m.num_experts * int(state.device_up.sum()) * 9
@@ -432,6 +441,9 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
+    @checked_args(seed=SEED, max_quality_loss=FRACTION, milp_max_binaries=Arg(int, 0, MAX_BINARIES),
+                  time_limit=TIME_LIMIT, search_iters=Arg(int, 0, MAX_ITERS), batch=Arg(int, 1, MAX_BATCH),
+                  period=Arg(int, 1))
     def __init__(self, seed: int | None = None, max_quality_loss: float = 0.005, milp_max_binaries: int = 20000,
                  time_limit: float = 30.0, search_iters: int = 300, batch: int = 64, period: int = 10**9):
         super().__init__(seed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.baselines.common import BITS_DESC, PlanBuilder
+from agents.baselines.common import BITS_DESC, FRACTION, SEED, Arg, PlanBuilder, checked_args
 from agents.policy import Policy
 from coel_env.cluster import Cluster
-from coel_env.plan import DeploymentPlan
+from coel_env.plan import MAX_PRUNE, DeploymentPlan
 from coel_env.state import ClusterState
 
 TIER_PROBS = np.array([0.7, 0.2, 0.1])  # gpu, cpu, ssd
@@ -18,6 +18,7 @@ class RandomPolicy(Policy):
 
     name = "random"
 
+    @checked_args(seed=SEED, update_prob=FRACTION, max_prune=Arg(float, 0, MAX_PRUNE))
     def __init__(self, seed: int | None = None, update_prob: float = 0.5, max_prune: float = 0.5):
         super().__init__(seed)
         self.update_prob, self.max_prune = update_prob, max_prune

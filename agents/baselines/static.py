@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.baselines.common import PlanBuilder, highest_bits_that_fit
+from agents.baselines.common import SEED, Arg, PlanBuilder, checked_args, highest_bits_that_fit
 from agents.policy import Policy
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
@@ -19,6 +19,7 @@ LAYOUTS = ("linear", "round_robin")
 class StaticPolicy(Policy):
     name = "static"
 
+    @checked_args(layout=Arg(str), seed=SEED)
     def __init__(self, layout: str = "linear", seed: int | None = None):
         super().__init__(seed)
         if layout not in LAYOUTS:

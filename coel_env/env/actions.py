@@ -10,8 +10,11 @@ and shape check, `np.isfinite`, min/max against the bounds). A refused action ra
 `action (threshold): shape (3,) given; expected (16,) float32 in [-1, 1]`; the env is left exactly as it was and
 the next valid step works.
 
-- every space: something that is not a numeric array (ragged, strings, objects, None), a wrong shape or ndim (a
-  single env takes `space.shape`, a batch of N envs `(N, *space.shape)`) -> ActionError.
+- every space: something that is not a numeric array (ragged, strings, objects, None, a `np.ma` masked array, an
+  object whose conversion fails such as a torch tensor that requires grad), a wrong shape or ndim (a single env
+  takes `space.shape`, a batch of N envs `(N, *space.shape)`) -> ActionError.
+- sizes: a codec whose mask (MultiDiscrete) or Box would exceed `specs.bounds.MAX_ACTION_ENTRIES` entries is refused
+  when it is built (ConfigError naming the product; `full` grows with layers x experts x replicas x devices).
 - MultiDiscrete (`full`, `edit`): the dtype must be integer (or bool); floats, even integral ones, are refused.
   Any entry outside [0, nvec[i]) -> ActionError (what `space.contains` says; negative indices never wrap).
 - Box (`threshold`, and the `knobs` wrapper of agents/knobs.py): integer or float dtypes; NaN/inf -> ActionError.
@@ -33,6 +36,7 @@ from coel_env.env.kernels import decode_full_kernel
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan import MAX_PRUNE, DeploymentPlan
 from coel_env.specs import BIT_WIDTHS
+from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 
 BITS = np.array(BIT_WIDTHS, dtype=np.int8)  # action index -> bits (16, 8, 4)
 BITS_INDEX = np.zeros(17, dtype=np.int64)
@@ -82,10 +86,16 @@ class ActionCheck:
         batched = num_envs is not None
         label = f"actions ({self.name})" if batched else f"action ({self.name})"
         want = (num_envs, *self.shape) if batched else self.shape
+        if isinstance(actions, np.ma.MaskedArray):  # np.asarray would silently use the data under the mask
+            raise self._fail(label, "a masked array given (pass .filled(...) or the data you mean)", want)
         try:
             a = np.asarray(actions)
         except (ValueError, TypeError):  # ragged nesting
             raise self._fail(label, "a ragged sequence given", want) from None
+        except Exception as exc:  # e.g. a torch tensor that requires grad, an object whose __array__ fails
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise self._fail(label, f"{type(actions).__name__} that cannot be read as an array given ({why})",
+                             want) from None
         if a.dtype.kind not in self.kinds:
             if a.dtype.kind not in "OUSV":
                 given = f"dtype {a.dtype}"
@@ -130,6 +140,15 @@ class ActionCodec:
         self.L, self.E, self.R = m.num_moe_layers, m.num_experts, cluster.spec.max_replicas
         self.D, self.S, self.P = cluster.num_devices, cluster.num_servers, cluster.num_pairs
         self._mask_cache: dict[bytes, np.ndarray] = {}
+
+    def _refuse_if_too_big(self, entries: int, product: str, smaller: str = "") -> None:
+        """ConfigError (one line naming the product and the cap) if this space would need more than
+        MAX_ACTION_ENTRIES entries (mask entries of a MultiDiscrete, dimensions of a Box); checked before any array
+        of that size is allocated."""
+        if entries > MAX_ACTION_ENTRIES:
+            hint = f"; use {smaller} for a cluster and model this big" if smaller else ""
+            raise ConfigError(f"action_space {self.name}: {product} = {entries} entries; must be <= "
+                              f"{MAX_ACTION_ENTRIES}{hint}")
 
     @cached_property
     def check(self) -> ActionCheck:
@@ -179,6 +198,12 @@ class FullCodec(ActionCodec):
     def __init__(self, cluster: Cluster):
         super().__init__(cluster)
         L, E, R, D, P = self.L, self.E, self.R, self.D, self.P
+        per_slot, per_pair = D + 1 + 3 + len(BITS), len(PRUNE_LEVELS) + 2
+        self._refuse_if_too_big(
+            L * E * R * per_slot + P * per_pair + 2,
+            f"mask of MoE layers ({L}) x experts ({E}) x max_replicas ({R}) x (devices ({D}) + {per_slot - D}) "
+            f"+ {per_pair} x server pairs ({P}) + 2",
+            "action_space 'edit' or 'threshold'")
         slot = np.array([D + 1, 3, len(BITS)], dtype=np.int64)
         self.n_slots = L * E * R * 3
         nvec = np.concatenate([np.tile(slot, L * E * R), np.tile([len(PRUNE_LEVELS), 2], P), [2]])
@@ -214,22 +239,19 @@ class FullCodec(ActionCodec):
         up = np.asarray(up, dtype=bool)
         out = np.empty((up.shape[0], int(self.nvec.sum())), dtype=bool)
         for i, row in enumerate(up):
-            key = row.tobytes()
-            m = self._mask_cache.get(key)
-            if m is None:
-                m = self._build_mask(row)
-                if len(self._mask_cache) > 64:
-                    self._mask_cache.clear()
-                self._mask_cache[key] = m
-            out[i] = m
+            out[i] = self.mask_for(row)
         return out
 
     def mask_for(self, up_row: np.ndarray) -> np.ndarray:
-        """Cached (read-only) mask of one env."""
-        key = np.asarray(up_row, dtype=bool).tobytes()
+        """Cached (read-only) mask of one env; the cache holds at most 64 masks and 4 x MAX_ACTION_ENTRIES bytes."""
+        up_row = np.asarray(up_row, dtype=bool)
+        key = up_row.tobytes()
         m = self._mask_cache.get(key)
         if m is None:
-            m = self._mask_cache[key] = self._build_mask(np.asarray(up_row, dtype=bool))
+            m = self._build_mask(up_row)
+            if len(self._mask_cache) >= max(1, min(64, 4 * MAX_ACTION_ENTRIES // max(m.size, 1))):
+                self._mask_cache.clear()
+            self._mask_cache[key] = m
         return m
 
     def _build_mask(self, up_row: np.ndarray) -> np.ndarray:
@@ -256,8 +278,13 @@ class EditCodec(ActionCodec):
 
     def __init__(self, cluster: Cluster, num_edits: int = 4):
         super().__init__(cluster)
-        if num_edits < 1:
-            raise ConfigError(f"num_edits: {num_edits}; allowed: an integer >= 1")
+        if isinstance(num_edits, bool) or not isinstance(num_edits, (int, np.integer)) or num_edits < 1:
+            raise ConfigError(f"num_edits: {num_edits!r}; allowed: an integer >= 1")
+        num_edits = int(num_edits)
+        per_edit = len(EDIT_OPS) + self.L + self.E + self.R + self.D + 3 + len(BITS) + max(self.P, 1) + \
+            len(PRUNE_LEVELS) + 2
+        self._refuse_if_too_big(num_edits * per_edit + 2, f"mask of num_edits ({num_edits}) x {per_edit} + 2",
+                                "fewer num_edits")
         self.K = num_edits
         edit = np.array([len(EDIT_OPS), self.L, self.E, self.R, self.D, 3, len(BITS), max(self.P, 1),
                          len(PRUNE_LEVELS), 2], dtype=np.int64)
@@ -335,6 +362,8 @@ class ThresholdCodec(ActionCodec):
 
     def __init__(self, cluster: Cluster):
         super().__init__(cluster)
+        self._refuse_if_too_big(3 * self.L + self.P + 1,
+                                f"Box of 3 x MoE layers ({self.L}) + server pairs ({self.P}) + 1")
         self.space = spaces.Box(-1.0, 1.0, shape=(3 * self.L + self.P + 1,), dtype=np.float32)
 
     def decode_batch(self, actions, current, view):

@@ -21,6 +21,8 @@ from coel_env.specs.bounds import (
     MAX_SLOWDOWN,
     MAX_TFLOPS,
     MAX_WATTS,
+    Float,
+    Int,
     at_most,
 )
 from coel_env.specs.model import BIT_WIDTHS
@@ -34,11 +36,11 @@ class DeviceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    memory_gb: Annotated[float, at_most(MAX_GB)] = Field(gt=0)
-    mem_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(gt=0, description="memory bandwidth, GB/s")
-    peak_tflops: Annotated[float, at_most(MAX_TFLOPS)] = Field(gt=0, description="dense bf16 peak, TFLOP/s")
-    power_idle_w: Annotated[float, at_most(MAX_WATTS)] = Field(ge=0)
-    power_max_w: Annotated[float, at_most(MAX_WATTS)] = Field(gt=0)
+    memory_gb: Annotated[Float, at_most(MAX_GB)] = Field(gt=0)
+    mem_bw_gbs: Annotated[Float, at_most(MAX_GBS)] = Field(gt=0, description="memory bandwidth, GB/s")
+    peak_tflops: Annotated[Float, at_most(MAX_TFLOPS)] = Field(gt=0, description="dense bf16 peak, TFLOP/s")
+    power_idle_w: Annotated[Float, at_most(MAX_WATTS)] = Field(ge=0)
+    power_max_w: Annotated[Float, at_most(MAX_WATTS)] = Field(gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> DeviceSpec:
@@ -89,12 +91,12 @@ class QualityModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    loss_per_bits: dict[int, float] = Field(default_factory=lambda: {16: 0.0, 8: 0.002, 4: 0.02})
-    prune_linear: float = Field(0.005, ge=0, description="loss per unit prune ratio below the knee")
-    prune_knee: float = Field(0.5, gt=0, le=1)
-    prune_quadratic: float = Field(0.4, ge=0, description="loss per (ratio - knee)^2 above the knee")
-    fusion_loss: float = Field(0.004, ge=0, description="loss per unit fused fraction")
-    fusion_fraction: float = Field(0.25, ge=0, lt=1, description="tokens merged by fusion on a link")
+    loss_per_bits: dict[Int, Float] = Field(default_factory=lambda: {16: 0.0, 8: 0.002, 4: 0.02})
+    prune_linear: Float = Field(0.005, ge=0, description="loss per unit prune ratio below the knee")
+    prune_knee: Float = Field(0.5, gt=0, le=1)
+    prune_quadratic: Float = Field(0.4, ge=0, description="loss per (ratio - knee)^2 above the knee")
+    fusion_loss: Float = Field(0.004, ge=0, description="loss per unit fused fraction")
+    fusion_fraction: Float = Field(0.25, ge=0, lt=1, description="tokens merged by fusion on a link")
 
     @field_validator("loss_per_bits")
     @classmethod
@@ -118,9 +120,9 @@ class DeviceOverride(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    mem_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+    mem_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
         None, gt=0, description="measured memory bandwidth, GB/s")
-    peak_tflops: Annotated[float | None, at_most(MAX_TFLOPS)] = Field(None, gt=0, description="measured dense TFLOP/s")
+    peak_tflops: Annotated[Float | None, at_most(MAX_TFLOPS)] = Field(None, gt=0, description="measured dense TFLOP/s")
 
 
 class HardwareProfile(BaseModel):
@@ -130,23 +132,23 @@ class HardwareProfile(BaseModel):
 
     name: str = "default"
     source: str = "vendor specs and public measurements (uncalibrated)"
-    compute_efficiency: float = Field(0.55, gt=0, le=1, description="achievable fraction of peak FLOP/s")
-    memory_efficiency: float = Field(0.80, gt=0, le=1, description="achievable fraction of memory bandwidth")
-    link_efficiency: float = Field(0.94, gt=0, le=1, description="goodput fraction of a network link")
-    pcie_efficiency: float = Field(0.80, gt=0, le=1)
-    layer_overhead_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+    compute_efficiency: Float = Field(0.55, gt=0, le=1, description="achievable fraction of peak FLOP/s")
+    memory_efficiency: Float = Field(0.80, gt=0, le=1, description="achievable fraction of memory bandwidth")
+    link_efficiency: Float = Field(0.94, gt=0, le=1, description="goodput fraction of a network link")
+    pcie_efficiency: Float = Field(0.80, gt=0, le=1)
+    layer_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         25e-6, ge=0, description="kernel launches etc. per layer per step")
-    expert_overhead_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+    expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         4e-6, ge=0, description="per activated expert per step")
-    dequant_slowdown: dict[int, float] = Field(
+    dequant_slowdown: dict[Int, Float] = Field(
         default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"
     )
-    prefetch_hit_rate: float = Field(0.6, ge=0, le=1, description="next-layer predictor hit rate")
+    prefetch_hit_rate: Float = Field(0.6, ge=0, le=1, description="next-layer predictor hit rate")
     cpu_compute: bool = Field(True, description="may run CPU-resident experts on the CPU (Fiddler)")
-    kv_reserve_frac: float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
-    cpu_reserve_gb: Annotated[float, at_most(MAX_GB)] = Field(
+    kv_reserve_frac: Float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
+    cpu_reserve_gb: Annotated[Float, at_most(MAX_GB)] = Field(
         8.0, ge=0, description="host RAM kept for the OS and the runtime")
-    transfer_latency_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
+    transfer_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         50e-6, ge=0, description="software latency per message (α)")
     emulated_latency: bool = Field(False, description="link latency is emulated by the application (the real "
                                    "backend's shaper), which hides the per-message software cost: a round trip "
@@ -154,27 +156,27 @@ class HardwareProfile(BaseModel):
     serving: Literal["independent", "lockstep"] = Field(
         "independent", description="servers step on their own, or in lock-step as expert parallelism does "
         "(every live server runs each step and all meet at each MoE layer; the real backend)")
-    host_cores: int | None = Field(None, ge=1, description="all servers are processes sharing one host with this "
+    host_cores: Int | None = Field(None, ge=1, description="all servers are processes sharing one host with this "
                                    "many cores (the CPU/gloo real backend); None: each server has its own hardware")
-    oversubscription_exponent: Annotated[float, at_most(MAX_OVERSUBSCRIPTION_EXPONENT)] = Field(
+    oversubscription_exponent: Annotated[Float, at_most(MAX_OVERSUBSCRIPTION_EXPONENT)] = Field(
         1.0, ge=0, description="with more live servers P than host_cores C, every step takes (P / C) ** this longer "
         "(fitted)")
     routing: Literal["load_aware", "local_first"] = Field(
         "load_aware", description="replica choice: least added layer time, or own replica first (real backend)")
-    activation_bytes: int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "
+    activation_bytes: Int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "
                                   "(2: bf16 on GPUs; 4: the CPU backend's fp32)")
-    row_header_bytes: Annotated[int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
+    row_header_bytes: Annotated[Int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
         0, ge=0, description="extra bytes per routed token row per round trip (the real dispatcher sends an 8-byte "
         "expert id with each row)")
-    cloud_bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(
+    cloud_bandwidth_gbps: Annotated[Float, at_most(MAX_GBS)] = Field(
         0.1, gt=0, description="WAN to the checkpoint store")
-    cloud_latency_s: Annotated[float, at_most(MAX_SECONDS)] = Field(0.05, ge=0)
+    cloud_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(0.05, ge=0)
     quality: QualityModel = Field(default_factory=QualityModel)
     device_overrides: dict[str, DeviceOverride] = Field(
         default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster")
-    pcie_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+    pcie_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
         None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
-    ssd_bw_gbs: Annotated[float | None, at_most(MAX_GBS)] = Field(
+    ssd_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
         None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
 
     @field_validator("dequant_slowdown")
@@ -196,6 +198,20 @@ class HardwareProfile(BaseModel):
         if o is None:
             return spec
         return spec.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
+
+
+def read_yaml(path: Path, label: str):
+    """The YAML document in file `path`; a one-line ConfigError starting with `label` if it is not UTF-8 text or not
+    valid YAML (the one way scenario and hardware files are read)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        bad = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise ConfigError(f"{label}: not UTF-8 text ({bad})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot be read ({exc.strerror or exc})") from None
 
 
 def hardware_profile_names() -> list[str]:
@@ -225,10 +241,7 @@ def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | No
             path = CONF_DIR / "hardware" / f"{name_or_path}.yaml"
         if not path.is_file():
             raise unknown_profile(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"hardware: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(path, f"hardware: {path}") or {}
         source = f"hardware profile {path.name}"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")

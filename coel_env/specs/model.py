@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from coel_env.errors import ConfigError, format_pydantic_error, read_json_object
 from coel_env.specs.bounds import (
+    MAX_ATTN_PARAMS,
     MAX_D_FF,
     MAX_D_MODEL,
     MAX_EXPERTS,
@@ -17,7 +18,9 @@ from coel_env.specs.bounds import (
     MAX_LAYERS,
     MAX_ROUTING_ENTRIES,
     MAX_VOCAB,
+    Int,
     at_most,
+    brief,
 )
 
 BIT_WIDTHS: tuple[int, ...] = (16, 8, 4)
@@ -30,25 +33,26 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    num_layers: Annotated[int, at_most(MAX_LAYERS)] = Field(
+    num_layers: Annotated[Int, at_most(MAX_LAYERS)] = Field(
         gt=0, description="all transformer layers, dense ones included")
-    first_k_dense: int = Field(0, ge=0, description="leading layers with a dense MLP instead of experts")
-    num_experts: Annotated[int, at_most(MAX_EXPERTS)] = Field(gt=0, description="routed experts per MoE layer")
-    top_k: int = Field(gt=0)
-    d_model: Annotated[int, at_most(MAX_D_MODEL)] = Field(gt=0)
-    d_ff_expert: Annotated[int, at_most(MAX_D_FF)] = Field(gt=0)
-    d_ff_shared: Annotated[int, at_most(MAX_D_FF)] = Field(
+    first_k_dense: Int = Field(0, ge=0, description="leading layers with a dense MLP instead of experts")
+    num_experts: Annotated[Int, at_most(MAX_EXPERTS)] = Field(gt=0, description="routed experts per MoE layer")
+    top_k: Int = Field(gt=0)
+    d_model: Annotated[Int, at_most(MAX_D_MODEL)] = Field(gt=0)
+    d_ff_expert: Annotated[Int, at_most(MAX_D_FF)] = Field(gt=0)
+    d_ff_shared: Annotated[Int, at_most(MAX_D_FF)] = Field(
         0, ge=0, description="total width of the shared expert(s); 0 = none")
     shared_expert_gate: bool = False
-    d_ff_dense: Annotated[int, at_most(MAX_D_FF)] = Field(0, ge=0)
-    num_heads: Annotated[int, at_most(MAX_HEADS)] = Field(gt=0)
-    num_kv_heads: Annotated[int, at_most(MAX_HEADS)] = Field(gt=0)
-    head_dim: Annotated[int, at_most(MAX_HEAD_DIM)] = Field(gt=0)
-    vocab_size: Annotated[int, at_most(MAX_VOCAB)] = Field(gt=0)
+    d_ff_dense: Annotated[Int, at_most(MAX_D_FF)] = Field(0, ge=0)
+    num_heads: Annotated[Int, at_most(MAX_HEADS)] = Field(gt=0)
+    num_kv_heads: Annotated[Int, at_most(MAX_HEADS)] = Field(gt=0)
+    head_dim: Annotated[Int, at_most(MAX_HEAD_DIM)] = Field(gt=0)
+    vocab_size: Annotated[Int, at_most(MAX_VOCAB)] = Field(gt=0)
     tie_word_embeddings: bool = False
     attn_bias: bool = False
-    attn_params_per_layer: int | None = Field(None, gt=0, description="override for non-standard attention (MLA)")
-    num_expert_groups: int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
+    attn_params_per_layer: Annotated[Int | None, at_most(MAX_ATTN_PARAMS)] = Field(
+        None, gt=0, description="override for non-standard attention (MLA)")
+    num_expert_groups: Int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -256,8 +260,19 @@ def resolve_model(value: str | dict | ModelSpec) -> ModelSpec:
             return ModelSpec(**value)
         except ValidationError as exc:
             raise ConfigError(format_pydantic_error("model", exc, ModelSpec)) from None
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(f"model: {brief(value)} given; must be a preset name ({', '.join(MODEL_PRESETS)}), a path "
+                          "to a Hugging Face config.json (or its checkpoint directory) or a mapping of fields")
     if str(value).lower() in MODEL_PRESETS:
         return model_preset(str(value))
-    if Path(value).exists():
+    if _exists(value):
         return model_from_hf_config(value)
     raise ConfigError(f"model: unknown preset '{value}'; allowed: {', '.join(MODEL_PRESETS)} or a config.json path")
+
+
+def _exists(path) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+

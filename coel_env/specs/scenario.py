@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error
@@ -14,6 +14,7 @@ from coel_env.specs.bounds import (
     MAX_ARRIVAL_RATE,
     MAX_BATCH,
     MAX_DOMAINS,
+    MAX_ENERGY_J,
     MAX_GB,
     MAX_GBS,
     MAX_GPUS_PER_SERVER,
@@ -26,9 +27,15 @@ from coel_env.specs.bounds import (
     MAX_SIGMA,
     MAX_UNIFORM_SPREAD,
     MAX_ZIPF_ALPHA,
+    MIN_ENERGY_J,
+    MIN_SECONDS,
+    Float,
+    Int,
     at_most,
+    brief,
+    not_bool,
 )
-from coel_env.specs.hardware import CONF_DIR, DeviceSpec, load_hardware_profile, resolve_device
+from coel_env.specs.hardware import CONF_DIR, DeviceSpec, load_hardware_profile, read_yaml, resolve_device
 from coel_env.specs.model import ModelSpec, resolve_model
 
 SCENARIO_DIR = CONF_DIR / "scenario"
@@ -44,10 +51,10 @@ class ServerSpec(_Strict):
     name: str
     gpus: list[DeviceSpec] = Field(min_length=1, max_length=MAX_GPUS_PER_SERVER)
     cpu: DeviceSpec
-    cpu_ram_gb: Annotated[float, at_most(MAX_GB)] = Field(gt=0)
-    ssd_gb: Annotated[float, at_most(MAX_GB)] = Field(512, ge=0)
-    ssd_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(3.5, gt=0)
-    pcie_bw_gbs: Annotated[float, at_most(MAX_GBS)] = Field(
+    cpu_ram_gb: Annotated[Float, at_most(MAX_GB)] = Field(gt=0)
+    ssd_gb: Annotated[Float, at_most(MAX_GB)] = Field(512, ge=0)
+    ssd_bw_gbs: Annotated[Float, at_most(MAX_GBS)] = Field(3.5, gt=0)
+    pcie_bw_gbs: Annotated[Float, at_most(MAX_GBS)] = Field(
         25.0, gt=0, description="host<->GPU per direction; also GPU<->GPU in a server")
 
     @field_validator("gpus", mode="before")
@@ -66,16 +73,16 @@ class ServerSpec(_Strict):
 class LinkSpec(_Strict):
     a: str
     b: str
-    bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(gt=0)
-    latency_ms: Annotated[float, at_most(MAX_SECONDS)] = Field(0.2, ge=0)
+    bandwidth_gbps: Annotated[Float, at_most(MAX_GBS)] = Field(gt=0)
+    latency_ms: Annotated[Float, at_most(MAX_SECONDS)] = Field(0.2, ge=0)
 
 
 class TopologySpec(_Strict):
     """`star` (every server to one switch), `mesh` (every pair) or `explicit` (the `links` list)."""
 
     kind: Literal["star", "mesh", "explicit"] = "star"
-    bandwidth_gbps: Annotated[float, at_most(MAX_GBS)] = Field(1.0, gt=0, description="for star/mesh")
-    latency_ms: Annotated[float, at_most(MAX_SECONDS)] = Field(0.2, ge=0, description="one-way, for star/mesh")
+    bandwidth_gbps: Annotated[Float, at_most(MAX_GBS)] = Field(1.0, gt=0, description="for star/mesh")
+    latency_ms: Annotated[Float, at_most(MAX_SECONDS)] = Field(0.2, ge=0, description="one-way, for star/mesh")
     links: list[LinkSpec] = Field(default_factory=list, description="for explicit: each pair of ends at most once")
 
     def num_links(self, num_servers: int) -> int:
@@ -93,8 +100,8 @@ class LengthDist(_Strict):
     and clips them at 1 token."""
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
-    mean: Annotated[float, at_most(MAX_LENGTH_TOKENS)] = Field(128, ge=1, description="tokens")
-    spread: float = Field(0.0, ge=0, description="uniform: ±fraction of mean; lognormal: sigma")
+    mean: Annotated[Float, at_most(MAX_LENGTH_TOKENS)] = Field(128, ge=1, description="tokens")
+    spread: Float = Field(0.0, ge=0, description="uniform: ±fraction of mean; lognormal: sigma")
 
     @model_validator(mode="after")
     def _check(self) -> LengthDist:
@@ -107,47 +114,57 @@ class LengthDist(_Strict):
 
 
 class WorkloadSpec(_Strict):
-    arrival_rate: float | list[float] = Field(0.2, description="requests/s per server (one value or a list)")
+    arrival_rate: Float | list[Float] = Field(0.2, description="requests/s per server (one value or a list)")
     input_len: LengthDist = Field(default_factory=LengthDist)
     output_len: LengthDist = Field(default_factory=LengthDist)
-    max_batch: Annotated[int, at_most(MAX_BATCH)] = Field(32, ge=1)
-    slo_s: Annotated[float, at_most(MAX_SECONDS)] = Field(
-        30.0, gt=0, description="end-to-end latency SLO per request")
+    max_batch: Annotated[Int, at_most(MAX_BATCH)] = Field(32, ge=1)
+    slo_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
+        30.0, ge=MIN_SECONDS, description="end-to-end latency SLO per request, seconds")
 
     @field_validator("arrival_rate", mode="before")
     @classmethod
     def _rate(cls, v):
-        values = v if isinstance(v, (list, tuple)) else [v]
-        numbers = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
-        if len(numbers) == len(values) and not all(math.isfinite(x) and 0 <= x <= MAX_ARRIVAL_RATE for x in numbers):
-            raise ValueError(f"must be finite, >= 0 and <= {MAX_ARRIVAL_RATE:g} requests/s, got {v}")
-        return v  # anything else: the type check names what is allowed
+        one = not isinstance(v, (list, tuple))
+        rates = []
+        for x in [v] if one else v:
+            not_bool(x)
+            if isinstance(x, str):  # a YAML/CLI spelling of a number, as pydantic would read it
+                with contextlib.suppress(ValueError):
+                    x = float(x)
+            if not isinstance(x, (int, float)):
+                raise ValueError(f"{brief(v)} given; must be a number or a list of numbers (requests/s, one "
+                                 "per server)")
+            rates.append(x)
+        if not all((math.isfinite(x) if isinstance(x, float) else True) and 0 <= x <= MAX_ARRIVAL_RATE for x in rates):
+            raise ValueError(f"must be finite, >= 0 and <= {MAX_ARRIVAL_RATE:g} requests/s, got {brief(v, str)}")
+        return rates[0] if one else rates
+
 
 
 class RoutingSpec(_Strict):
     """Routing-trace generator: per-layer Zipf popularity, inter-layer affinity, per-server domains."""
 
-    num_domains: Annotated[int, at_most(MAX_DOMAINS)] = Field(4, ge=1)
-    zipf_alpha: Annotated[float, at_most(MAX_ZIPF_ALPHA)] = Field(
+    num_domains: Annotated[Int, at_most(MAX_DOMAINS)] = Field(4, ge=1)
+    zipf_alpha: Annotated[Float, at_most(MAX_ZIPF_ALPHA)] = Field(
         0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
-    domain_overlap: float = Field(0.5, ge=0, le=1, description="share of popularity common to all domains")
-    affinity: float = Field(0.6, ge=0, le=1, description="weight of the previous layer in routing")
-    affinity_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of affinity rows")
+    domain_overlap: Float = Field(0.5, ge=0, le=1, description="share of popularity common to all domains")
+    affinity: Float = Field(0.6, ge=0, le=1, description="weight of the previous layer in routing")
+    affinity_concentration: Float = Field(0.3, gt=0, description="Dirichlet concentration of affinity rows")
 
 
 class DynamicsSpec(_Strict):
     """Rates are per decision epoch."""
 
-    epoch_s: Annotated[float, at_most(MAX_SECONDS)] = Field(60.0, gt=0)
-    drift_rate: float = Field(0.05, ge=0, le=1, description="step of each server's domain mix to its target")
-    domain_switch_rate: float = Field(0.02, ge=0, le=1, description="chance a server's target mix changes")
-    arrival_burstiness: Annotated[float, at_most(MAX_SIGMA)] = Field(
+    epoch_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(60.0, gt=0)
+    drift_rate: Float = Field(0.05, ge=0, le=1, description="step of each server's domain mix to its target")
+    domain_switch_rate: Float = Field(0.02, ge=0, le=1, description="chance a server's target mix changes")
+    arrival_burstiness: Annotated[Float, at_most(MAX_SIGMA)] = Field(
         0.1, ge=0, description="lognormal sigma of per-epoch arrival rate")
-    resource_noise: float = Field(0.03, ge=0, le=0.5, description="std of free compute/memory fractions")
-    link_change_rate: float = Field(0.0, ge=0, le=1)
-    link_change_range: tuple[float, float] = (0.3, 1.0)
-    failure_rate: float = Field(0.0, ge=0, le=1, description="chance per server per epoch to fail")
-    recovery_rate: float = Field(0.2, ge=0, le=1, description="chance per failed server per epoch to rejoin")
+    resource_noise: Float = Field(0.03, ge=0, le=0.5, description="std of free compute/memory fractions")
+    link_change_rate: Float = Field(0.0, ge=0, le=1)
+    link_change_range: tuple[Float, Float] = (0.3, 1.0)
+    failure_rate: Float = Field(0.0, ge=0, le=1, description="chance per server per epoch to fail")
+    recovery_rate: Float = Field(0.2, ge=0, le=1, description="chance per failed server per epoch to rejoin")
 
     @field_validator("link_change_range")
     @classmethod
@@ -158,9 +175,10 @@ class DynamicsSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    energy_j: float | None = Field(None, gt=0, description="energy per epoch")
-    latency_s: Annotated[float | None, at_most(MAX_SECONDS)] = Field(
-        None, gt=0, description="p95 end-to-end latency")
+    energy_j: Annotated[Float | None, at_most(MAX_ENERGY_J)] = Field(
+        None, ge=MIN_ENERGY_J, description="energy per epoch, joules")
+    latency_s: Annotated[Float | None, at_most(MAX_SECONDS)] = Field(
+        None, ge=MIN_SECONDS, description="p95 end-to-end latency, seconds")
     mode: Literal["penalty", "terminate"] = "penalty"
 
 
@@ -175,7 +193,7 @@ class ScenarioSpec(_Strict):
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     dynamics: DynamicsSpec = Field(default_factory=DynamicsSpec)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
-    max_replicas: Annotated[int, at_most(MAX_REPLICAS)] = Field(2, ge=1)
+    max_replicas: Annotated[Int, at_most(MAX_REPLICAS)] = Field(2, ge=1)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -251,10 +269,7 @@ def load_scenario_spec(name_or_path: str | Path | dict | ScenarioSpec) -> Scenar
             raise ConfigError(f"scenario: unknown name '{name_or_path}'; allowed: {', '.join(list_scenarios())}")
     if not path.is_file():
         raise ConfigError(f"scenario: no file '{path}'")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"scenario {path.name}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, f"scenario {path.name}")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return scenario_from_dict(data, f"scenario {path.name}")
