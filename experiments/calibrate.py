@@ -34,7 +34,7 @@ from experiments.calib import fidelity as fid
 from experiments.calib import fit
 from experiments.calib.micro import _arr, base_profile, micro
 from experiments.calib.profile import write_profile
-from experiments.cli_checks import require_int, require_positive
+from experiments.cli_checks import error_line, optional_seconds, require_int, require_positive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,8 @@ def check_values(cfg: DictConfig) -> None:
     require_int(cfg.fidelity.plans, "fidelity.plans", minimum=1)
     require_int(cfg.fidelity.repeats, "fidelity.repeats", minimum=0)
     for field in ("e2e.window_s", "quality.window_s", "fidelity.window_s"):
-        require_positive(OmegaConf.select(cfg, field), field)
+        require_positive(OmegaConf.select(cfg, field), field)  # a None is refused too
+        optional_seconds(OmegaConf.select(cfg, field), field)
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device: '{cfg.device}' unknown; allowed: cpu, cuda")
 
@@ -352,7 +353,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except CoELError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(error_line(exc, HydraConfig.get().runtime.output_dir)) from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 from coel_env.atomic import atomic_write_text
 from coel_env.errors import CoELError, ConfigError
 from coel_env.specs import load_scenario_spec
-from experiments.cli_checks import require_int
+from experiments.cli_checks import error_line, require_int
 from experiments.results_io import save_image, save_png
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = build_report(cfg, out)
     except CoELError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(error_line(exc, out)) from None
     print(f"comparison report: {result['report']} ({result['html']})")
 
 

@@ -22,7 +22,7 @@ from coel_env.specs import LengthDist, load_scenario_spec
 from coel_env.specs.bounds import MAX_LENGTH_TOKENS
 from coel_env.state import Scenario
 from coel_env.surrogate import SurrogateBackend
-from experiments.cli_checks import require_int, require_int_in, require_int_list
+from experiments.cli_checks import error_line, require_int, require_int_in, require_int_list
 from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
 from experiments.results_io import save_png, write_csv
 
@@ -120,7 +120,7 @@ def reproduce(cfg: DictConfig) -> None:
         check(cfg)
         results = run(cfg)
     except CoELError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(error_line(exc, out)) from None
     write_outputs(results, out)
     f4, f6 = results["fig4"], results["fig6"]
     log.info("fig4 @%d out: 1 server %.1f tok/s vs 2 servers %.1f tok/s", f4[-1]["output_len"],

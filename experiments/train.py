@@ -37,7 +37,7 @@ from coel_env.atomic import atomic_write_json
 from coel_env.env.env import CoELEnv
 from coel_env.errors import CoELError, ConfigError
 from coel_env.specs import scenario_with_hardware
-from experiments.cli_checks import require_int
+from experiments.cli_checks import error_line, require_int
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = train(cfg, out)
     except CoELError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(error_line(exc, out)) from None
     print(f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "
           f"outputs in {out}")
 
