@@ -219,7 +219,7 @@ def test_threshold_space_replicates_popular_experts():
 
 def test_budget_termination():
     data = scenario("tiny")
-    data["budgets"] = {"latency_s": 1e-6, "mode": "terminate"}
+    data["budgets"] = {"latency_s": 1e-3, "mode": "terminate"}
     env = CoELEnv(scenario=data)
     env.reset(seed=0)
     _, _r, term, trunc, info = env.step(keep(env))
