@@ -104,8 +104,13 @@ def _is_int(value: Any, low: int, high: int) -> bool:
 
 def _is_num(value: Any, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> bool:
     """A finite int/float (not a bool) in [low, high] (low excluded with `low_open`)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and (value > low if low_open else value >= low) and value <= high)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
 
 
 def _check_kwarg(key: str, value: Any, spec: tuple) -> str | None:
@@ -129,10 +134,8 @@ def _net_arch_layers(value: Any, field: str) -> list[list[int]]:
     if isinstance(value, dict) and (not value or not set(value) <= {"pi", "vf"}):
         raise ConfigError(f"{field}: {value!r} must be a list of layer widths or a dict with keys pi and/or vf")
     for layers in lists:
-        if not isinstance(layers, list) or len(layers) > MAX_DEPTH or not all(
-                _is_int(w, 1, MAX_WIDTH) for w in layers):
-            raise ConfigError(f"{field}: {layers!r} must be a list of at most {MAX_DEPTH} integers in "
-                              f"[1, {MAX_WIDTH}]")
+        if not isinstance(layers, list) or len(layers) > MAX_DEPTH or not all(_is_int(w, 1, MAX_WIDTH) for w in layers):
+            raise ConfigError(f"{field}: {layers!r} must be a list of at most {MAX_DEPTH} integers in [1, {MAX_WIDTH}]")
     return lists
 
 
@@ -150,8 +153,10 @@ def check_agent_config(agent: Any, n_envs: int | None = None, prefix: str = "") 
     if algo not in ALGOS:
         raise ConfigError(f"{prefix}agent.algo: {algo!r} unknown; allowed: {', '.join(ALGOS)}")
     if agent.get("policy", "MlpPolicy") not in POLICIES:
-        raise ConfigError(f"{prefix}agent.policy: {agent.get('policy')!r} unsupported; allowed: {', '.join(POLICIES)}"
-                          " (observations are flat)")
+        raise ConfigError(
+            f"{prefix}agent.policy: {agent.get('policy')!r} unsupported; allowed: {', '.join(POLICIES)}"
+            " (observations are flat)"
+        )
     kwargs = agent.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ConfigError(f"{prefix}agent.kwargs: {kwargs!r} must be a mapping (or null)")
@@ -165,8 +170,10 @@ def check_agent_config(agent: Any, n_envs: int | None = None, prefix: str = "") 
     if n_envs is not None:
         rollout = kwargs.get("n_steps", N_STEPS_DEFAULT[algo]) * n_envs
         if rollout > MAX_ROLLOUT or (rollout < 2 and algo != "A2C"):
-            raise ConfigError(f"{prefix}agent.kwargs.n_steps: n_steps * n_envs = {rollout} must be in "
-                              f"[{1 if algo == 'A2C' else 2}, {MAX_ROLLOUT}] (the rollout per update)")
+            raise ConfigError(
+                f"{prefix}agent.kwargs.n_steps: n_steps * n_envs = {rollout} must be in "
+                f"[{1 if algo == 'A2C' else 2}, {MAX_ROLLOUT}] (the rollout per update)"
+            )
     policy_kwargs = agent.get("policy_kwargs") or {}
     if not isinstance(policy_kwargs, dict):
         raise ConfigError(f"{prefix}agent.policy_kwargs: {policy_kwargs!r} must be a mapping (or null)")
@@ -363,16 +370,20 @@ class Checkpoint:
                 else:  # flags and options: bool or None
                     ok = old is None or isinstance(old, bool)
                 if not ok:
-                    raise self.error(f"optimizer param_groups[{i}].{key} is {str(old)[:40]}, this agent's is "
-                                     f"{value!r} (another kind)")
+                    raise self.error(
+                        f"optimizer param_groups[{i}].{key} is {str(old)[:40]}, this agent's is "
+                        f"{value!r} (another kind)"
+                    )
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for index, entries in self.optimizer["state"].items():
             if index >= len(params):
                 raise self.error(f"has optimizer state for parameter {index}; this agent has {len(params)}")
             for name, value in entries.items():
                 if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
-                    raise self.error(f"optimizer state '{name}' of parameter {index} has shape {list(value.shape)}, "
-                                     f"the parameter {list(params[index].shape)} (another net_arch?)")
+                    raise self.error(
+                        f"optimizer state '{name}' of parameter {index} has shape {list(value.shape)}, "
+                        f"the parameter {list(params[index].shape)} (another net_arch?)"
+                    )
 
     def obs_normalization(self):
         """VecNormalize's statistics as (RunningMeanStd, clip_obs), or None when observations were not normalised."""
@@ -449,22 +460,35 @@ def _check_space(desc: Any, name: str, flat_box: bool = False) -> tuple[int, int
         return 1, desc["n"], 1
     if kind == "MultiDiscrete":
         nvec = desc["nvec"]
-        if not isinstance(nvec, list) or not 1 <= len(nvec) <= MAX_SPACE_ENTRIES or not all(
-                _is_int(v, 1, MAX_CATEGORIES) for v in nvec):
-            raise ValueError(f"{name}.nvec must be a list of 1 to {MAX_SPACE_ENTRIES} integers in "
-                             f"[1, {MAX_CATEGORIES}]")
+        if (
+            not isinstance(nvec, list)
+            or not 1 <= len(nvec) <= MAX_SPACE_ENTRIES
+            or not all(_is_int(v, 1, MAX_CATEGORIES) for v in nvec)
+        ):
+            raise ValueError(
+                f"{name}.nvec must be a list of 1 to {MAX_SPACE_ENTRIES} integers in [1, {MAX_CATEGORIES}]"
+            )
         return len(nvec), sum(nvec), len(nvec)
     shape = desc["shape"]
-    if not isinstance(shape, list) or not 1 <= len(shape) <= (1 if flat_box else 8) or not all(
-            _is_int(d, 1, MAX_SPACE_ENTRIES) for d in shape) or math.prod(shape) > MAX_SPACE_ENTRIES:
-        raise ValueError(f"{name}.shape: {str(shape)[:40]} must be a {'1-D ' if flat_box else ''}list of positive "
-                         f"integers with at most {MAX_SPACE_ENTRIES} entries in all")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= (1 if flat_box else 8)
+        or not all(_is_int(d, 1, MAX_SPACE_ENTRIES) for d in shape)
+        or math.prod(shape) > MAX_SPACE_ENTRIES
+    ):
+        raise ValueError(
+            f"{name}.shape: {str(shape)[:40]} must be a {'1-D ' if flat_box else ''}list of positive "
+            f"integers with at most {MAX_SPACE_ENTRIES} entries in all"
+        )
     size = math.prod(shape)
     bounds = []
     for key in ("low", "high"):
         values = desc[key]
-        if not isinstance(values, list) or len(values) != size or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in values):
+        if (
+            not isinstance(values, list)
+            or len(values) != size
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in values)
+        ):
             raise ValueError(f"{name}.{key} must be a list of {size} numbers (no NaN)")
         bounds.append(np.asarray(values, np.float64))
     if (bounds[0] > bounds[1]).any():
@@ -485,8 +509,11 @@ def _param_estimate(obs_dim: int, outputs: int, agent: dict) -> int:
 
 def _check_meta(meta: dict, where: str) -> None:
     """Check every field of a parsed meta.json for type and range (ConfigError otherwise)."""
-    if meta.get("format") != CHECKPOINT_FORMAT or type(meta.get("version")) is not int or (
-            meta.get("version") != CHECKPOINT_VERSION):
+    if (
+        meta.get("format") != CHECKPOINT_FORMAT
+        or type(meta.get("version")) is not int
+        or (meta.get("version") != CHECKPOINT_VERSION)
+    ):
         raise ConfigError(
             f"{where}: format/version {meta.get('format')!r}/{meta.get('version')!r} unsupported; "
             f"allowed: {CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}"
@@ -520,12 +547,15 @@ def _check_meta(meta: dict, where: str) -> None:
         raise ConfigError(f"{bad} {exc}") from None
     rollout = (agent.get("kwargs") or {}).get("n_steps", N_STEPS_DEFAULT[meta["algo"]]) * meta["n_envs"]
     if rollout * (obs_entries + act_entries) > MAX_BUFFER_ENTRIES:
-        raise ConfigError(f"{bad} agent: a rollout of {rollout} steps of {obs_entries} observation and {act_entries} "
-                          f"action entries is more than {MAX_BUFFER_ENTRIES} entries")
+        raise ConfigError(
+            f"{bad} agent: a rollout of {rollout} steps of {obs_entries} observation and {act_entries} "
+            f"action entries is more than {MAX_BUFFER_ENTRIES} entries"
+        )
     params = _param_estimate(obs_dim, outputs, agent)
     if params > MAX_PARAMS:
-        raise ConfigError(f"{bad} agent: its network for these spaces has about {params} parameters, more than "
-                          f"{MAX_PARAMS}")
+        raise ConfigError(
+            f"{bad} agent: its network for these spaces has about {params} parameters, more than {MAX_PARAMS}"
+        )
     norm = meta["normalization"]
     if norm is not None and (
         not isinstance(norm, dict)
@@ -551,9 +581,11 @@ def _check_optimizer(state: Any, where: str) -> None:
     if not isinstance(state, dict) or set(state) != {"state", "param_groups"}:
         raise ConfigError(f"{bad} must hold exactly 'state' and 'param_groups'")
     if not isinstance(state["state"], dict) or not all(
-            _is_int(k, 0, 1 << 20) and isinstance(v, dict) and all(
-                isinstance(n, str) and (isinstance(x, torch.Tensor) or _is_num(x)) for n, x in v.items())
-            for k, v in state["state"].items()):
+        _is_int(k, 0, 1 << 20)
+        and isinstance(v, dict)
+        and all(isinstance(n, str) and (isinstance(x, torch.Tensor) or _is_num(x)) for n, x in v.items())
+        for k, v in state["state"].items()
+    ):
         raise ConfigError(f"{bad} state must map parameter indices to {{name: tensor or finite number}}")
     groups = state["param_groups"]
     if not isinstance(groups, list) or not 1 <= len(groups) <= 64:
@@ -563,17 +595,24 @@ def _check_optimizer(state: Any, where: str) -> None:
         return x is None or isinstance(x, bool) or _is_num(x)
 
     for i, group in enumerate(groups):
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not all(
-                _is_int(p, 0, 1 << 20) for p in group["params"]):
+        if (
+            not isinstance(group, dict)
+            or not isinstance(group.get("params"), list)
+            or not all(_is_int(p, 0, 1 << 20) for p in group["params"])
+        ):
             raise ConfigError(f"{bad} param_groups[{i}] must be a mapping with a 'params' list of indices")
         for key, value in group.items():
             if key == "params":
                 continue
-            ok = isinstance(key, str) and (plain(value) or (isinstance(value, (list, tuple)) and len(value) <= 16
-                                                            and all(_is_num(v) for v in value)))
+            ok = isinstance(key, str) and (
+                plain(value)
+                or (isinstance(value, (list, tuple)) and len(value) <= 16 and all(_is_num(v) for v in value))
+            )
             if not ok:
-                raise ConfigError(f"{bad} param_groups[{i}].{key}: {str(value)[:40]} must be a finite number, "
-                                  "true/false, null or a list of finite numbers")
+                raise ConfigError(
+                    f"{bad} param_groups[{i}].{key}: {str(value)[:40]} must be a finite number, "
+                    "true/false, null or a list of finite numbers"
+                )
 
 
 def _parse(path: Path, field: str, raw: dict[str, bytes]) -> Checkpoint:

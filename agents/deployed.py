@@ -53,11 +53,12 @@ class DeployedAgent(ActionPolicy):
         if flat.size != self.deployment.obs_dim:
             trained = self.deployment.env_spec.get("kwargs", {}).get("scenario")
             trained = trained.get("name") if isinstance(trained, dict) else trained
-            raise ConfigError(f"policy {self.name}: trained on scenario '{trained}' (observation size "
-                              f"{self.deployment.obs_dim}); scenario '{core.scenario.name}' gives {flat.size}")
+            raise ConfigError(
+                f"policy {self.name}: trained on scenario '{trained}' (observation size "
+                f"{self.deployment.obs_dim}); scenario '{core.scenario.name}' gives {flat.size}"
+            )
         if self.knobbed is not None:
-            return self.knobbed.decide_with(self.deployment.act(flat), core.perceived_state(), core.cluster,
-                                            core.plan)
+            return self.knobbed.decide_with(self.deployment.act(flat), core.perceived_state(), core.cluster, core.plan)
         mask = core.action_masks() if self.deployment.action_type == "MultiDiscrete" else None
         return self.deployment.act(flat, mask)
 

@@ -79,8 +79,10 @@ def read_verified(directory: str | Path) -> dict[str, bytes]:
     with os.scandir(directory) as it:
         entries = {e.name: e for e in it}
     if INTEGRITY_NAME not in entries:
-        raise PolicyLoadError(f"policy: '{directory}' has no {INTEGRITY_NAME} (exported by an older version or "
-                              "incomplete; re-export with python -m experiments.export)")
+        raise PolicyLoadError(
+            f"policy: '{directory}' has no {INTEGRITY_NAME} (exported by an older version or "
+            "incomplete; re-export with python -m experiments.export)"
+        )
     for name, entry in sorted(entries.items()):
         if entry.is_symlink():
             raise PolicyLoadError(f"policy: '{name}' in '{directory}' is a symlink (refused)")
@@ -88,10 +90,15 @@ def read_verified(directory: str | Path) -> dict[str, bytes]:
             raise PolicyLoadError(f"policy: '{name}' in '{directory}' is not a regular file")
     integrity = _parse_json(_read_regular(directory / INTEGRITY_NAME), INTEGRITY_NAME, directory)
     listed = integrity.get("sha256")
-    if integrity.get("format") != INTEGRITY_FORMAT or not isinstance(listed, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
-        raise PolicyLoadError(f"policy: {INTEGRITY_NAME} in '{directory}' is malformed (want format "
-                              f"{INTEGRITY_FORMAT!r} and a 'sha256' object of file name -> hex digest)")
+    if (
+        integrity.get("format") != INTEGRITY_FORMAT
+        or not isinstance(listed, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items())
+    ):
+        raise PolicyLoadError(
+            f"policy: {INTEGRITY_NAME} in '{directory}' is malformed (want format "
+            f"{INTEGRITY_FORMAT!r} and a 'sha256' object of file name -> hex digest)"
+        )
     present = set(entries) - {INTEGRITY_NAME}
     extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
     if extra:
@@ -102,8 +109,9 @@ def read_verified(directory: str | Path) -> dict[str, bytes]:
     for name in sorted(listed):
         data = _read_regular(directory / name)
         if hashlib.sha256(data).hexdigest() != listed[name]:
-            raise PolicyLoadError(f"policy: '{name}' in '{directory}' does not match its SHA-256 in {INTEGRITY_NAME} "
-                                  "(tampered?)")
+            raise PolicyLoadError(
+                f"policy: '{name}' in '{directory}' does not match its SHA-256 in {INTEGRITY_NAME} (tampered?)"
+            )
         files[name] = data
     if META_NAME not in files:
         raise PolicyLoadError(f"policy: '{directory}' has no {META_NAME}")
@@ -123,8 +131,11 @@ def _int_list(value: Any, low: int, high: int, max_len: int = MAX_DIM) -> list[i
 
 def _float_array(value: Any, size: int, what: str) -> np.ndarray:
     """`value` (a JSON list of `size` numbers, no NaN) as float64, or PolicyLoadError naming `what`."""
-    ok = isinstance(value, list) and len(value) == size and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ok = (
+        isinstance(value, list)
+        and len(value) == size
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
     arr = np.asarray(value, dtype=np.float64) if ok else None
     if arr is None or np.isnan(arr).any():
         raise PolicyLoadError(f"policy: policy.json {what} must be a list of {size} numbers (no NaN)")
@@ -132,8 +143,12 @@ def _float_array(value: Any, size: int, what: str) -> np.ndarray:
 
 
 def _finite(value: Any, positive: bool = True) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and (value > 0 if positive else value >= 0))
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
 
 
 def _onnx_tensors(model) -> Iterator[Any]:
@@ -179,8 +194,9 @@ def check_onnx(data: bytes, name: str, obs_dim: int, act_dim: int) -> None:
     try:
         import onnx
     except ImportError:  # a declared dependency; without it the model cannot be checked, so it is not run
-        raise PolicyLoadError(f"policy: the onnx package is needed to check {name} before running it "
-                              "(pip install onnx)") from None
+        raise PolicyLoadError(
+            f"policy: the onnx package is needed to check {name} before running it (pip install onnx)"
+        ) from None
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
@@ -189,21 +205,29 @@ def check_onnx(data: bytes, name: str, obs_dim: int, act_dim: int) -> None:
     for tensor in _onnx_tensors(model):
         if tensor.data_location == ONNX_EXTERNAL or len(tensor.external_data):
             where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
-            raise PolicyLoadError(f"policy: {name} tensor '{tensor.name}' references external data ('{where}'): "
-                                  "refused, all weights must be inside the verified ONNX file")
+            raise PolicyLoadError(
+                f"policy: {name} tensor '{tensor.name}' references external data ('{where}'): "
+                "refused, all weights must be inside the verified ONNX file"
+            )
     graph = model.graph
     weights = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if [i.name for i in inputs] != ["obs"] or not graph.output:
-        raise PolicyLoadError(f"policy: {name} must take one input 'obs' and give an output; it takes "
-                              f"{[i.name for i in inputs]} and gives {len(graph.output)} output(s)")
-    for label, info, want in (("input 'obs'", inputs[0], obs_dim), (f"output '{graph.output[0].name}'",
-                                                                      graph.output[0], act_dim)):
+        raise PolicyLoadError(
+            f"policy: {name} must take one input 'obs' and give an output; it takes "
+            f"{[i.name for i in inputs]} and gives {len(graph.output)} output(s)"
+        )
+    for label, info, want in (
+        ("input 'obs'", inputs[0], obs_dim),
+        (f"output '{graph.output[0].name}'", graph.output[0], act_dim),
+    ):
         got = _dims(info)
         if got is None or got[0] != ONNX_FLOAT or len(got[1]) != 2 or got[1][1] != want or got[1][0] == 0:
             shape = None if got is None else ["B" if d is None else d for d in got[1]]
-            raise PolicyLoadError(f"policy: {name} {label} has shape {shape} (element type "
-                                  f"{None if got is None else got[0]}); policy.json wants float32 [B, {want}]")
+            raise PolicyLoadError(
+                f"policy: {name} {label} has shape {shape} (element type "
+                f"{None if got is None else got[0]}); policy.json wants float32 [B, {want}]"
+            )
 
 
 class DeploymentPolicy:
@@ -233,15 +257,18 @@ class DeploymentPolicy:
         obs = meta["observation"]
         shape = _int_list(obs.get("shape"), 1, MAX_DIM, max_len=1) if isinstance(obs, dict) else None
         if shape is None or obs.get("dtype", "float32") != "float32":
-            raise PolicyLoadError(f"policy: policy.json has a malformed observation entry (want shape [n] with "
-                                  f"1 <= n <= {MAX_DIM}, dtype float32): {str(obs)[:80]}")
+            raise PolicyLoadError(
+                f"policy: policy.json has a malformed observation entry (want shape [n] with "
+                f"1 <= n <= {MAX_DIM}, dtype float32): {str(obs)[:80]}"
+            )
         self.obs_dim = shape[0]
         norm = meta.get("normalization")
         self._norm = None
         if norm is not None:
             if not isinstance(norm, dict) or not _finite(norm.get("clip")) or not _finite(norm.get("epsilon")):
-                raise PolicyLoadError("policy: policy.json normalization must have mean, var, and finite clip > 0 "
-                                      "and epsilon > 0")
+                raise PolicyLoadError(
+                    "policy: policy.json normalization must have mean, var, and finite clip > 0 and epsilon > 0"
+                )
             mean = _float_array(norm.get("mean"), self.obs_dim, "normalization.mean")
             var = _float_array(norm.get("var"), self.obs_dim, "normalization.var")
             if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
@@ -252,8 +279,10 @@ class DeploymentPolicy:
         if self.action_type == "MultiDiscrete":
             nvec = _int_list(act.get("nvec"), 1, MAX_CATEGORIES)
             if nvec is None or sum(nvec) > MAX_DIM:
-                raise PolicyLoadError(f"policy: policy.json action.nvec must be a non-empty list of integers >= 1 "
-                                      f"(at most {MAX_DIM} logits in all)")
+                raise PolicyLoadError(
+                    f"policy: policy.json action.nvec must be a non-empty list of integers >= 1 "
+                    f"(at most {MAX_DIM} logits in all)"
+                )
             self.nvec = np.asarray(nvec, dtype=np.int64)
             self._splits = np.cumsum(self.nvec)[:-1]
             self.act_dim = int(self.nvec.sum())
@@ -264,8 +293,10 @@ class DeploymentPolicy:
         else:
             shape = _int_list(act.get("shape"), 1, MAX_DIM, max_len=8)
             if shape is None or math.prod(shape) > MAX_DIM:
-                raise PolicyLoadError(f"policy: policy.json action.shape must be a non-empty list of integers >= 1 "
-                                      f"(at most {MAX_DIM} entries in all)")
+                raise PolicyLoadError(
+                    f"policy: policy.json action.shape must be a non-empty list of integers >= 1 "
+                    f"(at most {MAX_DIM} entries in all)"
+                )
             self.act_dim = math.prod(shape)
             self.low = _float_array(act.get("low"), self.act_dim, "action.low").astype(np.float32).reshape(shape)
             self.high = _float_array(act.get("high"), self.act_dim, "action.high").astype(np.float32).reshape(shape)
@@ -278,13 +309,21 @@ class DeploymentPolicy:
         if missing:
             raise PolicyLoadError(f"policy: policy.json lacks field '{missing[0]}'; required: {', '.join(REQUIRED)}")
         if meta["format"] != POLICY_FORMAT or type(meta["version"]) is not int or meta["version"] != POLICY_VERSION:
-            raise PolicyLoadError(f"policy: format/version {meta['format']!r}/{meta['version']!r} unsupported; "
-                                  f"allowed: {POLICY_FORMAT}/{POLICY_VERSION}")
-        if not isinstance(meta["action"], dict) or meta["action"].get("type") not in ("MultiDiscrete", "Discrete",
-                                                                                       "Box"):
+            raise PolicyLoadError(
+                f"policy: format/version {meta['format']!r}/{meta['version']!r} unsupported; "
+                f"allowed: {POLICY_FORMAT}/{POLICY_VERSION}"
+            )
+        if not isinstance(meta["action"], dict) or meta["action"].get("type") not in (
+            "MultiDiscrete",
+            "Discrete",
+            "Box",
+        ):
             raise PolicyLoadError("policy: action.type unknown; allowed: MultiDiscrete, Discrete, Box")
-        if not isinstance(meta["onnx"], str) or meta["onnx"] not in files or meta["onnx"] in (META_NAME,
-                                                                                               INTEGRITY_NAME):
+        if (
+            not isinstance(meta["onnx"], str)
+            or meta["onnx"] not in files
+            or meta["onnx"] in (META_NAME, INTEGRITY_NAME)
+        ):
             raise PolicyLoadError(f"policy: onnx file {meta['onnx']!r} missing from '{directory}'")
         if not isinstance(meta["onnx_sha256"], str):
             raise PolicyLoadError("policy: policy.json onnx_sha256 must be a hex digest")
@@ -302,22 +341,27 @@ class DeploymentPolicy:
         a finite numeric [obs_dim] or [B, obs_dim] array."""
         want = f"expected shape ({self.obs_dim},) or a batch (B, {self.obs_dim}) of finite numbers"
         if isinstance(obs, dict):
-            raise PolicyInputError(f"policy: observation is a dict (keys {sorted(map(str, obs))[:4]}); {want} "
-                                   "(flatten the env's Dict observation first, as agents.deployed.DeployedAgent does)")
+            raise PolicyInputError(
+                f"policy: observation is a dict (keys {sorted(map(str, obs))[:4]}); {want} "
+                "(flatten the env's Dict observation first, as agents.deployed.DeployedAgent does)"
+            )
         try:
             arr = np.asarray(obs)
         except (ValueError, TypeError):
             raise PolicyInputError(f"policy: observation ({type(obs).__name__}) is not an array; {want}") from None
         if arr.dtype.kind not in "biuf":
             raise PolicyInputError(f"policy: observation has dtype {arr.dtype} (not numeric); {want}")
-        if not ((arr.ndim == 1 and arr.shape[0] == self.obs_dim)
-                or (arr.ndim == 2 and arr.shape[0] >= 1 and arr.shape[1] == self.obs_dim)):
+        if not (
+            (arr.ndim == 1 and arr.shape[0] == self.obs_dim)
+            or (arr.ndim == 2 and arr.shape[0] >= 1 and arr.shape[1] == self.obs_dim)
+        ):
             raise PolicyInputError(f"policy: observation has shape {arr.shape}; {want}")
         x = arr.astype(np.float64).reshape(-1, self.obs_dim)
         bad = ~np.isfinite(x)
         if bad.any():
-            raise PolicyInputError(f"policy: observation holds NaN or inf (entry {np.argwhere(bad)[0].tolist()}); "
-                                   f"{want}")
+            raise PolicyInputError(
+                f"policy: observation holds NaN or inf (entry {np.argwhere(bad)[0].tolist()}); {want}"
+            )
         return x, arr.ndim == 1
 
     def _normalized(self, x: np.ndarray) -> np.ndarray:
@@ -334,12 +378,14 @@ class DeploymentPolicy:
         try:
             out = self.session.run(None, {"obs": self._normalized(x)})[0]
         except Exception as exc:  # onnxruntime's own exception types
-            raise PolicyInputError(f"policy: the ONNX actor failed on a batch of {x.shape[0]} "
-                                   f"({type(exc).__name__})") from None
+            raise PolicyInputError(
+                f"policy: the ONNX actor failed on a batch of {x.shape[0]} ({type(exc).__name__})"
+            ) from None
         out = np.asarray(out)
         if out.shape != (x.shape[0], self.act_dim):
-            raise PolicyInputError(f"policy: the ONNX actor returned shape {out.shape}; policy.json wants "
-                                   f"({x.shape[0]}, {self.act_dim})")
+            raise PolicyInputError(
+                f"policy: the ONNX actor returned shape {out.shape}; policy.json wants ({x.shape[0]}, {self.act_dim})"
+            )
         if not np.isfinite(out).all():
             raise PolicyInputError("policy: the ONNX actor returned NaN or inf for this observation")
         return out
@@ -349,13 +395,16 @@ class DeploymentPolicy:
         return self._run(self._batch(obs)[0])
 
     def _mask(self, action_mask: Any, rows: int) -> np.ndarray:
-        want = f"expected {self.act_dim} flags (one per logit) per observation, shape ({self.act_dim},) or " \
-               f"({rows}, {self.act_dim})"
+        want = (
+            f"expected {self.act_dim} flags (one per logit) per observation, shape ({self.act_dim},) or "
+            f"({rows}, {self.act_dim})"
+        )
         try:
             m = np.asarray(action_mask)
         except (ValueError, TypeError):
-            raise PolicyInputError(f"policy: action_mask ({type(action_mask).__name__}) is not an array; "
-                                   f"{want}") from None
+            raise PolicyInputError(
+                f"policy: action_mask ({type(action_mask).__name__}) is not an array; {want}"
+            ) from None
         if m.dtype.kind not in "biuf" or (m.dtype.kind == "f" and not np.isfinite(m).all()):
             raise PolicyInputError(f"policy: action_mask has dtype {m.dtype} or NaN/inf; {want}")
         if m.size != rows * self.act_dim or m.ndim > 2 or (m.ndim == 2 and m.shape[0] != rows):

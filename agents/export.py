@@ -82,15 +82,19 @@ def check_export_target(out_dir: str | os.PathLike) -> Path:
     if target.is_symlink():
         raise ConfigError(f"out: '{target}' is a symlink; refusing to replace it (pass a new or policy directory)")
     if not target.is_dir():
-        raise ConfigError(f"out: '{target}' is an existing file, not a policy directory; refusing to replace it "
-                          "(remove it or choose another out)")
+        raise ConfigError(
+            f"out: '{target}' is an existing file, not a policy directory; refusing to replace it "
+            "(remove it or choose another out)"
+        )
     try:
         empty = not any(target.iterdir())
     except OSError as exc:
         raise ConfigError(f"out: cannot read '{target}' ({exc.strerror})") from None
     if not empty and not is_policy_dir(target):
-        raise ConfigError(f"out: '{target}' exists and is not a policy directory (policy.json, integrity.json and "
-                          "only the files it lists); refusing to replace it (remove it or choose another out)")
+        raise ConfigError(
+            f"out: '{target}' exists and is not a policy directory (policy.json, integrity.json and "
+            "only the files it lists); refusing to replace it (remove it or choose another out)"
+        )
     return target
 
 
@@ -104,13 +108,24 @@ def describe_action_space(space: spaces.Space) -> dict:
     if isinstance(space, spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "output": "logits"}
     if isinstance(space, spaces.Box):
-        return {"type": "Box", "shape": list(space.shape), "low": space.low.ravel().tolist(),
-                "high": space.high.ravel().tolist(), "output": "mean"}
+        return {
+            "type": "Box",
+            "shape": list(space.shape),
+            "low": space.low.ravel().tolist(),
+            "high": space.high.ravel().tolist(),
+            "output": "mean",
+        }
     raise TypeError(f"action space {type(space).__name__} is not exportable; allowed: MultiDiscrete, Discrete, Box")
 
 
-def export_policy(model, out_dir: str | Path, env_spec: dict | None = None, obs_rms=None, clip_obs: float = 10.0,
-                  extra: dict | None = None) -> Path:
+def export_policy(
+    model,
+    out_dir: str | Path,
+    env_spec: dict | None = None,
+    obs_rms=None,
+    clip_obs: float = 10.0,
+    extra: dict | None = None,
+) -> Path:
     """Write `actor.onnx` and `policy.json` for an SB3 on-policy model (PPO, A2C, MaskablePPO).
 
     `env_spec` records how to rebuild the environment (id and kwargs); `obs_rms` is VecNormalize's running mean/var
@@ -136,22 +151,37 @@ def _write_policy(out: Path, model, env_spec: dict | None, obs_rms, clip_obs: fl
     onnx_path = out / ONNX_NAME
     with torch.no_grad():
         torch.onnx.export(
-            actor, (dummy,), str(onnx_path), input_names=["obs"], output_names=["action_out"],
-            dynamic_shapes={"obs": {0: torch.export.Dim("batch", min=1, max=4096)}}, dynamo=True,
-            external_data=False, verbose=False,
+            actor,
+            (dummy,),
+            str(onnx_path),
+            input_names=["obs"],
+            output_names=["action_out"],
+            dynamic_shapes={"obs": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     norm = None
     if obs_rms is not None:
-        norm = {"mean": np.asarray(obs_rms.mean, dtype=np.float64).tolist(),
-                "var": np.asarray(obs_rms.var, dtype=np.float64).tolist(), "clip": float(clip_obs), "epsilon": 1e-8}
+        norm = {
+            "mean": np.asarray(obs_rms.mean, dtype=np.float64).tolist(),
+            "var": np.asarray(obs_rms.var, dtype=np.float64).tolist(),
+            "clip": float(clip_obs),
+            "epsilon": 1e-8,
+        }
     meta = {
-        "format": POLICY_FORMAT, "version": POLICY_VERSION, "algorithm": type(model).__name__,
-        "onnx": ONNX_NAME, "onnx_sha256": sha256(onnx_path),
+        "format": POLICY_FORMAT,
+        "version": POLICY_VERSION,
+        "algorithm": type(model).__name__,
+        "onnx": ONNX_NAME,
+        "onnx_sha256": sha256(onnx_path),
         "observation": {"shape": list(obs_space.shape), "dtype": "float32"},
-        "normalization": norm, "action": describe_action_space(model.action_space),
-        "env": env_spec or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
+        "normalization": norm,
+        "action": describe_action_space(model.action_space),
+        "env": env_spec or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=1))
     files = {p.name: sha256(p) for p in sorted(out.iterdir())}
-    (out / INTEGRITY_NAME).write_text(json.dumps({"format": INTEGRITY_FORMAT, "version": 1, "sha256": files},
-                                                 indent=1))
+    (out / INTEGRITY_NAME).write_text(json.dumps({"format": INTEGRITY_FORMAT, "version": 1, "sha256": files}, indent=1))

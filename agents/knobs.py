@@ -25,8 +25,14 @@ from coel_env.errors import ConfigError
 # knob -> (low, high) of the base policy's constructor argument; each range is centred on the base policy's
 # default, so a zero action reproduces the baseline and learning starts from it (residual control).
 KNOB_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "coel": {"locality": (0.0, 2.0), "balance": (0.0, 2.0), "prune_ratio": (0.0, 0.5),
-             "drift_threshold": (0.0, 0.1), "fill": (0.95, 0.99), "compress_below_gbps": (0.0, 2.0)},
+    "coel": {
+        "locality": (0.0, 2.0),
+        "balance": (0.0, 2.0),
+        "prune_ratio": (0.0, 0.5),
+        "drift_threshold": (0.0, 0.1),
+        "fill": (0.95, 0.99),
+        "compress_below_gbps": (0.0, 2.0),
+    },
     "greedy_popularity": {"fill": (0.95, 0.99)},
 }
 KEEP_BELOW = -0.5  # gate: an action's last entry below this keeps a still-valid deployment

@@ -74,9 +74,13 @@ class ActionPolicy(Policy):
     action into (plan, update); both are optional and only needed for `plan`/`decide` outside an env.
     """
 
-    def __init__(self, predict: Callable[[Any], Any], name: str = "agent",
-                 observe: Callable[[ClusterState, Cluster], Any] | None = None,
-                 decode: Callable[[Any, Cluster], tuple[DeploymentPlan, bool]] | None = None):
+    def __init__(
+        self,
+        predict: Callable[[Any], Any],
+        name: str = "agent",
+        observe: Callable[[ClusterState, Cluster], Any] | None = None,
+        decode: Callable[[Any, Cluster], tuple[DeploymentPlan, bool]] | None = None,
+    ):
         super().__init__()
         self.predict, self.name, self.observe, self.decode = predict, name, observe, decode
         self._update = True

@@ -9,13 +9,22 @@ import numpy as np
 
 from agents.policy import ActionPolicy, Decision, Policy
 
-EPISODE_METRICS = ("return", "e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "migration_bytes",
-                   "slo_attainment", "decide_ms")
+EPISODE_METRICS = (
+    "return",
+    "e2e_p95_s",
+    "tokens_per_s",
+    "quality_loss",
+    "energy_j",
+    "migration_bytes",
+    "slo_attainment",
+    "decide_ms",
+)
 _PER_EPOCH = ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac")
 
 
-def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None,
-                predictor=None) -> dict[str, float]:
+def run_episode(
+    env: gym.Env, policy: Policy, seed: int, max_steps: int | None = None, predictor=None
+) -> dict[str, float]:
     """One episode of `policy` in CoEL-v0 from reset(seed).
 
     Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
@@ -53,8 +62,15 @@ def run_episode(env: gym.Env, policy: Policy, seed: int, max_steps: int | None =
         repairs += int(info.get("repaired", False))
         done = term or trunc or (max_steps is not None and steps >= max_steps)
     out_row = {k: float(np.mean(v)) for k, v in rec.items()}
-    out_row.update({"return": total, "migration_bytes": migration, "slo_attainment": 1.0 - out_row.pop("late_frac"),
-                    "repairs": repairs, "epochs": steps})
+    out_row.update(
+        {
+            "return": total,
+            "migration_bytes": migration,
+            "slo_attainment": 1.0 - out_row.pop("late_frac"),
+            "repairs": repairs,
+            "epochs": steps,
+        }
+    )
     if predictor is not None:
         out_row["pred_slo_attainment"] = 1.0 - out_row.pop("pred_late_frac")
     return out_row

@@ -26,8 +26,14 @@ from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
 
 ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU,
-               "silu": nn.SiLU}  # policy_kwargs.activation_fn by name (agents.checkpoint.ACTIVATIONS)
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}  # policy_kwargs.activation_fn by name (agents.checkpoint.ACTIVATIONS)
 VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
 
 
@@ -39,8 +45,7 @@ def observed_keys(space: spaces.Dict, exclude: list[str] | tuple[str, ...] = ())
     return [k for k in space.spaces if k not in exclude]
 
 
-def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[str] | tuple[str, ...] = ()
-                  ) -> gym.Env:
+def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[str] | tuple[str, ...] = ()) -> gym.Env:
     """CoEL-v0 (optionally with the `knobs` action space over a base policy, and without the observation entries
     in `obs_exclude`) with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
     import coel_env  # noqa: F401  (registers CoEL-v0)
@@ -62,16 +67,27 @@ def make_env_from_spec(env_spec: dict) -> gym.Env:
     return make_flat_env(env_spec["kwargs"], env_spec.get("knobs"), [k for k in space.spaces if k not in keys])
 
 
-def make_training_env(env_kwargs: dict, n_envs: int, seed: int, vec_env: str = "subproc",
-                      normalize_obs: bool = True, knobs: str | None = None, obs_exclude: tuple[str, ...] = ()
-                      ) -> VecEnv:
+def make_training_env(
+    env_kwargs: dict,
+    n_envs: int,
+    seed: int,
+    vec_env: str = "subproc",
+    normalize_obs: bool = True,
+    knobs: str | None = None,
+    obs_exclude: tuple[str, ...] = (),
+) -> VecEnv:
     if vec_env not in VEC_ENVS:
         raise ConfigError(f"vec_env: '{vec_env}' unknown; allowed: {', '.join(VEC_ENVS)}")
     cls = VEC_ENVS[vec_env] if n_envs > 1 else DummyVecEnv
     kwargs = {"start_method": "forkserver"} if cls is SubprocVecEnv else None
-    venv = make_vec_env(make_flat_env, n_envs=n_envs, seed=seed, vec_env_cls=cls,
-                        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
-                        vec_env_kwargs=kwargs)
+    venv = make_vec_env(
+        make_flat_env,
+        n_envs=n_envs,
+        seed=seed,
+        vec_env_cls=cls,
+        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
+        vec_env_kwargs=kwargs,
+    )
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
@@ -105,8 +121,15 @@ def make_algorithm(agent_cfg: DictConfig | dict, venv: VecEnv, seed: int, checkp
     policy_kwargs = dict(cfg.get("policy_kwargs") or {})
     if "activation_fn" in policy_kwargs:
         policy_kwargs["activation_fn"] = ACTIVATIONS[policy_kwargs["activation_fn"]]
-    model = cls(policy, venv, seed=seed, device="cpu", verbose=0, policy_kwargs=policy_kwargs or None,
-                **(cfg.get("kwargs") or {}))
+    model = cls(
+        policy,
+        venv,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        policy_kwargs=policy_kwargs or None,
+        **(cfg.get("kwargs") or {}),
+    )
     if checkpoint is not None:
         checkpoint.restore(model, venv)
     return model
@@ -166,9 +189,22 @@ class BaselineEvalCallback(BaseCallback):
     deterministic agent and (once, cached) the baselines on the same seeds, log eval/* and record when the agent first
     beats them all (None turns either off; a final evaluation always runs)."""
 
-    def __init__(self, env_kwargs: dict, baselines: list[str], episodes: int, seed: int, eval_every: int | None,
-                 checkpoint_every: int | None, checkpoint_dir: Path, out_dir: Path, run=None, knobs: str | None = None,
-                 obs_exclude: tuple[str, ...] = (), *, agent_cfg: DictConfig | dict):
+    def __init__(
+        self,
+        env_kwargs: dict,
+        baselines: list[str],
+        episodes: int,
+        seed: int,
+        eval_every: int | None,
+        checkpoint_every: int | None,
+        checkpoint_dir: Path,
+        out_dir: Path,
+        run=None,
+        knobs: str | None = None,
+        obs_exclude: tuple[str, ...] = (),
+        *,
+        agent_cfg: DictConfig | dict,
+    ):
         super().__init__()
         self.agent_cfg = agent_cfg
         self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed

@@ -21,9 +21,17 @@ def init_wandb(logger_cfg: dict, out_dir: str | Path, config: dict, name: str, j
 
         raise ConfigError(f"logger.mode: '{mode}' unknown; allowed: {', '.join(WANDB_MODES)}")
     return wandb.init(
-        project=logger_cfg.get("project", "coel-gym"), entity=logger_cfg.get("entity"), group=logger_cfg.get("group"),
-        tags=list(logger_cfg.get("tags") or []), name=name, job_type=job_type, dir=str(out_dir), mode=mode,
-        config=config, reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
+        project=logger_cfg.get("project", "coel-gym"),
+        entity=logger_cfg.get("entity"),
+        group=logger_cfg.get("group"),
+        tags=list(logger_cfg.get("tags") or []),
+        name=name,
+        job_type=job_type,
+        dir=str(out_dir),
+        mode=mode,
+        config=config,
+        reinit="finish_previous",
+        settings=wandb.Settings(silent=True, console="off"),
     )
 
 

@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def export(rev: str = "HEAD", dest: str | Path = "/tmp/coel_baseline") -> Path:
     dest = Path(dest)
-    data = subprocess.run(["git", "archive", rev, "coel_env", "conf"], cwd=ROOT, check=True,
-                          capture_output=True).stdout
+    data = subprocess.run(["git", "archive", rev, "coel_env", "conf"], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(dest, filter="data")
     pkg = dest / "coel_base"

@@ -51,6 +51,7 @@ def single_stepper(env, pool_size: int = 32, seed: int = 0):
         k[0] += 1
         if term or trunc:
             env.reset()
+
     return step
 
 
@@ -63,6 +64,7 @@ def vector_stepper(venv, pool_size: int = 8, seed: int = 0):
     def step():
         venv.step(pool[k[0] % pool_size])
         k[0] += 1
+
     return step
 
 
@@ -92,8 +94,11 @@ def main() -> None:
     ap.add_argument("--trial-s", type=float, default=1.0)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one short trial each (smoke test)")
-    ap.add_argument("--baseline", default=None, help="an exported baseline (python -m benchmarks.baseline) to time "
-                    "side by side, trials alternating")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="an exported baseline (python -m benchmarks.baseline) to time side by side, trials alternating",
+    )
     args = ap.parse_args()
     trial_s, trials = (0.2, 1) if args.quick else (args.trial_s, args.trials)
     pkgs = {"new": coel_env}
@@ -105,8 +110,16 @@ def main() -> None:
 
     def record(name, scenario, envs, rates, note=""):
         med = statistics.median(rates)
-        rows.append({"name": name, "scenario": scenario, "num_envs": envs, "median_steps_per_s": med,
-                     "trials": rates, "note": note})
+        rows.append(
+            {
+                "name": name,
+                "scenario": scenario,
+                "num_envs": envs,
+                "median_steps_per_s": med,
+                "trials": rates,
+                "note": note,
+            }
+        )
         print(f"{name:<44} {scenario:<15} N={envs:<3} median {med:10.1f} env-steps/s", flush=True)
 
     def measure(name, scenario, envs, make, n_per_call=1, t_s=None, note=""):
@@ -124,6 +137,7 @@ def main() -> None:
             if stub:
                 stub_serve(env.core)
             return single_stepper(env, pool)
+
         return make
 
     def vector(n, stub=False):
@@ -131,31 +145,53 @@ def main() -> None:
             import importlib
 
             venv = importlib.import_module(pkg.__name__ + ".env.vector").CoELVectorEnv(
-                n, scenario="paper-testbed", action_space="full")
+                n, scenario="paper-testbed", action_space="full"
+            )
             if stub:
                 stub_serve(venv.core)
             return vector_stepper(venv)
+
         return make
 
     cart = gym.make("CartPole-v1").unwrapped
     record("CartPole-v1 (unwrapped)", "-", 1, rate(single_stepper(cart, 256), 1, trial_s, trials))
     for space in ("full", "edit", "threshold"):
-        measure(f"CoEL-v0 {space}", "paper-testbed", 1, single(space, mask=space != "full"),
-                note="info_action_mask off" if space == "full" else "")
+        measure(
+            f"CoEL-v0 {space}",
+            "paper-testbed",
+            1,
+            single(space, mask=space != "full"),
+            note="info_action_mask off" if space == "full" else "",
+        )
     measure("CoEL-v0 full + info action_mask", "paper-testbed", 1, single("full", mask=True))
     stub_note = "not a CoEL step rate: the surrogate is replaced"
     for space in ("full", "edit"):
-        measure(f"CoEL-v0 {space}: env overhead (serve stubbed)", "paper-testbed", 1, single(space, stub=True),
-                note=stub_note)
+        measure(
+            f"CoEL-v0 {space}: env overhead (serve stubbed)",
+            "paper-testbed",
+            1,
+            single(space, stub=True),
+            note=stub_note,
+        )
     for n in (64,):
         measure("CoELVectorEnv full (native batch)", "paper-testbed", n, vector(n), n_per_call=n)
-        measure("CoELVectorEnv full: env overhead (serve stubbed)", "paper-testbed", n, vector(n, stub=True),
-                n_per_call=n, note=stub_note)
+        measure(
+            "CoELVectorEnv full: env overhead (serve stubbed)",
+            "paper-testbed",
+            n,
+            vector(n, stub=True),
+            n_per_call=n,
+            note=stub_note,
+        )
     for space in ("edit", "full"):
-        measure(f"CoEL-v0 {space}", "deepseek-scale", 1, single(space, "deepseek-scale", pool=4),
-                t_s=max(trial_s, 2.0))
-    measure("CoEL-v0 edit: env overhead (serve stubbed)", "deepseek-scale", 1,
-            single("edit", "deepseek-scale", stub=True, pool=4), note=stub_note)
+        measure(f"CoEL-v0 {space}", "deepseek-scale", 1, single(space, "deepseek-scale", pool=4), t_s=max(trial_s, 2.0))
+    measure(
+        "CoEL-v0 edit: env overhead (serve stubbed)",
+        "deepseek-scale",
+        1,
+        single("edit", "deepseek-scale", stub=True, pool=4),
+        note=stub_note,
+    )
 
     cart_rate = rows[0]["median_steps_per_s"]
     for r in rows:
@@ -163,31 +199,51 @@ def main() -> None:
     targets = {
         "paper-testbed single >= 10k steps/s": rows[1]["median_steps_per_s"] >= 1e4,
         "paper-testbed single step time <= 6x CartPole": rows[1]["step_time_vs_cartpole"] <= 6,
-        "native vector (64 envs) >= 100k env-steps/s": next(r for r in rows if r["name"].startswith(
-            "CoELVectorEnv full (native"))["median_steps_per_s"] >= 1e5,
-        "deepseek-scale single >= 1k steps/s": max(r["median_steps_per_s"] for r in rows
-                                                   if r["scenario"] == "deepseek-scale" and "overhead" not in
-                                                   r["name"]) >= 1e3,
+        "native vector (64 envs) >= 100k env-steps/s": next(
+            r for r in rows if r["name"].startswith("CoELVectorEnv full (native")
+        )["median_steps_per_s"]
+        >= 1e5,
+        "deepseek-scale single >= 1k steps/s": max(
+            r["median_steps_per_s"] for r in rows if r["scenario"] == "deepseek-scale" and "overhead" not in r["name"]
+        )
+        >= 1e3,
     }
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0], "trial_s": trial_s, "trials": trials,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "baseline": args.baseline}
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "trial_s": trial_s,
+        "trials": trials,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "baseline": args.baseline,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "env.json", {"meta": meta, "rows": rows, "targets_met": targets})
-    lines = ["# CoEL-v0 step rate (random actions, medians)", "",
-             f"{meta['time']}, Python {meta['python']}, {meta['cpus']} CPUs, 1-min load average "
-             f"{meta['load_avg_1m']:.2f} (other jobs share this machine), {trials} trials x {trial_s} s.", "",
-             "| benchmark | scenario | envs | median env-steps/s | step time vs CartPole | baseline median | "
-             "speedup vs baseline |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# CoEL-v0 step rate (random actions, medians)",
+        "",
+        f"{meta['time']}, Python {meta['python']}, {meta['cpus']} CPUs, 1-min load average "
+        f"{meta['load_avg_1m']:.2f} (other jobs share this machine), {trials} trials x {trial_s} s.",
+        "",
+        "| benchmark | scenario | envs | median env-steps/s | step time vs CartPole | baseline median | "
+        "speedup vs baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = r.get("baseline_median_steps_per_s")
         extra = f"{base:,.0f} | {r['median_steps_per_s'] / base:.2f}x" if base else "- | -"
-        lines.append(f"| {r['name']} | {r['scenario']} | {r['num_envs']} | {r['median_steps_per_s']:,.0f} | "
-                     f"{r['step_time_vs_cartpole']:.1f}x | {extra} |")
+        lines.append(
+            f"| {r['name']} | {r['scenario']} | {r['num_envs']} | {r['median_steps_per_s']:,.0f} | "
+            f"{r['step_time_vs_cartpole']:.1f}x | {extra} |"
+        )
     lines += ["", "Targets (issue 3):", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
-    lines += ["", "`env overhead` rows replace the surrogate's serve with a replayed result: they measure the "
-              "environment's own cost (decode, repair, dynamics, faults, perception, observation, reward), not "
-              "a CoEL step rate."]
+    lines += [
+        "",
+        "`env overhead` rows replace the surrogate's serve with a replayed result: they measure the "
+        "environment's own cost (decode, repair, dynamics, faults, perception, observation, reward), not "
+        "a CoEL step rate.",
+    ]
     atomic_write_text(RESULTS / "env.md", "\n".join(lines) + "\n")
     print("\n".join(lines[-8:]))
 

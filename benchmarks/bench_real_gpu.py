@@ -135,9 +135,18 @@ def time_ours(engine: FastMoE, batch: int, n_in: int, n_out: int, device: str, g
         pos += 1
     sync(device)
     t2 = time.perf_counter()
-    return {"batch": batch, "input": n_in, "output": n_out, "ttft_s": t1 - t0, "decode_s": t2 - t1,
-            "total_s": t2 - t0, "cuda_graph": engine.graph is not None, "tpot_ms": 1e3 * (t2 - t1) / max(n_out - 1, 1),
-            "decode_tokens_per_s": batch * (n_out - 1) / (t2 - t1), "tokens_per_s": batch * n_out / (t2 - t0)}
+    return {
+        "batch": batch,
+        "input": n_in,
+        "output": n_out,
+        "ttft_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "total_s": t2 - t0,
+        "cuda_graph": engine.graph is not None,
+        "tpot_ms": 1e3 * (t2 - t1) / max(n_out - 1, 1),
+        "decode_tokens_per_s": batch * (n_out - 1) / (t2 - t1),
+        "tokens_per_s": batch * n_out / (t2 - t0),
+    }
 
 
 def time_hf(model, batch: int, n_in: int, n_out: int, vocab: int, device: str) -> dict:
@@ -175,9 +184,16 @@ def main() -> None:
     t_start = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")]
     outputs = [int(o) for o in args.outputs.split(",")]
-    res: dict = {"model": args.model, "device": dev, "torch": torch.__version__, "python": platform.python_version(),
-                 "gpu": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
-                 "input": args.input, "runs": [], "hf_runs": []}
+    res: dict = {
+        "model": args.model,
+        "device": dev,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
+        "input": args.input,
+        "runs": [],
+        "hf_runs": [],
+    }
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     res["compile"] = args.compile
     res["parity"] = {} if args.skip_parity else parity(dev, dtype)
@@ -185,8 +201,9 @@ def main() -> None:
     cfg = MoEConfig.from_spec(model_preset(args.model))
     t0 = time.perf_counter()
     max_len = args.input + max(outputs) + 8
-    engine = FastMoE(cfg, WeightSource(cfg, 0, gen_device=dev), device=dev, dtype=dtype, max_batch=max(batches),
-                     max_len=max_len)
+    engine = FastMoE(
+        cfg, WeightSource(cfg, 0, gen_device=dev), device=dev, dtype=dtype, max_batch=max(batches), max_len=max_len
+    )
     sync(dev)
     res["build_s"] = time.perf_counter() - t0
     if dev == "cuda":
@@ -249,23 +266,34 @@ def main() -> None:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# Real backend engine vs transformers eager — {res['model']} on {res['gpu']}", "",
-             f"torch {res['torch']}, transformers {res.get('transformers', '-')}, input {res['input']} tokens, "
-             "greedy, random bf16 weights.", "",
-             "| engine | batch | output | TTFT s | TPOT ms | decode tok/s | end-to-end tok/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Real backend engine vs transformers eager — {res['model']} on {res['gpu']}",
+        "",
+        f"torch {res['torch']}, transformers {res.get('transformers', '-')}, input {res['input']} tokens, "
+        "greedy, random bf16 weights.",
+        "",
+        "| engine | batch | output | TTFT s | TPOT ms | decode tok/s | end-to-end tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in res["runs"]:
         comp = ", torch.compile" if res.get("compile") and r["cuda_graph"] else ""
         eng = f"FastMoE ({r['expert_mode']}{comp}{', CUDA graph' if r['cuda_graph'] else ', eager'})"
-        lines.append(f"| {eng} | {r['batch']} | {r['output']} | {r['ttft_s']:.3f} | {r['tpot_ms']:.2f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} |")
+        lines.append(
+            f"| {eng} | {r['batch']} | {r['output']} | {r['ttft_s']:.3f} | {r['tpot_ms']:.2f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} |"
+        )
     for r in res["hf_runs"]:
         if "skipped" in r:
             lines.append(f"| HF eager | {r['batch']} | {r['output']} | skipped ({r['skipped']}) | | | |")
         else:
             lines.append(f"| HF eager (generate) | {r['batch']} | {r['output']} | | | | {r['tokens_per_s']:.1f} |")
-    lines += ["", f"Parity (tiny model): {res['parity']}", "",
-              f"Batch-1 TPOT by expert kernel (ms): {res.get('batch1_tpot_ms_by_expert_mode')}", ""]
+    lines += [
+        "",
+        f"Parity (tiny model): {res['parity']}",
+        "",
+        f"Batch-1 TPOT by expert kernel (ms): {res.get('batch1_tpot_ms_by_expert_mode')}",
+        "",
+    ]
     if "hf_error" in res:
         lines.append(f"HF baseline error: {res['hf_error']}")
     return "\n".join(lines) + "\n"

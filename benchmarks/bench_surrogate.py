@@ -43,8 +43,10 @@ def bench(name: str, batch: int = 64, repeats: int = 7, pkgs: dict | None = None
         if label != "new":  # the baseline builds its own scenario, state and plans from identical seeds
             bsc = pkg.make_scenario(name, seed=0)
             bstate = bsc.initial_state(np.random.default_rng(0))
-            bplans = [pkg.DeploymentPlan(p.device.copy(), p.tier.copy(), p.bits.copy(), p.prune.copy(),
-                                         p.fuse.copy()) for p in plans]
+            bplans = [
+                pkg.DeploymentPlan(p.device.copy(), p.tier.copy(), p.bits.copy(), p.prune.copy(), p.fuse.copy())
+                for p in plans
+            ]
             pkgs[label] = (pkg.SurrogateBackend(bsc.cluster), bstate, bplans)
         else:
             pkgs[label] = (pkg.SurrogateBackend(sc.cluster), state, plans)
@@ -52,16 +54,21 @@ def bench(name: str, batch: int = 64, repeats: int = 7, pkgs: dict | None = None
         fns = {}
         for label, (be, st, pl) in pkgs.items():
             it = iter(range(10**9))
-            fns[label] = ((lambda be=be, st=st, pl=pl, it=it: be.serve(pl[next(it) % batch], st, 60.0)) if per == 1
-                          else (lambda be=be, st=st, pl=pl: be.serve_batch(pl, st, 60.0)))
+            fns[label] = (
+                (lambda be=be, st=st, pl=pl, it=it: be.serve(pl[next(it) % batch], st, 60.0))
+                if per == 1
+                else (lambda be=be, st=st, pl=pl: be.serve_batch(pl, st, 60.0))
+            )
         rates = {k: [] for k in fns}
         for _ in range(repeats):
             for label, fn in fns.items():
                 rates[label].append(median_rate(fn, per, 1)["median_per_s"])
         out[mode] = {"median_per_s": statistics.median(rates["new"]), "trials": rates["new"]}
         if "baseline" in rates:
-            out[mode + "_baseline"] = {"median_per_s": statistics.median(rates["baseline"]),
-                                       "trials": rates["baseline"]}
+            out[mode + "_baseline"] = {
+                "median_per_s": statistics.median(rates["baseline"]),
+                "trials": rates["baseline"],
+            }
     return out
 
 
@@ -75,8 +82,11 @@ def main() -> None:
 
         base = load(args.baseline)
     rows, results = [], []
-    for name, target_single, target_batch in (("paper-testbed", 10_000, 100_000), ("metro-8", None, None),
-                                              ("deepseek-scale", 1_000, None)):
+    for name, target_single, target_batch in (
+        ("paper-testbed", 10_000, 100_000),
+        ("metro-8", None, None),
+        ("deepseek-scale", 1_000, None),
+    ):
         pkgs = {"new": coel_env} | ({"baseline": base} if base else {})
         r = bench(name, repeats=5 if name == "deepseek-scale" else 7, pkgs=pkgs)
         results.append(r)
@@ -85,11 +95,16 @@ def main() -> None:
             v = r[mode]["median_per_s"]
             b = r.get(mode + "_baseline")
             return f"{v:.0f}" + (f" (baseline {b['median_per_s']:.0f}, {v / b['median_per_s']:.2f}x)" if b else "")
+
         rows.append((name, cell("single"), target_single or "-", cell("batched"), target_batch or "-"))
         print(rows[-1], flush=True)
-    path = write_results("surrogate", {"results": results, "baseline": args.baseline}, rows,
-                         ("scenario", "single evals/s (median)", "target", "batched plan-evals/s (64)", "target"),
-                         "python -m benchmarks.bench_surrogate" + (f" --baseline {args.baseline}" if base else ""))
+    path = write_results(
+        "surrogate",
+        {"results": results, "baseline": args.baseline},
+        rows,
+        ("scenario", "single evals/s (median)", "target", "batched plan-evals/s (64)", "target"),
+        "python -m benchmarks.bench_surrogate" + (f" --baseline {args.baseline}" if base else ""),
+    )
     print(f"written {path}")
 
 

@@ -39,8 +39,25 @@ JOBS = {  # name -> (scenario, links)
     "3srv-app": ("paper-3server-1gpu", "app"),
 }
 LENS = [64, 128, 256, 512, 1024, 2048]
-FIELDS = ["job", "scenario", "links", "sweep", "batch", "input_len", "output_len", "status", "latency_s", "tok_s",
-          "batch_tok_s", "ttft_s", "tpot_s", "wall_s", "comm_wait_s", "link_bytes", "note"]
+FIELDS = [
+    "job",
+    "scenario",
+    "links",
+    "sweep",
+    "batch",
+    "input_len",
+    "output_len",
+    "status",
+    "latency_s",
+    "tok_s",
+    "batch_tok_s",
+    "ttft_s",
+    "tpot_s",
+    "wall_s",
+    "comm_wait_s",
+    "link_bytes",
+    "note",
+]
 OUT_DIR = Path(__file__).resolve().parent / "results" / "testbed"
 
 
@@ -138,15 +155,26 @@ def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer,
     state = scenario.initial_state(np.random.default_rng(args.seed))
     rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
-    backend = RealBackend(c, seed=args.seed, device=args.device, links=links, timeout_s=args.timeout_s,
-                          start_timeout_s=max(deadline - t0, 30.0), measure_quality=False,
-                          gen_device="cuda" if args.device == "cuda" else "cpu")
+    backend = RealBackend(
+        c,
+        seed=args.seed,
+        device=args.device,
+        links=links,
+        timeout_s=args.timeout_s,
+        start_timeout_s=max(deadline - t0, 30.0),
+        measure_quality=False,
+        gen_device="cuda" if args.device == "cuda" else "cpu",
+    )
     done = 0
     try:
         backend.reset(plan, state)
         rid = 1
-        backend.serve_requests(plan, state, [[make_request(backend, state, 16, 8, rid, rng)]]
-                               + [[] for _ in range(c.num_servers - 1)], 60.0)  # warm-up (NCCL links, kernels)
+        backend.serve_requests(
+            plan,
+            state,
+            [[make_request(backend, state, 16, 8, rid, rng)]] + [[] for _ in range(c.num_servers - 1)],
+            60.0,
+        )  # warm-up (NCCL links, kernels)
         print(f"{job}: servers up and warm in {time.monotonic() - t0:.1f} s", flush=True)
         est = Estimator()
         for n_in, n_out in points:
@@ -166,17 +194,26 @@ def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer,
             d = backend.last_details
             n_tok = sum(len(d["tokens"][q["rid"]]) for q in batch)
             status = "ok" if n_tok == n_out * args.batch else "short"
-            writer.row(**base, input_len=n_in, output_len=n_out, status=status,
-                       latency_s=m.e2e_mean_s, tok_s=m.request_tokens_per_s, ttft_s=m.ttft_mean_s,
-                       batch_tok_s=n_tok / max(d["makespan_s"], 1e-9),
-                       tpot_s=m.tpot_mean_s, wall_s=wall, comm_wait_s=d["comm_wait_s"][0],
-                       link_bytes=float(np.sum(m.link_bytes)))
+            writer.row(
+                **base,
+                input_len=n_in,
+                output_len=n_out,
+                status=status,
+                latency_s=m.e2e_mean_s,
+                tok_s=m.request_tokens_per_s,
+                ttft_s=m.ttft_mean_s,
+                batch_tok_s=n_tok / max(d["makespan_s"], 1e-9),
+                tpot_s=m.tpot_mean_s,
+                wall_s=wall,
+                comm_wait_s=d["comm_wait_s"][0],
+                link_bytes=float(np.sum(m.link_bytes)),
+            )
             est.add(n_in, m.ttft_mean_s, m.tpot_mean_s)
             done += 1
     except ServerError as exc:
         print(f"{job}: {exc}", flush=True)
-        skip(points[done:done + 1], f"error: {str(exc)[:160]}")
-        skip(points[done + 1:], "not run after an error")
+        skip(points[done : done + 1], f"error: {str(exc)[:160]}")
+        skip(points[done + 1 :], "not run after an error")
     finally:
         backend.close()
 
@@ -198,8 +235,13 @@ def cmd_measure(args) -> None:
     print(f"measure {args.tag}: {time.monotonic() - t_start:.1f} s", flush=True)
 
 
-def surrogate_rows(output_lens: list[int], input_lens: list[int], fixed: int, model: str | None = None,
-                   gpus: tuple[str, ...] = ("rtx4090d", "h200")) -> list[dict]:
+def surrogate_rows(
+    output_lens: list[int],
+    input_lens: list[int],
+    fixed: int,
+    model: str | None = None,
+    gpus: tuple[str, ...] = ("rtx4090d", "h200"),
+) -> list[dict]:
     """The surrogate's curves (experiments.reproduce_paper.measure) for the paper's GPUs and for this testbed's."""
     from omegaconf import OmegaConf
 
@@ -213,9 +255,19 @@ def surrogate_rows(output_lens: list[int], input_lens: list[int], fixed: int, mo
             spec = scenario_spec(JOBS[job][0], model, gpu)
             for n_in, n_out in sweep_points(sweep, output_lens, input_lens, fixed):
                 r = measure(spec, n_in, n_out, cfg)
-                rows.append({"gpu": gpu, "job": job, "sweep": sweep, "input_len": n_in, "output_len": n_out,
-                             "latency_s": r["latency_s"], "tok_s": r["tok_s"], "ttft_s": r["ttft_s"],
-                             "tpot_s": r["tpot_s"]})
+                rows.append(
+                    {
+                        "gpu": gpu,
+                        "job": job,
+                        "sweep": sweep,
+                        "input_len": n_in,
+                        "output_len": n_out,
+                        "latency_s": r["latency_s"],
+                        "tok_s": r["tok_s"],
+                        "ttft_s": r["ttft_s"],
+                        "tpot_s": r["tpot_s"],
+                    }
+                )
     return rows
 
 
@@ -245,8 +297,14 @@ def comparison(measured: list[dict], surrogate: list[dict]) -> list[dict]:
         if m["status"] not in ("ok", "short"):
             continue
         key = (m["job"].replace("-raw", "-app"), m["sweep"], int(m["input_len"]), int(m["output_len"]))
-        row = {"job": m["job"], "sweep": m["sweep"], "input_len": int(m["input_len"]),
-               "output_len": int(m["output_len"]), "latency_s": float(m["latency_s"]), "tok_s": float(m["tok_s"])}
+        row = {
+            "job": m["job"],
+            "sweep": m["sweep"],
+            "input_len": int(m["input_len"]),
+            "output_len": int(m["output_len"]),
+            "latency_s": float(m["latency_s"]),
+            "tok_s": float(m["tok_s"]),
+        }
         for gpu in ("h200", "rtx4090d"):
             s = sur.get((gpu, *key))
             row[f"pred_{gpu}_latency_s"] = float(s["latency_s"]) if s else float("nan")
@@ -256,18 +314,32 @@ def comparison(measured: list[dict], surrogate: list[dict]) -> list[dict]:
 
 
 def comparison_md(rows: list[dict], measured: list[dict]) -> str:
-    lines = ["| config | sweep | in | out | measured latency (s) | measured tok/s | surrogate H200 (s) | "
-             "measured / H200 | surrogate 4090D (s) | measured / 4090D |", "|" + " --- |" * 4 + " ---: |" * 6]
+    lines = [
+        "| config | sweep | in | out | measured latency (s) | measured tok/s | surrogate H200 (s) | "
+        "measured / H200 | surrogate 4090D (s) | measured / 4090D |",
+        "|" + " --- |" * 4 + " ---: |" * 6,
+    ]
     for r in sorted(rows, key=lambda r: (r["sweep"], r["job"], r["input_len"], r["output_len"])):
-        lines.append(f"| {r['job']} | {r['sweep']} | {r['input_len']} | {r['output_len']} | {r['latency_s']:.3f} | "
-                     f"{r['tok_s']:.1f} | {r['pred_h200_latency_s']:.3f} | {r['ratio_h200']:.2f} | "
-                     f"{r['pred_rtx4090d_latency_s']:.3f} | {r['ratio_rtx4090d']:.2f} |")
+        lines.append(
+            f"| {r['job']} | {r['sweep']} | {r['input_len']} | {r['output_len']} | {r['latency_s']:.3f} | "
+            f"{r['tok_s']:.1f} | {r['pred_h200_latency_s']:.3f} | {r['ratio_h200']:.2f} | "
+            f"{r['pred_rtx4090d_latency_s']:.3f} | {r['ratio_rtx4090d']:.2f} |"
+        )
     ran = {(r["job"], r["sweep"], r["input_len"], r["output_len"]) for r in rows}
-    miss = [m for m in measured if m["status"] not in ("ok", "short")
-            and (m["job"], m["sweep"], int(m["input_len"]), int(m["output_len"])) not in ran]
+    miss = [
+        m
+        for m in measured
+        if m["status"] not in ("ok", "short")
+        and (m["job"], m["sweep"], int(m["input_len"]), int(m["output_len"])) not in ran
+    ]
     if miss:
-        lines += ["", "Not run: " + "; ".join(f"{m['job']} {m['sweep']} in {m['input_len']} out {m['output_len']} "
-                                               f"({m['note']})" for m in miss)]
+        lines += [
+            "",
+            "Not run: "
+            + "; ".join(
+                f"{m['job']} {m['sweep']} in {m['input_len']} out {m['output_len']} ({m['note']})" for m in miss
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -278,22 +350,48 @@ def plot(measured: list[dict], surrogate: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    panels = [("ab", "output_len", "tok_s", "generation throughput (tokens/s)", "(a) throughput vs output (input 128)",
-               ["1srv-2gpu", "2srv-app", "2srv-raw"]),
-              ("ab", "output_len", "latency_s", "end-to-end latency (s)", "(b) latency vs output (input 128)",
-               ["1srv-2gpu", "2srv-app", "2srv-raw"]),
-              ("c", "input_len", "latency_s", "end-to-end latency (s)", "(c) latency vs input (output 128)",
-               ["2srv-app", "3srv-app"])]
+    panels = [
+        (
+            "ab",
+            "output_len",
+            "tok_s",
+            "generation throughput (tokens/s)",
+            "(a) throughput vs output (input 128)",
+            ["1srv-2gpu", "2srv-app", "2srv-raw"],
+        ),
+        (
+            "ab",
+            "output_len",
+            "latency_s",
+            "end-to-end latency (s)",
+            "(b) latency vs output (input 128)",
+            ["1srv-2gpu", "2srv-app", "2srv-raw"],
+        ),
+        (
+            "c",
+            "input_len",
+            "latency_s",
+            "end-to-end latency (s)",
+            "(c) latency vs input (output 128)",
+            ["2srv-app", "3srv-app"],
+        ),
+    ]
     colors = {"1srv-2gpu": "C0", "2srv-app": "C1", "2srv-raw": "C2", "3srv-app": "C3"}
     for ax, (sweep, xk, yk, ylab, title, jobs) in zip(axes, panels):
         for job in jobs:
-            pts = sorted((int(r[xk]), float(r[yk])) for r in measured
-                         if r["job"] == job and r["sweep"] == sweep and r["status"] in ("ok", "short"))
+            pts = sorted(
+                (int(r[xk]), float(r[yk]))
+                for r in measured
+                if r["job"] == job and r["sweep"] == sweep and r["status"] in ("ok", "short")
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=colors[job], label=f"{job} measured (H200)")
             for gpu, ls in (("h200", "--"), ("rtx4090d", ":")):
-                sp = sorted((int(r[xk]), float(r[yk])) for r in surrogate
-                            if r["job"] == job and r["sweep"] == sweep and r["gpu"] == gpu)
+                sp = sorted(
+                    (int(r[xk]), float(r[yk]))
+                    for r in surrogate
+                    if r["job"] == job and r["sweep"] == sweep and r["gpu"] == gpu
+                )
                 if sp:
                     ax.plot(*zip(*sp), ls=ls, color=colors[job], alpha=0.8, label=f"{job} surrogate {gpu}")
         ax.set_xscale("log", base=2)
@@ -325,8 +423,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cmd", nargs="?", default="report", choices=("measure", "surrogate", "report"))
     p.add_argument("--out", default=str(OUT_DIR))
-    p.add_argument("--jobs", nargs="+", default=["1srv-2gpu:ab", "2srv-app:ab", "2srv-app:c", "3srv-app:c"],
-                   help=f"job:sweep, job in {', '.join(JOBS)}, sweep ab or c")
+    p.add_argument(
+        "--jobs",
+        nargs="+",
+        default=["1srv-2gpu:ab", "2srv-app:ab", "2srv-app:c", "3srv-app:c"],
+        help=f"job:sweep, job in {', '.join(JOBS)}, sweep ab or c",
+    )
     p.add_argument("--tag", default="run")
     p.add_argument("--model", default=None, help="model preset instead of the scenario's (e.g. tiny-moe)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

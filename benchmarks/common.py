@@ -29,15 +29,23 @@ def median_rate(fn: Callable[[], object], items_per_call: int, repeats: int = 7,
             if elapsed >= min_time:
                 break
         rates.append(calls * items_per_call / elapsed)
-    return {"median_per_s": statistics.median(rates), "min_per_s": min(rates), "max_per_s": max(rates),
-            "repeats": repeats}
+    return {
+        "median_per_s": statistics.median(rates),
+        "min_per_s": min(rates),
+        "max_per_s": max(rates),
+        "repeats": repeats,
+    }
 
 
 def machine() -> dict:
     import os
 
-    return {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def write_results(name: str, payload: dict, table: list[tuple], header: tuple, command: str) -> Path:
@@ -45,7 +53,15 @@ def write_results(name: str, payload: dict, table: list[tuple], header: tuple, c
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": machine(), **payload}
     atomic_write_json(RESULTS / f"{name}.json", payload, indent=2)
-    lines = [f"# {name}", "", f"Command: `{command}`", "", f"Machine: {payload['machine']}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {payload['machine']}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
     return atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")

@@ -33,9 +33,12 @@ def reduced(name: str, layers: int) -> dict:
 
 
 def instances() -> dict:
-    return {"tiny": "tiny", "paper-2server-1gpu-2L": reduced("paper-2server-1gpu", 2),
-            "paper-2server-1gpu-4L": reduced("paper-2server-1gpu", 4),
-            "paper-3server-1gpu-2L": reduced("paper-3server-1gpu", 2)}
+    return {
+        "tiny": "tiny",
+        "paper-2server-1gpu-2L": reduced("paper-2server-1gpu", 2),
+        "paper-2server-1gpu-4L": reduced("paper-2server-1gpu", 4),
+        "paper-3server-1gpu-2L": reduced("paper-3server-1gpu", 2),
+    }
 
 
 def main() -> None:
@@ -60,31 +63,46 @@ def main() -> None:
         res = optimize(c, state, args.q_max, time_limit=args.time_limit, search_iters=args.search_iters, backend=be)
         best_h = min(heur, key=heur.get)
         results[name] = dict(
-            heuristics=heur, best_heuristic=best_h, best_heuristic_objective=heur[best_h],
-            milp_surrogate_objective=milp.objective, milp_linear_objective=milp.milp_objective,
-            milp_bound=milp.milp_bound, milp_gap=milp.milp_gap, milp_status=milp.milp_status,
-            milp_time_s=milp.solve_time_s, milp_binaries=milp.num_binaries,
-            oracle_objective=res.objective, oracle_method=res.method, oracle_time_s=time.perf_counter() - t0,
+            heuristics=heur,
+            best_heuristic=best_h,
+            best_heuristic_objective=heur[best_h],
+            milp_surrogate_objective=milp.objective,
+            milp_linear_objective=milp.milp_objective,
+            milp_bound=milp.milp_bound,
+            milp_gap=milp.milp_gap,
+            milp_status=milp.milp_status,
+            milp_time_s=milp.solve_time_s,
+            milp_binaries=milp.num_binaries,
+            oracle_objective=res.objective,
+            oracle_method=res.method,
+            oracle_time_s=time.perf_counter() - t0,
             oracle_vs_best_heuristic_pct=100 * (res.objective - heur[best_h]) / heur[best_h],
             milp_vs_best_heuristic_pct=100 * (milp.objective - heur[best_h]) / heur[best_h],
         )
         print(name, json.dumps(results[name], default=float)[:300])
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / "oracle_gap.json", results, default=float)
-    lines = ["# Oracle vs heuristics on small static instances (surrogate)", "",
-             f"Command: `.venv/bin/python benchmarks/oracle_gap.py --time-limit {args.time_limit:g} "
-             f"--search-iters {args.search_iters}`. Objective (s, lower is better): mean e2e latency + SLO x "
-             f"dropped fraction + penalty above a {100 * args.q_max:.1f}% quality-loss budget. `MILP gap` is HiGHS's "
-             "relative optimality gap of its linear latency model at the time limit; `MILP (surr.)` is that MILP "
-             "plan scored by the surrogate; `oracle` = MILP, then batched annealing under the surrogate.", "",
-             "| instance | binaries | best heuristic | MILP (surr.) | MILP gap | MILP time (s) | oracle | "
-             "oracle vs best heuristic | " + " | ".join(HEURISTICS) + " |", "|---" * (9 + len(HEURISTICS)) + "|"]
+    lines = [
+        "# Oracle vs heuristics on small static instances (surrogate)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/oracle_gap.py --time-limit {args.time_limit:g} "
+        f"--search-iters {args.search_iters}`. Objective (s, lower is better): mean e2e latency + SLO x "
+        f"dropped fraction + penalty above a {100 * args.q_max:.1f}% quality-loss budget. `MILP gap` is HiGHS's "
+        "relative optimality gap of its linear latency model at the time limit; `MILP (surr.)` is that MILP "
+        "plan scored by the surrogate; `oracle` = MILP, then batched annealing under the surrogate.",
+        "",
+        "| instance | binaries | best heuristic | MILP (surr.) | MILP gap | MILP time (s) | oracle | "
+        "oracle vs best heuristic | " + " | ".join(HEURISTICS) + " |",
+        "|---" * (9 + len(HEURISTICS)) + "|",
+    ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['milp_binaries']} | {r['best_heuristic']} {r['best_heuristic_objective']:.4f} | "
             f"{r['milp_surrogate_objective']:.4f} | {r['milp_gap']:.3f} | {r['milp_time_s']:.1f} | "
             f"{r['oracle_objective']:.4f} ({r['oracle_method']}) | {r['oracle_vs_best_heuristic_pct']:+.1f}% | "
-            + " | ".join(f"{r['heuristics'][h]:.4f}" for h in HEURISTICS) + " |")
+            + " | ".join(f"{r['heuristics'][h]:.4f}" for h in HEURISTICS)
+            + " |"
+        )
     atomic_write_text(OUT / "oracle_gap.md", "\n".join(lines) + "\n")
     print((OUT / "oracle_gap.md").read_text())
 

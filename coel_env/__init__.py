@@ -12,13 +12,28 @@ from coel_env.traces import RoutingModel, RoutingTrace
 __version__ = "0.1.0"
 
 __all__ = [
-    "TIERS", "Backend", "Cluster", "ClusterState", "CoELError", "ConfigError", "DeploymentPlan", "Metrics",
-    "MetricsBatch", "MigrationReport", "PlanError", "RoutingModel", "RoutingTrace", "Scenario",
-    "SurrogateBackend", "build_cluster", "list_scenarios", "load_scenario_spec", "make_scenario",
+    "TIERS",
+    "Backend",
+    "Cluster",
+    "ClusterState",
+    "CoELError",
+    "ConfigError",
+    "DeploymentPlan",
+    "Metrics",
+    "MetricsBatch",
+    "MigrationReport",
+    "PlanError",
+    "RoutingModel",
+    "RoutingTrace",
+    "Scenario",
+    "SurrogateBackend",
+    "build_cluster",
+    "list_scenarios",
+    "load_scenario_spec",
+    "make_scenario",
 ]
 
 import gymnasium as _gym
 
 if "CoEL-v0" not in _gym.registry:
-    _gym.register("CoEL-v0", entry_point="coel_env.env:CoELEnv",
-                  vector_entry_point="coel_env.env.vector:CoELVectorEnv")
+    _gym.register("CoEL-v0", entry_point="coel_env.env:CoELEnv", vector_entry_point="coel_env.env.vector:CoELVectorEnv")

@@ -126,7 +126,7 @@ def _build_graph(spec: ScenarioSpec) -> nx.Graph:
             g.add_edge(n, "switch", bandwidth_gbps=gbps, latency_ms=topo.latency_ms / 2)
     elif topo.kind == "mesh":
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 g.add_edge(a, b, bandwidth_gbps=gbps, latency_ms=topo.latency_ms)
     else:
         for link in topo.links:
@@ -178,7 +178,11 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
     arr = np.asarray
     cpus = [hw.device(s.cpu) for s in servers]
     cluster = Cluster(
-        spec=spec, hw=hw, graph=graph, server_names=names, device_names=dev_names,
+        spec=spec,
+        hw=hw,
+        graph=graph,
+        server_names=names,
+        device_names=dev_names,
         dev_server=arr(dev_server, dtype=np.int64),
         dev_mem=arr([d.memory_gb * GB for d in devs]),
         dev_bw=arr([d.mem_bw_gbs * GB for d in devs]),
@@ -193,8 +197,13 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         ssd_bytes=arr([s.ssd_gb * GB for s in servers]),
         ssd_bw=arr([(hw.ssd_bw_gbs or s.ssd_bw_gbs) * GB for s in servers]),
         pcie_bw=arr([(hw.pcie_bw_gbs or s.pcie_bw_gbs) * GB for s in servers]),
-        link_ends=link_ends, link_bw=link_bw, link_latency=link_lat,
-        pair_index=pair_index, pair_links=pair_links, pair_latency=pair_latency, first_gpu=first_gpu,
+        link_ends=link_ends,
+        link_bw=link_bw,
+        link_latency=link_lat,
+        pair_index=pair_index,
+        pair_links=pair_links,
+        pair_latency=pair_latency,
+        first_gpu=first_gpu,
     )
     _check_finite(cluster)
     return cluster
@@ -204,5 +213,7 @@ def _check_finite(cluster: Cluster) -> None:
     """Last guard before the kernels: every compiled number is finite (the specs bound each input already)."""
     for name, value in vars(cluster).items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ConfigError(f"scenario {cluster.spec.name}: {name}: not finite; every spec value must be a finite "
-                              "number in its range")
+            raise ConfigError(
+                f"scenario {cluster.spec.name}: {name}: not finite; every spec value must be a finite "
+                "number in its range"
+            )

@@ -55,9 +55,9 @@ def format_pydantic_error(source: str, exc, model=None) -> str:
         if allowed:
             msg += f"; allowed: {', '.join(allowed)}"
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if loc and msg.startswith(f"{loc}: "):  # a nested one-line error already naming the field
-        msg = msg[len(loc) + 2:]
+        msg = msg[len(loc) + 2 :]
     more = len(exc.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {loc + ': ' if loc else ''}{msg}{tail}"

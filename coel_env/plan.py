@@ -42,8 +42,10 @@ class DeploymentPlan:
     def empty(cls, num_layers: int, num_experts: int, max_replicas: int, num_pairs: int) -> DeploymentPlan:
         shape = (num_layers, num_experts, max_replicas)
         return cls(
-            device=np.full(shape, -1, dtype=np.int16), tier=np.zeros(shape, dtype=np.int8),
-            bits=np.zeros(shape, dtype=np.int8), prune=np.zeros(num_pairs, dtype=np.float32),
+            device=np.full(shape, -1, dtype=np.int16),
+            tier=np.zeros(shape, dtype=np.int8),
+            bits=np.zeros(shape, dtype=np.int8),
+            prune=np.zeros(num_pairs, dtype=np.float32),
             fuse=np.zeros(num_pairs, dtype=bool),
         )
 
@@ -73,14 +75,16 @@ class DeploymentPlan:
         return plan
 
     def copy(self) -> DeploymentPlan:
-        return DeploymentPlan(self.device.copy(), self.tier.copy(), self.bits.copy(), self.prune.copy(),
-                              self.fuse.copy())
+        return DeploymentPlan(
+            self.device.copy(), self.tier.copy(), self.bits.copy(), self.prune.copy(), self.fuse.copy()
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DeploymentPlan):
             return NotImplemented
-        return all(np.array_equal(getattr(self, f), getattr(other, f))
-                   for f in ("device", "tier", "bits", "prune", "fuse"))
+        return all(
+            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("device", "tier", "bits", "prune", "fuse")
+        )
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property
@@ -110,8 +114,9 @@ class DeploymentPlan:
         m = cluster.model
         want = (m.num_moe_layers, m.num_experts, cluster.spec.max_replicas)
         if self.device.shape != want or self.tier.shape != want or self.bits.shape != want:
-            return [f"plan: replica arrays have shape {self.device.shape}; expected {want} "
-                    "(layers, experts, max_replicas)"]
+            return [
+                f"plan: replica arrays have shape {self.device.shape}; expected {want} (layers, experts, max_replicas)"
+            ]
         if self.prune.shape != (cluster.num_pairs,) or self.fuse.shape != (cluster.num_pairs,):
             return [f"plan: compression arrays have {self.prune.shape[0]} links; expected {cluster.num_pairs}"]
         v = self.valid
@@ -144,8 +149,10 @@ class DeploymentPlan:
         ):
             over = np.flatnonzero(used > cap * (1 + 1e-9))
             for i in over:
-                out.append(f"plan: {names[i]} {tier} tier holds {used[i] / GB:.2f} GB of experts; "
-                           f"capacity {cap[i] / GB:.2f} GB")
+                out.append(
+                    f"plan: {names[i]} {tier} tier holds {used[i] / GB:.2f} GB of experts; "
+                    f"capacity {cap[i] / GB:.2f} GB"
+                )
         return out
 
     def validate(self, cluster: Cluster, memory_avail: np.ndarray | None = None) -> DeploymentPlan:
@@ -164,20 +171,32 @@ class DeploymentPlan:
         for l in range(L):
             for e in range(E):
                 reps = [
-                    {"device": cluster.device_names[int(self.device[l, e, r])],
-                     "tier": TIERS[int(self.tier[l, e, r])], "bits": int(self.bits[l, e, r])}
-                    for r in range(R) if self.device[l, e, r] >= 0
+                    {
+                        "device": cluster.device_names[int(self.device[l, e, r])],
+                        "tier": TIERS[int(self.tier[l, e, r])],
+                        "bits": int(self.bits[l, e, r]),
+                    }
+                    for r in range(R)
+                    if self.device[l, e, r] >= 0
                 ]
                 experts.append({"layer": l, "expert": e, "replicas": reps})
         links = [
-            {"servers": [cluster.server_names[a], cluster.server_names[b]],
-             "prune_ratio": float(str(np.float32(self.prune[p]))), "fusion": bool(self.fuse[p])}
+            {
+                "servers": [cluster.server_names[a], cluster.server_names[b]],
+                "prune_ratio": float(str(np.float32(self.prune[p]))),
+                "fusion": bool(self.fuse[p]),
+            }
             for p, (a, b) in enumerate(cluster.pair_servers)
         ]
         return {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "scenario": cluster.spec.name,
-            "model": cluster.model.name, "max_replicas": R, "devices": cluster.device_names,
-            "experts": experts, "links": links,
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "scenario": cluster.spec.name,
+            "model": cluster.model.name,
+            "max_replicas": R,
+            "devices": cluster.device_names,
+            "experts": experts,
+            "links": links,
         }
 
     @classmethod
@@ -188,8 +207,9 @@ class DeploymentPlan:
         if data.get("version") != MANIFEST_VERSION:
             raise PlanError(f"manifest: version {data.get('version')!r} unsupported; allowed: {MANIFEST_VERSION}")
         if data.get("model") != cluster.model.name:
-            raise PlanError(f"manifest: model '{data.get('model')}' does not match the scenario's "
-                            f"'{cluster.model.name}'")
+            raise PlanError(
+                f"manifest: model '{data.get('model')}' does not match the scenario's '{cluster.model.name}'"
+            )
         plan = cls.for_cluster(cluster)
         L, E, R = plan.device.shape
         dev_id = {n: i for i, n in enumerate(cluster.device_names)}
@@ -198,8 +218,9 @@ class DeploymentPlan:
             for item in data["experts"]:
                 l, e = int(item["layer"]), int(item["expert"])
                 if not (0 <= l < L and 0 <= e < E):
-                    raise PlanError(f"manifest: layer {l} expert {e} out of range; layers 0..{L - 1}, "
-                                    f"experts 0..{E - 1}")
+                    raise PlanError(
+                        f"manifest: layer {l} expert {e} out of range; layers 0..{L - 1}, experts 0..{E - 1}"
+                    )
                 if (l, e) in seen:
                     raise PlanError(f"manifest: layer {l} expert {e} is listed twice; allowed: one entry each")
                 seen.add((l, e))
@@ -208,19 +229,21 @@ class DeploymentPlan:
                     raise PlanError(f"manifest: layer {l} expert {e} has {len(reps)} replicas; max_replicas={R}")
                 for r, rep in enumerate(reps):
                     if rep["device"] not in dev_id:
-                        raise PlanError(f"manifest: unknown device '{rep['device']}'; allowed: "
-                                        f"{', '.join(cluster.device_names)}")
+                        raise PlanError(
+                            f"manifest: unknown device '{rep['device']}'; allowed: {', '.join(cluster.device_names)}"
+                        )
                     if rep["tier"] not in TIERS:
                         raise PlanError(f"manifest: unknown tier '{rep['tier']}'; allowed: {', '.join(TIERS)}")
                     bits = int(rep["bits"])
                     if bits not in BIT_WIDTHS:
-                        raise PlanError(f"manifest: layer {l} expert {e} has bits={bits}; allowed: "
-                                        f"{', '.join(map(str, BIT_WIDTHS))}")
+                        raise PlanError(
+                            f"manifest: layer {l} expert {e} has bits={bits}; allowed: "
+                            f"{', '.join(map(str, BIT_WIDTHS))}"
+                        )
                     plan.device[l, e, r] = dev_id[rep["device"]]
                     plan.tier[l, e, r] = TIERS.index(rep["tier"])
                     plan.bits[l, e, r] = bits
-            pair_of = {frozenset(cluster.server_names[i] for i in pr): p
-                       for p, pr in enumerate(cluster.pair_servers)}
+            pair_of = {frozenset(cluster.server_names[i] for i in pr): p for p, pr in enumerate(cluster.pair_servers)}
             for link in data.get("links", []):
                 key = frozenset(link["servers"])
                 if key not in pair_of:

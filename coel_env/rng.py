@@ -73,7 +73,11 @@ class Layout:
             rng.random(out=row)
 
 
-def draw(rng: np.random.Generator, blocks: Mapping[str, int | tuple[int, ...]], kind: Kind = "normal",
-         lead: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+def draw(
+    rng: np.random.Generator,
+    blocks: Mapping[str, int | tuple[int, ...]],
+    kind: Kind = "normal",
+    lead: tuple[int, ...] = (),
+) -> dict[str, np.ndarray]:
     """Draw the named blocks at once (in order) and return them by name: `Layout(blocks, kind).draw(rng, lead)`."""
     return Layout(blocks, kind).draw(rng, lead)

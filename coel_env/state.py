@@ -25,8 +25,16 @@ from coel_env.rng import Layout
 from coel_env.specs import HardwareProfile, ScenarioSpec, load_scenario_spec
 from coel_env.traces import RoutingModel, RoutingTrace
 
-STATE_FIELDS: tuple[str, ...] = ("server_up", "compute_avail", "memory_avail", "link_factor", "arrival_rate",
-                                 "domain_mix", "domain_target", "popularity")
+STATE_FIELDS: tuple[str, ...] = (
+    "server_up",
+    "compute_avail",
+    "memory_avail",
+    "link_factor",
+    "arrival_rate",
+    "domain_mix",
+    "domain_target",
+    "popularity",
+)
 _VERSIONS = itertools.count(1)  # process-wide, so a version never repeats (not even for a recycled id())
 
 
@@ -75,8 +83,13 @@ class ClusterState:
 class Scenario:
     """A scenario ready to run: spec, compiled cluster and routing model (seeded)."""
 
-    def __init__(self, spec: ScenarioSpec | str | Path | dict, seed: int = 0,
-                 hardware: HardwareProfile | str | None = None, trace: RoutingTrace | str | None = None):
+    def __init__(
+        self,
+        spec: ScenarioSpec | str | Path | dict,
+        seed: int = 0,
+        hardware: HardwareProfile | str | None = None,
+        trace: RoutingTrace | str | None = None,
+    ):
         self.spec = load_scenario_spec(spec)
         self.cluster = build_cluster(self.spec, hardware)
         self.routing = RoutingModel.generate(self.spec.model, self.spec.routing, seed)
@@ -94,12 +107,16 @@ class Scenario:
         S, M = c.num_servers, self.routing.num_domains
         mix = rng.dirichlet(np.full(M, 0.5), size=S)
         state = ClusterState(
-            cluster=c, epoch=0,
+            cluster=c,
+            epoch=0,
             server_up=np.ones(S, dtype=bool),
-            compute_avail=np.ones(c.num_devices), memory_avail=np.ones(c.num_devices),
+            compute_avail=np.ones(c.num_devices),
+            memory_avail=np.ones(c.num_devices),
             link_factor=np.ones(c.num_links),
             arrival_rate=np.array(self.spec.arrival_rates, dtype=np.float64),
-            domain_mix=mix, domain_target=mix.copy(), popularity=np.empty(0),
+            domain_mix=mix,
+            domain_target=mix.copy(),
+            popularity=np.empty(0),
         )
         state.popularity = self.popularity(mix, 0)
         return state.touch()
@@ -145,8 +162,7 @@ def dynamics_layouts(S: int, D: int, K: int, M: int, extra_normals: int = 0) -> 
     normal stream goes after `extra` (it then shifts if the perception's layout grows) or, safest, is drawn from
     a generator of its own."""
     normals = Layout({"domain": (S, M), "arrival": S, "compute": D, "memory": D, "extra": extra_normals}, "normal")
-    uniforms = Layout({"switch": S, "link_change": K, "link_value": K, "fail": S, "join": S, "keep_one": 1},
-                      "uniform")
+    uniforms = Layout({"switch": S, "link_change": K, "link_value": K, "fail": S, "join": S, "keep_one": 1}, "uniform")
     return normals, uniforms
 
 
@@ -191,7 +207,7 @@ class StateBatch:
     def touch(self, rows=None) -> None:
         """Mark rows (default: all) as changed in place."""
         self.version = new_version()
-        for i in (range(self.N) if rows is None else rows):
+        for i in range(self.N) if rows is None else rows:
             v = self.views[i]
             v.epoch = int(self.epoch[i])
             v.touch()
@@ -266,8 +282,10 @@ def _check_trace(trace: RoutingTrace, spec: ScenarioSpec) -> None:
     m, S = spec.model, len(spec.servers)
     _, L, k = trace.experts.shape
     if m.num_moe_layers != L or k > m.num_experts:
-        raise ConfigError(f"trace: routes are [T, {L}, {k}]; scenario {spec.name} needs [T, {m.num_moe_layers}, "
-                          f"<= {m.num_experts}] (layers, top-k)")
+        raise ConfigError(
+            f"trace: routes are [T, {L}, {k}]; scenario {spec.name} needs [T, {m.num_moe_layers}, "
+            f"<= {m.num_experts}] (layers, top-k)"
+        )
     if trace.experts.size and not (trace.experts.min() >= 0 and trace.experts.max() < m.num_experts):
         raise ConfigError(f"trace: expert ids must lie in 0..{m.num_experts - 1}")
     if trace.server.size and not (trace.server.min() >= 0 and trace.server.max() < S):

@@ -39,8 +39,15 @@ from experiments.cli_checks import error_line, optional_seconds, require_int, re
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure_plans(spec_dict: dict, profile: HardwareProfile, plans: dict[str, DeploymentPlan], cfg: DictConfig,
-                  window_s: float, log, repeats: int = 0) -> list[dict]:
+def measure_plans(
+    spec_dict: dict,
+    profile: HardwareProfile,
+    plans: dict[str, DeploymentPlan],
+    cfg: DictConfig,
+    window_s: float,
+    log,
+    repeats: int = 0,
+) -> list[dict]:
     """Real measurement + surrogate prediction of every plan (one RealBackend for the scenario)."""
     from real_backend import RealBackend
 
@@ -54,29 +61,44 @@ def measure_plans(spec_dict: dict, profile: HardwareProfile, plans: dict[str, De
         rb.reset(first, state)
         for i, (name, plan) in enumerate(plans.items()):
             t0 = time.perf_counter()
-            row = fid.measure(rb, sur, plan, state, window_s, elem_bytes=4 if cfg.device == "cpu" else 2,
-                              repeat=i < repeats)
-            row.update(scenario=sc.name, plan=name, device=plan.device.tolist(), tier=plan.tier.tolist(),
-                       bits=plan.bits.tolist(), prune=plan.prune.tolist(), fuse=plan.fuse.tolist())
+            row = fid.measure(
+                rb, sur, plan, state, window_s, elem_bytes=4 if cfg.device == "cpu" else 2, repeat=i < repeats
+            )
+            row.update(
+                scenario=sc.name,
+                plan=name,
+                device=plan.device.tolist(),
+                tier=plan.tier.tolist(),
+                bits=plan.bits.tolist(),
+                prune=plan.prune.tolist(),
+                fuse=plan.fuse.tolist(),
+            )
             rows.append(row)
-            log(f"  {sc.name}/{name}: real tpot {row['real']['tpot_mean_s'] * 1e3:.1f} ms pred "
-                f"{row['pred']['tpot_mean_s'] * 1e3:.1f} ms ({time.perf_counter() - t0:.1f} s)")
+            log(
+                f"  {sc.name}/{name}: real tpot {row['real']['tpot_mean_s'] * 1e3:.1f} ms pred "
+                f"{row['pred']['tpot_mean_s'] * 1e3:.1f} ms ({time.perf_counter() - t0:.1f} s)"
+            )
     finally:
         rb.close()
     return rows
 
 
 def plan_from_row(row: dict) -> DeploymentPlan:
-    return DeploymentPlan(np.array(row["device"], dtype=np.int16), np.array(row["tier"], dtype=np.int8),
-                          np.array(row["bits"], dtype=np.int8), np.array(row["prune"], dtype=np.float32),
-                          np.array(row["fuse"], dtype=bool))
+    return DeploymentPlan(
+        np.array(row["device"], dtype=np.int16),
+        np.array(row["tier"], dtype=np.int8),
+        np.array(row["bits"], dtype=np.int8),
+        np.array(row["prune"], dtype=np.float32),
+        np.array(row["fuse"], dtype=bool),
+    )
 
 
 OVERHEADS = ("layer_overhead_s", "expert_overhead_s", "transfer_latency_s")
 
 
-def predict_rows(profile: HardwareProfile, spec_dicts: dict[str, dict], rows: list[dict], seed: int
-                 ) -> dict[str, np.ndarray]:
+def predict_rows(
+    profile: HardwareProfile, spec_dicts: dict[str, dict], rows: list[dict], seed: int
+) -> dict[str, np.ndarray]:
     """Surrogate predictions of `rows` (their plans at their realized arrival rates) under `profile`."""
     from coel_env.state import Scenario
 
@@ -163,10 +185,17 @@ def quality_runs(cfg: DictConfig, spec_dict: dict, profile: HardwareProfile, log
     knee = QualityModel().prune_knee
     lin, quad = fit.fit_prune_loss(prune_r, np.array([q[f"prune{r}"] for r in cfg.quality.prune]) / cross, knee)
     frac = QualityModel().fusion_fraction
-    model = QualityModel(loss_per_bits={16: 0.0, 8: q["bits8"], 4: q["bits4"]}, prune_linear=lin, prune_knee=knee,
-                         prune_quadratic=quad, fusion_loss=q["fuse"] / cross / frac, fusion_fraction=frac)
+    model = QualityModel(
+        loss_per_bits={16: 0.0, 8: q["bits8"], 4: q["bits4"]},
+        prune_linear=lin,
+        prune_knee=knee,
+        prune_quadratic=quad,
+        fusion_loss=q["fuse"] / cross / frac,
+        fusion_fraction=frac,
+    )
     return model, [{"plan": r["plan"], "quality_loss": r["real"]["quality_loss"], "kl": r["kl"]} for r in rows] + [
-        {"cross_fraction": cross}]
+        {"cross_fraction": cross}
+    ]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -174,8 +203,11 @@ def summarize(rows: list[dict]) -> dict:
     out = {}
     for k in fid.SCALARS:
         out[k] = fit.error_stats(_arr([r["pred"] for r in rows], k), _arr([r["real"] for r in rows], k))
-    out["quality_loss"]["mae"] = float(np.mean(np.abs(_arr([r["pred"] for r in rows], "quality_loss") -
-                                                      _arr([r["real"] for r in rows], "quality_loss"))))
+    out["quality_loss"]["mae"] = float(
+        np.mean(
+            np.abs(_arr([r["pred"] for r in rows], "quality_loss") - _arr([r["real"] for r in rows], "quality_loss"))
+        )
+    )
     lb_p = np.concatenate([r["pred_link_bytes"] for r in rows])
     lb_r = np.concatenate([r["real_link_bytes"] for r in rows])
     lb_c = np.concatenate([r["count_link_bytes"] for r in rows])
@@ -186,9 +218,15 @@ def summarize(rows: list[dict]) -> dict:
         out[f"memory_{t}"] = fit.error_stats([r["pred_mem"][i] for r in rows], [r["real_mem"][i] for r in rows])
         out[f"memory_{t}"]["exact"] = bool(all(r["pred_mem"][i] == r["real_mem"][i] for r in rows))
     out["by_scenario"] = {
-        name: {k: fit.error_stats(_arr([r["pred"] for r in rows if r["scenario"] == name], k),
-                                  _arr([r["real"] for r in rows if r["scenario"] == name], k)) for k in fid.LATENCY}
-        for name in sorted({r["scenario"] for r in rows})}
+        name: {
+            k: fit.error_stats(
+                _arr([r["pred"] for r in rows if r["scenario"] == name], k),
+                _arr([r["real"] for r in rows if r["scenario"] == name], k),
+            )
+            for k in fid.LATENCY
+        }
+        for name in sorted({r["scenario"] for r in rows})
+    }
     rep = [r for r in rows if "real_repeat" in r]
     if rep:  # the same requests served twice: the real measurement's own spread (a floor for any model's error)
         again, first = [r["real_repeat"] for r in rep], [r["real"] for r in rep]
@@ -216,8 +254,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set(xlabel=f"measured {k}", ylabel="predicted", title=k)
     ax = axes[-1]
-    ax.scatter(np.concatenate([r["real_link_bytes"] for r in rows]),
-               np.concatenate([r["pred_link_bytes"] for r in rows]), s=8)
+    ax.scatter(
+        np.concatenate([r["real_link_bytes"] for r in rows]), np.concatenate([r["pred_link_bytes"] for r in rows]), s=8
+    )
     ax.set(xlabel="measured link bytes", ylabel="predicted", title="bytes per link")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -275,15 +314,18 @@ def run(cfg: DictConfig) -> dict:
         log("end-to-end regression runs")
         train = []
         for name in cfg.e2e.scenarios:  # server counts on both sides of the host's core count
-            train += measure_plans(variants[name], profile, training_plans(variants[name], profile, cfg), cfg,
-                                   cfg.e2e.window_s, log)
+            train += measure_plans(
+                variants[name], profile, training_plans(variants[name], profile, cfg), cfg, cfg.e2e.window_s, log
+            )
         profile = fit_overheads(profile, variants, train, cfg.seed)
         report["overheads"] = {k: getattr(profile, k) for k in (*OVERHEADS, "oversubscription_exponent")}
         tr = predict_rows(profile, variants, train, cfg.seed)
         report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
         log(f"overheads {report['overheads']} train fit {report['train_fit']}")
-    header = (f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"
-              f"Micro sweeps + regression on real-backend windows; details in {cfg.out_dir}/sweeps_{cfg.profile}.json")
+    header = (
+        f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"
+        f"Micro sweeps + regression on real-backend windows; details in {cfg.out_dir}/sweeps_{cfg.profile}.json"
+    )
     if cfg.write_profile:
         path = write_profile(profile, header)
         log(f"wrote {path}")
@@ -311,8 +353,15 @@ def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Pat
             plans[f"random_plan{j}"] = fid.random_plan(sc.cluster, rng)
             j += 1
         log(f"fidelity {name}: {len(plans)} plans")
-        got = measure_plans(variants[name], profile, plans, cfg, cfg.fidelity.window_s, log,
-                            repeats=cfg.fidelity.repeats if i == 0 else 0)
+        got = measure_plans(
+            variants[name],
+            profile,
+            plans,
+            cfg,
+            cfg.fidelity.window_s,
+            log,
+            repeats=cfg.fidelity.repeats if i == 0 else 0,
+        )
         rows += got
     summary = summarize(rows)
     summary["command"] = "python -m experiments.calibrate"
@@ -326,20 +375,33 @@ def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Pat
 
 def fidelity_markdown(summary: dict) -> str:
     """A markdown table of the fidelity summary."""
-    lines = [f"# Surrogate fidelity ({summary['profile']}): {summary['plans']} held-out plans on "
-             f"{', '.join(summary['scenarios'])}", "", "| metric | n | MAPE % | max error % | Spearman |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Surrogate fidelity ({summary['profile']}): {summary['plans']} held-out plans on "
+        f"{', '.join(summary['scenarios'])}",
+        "",
+        "| metric | n | MAPE % | max error % | Spearman |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for k in (*fid.SCALARS, "link_bytes", "memory_gpu", "memory_cpu", "memory_ssd"):
         s = summary[k]
         lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
     if "noise_floor" in summary:
-        lines += ["", "Noise floor (the same requests served twice, real vs real):", "",
-                  "| metric | n | MAPE % | max error % | Spearman |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Noise floor (the same requests served twice, real vs real):",
+            "",
+            "| metric | n | MAPE % | max error % | Spearman |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for k, s in summary["noise_floor"].items():
             lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
-    lines += ["", f"quality_loss MAE: {summary['quality_loss']['mae']:.4f}; link bytes from the dispatcher's wire "
-              f"format equal the measured bytes: {summary['link_bytes_wire_format_exact']}; memory exact: "
-              + ", ".join(f"{t} {summary[f'memory_{t}']['exact']}" for t in ("gpu", "cpu", "ssd")), ""]
+    lines += [
+        "",
+        f"quality_loss MAE: {summary['quality_loss']['mae']:.4f}; link bytes from the dispatcher's wire "
+        f"format equal the measured bytes: {summary['link_bytes_wire_format_exact']}; memory exact: "
+        + ", ".join(f"{t} {summary[f'memory_{t}']['exact']}" for t in ("gpu", "cpu", "ssd")),
+        "",
+    ]
     return "\n".join(lines)
 
 

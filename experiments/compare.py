@@ -55,11 +55,17 @@ def learning_curves(runs: list[Path], out: Path) -> Path | None:
         if not rows:
             continue
         x = [_float(r.get("time/total_timesteps") or r.get("global_step")) for r in rows]
-        ax.plot(x, [_float(r["eval/agent_return"]) for r in rows], marker="o", label=f"agent ({run.name})",
-                color=f"C{i}")
+        ax.plot(
+            x, [_float(r["eval/agent_return"]) for r in rows], marker="o", label=f"agent ({run.name})", color=f"C{i}"
+        )
         plotted = True
-        baselines = sorted(k for k in rows[0] if k.startswith("eval/") and k.endswith("_return")
-                           and k not in ("eval/agent_return", "eval/best_baseline_return"))
+        baselines = sorted(
+            k
+            for k in rows[0]
+            if k.startswith("eval/")
+            and k.endswith("_return")
+            and k not in ("eval/agent_return", "eval/best_baseline_return")
+        )
         for j, key in enumerate(baselines):
             vals = [_float(r.get(key)) for r in read_csv(run / "progress.csv") if r.get(key)]
             if vals and i == 0:
@@ -138,17 +144,27 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
     return paths
 
 
-LEADERBOARD_COLUMNS = (("policy", "policy", None), ("return", "return", 1.0), ("e2e_p95_s", "p95 latency (s)", 1.0),
-                       ("tokens_per_s", "tokens/s", 1.0), ("quality_loss", "quality loss (%)", 100.0),
-                       ("energy_j", "energy (kJ/epoch)", 1e-3), ("migration_bytes", "migration (GB)", 1e-9),
-                       ("slo_attainment", "SLO (%)", 100.0))
+LEADERBOARD_COLUMNS = (
+    ("policy", "policy", None),
+    ("return", "return", 1.0),
+    ("e2e_p95_s", "p95 latency (s)", 1.0),
+    ("tokens_per_s", "tokens/s", 1.0),
+    ("quality_loss", "quality loss (%)", 100.0),
+    ("energy_j", "energy (kJ/epoch)", 1e-3),
+    ("migration_bytes", "migration (GB)", 1e-9),
+    ("slo_attainment", "SLO (%)", 100.0),
+)
 
 
 def leaderboard_markdown(rows: list[dict]) -> str:
     lines = []
     for sc in sorted({r["scenario"] for r in rows}):
-        lines += [f"### {sc}", "", "| " + " | ".join(c[1] for c in LEADERBOARD_COLUMNS) + " |",
-                  "|" + "---|" * len(LEADERBOARD_COLUMNS)]
+        lines += [
+            f"### {sc}",
+            "",
+            "| " + " | ".join(c[1] for c in LEADERBOARD_COLUMNS) + " |",
+            "|" + "---|" * len(LEADERBOARD_COLUMNS),
+        ]
         sub = sorted((r for r in rows if r["scenario"] == sc), key=lambda r: -_float(r["return"]))
         for r in sub:
             cells = []
@@ -189,10 +205,14 @@ def markdown_to_html(md: str, title: str) -> str:
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
-           f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def check(cfg: DictConfig) -> None:
@@ -214,16 +234,22 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
         raise ConfigError(f"leaderboard: '{board_dir}' has no leaderboard.csv (run experiments.evaluate first)")
     md = ["# CoEL-Gym comparison report", ""]
     images: dict[str, Path] = {}
-    summaries = [json.loads((r / "train_summary.json").read_text()) for r in runs
-                 if (r / "train_summary.json").is_file()]
+    summaries = [
+        json.loads((r / "train_summary.json").read_text()) for r in runs if (r / "train_summary.json").is_file()
+    ]
     if summaries:
-        md += ["## Training runs", "",
-               "| run | algorithm | scenario | seed | steps | wall (s) | first beat all baselines (s) |",
-               "|---|---|---|---|---|---|---|"]
+        md += [
+            "## Training runs",
+            "",
+            "| run | algorithm | scenario | seed | steps | wall (s) | first beat all baselines (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r, s in zip(runs, summaries):
             first = f"{s['first_win_s']:.0f}" if s.get("first_win_s") is not None else "not within the run"
-            md.append(f"| {r.name} | {s['algo']} | {s['scenario']} | {s['seed']} | {s['timesteps']} | "
-                      f"{s['train_time_s']:.0f} | {first} |")
+            md.append(
+                f"| {r.name} | {s['algo']} | {s['scenario']} | {s['seed']} | {s['timesteps']} | "
+                f"{s['train_time_s']:.0f} | {first} |"
+            )
         md.append("")
     curve = learning_curves(runs, out) if runs else None
     if curve:
@@ -232,19 +258,31 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
     rows: list[dict] = []
     if board_dir is not None:
         rows = read_csv(board_dir / "leaderboard.csv")
-        md += ["## Leaderboard", "", f"From `{board_dir}` (mean ± 95% CI over episodes).", "",
-               leaderboard_markdown(rows)]
-        p1 = pareto_plot(rows, "e2e_p95_s", "quality_loss", "p95 latency (s)", "quality loss",
-                         out / "pareto_latency_quality.png")
-        p2 = pareto_plot(rows, "e2e_p95_s", "energy_j", "p95 latency (s)", "energy per epoch (J)",
-                         out / "pareto_latency_energy.png")
+        md += [
+            "## Leaderboard",
+            "",
+            f"From `{board_dir}` (mean ± 95% CI over episodes).",
+            "",
+            leaderboard_markdown(rows),
+        ]
+        p1 = pareto_plot(
+            rows, "e2e_p95_s", "quality_loss", "p95 latency (s)", "quality loss", out / "pareto_latency_quality.png"
+        )
+        p2 = pareto_plot(
+            rows, "e2e_p95_s", "energy_j", "p95 latency (s)", "energy per epoch (J)", out / "pareto_latency_energy.png"
+        )
         images.update(pareto_latency_quality=p1, pareto_latency_energy=p2)
         md += ["## Pareto fronts", "", f"![latency vs quality]({p1.name})", "", f"![latency vs energy]({p2.name})", ""]
     if cfg.heatmaps.scenario:
         policies = list(cfg.heatmaps.policies) + [str(r / "policy") for r in runs if (r / "policy").is_dir()]
         heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out)
-        md += ["## Placements", "", f"Deployments held after {cfg.heatmaps.epochs} epochs on "
-               f"`{cfg.heatmaps.scenario}` (layers × experts coloured by device, tier and bits; link loads).", ""]
+        md += [
+            "## Placements",
+            "",
+            f"Deployments held after {cfg.heatmaps.epochs} epochs on "
+            f"`{cfg.heatmaps.scenario}` (layers × experts coloured by device, tier and bits; link loads).",
+            "",
+        ]
         for p in heat:
             images[p.stem] = p
             md += [f"![{p.stem}]({p.name})", ""]
@@ -258,8 +296,13 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
 def log_wandb(cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Path], text: str) -> None:
     from agents.tracking import init_wandb
 
-    run = init_wandb(OmegaConf.to_container(cfg.logger), out, OmegaConf.to_container(cfg, resolve=True),
-                     name="compare", job_type="report")
+    run = init_wandb(
+        OmegaConf.to_container(cfg.logger),
+        out,
+        OmegaConf.to_container(cfg, resolve=True),
+        name="compare",
+        job_type="report",
+    )
     if run is None or run.disabled:
         return
     import wandb

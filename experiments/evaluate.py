@@ -54,8 +54,16 @@ METRICS: tuple[tuple[str, str, float], ...] = (
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -74,8 +82,9 @@ def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
     kw = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if v is not None}
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
     hardware = backend.pop("hardware", None)
-    kw.update(scenario=scenario_with_hardware(scenario, hardware), max_epochs=int(cfg.max_epochs),
-              backend=backend.pop("name"))
+    kw.update(
+        scenario=scenario_with_hardware(scenario, hardware), max_epochs=int(cfg.max_epochs), backend=backend.pop("name")
+    )
     if backend:
         kw["backend_kwargs"] = backend
     return kw
@@ -104,8 +113,9 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
     if pkw is None:
         return
     if not isinstance(pkw, dict):
-        raise ConfigError(f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. "
-                          "policy_kwargs.oracle.time_limit=5")
+        raise ConfigError(
+            f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. policy_kwargs.oracle.time_limit=5"
+        )
     for name in cfg.policies:
         if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments
             continue
@@ -113,8 +123,9 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
         if not isinstance(kw, dict):
             raise ConfigError(f"policy_kwargs.{name}: {kw!r} must be a mapping of constructor arguments")
         if "seed" in kw:
-            raise ConfigError(f"policy_kwargs.{name}.seed: not an argument here; episodes are seeded by seeds and "
-                              "seed_offset")
+            raise ConfigError(
+                f"policy_kwargs.{name}.seed: not an argument here; episodes are seeded by seeds and seed_offset"
+            )
         make_policy(str(name), seed=int(cfg.seed_offset), **kw)
 
 
@@ -128,8 +139,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     pkw = OmegaConf.to_container(cfg.policy_kwargs, resolve=True) or {}
     commit = git_commit()
     rows, episodes = [], []
-    bar = tqdm(total=len(cfg.scenarios) * len(cfg.policies) * len(seeds), desc="evaluate",
-               disable=not cfg.progress_bar)
+    bar = tqdm(total=len(cfg.scenarios) * len(cfg.policies) * len(seeds), desc="evaluate", disable=not cfg.progress_bar)
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
         base_env = gym.make("CoEL-v0", **kwargs)
@@ -143,8 +153,14 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 env_kw = {**kwargs, **{k: agent.env_kwargs[k] for k in shaping if k in agent.env_kwargs}}
                 env = gym.make("CoEL-v0", **env_kw)
                 name = agent.name
-            config = {"policy": name, "policy_kwargs": kw, "scenario": scenario, "seeds": seeds,
-                      "env": env_kw, "git": commit}
+            config = {
+                "policy": name,
+                "policy_kwargs": kw,
+                "scenario": scenario,
+                "seeds": seeds,
+                "env": env_kw,
+                "git": commit,
+            }
             cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
             eps = []
             pred = predictor(env, cfg)
@@ -153,13 +169,16 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 policy = agent if agent is not None else make_policy(name, seed=seed, **kw)
                 t0 = time.perf_counter()
                 ep = run_episode(env, policy, seed, predictor=pred)
-                ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0,
-                          config_id=cid)
+                ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0, config_id=cid)
                 eps.append(ep)
                 bar.update(1)
-            row: dict[str, Any] = {"scenario": scenario, "policy": name, "episodes": len(eps),
-                                   "epochs": int(np.mean([e["epochs"] for e in eps])),
-                                   "repairs": float(np.mean([e["repairs"] for e in eps]))}
+            row: dict[str, Any] = {
+                "scenario": scenario,
+                "policy": name,
+                "episodes": len(eps),
+                "epochs": int(np.mean([e["epochs"] for e in eps])),
+                "repairs": float(np.mean([e["repairs"] for e in eps])),
+            }
             for key, _, _ in METRICS:
                 row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
             for key in (k for k in eps[0] if k.startswith("pred_")):  # the surrogate's prediction, same windows
@@ -191,26 +210,39 @@ def _fmt(x: float, ci: float, scale: float) -> str:
 def markdown(rows: list[dict], cfg: DictConfig) -> str:
     cols = [t for _, t, _ in METRICS]
     first, last = int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds) - 1
-    lines = [f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)", "",
-             f"{int(cfg.seeds)} episodes per cell (seeds {first}..{last}), "
-             f"{int(cfg.max_epochs)} decision epochs each, reward space `{cfg.env.reward_space}`, perception "
-             f"`{cfg.env.perception}`. Mean ± 95% CI over episodes; p95 latency, tokens/s, quality loss, energy and "
-             "SLO attainment are per-epoch means, migration is the episode total. Sorted by return.", ""]
+    lines = [
+        f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)",
+        "",
+        f"{int(cfg.seeds)} episodes per cell (seeds {first}..{last}), "
+        f"{int(cfg.max_epochs)} decision epochs each, reward space `{cfg.env.reward_space}`, perception "
+        f"`{cfg.env.perception}`. Mean ± 95% CI over episodes; p95 latency, tokens/s, quality loss, energy and "
+        "SLO attainment are per-epoch means, migration is the episode total. Sorted by return.",
+        "",
+    ]
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        lines += [f"## {scenario}", "", "| policy | " + " | ".join(cols) + " | config |",
-                  "|---" * (len(cols) + 2) + "|"]
+        lines += [
+            f"## {scenario}",
+            "",
+            "| policy | " + " | ".join(cols) + " | config |",
+            "|---" * (len(cols) + 2) + "|",
+        ]
         for r in sorted((r for r in rows if r["scenario"] == scenario), key=lambda r: -r["return"]):
             cells = [_fmt(r[k], r[f"{k}_ci95"], s) for k, _, s in METRICS]
             lines.append(f"| {r['policy']} | " + " | ".join(cells) + f" | `{r['config_id']}` |")
         lines.append("")
     pred = [(k, t, sc) for k, t, sc in METRICS if f"pred_{k}" in rows[0]]
     if pred:
-        lines += ["## Measured vs the surrogate's prediction (same plans, same windows)", "",
-                  "| scenario | policy | " + " | ".join(f"{t} measured | predicted" for _, t, _ in pred) + " |",
-                  "|---" * (2 + 2 * len(pred)) + "|"]
+        lines += [
+            "## Measured vs the surrogate's prediction (same plans, same windows)",
+            "",
+            "| scenario | policy | " + " | ".join(f"{t} measured | predicted" for _, t, _ in pred) + " |",
+            "|---" * (2 + 2 * len(pred)) + "|",
+        ]
         for r in rows:
-            cells = [f"{_fmt(r[k], r[f'{k}_ci95'], sc)} | {_fmt(r[f'pred_{k}'], r[f'pred_{k}_ci95'], sc)}"
-                     for k, _, sc in pred]
+            cells = [
+                f"{_fmt(r[k], r[f'{k}_ci95'], sc)} | {_fmt(r[f'pred_{k}'], r[f'pred_{k}_ci95'], sc)}"
+                for k, _, sc in pred
+            ]
             lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, seeds, git commit):", ""]
@@ -233,8 +265,13 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         for ax, sc in zip(axes[0], scenarios):
             sel = {r["policy"]: r for r in rows if r["scenario"] == sc}
             names = [p for p in policies if p in sel]
-            ax.bar(range(len(names)), [sel[p][key] * scale for p in names],
-                   yerr=[sel[p][f"{key}_ci95"] * scale for p in names], color="tab:blue", capsize=3)
+            ax.bar(
+                range(len(names)),
+                [sel[p][key] * scale for p in names],
+                yerr=[sel[p][f"{key}_ci95"] * scale for p in names],
+                color="tab:blue",
+                capsize=3,
+            )
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
             ax.set_title(sc, fontsize=10)
             ax.set_ylabel(title)
@@ -253,9 +290,16 @@ def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
         return
     import wandb
 
-    run = wandb.init(mode=mode, project=lg.get("project", "coel-gym"), entity=lg.get("entity"),
-                     group=lg.get("group"), tags=[*list(lg.get("tags") or []), "evaluate"], dir=str(out),
-                     config=OmegaConf.to_container(cfg, resolve=True), job_type="evaluate")
+    run = wandb.init(
+        mode=mode,
+        project=lg.get("project", "coel-gym"),
+        entity=lg.get("entity"),
+        group=lg.get("group"),
+        tags=[*list(lg.get("tags") or []), "evaluate"],
+        dir=str(out),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        job_type="evaluate",
+    )
     cols = list(rows[0])
     run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     for png in sorted(out.glob("leaderboard_*.png")):

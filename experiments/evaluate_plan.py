@@ -1,8 +1,8 @@
 """Evaluate one deployment plan on the surrogate and print its metrics as JSON.
 
-    python -m experiments.evaluate_plan scenario=metro-8 plan=uniform
-    python -m experiments.evaluate_plan scenario=paper-testbed plan=path/to/manifest.json
-    python -m experiments.evaluate_plan scenario=paper-testbed hardware=h100     # a profile of conf/hardware
+python -m experiments.evaluate_plan scenario=metro-8 plan=uniform
+python -m experiments.evaluate_plan scenario=paper-testbed plan=path/to/manifest.json
+python -m experiments.evaluate_plan scenario=paper-testbed hardware=h100     # a profile of conf/hardware
 """
 
 from __future__ import annotations
@@ -39,9 +39,14 @@ def evaluate(cfg: DictConfig) -> dict:
     window = window or scenario.spec.dynamics.epoch_s
     metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, seed), window)
     return {
-        "scenario": scenario.name, "plan": str(cfg.plan), "seed": seed, "backend": "surrogate",
-        "hardware": scenario.cluster.hw.name, "metrics": metrics.to_dict(),
-        "devices": scenario.cluster.device_names, "servers": scenario.cluster.server_names,
+        "scenario": scenario.name,
+        "plan": str(cfg.plan),
+        "seed": seed,
+        "backend": "surrogate",
+        "hardware": scenario.cluster.hw.name,
+        "metrics": metrics.to_dict(),
+        "devices": scenario.cluster.device_names,
+        "servers": scenario.cluster.server_names,
         "links": [list(e) for e in scenario.cluster.link_ends],
     }
 

@@ -35,8 +35,10 @@ def export_run(run: str | Path, out: str | Path | None = None, checkpoint: str |
     target = Path(out) if out else run / "policy"
     real_run, real_target = run.resolve(), Path(os.path.abspath(target)).resolve()
     if real_target == real_run or real_target in real_run.parents:
-        raise ConfigError(f"out: '{target}' is the run directory '{run}' or contains it; refusing to replace it "
-                          f"(the default is '{run / 'policy'}')")
+        raise ConfigError(
+            f"out: '{target}' is the run directory '{run}' or contains it; refusing to replace it "
+            f"(the default is '{run / 'policy'}')"
+        )
     check_export_target(target)  # before any work: a run, a folder of other files or a file is never replaced
     if checkpoint is not None and (not isinstance(checkpoint, str) or Path(checkpoint).name != checkpoint):
         raise ConfigError(f"checkpoint: {checkpoint!r} must be a checkpoint name in '{run / 'checkpoints'}'")

@@ -52,19 +52,52 @@ def run(cfg: DictConfig, root: Path) -> dict:
     choice = HydraConfig.get().runtime.choices
     scenario = choice["scenario"]
     times = {}
-    times["train"] = stage("train", "experiments.train", [
-        f"scenario={scenario}", f"experiment={choice['experiment']}", f"agent={choice['agent']}",
-        "progress_bar=true", f"hydra.run.dir={train_dir}", *cfg.train_overrides], root)
+    times["train"] = stage(
+        "train",
+        "experiments.train",
+        [
+            f"scenario={scenario}",
+            f"experiment={choice['experiment']}",
+            f"agent={choice['agent']}",
+            "progress_bar=true",
+            f"hydra.run.dir={train_dir}",
+            *cfg.train_overrides,
+        ],
+        root,
+    )
     policies = [*cfg.policies, str(train_dir / "policy")]
-    times["evaluate"] = stage("evaluate", "experiments.evaluate", [
-        f"scenarios=[{scenario}]", f"policies=[{','.join(policies)}]", f"seeds={cfg.seeds}",
-        f"max_epochs={cfg.eval_epochs}", f"hydra.run.dir={eval_dir}"], root)
-    times["compare"] = stage("compare", "experiments.compare", [
-        f"runs=[{train_dir}]", f"leaderboard={eval_dir}", f"heatmaps.scenario={scenario}",
-        f"hydra.run.dir={report_dir}"], root)
-    summary = {"root": str(root), "times_s": times, "model": str(train_dir / "model.zip"),
-               "policy": str(train_dir / "policy"), "leaderboard": str(eval_dir / "leaderboard.md"),
-               "report": str(report_dir / "report.md"), "report_html": str(report_dir / "report.html")}
+    times["evaluate"] = stage(
+        "evaluate",
+        "experiments.evaluate",
+        [
+            f"scenarios=[{scenario}]",
+            f"policies=[{','.join(policies)}]",
+            f"seeds={cfg.seeds}",
+            f"max_epochs={cfg.eval_epochs}",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        root,
+    )
+    times["compare"] = stage(
+        "compare",
+        "experiments.compare",
+        [
+            f"runs=[{train_dir}]",
+            f"leaderboard={eval_dir}",
+            f"heatmaps.scenario={scenario}",
+            f"hydra.run.dir={report_dir}",
+        ],
+        root,
+    )
+    summary = {
+        "root": str(root),
+        "times_s": times,
+        "model": str(train_dir / "model.zip"),
+        "policy": str(train_dir / "policy"),
+        "leaderboard": str(eval_dir / "leaderboard.md"),
+        "report": str(report_dir / "report.md"),
+        "report_html": str(report_dir / "report.html"),
+    }
     atomic_write_json(root / "summary.json", summary)
     return summary
 

@@ -45,14 +45,21 @@ def measure(scenario_name, input_len: int, output_len: int, cfg: DictConfig) -> 
     """Latency and per-request throughput of one request at a time with the configured plan (`scenario_name`: a
     registry name, path, dict or spec)."""
     spec = load_scenario_spec(scenario_name)
-    workload = spec.workload.model_copy(update={  # validated: a bad length fails here, not in the kernels
-        "input_len": LengthDist(dist="fixed", mean=input_len), "output_len": LengthDist(dist="fixed", mean=output_len),
-    })
+    workload = spec.workload.model_copy(
+        update={  # validated: a bad length fails here, not in the kernels
+            "input_len": LengthDist(dist="fixed", mean=input_len),
+            "output_len": LengthDist(dist="fixed", mean=output_len),
+        }
+    )
     scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=hardware_from_cfg(cfg))
     plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
     metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window_s=60.0)
-    return {"latency_s": metrics.e2e_mean_s, "tok_s": metrics.request_tokens_per_s, "ttft_s": metrics.ttft_mean_s,
-            "tpot_s": metrics.tpot_mean_s}
+    return {
+        "latency_s": metrics.e2e_mean_s,
+        "tok_s": metrics.request_tokens_per_s,
+        "ttft_s": metrics.ttft_mean_s,
+        "tpot_s": metrics.tpot_mean_s,
+    }
 
 
 def run(cfg: DictConfig) -> dict:
@@ -62,13 +69,23 @@ def run(cfg: DictConfig) -> dict:
         one = measure(s.single_server, cfg.input_len_fixed, out_len, cfg)
         two = measure(s.two_servers, cfg.input_len_fixed, out_len, cfg)
         fig4.append({"output_len": out_len, "single_server_tok_s": one["tok_s"], "two_servers_tok_s": two["tok_s"]})
-        fig5.append({"output_len": out_len, "single_server_latency_s": one["latency_s"],
-                     "two_servers_latency_s": two["latency_s"]})
+        fig5.append(
+            {
+                "output_len": out_len,
+                "single_server_latency_s": one["latency_s"],
+                "two_servers_latency_s": two["latency_s"],
+            }
+        )
     for in_len in cfg.input_lens:
         two = measure(s.two_servers, in_len, cfg.output_len_fixed, cfg)
         three = measure(s.three_servers, in_len, cfg.output_len_fixed, cfg)
-        fig6.append({"input_len": in_len, "two_servers_latency_s": two["latency_s"],
-                     "three_servers_latency_s": three["latency_s"]})
+        fig6.append(
+            {
+                "input_len": in_len,
+                "two_servers_latency_s": two["latency_s"],
+                "three_servers_latency_s": three["latency_s"],
+            }
+        )
     return {"fig4": fig4, "fig5": fig5, "fig6": fig6}
 
 
@@ -88,13 +105,27 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
-        ("fig4", "output_len", [("single_server_tok_s", "1 server, 2 GPUs"), ("two_servers_tok_s", "2 servers, 1 GPU")],
-         "generation throughput (tokens/s)", "(a) throughput vs output length (input 128)"),
-        ("fig5", "output_len", [("single_server_latency_s", "1 server, 2 GPUs"),
-                                ("two_servers_latency_s", "2 servers, 1 GPU")],
-         "end-to-end latency (s)", "(b) latency vs output length (input 128)"),
-        ("fig6", "input_len", [("two_servers_latency_s", "2 servers"), ("three_servers_latency_s", "3 servers")],
-         "end-to-end latency (s)", "(c) latency vs input length (output 128)"),
+        (
+            "fig4",
+            "output_len",
+            [("single_server_tok_s", "1 server, 2 GPUs"), ("two_servers_tok_s", "2 servers, 1 GPU")],
+            "generation throughput (tokens/s)",
+            "(a) throughput vs output length (input 128)",
+        ),
+        (
+            "fig5",
+            "output_len",
+            [("single_server_latency_s", "1 server, 2 GPUs"), ("two_servers_latency_s", "2 servers, 1 GPU")],
+            "end-to-end latency (s)",
+            "(b) latency vs output length (input 128)",
+        ),
+        (
+            "fig6",
+            "input_len",
+            [("two_servers_latency_s", "2 servers"), ("three_servers_latency_s", "3 servers")],
+            "end-to-end latency (s)",
+            "(c) latency vs input length (output 128)",
+        ),
     ]
     for ax, (key, xkey, series, ylabel, title) in zip(axes, panels):
         rows = results[key]
@@ -123,10 +154,18 @@ def reproduce(cfg: DictConfig) -> None:
         raise SystemExit(error_line(exc, out)) from None
     write_outputs(results, out)
     f4, f6 = results["fig4"], results["fig6"]
-    log.info("fig4 @%d out: 1 server %.1f tok/s vs 2 servers %.1f tok/s", f4[-1]["output_len"],
-             f4[-1]["single_server_tok_s"], f4[-1]["two_servers_tok_s"])
-    log.info("fig6 @%d in: 2 servers %.2f s vs 3 servers %.2f s", f6[-1]["input_len"],
-             f6[-1]["two_servers_latency_s"], f6[-1]["three_servers_latency_s"])
+    log.info(
+        "fig4 @%d out: 1 server %.1f tok/s vs 2 servers %.1f tok/s",
+        f4[-1]["output_len"],
+        f4[-1]["single_server_tok_s"],
+        f4[-1]["two_servers_tok_s"],
+    )
+    log.info(
+        "fig6 @%d in: 2 servers %.2f s vs 3 servers %.2f s",
+        f6[-1]["input_len"],
+        f6[-1]["two_servers_latency_s"],
+        f6[-1]["three_servers_latency_s"],
+    )
     print(f"paper reproduction written to {out}")
 
 

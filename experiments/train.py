@@ -63,8 +63,9 @@ def check_cfg(cfg: DictConfig) -> None:
     for field in ("n_envs", "total_timesteps", "eval_episodes", "torch_threads"):
         require_int(cfg[field], field, 1)
     for field in ("checkpoint_every", "eval_every"):  # null turns them off
-        if cfg[field] is not None and (isinstance(cfg[field], bool) or not isinstance(cfg[field], int)
-                                       or cfg[field] <= 0):
+        if cfg[field] is not None and (
+            isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] <= 0
+        ):
             raise ConfigError(f"{field}: {cfg[field]!r} must be an integer >= 1 (env steps), or null for off")
     for field in ("normalize_obs", "export", "progress_bar"):
         if not isinstance(cfg[field], bool):
@@ -76,8 +77,9 @@ def check_cfg(cfg: DictConfig) -> None:
     check_agent_config(agent_config(cfg.agent), cfg.n_envs)  # the same whitelist and ranges a checkpoint gets
     baselines = cfg.eval_baselines
     if not OmegaConf.is_list(baselines) and not isinstance(baselines, list):
-        raise ConfigError(f"eval_baselines: {baselines!r} must be a list of baseline names; allowed: "
-                          f"{', '.join(POLICIES)}")
+        raise ConfigError(
+            f"eval_baselines: {baselines!r} must be a list of baseline names; allowed: {', '.join(POLICIES)}"
+        )
     for name in baselines:
         if not isinstance(name, str) or name not in POLICIES:
             raise ConfigError(f"eval_baselines: unknown baseline {name!r}; allowed: {', '.join(POLICIES)}")
@@ -94,33 +96,53 @@ def train(cfg: DictConfig, out: Path) -> dict:
     obs_exclude = tuple(cfg.obs_exclude or ())
     venv = run = None
     try:
-        venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs,
-                                 obs_exclude)
+        venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude)
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
-        run = init_wandb(OmegaConf.to_container(cfg.logger), out, config,
-                         name=f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}")
+        run = init_wandb(
+            OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
+        )
         model.set_logger(make_sb3_logger(out, run))
         callback = BaselineEvalCallback(
-            env_kwargs=kwargs, baselines=list(cfg.eval_baselines), episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
-            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, checkpoint_dir=out / "checkpoints",
-            out_dir=out, run=run, knobs=cfg.knobs, obs_exclude=obs_exclude, agent_cfg=cfg.agent,
+            env_kwargs=kwargs,
+            baselines=list(cfg.eval_baselines),
+            episodes=cfg.eval_episodes,
+            seed=cfg.seed + 10_000,
+            eval_every=cfg.eval_every,
+            checkpoint_every=cfg.checkpoint_every,
+            checkpoint_dir=out / "checkpoints",
+            out_dir=out,
+            run=run,
+            knobs=cfg.knobs,
+            obs_exclude=obs_exclude,
+            agent_cfg=cfg.agent,
         )
         start = time.time()
-        model.learn(cfg.total_timesteps, callback=callback, progress_bar=cfg.progress_bar,
-                    reset_num_timesteps=checkpoint is None)
+        model.learn(
+            cfg.total_timesteps,
+            callback=callback,
+            progress_bar=cfg.progress_bar,
+            reset_num_timesteps=checkpoint is None,
+        )
         train_time = time.time() - start
         save_model(model, out / "model.zip", cfg.agent, venv)
-        summary = {"algo": algo, "scenario": kwargs["scenario"]["name"], "seed": cfg.seed,
-                   "timesteps": int(model.num_timesteps), "train_time_s": train_time,
-                   "first_win_s": callback.first_win_s, "evaluations": callback.history}
+        summary = {
+            "algo": algo,
+            "scenario": kwargs["scenario"]["name"],
+            "seed": cfg.seed,
+            "timesteps": int(model.num_timesteps),
+            "train_time_s": train_time,
+            "first_win_s": callback.first_win_s,
+            "evaluations": callback.history,
+        }
         probe = CoELEnv(**kwargs)
         try:
             obs_keys = observed_keys(probe.observation_space, obs_exclude)
         finally:
             probe.close()
-        atomic_write_json(out / "env_spec.json", {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs,
-                                                  "obs_keys": obs_keys})
+        atomic_write_json(
+            out / "env_spec.json", {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs, "obs_keys": obs_keys}
+        )
         if cfg.export:
             summary["policy_dir"] = str(out / "policy")
         atomic_write_json(out / "train_summary.json", summary, default=_json_default)
@@ -149,8 +171,10 @@ def main(cfg: DictConfig) -> None:
         summary = train(cfg, out)
     except CoELError as exc:
         raise SystemExit(error_line(exc, out)) from None
-    print(f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "
-          f"outputs in {out}")
+    print(
+        f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "
+        f"outputs in {out}"
+    )
 
 
 if __name__ == "__main__":

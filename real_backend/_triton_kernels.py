@@ -25,8 +25,11 @@ def _int4_mm_kernel(x_ptr, p_ptr, s_ptr, y_ptr, M, N, K, G: tl.constexpr, BM: tl
         s = tl.load(s_ptr + rn * ngroups + g, mask=rn < N, other=0.0).to(tl.float32)
         w = (w * s[:, None]).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(
+        y_ptr + rm[:, None] * N + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, group: int) -> torch.Tensor:

@@ -61,12 +61,20 @@ LAUNCHERS = ("auto", "spawn", "torchrun")
 MAX_THREADS = 1024
 # the constructor's scalar options (a config's `backend_kwargs`): each checked in one line before anything starts
 OPTIONS = {
-    "seed": Arg(int, 0), "timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
-    "start_timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True), "measure_quality": Arg(bool, optional=True),
-    "cpu_compute": Arg(bool, optional=True), "prefetch": Arg(int, 0, MAX_EXPERTS),
-    "max_requests_per_server": Arg(int, 1, optional=True), "arch": Arg(str, optional=True),
-    "threads": Arg(int, 1, MAX_THREADS), "gen_device": Arg(str), "device": Arg(str), "links": Arg(str),
-    "route_from": Arg(str), "launcher": Arg(str),
+    "seed": Arg(int, 0),
+    "timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
+    "start_timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
+    "measure_quality": Arg(bool, optional=True),
+    "cpu_compute": Arg(bool, optional=True),
+    "prefetch": Arg(int, 0, MAX_EXPERTS),
+    "max_requests_per_server": Arg(int, 1, optional=True),
+    "arch": Arg(str, optional=True),
+    "threads": Arg(int, 1, MAX_THREADS),
+    "gen_device": Arg(str),
+    "device": Arg(str),
+    "links": Arg(str),
+    "route_from": Arg(str),
+    "launcher": Arg(str),
 }
 __all__ = ["LAUNCHERS", "LINK_MODES", "ROUTE_MODES", "RealBackend", "ServerError", "make_real_backend"]
 CLOSE_TIMEOUT_S = 5.0  # close(): how long the servers may take to answer "close" (then they are terminated)
@@ -104,20 +112,47 @@ class RealBackend:
 
     name = "real"
 
-    def __init__(self, cluster: Cluster, *, seed: int = 0, checkpoint: str | Path | None = None, device: str = "cpu",
-                 links: str = "app", timeout_s: float = 60.0, start_timeout_s: float = 180.0,
-                 route_from: str = "traces", measure_quality: bool | None = None, cpu_compute: bool | None = None,
-                 prefetch: int = 0, max_requests_per_server: int | None = None, arch: str | None = None,
-                 threads: int = 1, routing: RoutingModel | None = None, gen_device: str = "cpu",
-                 launcher: str = "auto"):
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        seed: int = 0,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        links: str = "app",
+        timeout_s: float = 60.0,
+        start_timeout_s: float = 180.0,
+        route_from: str = "traces",
+        measure_quality: bool | None = None,
+        cpu_compute: bool | None = None,
+        prefetch: int = 0,
+        max_requests_per_server: int | None = None,
+        arch: str | None = None,
+        threads: int = 1,
+        routing: RoutingModel | None = None,
+        gen_device: str = "cpu",
+        launcher: str = "auto",
+    ):
         self.channel: PipeChannel | TorchrunChannel | None = None  # first: close() / __del__ work on a failed init
         self.session: TorchrunSession | None = None
         self.netns: NetnsTopology | None = None
         self.ssd_root: str | None = None
-        given = dict(seed=seed, timeout_s=timeout_s, start_timeout_s=start_timeout_s, measure_quality=measure_quality,
-                     cpu_compute=cpu_compute, prefetch=prefetch, max_requests_per_server=max_requests_per_server,
-                     arch=arch, threads=threads, gen_device=gen_device, device=device, links=links,
-                     route_from=route_from, launcher=launcher)
+        given = dict(
+            seed=seed,
+            timeout_s=timeout_s,
+            start_timeout_s=start_timeout_s,
+            measure_quality=measure_quality,
+            cpu_compute=cpu_compute,
+            prefetch=prefetch,
+            max_requests_per_server=max_requests_per_server,
+            arch=arch,
+            threads=threads,
+            gen_device=gen_device,
+            device=device,
+            links=links,
+            route_from=route_from,
+            launcher=launcher,
+        )
         ok = {k: OPTIONS[k].check(f"real backend: {k}", v) for k, v in given.items()}
         seed, timeout_s, start_timeout_s = ok["seed"], ok["timeout_s"], ok["start_timeout_s"]
         if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
@@ -132,8 +167,10 @@ class RealBackend:
             raise ConfigError(f"real backend: launcher '{launcher}' unknown; allowed: {', '.join(LAUNCHERS)}")
         launch = torchrun_env() if launcher != "spawn" else None
         if launcher == "torchrun" and launch is None:
-            raise ConfigError("real backend: launcher 'torchrun' but RANK/WORLD_SIZE/LOCAL_RANK/TORCHELASTIC_RUN_ID "
-                              "are not set; start the script with torchrun")
+            raise ConfigError(
+                "real backend: launcher 'torchrun' but RANK/WORLD_SIZE/LOCAL_RANK/TORCHELASTIC_RUN_ID "
+                "are not set; start the script with torchrun"
+            )
         self.cluster = cluster
         self.cfg = MoEConfig.from_hf_config(checkpoint) if checkpoint else MoEConfig.from_spec(cluster.model, arch)
         self.seed, self.checkpoint, self.device, self.links = seed, checkpoint, device, links
@@ -166,15 +203,27 @@ class RealBackend:
         self.ssd_root = tempfile.mkdtemp(prefix="coel-real-")
         addr = "127.0.0.1"
         if self.links == "netns":
-            rates = [float(min(c.link_bw[k] for k, (a, b) in enumerate(c.link_ends) if n in (a, b)) * 8)
-                     for n in c.server_names]
+            rates = [
+                float(min(c.link_bw[k] for k, (a, b) in enumerate(c.link_ends) if n in (a, b)) * 8)
+                for n in c.server_names
+            ]
             self.netns = NetnsTopology(rates).__enter__()
             addr = self.netns.address(0)
         spec = WorkerSpec(
-            cluster=c, cfg=self.cfg, seed=self.seed, checkpoint=str(self.checkpoint) if self.checkpoint else None,
-            ssd_root=self.ssd_root, device=self.device, master_addr=addr, master_port=_free_port(),
-            timeout_s=self.timeout_s, cpu_compute=self.cpu_compute, prefetch=self.prefetch,
-            affinity=self.routing.affinity if self.prefetch else None, links=self.links, threads=self.threads,
+            cluster=c,
+            cfg=self.cfg,
+            seed=self.seed,
+            checkpoint=str(self.checkpoint) if self.checkpoint else None,
+            ssd_root=self.ssd_root,
+            device=self.device,
+            master_addr=addr,
+            master_port=_free_port(),
+            timeout_s=self.timeout_s,
+            cpu_compute=self.cpu_compute,
+            prefetch=self.prefetch,
+            affinity=self.routing.affinity if self.prefetch else None,
+            links=self.links,
+            threads=self.threads,
             gen_device=self.gen_device,
         )
         _OPEN.add(self)
@@ -259,9 +308,13 @@ class RealBackend:
         link = self._pair_to_links(pair)
         return MigrationReport(
             bytes_total=float(sum(r["local"] + r["peer"] + r["cloud"] for r in res)),
-            bytes_local=float(sum(r["local"] for r in res)), bytes_peer=float(sum(r["peer"] for r in res)),
-            bytes_cloud=float(sum(r["cloud"] for r in res)), time_s=float(max(r["time_s"] for r in res)),
-            replicas_added=added, replicas_removed=removed, link_bytes=link,
+            bytes_local=float(sum(r["local"] for r in res)),
+            bytes_peer=float(sum(r["peer"] for r in res)),
+            bytes_cloud=float(sum(r["cloud"] for r in res)),
+            time_s=float(max(r["time_s"] for r in res)),
+            replicas_added=added,
+            replicas_removed=removed,
+            link_bytes=link,
         )
 
     def serve(self, plan: DeploymentPlan, state: ClusterState, window_s: float) -> Metrics:
@@ -271,9 +324,15 @@ class RealBackend:
         requests, arrived, dropped = self.workload(plan, state, window_s)
         return self.serve_requests(plan, state, requests, window_s, arrived, dropped)
 
-    def serve_requests(self, plan: DeploymentPlan, state: ClusterState, requests: list[list[dict]],
-                       window_s: float, arrived: np.ndarray | None = None, dropped: np.ndarray | None = None
-                       ) -> Metrics:
+    def serve_requests(
+        self,
+        plan: DeploymentPlan,
+        state: ClusterState,
+        requests: list[list[dict]],
+        window_s: float,
+        arrived: np.ndarray | None = None,
+        dropped: np.ndarray | None = None,
+    ) -> Metrics:
         """Serve given requests (per server: dicts rid, arrival, max_new, prompt, routes, server as `workload`
         makes them) instead of sampling a window; benchmarks use it for fixed-length sweeps."""
         c = self.cluster
@@ -285,10 +344,19 @@ class RealBackend:
         if dropped is None:
             dropped = np.zeros(c.num_servers)
         wl = c.spec.workload
-        arg = [{"requests": requests[s], "server_up": state.server_up, "prune": self._pair_matrix(plan.prune),
-                "fuse": self._pair_matrix(plan.fuse).astype(bool), "fusion_fraction": c.hw.quality.fusion_fraction,
-                "max_batch": wl.max_batch, "want_logits": self.measure_quality, "link_factor": state.link_factor}
-               for s in range(c.num_servers)]
+        arg = [
+            {
+                "requests": requests[s],
+                "server_up": state.server_up,
+                "prune": self._pair_matrix(plan.prune),
+                "fuse": self._pair_matrix(plan.fuse).astype(bool),
+                "fusion_fraction": c.hw.quality.fusion_fraction,
+                "max_batch": wl.max_batch,
+                "want_logits": self.measure_quality,
+                "link_factor": state.link_factor,
+            }
+            for s in range(c.num_servers)
+        ]
         timeout = self.timeout_s + 5.0 * sum(len(r) for r in requests)
         res = self._call("serve", arg, timeout)
         self.last_requests = requests
@@ -333,8 +401,9 @@ class RealBackend:
         a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
         return (pair[a, b] + pair[b, a]) @ c.pair_links
 
-    def migration_moves(self, old: DeploymentPlan, new: DeploymentPlan, server_up: np.ndarray
-                        ) -> tuple[list[dict], list[tuple[int, int, int]], int, int]:
+    def migration_moves(
+        self, old: DeploymentPlan, new: DeploymentPlan, server_up: np.ndarray
+    ) -> tuple[list[dict], list[tuple[int, int, int]], int, int]:
         """Moves (local requantize / peer copy / cloud reload) and removals turning `old` into `new`.
 
         A new replica copies from a replica of the same server with >= its bits, else from the nearest live peer
@@ -345,17 +414,26 @@ class RealBackend:
         L, E, R = new.device.shape
         for l in range(L):
             for e in range(E):
-                o = [(int(old.device[l, e, r]), int(old.tier[l, e, r]), int(old.bits[l, e, r]))
-                     for r in range(R) if old.device[l, e, r] >= 0]
-                n = [(int(new.device[l, e, r]), int(new.tier[l, e, r]), int(new.bits[l, e, r]))
-                     for r in range(R) if new.device[l, e, r] >= 0]
+                o = [
+                    (int(old.device[l, e, r]), int(old.tier[l, e, r]), int(old.bits[l, e, r]))
+                    for r in range(R)
+                    if old.device[l, e, r] >= 0
+                ]
+                n = [
+                    (int(new.device[l, e, r]), int(new.tier[l, e, r]), int(new.bits[l, e, r]))
+                    for r in range(R)
+                    if new.device[l, e, r] >= 0
+                ]
                 for d, t, b in n:
                     if (d, t, b) in o:
                         continue
                     added += 1
                     dst = int(srv[d])
-                    cands = [(0.0 if srv[od] == dst else lat[srv[od], dst] + 1.0, ot, -ob, od)
-                             for od, ot, ob in o if ob >= b and server_up[srv[od]]]
+                    cands = [
+                        (0.0 if srv[od] == dst else lat[srv[od], dst] + 1.0, ot, -ob, od)
+                        for od, ot, ob in o
+                        if ob >= b and server_up[srv[od]]
+                    ]
                     m = {"l": l, "e": e, "dev": d, "tier": t, "bits": b, "dst": dst, "src": -1, "src_dev": -1}
                     if cands:
                         _, _, _, od = min(cands)
@@ -371,8 +449,9 @@ class RealBackend:
                             removes.append((l, e, d))
         return moves, removes, added, removed
 
-    def workload(self, plan: DeploymentPlan, state: ClusterState, window_s: float
-                 ) -> tuple[list[list[dict]], np.ndarray, np.ndarray]:
+    def workload(
+        self, plan: DeploymentPlan, state: ClusterState, window_s: float
+    ) -> tuple[list[list[dict]], np.ndarray, np.ndarray]:
         """The window's requests per server (seeded): Poisson arrivals, lengths, prompts and forced routes.
         Returns (requests to serve, arrived per server, dropped per server)."""
         c, wl = self.cluster, self.cluster.spec.workload
@@ -401,12 +480,21 @@ class RealBackend:
                 if self.route_from == "traces":
                     routes = self.routing.sample(state.domain_mix[s], int(n_in[i] + n_out[i] - 1), rng).astype(np.int16)
                 rid += 1
-                if not state.server_up[s] or (routes is not None and not live[
-                        np.arange(routes.shape[1])[None, :, None], routes].all()):
+                if not state.server_up[s] or (
+                    routes is not None and not live[np.arange(routes.shape[1])[None, :, None], routes].all()
+                ):
                     dropped[s] += 1
                     continue
-                requests[s].append({"rid": rid, "arrival": float(arrivals[i]), "max_new": int(n_out[i]),
-                                    "prompt": prompt, "routes": routes, "server": s})
+                requests[s].append(
+                    {
+                        "rid": rid,
+                        "arrival": float(arrivals[i]),
+                        "max_new": int(n_out[i]),
+                        "prompt": prompt,
+                        "routes": routes,
+                        "server": s,
+                    }
+                )
         return requests, arrived, dropped
 
     def reference(self):
@@ -442,8 +530,13 @@ class RealBackend:
         busy = np.array([r["busy_s"] for r in res])
         util = np.minimum(busy[c.dev_server] / max(span, 1e-9), 1.0)
         gpu_up = state.server_up[c.dev_server]
-        energy = float(((c.dev_p_idle + (c.dev_p_max - c.dev_p_idle) * util) * gpu_up).sum() +
-                       (c.cpu_p_idle * state.server_up).sum()) * window_s
+        energy = (
+            float(
+                ((c.dev_p_idle + (c.dev_p_max - c.dev_p_idle) * util) * gpu_up).sum()
+                + (c.cpu_p_idle * state.server_up).sum()
+            )
+            * window_s
+        )
         qloss, kl, agree = 0.0, 0.0, 1.0
         if self.measure_quality and served_n:
             ref_l, got_l = [], []
@@ -457,29 +550,45 @@ class RealBackend:
             qloss = 1.0 - agree
         mem = [r["memory"] for r in res]
         self.last_details = {
-            "served": served_n, "arrived": n_arrived, "dropped": n_dropped, "sampled_out": sampled_out,
-            "kl": kl, "top1_agreement": agree, "makespan_s": makespan,
-            "wall_s": [r["wall_s"] for r in res], "steps": [r["steps"] for r in res],
-            "busy_s": busy.tolist(), "comm_wait_s": [r["comm_wait_s"] for r in res],
-            "tokens_pruned": sum(r["tokens_pruned"] for r in res), "tokens_fused": sum(r["tokens_fused"] for r in res),
+            "served": served_n,
+            "arrived": n_arrived,
+            "dropped": n_dropped,
+            "sampled_out": sampled_out,
+            "kl": kl,
+            "top1_agreement": agree,
+            "makespan_s": makespan,
+            "wall_s": [r["wall_s"] for r in res],
+            "steps": [r["steps"] for r in res],
+            "busy_s": busy.tolist(),
+            "comm_wait_s": [r["comm_wait_s"] for r in res],
+            "tokens_pruned": sum(r["tokens_pruned"] for r in res),
+            "tokens_fused": sum(r["tokens_fused"] for r in res),
             "tokens_to": np.stack([r["tokens_to"] for r in res]).tolist(),
             "rows_to": np.stack([r["rows_to"] for r in res]).tolist(),
             "msgs_to": np.stack([r["msgs_to"] for r in res]).tolist(),
-            "tiers": [r["tiers"] for r in res], "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
+            "tiers": [r["tiers"] for r in res],
+            "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
             "tokens": {d["rid"]: d["tokens"] for d in done},
             "prompt_logits": {rid: lg for r in res for rid, lg in r["logits"].items()},
         }
         return Metrics(
-            ttft_mean_s=stat(ttft, np.mean), ttft_p95_s=stat(ttft, p95), tpot_mean_s=stat(tpot, np.mean),
-            tpot_p95_s=stat(tpot, p95), e2e_mean_s=stat(e2e, np.mean), e2e_p95_s=stat(e2e, p95),
+            ttft_mean_s=stat(ttft, np.mean),
+            ttft_p95_s=stat(ttft, p95),
+            tpot_mean_s=stat(tpot, np.mean),
+            tpot_p95_s=stat(tpot, p95),
+            e2e_mean_s=stat(e2e, np.mean),
+            e2e_p95_s=stat(e2e, p95),
             tokens_per_s=float(n_out.sum() * scale / span) if span > 0 else 0.0,
             request_tokens_per_s=stat(n_out / np.maximum(e2e, 1e-9), np.mean),
-            energy_j=energy, quality_loss=qloss,
+            energy_j=energy,
+            quality_loss=qloss,
             dropped_frac=n_dropped / n_arrived if n_arrived else 0.0,
             late_frac=late / n_arrived if n_arrived else 0.0,
-            requests=n_arrived, window_s=float(window_s),
+            requests=n_arrived,
+            window_s=float(window_s),
             gpu_mem_bytes=np.sum([m["gpu"] for m in mem], axis=0),
-            cpu_mem_bytes=np.array([m["cpu"] for m in mem]), ssd_bytes=np.array([m["ssd"] for m in mem]),
+            cpu_mem_bytes=np.array([m["cpu"] for m in mem]),
+            ssd_bytes=np.array([m["ssd"] for m in mem]),
             link_bytes=self._pair_to_links(np.stack([r["bytes_to"] for r in res])),
             device_util=util,
         )

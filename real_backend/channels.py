@@ -36,8 +36,17 @@ from real_backend.server import WorkerSpec, worker_main
 from real_backend.shaper import LinkShaper
 
 # last line of a server's traceback naming one of these: it waited on a peer (the peer is the cause)
-COMM_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError", "Connection closed", "Connection reset",
-               "Timed out", "timed out", "gloo", "NCCL")
+COMM_ERRORS = (
+    "DistBackendError",
+    "DistNetworkError",
+    "DistStoreError",
+    "Connection closed",
+    "Connection reset",
+    "Timed out",
+    "timed out",
+    "gloo",
+    "NCCL",
+)
 GRACE_S = 5.0  # after a peer's communication error (or the deadline): how long the other servers may take to report
 TERM_S = 3.0  # stop: how long terminated (SIGTERM) servers may take to exit before they are killed (SIGKILL)
 RESTART_HINT = "all server processes stopped; reset() starts new ones"
@@ -133,8 +142,12 @@ class PipeChannel:
         try:
             for rank in range(c.num_servers):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=worker_main, args=(rank, spec, child, shared), daemon=True,
-                                name=f"coel-real-{c.server_names[rank]}")
+                p = ctx.Process(
+                    target=worker_main,
+                    args=(rank, spec, child, shared),
+                    daemon=True,
+                    name=f"coel-real-{c.server_names[rank]}",
+                )
                 # SIGINT blocked while spawning: the child starts with it blocked (and then ignores it), so Ctrl-C
                 # reaches the driver only, which stops the servers in order; a Ctrl-C meanwhile is delivered after
                 old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -193,8 +206,7 @@ class PipeChannel:
         """Fail naming a server process that has exited (e.g. `when` = "between steps")."""
         for r, p in enumerate(self.procs):
             if not p.is_alive():
-                self._fail(f"real backend: server {self._who(r)} died ({exit_text(p.exitcode)}) {when}; "
-                           f"{RESTART_HINT}")
+                self._fail(f"real backend: server {self._who(r)} died ({exit_text(p.exitcode)}) {when}; {RESTART_HINT}")
 
     def call(self, cmd: str, args: list | None, timeout: float) -> list:
         if not self.procs or self.closed:
@@ -202,9 +214,10 @@ class PipeChannel:
         self.check(f"before '{cmd}'")
         try:
             msgs = [ForkingPickler.dumps((cmd, None if args is None else args[r])) for r in range(len(self.conns))]
-            self.helpers[:] = [threading.Thread(target=_send, args=(conn, m), daemon=True,
-                                                name=f"coel-real-send-{self.names[r]}")
-                               for r, (conn, m) in enumerate(zip(self.conns, msgs))]
+            self.helpers[:] = [
+                threading.Thread(target=_send, args=(conn, m), daemon=True, name=f"coel-real-send-{self.names[r]}")
+                for r, (conn, m) in enumerate(zip(self.conns, msgs))
+            ]
             for t in self.helpers:
                 t.start()
             return self._gather(cmd, timeout)
@@ -263,8 +276,10 @@ class PipeChannel:
             what = "server" if len(hung) == 1 else "servers"
             state = "hung, process stopped" if all(is_stopped(self.procs[r].pid) for r in hung) else "hung"
             peers = f"; {len(comm)} peer(s) timed out waiting" if comm else ""
-            self._fail(f"{what} {', '.join(self._who(r) for r in hung)} did not answer '{cmd}' within "
-                       f"{time.monotonic() - t0:.0f} s ({state}{peers}); {RESTART_HINT}")
+            self._fail(
+                f"{what} {', '.join(self._who(r) for r in hung)} did not answer '{cmd}' within "
+                f"{time.monotonic() - t0:.0f} s ({state}{peers}); {RESTART_HINT}"
+            )
         r = min(comm)
         self._fail(failure_message(self.names[r], cmd, comm[r]))
 
@@ -272,14 +287,17 @@ class PipeChannel:
         """Server r's reply, read by a helper thread: a server stopped halfway through sending cannot block the
         driver (it gets until `until`, and at least GRACE_S, to finish)."""
         box: list = []
-        t = threading.Thread(target=_receive, args=(self.conns[r], box), daemon=True,
-                             name=f"coel-real-recv-{self.names[r]}")
+        t = threading.Thread(
+            target=_receive, args=(self.conns[r], box), daemon=True, name=f"coel-real-recv-{self.names[r]}"
+        )
         self.helpers.append(t)
         t.start()
         t.join(max(until - time.monotonic(), GRACE_S))
         if not box:
-            self._fail(f"server {self._who(r)} stalled halfway through its reply to '{cmd}' (hung"
-                       f"{', process stopped' if is_stopped(self.procs[r].pid) else ''}); {RESTART_HINT}")
+            self._fail(
+                f"server {self._who(r)} stalled halfway through its reply to '{cmd}' (hung"
+                f"{', process stopped' if is_stopped(self.procs[r].pid) else ''}); {RESTART_HINT}"
+            )
         if isinstance(box[0], (EOFError, OSError)):
             self._exited(r, cmd)
         if isinstance(box[0], BaseException):
@@ -295,8 +313,10 @@ class PipeChannel:
         p.join(GRACE_S)
         if p.exitcode is None:
             self._fail(f"server {self._who(r)} closed its pipe during '{cmd}'; {RESTART_HINT}")
-        self._fail(f"server {self._who(r)} exited with code {p.exitcode}{self._signame(p.exitcode)} during "
-                   f"'{cmd}'; {RESTART_HINT}")
+        self._fail(
+            f"server {self._who(r)} exited with code {p.exitcode}{self._signame(p.exitcode)} during "
+            f"'{cmd}'; {RESTART_HINT}"
+        )
 
     @staticmethod
     def _signame(code: int) -> str:

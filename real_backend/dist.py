@@ -30,8 +30,9 @@ def _bits_f64(x: torch.Tensor) -> float:
     return float(x.view(torch.float64)[0])
 
 
-def dispatch_targets(holder_servers: list[list[set[int]]], me: int, server_up: np.ndarray,
-                     pair_latency: np.ndarray) -> np.ndarray:
+def dispatch_targets(
+    holder_servers: list[list[set[int]]], me: int, server_up: np.ndarray, pair_latency: np.ndarray
+) -> np.ndarray:
     """[L, E] server that computes each expert for tokens of server `me`: itself if it holds a replica, else the
     lowest-latency live holder (ties: lowest index); -1 if no live server holds it."""
     L, E = len(holder_servers), len(holder_servers[0])
@@ -46,8 +47,9 @@ def dispatch_targets(holder_servers: list[list[set[int]]], me: int, server_up: n
     return out
 
 
-def fuse_tokens(x: torch.Tensor, frac: float, rng: np.random.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_tokens(
+    x: torch.Tensor, frac: float, rng: np.random.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe bipartite merge of `x` [n, d]: returns (rows to send [m, d], row_of [n] index of each token's row).
     `frac * n` rows are merged away (with `rng`: that many in expectation, the fraction rounded at random)."""
     n = x.shape[0]
@@ -81,8 +83,16 @@ def fuse_tokens(x: torch.Tensor, frac: float, rng: np.random.Generator | None = 
 class Dispatcher:
     """The ExpertFn of one server process: local experts from its ExpertStore, remote ones over the process group."""
 
-    def __init__(self, rank: int, world: int, store: ExpertStore, shaper: LinkShaper | None, device: torch.device,
-                 comm_device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        store: ExpertStore,
+        shaper: LinkShaper | None,
+        device: torch.device,
+        comm_device: torch.device,
+        seed: int = 0,
+    ):
         self.rank, self.world, self.store, self.shaper = rank, world, store, shaper
         self.rng = np.random.default_rng([seed, rank])  # rounds pruned and fused counts without bias
         self.device, self.comm_device = device, comm_device
@@ -113,7 +123,7 @@ class Dispatcher:
         xs = x[order]
         parts, start = [], 0
         for e, n in zip(experts.tolist(), counts.tolist()):
-            parts.append(self.store.compute(layer, e, xs[start:start + n]))
+            parts.append(self.store.compute(layer, e, xs[start : start + n]))
             start += n
         y = torch.empty_like(x)
         y[order] = torch.cat(parts) if parts else xs
@@ -209,8 +219,10 @@ class Dispatcher:
             y = self._to_comm(self._compute_grouped(layer, hidden.to(self.device), eids))
             self.remote_tokens_served += y.shape[0]
             arrive = self._book(q, y.numel() * y.element_size() + 8)
-            reqs += [dist.isend(self._to_comm(_f64_bits(arrive)), q, tag=TAG_REPLY_HDR),
-                     dist.isend(y, q, tag=TAG_REPLY)]
+            reqs += [
+                dist.isend(self._to_comm(_f64_bits(arrive)), q, tag=TAG_REPLY_HDR),
+                dist.isend(y, q, tag=TAG_REPLY),
+            ]
         # ---- collect the replies ----
         for p, (hdr, y, w1, w2) in reply_bufs.items():
             w1.wait()

@@ -17,8 +17,16 @@ EXPERT_MODES = ("grouped", "gather", "loop")
 
 
 class FastMoE:
-    def __init__(self, cfg: MoEConfig, source: WeightSource, device="cuda", dtype=torch.bfloat16,
-                 max_batch: int = 1, max_len: int = 1024, expert_mode: str = "grouped"):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        source: WeightSource,
+        device="cuda",
+        dtype=torch.bfloat16,
+        max_batch: int = 1,
+        max_len: int = 1024,
+        expert_mode: str = "grouped",
+    ):
         if cfg.first_k_dense:
             raise ValueError("FastMoE: dense leading layers are not supported")
         if expert_mode not in EXPERT_MODES:
@@ -35,10 +43,12 @@ class FastMoE:
             p = layer_prefix(i)
             a = f"{p}self_attn."
             lay = {
-                "ln1": ne[f"{p}input_layernorm.weight"], "ln2": ne[f"{p}post_attention_layernorm.weight"],
+                "ln1": ne[f"{p}input_layernorm.weight"],
+                "ln2": ne[f"{p}post_attention_layernorm.weight"],
                 "qkv": torch.cat([ne[f"{a}{n}_proj.weight"] for n in "qkv"]),
                 "qkv_b": torch.cat([ne[f"{a}{n}_proj.bias"] for n in "qkv"]) if cfg.attn_bias else None,
-                "o": ne[f"{a}o_proj.weight"], "router": ne[router_name(cfg, i)],
+                "o": ne[f"{a}o_proj.weight"],
+                "router": ne[router_name(cfg, i)],
             }
             if cfg.d_ff_shared:
                 s = f"{p}mlp.shared_expert."
@@ -96,7 +106,8 @@ class FastMoE:
         order = flat.argsort(stable=True)
         tok = order // k
         counts = torch.zeros(E, dtype=torch.int32, device=h.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
+            0, flat, torch.ones_like(flat, dtype=torch.int32)
+        )
         offs = counts.cumsum(0, dtype=torch.int32)
         gu = torch._grouped_mm(h[tok], lay["w13"].transpose(-2, -1), offs=offs)
         a = F.silu(gu[:, :f]) * gu[:, f:]
@@ -124,7 +135,7 @@ class FastMoE:
         cfg = self.cfg
         qkv = F.linear(h, lay["qkv"], lay["qkv_b"])
         nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
 
     # ---- prefill / decode ---------------------------------------------------------------------------------
     @torch.no_grad()

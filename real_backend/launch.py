@@ -25,25 +25,48 @@ from coel_env.specs.bounds import MAX_SECONDS, Arg
 from real_backend.backend import LAUNCHERS, LINK_MODES, RealBackend, ServerError
 
 
-def run(scenario: str = "tiny", *, seed: int = 0, requests: int = 2, window_s: float = 4.0, links: str = "app",
-        device: str = "cpu", timeout_s: float = 60.0, launcher: str = "auto", check_errors: bool = False) -> dict:
+def run(
+    scenario: str = "tiny",
+    *,
+    seed: int = 0,
+    requests: int = 2,
+    window_s: float = 4.0,
+    links: str = "app",
+    device: str = "cpu",
+    timeout_s: float = 60.0,
+    launcher: str = "auto",
+    check_errors: bool = False,
+) -> dict:
     """Reset to the uniform plan, serve the seeded first window; tokens per request id, bytes per link, metrics."""
     window_s = Arg(float, 0, MAX_SECONDS, open_low=True).check("window", window_s)
     sc = Scenario(scenario, seed=seed)
     state = sc.initial_state(np.random.default_rng(seed))
     plan = DeploymentPlan.uniform(sc.cluster)
-    with RealBackend(sc.cluster, seed=seed, timeout_s=timeout_s, links=links, device=device, launcher=launcher,
-                     max_requests_per_server=requests) as backend:
+    with RealBackend(
+        sc.cluster,
+        seed=seed,
+        timeout_s=timeout_s,
+        links=links,
+        device=device,
+        launcher=launcher,
+        max_requests_per_server=requests,
+    ) as backend:
         backend.reset(plan, state)
         reqs, arrived, dropped = backend.workload(plan, state, window_s)
         m = backend.serve_requests(plan, state, reqs, window_s, arrived, dropped)
         d = backend.last_details
         out = {
-            "scenario": scenario, "seed": seed, "launcher": backend.launcher, "servers": sc.cluster.num_servers,
-            "world_size": int(os.environ.get("WORLD_SIZE", sc.cluster.num_servers)), "pids": backend.pids(),
+            "scenario": scenario,
+            "seed": seed,
+            "launcher": backend.launcher,
+            "servers": sc.cluster.num_servers,
+            "world_size": int(os.environ.get("WORLD_SIZE", sc.cluster.num_servers)),
+            "pids": backend.pids(),
             "requests": {str(q["rid"]): int(s) for s, rs in enumerate(reqs) for q in rs},
             "tokens": {str(rid): [int(t) for t in toks] for rid, toks in d["tokens"].items()},
-            "link_bytes": [float(x) for x in m.link_bytes], "tokens_to": d["tokens_to"], "rows_to": d["rows_to"],
+            "link_bytes": [float(x) for x in m.link_bytes],
+            "tokens_to": d["tokens_to"],
+            "rows_to": d["rows_to"],
             "metrics": m.to_dict(),
         }
         if check_errors:
@@ -71,13 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     a = ap.parse_args(argv)
     try:
-        res = run(a.scenario, seed=a.seed, requests=a.requests, window_s=a.window, links=a.links, device=a.device,
-                  timeout_s=a.timeout, launcher=a.launcher, check_errors=a.check_errors)
+        res = run(
+            a.scenario,
+            seed=a.seed,
+            requests=a.requests,
+            window_s=a.window,
+            links=a.links,
+            device=a.device,
+            timeout_s=a.timeout,
+            launcher=a.launcher,
+            check_errors=a.check_errors,
+        )
     except CoELError as e:  # a ServerError too: its first line (a server's traceback follows it in the message)
         raise SystemExit(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     m = res["metrics"]
-    print(f"{res['scenario']}: {res['servers']} servers ({res['launcher']}), {len(res['tokens'])} requests served, "
-          f"{m['tokens_per_s']:.1f} tokens/s, link bytes {[round(x) for x in res['link_bytes']]}")
+    print(
+        f"{res['scenario']}: {res['servers']} servers ({res['launcher']}), {len(res['tokens'])} requests served, "
+        f"{m['tokens_per_s']:.1f} tokens/s, link bytes {[round(x) for x in res['link_bytes']]}"
+    )
     if a.out:
         atomic_write_json(a.out, res)
 

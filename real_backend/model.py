@@ -62,17 +62,29 @@ class MoEConfig:
         if arch not in ARCHS:
             raise ConfigError(f"model.arch: unknown '{arch}'; allowed: {', '.join(ARCHS)}")
         if spec.attn_params_per_layer is not None:
-            raise ConfigError(f"model: {spec.name} uses latent attention (MLA), which the real backend lacks; "
-                              f"allowed: standard multi-head/GQA models ({', '.join(ARCHS)})")
+            raise ConfigError(
+                f"model: {spec.name} uses latent attention (MLA), which the real backend lacks; "
+                f"allowed: standard multi-head/GQA models ({', '.join(ARCHS)})"
+            )
         return cls(
-            arch=arch, num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
-            d_model=spec.d_model, d_ff_expert=spec.d_ff_expert, num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size,
-            d_ff_shared=spec.d_ff_shared, shared_expert_gate=spec.shared_expert_gate,
-            first_k_dense=spec.first_k_dense, d_ff_dense=spec.d_ff_dense,
+            arch=arch,
+            num_layers=spec.num_layers,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            d_model=spec.d_model,
+            d_ff_expert=spec.d_ff_expert,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            vocab_size=spec.vocab_size,
+            d_ff_shared=spec.d_ff_shared,
+            shared_expert_gate=spec.shared_expert_gate,
+            first_k_dense=spec.first_k_dense,
+            d_ff_dense=spec.d_ff_dense,
             attn_bias=spec.attn_bias or arch == "qwen2_moe",  # HF's Qwen2-MoE always has q/k/v biases
             tie_word_embeddings=spec.tie_word_embeddings,
-            rms_eps=1e-6 if arch == "qwen2_moe" else 1e-5, norm_topk_prob=arch == "mixtral",
+            rms_eps=1e-6 if arch == "qwen2_moe" else 1e-5,
+            norm_topk_prob=arch == "mixtral",
         )
 
     @classmethod
@@ -89,32 +101,52 @@ class MoEConfig:
         heads = cfg["num_attention_heads"]
         qwen = arch == "qwen2_moe"
         return cls(
-            arch=arch, num_layers=cfg["num_hidden_layers"],
+            arch=arch,
+            num_layers=cfg["num_hidden_layers"],
             num_experts=cfg["num_experts"] if qwen else cfg["num_local_experts"],
-            top_k=cfg["num_experts_per_tok"], d_model=cfg["hidden_size"],
+            top_k=cfg["num_experts_per_tok"],
+            d_model=cfg["hidden_size"],
             d_ff_expert=cfg["moe_intermediate_size"] if qwen else cfg["intermediate_size"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab_size=cfg["vocab_size"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
             d_ff_shared=cfg.get("shared_expert_intermediate_size", 0) if qwen else 0,
             shared_expert_gate=qwen and bool(cfg.get("shared_expert_intermediate_size")),
-            attn_bias=qwen, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_theta=float(cfg.get("rope_theta", 1e6)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            attn_bias=qwen,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=float(cfg.get("rope_theta", 1e6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if qwen else True,
         )
 
     def hf_config_dict(self) -> dict:
         """A config.json for transformers (used by the GPU baseline and by saved checkpoints)."""
         base = dict(
-            model_type=self.arch, hidden_size=self.d_model, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, vocab_size=self.vocab_size,
-            num_experts_per_tok=self.top_k, rope_theta=self.rope_theta, rms_norm_eps=self.rms_eps,
-            tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096, head_dim=self.head_dim,
+            model_type=self.arch,
+            hidden_size=self.d_model,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            vocab_size=self.vocab_size,
+            num_experts_per_tok=self.top_k,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=4096,
+            head_dim=self.head_dim,
         )
         if self.arch == "qwen2_moe":
-            base.update(num_experts=self.num_experts, moe_intermediate_size=self.d_ff_expert,
-                        shared_expert_intermediate_size=self.d_ff_shared, intermediate_size=self.d_ff_shared or 1,
-                        norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
-                        output_router_logits=False)
+            base.update(
+                num_experts=self.num_experts,
+                moe_intermediate_size=self.d_ff_expert,
+                shared_expert_intermediate_size=self.d_ff_shared,
+                intermediate_size=self.d_ff_shared or 1,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                output_router_logits=False,
+            )
         else:
             base.update(num_local_experts=self.num_experts, intermediate_size=self.d_ff_expert)
         return base
@@ -156,15 +188,24 @@ def non_expert_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         out[f"{p}self_attn.o_proj.weight"] = (d, cfg.num_heads * hd)
         if i < cfg.first_k_dense:
             f = cfg.d_ff_dense
-            out.update({f"{p}mlp.gate_proj.weight": (f, d), f"{p}mlp.up_proj.weight": (f, d),
-                        f"{p}mlp.down_proj.weight": (d, f)})
+            out.update(
+                {
+                    f"{p}mlp.gate_proj.weight": (f, d),
+                    f"{p}mlp.up_proj.weight": (f, d),
+                    f"{p}mlp.down_proj.weight": (d, f),
+                }
+            )
             continue
         out[router_name(cfg, i)] = (cfg.num_experts, d)
         if cfg.d_ff_shared:
             f = cfg.d_ff_shared
-            out.update({f"{p}mlp.shared_expert.gate_proj.weight": (f, d),
-                        f"{p}mlp.shared_expert.up_proj.weight": (f, d),
-                        f"{p}mlp.shared_expert.down_proj.weight": (d, f)})
+            out.update(
+                {
+                    f"{p}mlp.shared_expert.gate_proj.weight": (f, d),
+                    f"{p}mlp.shared_expert.up_proj.weight": (f, d),
+                    f"{p}mlp.shared_expert.down_proj.weight": (d, f),
+                }
+            )
             if cfg.shared_expert_gate:
                 out[f"{p}mlp.shared_expert_gate.weight"] = (1, d)
     return out
@@ -180,8 +221,13 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def random_tensor(
+    name: str,
+    shape: tuple[int, ...],
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """The seeded random value of one named tensor (identical in every process for the same seed)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape, device=device, dtype=dtype)
@@ -191,8 +237,9 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.de
     return t.to(dtype)
 
 
-def random_weights(cfg: MoEConfig, seed: int, names: list[str] | None = None, device="cpu",
-                   dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def random_weights(
+    cfg: MoEConfig, seed: int, names: list[str] | None = None, device="cpu", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Seeded random weights with HF names: the non-expert tensors, or exactly `names` (experts included)."""
     shapes = non_expert_shapes(cfg)
     if names is None:
@@ -237,8 +284,9 @@ class WeightSource:
 
         missing = [n for n in names if n not in self._index]
         if missing:
-            raise ConfigError(f"checkpoint: tensor '{missing[0]}' missing from '{self.checkpoint}' "
-                              f"({len(missing)} missing)")
+            raise ConfigError(
+                f"checkpoint: tensor '{missing[0]}' missing from '{self.checkpoint}' ({len(missing)} missing)"
+            )
         out = {}
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -268,8 +316,9 @@ def save_checkpoint(cfg: MoEConfig, seed: int, path: str | Path) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    names = list(non_expert_shapes(cfg)) + [n for l in range(cfg.num_moe_layers) for e in range(cfg.num_experts)
-                                            for n in expert_names(cfg, l, e)]
+    names = list(non_expert_shapes(cfg)) + [
+        n for l in range(cfg.num_moe_layers) for e in range(cfg.num_experts) for n in expert_names(cfg, l, e)
+    ]
     weights = random_weights(cfg, seed, names)
     (path / "config.json").unlink(missing_ok=True)
     with atomic_path(path / "model.safetensors", suffix=".safetensors") as tmp:
@@ -336,8 +385,8 @@ class KVCache:
             if t:
                 kb[:, :t], vb[:, :t] = self.kbuf[layer][:, :t], self.vbuf[layer][:, :t]
             self.kbuf[layer], self.vbuf[layer] = kb, vb
-        self.kbuf[layer][:, t:t + n] = k
-        self.vbuf[layer][:, t:t + n] = v
+        self.kbuf[layer][:, t : t + n] = k
+        self.vbuf[layer][:, t : t + n] = v
         self.filled[layer] = t + n
         return self.kv(layer)
 
@@ -357,8 +406,9 @@ class MoETransformer:
     attention per sequence and every MLP/MoE op over all tokens of the step at once (vLLM-style flattening).
     """
 
-    def __init__(self, cfg: MoEConfig, weights: dict[str, torch.Tensor], device="cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, cfg: MoEConfig, weights: dict[str, torch.Tensor], device="cpu", dtype: torch.dtype = torch.float32
+    ):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.w = {k: v.to(self.device, dtype) for k, v in weights.items()}
         if cfg.tie_word_embeddings:
@@ -376,9 +426,9 @@ class MoETransformer:
         for n, cache in zip(chunks, caches):
             pos = torch.arange(cache.length, cache.length + n, device=x.device)
             cos, sin = rope_cos_sin(cfg, pos, x.dtype)
-            qs = apply_rope(q[start:start + n].view(n, H, hd).transpose(0, 1), cos, sin)
-            ks = apply_rope(k[start:start + n].view(n, Hkv, hd).transpose(0, 1), cos, sin)
-            vs = v[start:start + n].view(n, Hkv, hd).transpose(0, 1)
+            qs = apply_rope(q[start : start + n].view(n, H, hd).transpose(0, 1), cos, sin)
+            ks = apply_rope(k[start : start + n].view(n, Hkv, hd).transpose(0, 1), cos, sin)
+            vs = v[start : start + n].view(n, Hkv, hd).transpose(0, 1)
             K, V = cache.append(i, ks, vs)
             rep = H // Hkv
             K, V = K.repeat_interleave(rep, 0), V.repeat_interleave(rep, 0)
@@ -387,8 +437,9 @@ class MoETransformer:
             start += n
         return F.linear(torch.cat(outs), w[f"{p}self_attn.o_proj.weight"])
 
-    def _decode_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache]
-                          ) -> torch.Tensor:
+    def _decode_attention(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache]
+    ) -> torch.Tensor:
         """One new token for each of B sequences at once: rope for all, caches padded to the longest, one SDPA
         call (masking the padding, if any) instead of a dozen small ops per sequence."""
         cfg = self.cfg
@@ -404,7 +455,7 @@ class MoETransformer:
         V = q.new_zeros(B, Hkv, T, hd)
         for b, c in enumerate(caches):
             kb, vb = c.append(i, ks[b, :, None], vs[b, :, None])
-            K[b, :, :kb.shape[1]], V[b, :, :vb.shape[1]] = kb, vb
+            K[b, :, : kb.shape[1]], V[b, :, : vb.shape[1]] = kb, vb
         rep = H // Hkv
         K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
         mask = None  # equal lengths: nothing padded, the fused kernels apply
@@ -435,15 +486,24 @@ class MoETransformer:
         idx, wts = self.route(i, x, None if routes is None else routes[:, l])
         out = experts(l, x, idx, wts)
         if cfg.d_ff_shared:
-            s = swiglu(x, w[f"{p}mlp.shared_expert.gate_proj.weight"], w[f"{p}mlp.shared_expert.up_proj.weight"],
-                       w[f"{p}mlp.shared_expert.down_proj.weight"])
+            s = swiglu(
+                x,
+                w[f"{p}mlp.shared_expert.gate_proj.weight"],
+                w[f"{p}mlp.shared_expert.up_proj.weight"],
+                w[f"{p}mlp.shared_expert.down_proj.weight"],
+            )
             if cfg.shared_expert_gate:
                 s = torch.sigmoid(F.linear(x, w[f"{p}mlp.shared_expert_gate.weight"])) * s
             out = out + s
         return out
 
-    def forward(self, tokens: list[torch.Tensor], caches: list[KVCache], experts: ExpertFn,
-                routes: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: list[torch.Tensor],
+        caches: list[KVCache],
+        experts: ExpertFn,
+        routes: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """One step over ragged chunks; returns the logits [sum(len), V] (float32). Updates `caches`."""
         cfg, w = self.cfg, self.w
         chunks = [int(t.numel()) for t in tokens]
@@ -460,9 +520,14 @@ class MoETransformer:
         return F.linear(h, w["lm_head.weight"]).float()
 
 
-def generate(model: MoETransformer, prompts: list[torch.Tensor], max_new: list[int], experts: ExpertFn,
-             routes: list[torch.Tensor] | None = None, step_hook: Callable[[], None] | None = None,
-             ) -> tuple[list[list[int]], list[torch.Tensor]]:
+def generate(
+    model: MoETransformer,
+    prompts: list[torch.Tensor],
+    max_new: list[int],
+    experts: ExpertFn,
+    routes: list[torch.Tensor] | None = None,
+    step_hook: Callable[[], None] | None = None,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy generation of a batch of ragged prompts; returns (new tokens per sequence, prompt logits per sequence).
 
     `routes[i]` [len(prompt) + max_new - 1, L, k] forces the experts of every token of sequence i."""
@@ -473,8 +538,11 @@ def generate(model: MoETransformer, prompts: list[torch.Tensor], max_new: list[i
     step_tokens = list(prompts)
     first = True
     while live:
-        rts = None if routes is None else [routes[i][caches[i].length:caches[i].length + len(step_tokens[j])]
-                                          for j, i in enumerate(live)]
+        rts = (
+            None
+            if routes is None
+            else [routes[i][caches[i].length : caches[i].length + len(step_tokens[j])] for j, i in enumerate(live)]
+        )
         logits = model.forward(step_tokens, [caches[i] for i in live], experts, rts)
         if step_hook is not None:
             step_hook()
@@ -483,7 +551,7 @@ def generate(model: MoETransformer, prompts: list[torch.Tensor], max_new: list[i
         if first:
             start = 0
             for t in step_tokens:
-                prompt_logits.append(logits[start:start + len(t)])
+                prompt_logits.append(logits[start : start + len(t)])
                 start += len(t)
             first = False
         keep, toks = [], []
@@ -501,8 +569,10 @@ class DenseExperts:
 
     def __init__(self, cfg: MoEConfig, source: WeightSource, device="cpu", dtype=torch.float32):
         self.cfg = cfg
-        self.w = [[tuple(t.to(device, dtype) for t in source.expert(l, e)) for e in range(cfg.num_experts)]
-                  for l in range(cfg.num_moe_layers)]
+        self.w = [
+            [tuple(t.to(device, dtype) for t in source.expert(l, e)) for e in range(cfg.num_experts)]
+            for l in range(cfg.num_moe_layers)
+        ]
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -512,8 +582,9 @@ class DenseExperts:
         return out
 
 
-def reference_model(cfg: MoEConfig, seed: int = 0, checkpoint=None, device="cpu", dtype=torch.float32
-                    ) -> tuple[MoETransformer, DenseExperts]:
+def reference_model(
+    cfg: MoEConfig, seed: int = 0, checkpoint=None, device="cpu", dtype=torch.float32
+) -> tuple[MoETransformer, DenseExperts]:
     src = WeightSource(cfg, seed, checkpoint)
     return MoETransformer(cfg, src.non_expert(), device, dtype), DenseExperts(cfg, src, device, dtype)
 

@@ -33,7 +33,8 @@ class QTensor:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + (
-            0 if self.scale is None else self.scale.numel() * self.scale.element_size())
+            0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        )
 
     def to(self, device, non_blocking: bool = False) -> QTensor:
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731

@@ -86,8 +86,11 @@ def expert_layout(cfg: MoEConfig, bits: int) -> list[tuple[tuple[int, int], list
 
 
 def expert_buffer_size(cfg: MoEConfig, bits: int) -> int:
-    return sum(int(np.prod(s)) * torch.empty(0, dtype=dt).element_size()
-               for _, parts in expert_layout(cfg, bits) for dt, s in parts)
+    return sum(
+        int(np.prod(s)) * torch.empty(0, dtype=dt).element_size()
+        for _, parts in expert_layout(cfg, bits)
+        for dt, s in parts
+    )
 
 
 def unpack_expert(buf: torch.Tensor, cfg: MoEConfig, bits: int) -> Expert:
@@ -96,7 +99,7 @@ def unpack_expert(buf: torch.Tensor, cfg: MoEConfig, bits: int) -> Expert:
         ts = []
         for dt, s in parts:
             n = int(np.prod(s)) * torch.empty(0, dtype=dt).element_size()
-            ts.append(buf[off:off + n].clone().view(dt).view(s))
+            ts.append(buf[off : off + n].clone().view(dt).view(s))
             off += n
         group = int4_group(shape[1]) if bits == 4 else 0
         out.append(QTensor(bits, ts[0], ts[1] if len(ts) > 1 else None, shape, group))
@@ -132,8 +135,14 @@ class ServerProcess:
         self.source = WeightSource(cfg, spec.seed, spec.checkpoint, gen_device=gen)
         self.model = MoETransformer(cfg, self.source.non_expert(self.device), self.device, self.dtype)
         ssd = Path(spec.ssd_root) / f"server{rank}"
-        self.store = ExpertStore(self.devices, ssd, cpu_compute=spec.cpu_compute, dtype=self.dtype,
-                                 prefetch=spec.prefetch, affinity=spec.affinity)
+        self.store = ExpertStore(
+            self.devices,
+            ssd,
+            cpu_compute=spec.cpu_compute,
+            dtype=self.dtype,
+            prefetch=spec.prefetch,
+            affinity=spec.affinity,
+        )
         self.shaper = None
         if spec.links != "none":
             self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
@@ -185,8 +194,10 @@ class ServerProcess:
                 buf = pack_expert(staged[i])
                 arrive = self.shaper.reserve(me, m["dst"], buf.numel()) if self.shaper else now()
                 out["pair"][m["dst"]] += buf.numel()
-                sends += [dist.isend(self._comm(_f64_bits(arrive)), m["dst"], tag=TAG_MIGRATE),
-                          dist.isend(self._comm(buf), m["dst"], tag=TAG_MIGRATE + 1)]
+                sends += [
+                    dist.isend(self._comm(_f64_bits(arrive)), m["dst"], tag=TAG_MIGRATE),
+                    dist.isend(self._comm(buf), m["dst"], tag=TAG_MIGRATE + 1),
+                ]
         for i, m in enumerate(arg["moves"]):
             if m["dst"] != me:
                 continue
@@ -264,7 +275,7 @@ class ServerProcess:
             toks = [q.prompt if not q.out else torch.tensor([q.out[-1]]) for q in active]
             routes = None
             if all(q.routes is not None for q in active):
-                routes = [q.routes[q.cache.length:q.cache.length + len(t)] for q, t in zip(active, toks)]
+                routes = [q.routes[q.cache.length : q.cache.length + len(t)] for q, t in zip(active, toks)]
             logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
             ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
             nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
@@ -277,13 +288,21 @@ class ServerProcess:
                 if not q.out:
                     q.t_first = clock
                     if want_logits:
-                        logits_out[q.rid] = logits[start:start + len(t)].cpu().numpy()
+                        logits_out[q.rid] = logits[start : start + len(t)].cpu().numpy()
                 start += len(t)
                 q.out.append(int(tok))
                 if len(q.out) >= q.max_new:
                     q.t_last = clock
-                    done.append({"rid": q.rid, "arrival": q.arrival, "t_first": q.t_first, "t_last": q.t_last,
-                                 "n_out": len(q.out), "tokens": q.out})
+                    done.append(
+                        {
+                            "rid": q.rid,
+                            "arrival": q.arrival,
+                            "t_first": q.t_first,
+                            "t_last": q.t_last,
+                            "n_out": len(q.out),
+                            "tokens": q.out,
+                        }
+                    )
                 else:
                     still.append(q)
             active = still
@@ -291,14 +310,28 @@ class ServerProcess:
         d = self.dispatcher
         st = self.store.stats
         return {
-            "done": done, "logits": logits_out, "busy_s": busy, "wall_s": wall, "steps": steps,
-            "bytes_to": d.bytes_to.copy(), "tokens_to": d.tokens_to.copy(),
-            "rows_to": d.rows_to.copy(), "msgs_to": d.msgs_to.copy(), "tokens_pruned": d.tokens_pruned,
-            "tokens_fused": d.tokens_fused, "remote_tokens_served": d.remote_tokens_served,
-            "comm_wait_s": d.comm_wait_s, "memory": self.memory(),
-            "tiers": {"fetches": st.fetches, "fetch_bytes": st.fetch_bytes, "cpu_computes": st.cpu_computes,
-                      "prefetch_hits": st.prefetch_hits, "prefetch_issued": st.prefetch_issued,
-                      "tier_tokens": list(st.tier_tokens)},
+            "done": done,
+            "logits": logits_out,
+            "busy_s": busy,
+            "wall_s": wall,
+            "steps": steps,
+            "bytes_to": d.bytes_to.copy(),
+            "tokens_to": d.tokens_to.copy(),
+            "rows_to": d.rows_to.copy(),
+            "msgs_to": d.msgs_to.copy(),
+            "tokens_pruned": d.tokens_pruned,
+            "tokens_fused": d.tokens_fused,
+            "remote_tokens_served": d.remote_tokens_served,
+            "comm_wait_s": d.comm_wait_s,
+            "memory": self.memory(),
+            "tiers": {
+                "fetches": st.fetches,
+                "fetch_bytes": st.fetch_bytes,
+                "cpu_computes": st.cpu_computes,
+                "prefetch_hits": st.prefetch_hits,
+                "prefetch_issued": st.prefetch_issued,
+                "tier_tokens": list(st.tier_tokens),
+            },
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }
 
@@ -381,8 +414,12 @@ def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
         if n_gpu:  # the server's first GPU (cluster devices map to cuda:d mod n_gpu, as in ServerProcess)
             torch.cuda.set_device(int(np.flatnonzero(spec.cluster.dev_server == rank)[0]) % n_gpu)
         use_nccl = n_gpu >= spec.cluster.num_servers  # NCCL needs one GPU per rank; else gloo over host memory
-        dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=spec.cluster.num_servers,
-                                timeout=timedelta(seconds=spec.timeout_s))
+        dist.init_process_group(
+            "nccl" if use_nccl else "gloo",
+            rank=rank,
+            world_size=spec.cluster.num_servers,
+            timeout=timedelta(seconds=spec.timeout_s),
+        )
         server = ServerProcess(rank, spec, shared_links)
         conn.send(("ok", os.getpid()))
     except Exception:

@@ -66,8 +66,15 @@ class TokenBucket:
 class LinkShaper:
     """Bandwidth and latency of the cluster's physical links (and the WAN to the cloud), shared by processes."""
 
-    def __init__(self, cluster: Cluster, link_factor: np.ndarray | None = None, *, bandwidth: bool = True,
-                 latency: bool = True, shared=None):
+    def __init__(
+        self,
+        cluster: Cluster,
+        link_factor: np.ndarray | None = None,
+        *,
+        bandwidth: bool = True,
+        latency: bool = True,
+        shared=None,
+    ):
         self.cluster = c = cluster
         K = c.num_links
         factor = np.ones(K) if link_factor is None else np.asarray(link_factor, dtype=np.float64)
@@ -92,8 +99,9 @@ class LinkShaper:
                 if a == b:
                     continue
                 path = nx.dijkstra_path(c.graph, c.server_names[a], c.server_names[b], weight="latency_ms")
-                out[a, b] = [(edge[(u, v)], 0) if (u, v) in edge else (edge[(v, u)], 1)
-                             for u, v in itertools.pairwise(path)]
+                out[a, b] = [
+                    (edge[(u, v)], 0) if (u, v) in edge else (edge[(v, u)], 1) for u, v in itertools.pairwise(path)
+                ]
         return out
 
     def set_link_factor(self, link_factor: np.ndarray) -> None:
@@ -131,12 +139,26 @@ class LinkShaper:
 # ---- (b) network namespaces + tc tbf (root) ----------------------------------------------------------------
 def _tbf(dev: str, rate_bits: float) -> list[str]:
     burst = max(16_000, int(rate_bits / 8 / 250))
-    return ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{int(rate_bits)}bit",
-            "burst", str(burst), "latency", "200ms"]
+    return [
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        f"{int(rate_bits)}bit",
+        "burst",
+        str(burst),
+        "latency",
+        "200ms",
+    ]
 
 
-def netns_commands(rates_bits: list[float], prefix: str = "coel", subnet: str = "10.77.0"
-                   ) -> tuple[list[list[str]], list[list[str]]]:
+def netns_commands(
+    rates_bits: list[float], prefix: str = "coel", subnet: str = "10.77.0"
+) -> tuple[list[list[str]], list[list[str]]]:
     """Commands (setup, teardown) for one namespace per server, a star through bridge `{prefix}br`.
 
     Server s lives in namespace `{prefix}{s}` with address `{subnet}.{s+1}` on device `{prefix}n{s}`; its uplink
@@ -150,7 +172,8 @@ def netns_commands(rates_bits: list[float], prefix: str = "coel", subnet: str = 
             ["ip", "netns", "add", ns],
             ["ip", "link", "add", host, "type", "veth", "peer", "name", inner],
             ["ip", "link", "set", inner, "netns", ns],
-            ["ip", "link", "set", host, "master", br], ["ip", "link", "set", host, "up"],
+            ["ip", "link", "set", host, "master", br],
+            ["ip", "link", "set", host, "up"],
             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.{s + 1}/24", "dev", inner],
             ["ip", "netns", "exec", ns, "ip", "link", "set", inner, "up"],
             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],

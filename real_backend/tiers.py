@@ -83,9 +83,17 @@ class TierStats:
 class ExpertStore:
     """The routed-expert replicas held by one server, by (layer, expert, device)."""
 
-    def __init__(self, devices: dict[int, torch.device], ssd_dir: str | Path, *, cpu_compute: bool = False,
-                 pin: bool = True, dtype: torch.dtype = torch.float32, prefetch: int = 0,
-                 affinity: np.ndarray | None = None):
+    def __init__(
+        self,
+        devices: dict[int, torch.device],
+        ssd_dir: str | Path,
+        *,
+        cpu_compute: bool = False,
+        pin: bool = True,
+        dtype: torch.dtype = torch.float32,
+        prefetch: int = 0,
+        affinity: np.ndarray | None = None,
+    ):
         self.devices = devices  # cluster device index -> torch device this process computes on
         self.ssd_dir = Path(ssd_dir)
         self.ssd_dir.mkdir(parents=True, exist_ok=True)

@@ -59,16 +59,23 @@ def torchrun_env() -> dict | None:
     if not all(k in os.environ for k in LAUNCH_VARS):
         return None
     world = int(os.environ["WORLD_SIZE"])
-    return {"rank": int(os.environ["RANK"]), "world": world, "local_rank": int(os.environ["LOCAL_RANK"]),
-            "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world)), "run_id": os.environ["TORCHELASTIC_RUN_ID"]}
+    return {
+        "rank": int(os.environ["RANK"]),
+        "world": world,
+        "local_rank": int(os.environ["LOCAL_RANK"]),
+        "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        "run_id": os.environ["TORCHELASTIC_RUN_ID"],
+    }
 
 
 def check_launch(cluster: Cluster, env: dict, links: str) -> None:
     """One rank per server, and no per-host link emulation that needs local spawning."""
     n = cluster.num_servers
     if env["world"] != n:
-        raise ConfigError(f"torchrun: WORLD_SIZE is {env['world']} but scenario '{cluster.spec.name}' has {n} servers; "
-                          f"launch one rank per server (--nproc-per-node summed over the nodes = {n})")
+        raise ConfigError(
+            f"torchrun: WORLD_SIZE is {env['world']} but scenario '{cluster.spec.name}' has {n} servers; "
+            f"launch one rank per server (--nproc-per-node summed over the nodes = {n})"
+        )
     if links == "netns":
         raise ConfigError("real backend: links 'netns' needs locally spawned servers; under torchrun: app, none")
 
@@ -83,8 +90,10 @@ def select_gpu(cluster: Cluster, env: dict) -> None:
     srv = cluster.dev_server
     node_devs = np.flatnonzero((srv >= base) & (srv < base + env["local_world"]))
     if len(set((node_devs % n_gpu).tolist())) < len(node_devs):
-        raise ConfigError(f"real backend: servers {base}..{base + env['local_world'] - 1} on {socket.gethostname()} "
-                          f"have {len(node_devs)} GPUs in the scenario but {n_gpu} are visible")
+        raise ConfigError(
+            f"real backend: servers {base}..{base + env['local_world'] - 1} on {socket.gethostname()} "
+            f"have {len(node_devs)} GPUs in the scenario but {n_gpu} are visible"
+        )
     torch.cuda.set_device(int(np.flatnonzero(srv == rank)[0]) % n_gpu)
 
 
@@ -222,8 +231,11 @@ class TorchrunSession:
                 dist.send(hdr, 0, group=self.ctrl, tag=TAG_REPLY)
                 dist.send(body, 0, group=self.ctrl, tag=TAG_REPLY + 1)
         except Exception as e:  # the driver's connection closed, or it sent nothing for IDLE_TIMEOUT_S
-            print(f"coel real backend: rank {self.rank} lost the driver (rank 0), exiting: {_first_line(str(e))}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"coel real backend: rank {self.rank} lost the driver (rank 0), exiting: {_first_line(str(e))}",
+                file=sys.stderr,
+                flush=True,
+            )
             lost = True
         else:
             lost = False
@@ -254,8 +266,13 @@ class TorchrunSession:
         for r in range(1, self.world):
             hdr, body = _pack((bid, cmd, None if args is None else args[r]))
             try:
-                sends[r] = ([dist.isend(hdr, r, group=self.ctrl, tag=TAG_CMD),
-                             dist.isend(body, r, group=self.ctrl, tag=TAG_CMD + 1)], (hdr, body))
+                sends[r] = (
+                    [
+                        dist.isend(hdr, r, group=self.ctrl, tag=TAG_CMD),
+                        dist.isend(body, r, group=self.ctrl, tag=TAG_CMD + 1),
+                    ],
+                    (hdr, body),
+                )
             except Exception as e:
                 out[r] = ("gone", _first_line(str(e)))
         out[0] = self.run(bid, cmd, None if args is None else args[0])
@@ -288,8 +305,14 @@ class TorchrunSession:
                 continue
             hdr, body = _pack((0, "exit", None))
             with contextlib.suppress(Exception):
-                self._wait([dist.isend(hdr, r, group=self.ctrl, tag=TAG_CMD),
-                            dist.isend(body, r, group=self.ctrl, tag=TAG_CMD + 1)], (hdr, body), deadline)
+                self._wait(
+                    [
+                        dist.isend(hdr, r, group=self.ctrl, tag=TAG_CMD),
+                        dist.isend(body, r, group=self.ctrl, tag=TAG_CMD + 1),
+                    ],
+                    (hdr, body),
+                    deadline,
+                )
         self._close_local()
         if self.owns_pg and not self.unreachable:
             with contextlib.suppress(Exception):
@@ -304,8 +327,10 @@ class TorchrunChannel:
 
     def __init__(self, session: TorchrunSession, spec: WorkerSpec, start_timeout_s: float):
         if session.broken is not None:
-            raise ServerError(f"torchrun: servers cannot be restarted after a failure in this job "
-                              f"({session.broken}); relaunch torchrun")
+            raise ServerError(
+                f"torchrun: servers cannot be restarted after a failure in this job "
+                f"({session.broken}); relaunch torchrun"
+            )
         self.session, self.names = session, list(spec.cluster.server_names)
         self.bid = session.new_id()
         self.open = True
@@ -323,8 +348,10 @@ class TorchrunChannel:
         if cmd in ("crash", "hang"):
             self.inject(0, cmd)  # raises: test hooks of local spawning only
         if not self.alive:
-            raise ServerError(f"torchrun: servers of this backend are closed or failed ({self.session.broken}); "
-                              "servers cannot be restarted under torchrun")
+            raise ServerError(
+                f"torchrun: servers of this backend are closed or failed ({self.session.broken}); "
+                "servers cannot be restarted under torchrun"
+            )
         try:
             out = self.session.call(self.bid, cmd, args, timeout)
         except BaseException:  # Ctrl-C mid-command: the control group is out of step; no more commands but "exit"
@@ -358,8 +385,7 @@ class TorchrunChannel:
         return failure_message(self.names[r], cmd, tb)
 
     def inject(self, server: int, fault: str) -> None:
-        raise ConfigError(f"inject: '{fault}' injection needs locally spawned servers (launcher 'spawn'), "
-                          "not torchrun")
+        raise ConfigError(f"inject: '{fault}' injection needs locally spawned servers (launcher 'spawn'), not torchrun")
 
     def check(self, when: str) -> None:
         """Nothing to check between steps: the ranks are torchrun's (a lost rank fails the next command)."""

@@ -14,8 +14,16 @@ from coel_env import Scenario, make_scenario
 
 # A one-MoE-layer model with Qwen1.5-MoE's widths: hidden state 4096 bytes, expert 17.3 MB at 16 bits.
 ONE_LAYER_MODEL = dict(
-    name="one-layer", num_layers=1, num_experts=2, top_k=1, d_model=2048, d_ff_expert=1408,
-    num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=1000,
+    name="one-layer",
+    num_layers=1,
+    num_experts=2,
+    top_k=1,
+    d_model=2048,
+    d_ff_expert=1408,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=128,
+    vocab_size=1000,
 )
 
 

@@ -269,61 +269,106 @@ CRAFTED_CHECKPOINTS = {  # meta.json / tensors a crafted checkpoint may carry: a
     "seed 2**70": (_crafted(lambda m: _meta(m, seed=2**70)), "seed: 1180591620717411303424 must be null or an int"),
     "version 1.0": (_crafted(lambda m: _meta(m, version=1.0)), "format/version 'coel-checkpoint'/1.0 unsupported"),
     "unknown field": (_crafted(lambda m: _meta(m, extra=1)), "meta.json has unknown field 'extra'"),
-    "kwargs underscore": (_crafted(lambda m: _agent(m, "kwargs", _init_setup_model=False)),
-                          "meta.json agent.kwargs._init_setup_model: unknown for PPO; allowed: learning_rate"),
-    "kwargs tensorboard_log": (_crafted(lambda m: _agent(m, "kwargs", tensorboard_log="/tmp/x")),
-                               "agent.kwargs.tensorboard_log: unknown for PPO"),
-    "kwargs n_steps huge": (_crafted(lambda m: _agent(m, "kwargs", n_steps=10**12)),
-                            "agent.kwargs.n_steps: 1000000000000 must be an integer in [1, 1048576]"),
-    "kwargs lr str": (_crafted(lambda m: _agent(m, "kwargs", learning_rate="x")),
-                      "agent.kwargs.learning_rate: 'x' must be a finite number"),
-    "kwargs not a mapping": (_crafted(lambda m: _meta(m, agent={**AGENT, "kwargs": [1]})),
-                             "agent.kwargs: [1] must be a mapping"),
-    "net_arch huge": (_crafted(lambda m: _agent(m, "policy_kwargs", net_arch=[10**8])),
-                      "agent.policy_kwargs.net_arch: [100000000] must be a list of at most 8 integers"),
-    "net_arch negative": (_crafted(lambda m: _agent(m, "policy_kwargs", net_arch=[-1])),
-                          "agent.policy_kwargs.net_arch: [-1] must be"),
-    "activation by path": (_crafted(lambda m: _agent(m, "policy_kwargs", activation_fn="os.system")),
-                           "agent.policy_kwargs.activation_fn: 'os.system' unknown; allowed: tanh"),
-    "policy_kwargs unknown": (_crafted(lambda m: _agent(m, "policy_kwargs", optimizer_class="x")),
-                              "agent.policy_kwargs.optimizer_class: unknown"),
+    "kwargs underscore": (
+        _crafted(lambda m: _agent(m, "kwargs", _init_setup_model=False)),
+        "meta.json agent.kwargs._init_setup_model: unknown for PPO; allowed: learning_rate",
+    ),
+    "kwargs tensorboard_log": (
+        _crafted(lambda m: _agent(m, "kwargs", tensorboard_log="/tmp/x")),
+        "agent.kwargs.tensorboard_log: unknown for PPO",
+    ),
+    "kwargs n_steps huge": (
+        _crafted(lambda m: _agent(m, "kwargs", n_steps=10**12)),
+        "agent.kwargs.n_steps: 1000000000000 must be an integer in [1, 1048576]",
+    ),
+    "kwargs lr str": (
+        _crafted(lambda m: _agent(m, "kwargs", learning_rate="x")),
+        "agent.kwargs.learning_rate: 'x' must be a finite number",
+    ),
+    "kwargs not a mapping": (
+        _crafted(lambda m: _meta(m, agent={**AGENT, "kwargs": [1]})),
+        "agent.kwargs: [1] must be a mapping",
+    ),
+    "net_arch huge": (
+        _crafted(lambda m: _agent(m, "policy_kwargs", net_arch=[10**8])),
+        "agent.policy_kwargs.net_arch: [100000000] must be a list of at most 8 integers",
+    ),
+    "net_arch negative": (
+        _crafted(lambda m: _agent(m, "policy_kwargs", net_arch=[-1])),
+        "agent.policy_kwargs.net_arch: [-1] must be",
+    ),
+    "activation by path": (
+        _crafted(lambda m: _agent(m, "policy_kwargs", activation_fn="os.system")),
+        "agent.policy_kwargs.activation_fn: 'os.system' unknown; allowed: tanh",
+    ),
+    "policy_kwargs unknown": (
+        _crafted(lambda m: _agent(m, "policy_kwargs", optimizer_class="x")),
+        "agent.policy_kwargs.optimizer_class: unknown",
+    ),
     "Discrete n=0": (_crafted(lambda m: _meta(m, action_space={"type": "Discrete", "n": 0})), "action_space.n: 0"),
-    "Discrete n huge": (_crafted(lambda m: _meta(m, action_space={"type": "Discrete", "n": 10**20})),
-                        "action_space.n: 100000000000000000000 must be an integer in [1, 2147483647]"),
-    "Discrete too many logits": (_crafted(lambda m: _meta(m, action_space={"type": "Discrete", "n": 2**31 - 1})),
-                                 "agent: its network for these spaces has about"),
-    "nvec 2**70": (_crafted(lambda m: _meta(m, action_space={"type": "MultiDiscrete", "nvec": [2**70]})),
-                   "action_space.nvec must be a list"),
-    "nvec empty": (_crafted(lambda m: _meta(m, action_space={"type": "MultiDiscrete", "nvec": []})),
-                   "action_space.nvec must be a list"),
-    "Box low > high": (_crafted(lambda m: _meta(m, action_space={**_BOX, "low": [1.0, 1.0], "high": [0.0, 0.0]})),
-                       "action_space: low must be <= high"),
+    "Discrete n huge": (
+        _crafted(lambda m: _meta(m, action_space={"type": "Discrete", "n": 10**20})),
+        "action_space.n: 100000000000000000000 must be an integer in [1, 2147483647]",
+    ),
+    "Discrete too many logits": (
+        _crafted(lambda m: _meta(m, action_space={"type": "Discrete", "n": 2**31 - 1})),
+        "agent: its network for these spaces has about",
+    ),
+    "nvec 2**70": (
+        _crafted(lambda m: _meta(m, action_space={"type": "MultiDiscrete", "nvec": [2**70]})),
+        "action_space.nvec must be a list",
+    ),
+    "nvec empty": (
+        _crafted(lambda m: _meta(m, action_space={"type": "MultiDiscrete", "nvec": []})),
+        "action_space.nvec must be a list",
+    ),
+    "Box low > high": (
+        _crafted(lambda m: _meta(m, action_space={**_BOX, "low": [1.0, 1.0], "high": [0.0, 0.0]})),
+        "action_space: low must be <= high",
+    ),
     "Box shape 0": (_crafted(lambda m: _meta(m, action_space={**_BOX, "shape": [0]})), "action_space.shape: [0]"),
-    "obs 2-D": (_crafted(lambda m: _meta(m, observation_space={**_BOX, "shape": [1, 2]})),
-                "observation_space.shape: [1, 2] must be a 1-D list"),
-    "clip NaN": (_crafted(lambda m: _meta(m, normalization={"count": 1.0, "clip_obs": float("nan")})),
-                 "normalization: must be null or {count, clip_obs}, both finite numbers > 0"),
+    "obs 2-D": (
+        _crafted(lambda m: _meta(m, observation_space={**_BOX, "shape": [1, 2]})),
+        "observation_space.shape: [1, 2] must be a 1-D list",
+    ),
+    "clip NaN": (
+        _crafted(lambda m: _meta(m, normalization={"count": 1.0, "clip_obs": float("nan")})),
+        "normalization: must be null or {count, clip_obs}, both finite numbers > 0",
+    ),
     "count bool": (_crafted(lambda m: _meta(m, normalization={"count": True, "clip_obs": 10.0})), "normalization:"),
     "optimizer eps str": (_crafted(lambda m: _param_group(m, "eps", "x")), "optimizer param_groups[0].eps: x must"),
-    "policy NaN": (_crafted(lambda m: _tensors(m, "policy.safetensors", lambda t: t["log_std"].fill_(float("nan")))),
-                   "policy.safetensors tensor 'log_std' holds NaN or inf"),
-    "policy int8": (_crafted(lambda m: _tensors(m, "policy.safetensors",
-                                                lambda t: t.update(log_std=t["log_std"].to(torch.int8)))),
-                    "policy.safetensors tensor 'log_std' is torch.int8, expected torch.float32"),
-    "policy bool": (_crafted(lambda m: _tensors(m, "policy.safetensors",
-                                                lambda t: t.update(log_std=t["log_std"].bool()))), "is torch.bool"),
-    "optimizer inf": (_crafted(lambda m: _tensors(m, "optimizer.safetensors", lambda t: t["1"].fill_(float("inf")))),
-                      "optimizer.safetensors tensor '1' holds NaN or inf"),
-    "optimizer unused tensor": (_crafted(lambda m: _tensors(m, "optimizer.safetensors",
-                                                            lambda t: t.update(evil=torch.zeros(1)))),
-                                "optimizer.safetensors holds tensors meta.json does not use"),
-    "vecnorm var < 0": (_crafted(lambda m: _tensors(m, "vecnorm.safetensors", lambda t: t["var"].fill_(-1.0))),
-                        "vecnorm.safetensors var holds negative values"),
-    "vecnorm NaN": (_crafted(lambda m: _tensors(m, "vecnorm.safetensors", lambda t: t["mean"].fill_(float("nan")))),
-                    "vecnorm.safetensors tensor 'mean' holds NaN or inf"),
-    "vecnorm fp16": (_crafted(lambda m: _tensors(m, "vecnorm.safetensors",
-                                                 lambda t: t.update({k: v.half() for k, v in t.items()}))),
-                     "is torch.float16, expected torch.float64"),
+    "policy NaN": (
+        _crafted(lambda m: _tensors(m, "policy.safetensors", lambda t: t["log_std"].fill_(float("nan")))),
+        "policy.safetensors tensor 'log_std' holds NaN or inf",
+    ),
+    "policy int8": (
+        _crafted(lambda m: _tensors(m, "policy.safetensors", lambda t: t.update(log_std=t["log_std"].to(torch.int8)))),
+        "policy.safetensors tensor 'log_std' is torch.int8, expected torch.float32",
+    ),
+    "policy bool": (
+        _crafted(lambda m: _tensors(m, "policy.safetensors", lambda t: t.update(log_std=t["log_std"].bool()))),
+        "is torch.bool",
+    ),
+    "optimizer inf": (
+        _crafted(lambda m: _tensors(m, "optimizer.safetensors", lambda t: t["1"].fill_(float("inf")))),
+        "optimizer.safetensors tensor '1' holds NaN or inf",
+    ),
+    "optimizer unused tensor": (
+        _crafted(lambda m: _tensors(m, "optimizer.safetensors", lambda t: t.update(evil=torch.zeros(1)))),
+        "optimizer.safetensors holds tensors meta.json does not use",
+    ),
+    "vecnorm var < 0": (
+        _crafted(lambda m: _tensors(m, "vecnorm.safetensors", lambda t: t["var"].fill_(-1.0))),
+        "vecnorm.safetensors var holds negative values",
+    ),
+    "vecnorm NaN": (
+        _crafted(lambda m: _tensors(m, "vecnorm.safetensors", lambda t: t["mean"].fill_(float("nan")))),
+        "vecnorm.safetensors tensor 'mean' holds NaN or inf",
+    ),
+    "vecnorm fp16": (
+        _crafted(lambda m: _tensors(m, "vecnorm.safetensors", lambda t: t.update({k: v.half() for k, v in t.items()}))),
+        "is torch.float16, expected torch.float64",
+    ),
     "duplicate member": (_dup_member, "has member 'meta.json' twice"),
 }
 BAD_CHECKPOINTS.update(CRAFTED_CHECKPOINTS)
@@ -356,8 +401,10 @@ def test_checkpoint_total_size_is_capped_from_the_zip_directory(trained, tmp_pat
     [
         (lambda m: _param_group(m, "eps", True), "optimizer param_groups[0].eps is True, this agent's is 1e-05"),
         (lambda m: _param_group(m, "betas", None, {"u": [{"v": 0.9}]}), "optimizer param_groups[0].betas is (0.9,)"),
-        (lambda m: _tensors(m, "optimizer.safetensors", lambda t: t.update({"1": torch.zeros(3)})),
-         "optimizer state 'exp_avg' of parameter 0 has shape [3]"),
+        (
+            lambda m: _tensors(m, "optimizer.safetensors", lambda t: t.update({"1": torch.zeros(3)})),
+            "optimizer state 'exp_avg' of parameter 0 has shape [3]",
+        ),
     ],
 )
 def test_resume_refuses_optimizer_state_that_does_not_fit(trained, tmp_path, edit, message):
@@ -472,8 +519,9 @@ def test_export_replaces_an_earlier_export_or_an_empty_folder(trained, policy_di
     export_policy(trained[0], old, env_spec={"id": "CoEL-v0"}, obs_rms=trained[1].obs_rms)
     DeploymentPolicy(old)
     (tmp_path / "empty").mkdir()
-    monkeypatch.setattr("agents.export._write_policy",
-                        lambda out, *args: shutil.copytree(policy_dir, out, dirs_exist_ok=True))  # no second export
+    monkeypatch.setattr(
+        "agents.export._write_policy", lambda out, *args: shutil.copytree(policy_dir, out, dirs_exist_ok=True)
+    )  # no second export
     export_policy(trained[0], tmp_path / "empty")
     DeploymentPolicy(tmp_path / "empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "policy"]
@@ -547,8 +595,14 @@ def _external(tensor, location: str) -> None:
         entry.key, entry.value = key, value
 
 
-def handmade_policy(d: Path, action: dict, obs_dim: int = 5, out_dim: int | None = None, external: str | None = None,
-                    meta: dict | None = None) -> Path:
+def handmade_policy(
+    d: Path,
+    action: dict,
+    obs_dim: int = 5,
+    out_dim: int | None = None,
+    external: str | None = None,
+    meta: dict | None = None,
+) -> Path:
     """A sealed policy directory whose actor is `obs @ W` (W the identity, so the logits are the observation),
     built with onnx.helper in-process; `external` puts W's data in a file ('initializer' or 'attribute' tensor)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -562,18 +616,34 @@ def handmade_policy(d: Path, action: dict, obs_dim: int = 5, out_dim: int | None
         _external(w, "secret.bin")
         nodes.insert(0, helper.make_node("Constant", [], ["W"], value=w))
         inits = []
-    graph = helper.make_graph(nodes, "actor", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["B", obs_dim])],
-                              [helper.make_tensor_value_info("action_out", TensorProto.FLOAT, ["B", out_dim])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "actor",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["B", obs_dim])],
+        [helper.make_tensor_value_info("action_out", TensorProto.FLOAT, ["B", out_dim])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     data = model.SerializeToString()
     d.mkdir(parents=True, exist_ok=True)
     (d / "actor.onnx").write_bytes(data)
-    (d / "policy.json").write_text(json.dumps({
-        "format": "coel-deployment-policy", "version": 2, "algorithm": "PPO", "onnx": "actor.onnx",
-        "onnx_sha256": hashlib.sha256(data).hexdigest(), "observation": {"shape": [obs_dim], "dtype": "float32"},
-        "normalization": None, "action": action, "env": {}, **(meta or {}),
-    }))
+    (d / "policy.json").write_text(
+        json.dumps(
+            {
+                "format": "coel-deployment-policy",
+                "version": 2,
+                "algorithm": "PPO",
+                "onnx": "actor.onnx",
+                "onnx_sha256": hashlib.sha256(data).hexdigest(),
+                "observation": {"shape": [obs_dim], "dtype": "float32"},
+                "normalization": None,
+                "action": action,
+                "env": {},
+                **(meta or {}),
+            }
+        )
+    )
     _seal(d)
     return d
 
@@ -599,8 +669,10 @@ def test_policy_with_external_onnx_data_is_refused(tmp_path, monkeypatch, where)
         ({"action": {"type": "Discrete", "n": 3}}, r"output 'action_out' has shape \['B', 5\].*wants float32 \[B, 3\]"),
         ({"action": {**MD, "nvec": [2, 2]}}, r"wants float32 \[B, 4\]"),
         ({"action": {"type": "Box", "shape": [3], "low": [0] * 3, "high": [1] * 3}}, r"wants float32 \[B, 3\]"),
-        ({"action": MD, "meta": {"observation": {"shape": [4], "dtype": "float32"}}},
-         r"input 'obs' has shape \['B', 5\].*wants float32 \[B, 4\]"),
+        (
+            {"action": MD, "meta": {"observation": {"shape": [4], "dtype": "float32"}}},
+            r"input 'obs' has shape \['B', 5\].*wants float32 \[B, 4\]",
+        ),
         ({"action": MD, "meta": {"observation": {"shape": [0]}}}, "malformed observation entry"),
         ({"action": MD, "meta": {"observation": {"shape": [-5]}}}, "malformed observation entry"),
         ({"action": {**MD, "nvec": [0, 5]}}, "action.nvec must be a non-empty list of integers >= 1"),
@@ -608,10 +680,14 @@ def test_policy_with_external_onnx_data_is_refused(tmp_path, monkeypatch, where)
         ({"action": {"type": "Discrete", "n": 0}}, r"action.n must be an integer in \[1, "),
         ({"action": {"type": "Box", "shape": [0], "low": [], "high": []}}, "action.shape must be a non-empty list"),
         ({"action": {"type": "Box", "shape": [5], "low": [1] * 5, "high": [0] * 5}}, "action.low must be <= action"),
-        ({"action": MD, "meta": {"normalization": {"mean": [0] * 5, "var": [-1] * 5, "clip": 10, "epsilon": 1e-8}}},
-         "normalization.mean/var must be finite, var >= 0"),
-        ({"action": MD, "meta": {"normalization": {"mean": [0] * 4, "var": [1] * 5, "clip": 10, "epsilon": 1e-8}}},
-         "normalization.mean must be a list of 5 numbers"),
+        (
+            {"action": MD, "meta": {"normalization": {"mean": [0] * 5, "var": [-1] * 5, "clip": 10, "epsilon": 1e-8}}},
+            "normalization.mean/var must be finite, var >= 0",
+        ),
+        (
+            {"action": MD, "meta": {"normalization": {"mean": [0] * 4, "var": [1] * 5, "clip": 10, "epsilon": 1e-8}}},
+            "normalization.mean must be a list of 5 numbers",
+        ),
         ({"action": MD, "meta": {"version": 2.0}}, "unsupported"),
     ],
 )
@@ -724,8 +800,12 @@ def _cfg(**changes):
         "export": True,
         "progress_bar": False,
         "vec_env": "dummy",
-        "agent": {"algo": "PPO", "policy": "MlpPolicy", "kwargs": {"n_steps": 64, "batch_size": 64},
-                  "policy_kwargs": {"net_arch": [16]}},
+        "agent": {
+            "algo": "PPO",
+            "policy": "MlpPolicy",
+            "kwargs": {"n_steps": 64, "batch_size": 64},
+            "policy_kwargs": {"net_arch": [16]},
+        },
         "eval_baselines": ["static"],
         "resume": None,
     }

@@ -110,10 +110,16 @@ BAD_POLICY_ARGS = [
     ("oracle", {"time_limit": NAN}, "policy oracle: time_limit: nan given; must be a finite number in (0, 1000000]"),
     ("oracle", {"time_limit": -1}, "policy oracle: time_limit: -1 given; must be a finite number in (0, 1000000]"),
     ("oracle", {"time_limit": 0}, "policy oracle: time_limit: 0 given; must be a finite number in (0, 1000000]"),
-    ("oracle", {"time_limit": "abc"}, "policy oracle: time_limit: 'abc' given; must be a finite number in (0, "
-                                      "1000000]"),
-    ("oracle", {"time_limit": 10**400}, "policy oracle: time_limit: an integer of ~400 digits given; must be a finite "
-                                        "number in (0, 1000000]"),
+    (
+        "oracle",
+        {"time_limit": "abc"},
+        "policy oracle: time_limit: 'abc' given; must be a finite number in (0, 1000000]",
+    ),
+    (
+        "oracle",
+        {"time_limit": 10**400},
+        "policy oracle: time_limit: an integer of ~400 digits given; must be a finite number in (0, 1000000]",
+    ),
     ("oracle", {"search_iters": -1}, "policy oracle: search_iters: -1 given; must be an integer in [0, 10000000]"),
     ("oracle", {"search_iters": 1.5}, "policy oracle: search_iters: 1.5 given; must be an integer in [0, 10000000]"),
     ("oracle", {"search_iters": True}, "policy oracle: search_iters: True given; must be an integer in [0, 10000000]"),
@@ -138,8 +144,11 @@ BAD_POLICY_ARGS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "expected"), BAD_POLICY_ARGS,
-                         ids=[f"{n}-{next(iter(k))}-{i}" for i, (n, k, _) in enumerate(BAD_POLICY_ARGS)])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    BAD_POLICY_ARGS,
+    ids=[f"{n}-{next(iter(k))}-{i}" for i, (n, k, _) in enumerate(BAD_POLICY_ARGS)],
+)
 def test_make_policy_refuses_bad_arguments_in_one_line(name, kwargs, expected):
     with pytest.raises(ConfigError) as exc:
         make_policy(name, **kwargs)

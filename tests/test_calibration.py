@@ -65,8 +65,12 @@ def test_error_stats_numbers():
 
 
 def test_device_overrides_apply_and_validate(tmp_path):
-    hw = HardwareProfile(name="x", device_overrides={"cpu-small": DeviceOverride(mem_bw_gbs=5.0, peak_tflops=0.05)},
-                         pcie_bw_gbs=3.0, ssd_bw_gbs=0.5)
+    hw = HardwareProfile(
+        name="x",
+        device_overrides={"cpu-small": DeviceOverride(mem_bw_gbs=5.0, peak_tflops=0.05)},
+        pcie_bw_gbs=3.0,
+        ssd_bw_gbs=0.5,
+    )
     c = Scenario("tiny", hardware=hw).cluster
     assert np.all(c.dev_bw == 5e9) and np.all(c.dev_flops == 5e10) and np.all(c.cpu_bw == 5e9)
     assert np.all(c.pcie_bw == 3e9) and np.all(c.ssd_bw == 0.5e9)
@@ -131,8 +135,11 @@ def _parity_scenario() -> Scenario:
     import yaml
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scenario" / "tiny.yaml").read_text())
-    spec.update(name="tiny-parity", max_replicas=3,
-                topology={"kind": "star", "bandwidth_gbps": 1.0, "latency_ms": PARITY_LATENCY_MS})
+    spec.update(
+        name="tiny-parity",
+        max_replicas=3,
+        topology={"kind": "star", "bandwidth_gbps": 1.0, "latency_ms": PARITY_LATENCY_MS},
+    )
     return Scenario(spec, seed=0, hardware="cpu-gloo")
 
 
@@ -180,28 +187,49 @@ def test_parity_surrogate_vs_real_backend_on_tiny():
 
 def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "experiments.calibrate", "fidelity.scenarios=[tiny,nope]",
-                           f"hydra.run.dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.calibrate", "fidelity.scenarios=[tiny,nope]", f"hydra.run.dir={tmp_path}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == ("error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: "
-                                                    "tiny, tiny-slowlink, tiny-2srv, tiny-busy")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: tiny, tiny-slowlink, tiny-2srv, tiny-busy"
+    )
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("e2e.window_s=0", "error: e2e.window_s: 0 must be a finite number > 0"),
-    ("fidelity.window_s=-1", "error: fidelity.window_s: -1 must be a finite number > 0"),
-    ("seed=1.5", "error: seed: 1.5 must be an integer >= 0"),
-    ("sweeps.reps=0", "error: sweeps.reps: 0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("e2e.window_s=0", "error: e2e.window_s: 0 must be a finite number > 0"),
+        ("fidelity.window_s=-1", "error: fidelity.window_s: -1 must be a finite number > 0"),
+        ("seed=1.5", "error: seed: 1.5 must be an integer >= 0"),
+        ("sweeps.reps=0", "error: sweeps.reps: 0 must be an integer >= 1"),
+    ],
+)
 def test_calibrate_accepts_scenario_override_and_refuses_bad_values(tmp_path, override, message):
     """`scenario=tiny` selects the base scenario (a config-group option, no collision); bad numbers stop the run
     in one line before any sweep starts or any file is written."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "experiments.calibrate", "scenario=tiny", override,
-                           f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.calibrate",
+            "scenario=tiny",
+            override,
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in proc.stderr and not out.exists()

@@ -496,8 +496,11 @@ CLI_CASES = [
     ),
     ("experiments.evaluate_plan", "window_s=0", "error: window_s: 0 must be a finite number > 0"),
     ("experiments.evaluate_plan", "window_s=-5", "error: window_s: -5 must be a finite number > 0"),
-    ("experiments.evaluate_plan", "window_s=1e308", "error: window_s: 1e+308 must be a finite number in (0, 1000000] "
-     "seconds"),
+    (
+        "experiments.evaluate_plan",
+        "window_s=1e308",
+        "error: window_s: 1e+308 must be a finite number in (0, 1000000] seconds",
+    ),
     (
         "experiments.evaluate",
         "policy_kwargs.oracle.time_limit=nan",

@@ -27,8 +27,17 @@ def test_make_with_defaults():
     assert info["hello_bits"] == 3 * 64 + 8 * (2 * 4 + 3 + 3)  # full Hellos: 3 headers + 14 fields
     obs, r, term, trunc, info = env.step(env.action_space.sample())
     assert np.isfinite(r) and not term and not trunc
-    for key in ("metrics", "migration", "repaired", "repair_reasons", "penalty", "hello_bits", "dropped_requests",
-                "restored_experts", "action_mask"):
+    for key in (
+        "metrics",
+        "migration",
+        "repaired",
+        "repair_reasons",
+        "penalty",
+        "hello_bits",
+        "dropped_requests",
+        "restored_experts",
+        "action_mask",
+    ):
         assert key in info
     assert info["action_mask"].shape == (int(env.action_space.nvec.sum()),)
 
@@ -41,8 +50,9 @@ def test_checkers_without_warnings(scenario, action_space, perception):
         warnings.simplefilter("error")
         env = CoELEnv(scenario=scenario, action_space=action_space, perception=perception, max_epochs=20)
         gym_check_env(env, skip_render_check=True)
-        sb3_check_env(CoELEnv(scenario=scenario, action_space=action_space, perception=perception, max_epochs=20),
-                      warn=True)
+        sb3_check_env(
+            CoELEnv(scenario=scenario, action_space=action_space, perception=perception, max_epochs=20), warn=True
+        )
 
 
 @pytest.mark.parametrize("reward", ["latency", "slo", "throughput_per_watt", "composite"])
@@ -59,10 +69,15 @@ def test_reward_spaces(reward):
 
 
 def test_bad_arguments_are_one_line_errors():
-    for kw, field in [({"action_space": "nope"}, "action_space"), ({"reward_space": "x"}, "reward_space"),
-                      ({"perception": "x"}, "perception"), ({"backend": "x"}, "backend"),
-                      ({"reward_space": "composite", "reward_weights": {"speed": 1}}, "reward_weights"),
-                      ({"max_epochs": 0}, "max_epochs"), ({"scenario": "nowhere"}, "scenario")]:
+    for kw, field in [
+        ({"action_space": "nope"}, "action_space"),
+        ({"reward_space": "x"}, "reward_space"),
+        ({"perception": "x"}, "perception"),
+        ({"backend": "x"}, "backend"),
+        ({"reward_space": "composite", "reward_weights": {"speed": 1}}, "reward_weights"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"scenario": "nowhere"}, "scenario"),
+    ]:
         with pytest.raises(ConfigError) as exc:
             CoELEnv(**{"scenario": "tiny", **kw})
         assert str(exc.value).startswith(field) and "\n" not in str(exc.value)

@@ -23,8 +23,7 @@ def keep(env) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def paper():
-    return CoELEnv(scenario=scenario("paper-testbed", resource_noise=0.0, arrival_burstiness=0.0),
-                   perception="ideal")
+    return CoELEnv(scenario=scenario("paper-testbed", resource_noise=0.0, arrival_burstiness=0.0), perception="ideal")
 
 
 def test_keep_and_reencode_cost_nothing(paper):
@@ -70,7 +69,8 @@ def test_precision_upgrade_comes_from_the_cloud(paper):
     # service degraded while migrating: the mean e2e latency grows by f * t / 2
     f = m["time_s"] / paper.scenario.spec.dynamics.epoch_s
     assert info["metrics"]["e2e_mean_s"] - keep_info["metrics"]["e2e_mean_s"] == pytest.approx(
-        f * m["time_s"] / 2, rel=0.05)
+        f * m["time_s"] / 2, rel=0.05
+    )
 
 
 def test_repair_downgrades_least_popular_first(paper):
@@ -109,8 +109,9 @@ def test_full_action_repairs_duplicates_and_empty_first_slot():
 
 
 def test_fault_restores_every_orphan_from_the_cloud():
-    env = CoELEnv(scenario=scenario("tiny", failure_rate=1.0, recovery_rate=0.0, resource_noise=0.0),
-                  perception="ideal")
+    env = CoELEnv(
+        scenario=scenario("tiny", failure_rate=1.0, recovery_rate=0.0, resource_noise=0.0), perception="ideal"
+    )
     env.reset(seed=0)
     before = env.plan
     _, r, term, _trunc, info = env.step(keep(env))
@@ -175,11 +176,11 @@ def test_action_masks_follow_live_servers():
     m = env.action_masks()
     D = 4
     assert m.shape == (1440 * 2 * (D + 1 + 3 + 3) + 3 * 7 + 2,)
-    block = m[:2 * 11].reshape(2, 11)
+    block = m[: 2 * 11].reshape(2, 11)
     assert block[0, :D].all() and not block[0, D] and block[1, D]  # slot 0 never empty; slot 1 may be
     env.core.states.server_up[0, 1] = False  # server2 (device 2) fails
     m = env.action_masks()
-    assert list(m[:D + 1]) == [True, True, False, True, False]
+    assert list(m[: D + 1]) == [True, True, False, True, False]
     edit = CoELEnv(scenario="tiny", action_space="edit")
     edit.reset(seed=0)
     em = edit.action_masks()
@@ -208,8 +209,8 @@ def test_threshold_space_replicates_popular_experts():
     env.reset(seed=0)
     L = 24
     a = -np.ones(3 * L + 3 + 1, dtype=np.float32)
-    a[0:3 * L:3] = 0.0  # replicate the top half
-    a[1:3 * L:3] = 1.0  # everything on GPU
+    a[0 : 3 * L : 3] = 0.0  # replicate the top half
+    a[1 : 3 * L : 3] = 1.0  # everything on GPU
     a[-1] = 1.0
     env.step(a)
     p = env.plan

@@ -31,10 +31,13 @@ def finite(x) -> bool:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenario=st.sampled_from(["tiny", "paper-testbed", "moe2-heterogeneous"]),
-       action_space=st.sampled_from(["full", "edit", "threshold"]),
-       perception=st.sampled_from(["hello", "ideal"]),
-       seed=st.integers(0, 2**31), steps=st.integers(1, 4))
+@given(
+    scenario=st.sampled_from(["tiny", "paper-testbed", "moe2-heterogeneous"]),
+    action_space=st.sampled_from(["full", "edit", "threshold"]),
+    perception=st.sampled_from(["hello", "ideal"]),
+    seed=st.integers(0, 2**31),
+    steps=st.integers(1, 4),
+)
 def test_random_actions_keep_everything_valid(scenario, action_space, perception, seed, steps):
     env = get_env(scenario, action_space, perception)
     obs, _ = env.reset(seed=seed)

@@ -48,8 +48,7 @@ def test_same_seed_same_trajectory(action_space):
 def test_native_vector_env_matches_single_envs(action_space):
     N, seed = 3, 11
     venv = CoELVectorEnv(N, scenario="tiny", action_space=action_space, max_epochs=4, info_action_mask=True)
-    sync = SyncVectorEnv([lambda: CoELEnv(scenario="tiny", action_space=action_space, max_epochs=4)
-                          for _ in range(N)])
+    sync = SyncVectorEnv([lambda: CoELEnv(scenario="tiny", action_space=action_space, max_epochs=4) for _ in range(N)])
     vo, _ = venv.reset(seed=seed)
     so, _ = sync.reset(seed=seed)
     assert same(vo, so)

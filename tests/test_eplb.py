@@ -23,11 +23,14 @@ def check_maps(phy2log, log2phy, logcnt, num_replicas):
 
 def test_reference_example_hierarchical():
     # The example of DeepSeek's EPLB README: 2 layers, 12 experts in 4 groups, 16 replicas, 2 nodes, 8 GPUs.
-    w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    w = np.array(
+        [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+    )
     phy2log, log2phy, logcnt = rebalance_experts(w, 16, 4, 2, 8)
-    assert phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    assert phy2log.tolist() == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
     check_maps(phy2log, log2phy, logcnt, 16)
     # hierarchical: node 0 (GPUs 0-3, slots 0-7) holds whole groups of 3 experts
     for l in range(2):

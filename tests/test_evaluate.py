@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_evaluate_end_to_end(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.evaluate", "scenarios=[tiny]",
-           "policies=[static_linear,greedy_popularity,eplb]", "seeds=2", "max_epochs=2", "logger=disabled",
-           "progress_bar=false", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "scenarios=[tiny]",
+        "policies=[static_linear,greedy_popularity,eplb]",
+        "seeds=2",
+        "max_epochs=2",
+        "logger=disabled",
+        "progress_bar=false",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -12,11 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_evaluate_on_real_backend_reports_measured_and_predicted(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.evaluate", "backend=real", "scenarios=[tiny]", "policies=[coel]",
-           "seeds=1", "max_epochs=2", "logger=disabled", "progress_bar=false", "plots=false",
-           f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True,
-                          text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "backend=real",
+        "scenarios=[tiny]",
+        "policies=[coel]",
+        "seeds=1",
+        "max_epochs=2",
+        "logger=disabled",
+        "progress_bar=false",
+        "plots=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = (tmp_path / "leaderboard.md").read_text()
     assert "leaderboard (real backend)" in board and "Measured vs the surrogate's prediction" in board

@@ -82,16 +82,24 @@ def env_cases() -> dict:
             rows = []
             for _ in range(STEPS):
                 _, r, term, trunc, info = env.step(env.action_space.sample())
-                rows.append({"reward": float(r), "penalty": float(info["penalty"]),
-                             "repaired": bool(info["repaired"]), "e2e_p95_s": info["metrics"]["e2e_p95_s"],
-                             "tokens_per_s": info["metrics"]["tokens_per_s"],
-                             "migration_bytes": info["migration"]["bytes_total"], "hello_bits": info["hello_bits"]})
+                rows.append(
+                    {
+                        "reward": float(r),
+                        "penalty": float(info["penalty"]),
+                        "repaired": bool(info["repaired"]),
+                        "e2e_p95_s": info["metrics"]["e2e_p95_s"],
+                        "tokens_per_s": info["metrics"]["tokens_per_s"],
+                        "migration_bytes": info["migration"]["bytes_total"],
+                        "hello_bits": info["hello_bits"],
+                    }
+                )
                 if term or trunc:
                     break
             env.close()
             out[f"{scenario}/{space}"] = rows
-    venv = gym.make_vec("CoEL-v0", num_envs=3, vectorization_mode="vector_entry_point", scenario="tiny",
-                        action_space="edit")
+    venv = gym.make_vec(
+        "CoEL-v0", num_envs=3, vectorization_mode="vector_entry_point", scenario="tiny", action_space="edit"
+    )
     venv.reset(seed=11)
     venv.action_space.seed(11)
     rewards = [venv.step(venv.action_space.sample())[1].tolist() for _ in range(STEPS)]

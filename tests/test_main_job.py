@@ -12,10 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_main_job_smoke(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.main", "experiment=smoke", "scenario=tiny", "seeds=1", "eval_epochs=4",
-           "policies=[static_linear,eplb]", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "experiment=smoke",
+        "scenario=tiny",
+        "seeds=1",
+        "eval_epochs=4",
+        "policies=[static_linear,eplb]",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert f"Everything is under {tmp_path}" in proc.stdout
@@ -26,17 +36,31 @@ def test_main_job_smoke(tmp_path):
     for section in ("## Training runs", "## Learning curves", "## Leaderboard", "## Pareto fronts", "## Placements"):
         assert section in report
     compare = tmp_path / "compare"
-    assert {"learning_curves.png", "pareto_latency_quality.png", "pareto_latency_energy.png",
-            "placement_tiny_eplb.png", "report.html"} <= {p.name for p in compare.iterdir()}
+    assert {
+        "learning_curves.png",
+        "pareto_latency_quality.png",
+        "pareto_latency_energy.png",
+        "placement_tiny_eplb.png",
+        "report.html",
+    } <= {p.name for p in compare.iterdir()}
     assert "<table>" in (compare / "report.html").read_text()
     assert list((compare / "wandb").glob("offline-run-*"))
 
 
 def test_compare_rejects_a_non_run_directory(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.compare", f"runs=[{tmp_path}]", f"hydra.run.dir={tmp_path / 'out'}",
-           "logger=disabled"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
-                          timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.compare",
+        f"runs=[{tmp_path}]",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "logger=disabled",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == \
-        f"error: runs: '{tmp_path}' is not a training run directory (no progress.csv)"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: runs: '{tmp_path}' is not a training run directory (no progress.csv)"
+    )

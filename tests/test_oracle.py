@@ -53,8 +53,10 @@ def test_milp_proves_optimality_and_oracle_matches_brute_force():
     plans = []
     for o1, o2 in itertools.product(opts, opts):
         p = DeploymentPlan.for_cluster(c)
-        (p.device[0, 0, 0], p.tier[0, 0, 0], p.bits[0, 0, 0]), (p.device[0, 1, 0], p.tier[0, 1, 0], p.bits[0, 1, 0]) \
-            = o1, o2
+        (p.device[0, 0, 0], p.tier[0, 0, 0], p.bits[0, 0, 0]), (p.device[0, 1, 0], p.tier[0, 1, 0], p.bits[0, 1, 0]) = (
+            o1,
+            o2,
+        )
         plans.append(p)
     best = float(score_plans(be, plans, state, 0.005).min())
     res = optimize(c, state, time_limit=5.0, search_iters=60, batch=32, backend=be)

@@ -15,15 +15,17 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
 
 
 def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240
+    )
 
 
 @pytest.fixture(scope="module")
 def paper_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("paper")
-    proc = run_module("experiments.reproduce_paper", f"hydra.run.dir={out}", "output_lens=[64,512,2048]",
-                      "input_lens=[64,2048]")
+    proc = run_module(
+        "experiments.reproduce_paper", f"hydra.run.dir={out}", "output_lens=[64,512,2048]", "input_lens=[64,2048]"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("fig4.csv", "fig5.csv", "fig6.csv", "figures.png", "results.json"):
         assert (out / name).is_file(), name

@@ -13,15 +13,20 @@ from coel_env import DeploymentPlan, PlanError, make_scenario
 from coel_env.cluster import GB
 from coel_env.plan import MAX_PRUNE, gpu_capacity
 
-HYP = settings(max_examples=25, deadline=None, derandomize=True,
-               suppress_health_check=[HealthCheck.function_scoped_fixture])
+HYP = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
 def qwen1():
     """One RTX 4090D server holding Qwen1.5-MoE-A2.7B (which does not fit it at 16 bits)."""
-    spec = dict(name="qwen-one-gpu", model="qwen1.5-moe-a2.7b", max_replicas=2,
-                servers=[dict(name="solo", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64, ssd_gb=512)])
+    spec = dict(
+        name="qwen-one-gpu",
+        model="qwen1.5-moe-a2.7b",
+        max_replicas=2,
+        servers=[dict(name="solo", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64, ssd_gb=512)],
+    )
     return make_scenario(spec).cluster
 
 
@@ -65,13 +70,16 @@ def test_missing_replica(tiny):
     assert "layer 2 expert 5 has no replica (2 experts without one)" in msg
 
 
-@pytest.mark.parametrize(("field", "value", "expect"), [
-    ("bits", 5, "layer 1 expert 3 has bits=5; allowed: 16, 8, 4"),
-    ("bits", 0, "bits=0; allowed: 16, 8, 4"),
-    ("tier", 3, "tier 3 unknown; allowed: 0 (gpu), 1 (cpu), 2 (ssd)"),
-    ("tier", -1, "tier -1 unknown"),
-    ("device", 7, "device index 7 out of range; allowed 0..2"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "expect"),
+    [
+        ("bits", 5, "layer 1 expert 3 has bits=5; allowed: 16, 8, 4"),
+        ("bits", 0, "bits=0; allowed: 16, 8, 4"),
+        ("tier", 3, "tier 3 unknown; allowed: 0 (gpu), 1 (cpu), 2 (ssd)"),
+        ("tier", -1, "tier -1 unknown"),
+        ("device", 7, "device index 7 out of range; allowed 0..2"),
+    ],
+)
 def test_bad_replica_values(tiny, field, value, expect):
     c = tiny.cluster
     plan = DeploymentPlan.uniform(c)
@@ -168,8 +176,10 @@ def test_fewer_bits_never_use_more_memory(tiny, data):
     lower.bits[:] = np.where(drop & (plan.bits > 4), plan.bits // 2, plan.bits)
     for before, after in zip(plan.memory_usage(c), lower.memory_usage(c)):
         assert (after <= before).all()
-    assert sum(x.sum() for x in lower.memory_usage(c)) < sum(x.sum() for x in plan.memory_usage(c)) or \
-        not (drop & (plan.bits > 4) & plan.valid).any()
+    assert (
+        sum(x.sum() for x in lower.memory_usage(c)) < sum(x.sum() for x in plan.memory_usage(c))
+        or not (drop & (plan.bits > 4) & plan.valid).any()
+    )
 
 
 # ---- manifests ------------------------------------------------------------------------------------------------
@@ -202,8 +212,10 @@ def test_manifest_json_round_trip_is_exact(tiny, tmp_path):
 
 
 @HYP
-@given(prune=st.lists(st.floats(0.0, float(np.float32(MAX_PRUNE)), width=32), min_size=3, max_size=3),
-       fuse=st.lists(st.booleans(), min_size=3, max_size=3))
+@given(
+    prune=st.lists(st.floats(0.0, float(np.float32(MAX_PRUNE)), width=32), min_size=3, max_size=3),
+    fuse=st.lists(st.booleans(), min_size=3, max_size=3),
+)
 def test_manifest_round_trip_keeps_any_compression(tiny, prune, fuse):
     c = tiny.cluster
     plan = DeploymentPlan.uniform(c)
@@ -220,27 +232,33 @@ def _tamper(c, edit):
     return data
 
 
-@pytest.mark.parametrize(("edit", "expect"), [
-    (lambda d: d.update(format="something-else"), "'format' must be 'coel-deployment-manifest'"),
-    (lambda d: d.update(version=2), "version 2 unsupported; allowed: 1"),
-    (lambda d: d.update(model="mixtral-8x7b"), "model 'mixtral-8x7b' does not match the scenario's 'tiny-moe'"),
-    (lambda d: d["experts"][0]["replicas"][0].update(device="s9/gpu0"), "unknown device 's9/gpu0'; allowed: s0/gpu0"),
-    (lambda d: d["experts"][0]["replicas"][0].update(tier="nvme"), "unknown tier 'nvme'; allowed: gpu, cpu, ssd"),
-    (lambda d: d["experts"][0]["replicas"][0].update(bits=3), "layer 0 expert 0 has bits=3; allowed: 16, 8, 4"),
-    (lambda d: d["experts"][0]["replicas"][0].update(bits=300), "bits=300; allowed: 16, 8, 4"),
-    (lambda d: d["experts"][0]["replicas"][0].pop("tier"), "malformed entry (KeyError"),
-    (lambda d: d["experts"][0].update(layer=9), "layer 9 expert 0 out of range; layers 0..3, experts 0..7"),
-    (lambda d: d["experts"][0].update(layer="zero"), "malformed entry (ValueError"),
-    (lambda d: d["experts"].pop(5), "layer 0 expert 5 has no replica"),
-    (lambda d: d["experts"].append(d["experts"][0]), "layer 0 expert 0 is listed twice"),
-    (lambda d: d["experts"][0].update(replicas=d["experts"][0]["replicas"] * 3), "has 3 replicas; max_replicas=2"),
-    (lambda d: d["experts"][0].update(replicas=d["experts"][0]["replicas"] * 2), "has two replicas on"),
-    (lambda d: d.update(experts=7), "malformed entry (TypeError"),
-    (lambda d: d.pop("experts"), "malformed entry (KeyError"),
-    (lambda d: d["links"][0].update(servers=["s0", "s7"]), "unknown link"),
-    (lambda d: d["links"][0].update(prune_ratio=2.0), "prune ratios must lie in [0, 0.9]"),
-    (lambda d: d["links"][0].update(prune_ratio="high"), "malformed entry (ValueError"),
-])
+@pytest.mark.parametrize(
+    ("edit", "expect"),
+    [
+        (lambda d: d.update(format="something-else"), "'format' must be 'coel-deployment-manifest'"),
+        (lambda d: d.update(version=2), "version 2 unsupported; allowed: 1"),
+        (lambda d: d.update(model="mixtral-8x7b"), "model 'mixtral-8x7b' does not match the scenario's 'tiny-moe'"),
+        (
+            lambda d: d["experts"][0]["replicas"][0].update(device="s9/gpu0"),
+            "unknown device 's9/gpu0'; allowed: s0/gpu0",
+        ),
+        (lambda d: d["experts"][0]["replicas"][0].update(tier="nvme"), "unknown tier 'nvme'; allowed: gpu, cpu, ssd"),
+        (lambda d: d["experts"][0]["replicas"][0].update(bits=3), "layer 0 expert 0 has bits=3; allowed: 16, 8, 4"),
+        (lambda d: d["experts"][0]["replicas"][0].update(bits=300), "bits=300; allowed: 16, 8, 4"),
+        (lambda d: d["experts"][0]["replicas"][0].pop("tier"), "malformed entry (KeyError"),
+        (lambda d: d["experts"][0].update(layer=9), "layer 9 expert 0 out of range; layers 0..3, experts 0..7"),
+        (lambda d: d["experts"][0].update(layer="zero"), "malformed entry (ValueError"),
+        (lambda d: d["experts"].pop(5), "layer 0 expert 5 has no replica"),
+        (lambda d: d["experts"].append(d["experts"][0]), "layer 0 expert 0 is listed twice"),
+        (lambda d: d["experts"][0].update(replicas=d["experts"][0]["replicas"] * 3), "has 3 replicas; max_replicas=2"),
+        (lambda d: d["experts"][0].update(replicas=d["experts"][0]["replicas"] * 2), "has two replicas on"),
+        (lambda d: d.update(experts=7), "malformed entry (TypeError"),
+        (lambda d: d.pop("experts"), "malformed entry (KeyError"),
+        (lambda d: d["links"][0].update(servers=["s0", "s7"]), "unknown link"),
+        (lambda d: d["links"][0].update(prune_ratio=2.0), "prune ratios must lie in [0, 0.9]"),
+        (lambda d: d["links"][0].update(prune_ratio="high"), "malformed entry (ValueError"),
+    ],
+)
 def test_tampered_manifest_gives_one_line_plan_error(tiny, edit, expect):
     c = tiny.cluster
     data = _tamper(c, edit)

@@ -15,8 +15,9 @@ CFG = MoEConfig.from_spec(model_preset("tiny-moe"))
 @pytest.mark.parametrize("mode", EXPERT_MODES)
 def test_fast_engine_matches_reference(mode):
     model, experts = reference_model(CFG, 0)
-    fast = FastMoE(CFG, WeightSource(CFG, 0), device="cpu", dtype=torch.float32, max_batch=2, max_len=32,
-                   expert_mode=mode)
+    fast = FastMoE(
+        CFG, WeightSource(CFG, 0), device="cpu", dtype=torch.float32, max_batch=2, max_len=32, expert_mode=mode
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, CFG.vocab_size, (2, 10), generator=g)
     got = fast.generate(ids, 6)

@@ -63,7 +63,7 @@ def test_kv_cache_decode_matches_full_forward():
     from real_backend.model import KVCache
 
     logits = model.forward([full], [KVCache(CFG.num_layers)], experts)
-    assert logits[len(prompt) - 1:].argmax(-1).tolist() == toks[0]
+    assert logits[len(prompt) - 1 :].argmax(-1).tolist() == toks[0]
 
 
 def test_ragged_batch_equals_one_by_one():

@@ -58,8 +58,10 @@ def test_model_quality_vs_16bit():
     _, ref = generate(model, prompts, [1] * 4, dense)
     out = {}
     for bits in (16, 8, 4):
-        q = [[tuple(quantize(t, bits) for t in src.expert(l, e)) for e in range(cfg.num_experts)]
-             for l in range(cfg.num_moe_layers)]
+        q = [
+            [tuple(quantize(t, bits) for t in src.expert(l, e)) for e in range(cfg.num_experts)]
+            for l in range(cfg.num_moe_layers)
+        ]
 
         def experts(l, x, idx, w, q=q):
             y = torch.zeros_like(x)

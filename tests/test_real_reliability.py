@@ -298,8 +298,10 @@ def test_server_error_is_a_coel_error_and_still_a_runtime_error(tmp_path):
         raise ServerError("server s1 (pid 1) exited with code -9 during 'serve'")
     one = ServerError("server s1 (pid 1) exited with code -9 during 'serve'; all server processes stopped")
     assert error_line(one, tmp_path) == f"error: {one}" and not (tmp_path / "error.txt").exists()
-    full = ServerError("server s1 failed in 'serve': RuntimeError: boom\n--- traceback of server s1 ---\n"
-                       "Traceback (most recent call last):\nRuntimeError: boom")
+    full = ServerError(
+        "server s1 failed in 'serve': RuntimeError: boom\n--- traceback of server s1 ---\n"
+        "Traceback (most recent call last):\nRuntimeError: boom"
+    )
     line = error_line(full, tmp_path)
     assert line == f"error: server s1 failed in 'serve': RuntimeError: boom (details: {tmp_path / 'error.txt'})"
     assert (tmp_path / "error.txt").read_text() == str(full) + "\n"  # the server's traceback is kept, in the file
@@ -310,9 +312,25 @@ def test_evaluate_reports_a_failing_server_in_one_line(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", FAIL_START_ENV: "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", "backend=real", "scenarios=[tiny]", "seeds=1", "max_epochs=1",
-         "policies=[static_linear]", "logger=disabled", "plots=false", "progress_bar=false", f"hydra.run.dir={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            "backend=real",
+            "scenarios=[tiny]",
+            "seeds=1",
+            "max_epochs=1",
+            "policies=[static_linear]",
+            "logger=disabled",
+            "plots=false",
+            "progress_bar=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -332,8 +350,15 @@ def test_launch_checks_its_window_and_writes_out_atomically(tmp_path, monkeypatc
         launch.main(["--window", "nan"])
     target = tmp_path / "run.json"
     target.write_text('{"old": true}')
-    result = {"scenario": "tiny", "servers": 3, "launcher": "spawn", "tokens": {}, "link_bytes": [],
-              "metrics": {"tokens_per_s": 1.0}, "bad": object()}  # not JSON: the write fails half-way
+    result = {
+        "scenario": "tiny",
+        "servers": 3,
+        "launcher": "spawn",
+        "tokens": {},
+        "link_bytes": [],
+        "metrics": {"tokens_per_s": 1.0},
+        "bad": object(),
+    }  # not JSON: the write fails half-way
     monkeypatch.setattr(launch, "run", lambda *a, **k: result)
     with pytest.raises(TypeError):
         launch.main(["--out", str(target)])

@@ -28,23 +28,74 @@ def test_sweep_points_and_estimator():
 
 
 def test_zero_budget_skips_every_point_without_starting_servers(tmp_path):
-    bench_main(["measure", "--model", "tiny-moe", "--device", "cpu", "--jobs", "2srv-app:c", "--input-lens", "4", "8",
-                "--budget-s", "0", "--out", str(tmp_path), "--tag", "z"])
+    bench_main(
+        [
+            "measure",
+            "--model",
+            "tiny-moe",
+            "--device",
+            "cpu",
+            "--jobs",
+            "2srv-app:c",
+            "--input-lens",
+            "4",
+            "8",
+            "--budget-s",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "z",
+        ]
+    )
     rows = _rows(tmp_path / "measured_z.csv")
     assert [(r["input_len"], r["status"]) for r in rows] == [("4", "skipped"), ("8", "skipped")]
 
 
 @pytest.mark.slow
 def test_tiny_two_servers_measure_and_compare(tmp_path):
-    bench_main(["measure", "--model", "tiny-moe", "--device", "cpu", "--jobs", "2srv-app:ab", "--output-lens", "2",
-                "4", "--fixed-len", "4", "--budget-s", "120", "--out", str(tmp_path), "--tag", "t"])
+    bench_main(
+        [
+            "measure",
+            "--model",
+            "tiny-moe",
+            "--device",
+            "cpu",
+            "--jobs",
+            "2srv-app:ab",
+            "--output-lens",
+            "2",
+            "4",
+            "--fixed-len",
+            "4",
+            "--budget-s",
+            "120",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "t",
+        ]
+    )
     rows = _rows(tmp_path / "measured_t.csv")
     assert [(r["output_len"], r["status"]) for r in rows] == [("2", "ok"), ("4", "ok")]
     for r in rows:
         assert float(r["latency_s"]) > float(r["ttft_s"]) > 0
         assert float(r["link_bytes"]) > 0  # half the layers' experts live on the other server
-    sur = [{"gpu": g, "job": "2srv-app", "sweep": "ab", "input_len": "4", "output_len": o, "latency_s": "0.5",
-            "tok_s": "1", "ttft_s": "0.1", "tpot_s": "0.1"} for g in ("h200", "rtx4090d") for o in ("2", "4")]
+    sur = [
+        {
+            "gpu": g,
+            "job": "2srv-app",
+            "sweep": "ab",
+            "input_len": "4",
+            "output_len": o,
+            "latency_s": "0.5",
+            "tok_s": "1",
+            "ttft_s": "0.1",
+            "tpot_s": "0.1",
+        }
+        for g in ("h200", "rtx4090d")
+        for o in ("2", "4")
+    ]
     cmp = comparison(rows, sur)
     assert len(cmp) == 2 and cmp[0]["ratio_h200"] == pytest.approx(float(rows[0]["latency_s"]) / 0.5)
     assert "| 2srv-app | ab | 4 | 4 |" in comparison_md(cmp, rows)

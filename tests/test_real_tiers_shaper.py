@@ -108,18 +108,26 @@ def test_netns_commands_shape_every_server_link():
 @pytest.mark.skipif(not netns_available(), reason="needs root, ip and tc")
 def test_netns_tbf_rate_within_10_percent():
     rate_bits = 40e6
-    server = ("import socket,time,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
-              "s.bind(('10.79.0.2',5599));s.listen(1);c,_=s.accept();n=0;t0=None\n"
-              "while True:\n d=c.recv(1<<16)\n if not d: break\n t0=t0 or time.monotonic();n+=len(d)\n"
-              "print(n/(time.monotonic()-t0))")
-    client = ("import socket,time;time.sleep(0.5);s=socket.create_connection(('10.79.0.2',5599));"
-              "s.sendall(b'x'*2_500_000);s.close()")
+    server = (
+        "import socket,time,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+        "s.bind(('10.79.0.2',5599));s.listen(1);c,_=s.accept();n=0;t0=None\n"
+        "while True:\n d=c.recv(1<<16)\n if not d: break\n t0=t0 or time.monotonic();n+=len(d)\n"
+        "print(n/(time.monotonic()-t0))"
+    )
+    client = (
+        "import socket,time;time.sleep(0.5);s=socket.create_connection(('10.79.0.2',5599));"
+        "s.sendall(b'x'*2_500_000);s.close()"
+    )
     try:
         with NetnsTopology([rate_bits, rate_bits], prefix="coelt", subnet="10.79.0") as topo:
-            srv = subprocess.Popen(["ip", "netns", "exec", topo.namespace(1), sys.executable, "-c", server],
-                                   stdout=subprocess.PIPE, text=True)
-            subprocess.run(["ip", "netns", "exec", topo.namespace(0), sys.executable, "-c", client], check=True,
-                           timeout=30)
+            srv = subprocess.Popen(
+                ["ip", "netns", "exec", topo.namespace(1), sys.executable, "-c", server],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            subprocess.run(
+                ["ip", "netns", "exec", topo.namespace(0), sys.executable, "-c", client], check=True, timeout=30
+            )
             out, _ = srv.communicate(timeout=30)
     except Exception as exc:  # e.g. a container without veth/bridge support
         pytest.skip(f"network namespaces unusable here: {exc}")

@@ -50,18 +50,35 @@ def torchrun_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun")
     out = tmp / "run.json"
     port = _free_port()
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
-           "COEL_SYNC_CLOCK": "1"}  # exercise the clock alignment that ranks on other hosts use
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp),
+        "COEL_SYNC_CLOCK": "1",
+    }  # exercise the clock alignment that ranks on other hosts use
     procs, logs = [], []
     for node, nproc in enumerate((2, 1)):
         # with c10d the rendezvous assigns node ranks (and so which agent hosts rank 0); --node-rank is ignored
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=coel-test", "--max-restarts=0",
-               *LAUNCH, "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=coel-test",
+            "--max-restarts=0",
+            *LAUNCH,
+            "--out",
+            str(out),
+        ]
         logs.append(tmp / f"node{node}.log")
         with logs[-1].open("w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
     deadline = time.monotonic() + 150
     try:
         for p in procs:
@@ -102,8 +119,13 @@ def test_torchrun_server_exception_reaches_driver_and_ranks_exit(torchrun_run, s
 
 def test_world_size_must_equal_number_of_servers(monkeypatch):
     cluster = Scenario("tiny", seed=0).cluster
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-                 "TORCHELASTIC_RUN_ID": "test"}.items():
+    for k, v in {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "TORCHELASTIC_RUN_ID": "test",
+    }.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=r"WORLD_SIZE is 2 but scenario 'tiny' has 3 servers"):
         RealBackend(cluster)

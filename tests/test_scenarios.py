@@ -14,12 +14,30 @@ from coel_env.cluster import build_cluster
 from coel_env.specs.scenario import SCENARIO_DIR
 
 SHIPPED = (
-    "deepseek-scale", "metro-8", "moe2-heterogeneous", "paper-1server-2gpu", "paper-2server-1gpu",
-    "paper-3server-1gpu", "paper-testbed", "tiny",
+    "deepseek-scale",
+    "metro-8",
+    "moe2-heterogeneous",
+    "paper-1server-2gpu",
+    "paper-2server-1gpu",
+    "paper-3server-1gpu",
+    "paper-testbed",
+    "tiny",
 )
 SCALARS = (
-    "ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
-    "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests", "window_s",
+    "ttft_mean_s",
+    "ttft_p95_s",
+    "tpot_mean_s",
+    "tpot_p95_s",
+    "e2e_mean_s",
+    "e2e_p95_s",
+    "tokens_per_s",
+    "request_tokens_per_s",
+    "energy_j",
+    "quality_loss",
+    "dropped_frac",
+    "late_frac",
+    "requests",
+    "window_s",
 )
 
 
@@ -52,8 +70,7 @@ def test_shipped_scenario_loads_and_serves(name):
     assert 0 <= metrics.dropped_frac <= metrics.late_frac <= 1
     assert metrics.ttft_mean_s < metrics.e2e_mean_s
     assert metrics.tpot_mean_s > 0
-    assert metrics.quality_loss == pytest.approx(
-        0.0 if (plan.bits[plan.valid] == 16).all() else metrics.quality_loss)
+    assert metrics.quality_loss == pytest.approx(0.0 if (plan.bits[plan.valid] == 16).all() else metrics.quality_loss)
     gpu, cpu, ssd = plan.memory_usage(c)
     np.testing.assert_allclose(metrics.gpu_mem_bytes, gpu)
     np.testing.assert_allclose(metrics.cpu_mem_bytes, cpu)
@@ -134,8 +151,10 @@ def test_missing_file(tmp_path):
         (lambda d: d["servers"][0].update(cpu_ram_gb=-4), ["servers.0.cpu_ram_gb", "greater than 0"]),
         (lambda d: d.update(max_replicas=0), ["max_replicas", "greater than or equal to 1"]),
         (lambda d: d["workload"].update(arrival_rate=-0.5), ["workload.arrival_rate", ">= 0"]),
-        (lambda d: d["workload"].update(arrival_rate=[0.1, 0.2, 0.3]),
-         ["workload.arrival_rate", "3 values", "2 servers"]),
+        (
+            lambda d: d["workload"].update(arrival_rate=[0.1, 0.2, 0.3]),
+            ["workload.arrival_rate", "3 values", "2 servers"],
+        ),
         (lambda d: d["dynamics"].update(link_change_range=[0.9, 0.2]), ["dynamics.link_change_range", "low <= high"]),
         (lambda d: d["routing"].update(affinity=2), ["routing.affinity", "less than or equal to 1"]),
         # unknown presets list the allowed ones
@@ -159,8 +178,9 @@ def test_bad_scenario_fields_give_one_line(make_spec, tmp_path, edit, must_conta
 
 def test_link_to_unknown_server(make_spec):
     data = make_spec(num_servers=3)
-    data["topology"] = dict(kind="explicit", links=[
-        dict(a="s0", b="s1", bandwidth_gbps=1), dict(a="s1", b="s9", bandwidth_gbps=1)])
+    data["topology"] = dict(
+        kind="explicit", links=[dict(a="s0", b="s1", bandwidth_gbps=1), dict(a="s1", b="s9", bandwidth_gbps=1)]
+    )
     msg = _config_error(data)
     assert "topology.links[1]" in msg and "unknown server 's9'" in msg
     assert "allowed: s0, s1, s2" in msg
@@ -196,11 +216,14 @@ def test_star_topology_routes_through_the_switch(make_spec):
 
 def test_explicit_topology_takes_the_lowest_latency_path(make_spec):
     data = make_spec(num_servers=3)
-    data["topology"] = dict(kind="explicit", links=[
-        dict(a="s0", b="s1", bandwidth_gbps=1, latency_ms=1.0),
-        dict(a="s1", b="s2", bandwidth_gbps=1, latency_ms=1.0),
-        dict(a="s0", b="s2", bandwidth_gbps=0.1, latency_ms=5.0),
-    ])
+    data["topology"] = dict(
+        kind="explicit",
+        links=[
+            dict(a="s0", b="s1", bandwidth_gbps=1, latency_ms=1.0),
+            dict(a="s1", b="s2", bandwidth_gbps=1, latency_ms=1.0),
+            dict(a="s0", b="s2", bandwidth_gbps=0.1, latency_ms=5.0),
+        ],
+    )
     c = build_cluster(load_scenario_spec(data))
     assert c.pair_latency[0, 2] == pytest.approx(2e-3)  # via s1, not the 5 ms direct link
     assert c.pair_links[c.pair_index[0, 2]].sum() == 2

@@ -9,10 +9,19 @@ from hypothesis import strategies as st
 
 from coel_env import make_scenario
 
-HYP = settings(max_examples=15, deadline=None, derandomize=True,
-               suppress_health_check=[HealthCheck.function_scoped_fixture])
-ARRAYS = ("server_up", "compute_avail", "memory_avail", "link_factor", "arrival_rate", "domain_mix",
-          "domain_target", "popularity")
+HYP = settings(
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+ARRAYS = (
+    "server_up",
+    "compute_avail",
+    "memory_avail",
+    "link_factor",
+    "arrival_rate",
+    "domain_mix",
+    "domain_target",
+    "popularity",
+)
 
 
 def _run(sc, seed: int, epochs: int) -> list[dict]:
@@ -104,8 +113,11 @@ def test_no_failures_without_a_failure_rate(tiny):
 
 
 def test_drift_moves_mixtures_toward_targets(make_spec):
-    spec = make_spec(num_servers=3, routing=dict(num_domains=4),
-                     dynamics=dict(drift_rate=0.1, domain_switch_rate=0.0, resource_noise=0.0))
+    spec = make_spec(
+        num_servers=3,
+        routing=dict(num_domains=4),
+        dynamics=dict(drift_rate=0.1, domain_switch_rate=0.0, resource_noise=0.0),
+    )
     sc = make_scenario(spec, seed=0)
     rng = np.random.default_rng(0)
     state = sc.initial_state(rng)
@@ -132,8 +144,10 @@ def test_domain_switches_pick_new_targets(make_spec):
 
 
 def test_resource_noise_and_links_stay_in_range(make_spec):
-    spec = make_spec(num_servers=3, dynamics=dict(resource_noise=0.5, link_change_rate=0.5,
-                                                  link_change_range=[0.3, 0.8], arrival_burstiness=0.5))
+    spec = make_spec(
+        num_servers=3,
+        dynamics=dict(resource_noise=0.5, link_change_rate=0.5, link_change_range=[0.3, 0.8], arrival_burstiness=0.5),
+    )
     sc = make_scenario(spec, seed=0)
     rng = np.random.default_rng(0)
     state = sc.initial_state(rng)
@@ -149,8 +163,9 @@ def test_resource_noise_and_links_stay_in_range(make_spec):
 
 
 def test_no_noise_means_a_static_cluster(make_spec):
-    spec = make_spec(num_servers=2, dynamics=dict(resource_noise=0.0, arrival_burstiness=0.0, drift_rate=0.0,
-                                                  domain_switch_rate=0.0))
+    spec = make_spec(
+        num_servers=2, dynamics=dict(resource_noise=0.0, arrival_burstiness=0.0, drift_rate=0.0, domain_switch_rate=0.0)
+    )
     sc = make_scenario(spec, seed=0)
     rng = np.random.default_rng(0)
     state = sc.initial_state(rng)

@@ -49,7 +49,8 @@ def test_record_fields_are_batched_and_typed():
     assert rec.repair_counts.shape == (1, len(REPAIR_KINDS)) and rec.fault_counts.shape == (1, len(REPAIR_KINDS))
     assert rec.update.dtype == bool and rec.changed[0] and rec.migration["time_s"][0] > 0
     assert rec.migration_time_s[0] == rec.migration["time_s"][0] + (
-        0.0 if rec.restore_migration is None else rec.restore_migration["time_s"][0])
+        0.0 if rec.restore_migration is None else rec.restore_migration["time_s"][0]
+    )
     assert rec.epoch[0] == 1 and rec.servers_up[0] == env.state.server_up.sum()
 
 
@@ -72,10 +73,15 @@ def test_measured_and_served_follow_the_disruption_model():
 
 
 def test_disruption_formula_on_numbers():
-    m = {"e2e_mean_s": np.array([1.0, 1.0, 1.0]), "ttft_mean_s": np.array([0.5, 0.5, 0.5]),
-         "e2e_p95_s": np.array([2.0, 2.0, 2.0]), "ttft_p95_s": np.array([1.0, 1.0, 1.0]),
-         "tokens_per_s": np.array([100.0, 100.0, 100.0]), "late_frac": np.array([0.2, 0.2, 0.2]),
-         "energy_j": np.array([5.0, 5.0, 5.0])}
+    m = {
+        "e2e_mean_s": np.array([1.0, 1.0, 1.0]),
+        "ttft_mean_s": np.array([0.5, 0.5, 0.5]),
+        "e2e_p95_s": np.array([2.0, 2.0, 2.0]),
+        "ttft_p95_s": np.array([1.0, 1.0, 1.0]),
+        "tokens_per_s": np.array([100.0, 100.0, 100.0]),
+        "late_frac": np.array([0.2, 0.2, 0.2]),
+        "energy_j": np.array([5.0, 5.0, 5.0]),
+    }
     before = {k: v.copy() for k, v in m.items()}
     t = np.array([0.0, 1.0, 60.0])  # none, 1/30 of the window (below the p95 threshold), longer than the window
     s = MigrationDisruption(window_s=30.0, slo_s=5.0, slowdown=0.5)(m, t)
@@ -95,8 +101,9 @@ def test_disruption_formula_on_numbers():
 @pytest.mark.parametrize("mode", ["penalty", "terminate"])
 def test_scorer_is_the_penalty_formula(mode):
     budgets = {"energy_j": 1.0, "latency_s": 0.01, "mode": mode}
-    env = CoELEnv(scenario=scenario("tiny", budgets), action_space="edit", hello_cost_per_kbit=0.3,
-                  reward_space="composite")
+    env = CoELEnv(
+        scenario=scenario("tiny", budgets), action_space="edit", hello_cost_per_kbit=0.3, reward_space="composite"
+    )
     env.reset(seed=1)
     env.action_space.seed(1)
     core = env.core
@@ -105,9 +112,12 @@ def test_scorer_is_the_penalty_formula(mode):
         rec = core.last_record
         w, c = core.scorer.weights, env.cluster
         excess = max(rec.served["energy_j"][0] / 1.0 - 1, 0) + max(rec.served["e2e_p95_s"][0] / 0.01 - 1, 0)
-        base = (w.repair * info["repaired"] + w.unit * rec.repair_counts[0, :-1].sum()
-                / (c.model.num_moe_layers * c.model.num_experts) + w.invalid * rec.invalid_edits[0]
-                + w.hello * info["hello_bits"] / 1000)
+        base = (
+            w.repair * info["repaired"]
+            + w.unit * rec.repair_counts[0, :-1].sum() / (c.model.num_moe_layers * c.model.num_experts)
+            + w.invalid * rec.invalid_edits[0]
+            + w.hello * info["hello_bits"] / 1000
+        )
         budget = w.budget * (excess > 0) if mode == "terminate" else w.budget * excess
         assert info["budget_excess"] == pytest.approx(excess) and info["penalty"] == pytest.approx(base + budget)
         assert term == (mode == "terminate" and excess > 0)
@@ -180,8 +190,9 @@ def test_vector_info_masks_and_reset_rows():
     env.reset(seed=0)
     env.step(env.action_space.sample())
     rec = env.core.last_record
-    out = vector_info(rec, np.array([True]), {"hello_bits": np.array([7]), "epoch": np.array([0]),
-                                              "servers_up": np.array([2])})
+    out = vector_info(
+        rec, np.array([True]), {"hello_bits": np.array([7]), "epoch": np.array([0]), "servers_up": np.array([2])}
+    )
     assert out["hello_bits"][0] == 7 and out["epoch"][0] == 0 and out["servers_up"][0] == 2
     assert out["_hello_bits"][0] and out["_epoch"][0] and not out["_metrics"][0] and not out["metrics"]["_e2e_p95_s"][0]
 
@@ -237,21 +248,21 @@ def test_dynamics_streams_are_the_old_offsets():
     rng = np.random.default_rng(3)
     z, u = rng.standard_normal(S * M + S + 2 * D + extra.size), rng.random(S + 2 * K + 2 * S + 1)
     n, v = sb.normals, sb.uniforms
-    np.testing.assert_array_equal(n["domain"][1], z[:S * M].reshape(S, M))
+    np.testing.assert_array_equal(n["domain"][1], z[: S * M].reshape(S, M))
     o = S * M
-    np.testing.assert_array_equal(n["arrival"][1], z[o:o + S])
+    np.testing.assert_array_equal(n["arrival"][1], z[o : o + S])
     o += S
-    np.testing.assert_array_equal(n["compute"][1], z[o:o + D])
-    np.testing.assert_array_equal(n["memory"][1], z[o + D:o + 2 * D])
-    ze = z[o + 2 * D:]
+    np.testing.assert_array_equal(n["compute"][1], z[o : o + D])
+    np.testing.assert_array_equal(n["memory"][1], z[o + D : o + 2 * D])
+    ze = z[o + 2 * D :]
     np.testing.assert_array_equal(sb.extra["rate"][1], ze[-S:])  # perception: rate = the last S
     np.testing.assert_array_equal(sb.extra["popularity"][1].ravel(), ze[:-S])
     np.testing.assert_array_equal(v["switch"][1], u[:S])
-    np.testing.assert_array_equal(v["link_change"][1], u[S:S + K])
-    np.testing.assert_array_equal(v["link_value"][1], u[S + K:S + 2 * K])
+    np.testing.assert_array_equal(v["link_change"][1], u[S : S + K])
+    np.testing.assert_array_equal(v["link_value"][1], u[S + K : S + 2 * K])
     o = S + 2 * K
-    np.testing.assert_array_equal(v["fail"][1], u[o:o + S])
-    np.testing.assert_array_equal(v["join"][1], u[o + S:o + 2 * S])
+    np.testing.assert_array_equal(v["fail"][1], u[o : o + S])
+    np.testing.assert_array_equal(v["join"][1], u[o + S : o + 2 * S])
     assert v["keep_one"][1, 0] == u[-1]
     assert not sb.z[0].any() and not sb.u[0].any()  # a row without a generator draws nothing
 

@@ -19,8 +19,12 @@ from hypothesis import strategies as st
 from coel_env import Backend, DeploymentPlan, SurrogateBackend, make_scenario
 from coel_env.specs import load_hardware_profile
 
-HYP = settings(max_examples=12, deadline=None, derandomize=True,
-               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+HYP = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 HW = load_hardware_profile("default")
 HIDDEN = 2 * 2048  # bytes of one bf16 hidden state
 E16 = 3 * 2048 * 1408 * 2  # bytes of one 16-bit expert
@@ -39,11 +43,15 @@ def hand(make_spec, one_layer_model):
 def _hand_scenario(make_spec, model: dict, pop: list[float], input_len: int = 128, output_len: int = 64, **over):
     """Server `a` (2x RTX 4090D) serves all requests; server `b` (1x RTX 4090D) only hosts experts."""
     spec = make_spec(
-        model=dict(model, num_experts=len(pop)), max_replicas=2,
-        servers=[dict(name="a", gpus=["rtx4090d", "rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64),
-                 dict(name="b", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64)],
-        workload=dict(arrival_rate=[TINY_RATE, 0.0], input_len=dict(mean=input_len),
-                      output_len=dict(mean=output_len), max_batch=8),
+        model=dict(model, num_experts=len(pop)),
+        max_replicas=2,
+        servers=[
+            dict(name="a", gpus=["rtx4090d", "rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64),
+            dict(name="b", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64),
+        ],
+        workload=dict(
+            arrival_rate=[TINY_RATE, 0.0], input_len=dict(mean=input_len), output_len=dict(mean=output_len), max_batch=8
+        ),
         **over,
     )
     sc = make_scenario(spec, seed=0)
@@ -113,12 +121,14 @@ def test_pruning_and_fusion_scale_bytes_and_cost_quality_by_hand(hand):
     # never in a batch-1 decode step
     partner = 1 - (1 - 0.3 * 0.375) ** 127
     sent = np.array([128 + 63, 0.375 * (128 + 63), 0.375 * (128 * (1 - q.fusion_fraction * partner) + 63)])
-    np.testing.assert_allclose(mb["link_bytes"][:, 1], 2 * TINY_RATE * 60 * 0.3 * HIDDEN * sent,
-                               rtol=1e-9)  # there and back
+    np.testing.assert_allclose(
+        mb["link_bytes"][:, 1], 2 * TINY_RATE * 60 * 0.3 * HIDDEN * sent, rtol=1e-9
+    )  # there and back
     # quality: the crossing token mass (0.3 of 1 layer x top-1) times the per-link compression loss
     loss = q.prune_linear * 0.625 + q.prune_quadratic * (0.625 - q.prune_knee) ** 2
-    np.testing.assert_allclose(mb["quality_loss"], [0.0, 0.3 * loss, 0.3 * (loss + q.fusion_loss * q.fusion_fraction)],
-                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(
+        mb["quality_loss"], [0.0, 0.3 * loss, 0.3 * (loss + q.fusion_loss * q.fusion_fraction)], rtol=1e-9, atol=1e-15
+    )
     # pruning: fewer bytes on the wire and fewer tokens to compute remotely; fusion shortens the prefill only (a
     # batch-1 decode step has nothing to fuse)
     assert mb["tpot_mean_s"][2] <= mb["tpot_mean_s"][1] < mb["tpot_mean_s"][0]
@@ -144,9 +154,13 @@ def test_quality_loss_by_hand(testbed, testbed_state):
 
 def test_batch1_decode_never_beats_the_memory_roofline():
     """Batch-1 decode reads all active weights once per token: at least bytes / vendor bandwidth."""
-    spec = dict(name="qwen-one-gpu", model="qwen1.5-moe-a2.7b", max_replicas=1,
-                servers=[dict(name="a", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64)],
-                workload=dict(arrival_rate=TINY_RATE, max_batch=1, input_len=dict(mean=128), output_len=dict(mean=128)))
+    spec = dict(
+        name="qwen-one-gpu",
+        model="qwen1.5-moe-a2.7b",
+        max_replicas=1,
+        servers=[dict(name="a", gpus=["rtx4090d"], cpu="i9-14900kf", cpu_ram_gb=64)],
+        workload=dict(arrival_rate=TINY_RATE, max_batch=1, input_len=dict(mean=128), output_len=dict(mean=128)),
+    )
     sc = make_scenario(spec)
     state = sc.initial_state(np.random.default_rng(0))
     m = sc.spec.model
@@ -251,9 +265,14 @@ def test_backend_protocol_reset_then_apply(mig):
 
 def test_nearest_peer_is_the_source(make_spec, one_layer_model):
     spec = make_spec(model=one_layer_model, num_servers=3, max_replicas=3)
-    spec["topology"] = dict(kind="explicit", links=[
-        dict(a="s0", b="s1", bandwidth_gbps=1, latency_ms=1.0), dict(a="s1", b="s2", bandwidth_gbps=1, latency_ms=1.0),
-        dict(a="s0", b="s2", bandwidth_gbps=10, latency_ms=5.0)])
+    spec["topology"] = dict(
+        kind="explicit",
+        links=[
+            dict(a="s0", b="s1", bandwidth_gbps=1, latency_ms=1.0),
+            dict(a="s1", b="s2", bandwidth_gbps=1, latency_ms=1.0),
+            dict(a="s0", b="s2", bandwidth_gbps=10, latency_ms=5.0),
+        ],
+    )
     sc = make_scenario(spec)
     c, state = sc.cluster, sc.initial_state(np.random.default_rng(0))
     old = _plan(c, [0, 2])  # expert 0 on s0, expert 1 on s2
@@ -389,8 +408,9 @@ def test_more_link_bandwidth_is_never_slower(scenarios, name, seed, lo, gain):
 def test_topology_bandwidth_sweep_is_monotone(make_spec):
     e2e = []
     for gbps in (0.1, 0.3, 1.0, 3.0, 10.0, 100.0):
-        sc = make_scenario(make_spec(num_servers=3, bandwidth_gbps=gbps, model="qwen1.5-moe-a2.7b",
-                                     arrival_rate=0.2), seed=0)
+        sc = make_scenario(
+            make_spec(num_servers=3, bandwidth_gbps=gbps, model="qwen1.5-moe-a2.7b", arrival_rate=0.2), seed=0
+        )
         state = sc.initial_state(np.random.default_rng(0))
         plan = DeploymentPlan.uniform(sc.cluster)
         m = SurrogateBackend(sc.cluster).serve(plan, state, 60.0)
@@ -537,8 +557,9 @@ def test_same_inputs_identical_outputs_and_inputs_untouched(tiny, tiny_state):
     be = SurrogateBackend(c)
     a = be.serve(plan, tiny_state, 30.0)
     b = be.serve(plan, tiny_state, 30.0)
-    other = SurrogateBackend(make_scenario("tiny", seed=0).cluster).serve(plan, tiny.initial_state(
-        np.random.default_rng(0)), 30.0)
+    other = SurrogateBackend(make_scenario("tiny", seed=0).cluster).serve(
+        plan, tiny.initial_state(np.random.default_rng(0)), 30.0
+    )
     _assert_same(a, b)
     _assert_same(a, other)
     assert plan == plan_before

@@ -46,8 +46,9 @@ def test_state_batch_rows_reloaded_in_place_are_seen():
         st = sc.initial_state(np.random.default_rng(seed))
         sb.load(0, st)
         sb.refresh_popularity([0])
-        got = be.serve_arrays(plan.device[None], plan.tier[None], plan.bits[None], plan.prune[None],
-                              plan.fuse[None], sb, 60.0).item(0)
+        got = be.serve_arrays(
+            plan.device[None], plan.tier[None], plan.bits[None], plan.prune[None], plan.fuse[None], sb, 60.0
+        ).item(0)
         assert _same(got, SurrogateBackend(c).serve(plan, st, 60.0))
         results.append(got)
     assert not _same(results[0], results[1]) and _same(results[0], results[2])

@@ -51,13 +51,14 @@ def test_oversubscribed_host_cores_stretch_every_step(exponent):
     two = _serve(HardwareProfile(host_cores=2, oversubscription_exponent=exponent), rates)
     four = _serve(HardwareProfile(host_cores=4, oversubscription_exponent=exponent), rates)
     for k in LATENCY:
-        assert getattr(two, k) == pytest.approx(getattr(base, k) * 1.5 ** exponent, rel=1e-4)
+        assert getattr(two, k) == pytest.approx(getattr(base, k) * 1.5**exponent, rel=1e-4)
         assert getattr(four, k) == pytest.approx(getattr(base, k), rel=1e-12)
 
 
 def test_local_first_remote_replica_rule_matches_the_real_dispatcher():
     """An expert held by servers 0 and 1 (not by 2): server 2's tokens go where the real dispatcher sends them —
     the lowest-latency holder, ties to the lowest index — so only links 0 and 2 carry its bytes."""
+
     def plan_fn(c):
         plan = DeploymentPlan.uniform(c)
         plan.device[..., 0], plan.device[..., 1] = 0, 1
@@ -75,8 +76,14 @@ def test_local_first_remote_replica_rule_matches_the_real_dispatcher():
 
 def test_with_lengths_equals_a_scenario_of_those_fixed_lengths():
     spec = dict(scenario_variants()["tiny"])
-    fixed = dict(spec, workload={**spec["workload"], "input_len": {"dist": "fixed", "mean": 20},
-                                 "output_len": {"dist": "fixed", "mean": 9}})
+    fixed = dict(
+        spec,
+        workload={
+            **spec["workload"],
+            "input_len": {"dist": "fixed", "mean": 20},
+            "output_len": {"dist": "fixed", "mean": 9},
+        },
+    )
     hw = HardwareProfile(serving="lockstep")
     a = Scenario(spec, seed=0, hardware=hw)
     b = Scenario(fixed, seed=0, hardware=hw)
@@ -99,8 +106,9 @@ def test_realized_workload_replays_arrivals_lengths_and_routed_experts():
     for s, n in ((0, 3), (2, 1)):
         for _ in range(n):
             n_in, n_out = int(rng.integers(4, 9)), int(rng.integers(2, 6))
-            routes = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
-                               for _ in range(n_in + n_out - 1)])
+            routes = np.stack(
+                [np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(n_in + n_out - 1)]
+            )
             reqs[s].append({"prompt": np.zeros(n_in, int), "max_new": n_out, "routes": routes})
     w = realized_workload(reqs, 2.0, E)
     assert w["rate"] == [1.5, 0.0, 0.5]
@@ -117,6 +125,7 @@ def test_realized_workload_replays_arrivals_lengths_and_routed_experts():
 def test_emulated_latency_hides_the_software_cost_of_a_message():
     """One remote expert, no queueing: a round trip costs 2 (latency + α) on a real link, 2 max(latency, α) when
     the latency is emulated by the application (it overlaps the software cost)."""
+
     def plan_fn(c):
         plan = DeploymentPlan.uniform(c)
         plan.device[...] = -1

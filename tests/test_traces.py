@@ -18,8 +18,9 @@ HYP = settings(max_examples=30, deadline=None, derandomize=True)
 # ---- inclusion probabilities --------------------------------------------------------------------------------------
 @HYP
 @given(
-    w=arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(2, 64)),
-             elements=st.floats(1e-6, 1e3, allow_nan=False)),
+    w=arrays(
+        np.float64, st.tuples(st.integers(1, 3), st.integers(2, 64)), elements=st.floats(1e-6, 1e3, allow_nan=False)
+    ),
     k_frac=st.floats(0.0, 1.0),
 )
 def test_inclusion_probs_sum_to_k_and_stay_at_most_one(w, k_frac):
@@ -91,8 +92,14 @@ def _frequencies(routes: np.ndarray, E: int) -> np.ndarray:
 
 def test_top1_samples_match_marginals_without_affinity():
     model = dict(preset="tiny-moe", top_k=1, name="tiny-top1")
-    spec = load_scenario_spec(dict(name="t", model=model, routing=dict(num_domains=3, affinity=0.0),
-                                   servers=[dict(name="a", gpus=["cpu-small"], cpu="cpu-small", cpu_ram_gb=8)]))
+    spec = load_scenario_spec(
+        dict(
+            name="t",
+            model=model,
+            routing=dict(num_domains=3, affinity=0.0),
+            servers=[dict(name="a", gpus=["cpu-small"], cpu="cpu-small", cpu_ram_gb=8)],
+        )
+    )
     rm = RoutingModel.generate(spec.model, spec.routing, 0)
     mix = np.array([0.6, 0.3, 0.1])
     T = 40_000
@@ -200,13 +207,20 @@ def test_trace_load_refuses_pickles_and_bad_files(tmp_path):
     keys = tmp_path / "keys.npz"
     np.savez(keys, routes=np.zeros((2, 2, 2)))
     mismatched = tmp_path / "mismatch.npz"
-    np.savez(mismatched, experts=np.zeros((10, 2, 2), np.int32), server=np.zeros(10, np.int32),
-             epoch=np.zeros(5, np.int32))
+    np.savez(
+        mismatched, experts=np.zeros((10, 2, 2), np.int32), server=np.zeros(10, np.int32), epoch=np.zeros(5, np.int32)
+    )
     flat = tmp_path / "flat.npz"
     np.savez(flat, experts=np.zeros((10, 2), np.int32), server=np.zeros(10, np.int32), epoch=np.zeros(10, np.int32))
-    for path, expect in ((obj, "cannot read"), (pkl, "cannot read"), (npy, "cannot read"), (keys, "cannot read"),
-                         (tmp_path / "none.npz", "cannot read"), (mismatched, "arrays disagree"),
-                         (flat, "arrays disagree")):
+    for path, expect in (
+        (obj, "cannot read"),
+        (pkl, "cannot read"),
+        (npy, "cannot read"),
+        (keys, "cannot read"),
+        (tmp_path / "none.npz", "cannot read"),
+        (mismatched, "arrays disagree"),
+        (flat, "arrays disagree"),
+    ):
         with pytest.raises(ConfigError, match=expect) as exc:
             RoutingTrace.load(path)
         assert "\n" not in str(exc.value) and exc.value.__cause__ is None

@@ -22,8 +22,15 @@ ENV = {**os.environ, "WANDB_MODE": "offline"}
 
 
 def train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.train", "experiment=smoke", "scenario=tiny", f"hydra.run.dir={out}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "experiment=smoke",
+        "scenario=tiny",
+        f"hydra.run.dir={out}",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -66,8 +73,9 @@ def test_resume_from_truncated_checkpoint_is_one_line(trained, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     proc = train(tmp_path / "run", f"resume={cut}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: resume: checkpoint '{cut}' is not a readable zip "
-                                                    "(truncated or corrupt?): BadZipFile")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume: checkpoint '{cut}' is not a readable zip (truncated or corrupt?): BadZipFile"
+    )
     assert not (tmp_path / "run" / "model.zip").exists() and not (tmp_path / "run" / "wandb").exists()
 
 
@@ -126,19 +134,28 @@ def test_exported_masked_multidiscrete_policy_matches_sb3(tmp_path):
         obs, *_ = env.step(ref)
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"), "does not match its SHA-256"),
-    (lambda d: _edit_meta(d, lambda m: m.update(algorithm="DQN"), reseal=False), "'policy.json' in .* does not match"),
-    (lambda d: _reseal(d, (d / "policy.json").write_text("{not json")), "not valid JSON"),
-    (lambda d: _edit_meta(d, lambda m: m.pop("action")), "lacks field 'action'"),
-    (lambda d: _edit_meta(d, lambda m: m.update(format="pickle")), "unsupported"),
-    (lambda d: _edit_meta(d, lambda m: m.update(version=1)), "unsupported"),
-    (lambda d: _edit_meta(d, lambda m: m.update(onnx="../../etc/passwd")), "missing from"),
-    (lambda d: _edit_meta(d, lambda m: m.update(onnx_sha256="0" * 64)), "does not match onnx_sha256"),
-    (lambda d: _edit_meta(d, lambda m: m.update(observation={})), "malformed observation"),
-    (lambda d: (d / "actor.onnx").unlink(), "missing from"),
-    (lambda d: (d / "integrity.json").unlink(), "has no integrity.json"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (
+            lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"),
+            "does not match its SHA-256",
+        ),
+        (
+            lambda d: _edit_meta(d, lambda m: m.update(algorithm="DQN"), reseal=False),
+            "'policy.json' in .* does not match",
+        ),
+        (lambda d: _reseal(d, (d / "policy.json").write_text("{not json")), "not valid JSON"),
+        (lambda d: _edit_meta(d, lambda m: m.pop("action")), "lacks field 'action'"),
+        (lambda d: _edit_meta(d, lambda m: m.update(format="pickle")), "unsupported"),
+        (lambda d: _edit_meta(d, lambda m: m.update(version=1)), "unsupported"),
+        (lambda d: _edit_meta(d, lambda m: m.update(onnx="../../etc/passwd")), "missing from"),
+        (lambda d: _edit_meta(d, lambda m: m.update(onnx_sha256="0" * 64)), "does not match onnx_sha256"),
+        (lambda d: _edit_meta(d, lambda m: m.update(observation={})), "malformed observation"),
+        (lambda d: (d / "actor.onnx").unlink(), "missing from"),
+        (lambda d: (d / "integrity.json").unlink(), "has no integrity.json"),
+    ],
+)
 def test_deployment_policy_refuses_tampered_directories(trained, tmp_path, tamper, message):
     d = tmp_path / "policy"
     shutil.copytree(trained / "policy", d)
@@ -162,10 +179,19 @@ def _reseal(d: Path, _=None) -> None:
 
 
 def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
-    cmd = [sys.executable, "-m", "experiments.evaluate", "scenarios=[tiny]",
-           f"policies=[static_linear,{trained}/policy]",
-           "seeds=2", "max_epochs=4", "logger=disabled", "progress_bar=false", "plots=false",
-           f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "scenarios=[tiny]",
+        f"policies=[static_linear,{trained}/policy]",
+        "seeds=2",
+        "max_epochs=4",
+        "logger=disabled",
+        "progress_bar=false",
+        "plots=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = (tmp_path / "leaderboard.md").read_text()
@@ -185,8 +211,14 @@ def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     policy = DeploymentPolicy(out)
     assert policy.env_spec["knobs"] == "coel" and "plan" not in policy.env_spec["obs_keys"]
-    bad = subprocess.run([sys.executable, "-m", "experiments.export", f"run={tmp_path}"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"run={tmp_path}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "has no env_spec.json" in bad.stderr.strip().splitlines()[-1]
 
 

@@ -36,5 +36,15 @@ def make_policy(name: str, **kwargs) -> Policy:
         raise ConfigError(f"policy {name}: bad arguments ({exc})") from None
 
 
-__all__ = ["HEURISTICS", "POLICIES", "CoELPolicy", "EPLBPolicy", "GreedyPopularityPolicy", "OraclePolicy",
-           "RandomPolicy", "StaticPolicy", "make_policy", "rebalance_experts"]
+__all__ = [
+    "HEURISTICS",
+    "POLICIES",
+    "CoELPolicy",
+    "EPLBPolicy",
+    "GreedyPopularityPolicy",
+    "OraclePolicy",
+    "RandomPolicy",
+    "StaticPolicy",
+    "make_policy",
+    "rebalance_experts",
+]

@@ -45,13 +45,31 @@ def pair_bandwidth(view: ClusterState, cluster: Cluster) -> np.ndarray:
 class CoELPolicy(Policy):
     name = "coel"
 
-    @checked_args(seed=SEED, drift_threshold=Arg(float, 0, 1e6), ema=FRACTION, locality=Arg(float, 0, 1e6),
-                  compress_below_gbps=Arg(float, 0, MAX_GBS), prune_ratio=Arg(float, 0, MAX_PRUNE), fuse=Arg(bool),
-                  fill=Arg(float, 0, 1, open_low=True), min_region_gbps=Arg(float, 0, MAX_GBS),
-                  balance=Arg(float, 0, 1e6))
-    def __init__(self, seed: int | None = None, drift_threshold: float = 0.05, ema: float = 0.5,
-                 locality: float = 1.0, compress_below_gbps: float = 1.0, prune_ratio: float = 0.25,
-                 fuse: bool = True, fill: float = 0.97, min_region_gbps: float = 0.5, balance: float = 1.0):
+    @checked_args(
+        seed=SEED,
+        drift_threshold=Arg(float, 0, 1e6),
+        ema=FRACTION,
+        locality=Arg(float, 0, 1e6),
+        compress_below_gbps=Arg(float, 0, MAX_GBS),
+        prune_ratio=Arg(float, 0, MAX_PRUNE),
+        fuse=Arg(bool),
+        fill=Arg(float, 0, 1, open_low=True),
+        min_region_gbps=Arg(float, 0, MAX_GBS),
+        balance=Arg(float, 0, 1e6),
+    )
+    def __init__(
+        self,
+        seed: int | None = None,
+        drift_threshold: float = 0.05,
+        ema: float = 0.5,
+        locality: float = 1.0,
+        compress_below_gbps: float = 1.0,
+        prune_ratio: float = 0.25,
+        fuse: bool = True,
+        fill: float = 0.97,
+        min_region_gbps: float = 0.5,
+        balance: float = 1.0,
+    ):
         super().__init__(seed)
         self.drift_threshold, self.ema, self.locality = drift_threshold, ema, locality
         self.compress_below_gbps, self.prune_ratio, self.fuse = compress_below_gbps, prune_ratio, fuse
@@ -68,8 +86,9 @@ class CoELPolicy(Policy):
 
     # ---- update rule --------------------------------------------------------------------------------
     def _predict(self, view: ClusterState) -> np.ndarray:
-        self._pred = view.popularity.copy() if self._pred is None else \
-            self.ema * view.popularity + (1 - self.ema) * self._pred
+        self._pred = (
+            view.popularity.copy() if self._pred is None else self.ema * view.popularity + (1 - self.ema) * self._pred
+        )
         return self._pred
 
     def should_update(self, view, cluster, current) -> bool:

@@ -134,8 +134,9 @@ class PlanBuilder:
         missing = np.argwhere(~self.plan.valid.any(-1))
         for l, e in missing:
             d_order = np.argsort(-self.gpu_free)
-            if not any(self.add(int(l), int(e), int(d), 0, b) for b in (bits, 4) for d in d_order[:3]) and \
-                    not self.add_offloaded(int(l), int(e), bits):
+            if not any(
+                self.add(int(l), int(e), int(d), 0, b) for b in (bits, 4) for d in d_order[:3]
+            ) and not self.add_offloaded(int(l), int(e), bits):
                 raise RuntimeError(f"no memory left anywhere for layer {l} expert {e}")
         return self.plan
 

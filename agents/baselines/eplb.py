@@ -84,16 +84,18 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def rebalance_experts_hierarchical(weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int,
-                                   num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rebalance_experts_hierarchical(
+    weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hierarchical EPLB: groups -> nodes, replication inside nodes, physical experts -> GPUs.
     Returns phy2log [L, num_physical], replica rank [L, num_physical], logcnt [L, num_logical]."""
     L, num_log = weight.shape
-    for ok, msg in ((num_log % num_groups == 0, f"num_groups ({num_groups}) must divide the experts ({num_log})"),
-                    (num_groups % num_nodes == 0, f"num_nodes ({num_nodes}) must divide num_groups ({num_groups})"),
-                    (num_gpus % num_nodes == 0, f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})"),
-                    (num_physical % num_gpus == 0, f"num_gpus ({num_gpus}) must divide num_replicas "
-                                                   f"({num_physical})")):
+    for ok, msg in (
+        (num_log % num_groups == 0, f"num_groups ({num_groups}) must divide the experts ({num_log})"),
+        (num_groups % num_nodes == 0, f"num_nodes ({num_nodes}) must divide num_groups ({num_groups})"),
+        (num_gpus % num_nodes == 0, f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})"),
+        (num_physical % num_gpus == 0, f"num_gpus ({num_gpus}) must divide num_replicas ({num_physical})"),
+    ):
         if not ok:
             raise ConfigError(f"eplb: {msg}")
     group_size = num_log // num_groups
@@ -113,15 +115,16 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical: int, num_gr
     pack, rank_in_pack = balanced_packing(phy_load, num_gpus // num_nodes)
     pphy2phy = _inverse(pack * per_gpu + rank_in_pack)
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, -1)
-    pphy2mlog = (pphy2mlog.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * log_per_node)[None, :, None])
+    pphy2mlog = pphy2mlog.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * log_per_node)[None, :, None]
     pphy2log = np.take_along_axis(mlog2log, pphy2mlog.reshape(L, -1), -1)
     pphy_rank = np.take_along_axis(phy_rank, pphy2phy, -1).reshape(L, -1)
     logcnt = np.take_along_axis(mlogcnt.reshape(L, -1), log2mlog, -1)
     return pphy2log, pphy_rank, logcnt
 
 
-def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rebalance_experts(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB entry point. weight [L, num_logical] load statistics. Returns phy2log [L, num_replicas] (logical expert
     of each physical slot), log2phy [L, num_logical, max_count] (slots of each expert, -1 padded) and logcnt
     [L, num_logical] (replicas per expert)."""
@@ -196,8 +199,12 @@ class EPLBPolicy(Policy):
             w = np.take_along_axis(load, hot, -1)
             nodes = cluster.dev_server[vgpu_dev]
             uniq, per_node = np.unique(nodes, return_counts=True)
-            homogeneous = len(uniq) > 1 and (per_node == per_node[0]).all() and \
-                (np.diff(nodes) >= 0).all() and (k % m.num_expert_groups == 0)
+            homogeneous = (
+                len(uniq) > 1
+                and (per_node == per_node[0]).all()
+                and (np.diff(nodes) >= 0).all()
+                and (k % m.num_expert_groups == 0)
+            )
             num_nodes = len(uniq) if homogeneous else 1
             groups = m.num_expert_groups if k == E else 1
             phy2log, _, logcnt = rebalance_experts(w, num_phy, groups, num_nodes, G)

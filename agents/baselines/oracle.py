@@ -47,12 +47,16 @@ TIME_LIMIT = Arg(float, 0, MAX_SECONDS, open_low=True)  # HiGHS hangs on NaN and
 def objective(m: MetricsBatch | dict, slo_s: float, max_quality_loss: float) -> np.ndarray:
     """[N] what the oracle minimises (lower is better), from surrogate metrics."""
     q = np.asarray(m["quality_loss"])
-    return np.asarray(m["e2e_mean_s"]) + slo_s * np.asarray(m["dropped_frac"]) + \
-        QUALITY_PENALTY * np.maximum(q - max_quality_loss, 0.0)
+    return (
+        np.asarray(m["e2e_mean_s"])
+        + slo_s * np.asarray(m["dropped_frac"])
+        + QUALITY_PENALTY * np.maximum(q - max_quality_loss, 0.0)
+    )
 
 
-def score_plans(backend: SurrogateBackend, plans: list[DeploymentPlan], state: ClusterState,
-                max_quality_loss: float) -> np.ndarray:
+def score_plans(
+    backend: SurrogateBackend, plans: list[DeploymentPlan], state: ClusterState, max_quality_loss: float
+) -> np.ndarray:
     c = backend.cluster
     m = backend.serve_batch(plans, state, c.spec.dynamics.epoch_s)
     return objective(m, c.spec.workload.slo_s, max_quality_loss)
@@ -101,8 +105,9 @@ class _Rows:
         self.n += len(lo)
 
     def constraint(self, nvars: int) -> LinearConstraint:
-        A = sp.csr_matrix((np.concatenate(self.v), (np.concatenate(self.r), np.concatenate(self.c))),
-                          shape=(self.n, nvars))
+        A = sp.csr_matrix(
+            (np.concatenate(self.v), (np.concatenate(self.r), np.concatenate(self.c))), shape=(self.n, nvars)
+        )
         return LinearConstraint(A, np.array(self.lo), np.array(self.hi))
 
 
@@ -116,8 +121,11 @@ def replica_costs(backend: SurrogateBackend, state: ClusterState, opt_d, opt_t, 
     sd = c.dev_server[opt_d]
     w = be.ebytes[opt_b]
     hit = hw.prefetch_hit_rate
-    fetch = np.where(opt_t == 0, 0.0, np.where(opt_t == 1, (1 - hit) * w / be.pcie_bw[sd],
-                                                (1 - hit) * (w / be.ssd_bw[sd] + w / be.pcie_bw[sd])))
+    fetch = np.where(
+        opt_t == 0,
+        0.0,
+        np.where(opt_t == 1, (1 - hit) * w / be.pcie_bw[sd], (1 - hit) * (w / be.ssd_bw[sd] + w / be.pcie_bw[sd])),
+    )
     cread = np.where(opt_t == 0, 0.0, w / be.cpu_bw[sd])
     comp = state.compute_avail[opt_d]
     gb, gf = be.gpu_bw[opt_d] * comp, be.gpu_flops[opt_d] * comp
@@ -131,7 +139,7 @@ def replica_costs(backend: SurrogateBackend, state: ClusterState, opt_d, opt_t, 
         return np.where(use_cpu, cpu, gpu), unit
 
     S = c.num_servers
-    remote = (sd[None, :] != np.arange(S)[:, None])  # [S, O]
+    remote = sd[None, :] != np.arange(S)[:, None]  # [S, O]
     inv_bw = np.where(remote, 1.0 / pair_bw[:, sd], 0.0)[:, None, None, :]
     h = float(c.model.hidden_bytes)
     cd, ud_unit = cost(u_dec, a_dec)
@@ -141,10 +149,17 @@ def replica_costs(backend: SurrogateBackend, state: ClusterState, opt_d, opt_t, 
     return cd, ud_unit, cp, up_unit, link_d, link_p, u_dec[..., 0], u_pre[..., 0]
 
 
-def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 0.005, time_limit: float = 30.0,
-               mip_rel_gap: float = 1e-4, tiers: tuple[int, ...] = (0, 1, 2), max_util: float = 0.8,
-               latency_binaries: bool = True,
-               backend: SurrogateBackend | None = None) -> OracleResult:
+def solve_milp(
+    cluster: Cluster,
+    state: ClusterState,
+    max_quality_loss: float = 0.005,
+    time_limit: float = 30.0,
+    mip_rel_gap: float = 1e-4,
+    tiers: tuple[int, ...] = (0, 1, 2),
+    max_util: float = 0.8,
+    latency_binaries: bool = True,
+    backend: SurrogateBackend | None = None,
+) -> OracleResult:
     """Exact MILP of the static instance `state` (see module docstring); returns the plan and HiGHS's gap."""
     time_limit = TIME_LIMIT.check("oracle: time_limit", time_limit)
     mip_rel_gap = Arg(float, 0, 1).check("oracle: mip_rel_gap", mip_rel_gap)
@@ -207,18 +222,26 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
     rows.add_block(np.repeat(sle, O), rid.reshape(-1), np.ones(nr), np.ones(Sa * L * E), np.ones(Sa * L * E))
     xr = np.broadcast_to(xid, (Sa, L, E, O)).reshape(-1)
     rr = np.arange(nr)
-    rows.add_block(np.concatenate([rr, rr]), np.concatenate([rid.reshape(-1), xr]),
-                   np.concatenate([np.ones(nr), -np.ones(nr)]), np.full(nr, -np.inf), np.zeros(nr))
+    rows.add_block(
+        np.concatenate([rr, rr]),
+        np.concatenate([rid.reshape(-1), xr]),
+        np.concatenate([np.ones(nr), -np.ones(nr)]),
+        np.full(nr, -np.inf),
+        np.zeros(nr),
+    )
     # unit loads: sum of costs routed to unit u - T <= 0, per (server, layer, unit), decode and prefill
     U = D + S
     for k, (cst, unit) in enumerate(((cd, unit_d), (cp, unit_p))):
         cst, unit = cst[srv], unit[srv]  # [Sa, L, E, O]
         row = (np.arange(Sa)[:, None, None, None] * L + np.arange(L)[None, :, None, None]) * U + unit
         tl = np.arange(Sa * L)
-        rows.add_block(np.concatenate([row.reshape(-1), (tl[:, None] * U + np.arange(U)).reshape(-1)]),
-                       np.concatenate([rid.reshape(-1), np.repeat(Tid[k].reshape(-1), U)]),
-                       np.concatenate([cst.reshape(-1), -np.ones(Sa * L * U)]),
-                       np.full(Sa * L * U, -np.inf), np.zeros(Sa * L * U))
+        rows.add_block(
+            np.concatenate([row.reshape(-1), (tl[:, None] * U + np.arange(U)).reshape(-1)]),
+            np.concatenate([rid.reshape(-1), np.repeat(Tid[k].reshape(-1), U)]),
+            np.concatenate([cst.reshape(-1), -np.ones(Sa * L * U)]),
+            np.full(Sa * L * U, -np.inf),
+            np.zeros(Sa * L * U),
+        )
     # latency: w >= min(1, sum of use probabilities of experts routed to s2); LAT >= 2 * lat * w
     pair_lat = c.pair_latency + hw.transfer_latency_s
     sd = c.dev_server[opt_d]
@@ -238,12 +261,20 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
                     cols = rid[i, l][:, on].reshape(-1)
                     vals = np.repeat(use[i, l], len(on))
                     if latency_binaries:
-                        rows.add(np.concatenate([cols, [zid[k, i, l, s2], wid[k, i, l, s2]]]),
-                                 np.concatenate([vals, [-K[i, l], -1.0]]), -np.inf, 0.0)
+                        rows.add(
+                            np.concatenate([cols, [zid[k, i, l, s2], wid[k, i, l, s2]]]),
+                            np.concatenate([vals, [-K[i, l], -1.0]]),
+                            -np.inf,
+                            0.0,
+                        )
                     n = len(cols)  # valid cuts: w >= u_e r_e for every single remote replica
-                    rows.add_block(np.concatenate([np.arange(n), np.arange(n)]),
-                                   np.concatenate([cols, np.full(n, wid[k, i, l, s2])]),
-                                   np.concatenate([vals, -np.ones(n)]), np.full(n, -np.inf), np.zeros(n))
+                    rows.add_block(
+                        np.concatenate([np.arange(n), np.arange(n)]),
+                        np.concatenate([cols, np.full(n, wid[k, i, l, s2])]),
+                        np.concatenate([vals, -np.ones(n)]),
+                        np.full(n, -np.inf),
+                        np.zeros(n),
+                    )
                     rows.add([zid[k, i, l, s2], wid[k, i, l, s2]], [1.0, -1.0], -np.inf, 0.0)
                     rows.add([wid[k, i, l, s2], LATid[k, i, l]], [2.0 * pair_lat[s, s2], -1.0], -np.inf, 0.0)
     # utilisation: every unit (GPU, host CPU) busy at most `max_util` of the time (the surrogate's rho)
@@ -260,11 +291,16 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
     ne_busy = np.zeros(U)
     kv = B * (be.in_mean + out_m / 2) * m.kv_bytes_per_token()
     ne_dec = np.maximum((be.ne_bytes + kv) / be.srv_gpu_bw, B * be.ne_flops_tok / be.srv_gpu_flops)
-    attn = 4.0 * be.in_mean ** 2 * m.d_model * m.num_layers
+    attn = 4.0 * be.in_mean**2 * m.d_model * m.num_layers
     ne_pre = np.maximum(be.ne_bytes / be.srv_gpu_bw, (be.in_mean * be.ne_flops_tok + attn) / be.srv_gpu_flops)
     ne_busy[:D] = (lam * (ne_pre + out_m * ne_dec / B))[c.dev_server]
-    rows.add_block(np.concatenate(busy_rows), np.concatenate(busy_cols), np.concatenate(busy_vals),
-                   np.full(U, -np.inf), np.maximum(max_util - ne_busy, 0.0))
+    rows.add_block(
+        np.concatenate(busy_rows),
+        np.concatenate(busy_cols),
+        np.concatenate(busy_vals),
+        np.full(U, -np.inf),
+        np.maximum(max_util - ne_busy, 0.0),
+    )
     # memory
     w = be.ebytes[opt_b]
     cap_gpu = np.where(state.device_up, gpu_capacity(c, state.memory_avail), 0.0)
@@ -281,18 +317,33 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
     bid = off_b + np.arange(L * E * nb).reshape(L, E, nb)
     rows.add_block(np.repeat(le, nb), bid.reshape(-1), np.ones(L * E * nb), np.ones(L * E), np.ones(L * E))
     b_of = np.array([BIT_WIDTHS.index(b) for b in opt_b])
-    rows.add_block(np.concatenate([np.arange(nx), np.arange(nx)]),
-                   np.concatenate([xid.reshape(-1), bid[:, :, b_of].reshape(-1)]),
-                   np.concatenate([np.ones(nx), -np.ones(nx)]), np.full(nx, -np.inf), np.zeros(nx))
+    rows.add_block(
+        np.concatenate([np.arange(nx), np.arange(nx)]),
+        np.concatenate([xid.reshape(-1), bid[:, :, b_of].reshape(-1)]),
+        np.concatenate([np.ones(nx), -np.ones(nx)]),
+        np.full(nx, -np.inf),
+        np.zeros(nx),
+    )
     # quality budget: rate-weighted mean of p * loss(bits) / (L * top_k)
     qb = np.array([be.qloss[b] for b in BIT_WIDTHS])
     qcoef = np.einsum("s,sle,b->leb", rho, state.popularity[srv], qb) / (L * m.top_k)
     rows.add(bid.reshape(-1), qcoef.reshape(-1), -np.inf, max_quality_loss)
-    res = milp(cost, constraints=rows.constraint(nvar), integrality=integrality, bounds=Bounds(np.zeros(nvar), ub),
-               options=dict(time_limit=time_limit, mip_rel_gap=mip_rel_gap, disp=False))
+    res = milp(
+        cost,
+        constraints=rows.constraint(nvar),
+        integrality=integrality,
+        bounds=Bounds(np.zeros(nvar), ub),
+        options=dict(time_limit=time_limit, mip_rel_gap=mip_rel_gap, disp=False),
+    )
     if res.x is None:  # no incumbent within the time limit: report it, the caller falls back to search
-        return OracleResult(plan=None, objective=float("inf"), method="milp", solve_time_s=time.perf_counter() - t0,
-                            milp_status=str(res.message), num_binaries=int(integrality.sum()))
+        return OracleResult(
+            plan=None,
+            objective=float("inf"),
+            method="milp",
+            solve_time_s=time.perf_counter() - t0,
+            milp_status=str(res.message),
+            num_binaries=int(integrality.sum()),
+        )
     x = res.x[:nx].reshape(L, E, O) > 0.5
     plan = DeploymentPlan.for_cluster(c)
     for l in range(L):
@@ -301,9 +352,14 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
                 plan.device[l, e, r], plan.tier[l, e, r], plan.bits[l, e, r] = opt_d[o], opt_t[o], opt_b[o]
     obj = float(score_plans(be, [plan], state, max_quality_loss)[0])
     return OracleResult(
-        plan=plan, objective=obj, method="milp", solve_time_s=time.perf_counter() - t0,
-        milp_objective=float(res.fun), milp_bound=float(getattr(res, "mip_dual_bound", np.nan)),
-        milp_gap=float(getattr(res, "mip_gap", np.nan)), milp_status=str(res.message),
+        plan=plan,
+        objective=obj,
+        method="milp",
+        solve_time_s=time.perf_counter() - t0,
+        milp_objective=float(res.fun),
+        milp_bound=float(getattr(res, "mip_dual_bound", np.nan)),
+        milp_gap=float(getattr(res, "mip_gap", np.nan)),
+        milp_status=str(res.message),
         num_binaries=int(integrality.sum()),
     )
 
@@ -312,8 +368,14 @@ def solve_milp(cluster: Cluster, state: ClusterState, max_quality_loss: float = 
 class PlanSearch:
     """Batched simulated annealing over DeploymentPlans, scored by the surrogate."""
 
-    def __init__(self, cluster: Cluster, state: ClusterState, backend: SurrogateBackend | None = None,
-                 max_quality_loss: float = 0.005, seed: int = 0):
+    def __init__(
+        self,
+        cluster: Cluster,
+        state: ClusterState,
+        backend: SurrogateBackend | None = None,
+        max_quality_loss: float = 0.005,
+        seed: int = 0,
+    ):
         self.c, self.state = cluster, state
         self.be = backend or SurrogateBackend(cluster)
         self.q_max = max_quality_loss
@@ -330,8 +392,11 @@ class PlanSearch:
         c = self.c
         m = self.be.serve_arrays(dev, tier, bits, prune, fuse.astype(bool), self.state, c.spec.dynamics.epoch_s)
         obj = objective(m, c.spec.workload.slo_s, self.q_max)
-        over = (m["gpu_mem_bytes"] > self.cap_gpu * (1 + 1e-9)).any(-1) | \
-            (m["cpu_mem_bytes"] > self.cap_cpu * (1 + 1e-9)).any(-1) | (m["ssd_bytes"] > self.cap_ssd).any(-1)
+        over = (
+            (m["gpu_mem_bytes"] > self.cap_gpu * (1 + 1e-9)).any(-1)
+            | (m["cpu_mem_bytes"] > self.cap_cpu * (1 + 1e-9)).any(-1)
+            | (m["ssd_bytes"] > self.cap_ssd).any(-1)
+        )
         return np.where(over, np.inf, obj)
 
     def _neighbour(self, dev, tier, bits, prune, fuse) -> None:
@@ -375,11 +440,22 @@ class PlanSearch:
         elif kind == 6 and len(reps) > 1:  # drop a replica
             dev[l, e, r], tier[l, e, r], bits[l, e, r] = -1, 0, 0
 
-    def run(self, start: DeploymentPlan, iters: int = 300, batch: int = 64, t0: float = 0.02,
-            time_limit: float | None = None) -> tuple[DeploymentPlan, float, list[float]]:
+    def run(
+        self,
+        start: DeploymentPlan,
+        iters: int = 300,
+        batch: int = 64,
+        t0: float = 0.02,
+        time_limit: float | None = None,
+    ) -> tuple[DeploymentPlan, float, list[float]]:
         """Anneal from `start`; returns (best plan, its objective, best-so-far per iteration)."""
-        cur = [start.device.copy(), start.tier.copy(), start.bits.copy(), start.prune.astype(np.float64),
-               start.fuse.copy()]
+        cur = [
+            start.device.copy(),
+            start.tier.copy(),
+            start.bits.copy(),
+            start.prune.astype(np.float64),
+            start.fuse.copy(),
+        ]
         cur_s = float(self.score(*[a[None] for a in cur])[0])
         best, best_s = [a.copy() for a in cur], cur_s
         hist = []
@@ -404,9 +480,18 @@ class PlanSearch:
 
 
 # ---- the policy ----------------------------------------------------------------------------------------------
-def optimize(cluster: Cluster, state: ClusterState, max_quality_loss: float = 0.005, milp_max_binaries: int = 20000,
-             time_limit: float = 30.0, search_iters: int = 300, batch: int = 64, seed: int = 0,
-             start: DeploymentPlan | None = None, backend: SurrogateBackend | None = None) -> OracleResult:
+def optimize(
+    cluster: Cluster,
+    state: ClusterState,
+    max_quality_loss: float = 0.005,
+    milp_max_binaries: int = 20000,
+    time_limit: float = 30.0,
+    search_iters: int = 300,
+    batch: int = 64,
+    seed: int = 0,
+    start: DeploymentPlan | None = None,
+    backend: SurrogateBackend | None = None,
+) -> OracleResult:
     """MILP (+ annealing polish) when the instance is small enough, annealing from `start` (or the greedy
     heuristic) otherwise."""
     time_limit = TIME_LIMIT.check("oracle: time_limit", time_limit)
@@ -432,8 +517,7 @@ def optimize(cluster: Cluster, state: ClusterState, max_quality_loss: float = 0.
         return res
     search = PlanSearch(cluster, state, be, max_quality_loss, seed)
     plan, obj, hist = search.run(start, search_iters, batch, time_limit=time_limit)
-    return OracleResult(plan=plan, objective=obj, method="search", solve_time_s=time.perf_counter() - t0,
-                        history=hist)
+    return OracleResult(plan=plan, objective=obj, method="search", solve_time_s=time.perf_counter() - t0, history=hist)
 
 
 class OraclePolicy(Policy):
@@ -441,14 +525,33 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
-    @checked_args(seed=SEED, max_quality_loss=FRACTION, milp_max_binaries=Arg(int, 0, MAX_BINARIES),
-                  time_limit=TIME_LIMIT, search_iters=Arg(int, 0, MAX_ITERS), batch=Arg(int, 1, MAX_BATCH),
-                  period=Arg(int, 1))
-    def __init__(self, seed: int | None = None, max_quality_loss: float = 0.005, milp_max_binaries: int = 20000,
-                 time_limit: float = 30.0, search_iters: int = 300, batch: int = 64, period: int = 10**9):
+    @checked_args(
+        seed=SEED,
+        max_quality_loss=FRACTION,
+        milp_max_binaries=Arg(int, 0, MAX_BINARIES),
+        time_limit=TIME_LIMIT,
+        search_iters=Arg(int, 0, MAX_ITERS),
+        batch=Arg(int, 1, MAX_BATCH),
+        period=Arg(int, 1),
+    )
+    def __init__(
+        self,
+        seed: int | None = None,
+        max_quality_loss: float = 0.005,
+        milp_max_binaries: int = 20000,
+        time_limit: float = 30.0,
+        search_iters: int = 300,
+        batch: int = 64,
+        period: int = 10**9,
+    ):
         super().__init__(seed)
-        self.kw = dict(max_quality_loss=max_quality_loss, milp_max_binaries=milp_max_binaries,
-                       time_limit=time_limit, search_iters=search_iters, batch=batch)
+        self.kw = dict(
+            max_quality_loss=max_quality_loss,
+            milp_max_binaries=milp_max_binaries,
+            time_limit=time_limit,
+            search_iters=search_iters,
+            batch=batch,
+        )
         self.period = period
         self.seed = seed or 0
         self.last: OracleResult | None = None

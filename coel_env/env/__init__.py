@@ -7,5 +7,15 @@ from coel_env.env.perception import MODES as PERCEPTION_MODES
 from coel_env.env.repair import REPAIR_KINDS
 from coel_env.env.rewards import REWARD_SPACES
 
-__all__ = ["ACTION_SPACES", "BACKENDS", "EDIT_OPS", "PERCEPTION_MODES", "REPAIR_KINDS", "REWARD_SPACES", "CoELEnv",
-           "make_action_codec", "make_backend", "register_backend"]
+__all__ = [
+    "ACTION_SPACES",
+    "BACKENDS",
+    "EDIT_OPS",
+    "PERCEPTION_MODES",
+    "REPAIR_KINDS",
+    "REWARD_SPACES",
+    "CoELEnv",
+    "make_action_codec",
+    "make_backend",
+    "register_backend",
+]

@@ -66,8 +66,9 @@ class ActionCheck:
             self.discrete, self.kinds = True, "biu"
             self.nvec = np.asarray(space.nvec, dtype=np.int64).reshape(-1)
             lo, hi = int(self.nvec.min()), int(self.nvec.max())
-            self.what = (f"integers in [0, {lo})" if lo == hi else
-                         f"integers in [0, nvec[i]) with nvec from {lo} to {hi}")
+            self.what = (
+                f"integers in [0, {lo})" if lo == hi else f"integers in [0, nvec[i]) with nvec from {lo} to {hi}"
+            )
         elif isinstance(space, spaces.Box):
             self.discrete, self.kinds = False, "iuf"
             self.low = np.asarray(space.low, dtype=np.float64).reshape(-1)
@@ -94,8 +95,9 @@ class ActionCheck:
             raise self._fail(label, "a ragged sequence given", want) from None
         except Exception as exc:  # e.g. a torch tensor that requires grad, an object whose __array__ fails
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise self._fail(label, f"{type(actions).__name__} that cannot be read as an array given ({why})",
-                             want) from None
+            raise self._fail(
+                label, f"{type(actions).__name__} that cannot be read as an array given ({why})", want
+            ) from None
         if a.dtype.kind not in self.kinds:
             if a.dtype.kind not in "OUSV":
                 given = f"dtype {a.dtype}"
@@ -109,8 +111,9 @@ class ActionCheck:
         if self.discrete:
             if a2.size and (a2.min() < 0 or (a2 >= self.nvec).any()):
                 n, j = np.argwhere((a2 < 0) | (a2 >= self.nvec))[0]
-                raise self._fail(self._row(label, n, batched),
-                                 f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape)
+                raise self._fail(
+                    self._row(label, n, batched), f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape
+                )
             return a2, np.zeros(N, dtype=bool)
         if a2.dtype.kind == "f" and not np.isfinite(a2).all():
             n, j = np.argwhere(~np.isfinite(a2))[0]
@@ -147,8 +150,9 @@ class ActionCodec:
         of that size is allocated."""
         if entries > MAX_ACTION_ENTRIES:
             hint = f"; use {smaller} for a cluster and model this big" if smaller else ""
-            raise ConfigError(f"action_space {self.name}: {product} = {entries} entries; must be <= "
-                              f"{MAX_ACTION_ENTRIES}{hint}")
+            raise ConfigError(
+                f"action_space {self.name}: {product} = {entries} entries; must be <= {MAX_ACTION_ENTRIES}{hint}"
+            )
 
     @cached_property
     def check(self) -> ActionCheck:
@@ -175,9 +179,13 @@ class ActionCodec:
         cap = gpu_capacity(self.cluster, view.memory_avail)[None]
         pb, counts, _ = repair(pb, self.cluster, cap, v.up, v.popularity, cur)
         reasons = ["action_clipped"] * bool(clipped[0]) + [k for k, c in zip(REPAIR_KINDS, counts[0]) if c]
-        return pb.plan(0), {"update": bool(update[0]), "repaired": bool(reasons or invalid[0]),
-                            "repair_reasons": reasons, "repair_counts": dict(zip(REPAIR_KINDS, counts[0].tolist())),
-                            "invalid_edits": int(invalid[0])}
+        return pb.plan(0), {
+            "update": bool(update[0]),
+            "repaired": bool(reasons or invalid[0]),
+            "repair_reasons": reasons,
+            "repair_counts": dict(zip(REPAIR_KINDS, counts[0].tolist())),
+            "invalid_edits": int(invalid[0]),
+        }
 
     def masks(self, up: np.ndarray, current=None) -> np.ndarray | None:
         """[N, sum(nvec)] flat masks (None for continuous spaces)."""
@@ -203,7 +211,8 @@ class FullCodec(ActionCodec):
             L * E * R * per_slot + P * per_pair + 2,
             f"mask of MoE layers ({L}) x experts ({E}) x max_replicas ({R}) x (devices ({D}) + {per_slot - D}) "
             f"+ {per_pair} x server pairs ({P}) + 2",
-            "action_space 'edit' or 'threshold'")
+            "action_space 'edit' or 'threshold'",
+        )
         slot = np.array([D + 1, 3, len(BITS)], dtype=np.int64)
         self.n_slots = L * E * R * 3
         nvec = np.concatenate([np.tile(slot, L * E * R), np.tile([len(PRUNE_LEVELS), 2], P), [2]])
@@ -220,7 +229,7 @@ class FullCodec(ActionCodec):
         tier = np.empty((N, L, E, R), dtype=np.int8)
         bits = np.empty((N, L, E, R), dtype=np.int8)
         decode_full_kernel(a, D, BITS, dev, tier, bits)
-        c = a[:, self.n_slots:self.n_slots + 2 * P].reshape(N, P, 2)
+        c = a[:, self.n_slots : self.n_slots + 2 * P].reshape(N, P, 2)
         prune = PRUNE_LEVELS[np.clip(c[..., 0], 0, len(PRUNE_LEVELS) - 1)]
         fuse = c[..., 1] == 1
         update = a[:, -1] == 1
@@ -229,8 +238,14 @@ class FullCodec(ActionCodec):
     def encode(self, plan: DeploymentPlan, update: bool = True) -> np.ndarray:
         """The action that decodes to `plan` (prune ratios rounded to the nearest level)."""
         valid = plan.device >= 0
-        s = np.stack([np.where(valid, plan.device, self.D), np.where(valid, plan.tier, 0),
-                      np.where(valid, BITS_INDEX[np.clip(plan.bits, 0, 16)], 0)], -1).astype(np.int64)
+        s = np.stack(
+            [
+                np.where(valid, plan.device, self.D),
+                np.where(valid, plan.tier, 0),
+                np.where(valid, BITS_INDEX[np.clip(plan.bits, 0, 16)], 0),
+            ],
+            -1,
+        ).astype(np.int64)
         lvl = np.abs(np.asarray(plan.prune, dtype=np.float64)[:, None] - PRUNE_LEVELS[None]).argmin(1)
         c = np.stack([lvl, plan.fuse.astype(np.int64)], -1)
         return np.concatenate([s.ravel(), c.ravel(), [int(update)]]).astype(np.int64)
@@ -281,13 +296,17 @@ class EditCodec(ActionCodec):
         if isinstance(num_edits, bool) or not isinstance(num_edits, (int, np.integer)) or num_edits < 1:
             raise ConfigError(f"num_edits: {num_edits!r}; allowed: an integer >= 1")
         num_edits = int(num_edits)
-        per_edit = len(EDIT_OPS) + self.L + self.E + self.R + self.D + 3 + len(BITS) + max(self.P, 1) + \
-            len(PRUNE_LEVELS) + 2
-        self._refuse_if_too_big(num_edits * per_edit + 2, f"mask of num_edits ({num_edits}) x {per_edit} + 2",
-                                "fewer num_edits")
+        per_edit = (
+            len(EDIT_OPS) + self.L + self.E + self.R + self.D + 3 + len(BITS) + max(self.P, 1) + len(PRUNE_LEVELS) + 2
+        )
+        self._refuse_if_too_big(
+            num_edits * per_edit + 2, f"mask of num_edits ({num_edits}) x {per_edit} + 2", "fewer num_edits"
+        )
         self.K = num_edits
-        edit = np.array([len(EDIT_OPS), self.L, self.E, self.R, self.D, 3, len(BITS), max(self.P, 1),
-                         len(PRUNE_LEVELS), 2], dtype=np.int64)
+        edit = np.array(
+            [len(EDIT_OPS), self.L, self.E, self.R, self.D, 3, len(BITS), max(self.P, 1), len(PRUNE_LEVELS), 2],
+            dtype=np.int64,
+        )
         self.nvec = np.concatenate([np.tile(edit, num_edits), [2]])
         self.space = spaces.MultiDiscrete(self.nvec)
 
@@ -340,13 +359,13 @@ class EditCodec(ActionCodec):
         up = np.asarray(up, dtype=bool)
         N = up.shape[0]
         out = np.ones((N, int(self.nvec.sum())), dtype=bool)
-        nv = self.nvec[:self.FIELDS]
+        nv = self.nvec[: self.FIELDS]
         offs = np.concatenate([[0], np.cumsum(nv)])
         live = up[:, self.cluster.dev_server]
         multi = np.ones(N, dtype=bool) if current is None else ((current.dev >= 0).sum(-1) > 1).reshape(N, -1).any(1)
         for k in range(self.K):
             base = k * int(nv.sum())
-            out[:, base + offs[4]: base + offs[5]] = live
+            out[:, base + offs[4] : base + offs[5]] = live
             out[:, base + offs[0] + 3] = multi  # drop needs an expert with >= 2 replicas
             if self.P == 0:
                 out[:, base + offs[0] + 6] = False
@@ -362,8 +381,9 @@ class ThresholdCodec(ActionCodec):
 
     def __init__(self, cluster: Cluster):
         super().__init__(cluster)
-        self._refuse_if_too_big(3 * self.L + self.P + 1,
-                                f"Box of 3 x MoE layers ({self.L}) + server pairs ({self.P}) + 1")
+        self._refuse_if_too_big(
+            3 * self.L + self.P + 1, f"Box of 3 x MoE layers ({self.L}) + server pairs ({self.P}) + 1"
+        )
         self.space = spaces.Box(-1.0, 1.0, shape=(3 * self.L + self.P + 1,), dtype=np.float32)
 
     def decode_batch(self, actions, current, view):
@@ -372,7 +392,7 @@ class ThresholdCodec(ActionCodec):
         x = (np.clip(np.nan_to_num(np.asarray(actions, dtype=np.float64)), -1, 1) + 1) / 2
         N = x.shape[0]
         L, E, R = self.L, self.E, self.R
-        frac = x[:, :3 * L].reshape(N, L, 3)
+        frac = x[:, : 3 * L].reshape(N, L, 3)
         order = np.argsort(-view.popularity, axis=-1, kind="stable")  # [N, L, E] experts by popularity
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(E)[None, None], -1)
@@ -395,7 +415,7 @@ class ThresholdCodec(ActionCodec):
             dev[..., 1] = np.where(rep, live_sorted[rows, pos2], -1)
             tier[..., 1] = np.where(rep, tier[..., 0], 0)
             bits[..., 1] = np.where(rep, bits[..., 0], 0)
-        prune = x[:, 3 * L:3 * L + self.P] * MAX_PRUNE
+        prune = x[:, 3 * L : 3 * L + self.P] * MAX_PRUNE
         fuse = np.zeros_like(prune, dtype=bool)
         return PlanBatch(dev, tier, bits, prune, fuse), x[:, -1] > 0.5, np.zeros(N, dtype=np.int64)
 

@@ -29,6 +29,7 @@ def make_backend(name: str | Backend, cluster: Cluster, **kw) -> Backend:
         with contextlib.suppress(ImportError):  # the real backend registers itself on import
             import real_backend  # noqa: F401
     if name not in BACKENDS:
-        raise ConfigError(f"backend: unknown name '{name}'; allowed: {', '.join(sorted(BACKENDS))} "
-                          "or a Backend instance")
+        raise ConfigError(
+            f"backend: unknown name '{name}'; allowed: {', '.join(sorted(BACKENDS))} or a Backend instance"
+        )
     return BACKENDS[name](cluster, **kw)

@@ -32,13 +32,28 @@ __all__ = ["METRIC_KEYS", "MIGRATION_KEYS", "CoELCore"]
 
 
 class CoELCore:
-    def __init__(self, scenario: Scenario, backend: Backend, num_envs: int = 1, action_space: str = "full",
-                 observation_space: str = "default", reward_space: str = "latency",
-                 reward_weights: dict | None = None, perception: str = "hello", max_epochs: int = 200,
-                 num_edits: int = 4, repair_penalty: float = 0.1, repair_unit_penalty: float = 1.0,
-                 invalid_edit_penalty: float = 0.02, migration_slowdown: float = 0.5,
-                 hello_cost_per_kbit: float = 0.0, budget_penalty: float = 1.0, drop_cost: float = 2.0,
-                 hello: dict | None = None, initial_plan: DeploymentPlan | None = None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        backend: Backend,
+        num_envs: int = 1,
+        action_space: str = "full",
+        observation_space: str = "default",
+        reward_space: str = "latency",
+        reward_weights: dict | None = None,
+        perception: str = "hello",
+        max_epochs: int = 200,
+        num_edits: int = 4,
+        repair_penalty: float = 0.1,
+        repair_unit_penalty: float = 1.0,
+        invalid_edit_penalty: float = 0.02,
+        migration_slowdown: float = 0.5,
+        hello_cost_per_kbit: float = 0.0,
+        budget_penalty: float = 1.0,
+        drop_cost: float = 2.0,
+        hello: dict | None = None,
+        initial_plan: DeploymentPlan | None = None,
+    ):
         if max_epochs < 1:
             raise ConfigError(f"max_epochs: {max_epochs}; allowed: an integer >= 1")
         self.scenario = scenario
@@ -46,8 +61,10 @@ class CoELCore:
         self.backend = backend
         self.fast = isinstance(backend, SurrogateBackend)
         if not self.fast and num_envs != 1:
-            raise ConfigError("backend: a natively batched env needs the surrogate backend; "
-                              "use gymnasium.vector.SyncVectorEnv/AsyncVectorEnv for other backends")
+            raise ConfigError(
+                "backend: a natively batched env needs the surrogate backend; "
+                "use gymnasium.vector.SyncVectorEnv/AsyncVectorEnv for other backends"
+            )
         self.N = num_envs
         spec = scenario.spec
         self.window = spec.dynamics.epoch_s
@@ -59,16 +76,33 @@ class CoELCore:
         be = backend if self.fast else SurrogateBackend(c)
         tok_per_req = be.in_mean + be.out_mean
         self.ctx = RewardContext(
-            window_s=self.window, slo_s=wl.slo_s, demand_tokens_per_s=float(sum(spec.arrival_rates)) * be.out_mean,
-            power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()), drop_cost=drop_cost)
+            window_s=self.window,
+            slo_s=wl.slo_s,
+            demand_tokens_per_s=float(sum(spec.arrival_rates)) * be.out_mean,
+            power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()),
+            drop_cost=drop_cost,
+        )
         self.budgets = spec.budgets
-        weights = PenaltyWeights(repair=repair_penalty, unit=repair_unit_penalty, invalid=invalid_edit_penalty,
-                                 hello=hello_cost_per_kbit, budget=budget_penalty)
-        self.scorer = StepScorer(self.reward_fn, self.ctx, weights, self.budgets,
-                                 c.model.num_moe_layers * c.model.num_experts)
+        weights = PenaltyWeights(
+            repair=repair_penalty,
+            unit=repair_unit_penalty,
+            invalid=invalid_edit_penalty,
+            hello=hello_cost_per_kbit,
+            budget=budget_penalty,
+        )
+        self.scorer = StepScorer(
+            self.reward_fn, self.ctx, weights, self.budgets, c.model.num_moe_layers * c.model.num_experts
+        )
         self.disruption = MigrationDisruption(self.window, wl.slo_s, migration_slowdown)
-        perc = Perception(c, num_envs, np.asarray(spec.arrival_rates, dtype=np.float64), self.window, tok_per_req,
-                          mode=perception, **(hello or {}))
+        perc = Perception(
+            c,
+            num_envs,
+            np.asarray(spec.arrival_rates, dtype=np.float64),
+            self.window,
+            tok_per_req,
+            mode=perception,
+            **(hello or {}),
+        )
         self.perception = perc
         self.states = StateBatch(scenario, num_envs, extra=perc.normals)  # perception's draws ride on the dynamics'
         self.obs_encoder = ObservationEncoder(c, max_epochs, observation_space)
@@ -104,9 +138,15 @@ class CoELCore:
         return {"hello_bits": bits, "epoch": 0}
 
     # ---- step ---------------------------------------------------------------------------------------
-    def step(self, actions: np.ndarray | None = None, proposed: PlanBatch | None = None,
-             update: np.ndarray | None = None, active: np.ndarray | None = None, single: bool = False,
-             clipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, StepRecord]:
+    def step(
+        self,
+        actions: np.ndarray | None = None,
+        proposed: PlanBatch | None = None,
+        update: np.ndarray | None = None,
+        active: np.ndarray | None = None,
+        single: bool = False,
+        clipped: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, StepRecord]:
         """Step every env (rows with active=False are about to be reset: they draw no randomness).
 
         `actions` [N, A] (or, with `single`, one action of the space's shape for N = 1) are validated before
@@ -135,8 +175,9 @@ class CoELCore:
             usage = tuple(u.copy() for u in self.usage)
             merged = self.plans.copy()
             if idx.size:
-                sub, sub_counts, sub_usage = repair(proposed.take(idx), c, gpu_cap[idx], st.server_up[idx],
-                                                    perc.pop[idx], self.plans.take(idx))
+                sub, sub_counts, sub_usage = repair(
+                    proposed.take(idx), c, gpu_cap[idx], st.server_up[idx], perc.pop[idx], self.plans.take(idx)
+                )
                 merged.put(idx, sub)
                 rcounts[idx] = sub_counts
                 for u, su in zip(usage, sub_usage):
@@ -150,8 +191,9 @@ class CoELCore:
         st.draw(self.rngs if active is None else [r if a else None for r, a in zip(self.rngs, active)])
         st.advance()
         gpu_cap = self._gpu_cap(st.memory_avail)
-        fixed, fchanged, lost, restored, fcounts, self.usage = handle_faults(self.plans, c, st.server_up, gpu_cap,
-                                                                            perc.pop, usage)
+        fixed, fchanged, lost, restored, fcounts, self.usage = handle_faults(
+            self.plans, c, st.server_up, gpu_cap, perc.pop, usage
+        )
         fmig = None
         if fchanged.any():
             fmig = self._migrate(self.plans, fixed, fchanged, st.server_up, st.link_factor)
@@ -160,11 +202,25 @@ class CoELCore:
         # serve, disrupt, record, score
         measured = self._serve()
         mig_s = mig["time_s"] + (fmig["time_s"] if fmig is not None else 0.0)
-        rec = StepRecord(measured=measured, served=self.disruption(measured, mig_s), migration=mig,
-                         restore_migration=fmig, migration_time_s=mig_s, update=update, changed=changed,
-                         repair_counts=rcounts, invalid_edits=invalid, clipped=clipped, hello_bits=hello_bits,
-                         replicas_lost=lost, restored_experts=restored, fault_counts=fcounts,
-                         servers_up=st.server_up.sum(1), epoch=st.epoch.copy(), truncated=st.epoch >= self.max_epochs)
+        rec = StepRecord(
+            measured=measured,
+            served=self.disruption(measured, mig_s),
+            migration=mig,
+            restore_migration=fmig,
+            migration_time_s=mig_s,
+            update=update,
+            changed=changed,
+            repair_counts=rcounts,
+            invalid_edits=invalid,
+            clipped=clipped,
+            hello_bits=hello_bits,
+            replicas_lost=lost,
+            restored_experts=restored,
+            fault_counts=fcounts,
+            servers_up=st.server_up.sum(1),
+            epoch=st.epoch.copy(),
+            truncated=st.epoch >= self.max_epochs,
+        )
         self.scorer.score(rec)
         self.last_record = rec
         return rec.reward, rec.terminated, rec.truncated, rec
@@ -172,15 +228,22 @@ class CoELCore:
     def check_plans(self, proposed: PlanBatch) -> None:
         """PlanError (one line) unless `proposed` holds N plans shaped for this cluster."""
         N, P, ler = self.N, self.cluster.num_pairs, self.plans.dev.shape[1:]
-        got = dict(device=proposed.dev.shape, tier=proposed.tier.shape, bits=proposed.bits.shape,
-                   prune=proposed.prune.shape, fuse=proposed.fuse.shape)
+        got = dict(
+            device=proposed.dev.shape,
+            tier=proposed.tier.shape,
+            bits=proposed.bits.shape,
+            prune=proposed.prune.shape,
+            fuse=proposed.fuse.shape,
+        )
         want = dict(device=ler, tier=ler, bits=ler, prune=(P,), fuse=(P,))
         if any(g[:1] != (N,) for g in got.values()):
             raise PlanError(f"plan: {proposed.dev.shape[:1] or 0} plans given; expected one per env ({N},)")
         bad = [f"{k} {g[1:]}" for k, g in got.items() if g[1:] != want[k]]
         if bad:
-            raise PlanError(f"plan: {', '.join(bad)} given; expected device/tier/bits {ler} and prune/fuse ({P},) "
-                            f"for scenario '{self.scenario.name}'")
+            raise PlanError(
+                f"plan: {', '.join(bad)} given; expected device/tier/bits {ler} and prune/fuse ({P},) "
+                f"for scenario '{self.scenario.name}'"
+            )
 
     def observe(self) -> dict[str, np.ndarray]:
         return self.obs_encoder.encode(self)
@@ -195,8 +258,9 @@ class CoELCore:
         differs_kernel(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits, np.ascontiguousarray(rows), out)
         return out
 
-    def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray, up: np.ndarray,
-                 link_factor: np.ndarray) -> dict[str, np.ndarray]:
+    def _migrate(
+        self, old: PlanBatch, new: PlanBatch, rows: np.ndarray, up: np.ndarray, link_factor: np.ndarray
+    ) -> dict[str, np.ndarray]:
         """Migration cost per env (zeros where rows is False), the surrogate's model on stacked arrays."""
         c, N = self.cluster, self.N
         out = {k: np.zeros(N) for k in MIGRATION_KEYS}
@@ -210,8 +274,16 @@ class CoELCore:
                 out[k][0] = getattr(rep, k)
             out["link_bytes"][0] = rep.link_bytes
             return out
-        r = self.backend.migration_arrays(old.dev[idx], old.tier[idx], old.bits[idx], new.dev[idx], new.tier[idx],
-                                          new.bits[idx], up[idx], link_factor[idx])
+        r = self.backend.migration_arrays(
+            old.dev[idx],
+            old.tier[idx],
+            old.bits[idx],
+            new.dev[idx],
+            new.tier[idx],
+            new.bits[idx],
+            up[idx],
+            link_factor[idx],
+        )
         for k, v in r.items():
             out[k][idx] = v
         return out
@@ -222,8 +294,10 @@ class CoELCore:
             mb = self.backend.serve_arrays(pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, st, self.window)
             return mb.fields
         m: Metrics = self.backend.serve(pb.plan(0), st.views[0], self.window)
-        return {k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))
-                for k, v in m.__dict__.items()}
+        return {
+            k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))
+            for k, v in m.__dict__.items()
+        }
 
     # ---- info ---------------------------------------------------------------------------------------
     def env_info(self, i: int) -> dict:

@@ -37,19 +37,37 @@ class CoELEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012
 
-    def __init__(self, scenario: Any = "paper-testbed", backend: str | Backend = "surrogate",
-                 action_space: str = "full", observation_space: str = "default", reward_space: str = "latency",
-                 max_epochs: int = 200, perception: str = "hello", scenario_seed: int = 0,
-                 render_mode: str | None = None, info_action_mask: bool = True, backend_kwargs: dict | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        scenario: Any = "paper-testbed",
+        backend: str | Backend = "surrogate",
+        action_space: str = "full",
+        observation_space: str = "default",
+        reward_space: str = "latency",
+        max_epochs: int = 200,
+        perception: str = "hello",
+        scenario_seed: int = 0,
+        render_mode: str | None = None,
+        info_action_mask: bool = True,
+        backend_kwargs: dict | None = None,
+        **kwargs,
+    ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode: unknown '{render_mode}'; allowed: ansi, rgb_array")
         self.scenario = build_scenario(scenario, scenario_seed)
         self.cluster = self.scenario.cluster
         self.backend = make_backend(backend, self.cluster, **(backend_kwargs or {}))
-        self.core = CoELCore(self.scenario, self.backend, 1, action_space=action_space,
-                             observation_space=observation_space, reward_space=reward_space, perception=perception,
-                             max_epochs=max_epochs, **kwargs)
+        self.core = CoELCore(
+            self.scenario,
+            self.backend,
+            1,
+            action_space=action_space,
+            observation_space=observation_space,
+            reward_space=reward_space,
+            perception=perception,
+            max_epochs=max_epochs,
+            **kwargs,
+        )
         self.action_codec = self.core.codec
         self.action_space = self.core.codec.space
         self.observation_space = self.core.obs_encoder.space
@@ -82,8 +100,9 @@ class CoELEnv(gym.Env):
             pb = PlanBatch.from_plans([plan])
         except (TypeError, ValueError, AttributeError):
             raise PlanError("plan: its arrays are not numeric arrays") from None
-        r, term, trunc, _ = self.core.step(proposed=pb, update=np.array([bool(update)]),
-                                           clipped=np.array([bool(action_clipped)]))
+        r, term, trunc, _ = self.core.step(
+            proposed=pb, update=np.array([bool(update)]), clipped=np.array([bool(action_clipped)])
+        )
         return self._obs(), float(r[0]), bool(term[0]), bool(trunc[0]), self._with_mask(self.core.env_info(0))
 
     def action_masks(self) -> np.ndarray | None:

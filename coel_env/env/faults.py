@@ -16,8 +16,9 @@ from coel_env.env.planbatch import PlanBatch
 from coel_env.env.repair import REPAIR_KINDS, TOL, _memory_passes, usage_of
 
 
-def handle_faults(pb: PlanBatch, cluster: Cluster, up: np.ndarray, gpu_cap: np.ndarray, priority: np.ndarray,
-                  usage: tuple) -> tuple[PlanBatch, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+def handle_faults(
+    pb: PlanBatch, cluster: Cluster, up: np.ndarray, gpu_cap: np.ndarray, priority: np.ndarray, usage: tuple
+) -> tuple[PlanBatch, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """`pb` fixed for live servers `up` [N, S] and GPU capacities [N, D] (a copy if anything changes); `usage` is
     pb's memory usage. Returns (plans, changed [N], replicas lost [N], experts restored [N], memory-pass counts
     [N, kinds], usage of the returned plans)."""
@@ -49,8 +50,11 @@ def handle_faults(pb: PlanBatch, cluster: Cluster, up: np.ndarray, gpu_cap: np.n
                 bits[n_idx, l_idx, e_idx, 0] = old_bits[n_idx, l_idx, e_idx]
             usage = usage_of(pb, cluster)
     gpu, cpu, ssd = usage
-    if (gpu > gpu_cap * TOL).any() or (cpu > cluster.cpu_expert_capacity * TOL).any() or \
-            (ssd > cluster.ssd_bytes * TOL).any():
+    if (
+        (gpu > gpu_cap * TOL).any()
+        or (cpu > cluster.cpu_expert_capacity * TOL).any()
+        or (ssd > cluster.ssd_bytes * TOL).any()
+    ):
         if not changed.any():
             pb = pb.copy()
         _memory_passes(pb, cluster, gpu_cap, priority, counts, usage)

@@ -154,8 +154,11 @@ def differs_kernel(a_dev, a_tier, a_bits, b_dev, b_tier, b_bits, rows, out):
         for l in range(L):
             for e in range(E):
                 for r in range(R):
-                    if a_dev[n, l, e, r] != b_dev[n, l, e, r] or a_tier[n, l, e, r] != b_tier[n, l, e, r] or \
-                            a_bits[n, l, e, r] != b_bits[n, l, e, r]:
+                    if (
+                        a_dev[n, l, e, r] != b_dev[n, l, e, r]
+                        or a_tier[n, l, e, r] != b_tier[n, l, e, r]
+                        or a_bits[n, l, e, r] != b_bits[n, l, e, r]
+                    ):
                         out[n] = True
                         done = True
                         break

@@ -30,11 +30,20 @@ class ObservationEncoder:
         L, E, R = m.num_moe_layers, m.num_experts, c.spec.max_replicas
         D, S, K, P = c.num_devices, c.num_servers, c.num_links, c.num_pairs
         self.max_epochs = max_epochs
-        sizes = {"mem_free": D + 2 * S, "compute_avail": D, "link_bw": K, "server_up": S, "request_rate": S,
-                 "hello_age": S, "popularity": L * E, "plan": L * E * R * 3, "compression": 2 * P, "time": 1}
+        sizes = {
+            "mem_free": D + 2 * S,
+            "compute_avail": D,
+            "link_bw": K,
+            "server_up": S,
+            "request_rate": S,
+            "hello_age": S,
+            "popularity": L * E,
+            "plan": L * E * R * 3,
+            "compression": 2 * P,
+            "time": 1,
+        }
         self.sizes = {k: v for k, v in sizes.items() if v > 0}
-        self.space = spaces.Dict({k: spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
-                                  for k, n in self.sizes.items()})
+        self.space = spaces.Dict({k: spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32) for k, n in self.sizes.items()})
         self.cpu_cap = np.maximum(c.cpu_expert_capacity, 1.0)
         self.ssd_cap = np.maximum(c.ssd_bytes, 1.0)
         self.gpu_nominal = np.maximum(c.gpu_expert_capacity, 1.0)
@@ -50,11 +59,16 @@ class ObservationEncoder:
         plan = np.empty((N, self.sizes["plan"]), dtype=np.float32)
         encode_plan_kernel(pb.dev, pb.tier, pb.bits, self.inv_dev, plan)
         f32 = np.float32
-        out = {"mem_free": np.clip(mem, 0.0, 1.0).astype(f32), "compute_avail": perc.compute_avail.astype(f32),
-               "link_bw": perc.link_factor.astype(f32), "server_up": core.states.server_up.astype(f32),
-               "request_rate": perc.rate_frac.astype(f32),
-               "hello_age": np.minimum(perc.age * (1.0 / perc.max_age), 1.0).astype(f32),
-               "popularity": perc.pop.reshape(N, -1).astype(f32), "plan": plan,
-               "compression": np.concatenate([pb.prune * (1 / MAX_PRUNE), pb.fuse], 1).astype(f32),
-               "time": np.minimum(core.states.epoch * (1.0 / self.max_epochs), 1.0).astype(f32)[:, None]}
+        out = {
+            "mem_free": np.clip(mem, 0.0, 1.0).astype(f32),
+            "compute_avail": perc.compute_avail.astype(f32),
+            "link_bw": perc.link_factor.astype(f32),
+            "server_up": core.states.server_up.astype(f32),
+            "request_rate": perc.rate_frac.astype(f32),
+            "hello_age": np.minimum(perc.age * (1.0 / perc.max_age), 1.0).astype(f32),
+            "popularity": perc.pop.reshape(N, -1).astype(f32),
+            "plan": plan,
+            "compression": np.concatenate([pb.prune * (1 / MAX_PRUNE), pb.fuse], 1).astype(f32),
+            "time": np.minimum(core.states.epoch * (1.0 / self.max_epochs), 1.0).astype(f32)[:, None],
+        }
         return {k: out[k] for k in self.sizes}

@@ -24,10 +24,21 @@ RATE_SCALE = 4.0  # a Hello reports the request rate as a fraction of RATE_SCALE
 
 
 class Perception:
-    def __init__(self, cluster: Cluster, num_envs: int, base_rate: np.ndarray, window_s: float,
-                 tokens_per_request: float, mode: str = "hello", threshold: float = 0.04, max_age: int = 10,
-                 header_bits: int = 64, field_bits: int = 8, popularity_tokens: int = 4096,
-                 popularity_smoothing: float = 0.5):
+    def __init__(
+        self,
+        cluster: Cluster,
+        num_envs: int,
+        base_rate: np.ndarray,
+        window_s: float,
+        tokens_per_request: float,
+        mode: str = "hello",
+        threshold: float = 0.04,
+        max_age: int = 10,
+        header_bits: int = 64,
+        field_bits: int = 8,
+        popularity_tokens: int = 4096,
+        popularity_smoothing: float = 0.5,
+    ):
         if mode not in MODES:
             raise ConfigError(f"perception: unknown mode '{mode}'; allowed: {', '.join(MODES)}")
         self.c = c = cluster
@@ -60,19 +71,19 @@ class Perception:
     # ---- perceived values ---------------------------------------------------------------------------
     @property
     def compute_avail(self) -> np.ndarray:
-        return self.last[:, :self.D]
+        return self.last[:, : self.D]
 
     @property
     def memory_avail(self) -> np.ndarray:
-        return self.last[:, self.D:2 * self.D]
+        return self.last[:, self.D : 2 * self.D]
 
     @property
     def link_factor(self) -> np.ndarray:
-        return self.last[:, 2 * self.D:2 * self.D + self.K]
+        return self.last[:, 2 * self.D : 2 * self.D + self.K]
 
     @property
     def rate_frac(self) -> np.ndarray:
-        return self.last[:, 2 * self.D + self.K:]
+        return self.last[:, 2 * self.D + self.K :]
 
     @property
     def arrival_rate(self) -> np.ndarray:
@@ -85,8 +96,9 @@ class Perception:
         if z_rate is not None and self.mode == "hello":  # measured = Poisson count / window (normal approx.)
             lam = np.maximum(lam + np.sqrt(lam / self.window) * z_rate, 0.0)
         rate = np.minimum(lam / (RATE_SCALE * self.base_rate), 1.0)
-        return np.concatenate([bs.compute_avail[rows], bs.memory_avail[rows],
-                               np.minimum(bs.link_factor[rows], 1.0), rate], 1)
+        return np.concatenate(
+            [bs.compute_avail[rows], bs.memory_avail[rows], np.minimum(bs.link_factor[rows], 1.0), rate], 1
+        )
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         if self.mode == "ideal":
@@ -102,8 +114,11 @@ class Perception:
         self.pop[i] = 0.0
         self._observe_popularity(bs, z["popularity"][None], rows, first=True)
         up = bs.server_up[i]
-        self.bits[i] = 0 if self.mode == "ideal" else int(
-            (up * (self.header_bits + self.field_bits * self.fields_per_server)).sum())
+        self.bits[i] = (
+            0
+            if self.mode == "ideal"
+            else int((up * (self.header_bits + self.field_bits * self.fields_per_server)).sum())
+        )
         return int(self.bits[i])
 
     def observe(self, bs, z: dict[str, np.ndarray], rejoined: np.ndarray) -> np.ndarray:

@@ -19,11 +19,13 @@ class PlanBatch:
 
     @classmethod
     def from_plans(cls, plans: list[DeploymentPlan]) -> PlanBatch:
-        return cls(np.stack([p.device for p in plans]).astype(np.int16),
-                   np.stack([p.tier for p in plans]).astype(np.int8),
-                   np.stack([p.bits for p in plans]).astype(np.int8),
-                   np.stack([p.prune for p in plans]).astype(np.float64),
-                   np.stack([p.fuse for p in plans]).astype(bool))
+        return cls(
+            np.stack([p.device for p in plans]).astype(np.int16),
+            np.stack([p.tier for p in plans]).astype(np.int8),
+            np.stack([p.bits for p in plans]).astype(np.int8),
+            np.stack([p.prune for p in plans]).astype(np.float64),
+            np.stack([p.fuse for p in plans]).astype(bool),
+        )
 
     @classmethod
     def tile(cls, plan: DeploymentPlan, n: int) -> PlanBatch:
@@ -37,8 +39,13 @@ class PlanBatch:
 
     def plan(self, i: int) -> DeploymentPlan:
         """Env i's plan as a DeploymentPlan (copied)."""
-        return DeploymentPlan(self.dev[i].copy(), self.tier[i].copy(), self.bits[i].copy(),
-                              self.prune[i].astype(np.float32), self.fuse[i].copy())
+        return DeploymentPlan(
+            self.dev[i].copy(),
+            self.tier[i].copy(),
+            self.bits[i].copy(),
+            self.prune[i].astype(np.float32),
+            self.fuse[i].copy(),
+        )
 
     def set(self, i: int, other: PlanBatch, j: int | None = None) -> None:
         """Row i := other's row j (or the whole single-plan batch `other`)."""
@@ -59,6 +66,10 @@ class PlanBatch:
         """Rows of `other` where mask[n] else rows of self."""
         m4 = mask[:, None, None, None]
         m1 = mask[:, None]
-        return PlanBatch(np.where(m4, other.dev, self.dev), np.where(m4, other.tier, self.tier),
-                         np.where(m4, other.bits, self.bits), np.where(m1, other.prune, self.prune),
-                         np.where(m1, other.fuse, self.fuse))
+        return PlanBatch(
+            np.where(m4, other.dev, self.dev),
+            np.where(m4, other.tier, self.tier),
+            np.where(m4, other.bits, self.bits),
+            np.where(m1, other.prune, self.prune),
+            np.where(m1, other.fuse, self.fuse),
+        )

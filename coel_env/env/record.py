@@ -18,13 +18,48 @@ import numpy as np
 
 from coel_env.env.repair import REPAIR_KINDS
 
-METRIC_KEYS = ("ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
-               "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests")
-MIGRATION_KEYS = ("bytes_total", "bytes_local", "bytes_peer", "bytes_cloud", "time_s", "replicas_added",
-                  "replicas_removed")
-INFO_KEYS = ("metrics", "migration", "restore_migration", "migration_time_s", "update", "plan_changed", "repaired",
-             "repair_reasons", "penalty", "budget_excess", "hello_bits", "dropped_requests", "replicas_lost",
-             "restored_experts", "servers_up", "epoch")
+METRIC_KEYS = (
+    "ttft_mean_s",
+    "ttft_p95_s",
+    "tpot_mean_s",
+    "tpot_p95_s",
+    "e2e_mean_s",
+    "e2e_p95_s",
+    "tokens_per_s",
+    "request_tokens_per_s",
+    "energy_j",
+    "quality_loss",
+    "dropped_frac",
+    "late_frac",
+    "requests",
+)
+MIGRATION_KEYS = (
+    "bytes_total",
+    "bytes_local",
+    "bytes_peer",
+    "bytes_cloud",
+    "time_s",
+    "replicas_added",
+    "replicas_removed",
+)
+INFO_KEYS = (
+    "metrics",
+    "migration",
+    "restore_migration",
+    "migration_time_s",
+    "update",
+    "plan_changed",
+    "repaired",
+    "repair_reasons",
+    "penalty",
+    "budget_excess",
+    "hello_bits",
+    "dropped_requests",
+    "replicas_lost",
+    "restored_experts",
+    "servers_up",
+    "epoch",
+)
 ALWAYS_VALID = ("hello_bits", "epoch")  # vector infos: also set for envs that were reset this step
 
 
@@ -118,8 +153,9 @@ def info_values(rec: StepRecord, i: int | None = None) -> dict[str, Any]:
         "metrics": _floats(f, METRIC_KEYS, i, n),
         "migration": _floats(rec.migration, MIGRATION_KEYS, i, n),
         "restore_migration": _floats(rec.restore_migration, MIGRATION_KEYS, i, n),
-        "migration_time_s": float(rec.migration_time_s[i]) if one else
-        np.asarray(rec.migration_time_s, dtype=np.float64) * np.ones(n),
+        "migration_time_s": float(rec.migration_time_s[i])
+        if one
+        else np.asarray(rec.migration_time_s, dtype=np.float64) * np.ones(n),
         "update": bool(rec.update[i]) if one else rec.update.copy(),
         "plan_changed": bool(rec.changed[i]) if one else rec.changed.copy(),
         "repaired": bool(rec.repaired[i]) if one else rec.repaired.copy(),
@@ -127,8 +163,9 @@ def info_values(rec: StepRecord, i: int | None = None) -> dict[str, Any]:
         "penalty": float(rec.penalty[i]) if one else rec.penalty.astype(np.float64),
         "budget_excess": float(rec.budget_excess[i]) if one else rec.budget_excess.astype(np.float64),
         "hello_bits": int(rec.hello_bits[i]) if one else rec.hello_bits,
-        "dropped_requests": float(f["dropped_frac"][i] * f["requests"][i]) if one else
-        f["dropped_frac"] * f["requests"],
+        "dropped_requests": float(f["dropped_frac"][i] * f["requests"][i])
+        if one
+        else f["dropped_frac"] * f["requests"],
         "replicas_lost": int(rec.replicas_lost[i]) if one else rec.replicas_lost.copy(),
         "restored_experts": int(rec.restored_experts[i]) if one else rec.restored_experts.copy(),
         "servers_up": int(rec.servers_up[i]) if one else rec.servers_up,

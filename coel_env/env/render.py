@@ -26,22 +26,29 @@ def render_ansi(env) -> str:
     cap = core._gpu_cap(core.states.memory_avail)[0]
     up = core.states.server_up[0]
     valid = dev >= 0
-    lines = [f"CoEL-v0 | {c.spec.name} | epoch {int(core.states.epoch[0])}/{core.max_epochs} | "
-             f"servers up {int(up.sum())}/{c.num_servers} | replicas {int(valid.sum())} for "
-             f"{dev.shape[0] * dev.shape[1]} experts"]
+    lines = [
+        f"CoEL-v0 | {c.spec.name} | epoch {int(core.states.epoch[0])}/{core.max_epochs} | "
+        f"servers up {int(up.sum())}/{c.num_servers} | replicas {int(valid.sum())} for "
+        f"{dev.shape[0] * dev.shape[1]} experts"
+    ]
     for d, name in enumerate(c.device_names):
         on = valid & (dev == d)
         per_tier = [int((on & (tier == t)).sum()) for t in range(3)]
         bh = " ".join(f"{b}b:{int((on & (bits == b)).sum())}" for b in (16, 8, 4))
         state = "up" if up[c.dev_server[d]] else "DOWN"
-        lines.append(f"  {name:<16} {state:<4} gpu {per_tier[0]:>5} cpu {per_tier[1]:>5} ssd {per_tier[2]:>5} | {bh} "
-                     f"| GPU {gpu[d] / GB:6.2f}/{cap[d] / GB:6.2f} GB")
+        lines.append(
+            f"  {name:<16} {state:<4} gpu {per_tier[0]:>5} cpu {per_tier[1]:>5} ssd {per_tier[2]:>5} | {bh} "
+            f"| GPU {gpu[d] / GB:6.2f}/{cap[d] / GB:6.2f} GB"
+        )
     for s, name in enumerate(c.server_names):
-        lines.append(f"  {name:<16} CPU RAM {cpu[s] / GB:6.2f}/{c.cpu_expert_capacity[s] / GB:6.2f} GB "
-                     f"SSD {ssd[s] / GB:6.2f} GB")
+        lines.append(
+            f"  {name:<16} CPU RAM {cpu[s] / GB:6.2f}/{c.cpu_expert_capacity[s] / GB:6.2f} GB SSD {ssd[s] / GB:6.2f} GB"
+        )
     if c.num_pairs:
-        comp = ", ".join(f"{c.server_names[a]}-{c.server_names[b]} prune {pb.prune[0, p]:.1f}"
-                         f"{' +fuse' if pb.fuse[0, p] else ''}" for p, (a, b) in enumerate(c.pair_servers))
+        comp = ", ".join(
+            f"{c.server_names[a]}-{c.server_names[b]} prune {pb.prune[0, p]:.1f}{' +fuse' if pb.fuse[0, p] else ''}"
+            for p, (a, b) in enumerate(c.pair_servers)
+        )
         lines.append(f"  compression: {comp}")
     load = _link_load(env)
     if load.size:
@@ -49,9 +56,11 @@ def render_ansi(env) -> str:
     rec = core.last_record
     if rec is not None:
         f = rec.served
-        lines.append(f"  last epoch: e2e mean {f['e2e_mean_s'][0]:.2f}s p95 {f['e2e_p95_s'][0]:.2f}s | "
-                     f"{f['tokens_per_s'][0]:.1f} tok/s | late {f['late_frac'][0]:.1%} | dropped "
-                     f"{f['dropped_frac'][0]:.1%} | migration {float(np.asarray(rec.migration_time_s)[0]):.2f}s")
+        lines.append(
+            f"  last epoch: e2e mean {f['e2e_mean_s'][0]:.2f}s p95 {f['e2e_p95_s'][0]:.2f}s | "
+            f"{f['tokens_per_s'][0]:.1f} tok/s | late {f['late_frac'][0]:.1%} | dropped "
+            f"{f['dropped_frac'][0]:.1%} | migration {float(np.asarray(rec.migration_time_s)[0]):.2f}s"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -75,12 +84,30 @@ def render_rgb(env) -> np.ndarray:
     base = plt.get_cmap("tab10" if D <= 10 else "turbo")
     dcols = ["white"] + [base(i / max(D - 1, 1)) if D > 10 else base(i) for i in range(D)]
     panels = [
-        (grid_dev, ListedColormap(dcols), BoundaryNorm(np.arange(-1.5, D), D + 1), "device",
-         [-1, *range(D)], ["empty", *c.device_names]),
-        (grid_tier, ListedColormap(["white", "#2ca02c", "#ff7f0e", "#7f7f7f"]),
-         BoundaryNorm([-1.5, -.5, .5, 1.5, 2.5], 4), "tier", [-1, 0, 1, 2], ["empty", *TIERS]),
-        (grid_bits, ListedColormap(["white", "#fdae61", "#abd9e9", "#2c7bb6"]), BoundaryNorm([-1, 2, 6, 12, 17], 4),
-         "bits", [0, 4, 8, 16], ["empty", "4", "8", "16"]),
+        (
+            grid_dev,
+            ListedColormap(dcols),
+            BoundaryNorm(np.arange(-1.5, D), D + 1),
+            "device",
+            [-1, *range(D)],
+            ["empty", *c.device_names],
+        ),
+        (
+            grid_tier,
+            ListedColormap(["white", "#2ca02c", "#ff7f0e", "#7f7f7f"]),
+            BoundaryNorm([-1.5, -0.5, 0.5, 1.5, 2.5], 4),
+            "tier",
+            [-1, 0, 1, 2],
+            ["empty", *TIERS],
+        ),
+        (
+            grid_bits,
+            ListedColormap(["white", "#fdae61", "#abd9e9", "#2c7bb6"]),
+            BoundaryNorm([-1, 2, 6, 12, 17], 4),
+            "bits",
+            [0, 4, 8, 16],
+            ["empty", "4", "8", "16"],
+        ),
     ]
     for ax, (grid, cmap, norm, title, ticks, labels) in zip(axes[:3], panels):
         im = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
@@ -99,8 +126,10 @@ def render_rgb(env) -> np.ndarray:
     ax.set_title("link load (last window)", fontsize=9)
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
     up = core.states.server_up[0]
-    fig.suptitle(f"CoEL-v0 {c.spec.name} | epoch {int(core.states.epoch[0])} | servers up {int(up.sum())}/"
-                 f"{c.num_servers}", fontsize=10)
+    fig.suptitle(
+        f"CoEL-v0 {c.spec.name} | epoch {int(core.states.epoch[0])} | servers up {int(up.sum())}/{c.num_servers}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.canvas.draw()
     img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

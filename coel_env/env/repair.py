@@ -17,8 +17,17 @@ from coel_env.env.planbatch import PlanBatch
 from coel_env.physics import memory_kernel
 from coel_env.plan import MAX_PRUNE
 
-REPAIR_KINDS: tuple[str, ...] = ("invalid_value", "duplicate", "down_server", "missing_expert", "bits_downgraded",
-                                 "moved_to_cpu", "moved_to_ssd", "replica_dropped", "infeasible")
+REPAIR_KINDS: tuple[str, ...] = (
+    "invalid_value",
+    "duplicate",
+    "down_server",
+    "missing_expert",
+    "bits_downgraded",
+    "moved_to_cpu",
+    "moved_to_ssd",
+    "replica_dropped",
+    "infeasible",
+)
 _K = {k: i for i, k in enumerate(REPAIR_KINDS)}
 TOL = 1 + 1e-9
 
@@ -33,8 +42,14 @@ def usage_of(pb: PlanBatch, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, n
     return g, c, s
 
 
-def repair(pb: PlanBatch, cluster: Cluster, gpu_cap: np.ndarray, up: np.ndarray, priority: np.ndarray,
-           fallback: PlanBatch | None) -> tuple[PlanBatch, np.ndarray, tuple]:
+def repair(
+    pb: PlanBatch,
+    cluster: Cluster,
+    gpu_cap: np.ndarray,
+    up: np.ndarray,
+    priority: np.ndarray,
+    fallback: PlanBatch | None,
+) -> tuple[PlanBatch, np.ndarray, tuple]:
     """Repair `pb` in place against GPU capacities [N, D], live servers [N, S] and expert priority [N, L, E]
     (popularity; low goes first). Returns (pb, counts [N, len(REPAIR_KINDS)], memory usage of the result)."""
     N = len(pb)
@@ -53,8 +68,9 @@ def repair(pb: PlanBatch, cluster: Cluster, gpu_cap: np.ndarray, up: np.ndarray,
     return pb, counts, usage
 
 
-def _memory_passes(pb: PlanBatch, cluster: Cluster, gpu_cap: np.ndarray, priority: np.ndarray,
-                   counts: np.ndarray, usage: tuple) -> bool:
+def _memory_passes(
+    pb: PlanBatch, cluster: Cluster, gpu_cap: np.ndarray, priority: np.ndarray, counts: np.ndarray, usage: tuple
+) -> bool:
     """The memory passes, in place; False (nothing done) when everything fits."""
     dev, tier, bits = pb.dev, pb.tier, pb.bits
     N = dev.shape[0]
@@ -133,8 +149,9 @@ def _memory_passes(pb: PlanBatch, cluster: Cluster, gpu_cap: np.ndarray, priorit
     return True
 
 
-def _shed(elig: np.ndarray, group: np.ndarray, prio: np.ndarray, saving: np.ndarray,
-          over: np.ndarray) -> np.ndarray | None:
+def _shed(
+    elig: np.ndarray, group: np.ndarray, prio: np.ndarray, saving: np.ndarray, over: np.ndarray
+) -> np.ndarray | None:
     """Flat indices of the fewest lowest-priority eligible replicas per group whose savings cover `over`."""
     idx = np.flatnonzero(elig)
     if idx.size == 0:

@@ -12,8 +12,14 @@ from coel_env.env.record import StepRecord
 from coel_env.errors import ConfigError
 from coel_env.specs import BudgetSpec
 
-COMPOSITE_DEFAULTS = {"latency": 1.0, "throughput": 0.5, "quality": 10.0, "energy": 0.1, "migration": 0.5,
-                      "dropped": 1.0}
+COMPOSITE_DEFAULTS = {
+    "latency": 1.0,
+    "throughput": 0.5,
+    "quality": 10.0,
+    "energy": 0.1,
+    "migration": 0.5,
+    "dropped": 1.0,
+}
 
 
 @dataclass
@@ -49,19 +55,22 @@ class Composite:
         weights = dict(weights or {})
         unknown = set(weights) - set(COMPOSITE_DEFAULTS)
         if unknown:
-            raise ConfigError(f"reward_weights: unknown key '{sorted(unknown)[0]}'; allowed: "
-                              f"{', '.join(COMPOSITE_DEFAULTS)}")
+            raise ConfigError(
+                f"reward_weights: unknown key '{sorted(unknown)[0]}'; allowed: {', '.join(COMPOSITE_DEFAULTS)}"
+            )
         self.w = {**COMPOSITE_DEFAULTS, **weights}
 
     def __call__(self, f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
         w = self.w
         d = f["dropped_frac"]
-        return (-w["latency"] * (f["e2e_mean_s"] / ctx.slo_s) * (1 - d)
-                + w["throughput"] * f["tokens_per_s"] / max(ctx.demand_tokens_per_s, 1e-9)
-                - w["quality"] * f["quality_loss"]
-                - w["energy"] * f["energy_j"] / (ctx.window_s * max(ctx.power_max_w, 1e-9))
-                - w["migration"] * np.minimum(mig_s / ctx.window_s, 1.0)
-                - w["dropped"] * d)
+        return (
+            -w["latency"] * (f["e2e_mean_s"] / ctx.slo_s) * (1 - d)
+            + w["throughput"] * f["tokens_per_s"] / max(ctx.demand_tokens_per_s, 1e-9)
+            - w["quality"] * f["quality_loss"]
+            - w["energy"] * f["energy_j"] / (ctx.window_s * max(ctx.power_max_w, 1e-9))
+            - w["migration"] * np.minimum(mig_s / ctx.window_s, 1.0)
+            - w["dropped"] * d
+        )
 
 
 REWARD_SPACES = ("latency", "slo", "throughput_per_watt", "composite")
@@ -95,22 +104,27 @@ class PenaltyWeights:
 class StepScorer:
     """Reward and penalty of a step, from its StepRecord:
 
-        penalty = repair * [repaired] + unit * repaired replicas / (L * E) + invalid * invalid edits
-                  + hello * Hello bits / 1000 + budget * (excess, or [excess > 0] in mode 'terminate')
-        excess  = max(energy_j / energy budget - 1, 0) + max(e2e_p95_s / latency budget - 1, 0)  (set budgets only)
-        reward  = reward_fn(served metrics, migration time, ctx) - penalty
+    penalty = repair * [repaired] + unit * repaired replicas / (L * E) + invalid * invalid edits
+              + hello * Hello bits / 1000 + budget * (excess, or [excess > 0] in mode 'terminate')
+    excess  = max(energy_j / energy budget - 1, 0) + max(e2e_p95_s / latency budget - 1, 0)  (set budgets only)
+    reward  = reward_fn(served metrics, migration time, ctx) - penalty
     """
 
-    def __init__(self, reward_fn: RewardFn, ctx: RewardContext, weights: PenaltyWeights, budgets: BudgetSpec,
-                 total_replicas: int):
+    def __init__(
+        self, reward_fn: RewardFn, ctx: RewardContext, weights: PenaltyWeights, budgets: BudgetSpec, total_replicas: int
+    ):
         self.reward_fn, self.ctx, self.weights, self.budgets = reward_fn, ctx, weights, budgets
         self.total_replicas = total_replicas
 
     def penalty(self, rec: StepRecord) -> np.ndarray:
         """[N] repair, invalid-edit and Hello penalties (budgets excluded)."""
         w = self.weights
-        return (w.repair * rec.repaired + w.unit * rec.repaired_replicas / self.total_replicas
-                + w.invalid * rec.invalid_edits + w.hello * rec.hello_bits / 1000.0)
+        return (
+            w.repair * rec.repaired
+            + w.unit * rec.repaired_replicas / self.total_replicas
+            + w.invalid * rec.invalid_edits
+            + w.hello * rec.hello_bits / 1000.0
+        )
 
     def budget_excess(self, served: dict) -> np.ndarray:
         """[N] summed relative excess over the set energy / latency budgets (0 within them)."""

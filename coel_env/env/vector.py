@@ -25,9 +25,16 @@ from coel_env.errors import ConfigError
 class CoELVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}  # noqa: RUF012
 
-    def __init__(self, num_envs: int = 8, scenario: Any = "paper-testbed", backend: Any = "surrogate",
-                 scenario_seed: int = 0, info_action_mask: bool = False, backend_kwargs: dict | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        num_envs: int = 8,
+        scenario: Any = "paper-testbed",
+        backend: Any = "surrogate",
+        scenario_seed: int = 0,
+        info_action_mask: bool = False,
+        backend_kwargs: dict | None = None,
+        **kwargs,
+    ):
         if num_envs < 1:
             raise ConfigError(f"num_envs: {num_envs}; allowed: an integer >= 1")
         kwargs.pop("render_mode", None)
@@ -48,13 +55,20 @@ class CoELVectorEnv(VectorEnv):
         N = self.num_envs
         if seed is None and not self._has_reset:
             seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
-        seeds = [None] * N if seed is None else (list(seed) if isinstance(seed, (list, tuple)) else
-                                                  [seed + i for i in range(N)])
+        seeds = (
+            [None] * N
+            if seed is None
+            else (list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(N)])
+        )
         bits = np.array([self.core.reset_env(i, s)["hello_bits"] for i, s in enumerate(seeds)])
         self._autoreset[:] = False
         self._has_reset = True
-        info = {"hello_bits": bits, "_hello_bits": np.ones(N, dtype=bool), "epoch": np.zeros(N, dtype=np.int64),
-                "_epoch": np.ones(N, dtype=bool)}
+        info = {
+            "hello_bits": bits,
+            "_hello_bits": np.ones(N, dtype=bool),
+            "epoch": np.zeros(N, dtype=np.int64),
+            "_epoch": np.ones(N, dtype=bool),
+        }
         if self.info_action_mask:
             info["action_mask"] = self.action_masks()
             info["_action_mask"] = np.ones(N, dtype=bool)

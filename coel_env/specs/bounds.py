@@ -140,9 +140,12 @@ class Arg:
                     value = float(value)
                 except OverflowError:  # an int beyond float range
                     ok = False
-            ok = ok and (self.kind is int or math.isfinite(value)) and \
-                (self.low is None or (value > self.low if self.open_low else value >= self.low)) and \
-                (self.high is None or value <= self.high)
+            ok = (
+                ok
+                and (self.kind is int or math.isfinite(value))
+                and (self.low is None or (value > self.low if self.open_low else value >= self.low))
+                and (self.high is None or value <= self.high)
+            )
         else:
             ok = isinstance(value, self.kind)
         if not ok:

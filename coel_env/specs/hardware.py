@@ -121,7 +121,8 @@ class DeviceOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mem_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
-        None, gt=0, description="measured memory bandwidth, GB/s")
+        None, gt=0, description="measured memory bandwidth, GB/s"
+    )
     peak_tflops: Annotated[Float | None, at_most(MAX_TFLOPS)] = Field(None, gt=0, description="measured dense TFLOP/s")
 
 
@@ -137,9 +138,11 @@ class HardwareProfile(BaseModel):
     link_efficiency: Float = Field(0.94, gt=0, le=1, description="goodput fraction of a network link")
     pcie_efficiency: Float = Field(0.80, gt=0, le=1)
     layer_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
-        25e-6, ge=0, description="kernel launches etc. per layer per step")
+        25e-6, ge=0, description="kernel launches etc. per layer per step"
+    )
     expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
-        4e-6, ge=0, description="per activated expert per step")
+        4e-6, ge=0, description="per activated expert per step"
+    )
     dequant_slowdown: dict[Int, Float] = Field(
         default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"
     )
@@ -147,37 +150,62 @@ class HardwareProfile(BaseModel):
     cpu_compute: bool = Field(True, description="may run CPU-resident experts on the CPU (Fiddler)")
     kv_reserve_frac: Float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
     cpu_reserve_gb: Annotated[Float, at_most(MAX_GB)] = Field(
-        8.0, ge=0, description="host RAM kept for the OS and the runtime")
+        8.0, ge=0, description="host RAM kept for the OS and the runtime"
+    )
     transfer_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
-        50e-6, ge=0, description="software latency per message (α)")
-    emulated_latency: bool = Field(False, description="link latency is emulated by the application (the real "
-                                   "backend's shaper), which hides the per-message software cost: a round trip "
-                                   "takes 2 max(latency, α) instead of 2 (latency + α)")
+        50e-6, ge=0, description="software latency per message (α)"
+    )
+    emulated_latency: bool = Field(
+        False,
+        description="link latency is emulated by the application (the real "
+        "backend's shaper), which hides the per-message software cost: a round trip "
+        "takes 2 max(latency, α) instead of 2 (latency + α)",
+    )
     serving: Literal["independent", "lockstep"] = Field(
-        "independent", description="servers step on their own, or in lock-step as expert parallelism does "
-        "(every live server runs each step and all meet at each MoE layer; the real backend)")
-    host_cores: Int | None = Field(None, ge=1, description="all servers are processes sharing one host with this "
-                                   "many cores (the CPU/gloo real backend); None: each server has its own hardware")
+        "independent",
+        description="servers step on their own, or in lock-step as expert parallelism does "
+        "(every live server runs each step and all meet at each MoE layer; the real backend)",
+    )
+    host_cores: Int | None = Field(
+        None,
+        ge=1,
+        description="all servers are processes sharing one host with this "
+        "many cores (the CPU/gloo real backend); None: each server has its own hardware",
+    )
     oversubscription_exponent: Annotated[Float, at_most(MAX_OVERSUBSCRIPTION_EXPONENT)] = Field(
-        1.0, ge=0, description="with more live servers P than host_cores C, every step takes (P / C) ** this longer "
-        "(fitted)")
+        1.0,
+        ge=0,
+        description="with more live servers P than host_cores C, every step takes (P / C) ** this longer (fitted)",
+    )
     routing: Literal["load_aware", "local_first"] = Field(
-        "load_aware", description="replica choice: least added layer time, or own replica first (real backend)")
-    activation_bytes: Int = Field(2, ge=1, le=4, description="bytes per hidden-state element on the wire "
-                                  "(2: bf16 on GPUs; 4: the CPU backend's fp32)")
+        "load_aware", description="replica choice: least added layer time, or own replica first (real backend)"
+    )
+    activation_bytes: Int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="bytes per hidden-state element on the wire (2: bf16 on GPUs; 4: the CPU backend's fp32)",
+    )
     row_header_bytes: Annotated[Int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
-        0, ge=0, description="extra bytes per routed token row per round trip (the real dispatcher sends an 8-byte "
-        "expert id with each row)")
+        0,
+        ge=0,
+        description="extra bytes per routed token row per round trip (the real dispatcher sends an 8-byte "
+        "expert id with each row)",
+    )
     cloud_bandwidth_gbps: Annotated[Float, at_most(MAX_GBS)] = Field(
-        0.1, gt=0, description="WAN to the checkpoint store")
+        0.1, gt=0, description="WAN to the checkpoint store"
+    )
     cloud_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(0.05, ge=0)
     quality: QualityModel = Field(default_factory=QualityModel)
     device_overrides: dict[str, DeviceOverride] = Field(
-        default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster")
+        default_factory=dict, description="device name (preset) -> measured numbers; applied by build_cluster"
+    )
     pcie_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
-        None, gt=0, description="measured host->device copy GB/s (overrides scenarios)")
+        None, gt=0, description="measured host->device copy GB/s (overrides scenarios)"
+    )
     ssd_bw_gbs: Annotated[Float | None, at_most(MAX_GBS)] = Field(
-        None, gt=0, description="measured SSD read GB/s (overrides scenarios)")
+        None, gt=0, description="measured SSD read GB/s (overrides scenarios)"
+    )
 
     @field_validator("dequant_slowdown")
     @classmethod
@@ -224,8 +252,9 @@ def unknown_profile(name: object) -> ConfigError:
     return ConfigError(f"hardware: unknown profile '{name}'; allowed: {', '.join(hardware_profile_names())}")
 
 
-def load_hardware_profile(name_or_path: str | Path | dict | HardwareProfile | None = None,
-                          source: str = "hardware") -> HardwareProfile:
+def load_hardware_profile(
+    name_or_path: str | Path | dict | HardwareProfile | None = None, source: str = "hardware"
+) -> HardwareProfile:
     """A profile by name (`conf/hardware/<name>.yaml`), path, dict or instance; None gives the defaults.
 
     `source` starts the error message of a bad dict (e.g. the Hydra option it came from)."""

@@ -34,14 +34,16 @@ class ModelSpec(BaseModel):
 
     name: str
     num_layers: Annotated[Int, at_most(MAX_LAYERS)] = Field(
-        gt=0, description="all transformer layers, dense ones included")
+        gt=0, description="all transformer layers, dense ones included"
+    )
     first_k_dense: Int = Field(0, ge=0, description="leading layers with a dense MLP instead of experts")
     num_experts: Annotated[Int, at_most(MAX_EXPERTS)] = Field(gt=0, description="routed experts per MoE layer")
     top_k: Int = Field(gt=0)
     d_model: Annotated[Int, at_most(MAX_D_MODEL)] = Field(gt=0)
     d_ff_expert: Annotated[Int, at_most(MAX_D_FF)] = Field(gt=0)
     d_ff_shared: Annotated[Int, at_most(MAX_D_FF)] = Field(
-        0, ge=0, description="total width of the shared expert(s); 0 = none")
+        0, ge=0, description="total width of the shared expert(s); 0 = none"
+    )
     shared_expert_gate: bool = False
     d_ff_dense: Annotated[Int, at_most(MAX_D_FF)] = Field(0, ge=0)
     num_heads: Annotated[Int, at_most(MAX_HEADS)] = Field(gt=0)
@@ -51,7 +53,8 @@ class ModelSpec(BaseModel):
     tie_word_embeddings: bool = False
     attn_bias: bool = False
     attn_params_per_layer: Annotated[Int | None, at_most(MAX_ATTN_PARAMS)] = Field(
-        None, gt=0, description="override for non-standard attention (MLA)")
+        None, gt=0, description="override for non-standard attention (MLA)"
+    )
     num_expert_groups: Int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
 
     @model_validator(mode="after")
@@ -64,8 +67,10 @@ class ModelSpec(BaseModel):
             raise ValueError("num_expert_groups must divide num_experts")
         affinity = self.num_moe_layers * self.num_experts**2
         if affinity > MAX_ROUTING_ENTRIES:
-            raise ValueError(f"MoE layers ({self.num_moe_layers}) x num_experts^2 ({self.num_experts}^2) = {affinity} "
-                             f"routing entries must be <= {MAX_ROUTING_ENTRIES}")
+            raise ValueError(
+                f"MoE layers ({self.num_moe_layers}) x num_experts^2 ({self.num_experts}^2) = {affinity} "
+                f"routing entries must be <= {MAX_ROUTING_ENTRIES}"
+            )
         return self
 
     # ---- sizes -------------------------------------------------------------------------------------
@@ -108,11 +113,7 @@ class ModelSpec(BaseModel):
         moe += self.d_model if self.shared_expert_gate else 0
         dense = 3 * self.d_model * self.d_ff_dense
         return (
-            embed
-            + self.d_model
-            + self.num_layers * per_layer
-            + self.num_moe_layers * moe
-            + self.first_k_dense * dense
+            embed + self.d_model + self.num_layers * per_layer + self.num_moe_layers * moe + self.first_k_dense * dense
         )
 
     @property
@@ -142,37 +143,96 @@ class ModelSpec(BaseModel):
 # Values read from the checkpoints' config.json files (not library defaults).
 MODEL_PRESETS: dict[str, dict] = {
     "qwen1.5-moe-a2.7b": dict(
-        num_layers=24, num_experts=60, top_k=4, d_model=2048, d_ff_expert=1408, d_ff_shared=5632,
-        shared_expert_gate=True, num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=151936,
+        num_layers=24,
+        num_experts=60,
+        top_k=4,
+        d_model=2048,
+        d_ff_expert=1408,
+        d_ff_shared=5632,
+        shared_expert_gate=True,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        vocab_size=151936,
         attn_bias=True,
     ),
     "mixtral-8x7b": dict(
-        num_layers=32, num_experts=8, top_k=2, d_model=4096, d_ff_expert=14336, num_heads=32,
-        num_kv_heads=8, head_dim=128, vocab_size=32000,
+        num_layers=32,
+        num_experts=8,
+        top_k=2,
+        d_model=4096,
+        d_ff_expert=14336,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        vocab_size=32000,
     ),
     "olmoe-1b-7b": dict(
-        num_layers=16, num_experts=64, top_k=8, d_model=2048, d_ff_expert=1024, num_heads=16,
-        num_kv_heads=16, head_dim=128, vocab_size=50304,
+        num_layers=16,
+        num_experts=64,
+        top_k=8,
+        d_model=2048,
+        d_ff_expert=1024,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        vocab_size=50304,
     ),
     "deepseek-v2-lite": dict(
-        num_layers=27, first_k_dense=1, num_experts=64, top_k=6, d_model=2048, d_ff_expert=1408,
-        d_ff_shared=2 * 1408, d_ff_dense=10944, num_heads=16, num_kv_heads=16, head_dim=192,
-        vocab_size=102400, attn_params_per_layer=2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048,
+        num_layers=27,
+        first_k_dense=1,
+        num_experts=64,
+        top_k=6,
+        d_model=2048,
+        d_ff_expert=1408,
+        d_ff_shared=2 * 1408,
+        d_ff_dense=10944,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=192,
+        vocab_size=102400,
+        attn_params_per_layer=2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048,
     ),
     "qwen3-30b-a3b": dict(
-        num_layers=48, num_experts=128, top_k=8, d_model=2048, d_ff_expert=768, num_heads=32,
-        num_kv_heads=4, head_dim=128, vocab_size=151936,
+        num_layers=48,
+        num_experts=128,
+        top_k=8,
+        d_model=2048,
+        d_ff_expert=768,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        vocab_size=151936,
     ),
     "deepseek-v3": dict(
-        num_layers=61, first_k_dense=3, num_experts=256, top_k=8, d_model=7168, d_ff_expert=2048,
-        d_ff_shared=2048, d_ff_dense=18432, num_heads=128, num_kv_heads=128, head_dim=192,
-        vocab_size=129280, num_expert_groups=8,
+        num_layers=61,
+        first_k_dense=3,
+        num_experts=256,
+        top_k=8,
+        d_model=7168,
+        d_ff_expert=2048,
+        d_ff_shared=2048,
+        d_ff_dense=18432,
+        num_heads=128,
+        num_kv_heads=128,
+        head_dim=192,
+        vocab_size=129280,
+        num_expert_groups=8,
         attn_params_per_layer=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
     ),
     # Small enough for tests and for a CPU real backend.
     "tiny-moe": dict(
-        num_layers=4, num_experts=8, top_k=2, d_model=64, d_ff_expert=128, d_ff_shared=128,
-        shared_expert_gate=True, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
+        num_layers=4,
+        num_experts=8,
+        top_k=2,
+        d_model=64,
+        d_ff_expert=128,
+        d_ff_shared=128,
+        shared_expert_gate=True,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=512,
     ),
 }
 
@@ -233,8 +293,7 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec
     if cfg.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek)
         nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
         qdim = heads * (nope + rope)
-        q = d_model * qdim if not cfg.get("q_lora_rank") else (
-            d_model * cfg["q_lora_rank"] + cfg["q_lora_rank"] * qdim)
+        q = d_model * qdim if not cfg.get("q_lora_rank") else (d_model * cfg["q_lora_rank"] + cfg["q_lora_rank"] * qdim)
         kv_rank = cfg["kv_lora_rank"]
         attn = q + d_model * (kv_rank + rope) + kv_rank * heads * (nope + v) + heads * v * d_model
         fields.update(attn_params_per_layer=attn, head_dim=nope + rope)
@@ -261,8 +320,10 @@ def resolve_model(value: str | dict | ModelSpec) -> ModelSpec:
         except ValidationError as exc:
             raise ConfigError(format_pydantic_error("model", exc, ModelSpec)) from None
     if not isinstance(value, (str, Path)) or not str(value):
-        raise ConfigError(f"model: {brief(value)} given; must be a preset name ({', '.join(MODEL_PRESETS)}), a path "
-                          "to a Hugging Face config.json (or its checkpoint directory) or a mapping of fields")
+        raise ConfigError(
+            f"model: {brief(value)} given; must be a preset name ({', '.join(MODEL_PRESETS)}), a path "
+            "to a Hugging Face config.json (or its checkpoint directory) or a mapping of fields"
+        )
     if str(value).lower() in MODEL_PRESETS:
         return model_preset(str(value))
     if _exists(value):
@@ -275,4 +336,3 @@ def _exists(path) -> bool:
         return Path(path).exists()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte
         return False
-

@@ -55,7 +55,8 @@ class ServerSpec(_Strict):
     ssd_gb: Annotated[Float, at_most(MAX_GB)] = Field(512, ge=0)
     ssd_bw_gbs: Annotated[Float, at_most(MAX_GBS)] = Field(3.5, gt=0)
     pcie_bw_gbs: Annotated[Float, at_most(MAX_GBS)] = Field(
-        25.0, gt=0, description="host<->GPU per direction; also GPU<->GPU in a server")
+        25.0, gt=0, description="host<->GPU per direction; also GPU<->GPU in a server"
+    )
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -106,8 +107,10 @@ class LengthDist(_Strict):
     @model_validator(mode="after")
     def _check(self) -> LengthDist:
         if self.dist == "uniform" and self.spread > MAX_UNIFORM_SPREAD:
-            raise ValueError(f"spread: {self.spread:g} must be <= {MAX_UNIFORM_SPREAD:g} for a uniform length "
-                             "(mean x (1 ± spread) would go negative)")
+            raise ValueError(
+                f"spread: {self.spread:g} must be <= {MAX_UNIFORM_SPREAD:g} for a uniform length "
+                "(mean x (1 ± spread) would go negative)"
+            )
         if self.dist == "lognormal" and self.spread > MAX_SIGMA:
             raise ValueError(f"spread: {self.spread:g} must be <= {MAX_SIGMA:g} (the lognormal sigma)")
         return self
@@ -119,7 +122,8 @@ class WorkloadSpec(_Strict):
     output_len: LengthDist = Field(default_factory=LengthDist)
     max_batch: Annotated[Int, at_most(MAX_BATCH)] = Field(32, ge=1)
     slo_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
-        30.0, ge=MIN_SECONDS, description="end-to-end latency SLO per request, seconds")
+        30.0, ge=MIN_SECONDS, description="end-to-end latency SLO per request, seconds"
+    )
 
     @field_validator("arrival_rate", mode="before")
     @classmethod
@@ -132,13 +136,13 @@ class WorkloadSpec(_Strict):
                 with contextlib.suppress(ValueError):
                     x = float(x)
             if not isinstance(x, (int, float)):
-                raise ValueError(f"{brief(v)} given; must be a number or a list of numbers (requests/s, one "
-                                 "per server)")
+                raise ValueError(
+                    f"{brief(v)} given; must be a number or a list of numbers (requests/s, one per server)"
+                )
             rates.append(x)
         if not all((math.isfinite(x) if isinstance(x, float) else True) and 0 <= x <= MAX_ARRIVAL_RATE for x in rates):
             raise ValueError(f"must be finite, >= 0 and <= {MAX_ARRIVAL_RATE:g} requests/s, got {brief(v, str)}")
         return rates[0] if one else rates
-
 
 
 class RoutingSpec(_Strict):
@@ -146,7 +150,8 @@ class RoutingSpec(_Strict):
 
     num_domains: Annotated[Int, at_most(MAX_DOMAINS)] = Field(4, ge=1)
     zipf_alpha: Annotated[Float, at_most(MAX_ZIPF_ALPHA)] = Field(
-        0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)")
+        0.25, ge=0, description="popularity skew; per layer scaled by U(0.6, 1.4)"
+    )
     domain_overlap: Float = Field(0.5, ge=0, le=1, description="share of popularity common to all domains")
     affinity: Float = Field(0.6, ge=0, le=1, description="weight of the previous layer in routing")
     affinity_concentration: Float = Field(0.3, gt=0, description="Dirichlet concentration of affinity rows")
@@ -159,7 +164,8 @@ class DynamicsSpec(_Strict):
     drift_rate: Float = Field(0.05, ge=0, le=1, description="step of each server's domain mix to its target")
     domain_switch_rate: Float = Field(0.02, ge=0, le=1, description="chance a server's target mix changes")
     arrival_burstiness: Annotated[Float, at_most(MAX_SIGMA)] = Field(
-        0.1, ge=0, description="lognormal sigma of per-epoch arrival rate")
+        0.1, ge=0, description="lognormal sigma of per-epoch arrival rate"
+    )
     resource_noise: Float = Field(0.03, ge=0, le=0.5, description="std of free compute/memory fractions")
     link_change_rate: Float = Field(0.0, ge=0, le=1)
     link_change_range: tuple[Float, Float] = (0.3, 1.0)
@@ -176,9 +182,11 @@ class DynamicsSpec(_Strict):
 
 class BudgetSpec(_Strict):
     energy_j: Annotated[Float | None, at_most(MAX_ENERGY_J)] = Field(
-        None, ge=MIN_ENERGY_J, description="energy per epoch, joules")
+        None, ge=MIN_ENERGY_J, description="energy per epoch, joules"
+    )
     latency_s: Annotated[Float | None, at_most(MAX_SECONDS)] = Field(
-        None, ge=MIN_SECONDS, description="p95 end-to-end latency, seconds")
+        None, ge=MIN_SECONDS, description="p95 end-to-end latency, seconds"
+    )
     mode: Literal["penalty", "terminate"] = "penalty"
 
 
@@ -216,24 +224,32 @@ class ScenarioSpec(_Strict):
             for i, link in enumerate(topo.links):
                 for end in (link.a, link.b):
                     if end not in known and not end.startswith("switch"):
-                        raise ValueError(f"topology.links[{i}]: unknown server '{end}'; allowed: "
-                                         f"{', '.join(names)} or a name starting with 'switch'")
+                        raise ValueError(
+                            f"topology.links[{i}]: unknown server '{end}'; allowed: "
+                            f"{', '.join(names)} or a name starting with 'switch'"
+                        )
                 if link.a == link.b:
                     raise ValueError(f"topology.links[{i}]: a self-loop ({link.a} - {link.b}); a link needs two ends")
                 j = seen.setdefault(frozenset((link.a, link.b)), i)
                 if j != i:
-                    raise ValueError(f"topology.links[{i}]: {link.a} - {link.b} duplicates topology.links[{j}]; "
-                                     "each pair of ends may have one link")
+                    raise ValueError(
+                        f"topology.links[{i}]: {link.a} - {link.b} duplicates topology.links[{j}]; "
+                        "each pair of ends may have one link"
+                    )
         S, model = len(names), self.model
         pairs, links = S * (S - 1) // 2, topo.num_links(S)
         if pairs * links > MAX_ROUTE_ENTRIES:
-            raise ValueError(f"topology: {S} servers ({topo.kind}) give {pairs} server pairs x {links} links = "
-                             f"{pairs * links} route entries; must be <= {MAX_ROUTE_ENTRIES}")
+            raise ValueError(
+                f"topology: {S} servers ({topo.kind}) give {pairs} server pairs x {links} links = "
+                f"{pairs * links} route entries; must be <= {MAX_ROUTE_ENTRIES}"
+            )
         for what, n in (("servers", S), ("routing.num_domains", self.routing.num_domains)):
             entries = n * model.num_moe_layers * model.num_experts
             if entries > MAX_POPULARITY_ENTRIES:
-                raise ValueError(f"{what} ({n}) x MoE layers ({model.num_moe_layers}) x experts ({model.num_experts}) "
-                                 f"= {entries} popularity entries; must be <= {MAX_POPULARITY_ENTRIES}")
+                raise ValueError(
+                    f"{what} ({n}) x MoE layers ({model.num_moe_layers}) x experts ({model.num_experts}) "
+                    f"= {entries} popularity entries; must be <= {MAX_POPULARITY_ENTRIES}"
+                )
         return self
 
     @property

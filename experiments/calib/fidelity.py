@@ -29,8 +29,11 @@ def scenario_variants(base: str = "tiny") -> dict[str, dict]:
     slow = copy.deepcopy(data)
     slow.update(name=f"{base}-slowlink", topology={"kind": "star", "bandwidth_gbps": 0.1, "latency_ms": 1.0})
     two = copy.deepcopy(data)
-    two.update(name=f"{base}-2srv", servers=data["servers"][:2], topology={"kind": "mesh", "bandwidth_gbps": 1.0,
-                                                                          "latency_ms": 0.5})
+    two.update(
+        name=f"{base}-2srv",
+        servers=data["servers"][:2],
+        topology={"kind": "mesh", "bandwidth_gbps": 1.0, "latency_ms": 0.5},
+    )
     two["workload"] = {**data["workload"], "arrival_rate": data["workload"]["arrival_rate"][:2]}
     busy = copy.deepcopy(data)
     busy["name"] = f"{base}-busy"
@@ -59,8 +62,9 @@ def random_plan(cluster: Cluster, rng: np.random.Generator, tries: int = 50) -> 
     raise RuntimeError("random_plan: no valid plan found")
 
 
-def baseline_plans(scenario: Scenario, state: ClusterState, names: tuple[str, ...], seed: int = 0
-                   ) -> dict[str, DeploymentPlan]:
+def baseline_plans(
+    scenario: Scenario, state: ClusterState, names: tuple[str, ...], seed: int = 0
+) -> dict[str, DeploymentPlan]:
     """Each named baseline's plan for `state` (agents.baselines.make_policy)."""
     from agents.baselines import make_policy
 
@@ -91,11 +95,16 @@ def realized_workload(requests: list[list[dict]], window_s: float, num_experts: 
             pop.append(None)
             continue
         tok = np.concatenate(routes).astype(np.int64)  # [T, L, k]
-        pop.append([(np.bincount(tok[:, l].ravel(), minlength=num_experts) / len(tok)).tolist()
-                    for l in range(tok.shape[1])])
+        pop.append(
+            [(np.bincount(tok[:, l].ravel(), minlength=num_experts) / len(tok)).tolist() for l in range(tok.shape[1])]
+        )
     flat = [r for rr in requests for r in rr]
-    return {"rate": [len(r) / window_s for r in requests], "popularity": pop,
-            "in_len": [len(r["prompt"]) for r in flat], "out_len": [int(r["max_new"]) for r in flat]}
+    return {
+        "rate": [len(r) / window_s for r in requests],
+        "popularity": pop,
+        "in_len": [len(r["prompt"]) for r in flat],
+        "out_len": [int(r["max_new"]) for r in flat],
+    }
 
 
 def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, workload: dict, window_s: float):
@@ -110,8 +119,7 @@ def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterStat
     return surrogate.serve(plan, st.touch(), window_s)
 
 
-def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int
-                           ) -> np.ndarray:
+def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int) -> np.ndarray:
     """Exact bytes per physical link of the real dispatcher's wire format, from its row and message counts:
     a request carries rows * d_model * elem + 8 * (rows + 1) bytes, its reply rows * d_model * elem + 8."""
     d = cluster.model.d_model
@@ -120,8 +128,15 @@ def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.nd
     return (pair[a, b] + pair[b, a]) @ cluster.pair_links
 
 
-def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, window_s: float,
-            elem_bytes: int, repeat: bool = False) -> dict:
+def measure(
+    backend,
+    surrogate: SurrogateBackend,
+    plan: DeploymentPlan,
+    state: ClusterState,
+    window_s: float,
+    elem_bytes: int,
+    repeat: bool = False,
+) -> dict:
     """Serve `plan` on the real backend, predict it with the surrogate on the realized workload; one row.
     `repeat`: serve the same requests a second time (`real_repeat`: the measurement's own run-to-run spread)."""
     backend.apply(plan, state)
@@ -134,13 +149,19 @@ def measure(backend, surrogate: SurrogateBackend, plan: DeploymentPlan, state: C
     row = {
         "real": {k: float(getattr(real, k)) for k in SCALARS},
         "pred": {k: float(getattr(pred, k)) for k in SCALARS},
-        "real_link_bytes": real.link_bytes.tolist(), "pred_link_bytes": pred.link_bytes.tolist(),
-        "count_link_bytes": link_bytes_from_counts(c, np.array(det["rows_to"]), np.array(det["msgs_to"]),
-                                                   elem_bytes).tolist(),
+        "real_link_bytes": real.link_bytes.tolist(),
+        "pred_link_bytes": pred.link_bytes.tolist(),
+        "count_link_bytes": link_bytes_from_counts(
+            c, np.array(det["rows_to"]), np.array(det["msgs_to"]), elem_bytes
+        ).tolist(),
         "real_mem": [float(real.gpu_mem_bytes.sum()), float(real.cpu_mem_bytes.sum()), float(real.ssd_bytes.sum())],
         "pred_mem": [float(pred.gpu_mem_bytes.sum()), float(pred.cpu_mem_bytes.sum()), float(pred.ssd_bytes.sum())],
-        "workload": workload, "rate": workload["rate"], "window_s": window_s, "served": det["served"],
-        "kl": det["kl"], "steps": det["steps"],
+        "workload": workload,
+        "rate": workload["rate"],
+        "window_s": window_s,
+        "served": det["served"],
+        "kl": det["kl"],
+        "steps": det["steps"],
     }
     if repeat:  # the same requests once more: how much the measurement itself moves (the noise floor)
         again = backend.serve_requests(plan, state, requests, window_s)

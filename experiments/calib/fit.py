@@ -16,8 +16,9 @@ def fit_alpha_beta(nbytes: np.ndarray, seconds: np.ndarray) -> tuple[float, floa
     return float(max(alpha, 0.0)), float(1.0 / max(inv_beta, 1e-30))
 
 
-def roofline(params: np.ndarray, nbytes: np.ndarray, flops: np.ndarray, slow: np.ndarray, overlap: bool = False
-             ) -> np.ndarray:
+def roofline(
+    params: np.ndarray, nbytes: np.ndarray, flops: np.ndarray, slow: np.ndarray, overlap: bool = False
+) -> np.ndarray:
     """params = (c0, log BW, log F). Serial overhead (CPU, Python): t = c0 + max(bytes * slow / BW, flops / F);
     overlapped launch overhead (GPU, asynchronous kernels): t = max(c0, bytes * slow / BW, flops / F)."""
     c0, lbw, lf = params
@@ -25,8 +26,9 @@ def roofline(params: np.ndarray, nbytes: np.ndarray, flops: np.ndarray, slow: np
     return np.maximum(c0, work) if overlap else c0 + work
 
 
-def fit_roofline(nbytes: np.ndarray, flops: np.ndarray, bits: np.ndarray, seconds: np.ndarray,
-                 overlap: bool = False) -> dict[str, float | dict[int, float]]:
+def fit_roofline(
+    nbytes: np.ndarray, flops: np.ndarray, bits: np.ndarray, seconds: np.ndarray, overlap: bool = False
+) -> dict[str, float | dict[int, float]]:
     """Fit overhead c0, bandwidth BW, FLOP/s F and a per-bit-width slowdown of the read term (16 = 1) to an expert
     matmul sweep; log residuals, so small and large points weigh alike. Starts from robust estimates (fastest
     point for c0, best achieved bytes/s and FLOP/s at 16 bits, median time ratios for the slowdowns)."""
@@ -51,12 +53,16 @@ def fit_roofline(nbytes: np.ndarray, flops: np.ndarray, bits: np.ndarray, second
     x0 = np.array([c0 * (0.9 if overlap else 0.5), np.log(bw0), np.log(f0), *s0])
     lo = [0.0, x0[1] - 3, x0[2] - 3, *([-5.0] * len(low))]
     up = [max(seconds.max(), 1e-9), x0[1] + 3, x0[2] + 3, *([8.0] * len(low))]
-    res = least_squares(lambda x: np.log(np.maximum(model(x), 1e-15) / seconds), np.clip(x0, lo, up),
-                        bounds=(lo, up))
+    res = least_squares(lambda x: np.log(np.maximum(model(x), 1e-15) / seconds), np.clip(x0, lo, up), bounds=(lo, up))
     x = res.x
-    return {"overhead_s": float(x[0]), "bandwidth_Bps": float(np.exp(x[1])), "flops": float(np.exp(x[2])),
-            "slowdown": {16: 1.0, **{b: float(np.exp(x[3 + j])) for j, b in enumerate(low)}},
-            "overlap": overlap, "rms_log_residual": float(np.sqrt(np.mean(res.fun**2)))}
+    return {
+        "overhead_s": float(x[0]),
+        "bandwidth_Bps": float(np.exp(x[1])),
+        "flops": float(np.exp(x[2])),
+        "slowdown": {16: 1.0, **{b: float(np.exp(x[3 + j])) for j, b in enumerate(low)}},
+        "overlap": overlap,
+        "rms_log_residual": float(np.sqrt(np.mean(res.fun**2))),
+    }
 
 
 def fit_prune_loss(ratio: np.ndarray, loss: np.ndarray, knee: float) -> tuple[float, float]:
@@ -69,8 +75,13 @@ def fit_prune_loss(ratio: np.ndarray, loss: np.ndarray, knee: float) -> tuple[fl
     return float(x[0]), float(x[1])
 
 
-def fit_black_box(predict: Callable[[np.ndarray], np.ndarray], measured: np.ndarray, x0: np.ndarray,
-                  lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_black_box(
+    predict: Callable[[np.ndarray], np.ndarray],
+    measured: np.ndarray,
+    x0: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+) -> tuple[np.ndarray, float]:
     """Fit parameters of `predict(x) -> predictions` (same shape as `measured`) on log-ratios; returns (x, cost)."""
     measured = np.asarray(measured, dtype=np.float64)
     ok = measured > 0
@@ -91,5 +102,9 @@ def error_stats(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
         return {"n": 0, "mape_pct": float("nan"), "max_err_pct": float("nan"), "spearman": float("nan")}
     rel = np.abs(pred[ok] - meas[ok]) / np.abs(meas[ok])
     rho = float(spearmanr(pred[ok], meas[ok]).statistic) if ok.sum() > 2 and np.ptp(meas[ok]) > 0 else float("nan")
-    return {"n": int(ok.sum()), "mape_pct": float(100 * rel.mean()), "max_err_pct": float(100 * rel.max()),
-            "spearman": rho}
+    return {
+        "n": int(ok.sum()),
+        "mape_pct": float(100 * rel.mean()),
+        "max_err_pct": float(100 * rel.max()),
+        "spearman": rho,
+    }

@@ -23,8 +23,9 @@ def micro(cfg, scenario) -> tuple[dict, dict]:
     sw = cfg.sweeps
     mcfg = MoEConfig.from_spec(scenario.cluster.model)
     raw = {
-        "expert": sweeps.expert_sweep([tuple(s) for s in sw.expert_shapes], list(sw.tokens), list(sw.bits),
-                                      cfg.device, sw.reps, cfg.seed),
+        "expert": sweeps.expert_sweep(
+            [tuple(s) for s in sw.expert_shapes], list(sw.tokens), list(sw.bits), cfg.device, sw.reps, cfg.seed
+        ),
         "attention": sweeps.attention_sweep(mcfg, list(sw.contexts), cfg.device, sw.reps),
         "tiers": sweeps.tier_sweep(mcfg, list(sw.bits), cfg.device, sw.reps),
         "shaper": sweeps.shaper_sweep(scenario.cluster, list(sw.shaper_bytes), 3),
@@ -36,8 +37,9 @@ def micro(cfg, scenario) -> tuple[dict, dict]:
 def fit_raw(raw: dict, cfg) -> dict:
     """Fits of raw sweep rows (see `micro`)."""
     e = raw["expert"]
-    roof = fit.fit_roofline(_arr(e, "bytes"), _arr(e, "flops"), _arr(e, "bits"), _arr(e, "seconds"),
-                            overlap=cfg.device == "cuda")
+    roof = fit.fit_roofline(
+        _arr(e, "bytes"), _arr(e, "flops"), _arr(e, "bits"), _arr(e, "seconds"), overlap=cfg.device == "cuda"
+    )
     att = raw["attention"]
     a0, a1 = np.polyfit(_arr(att, "context"), _arr(att, "seconds"), 1)[::-1]
     shaper = {}
@@ -53,8 +55,13 @@ def fit_raw(raw: dict, cfg) -> dict:
         # the surrogate has no per-fetch latency: it uses the effective bytes/s at this model's expert sizes
         eff = float(np.median(_arr(rows, "bytes") / _arr(rows, "seconds")))
         tiers[t] = {"alpha_s": alpha, "beta_Bps": beta, "effective_Bps": eff}
-    fits = {"expert_roofline": roof, "attention": {"base_s": float(a0), "per_context_token_s": float(a1)},
-            "shaper": shaper, "gloo": {"alpha_s": g_alpha, "beta_Bps": g_beta}, "tiers": tiers}
+    fits = {
+        "expert_roofline": roof,
+        "attention": {"base_s": float(a0), "per_context_token_s": float(a1)},
+        "shaper": shaper,
+        "gloo": {"alpha_s": g_alpha, "beta_Bps": g_beta},
+        "tiers": tiers,
+    }
     return fits
 
 
@@ -64,19 +71,32 @@ def base_profile(cfg, scenario, fits: dict, device_names: list[str] | None = Non
     roof = fits["expert_roofline"]
     bw_gbs, tflops = roof["bandwidth_Bps"] / 1e9, roof["flops"] / 1e12
     names = device_names or {d for s in c.spec.servers for d in [g.name for g in s.gpus] + [s.cpu.name]}
-    link_eff = float(np.clip(np.median([v["beta_Bps"] for v in fits["shaper"].values()]) /
-                             np.median(c.link_bw), 0.05, 1.0)) if fits["shaper"] else 1.0
+    link_eff = (
+        float(np.clip(np.median([v["beta_Bps"] for v in fits["shaper"].values()]) / np.median(c.link_bw), 0.05, 1.0))
+        if fits["shaper"]
+        else 1.0
+    )
     tiers = fits["tiers"]
     return HardwareProfile(
-        name=cfg.profile, source=f"experiments.calibrate on {cfg.device} ({time.strftime('%Y-%m-%d')})",
-        compute_efficiency=1.0, memory_efficiency=1.0, link_efficiency=link_eff, pcie_efficiency=1.0,
-        layer_overhead_s=2.5e-5, expert_overhead_s=float(roof["overhead_s"]),
+        name=cfg.profile,
+        source=f"experiments.calibrate on {cfg.device} ({time.strftime('%Y-%m-%d')})",
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+        link_efficiency=link_eff,
+        pcie_efficiency=1.0,
+        layer_overhead_s=2.5e-5,
+        expert_overhead_s=float(roof["overhead_s"]),
         dequant_slowdown={int(k): float(v) for k, v in sorted(roof["slowdown"].items(), reverse=True)},
-        prefetch_hit_rate=0.0, transfer_latency_s=float(fits["gloo"]["alpha_s"]),
+        prefetch_hit_rate=0.0,
+        transfer_latency_s=float(fits["gloo"]["alpha_s"]),
         # the real dispatcher's wire format: fp32 (CPU) / bf16 (CUDA) rows plus an 8-byte expert id per row
-        activation_bytes=2 if cfg.device == "cuda" else 4, row_header_bytes=8, routing="local_first",
+        activation_bytes=2 if cfg.device == "cuda" else 4,
+        row_header_bytes=8,
+        routing="local_first",
         # the real backend steps its servers in lock-step; on CPU they are processes sharing this host's cores
-        serving="lockstep", host_cores=None if cfg.device == "cuda" else os.cpu_count(), emulated_latency=True,
+        serving="lockstep",
+        host_cores=None if cfg.device == "cuda" else os.cpu_count(),
+        emulated_latency=True,
         device_overrides={n: DeviceOverride(mem_bw_gbs=bw_gbs, peak_tflops=tflops) for n in sorted(names)},
         pcie_bw_gbs=float(np.clip(tiers["cpu"]["effective_Bps"] / 1e9, 0.01, 1e4)),
         ssd_bw_gbs=float(np.clip(tiers["ssd"]["effective_Bps"] / 1e9, 0.001, 1e3)),

@@ -13,8 +13,9 @@ from coel_env.specs.hardware import CONF_DIR, HardwareProfile
 def profile_dict(profile: HardwareProfile) -> dict:
     """Plain YAML-able dict of a profile (ints as dict keys kept, Nones dropped)."""
     data = profile.model_dump(exclude_none=True)
-    data["device_overrides"] = {k: {f: v for f, v in o.items() if v is not None}
-                                for k, o in data.get("device_overrides", {}).items()}
+    data["device_overrides"] = {
+        k: {f: v for f, v in o.items() if v is not None} for k, o in data.get("device_overrides", {}).items()
+    }
     return data
 
 

@@ -34,8 +34,9 @@ def _time(fn, device: torch.device, reps: int) -> float:
     return min(ts)
 
 
-def expert_sweep(shapes: list[tuple[int, int]], tokens: list[int], bits: list[int], device: str = "cpu",
-                 reps: int = 5, seed: int = 0) -> list[dict]:
+def expert_sweep(
+    shapes: list[tuple[int, int]], tokens: list[int], bits: list[int], device: str = "cpu", reps: int = 5, seed: int = 0
+) -> list[dict]:
     """Time of one routed expert (gate/up/down SwiGLU through real_backend.quant) per (d_model, d_ff, tokens,
     bits): the data `fit.fit_roofline` turns into bandwidth, FLOP/s, per-expert overhead and dequant slowdowns."""
     dev = torch.device(device)
@@ -43,15 +44,27 @@ def expert_sweep(shapes: list[tuple[int, int]], tokens: list[int], bits: list[in
     g = torch.Generator().manual_seed(seed)
     rows = []
     for d, f in shapes:
-        base = [torch.randn(f, d, generator=g) / d**0.5, torch.randn(f, d, generator=g) / d**0.5,
-                torch.randn(d, f, generator=g) / f**0.5]
+        base = [
+            torch.randn(f, d, generator=g) / d**0.5,
+            torch.randn(f, d, generator=g) / d**0.5,
+            torch.randn(d, f, generator=g) / f**0.5,
+        ]
         for b in bits:
             w = tuple(quantize(t, b).to(dev) for t in base)
             for n in tokens:
                 x = torch.randn(n, d, generator=g).to(dev, dtype)
                 t = _time(lambda: expert_forward(x, w), dev, reps)  # noqa: B023
-                rows.append({"d_model": d, "d_ff": f, "tokens": n, "bits": b, "bytes": expert_nbytes(w),
-                             "flops": 2.0 * 3 * d * f * n, "seconds": t})
+                rows.append(
+                    {
+                        "d_model": d,
+                        "d_ff": f,
+                        "tokens": n,
+                        "bits": b,
+                        "bytes": expert_nbytes(w),
+                        "flops": 2.0 * 3 * d * f * n,
+                        "seconds": t,
+                    }
+                )
     return rows
 
 
@@ -91,8 +104,15 @@ def shaper_sweep(cluster: Cluster, sizes: list[int], reps: int = 3) -> list[dict
                     t0 = time.monotonic()
                     sleep_until(shaper.reserve(a, b, n))
                     ts.append(time.monotonic() - t0)
-                rows.append({"src": a, "dst": b, "pair": int(cluster.pair_index[a, b]), "bytes": n,
-                             "seconds": statistics.median(ts)})
+                rows.append(
+                    {
+                        "src": a,
+                        "dst": b,
+                        "pair": int(cluster.pair_index[a, b]),
+                        "bytes": n,
+                        "seconds": statistics.median(ts),
+                    }
+                )
     return rows
 
 
