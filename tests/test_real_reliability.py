@@ -78,6 +78,9 @@ SIGINT_SCRIPT = textwrap.dedent("""
         import signal
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test dumps the stacks if close() hangs
+        # Ctrl-C as at a terminal, even when the test runner ignores SIGINT (a shell's background job does, and a
+        # Python started with SIGINT ignored installs no KeyboardInterrupt handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from coel_env.env.env import CoELEnv
 
         env = CoELEnv(scenario="tiny", backend="real", backend_kwargs=json.loads(sys.argv[1]))
