@@ -114,10 +114,16 @@ def path_time(tab: np.ndarray, row: int, path: int, uses: float, tokens: float) 
     return expert_time(uses, tokens, tab[row, path + READ_S], tab[row, path + COMPUTE_S], tab[row, path + FIXED_S])
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
+def table_row(d: int, tier: int, j: int) -> int:
+    """Row of the unit table for GPU d, `tier` and the j-th of BIT_WIDTHS: (d * N_TIERS + tier) * N_BITS + j."""
+    return (d * N_TIERS + tier) * N_BITS + j
+
+
+@njit(cache=True)
 def unit_row(d: int, tier: int, bits: int, bits_index: np.ndarray) -> int:
-    """Row of the unit table of a replica on GPU d in `tier` at `bits`: (d * N_TIERS + tier) * N_BITS + column."""
-    return (d * N_TIERS + tier) * N_BITS + bits_index[bits]
+    """`table_row` of a replica on GPU d in `tier` at `bits` (bits_index: BITS_INDEX)."""
+    return table_row(d, tier, bits_index[bits])
 
 
 @njit(cache=True)
@@ -362,7 +368,8 @@ _M3, _M4, _M5, _M6 = _M2 + 1, _M2 + 2, _M2 + 3, _M2 + 4
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 @njit(cache=True, fastmath=True)
-def activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre):
+def activation_stats(pop: np.ndarray, batch: np.ndarray, in_len: np.ndarray, u_dec: np.ndarray, a_dec: np.ndarray,
+                     u_pre: np.ndarray, a_pre: np.ndarray) -> None:
     """Per (state, server, layer, expert): chance an expert is used in a decode step / a prefill
     (`use_probability`), and tokens routed to it (n * p)."""
     ns, S, L, E = pop.shape
@@ -389,7 +396,7 @@ def activation_stats(pop, batch, in_len, u_dec, a_dec, u_pre, a_pre):
 
 @njit(cache=True)
 def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> None:
-    """out[n, unit_row(d, tier, bits)] for free compute shares compute_avail [N, D]: the GPU path (`expert_read_s`
+    """out[n, table_row(d, tier, j)] for free compute shares compute_avail [N, D]: the GPU path (`expert_read_s`
     and `expert_compute_s` at the free share, `gpu_fetch_s` + overhead) and the CPU path (Fiddler: read and compute
     on the host, `cpu_fetch_s` + overhead; inf for GPU-tier experts or without cpu_compute)."""
     dev_server, gpu_bw, gpu_flops, cpu_bw, cpu_flops = (units.dev_server, units.gpu_bw, units.gpu_flops, units.cpu_bw,
@@ -407,7 +414,7 @@ def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> 
                 for j in range(N_BITS):
                     b = bit_widths[j]
                     w = expert_bytes[b]
-                    row = out[n, (d * N_TIERS + t) * N_BITS + j]
+                    row = out[n, table_row(d, t, j)]
                     row[GPU_PATH + READ_S] = expert_read_s(w, slowdown[b], gb)
                     row[GPU_PATH + COMPUTE_S] = expert_compute_s(params, gf)
                     row[GPU_PATH + FIXED_S] = gpu_fetch_s(t, w, miss, pcie_bw[srv], ssd_bw[srv]) + oh
@@ -758,8 +765,10 @@ def migration(old: Replicas, new: Replicas, dev_server: np.ndarray, server_up: n
 
 
 @njit(cache=True)
-def memory_kernel(dev, tier, bits, dev_server, ebytes, o_gpu, o_cpu, o_ssd):
-    """Expert bytes per GPU [N, D], per server in CPU RAM and on SSD [N, S] for a batch of plans."""
+def memory_kernel(dev: np.ndarray, tier: np.ndarray, bits: np.ndarray, dev_server: np.ndarray, ebytes: np.ndarray,
+                  o_gpu: np.ndarray, o_cpu: np.ndarray, o_ssd: np.ndarray) -> None:
+    """Expert bytes per GPU [N, D], per server in CPU RAM and on SSD [N, S] for a batch of plans (positional:
+    coel_env.env.repair calls it too)."""
     N, L, E, R = dev.shape
     for n in range(N):
         for l in range(L):
@@ -779,7 +788,8 @@ def memory_kernel(dev, tier, bits, dev_server, ebytes, o_gpu, o_cpu, o_ssd):
 
 
 @njit(cache=True)
-def _weighted_quantile(values, weights, q):
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative weight (values ascending) reaches q of the total."""
     order = np.argsort(values)
     total = 0.0
     for i in range(values.size):
@@ -829,7 +839,9 @@ def queue_inflation(rho: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, fastmath=True)
-def lockstep_steps(busy_n, lam_n, ne_dec_n, ne_pre_n, comm_d, comm_p, overhead, out_mean, tpot, ttft):
+def lockstep_steps(busy_n: np.ndarray, lam_n: np.ndarray, ne_dec_n: np.ndarray, ne_pre_n: np.ndarray,
+                   comm_d: np.ndarray, comm_p: np.ndarray, overhead: float, out_mean: float, tpot: np.ndarray,
+                   ttft: np.ndarray) -> None:
     """Lock-step serving (expert parallelism: every live server runs each step and all meet at every MoE layer).
     Server s's step waits for the slowest active server and for every unit's work from all active servers. Server
     s2 is active with probability a = `busy_probability`(lam, e2e); mean-field over the others: decode step =
@@ -1049,10 +1061,13 @@ def finish(plans: Plans, keep: np.ndarray, so: ServeOut, st: States, topo: Topol
 
 
 @njit(cache=True, fastmath=True)
-def serve(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
-    """Serve N plans: `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes
-    re-routed with unit times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a
-    unit found saturated stays avoided), then `finish` and `memory_kernel`."""
+def serve_plans(*flat) -> None:
+    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs).
+    `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes re-routed with unit
+    times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a unit found saturated
+    stays avoided), then `finish` and `memory_kernel`."""
+    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
+    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
     N = plans.dev.shape[0]
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
@@ -1090,21 +1105,14 @@ def serve(plans: Plans, st: States, topo: Topology, params: Params, window: floa
     out.choice[:] = so.choice
 
 
-@njit(cache=True, fastmath=True)
-def serve_plans(*flat):
-    """`serve` on flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs)."""
-    serve(Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3]), Params(*flat[_P3:_P4]),
-          flat[_P4], Outputs(*flat[_P5:]))
-
-
 @njit(cache=True)
-def unit_table_kernel(*flat):
+def unit_table_kernel(*flat) -> None:
     """`unit_table` on flat fields: unit_table_kernel(*units, compute_avail, out)."""
     unit_table(UnitSpecs(*flat[_U0:_U1]), flat[_U1], flat[_U2])
 
 
 @njit(cache=True)
-def migration_kernel(*flat):
+def migration_kernel(*flat) -> None:
     """`migration` on flat fields: migration_kernel(*old, *new, dev_server, server_up, pair_lat, expert_bytes, *out)."""
     migration(Replicas(*flat[_M0:_M1]), Replicas(*flat[_M1:_M2]), flat[_M2], flat[_M3], flat[_M4], flat[_M5],
               MigrationOut(*flat[_M6:]))

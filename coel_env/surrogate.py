@@ -1,8 +1,10 @@
 """SurrogateBackend: a fast, vectorized cost model of serving a MoE model on an edge cluster.
 
-Per (plan, server, layer, expert) work runs in one fused numba kernel (`physics.serve_kernel`); the rest
-(batching, queueing, link contention, percentiles, energy) is numpy over small [plans, servers] arrays.
-Every constant comes from the cluster's HardwareProfile, which calibration replaces.
+A serve is one numba call (`physics.serve_plans`: routing passes over (plan, server, layer, expert, replica), then
+batching, queueing, link contention, percentiles, energy and quality on small [plans, servers] arrays). This module
+holds the backend and the per-state formulas it evaluates with numpy (batch, non-expert step times, link goodput,
+latency, host contention, migration time); the kernels' formulas are in physics.py. Every constant comes from the
+cluster's HardwareProfile, which calibration replaces.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.state import ClusterState, StateBatch
 
-__all__ = ["MAX_RHO", "QUANTILES", "ROUTING_PASSES", "SCALAR_FIELDS", "MetricsBatch", "SurrogateBackend",
-           "length_quantiles"]
+__all__ = [
+    "MAX_RHO", "QUANTILES", "ROUTING_PASSES", "SCALAR_FIELDS", "MetricsBatch", "SurrogateBackend", "decode_batch",
+    "host_contention", "length_quantiles", "link_goodput", "non_expert_decode_s", "non_expert_prefill_s",
+    "pair_goodput", "round_trip_latency", "sample_quantiles", "transfer_time_s",
+]
 
 QUANTILES = (np.arange(8) + 0.5) / 8  # request-length quantile grid for percentiles
 PRIMARY_CHECK = ("tpot_mean_s", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "ttft_p95_s", "tpot_p95_s", "dropped_frac")
