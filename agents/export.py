@@ -23,6 +23,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from agents.checkpoint import describe_space
 from coel_env.atomic import atomic_dir
 from coel_env.errors import ConfigError
 
@@ -103,19 +104,14 @@ def sha256(path: Path) -> str:
 
 
 def describe_action_space(space: spaces.Space) -> dict:
-    if isinstance(space, spaces.MultiDiscrete):
-        return {"type": "MultiDiscrete", "nvec": space.nvec.astype(int).ravel().tolist(), "output": "logits"}
-    if isinstance(space, spaces.Discrete):
-        return {"type": "Discrete", "n": int(space.n), "output": "logits"}
-    if isinstance(space, spaces.Box):
-        return {
-            "type": "Box",
-            "shape": list(space.shape),
-            "low": space.low.ravel().tolist(),
-            "high": space.high.ravel().tolist(),
-            "output": "mean",
-        }
-    raise TypeError(f"action space {type(space).__name__} is not exportable; allowed: MultiDiscrete, Discrete, Box")
+    """policy.json's `action` entry: the space as a checkpoint describes it, plus what the actor outputs."""
+    try:
+        desc = describe_space(space)
+    except ConfigError:
+        raise TypeError(
+            f"action space {type(space).__name__} is not exportable; allowed: MultiDiscrete, Discrete, Box"
+        ) from None
+    return {**desc, "output": "mean" if desc["type"] == "Box" else "logits"}
 
 
 def export_policy(

@@ -50,11 +50,37 @@ ADDED, REMOVED = 0, 1  # MigrationOut.counts
 
 # columns of Outputs.scalars [N, N_SCALARS], named as the Metrics fields they become (same order)
 SCALAR_FIELDS = (
-    "ttft_mean_s", "ttft_p95_s", "tpot_mean_s", "tpot_p95_s", "e2e_mean_s", "e2e_p95_s", "tokens_per_s",
-    "request_tokens_per_s", "energy_j", "quality_loss", "dropped_frac", "late_frac", "requests", "window_s",
+    "ttft_mean_s",
+    "ttft_p95_s",
+    "tpot_mean_s",
+    "tpot_p95_s",
+    "e2e_mean_s",
+    "e2e_p95_s",
+    "tokens_per_s",
+    "request_tokens_per_s",
+    "energy_j",
+    "quality_loss",
+    "dropped_frac",
+    "late_frac",
+    "requests",
+    "window_s",
 )
-(TTFT_MEAN_S, TTFT_P95_S, TPOT_MEAN_S, TPOT_P95_S, E2E_MEAN_S, E2E_P95_S, TOKENS_PER_S, REQUEST_TOKENS_PER_S,
- ENERGY_J, QUALITY_LOSS, DROPPED_FRAC, LATE_FRAC, REQUESTS, WINDOW_S) = range(len(SCALAR_FIELDS))
+(
+    TTFT_MEAN_S,
+    TTFT_P95_S,
+    TPOT_MEAN_S,
+    TPOT_P95_S,
+    E2E_MEAN_S,
+    E2E_P95_S,
+    TOKENS_PER_S,
+    REQUEST_TOKENS_PER_S,
+    ENERGY_J,
+    QUALITY_LOSS,
+    DROPPED_FRAC,
+    LATE_FRAC,
+    REQUESTS,
+    WINDOW_S,
+) = range(len(SCALAR_FIELDS))
 N_SCALARS = len(SCALAR_FIELDS)
 
 ROUTING_PASSES = 3  # unloaded routing, then load-aware re-routing (plans with replica choices only)
@@ -187,8 +213,9 @@ def unit_power(p_idle: float, p_max: float, util: float) -> float:
 
 
 @njit(cache=True, fastmath=True)
-def pair_quality_loss(prune: float, fused: bool, linear: float, knee: float, quadratic: float,
-                      fusion_loss: float) -> float:
+def pair_quality_loss(
+    prune: float, fused: bool, linear: float, knee: float, quadratic: float, fusion_loss: float
+) -> float:
     """Quality loss of a token crossing a compressed link: linear * prune + quadratic * max(prune - knee, 0)^2,
     plus fusion_loss (= fusion loss * fusion fraction) with fusion."""
     loss = linear * prune + quadratic * max(prune - knee, 0.0) ** 2
@@ -368,8 +395,15 @@ _M3, _M4, _M5, _M6 = _M2 + 1, _M2 + 2, _M2 + 3, _M2 + 4
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 @njit(cache=True, fastmath=True)
-def activation_stats(pop: np.ndarray, batch: np.ndarray, in_len: np.ndarray, u_dec: np.ndarray, a_dec: np.ndarray,
-                     u_pre: np.ndarray, a_pre: np.ndarray) -> None:
+def activation_stats(
+    pop: np.ndarray,
+    batch: np.ndarray,
+    in_len: np.ndarray,
+    u_dec: np.ndarray,
+    a_dec: np.ndarray,
+    u_pre: np.ndarray,
+    a_pre: np.ndarray,
+) -> None:
     """Per (state, server, layer, expert): chance an expert is used in a decode step / a prefill
     (`use_probability`), and tokens routed to it (n * p)."""
     ns, S, L, E = pop.shape
@@ -399,10 +433,20 @@ def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> 
     """out[n, table_row(d, tier, j)] for free compute shares compute_avail [N, D]: the GPU path (`expert_read_s`
     and `expert_compute_s` at the free share, `gpu_fetch_s` + overhead) and the CPU path (Fiddler: read and compute
     on the host, `cpu_fetch_s` + overhead; inf for GPU-tier experts or without cpu_compute)."""
-    dev_server, gpu_bw, gpu_flops, cpu_bw, cpu_flops = (units.dev_server, units.gpu_bw, units.gpu_flops, units.cpu_bw,
-                                                        units.cpu_flops)
-    pcie_bw, ssd_bw, bit_widths, expert_bytes, slowdown = (units.pcie_bw, units.ssd_bw, units.bit_widths,
-                                                           units.expert_bytes, units.slowdown)
+    dev_server, gpu_bw, gpu_flops, cpu_bw, cpu_flops = (
+        units.dev_server,
+        units.gpu_bw,
+        units.gpu_flops,
+        units.cpu_bw,
+        units.cpu_flops,
+    )
+    pcie_bw, ssd_bw, bit_widths, expert_bytes, slowdown = (
+        units.pcie_bw,
+        units.ssd_bw,
+        units.bit_widths,
+        units.expert_bytes,
+        units.slowdown,
+    )
     params, miss, oh = units.expert_params, units.miss, units.overhead_s
     N, D = compute_avail.shape
     for n in range(N):
@@ -454,8 +498,16 @@ def pair_terms(plans: Plans, st: States, topo: Topology, params: Params, out: Pa
 
 
 @njit(cache=True, fastmath=True)
-def route_pass(plans: Plans, pairs: PairTerms, st: States, topo: Topology, params: Params, infl: np.ndarray,
-               todo: np.ndarray, out: ServeOut) -> None:
+def route_pass(
+    plans: Plans,
+    pairs: PairTerms,
+    st: States,
+    topo: Topology,
+    params: Params,
+    infl: np.ndarray,
+    todo: np.ndarray,
+    out: ServeOut,
+) -> None:
     """One routing pass: accumulate `out` for every plan n with todo[n] and every live server s.
 
     A layer takes max over GPUs of their expert time (GPUs run in parallel; a GPU-path fetch from RAM/SSD is
@@ -574,8 +626,11 @@ def route_pass(plans: Plans, pairs: PairTerms, st: States, topo: Topology, param
                                 if sd == s:
                                     target = s
                                     break
-                                if target < 0 or lat_s[sd] < lat_s[target] or (
-                                        lat_s[sd] == lat_s[target] and sd < target):
+                                if (
+                                    target < 0
+                                    or lat_s[sd] < lat_s[target]
+                                    or (lat_s[sd] == lat_s[target] and sd < target)
+                                ):
                                     target = sd
                     best = np.inf
                     best_own = np.inf
@@ -707,8 +762,15 @@ def route_pass(plans: Plans, pairs: PairTerms, st: States, topo: Topology, param
 
 
 @njit(cache=True)
-def migration(old: Replicas, new: Replicas, dev_server: np.ndarray, server_up: np.ndarray, pair_lat: np.ndarray,
-              expert_bytes: np.ndarray, out: MigrationOut) -> None:
+def migration(
+    old: Replicas,
+    new: Replicas,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+    expert_bytes: np.ndarray,
+    out: MigrationOut,
+) -> None:
     """Per plan pair n and new replica absent from the old plan, pick its source: a local copy (same server) with
     >= bits, else the nearest live peer with >= bits (server_up [N, S]), else the cloud."""
     N, L, E, R = new.dev.shape
@@ -765,8 +827,16 @@ def migration(old: Replicas, new: Replicas, dev_server: np.ndarray, server_up: n
 
 
 @njit(cache=True)
-def memory_kernel(dev: np.ndarray, tier: np.ndarray, bits: np.ndarray, dev_server: np.ndarray, ebytes: np.ndarray,
-                  o_gpu: np.ndarray, o_cpu: np.ndarray, o_ssd: np.ndarray) -> None:
+def memory_kernel(
+    dev: np.ndarray,
+    tier: np.ndarray,
+    bits: np.ndarray,
+    dev_server: np.ndarray,
+    ebytes: np.ndarray,
+    o_gpu: np.ndarray,
+    o_cpu: np.ndarray,
+    o_ssd: np.ndarray,
+) -> None:
     """Expert bytes per GPU [N, D], per server in CPU RAM and on SSD [N, S] for a batch of plans (positional:
     coel_env.env.repair calls it too)."""
     N, L, E, R = dev.shape
@@ -805,8 +875,9 @@ def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> flo
 
 
 @njit(cache=True, fastmath=True)
-def unit_utilization(plans: Plans, busy: np.ndarray, st: States, dev_server: np.ndarray, out_mean: float,
-                     rho: np.ndarray) -> None:
+def unit_utilization(
+    plans: Plans, busy: np.ndarray, st: States, dev_server: np.ndarray, out_mean: float, rho: np.ndarray
+) -> None:
     """rho[n, u]: offered utilization of every unit (GPUs, then CPUs) by all servers' requests, sum over servers of
     lam * `per_request` busy seconds, the non-expert part of each request on its own server's GPUs included."""
     state, lam, batch, ne_pre, ne_dec = plans.state, st.lam, st.batch, st.ne_pre, st.ne_dec
@@ -839,9 +910,18 @@ def queue_inflation(rho: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, fastmath=True)
-def lockstep_steps(busy_n: np.ndarray, lam_n: np.ndarray, ne_dec_n: np.ndarray, ne_pre_n: np.ndarray,
-                   comm_d: np.ndarray, comm_p: np.ndarray, overhead: float, out_mean: float, tpot: np.ndarray,
-                   ttft: np.ndarray) -> None:
+def lockstep_steps(
+    busy_n: np.ndarray,
+    lam_n: np.ndarray,
+    ne_dec_n: np.ndarray,
+    ne_pre_n: np.ndarray,
+    comm_d: np.ndarray,
+    comm_p: np.ndarray,
+    overhead: float,
+    out_mean: float,
+    tpot: np.ndarray,
+    ttft: np.ndarray,
+) -> None:
     """Lock-step serving (expert parallelism: every live server runs each step and all meet at every MoE layer).
     Server s's step waits for the slowest active server and for every unit's work from all active servers. Server
     s2 is active with probability a = `busy_probability`(lam, e2e); mean-field over the others: decode step =
@@ -904,8 +984,17 @@ def _add_on_route(route: np.ndarray, s: int, s2: int, amount: float, link: np.nd
 
 
 @njit(cache=True, fastmath=True)
-def finish(plans: Plans, keep: np.ndarray, so: ServeOut, st: States, topo: Topology, params: Params,
-           window: float, rho: np.ndarray, out: Outputs) -> None:
+def finish(
+    plans: Plans,
+    keep: np.ndarray,
+    so: ServeOut,
+    st: States,
+    topo: Topology,
+    params: Params,
+    window: float,
+    rho: np.ndarray,
+    out: Outputs,
+) -> None:
     """Batching, link contention, queueing, percentiles, energy and quality per plan.
     rho[n, u] receives each unit's utilization (`unit_utilization`). A server's requests queue behind the busiest
     unit they use (`md1_factor`, utilization capped at MAX_RHO); transfers are slowed by the same factor of the
@@ -983,8 +1072,11 @@ def finish(plans: Plans, keep: np.ndarray, so: ServeOut, st: States, topo: Topol
             rho_s = 0.0
             if lam[s] > 0.0:
                 for u in range(U):
-                    used = o_busy[n, s, u, DECODE] > 0.0 or o_busy[n, s, u, PREFILL] > 0.0 or (
-                        u < D and dev_server[u] == s)
+                    used = (
+                        o_busy[n, s, u, DECODE] > 0.0
+                        or o_busy[n, s, u, PREFILL] > 0.0
+                        or (u < D and dev_server[u] == s)
+                    )
                     if used:
                         rho_s = max(rho_s, rho_unit[u])
             queue = md1_factor(min(rho_s, MAX_RHO))
@@ -996,8 +1088,14 @@ def finish(plans: Plans, keep: np.ndarray, so: ServeOut, st: States, topo: Topol
             for s2 in range(S):
                 p = pair_index[s, s2]
                 if p >= 0 and o_cross[n, s, s2] > 0.0:
-                    loss = pair_quality_loss(prune[n, p], fuse[n, p], params.prune_linear, params.prune_knee,
-                                             params.prune_quadratic, params.fusion_loss)
+                    loss = pair_quality_loss(
+                        prune[n, p],
+                        fuse[n, p],
+                        params.prune_linear,
+                        params.prune_knee,
+                        params.prune_quadratic,
+                        params.fusion_loss,
+                    )
                     q += o_cross[n, s, s2] / lm * loss
             qual[s] = q
         # bytes the served requests carry (the offered load above decided contention and drops)
@@ -1074,8 +1172,15 @@ def serve_plans(*flat) -> None:
     U = D + S
     pairs = PairTerms(np.empty((N, S, S)), np.empty((N, S, S)), np.empty((N, S, S)))
     pair_terms(plans, st, topo, params, pairs)
-    so = ServeOut(np.zeros((N, S, 2, 3)), np.zeros((N, S, S, 2)), np.zeros((N, S, U, 2)), np.zeros((N, S)),
-                  np.zeros((N, S)), np.zeros((N, S, S)), np.zeros(N, dtype=np.bool_))
+    so = ServeOut(
+        np.zeros((N, S, 2, 3)),
+        np.zeros((N, S, S, 2)),
+        np.zeros((N, S, U, 2)),
+        np.zeros((N, S)),
+        np.zeros((N, S)),
+        np.zeros((N, S, S)),
+        np.zeros(N, dtype=np.bool_),
+    )
     infl = np.ones((N, U))
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), so)
     rho = np.empty((N, U))
@@ -1100,8 +1205,9 @@ def serve_plans(*flat) -> None:
                     for u in range(U):
                         seen[n, u] = max(seen[n, u], rho[n, u])
     finish(plans, pairs.keep, so, st, topo, params, window, rho, out)
-    memory_kernel(plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem,
-                  out.ssd_mem)
+    memory_kernel(
+        plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
+    )
     out.choice[:] = so.choice
 
 
@@ -1114,5 +1220,12 @@ def unit_table_kernel(*flat) -> None:
 @njit(cache=True)
 def migration_kernel(*flat) -> None:
     """`migration` on flat fields: migration_kernel(*old, *new, dev_server, server_up, pair_lat, expert_bytes, *out)."""
-    migration(Replicas(*flat[_M0:_M1]), Replicas(*flat[_M1:_M2]), flat[_M2], flat[_M3], flat[_M4], flat[_M5],
-              MigrationOut(*flat[_M6:]))
+    migration(
+        Replicas(*flat[_M0:_M1]),
+        Replicas(*flat[_M1:_M2]),
+        flat[_M2],
+        flat[_M3],
+        flat[_M4],
+        flat[_M5],
+        MigrationOut(*flat[_M6:]),
+    )
