@@ -1,72 +1,45 @@
-"""The Backend contract shared by the surrogate and the real backend, and what it returns."""
+"""The backend contract: batch first, and the adapter that gives a single-plan backend that contract with N = 1.
+
+Two protocols:
+- `Backend` (single plan): `reset / apply / serve` on one DeploymentPlan and ClusterState. The real backend (one
+  process per edge server) implements it; so does the surrogate, for scripts and benchmarks.
+- `BatchBackend` (what the env core talks to, SB3's VecEnv lesson): `reset_batch / migrate_batch / serve_batch`
+  over a PlanBatch and a StateBatch, returning a MigrationBatch / MetricsBatch. The surrogate implements it
+  natively for any N; `as_batch_backend` wraps a single-plan backend in `SinglePlanBatch` (max_envs = 1).
+
+The env never asks which backend it has: it calls `as_batch_backend(backend)` once and uses the batch contract.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from coel_env.errors import ConfigError
+from coel_env.metrics import Metrics, MetricsBatch, MigrationBatch, MigrationReport
 from coel_env.plan import DeploymentPlan
 from coel_env.state import ClusterState
 
+if TYPE_CHECKING:
+    from coel_env.env.planbatch import PlanBatch
+    from coel_env.state import StateBatch
 
-@dataclass
-class MigrationReport:
-    """What applying a plan cost: bytes by source, wall time and bytes per physical link (both directions)."""
-
-    bytes_total: float = 0.0
-    bytes_local: float = 0.0  # moved inside a server (PCIe, SSD)
-    bytes_peer: float = 0.0  # copied from another edge server
-    bytes_cloud: float = 0.0  # reloaded from the checkpoint store over the WAN
-    time_s: float = 0.0
-    replicas_added: int = 0
-    replicas_removed: int = 0
-    link_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-@dataclass
-class Metrics:
-    """What serving one window measured (real backend) or predicted (surrogate)."""
-
-    ttft_mean_s: float
-    ttft_p95_s: float
-    tpot_mean_s: float
-    tpot_p95_s: float
-    e2e_mean_s: float
-    e2e_p95_s: float
-    tokens_per_s: float  # generated tokens per second, whole cluster
-    request_tokens_per_s: float  # mean per-request generation speed (output tokens / e2e latency)
-    energy_j: float
-    quality_loss: float  # expected fraction of accuracy lost (quantization + token compression)
-    dropped_frac: float  # requests not served (overload, failed servers, missing experts)
-    late_frac: float  # requests served later than the SLO (dropped ones included)
-    requests: float  # requests that arrived in the window
-    window_s: float
-    gpu_mem_bytes: np.ndarray  # [D] expert bytes per GPU
-    cpu_mem_bytes: np.ndarray  # [S]
-    ssd_bytes: np.ndarray  # [S]
-    link_bytes: np.ndarray  # [K] bytes carried per physical link in the window, both directions summed
-    device_util: np.ndarray  # [D]
-
-    @property
-    def slo_attainment(self) -> float:
-        return 1.0 - self.late_frac
-
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+__all__ = [
+    "Backend",
+    "BatchBackend",
+    "Metrics",
+    "MetricsBatch",
+    "MigrationBatch",
+    "MigrationReport",
+    "SinglePlanBatch",
+    "as_batch_backend",
+]
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """One protocol, two implementations: `SurrogateBackend` (coel_env) and `RealBackend` (real_backend)."""
+    """Single-plan backend: `SurrogateBackend` (coel_env) and `RealBackend` (real_backend)."""
 
     name: str
 
@@ -81,3 +54,60 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release processes and memory."""
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """Batch-first backend: every call covers N envs (rows of a PlanBatch and a StateBatch)."""
+
+    name: str
+    max_envs: int | None
+    """The most envs one call may cover (None: any number)."""
+
+    def reset_batch(self, plans: PlanBatch, states: StateBatch, rows: np.ndarray) -> None:
+        """Install plans[rows] as the current deployments of envs `rows` without charging migration."""
+
+    def migrate_batch(self, old: PlanBatch, new: PlanBatch, states: StateBatch, rows: np.ndarray) -> MigrationBatch:
+        """Move envs `rows` (bool [N]) from `old` to `new`; their costs (zeros in the other rows)."""
+
+    def serve_batch(self, plans: PlanBatch, states: StateBatch, window_s: float) -> MetricsBatch:
+        """Serve one window in every env, env n with plans[n] against states' row n."""
+
+    def close(self) -> None:
+        """Release processes and memory."""
+
+
+class SinglePlanBatch:
+    """The batch contract over a single-plan `Backend` (N = 1): the env core's view of the real backend."""
+
+    max_envs = 1
+
+    def __init__(self, backend: Backend, num_links: int):
+        self.backend = backend
+        self.name = backend.name
+        self.num_links = num_links
+
+    def reset_batch(self, plans: PlanBatch, states: StateBatch, rows: np.ndarray) -> None:
+        if np.asarray(rows)[0]:
+            self.backend.reset(plans.plan(0), states.views[0])
+
+    def migrate_batch(self, old: PlanBatch, new: PlanBatch, states: StateBatch, rows: np.ndarray) -> MigrationBatch:
+        out = MigrationBatch.zeros(1, self.num_links)
+        if np.asarray(rows)[0]:  # the backend knows its current deployment (old): it moves from there
+            out.put(np.array([0]), self.backend.apply(new.plan(0), states.views[0]))
+        return out
+
+    def serve_batch(self, plans: PlanBatch, states: StateBatch, window_s: float) -> MetricsBatch:
+        return MetricsBatch.stack([self.backend.serve(plans.plan(0), states.views[0], window_s)])
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def as_batch_backend(backend: Backend | BatchBackend, num_links: int) -> BatchBackend:
+    """`backend` itself when it implements the batch contract, else its N = 1 adapter."""
+    if isinstance(backend, BatchBackend):
+        return backend
+    if not isinstance(backend, Backend):
+        raise ConfigError(f"backend: {type(backend).__name__} implements neither Backend nor BatchBackend")
+    return SinglePlanBatch(backend, num_links)

@@ -113,6 +113,37 @@ class Cluster:
                 out[self.pair_index[a, b]] = (a, b)
         return out
 
+    @cached_property
+    def route(self) -> np.ndarray:
+        """[S, S, H] physical links on each server pair's route, padded with -1 (H: the longest route, at least 1;
+        the diagonal is all -1)."""
+        S = self.num_servers
+        hops = int(self.pair_links.sum(1).max()) if self.num_pairs else 1
+        route = -np.ones((S, S, max(hops, 1)), dtype=np.int64)
+        for p, (a, b) in enumerate(self.pair_servers):
+            links = np.flatnonzero(self.pair_links[p])
+            route[a, b, : len(links)] = links
+            route[b, a, : len(links)] = links
+        return route
+
+    def pair_to_links(self, pair_matrix: np.ndarray) -> np.ndarray:
+        """Per-server-pair quantities [..., S, S] (e.g. bytes src -> dst) summed onto the physical links [..., K]:
+        link k gets pair[a, b] + pair[b, a] of every pair (a, b) whose route uses it (both directions of a pair
+        together; the diagonal is ignored). Batched over the leading axes; zeros when there are no pairs."""
+        pair_matrix = np.asarray(pair_matrix)
+        if not self.num_pairs:
+            return np.zeros((*pair_matrix.shape[:-2], self.num_links))
+        a, b = self.pair_servers[:, 0], self.pair_servers[:, 1]
+        return (pair_matrix[..., a, b] + pair_matrix[..., b, a]) @ self.pair_links
+
+    def pair_bandwidth(self, link_factor: np.ndarray) -> np.ndarray:
+        """[..., S, S] bytes/s each server pair's route carries one way, for link factors [..., K]: the bottleneck
+        (`surrogate.pair_goodput`) of the links' goodput (`surrogate.link_goodput`: nominal * link factor *
+        hw.link_efficiency, at least 1); inf on the diagonal. What the surrogate's transfers and migrations use."""
+        from coel_env.surrogate import link_goodput, pair_goodput  # the formulas' home imports this module
+
+        return pair_goodput(link_goodput(self.link_bw, np.asarray(link_factor), self.hw.link_efficiency), self.route)
+
 
 def _build_graph(spec: ScenarioSpec) -> nx.Graph:
     g = nx.Graph()

@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit
 
 from coel_env.cluster import TIERS
+from coel_env.metrics import SCALAR_METRICS
 from coel_env.specs import BIT_WIDTHS
 
 # ---- index constants ----------------------------------------------------------------------------------------------
@@ -48,40 +49,22 @@ EXPERT_S, TRANSFER_S, LATENCY_S = 0, 1, 2  # ServeOut.time parts: expert time, t
 LOCAL, PEER, CLOUD = 0, 1, 2  # MigrationOut.bytes sources
 ADDED, REMOVED = 0, 1  # MigrationOut.counts
 
-# columns of Outputs.scalars [N, N_SCALARS], named as the Metrics fields they become (same order)
-SCALAR_FIELDS = (
-    "ttft_mean_s",
-    "ttft_p95_s",
-    "tpot_mean_s",
-    "tpot_p95_s",
-    "e2e_mean_s",
-    "e2e_p95_s",
-    "tokens_per_s",
-    "request_tokens_per_s",
-    "energy_j",
-    "quality_loss",
-    "dropped_frac",
-    "late_frac",
-    "requests",
-    "window_s",
-)
-(
-    TTFT_MEAN_S,
-    TTFT_P95_S,
-    TPOT_MEAN_S,
-    TPOT_P95_S,
-    E2E_MEAN_S,
-    E2E_P95_S,
-    TOKENS_PER_S,
-    REQUEST_TOKENS_PER_S,
-    ENERGY_J,
-    QUALITY_LOSS,
-    DROPPED_FRAC,
-    LATE_FRAC,
-    REQUESTS,
-    WINDOW_S,
-) = range(len(SCALAR_FIELDS))
-N_SCALARS = len(SCALAR_FIELDS)
+# columns of Outputs.scalars [N, N_SCALARS]: the Metrics scalars (metrics.SCALAR_METRICS), by name
+TTFT_MEAN_S = SCALAR_METRICS.index("ttft_mean_s")
+TTFT_P95_S = SCALAR_METRICS.index("ttft_p95_s")
+TPOT_MEAN_S = SCALAR_METRICS.index("tpot_mean_s")
+TPOT_P95_S = SCALAR_METRICS.index("tpot_p95_s")
+E2E_MEAN_S = SCALAR_METRICS.index("e2e_mean_s")
+E2E_P95_S = SCALAR_METRICS.index("e2e_p95_s")
+TOKENS_PER_S = SCALAR_METRICS.index("tokens_per_s")
+REQUEST_TOKENS_PER_S = SCALAR_METRICS.index("request_tokens_per_s")
+ENERGY_J = SCALAR_METRICS.index("energy_j")
+QUALITY_LOSS = SCALAR_METRICS.index("quality_loss")
+DROPPED_FRAC = SCALAR_METRICS.index("dropped_frac")
+LATE_FRAC = SCALAR_METRICS.index("late_frac")
+REQUESTS = SCALAR_METRICS.index("requests")
+WINDOW_S = SCALAR_METRICS.index("window_s")
+N_SCALARS = len(SCALAR_METRICS)
 
 ROUTING_PASSES = 3  # unloaded routing, then load-aware re-routing (plans with replica choices only)
 MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
@@ -351,7 +334,7 @@ class ServeOut(NamedTuple):
 class Outputs(NamedTuple):
     """Results of `serve_plans` per plan."""
 
-    scalars: np.ndarray  # [N, N_SCALARS] SCALAR_FIELDS
+    scalars: np.ndarray  # [N, N_SCALARS] SCALAR_METRICS
     link_bytes: np.ndarray  # [N, K] bytes per physical link in the window, both directions
     device_util: np.ndarray  # [N, D]
     gpu_mem: np.ndarray  # [N, D] expert bytes per GPU (`memory_kernel`)
@@ -762,6 +745,49 @@ def route_pass(
 
 
 @njit(cache=True)
+def migration_source(
+    old_dev: np.ndarray,
+    old_tier: np.ndarray,
+    old_bits: np.ndarray,
+    bits: int,
+    dst: int,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+) -> int:
+    """The one migration source rule (surrogate and real backend): the replica slot q (of an expert's old replicas
+    [R]) a new copy of `bits` bits on server `dst` is made from, or -1 (the cloud / checkpoint store). Candidates:
+    old replicas with >= `bits` bits on live servers (server_up [S]). Chosen: the lexicographic minimum of
+    (latency key, tier, -bits, device), the latency key being 0 on `dst` itself (a local requantize / copy) and
+    pair_lat[src, dst] + 1 for a peer: a local copy first, else the nearest peer; on equal latency the fastest
+    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order)."""
+    best = -1
+    best_lat, best_tier, best_bits, best_dev = 0.0, 0, 0, 0
+    for q in range(old_dev.shape[0]):
+        od, ot, ob = old_dev[q], old_tier[q], old_bits[q]
+        if od < 0 or ob < bits:
+            continue
+        src = dev_server[od]
+        if not server_up[src]:
+            continue
+        lat = 0.0 if src == dst else pair_lat[src, dst] + 1.0
+        if best >= 0:
+            if lat != best_lat:
+                if lat > best_lat:
+                    continue
+            elif ot != best_tier:
+                if ot > best_tier:
+                    continue
+            elif ob != best_bits:
+                if ob < best_bits:
+                    continue
+            elif od >= best_dev:
+                continue
+        best, best_lat, best_tier, best_bits, best_dev = q, lat, ot, ob, od
+    return best
+
+
+@njit(cache=True)
 def migration(
     old: Replicas,
     new: Replicas,
@@ -771,8 +797,8 @@ def migration(
     expert_bytes: np.ndarray,
     out: MigrationOut,
 ) -> None:
-    """Per plan pair n and new replica absent from the old plan, pick its source: a local copy (same server) with
-    >= bits, else the nearest live peer with >= bits (server_up [N, S]), else the cloud."""
+    """Per plan pair n and new replica absent from the old plan, pick its source by `migration_source` (a local
+    copy with >= bits, else the nearest live peer with >= bits, server_up [N, S], else the cloud) and add its bytes."""
     N, L, E, R = new.dev.shape
     for n in range(N):
         o_bytes = out.bytes[n]
@@ -794,19 +820,8 @@ def migration(
                     out.counts[n, ADDED] += 1
                     dst = dev_server[d]
                     w = expert_bytes[b]
-                    best_src = -1
-                    best_lat = np.inf
-                    for q in range(R):
-                        od = old_dev[q]
-                        if od < 0 or old_bits[q] < b:
-                            continue
-                        src = dev_server[od]
-                        if not server_up[n, src]:
-                            continue
-                        lat = 0.0 if src == dst else pair_lat[src, dst] + 1.0
-                        if lat < best_lat:
-                            best_lat = lat
-                            best_src = src
+                    src_q = migration_source(old_dev, old_tier, old_bits, b, dst, dev_server, server_up[n], pair_lat)
+                    best_src = dev_server[old_dev[src_q]] if src_q >= 0 else -1
                     if best_src == dst:
                         o_bytes[dst, LOCAL] += w
                     elif best_src >= 0:

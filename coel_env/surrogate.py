@@ -10,12 +10,12 @@ cluster's HardwareProfile, which calibration replaces.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coel_env.backend import Metrics, MigrationReport
 from coel_env.cluster import Cluster
+from coel_env.metrics import SCALAR_METRICS, Metrics, MetricsBatch, MigrationBatch, MigrationReport
 from coel_env.physics import (
     ADDED,
     BIT_WIDTHS_ARRAY,
@@ -29,7 +29,6 @@ from coel_env.physics import (
     PEER,
     REMOVED,
     ROUTING_PASSES,
-    SCALAR_FIELDS,
     UNIT_COLUMNS,
     MigrationOut,
     Outputs,
@@ -48,11 +47,13 @@ from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.state import ClusterState, StateBatch
 
+if TYPE_CHECKING:
+    from coel_env.env.planbatch import PlanBatch
+
 __all__ = [
     "MAX_RHO",
     "QUANTILES",
     "ROUTING_PASSES",
-    "SCALAR_FIELDS",
     "MetricsBatch",
     "SurrogateBackend",
     "decode_batch",
@@ -73,16 +74,9 @@ PRIMARY_CHECK = ("tpot_mean_s", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "ttft_
 
 # ---- per-state formulas (numpy; the kernels' formulas are in physics.py) ---------------------------------------
 def length_quantiles(dist: LengthDist) -> np.ndarray:
-    """Lengths at QUANTILES of a length distribution (deterministic, so the surrogate stays exact): the mean
-    (fixed), mean * (1 + spread * (2 q - 1)) (uniform), mean * exp(spread * z_q - spread^2 / 2) (lognormal)."""
-    from scipy.stats import norm
-
-    if dist.dist == "fixed" or dist.spread == 0:
-        return np.full(len(QUANTILES), dist.mean)
-    if dist.dist == "uniform":
-        return dist.mean * (1 + dist.spread * (2 * QUANTILES - 1))
-    z = norm.ppf(QUANTILES)
-    return dist.mean * np.exp(dist.spread * z - dist.spread**2 / 2)
+    """Lengths at QUANTILES of a length distribution (`LengthDist.at`, deterministic, so the surrogate stays
+    exact)."""
+    return dist.at(QUANTILES)
 
 
 def sample_quantiles(lengths: np.ndarray) -> np.ndarray:
@@ -161,26 +155,12 @@ def transfer_time_s(nbytes: np.ndarray, goodput: np.ndarray | float, latency: np
     return np.where(nbytes > 0, nbytes / goodput + latency, 0.0)
 
 
-@dataclass
-class MetricsBatch:
-    """Metrics of N plans as arrays (what `serve_batch` returns); `item(n)` gives one Metrics."""
-
-    fields: dict[str, np.ndarray]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.fields[key]
-
-    def __len__(self) -> int:
-        return len(self.fields["e2e_p95_s"])
-
-    def item(self, n: int) -> Metrics:
-        return Metrics(**{k: (v[n].copy() if v.ndim > 1 else float(v[n])) for k, v in self.fields.items()})
-
-
 class SurrogateBackend:
-    """Fast cost model implementing the Backend protocol (plus `serve_batch` for many plans at once)."""
+    """Fast cost model implementing both contracts (backend.py): the single-plan `Backend` (`reset / apply /
+    serve`) and, natively for any N, the batch-first `BatchBackend` (`reset_batch / migrate_batch / serve_batch`)."""
 
     name = "surrogate"
+    max_envs = None
 
     def __init__(self, cluster: Cluster):
         self.cluster = c = cluster
@@ -356,24 +336,13 @@ class SurrogateBackend:
             time_s=np.maximum((local + net).max(-1, initial=0.0), cloud),
             replicas_added=out.counts[:, ADDED],
             replicas_removed=out.counts[:, REMOVED],
-            link_bytes=self._pair_to_links(p + p.transpose(0, 2, 1)) / 2,
+            link_bytes=self.cluster.pair_to_links(p + p.transpose(0, 2, 1)) / 2,
         )
 
     # ---- serving ------------------------------------------------------------------------------------
     def _pair_bandwidth(self, link_factor: np.ndarray) -> np.ndarray:
-        """[..., S, S] `pair_goodput` for link factors [..., K]; inf on the diagonal."""
-        return pair_goodput(
-            link_goodput(self.cluster.link_bw, link_factor, self.cluster.hw.link_efficiency), self.route
-        )
-
-    def _pair_to_links(self, pair_matrix: np.ndarray) -> np.ndarray:
-        """Map a [..., S, S] matrix of pair quantities onto physical links [..., K] (each pair once)."""
-        c = self.cluster
-        if not c.num_pairs:
-            return np.zeros((*pair_matrix.shape[:-2], c.num_links))
-        a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
-        per_pair = pair_matrix[..., a, b] + pair_matrix[..., b, a]
-        return per_pair @ c.pair_links
+        """[..., S, S] `Cluster.pair_bandwidth` for link factors [..., K]; inf on the diagonal."""
+        return self.cluster.pair_bandwidth(link_factor)
 
     def _state_key(self, states) -> tuple:
         """Cache key of a state set: versions (bumped by `touch()`), plus the small arrays' values so that an
@@ -452,10 +421,16 @@ class SurrogateBackend:
         return self._cache
 
     def serve_batch(
-        self, plans: list[DeploymentPlan], states: ClusterState | list[ClusterState], window_s: float
+        self,
+        plans: PlanBatch | list[DeploymentPlan],
+        states: StateBatch | ClusterState | list[ClusterState],
+        window_s: float,
     ) -> MetricsBatch:
-        """Metrics of N plans, each against `states` (one shared state, or one state per plan)."""
-        if len(plans) == 1:
+        """Metrics of N plans (a PlanBatch or a list of DeploymentPlans), each against `states`: a StateBatch
+        (row n, or its one row for all), one shared ClusterState, or a list with one state per plan."""
+        if not isinstance(plans, (list, tuple)):
+            arrays = (plans.dev, plans.tier, plans.bits, plans.prune, plans.fuse)
+        elif len(plans) == 1:
             p = plans[0]
             arrays = (p.device[None], p.tier[None], p.bits[None], p.prune[None], p.fuse[None])
         else:
@@ -463,6 +438,27 @@ class SurrogateBackend:
                 np.stack([getattr(p, f) for p in plans]) for f in ("device", "tier", "bits", "prune", "fuse")
             )
         return self.serve_arrays(*arrays, states, window_s)
+
+    def reset_batch(self, plans: PlanBatch, states: StateBatch, rows: np.ndarray) -> None:
+        """Nothing to install: the batch contract passes the plans to every call."""
+
+    def migrate_batch(self, old: PlanBatch, new: PlanBatch, states: StateBatch, rows: np.ndarray) -> MigrationBatch:
+        """`migration_arrays` of envs `rows` (bool [N]); zeros in the other rows."""
+        out = MigrationBatch.zeros(len(new), self.cluster.num_links)
+        idx = np.flatnonzero(rows)
+        if idx.size:
+            r = self.migration_arrays(
+                old.dev[idx],
+                old.tier[idx],
+                old.bits[idx],
+                new.dev[idx],
+                new.tier[idx],
+                new.bits[idx],
+                states.server_up[idx],
+                states.link_factor[idx],
+            )
+            out.put(idx, MigrationBatch(r))
+        return out
 
     def serve_arrays(self, dev, tier, bits, prune, fuse, states, window_s: float) -> MetricsBatch:
         """`serve_batch` on stacked plan arrays [N, L, E, R] and compression [N, P] (no per-plan objects)."""
@@ -493,7 +489,7 @@ class SurrogateBackend:
             choice=np.zeros(N, dtype=np.bool_),
         )
         serve_plans(*plans, *sa["states"], *self.topology, *self.params, float(window_s), *out)
-        fields = {name: out.scalars[:, i] for i, name in enumerate(SCALAR_FIELDS)}
+        fields = {name: out.scalars[:, i] for i, name in enumerate(SCALAR_METRICS)}
         fields.update(
             gpu_mem_bytes=out.gpu_mem,
             cpu_mem_bytes=out.cpu_mem,
@@ -519,7 +515,7 @@ class SurrogateBackend:
             worse |= fields[key] > prim[key] * (1 + 1e-12) + 1e-15
         use = redo & worse & (fields["dropped_frac"] >= prim["dropped_frac"] - 1e-12)  # extras that save requests stay
         if use.any():
-            for key in (*SCALAR_FIELDS, "link_bytes", "device_util"):
+            for key in (*SCALAR_METRICS, "link_bytes", "device_util"):
                 fields[key][use] = prim[key][use]
 
     def _zeros_idx(self, n: int) -> np.ndarray:
@@ -529,12 +525,5 @@ class SurrogateBackend:
 
 
 def _routes(c: Cluster) -> np.ndarray:
-    """[S, S, H] physical links on each server pair's route, padded with -1."""
-    S = c.num_servers
-    hops = int(c.pair_links.sum(1).max()) if c.num_pairs else 1
-    route = -np.ones((S, S, max(hops, 1)), dtype=np.int64)
-    for p, (a, b) in enumerate(c.pair_servers):
-        links = np.flatnonzero(c.pair_links[p])
-        route[a, b, : len(links)] = links
-        route[b, a, : len(links)] = links
-    return route
+    """[S, S, H] physical links on each server pair's route, padded with -1 (`Cluster.route`)."""
+    return c.route

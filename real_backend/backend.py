@@ -43,6 +43,7 @@ import torch.multiprocessing as tmp
 from coel_env.backend import Metrics, MigrationReport
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError, PlanError
+from coel_env.physics import migration_source
 from coel_env.plan import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.specs.bounds import MAX_EXPERTS, MAX_SECONDS, Arg
@@ -89,13 +90,8 @@ def _free_port() -> int:
 
 
 def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.ndarray:
-    if dist.dist == "fixed" or dist.spread == 0:
-        x = np.full(n, dist.mean)
-    elif dist.dist == "uniform":
-        x = dist.mean * (1 + dist.spread * rng.uniform(-1, 1, n))
-    else:
-        x = dist.mean * np.exp(dist.spread * rng.standard_normal(n) - dist.spread**2 / 2)
-    return np.maximum(np.rint(x), 1).astype(np.int64)
+    """n request lengths drawn from `dist` (its inverse CDF `LengthDist.at` at uniform draws), rounded, >= 1."""
+    return np.maximum(np.rint(dist.at(rng.uniform(size=n))), 1).astype(np.int64)
 
 
 class RealBackend:
@@ -305,7 +301,7 @@ class RealBackend:
         res = self._call("apply", [arg] * c.num_servers)
         self.current = plan.copy()
         pair = np.stack([r["pair"] for r in res])  # [src, dst] bytes
-        link = self._pair_to_links(pair)
+        link = c.pair_to_links(pair)
         return MigrationReport(
             bytes_total=float(sum(r["local"] + r["peer"] + r["cloud"] for r in res)),
             bytes_local=float(sum(r["local"] for r in res)),
@@ -394,21 +390,16 @@ class RealBackend:
         out[mask] = np.asarray(per_pair, dtype=np.float64)[c.pair_index[mask]]
         return out
 
-    def _pair_to_links(self, pair: np.ndarray) -> np.ndarray:
-        c = self.cluster
-        if not c.num_pairs:
-            return np.zeros(c.num_links)
-        a, b = c.pair_servers[:, 0], c.pair_servers[:, 1]
-        return (pair[a, b] + pair[b, a]) @ c.pair_links
-
     def migration_moves(
         self, old: DeploymentPlan, new: DeploymentPlan, server_up: np.ndarray
     ) -> tuple[list[dict], list[tuple[int, int, int]], int, int]:
         """Moves (local requantize / peer copy / cloud reload) and removals turning `old` into `new`.
 
-        A new replica copies from a replica of the same server with >= its bits, else from the nearest live peer
-        with >= its bits (the peer requantizes and sends the packed result), else from the checkpoint store."""
+        A new replica copies from the source `physics.migration_source` picks (the surrogate's rule): a replica of
+        the same server with >= its bits, else the nearest live peer with >= its bits (the peer requantizes and
+        sends the packed result), else the checkpoint store; ties by tier, then higher bits, then lower device."""
         srv, lat = self.cluster.dev_server, self.cluster.pair_latency
+        up = np.ascontiguousarray(server_up, dtype=np.bool_)
         moves, removes = [], []
         added = removed = 0
         L, E, R = new.device.shape
@@ -429,14 +420,10 @@ class RealBackend:
                         continue
                     added += 1
                     dst = int(srv[d])
-                    cands = [
-                        (0.0 if srv[od] == dst else lat[srv[od], dst] + 1.0, ot, -ob, od)
-                        for od, ot, ob in o
-                        if ob >= b and server_up[srv[od]]
-                    ]
+                    q = migration_source(old.device[l, e], old.tier[l, e], old.bits[l, e], b, dst, srv, up, lat)
                     m = {"l": l, "e": e, "dev": d, "tier": t, "bits": b, "dst": dst, "src": -1, "src_dev": -1}
-                    if cands:
-                        _, _, _, od = min(cands)
+                    if q >= 0:
+                        od = int(old.device[l, e, q])
                         m.update(src=int(srv[od]), src_dev=od, kind="local" if srv[od] == dst else "peer")
                     else:
                         m["kind"] = "cloud"
@@ -589,7 +576,7 @@ class RealBackend:
             gpu_mem_bytes=np.sum([m["gpu"] for m in mem], axis=0),
             cpu_mem_bytes=np.array([m["cpu"] for m in mem]),
             ssd_bytes=np.array([m["ssd"] for m in mem]),
-            link_bytes=self._pair_to_links(np.stack([r["bytes_to"] for r in res])),
+            link_bytes=c.pair_to_links(np.stack([r["bytes_to"] for r in res])),
             device_util=util,
         )
 

@@ -11,6 +11,7 @@ import yaml
 
 from coel_env import ConfigError, DeploymentPlan, SurrogateBackend, list_scenarios, load_scenario_spec, make_scenario
 from coel_env.cluster import build_cluster
+from coel_env.metrics import SCALAR_METRICS
 from coel_env.specs.scenario import SCENARIO_DIR
 
 SHIPPED = (
@@ -23,22 +24,7 @@ SHIPPED = (
     "paper-testbed",
     "tiny",
 )
-SCALARS = (
-    "ttft_mean_s",
-    "ttft_p95_s",
-    "tpot_mean_s",
-    "tpot_p95_s",
-    "e2e_mean_s",
-    "e2e_p95_s",
-    "tokens_per_s",
-    "request_tokens_per_s",
-    "energy_j",
-    "quality_loss",
-    "dropped_frac",
-    "late_frac",
-    "requests",
-    "window_s",
-)
+SCALARS = SCALAR_METRICS
 
 
 def test_registry_lists_the_shipped_scenarios():

@@ -30,18 +30,6 @@ from coel_env.specs.bounds import MAX_GBS
 from coel_env.state import ClusterState
 
 
-def pair_bandwidth(view: ClusterState, cluster: Cluster) -> np.ndarray:
-    """[S, S] perceived bottleneck bandwidth (bytes/s) between servers; inf on the diagonal."""
-    S = cluster.num_servers
-    out = np.full((S, S), np.inf)
-    if cluster.num_pairs:
-        link = cluster.link_bw * view.link_factor
-        per_pair = np.where(cluster.pair_links > 0, link[None, :], np.inf).min(1)
-        a, b = cluster.pair_servers[:, 0], cluster.pair_servers[:, 1]
-        out[a, b] = out[b, a] = per_pair
-    return out
-
-
 class CoELPolicy(Policy):
     name = "coel"
 
@@ -110,7 +98,7 @@ class CoELPolicy(Policy):
         S = cluster.num_servers
         rate = view.arrival_rate * view.server_up
         srv_demand = rate[:, None, None] * pred  # [S, L, E]
-        bw = pair_bandwidth(view, cluster)
+        bw = cluster.pair_bandwidth(view.link_factor)  # [S, S] perceived goodput, bytes/s (inf on the diagonal)
         regions = self.regions(view, cluster, b.gpu_free, bw, srv_demand)
         for members in regions:
             self._segment(b, view, cluster, members, srv_demand)

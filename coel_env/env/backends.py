@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from coel_env.backend import Backend
+from coel_env.backend import Backend, BatchBackend
 from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
 from coel_env.surrogate import SurrogateBackend
 
-BackendFactory = Callable[..., Backend]
+BackendFactory = Callable[..., Backend | BatchBackend]
 BACKENDS: dict[str, BackendFactory] = {"surrogate": lambda cluster, **kw: SurrogateBackend(cluster, **kw)}
 
 
@@ -19,11 +19,13 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     BACKENDS[name] = factory
 
 
-def make_backend(name: str | Backend, cluster: Cluster, **kw) -> Backend:
-    """A Backend for `cluster`: a registered name ("surrogate", later "real") or an instance passed through."""
+def make_backend(name: str | Backend | BatchBackend, cluster: Cluster, **kw) -> Backend | BatchBackend:
+    """A backend for `cluster`: a registered name ("surrogate", "real") or an instance passed through."""
     if not isinstance(name, str):
-        if not isinstance(name, Backend):
-            raise ConfigError(f"backend: {type(name).__name__} does not implement the Backend protocol")
+        if not isinstance(name, (Backend, BatchBackend)):
+            raise ConfigError(
+                f"backend: {type(name).__name__} implements neither the Backend nor the BatchBackend protocol"
+            )
         return name
     if name not in BACKENDS and name == "real":
         with contextlib.suppress(ImportError):  # the real backend registers itself on import

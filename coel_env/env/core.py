@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from coel_env.backend import Backend, Metrics
+from coel_env.backend import Backend, BatchBackend, MigrationBatch, as_batch_backend
 from coel_env.env.actions import View, make_action_codec
 from coel_env.env.disruption import MigrationDisruption
 from coel_env.env.faults import handle_faults
@@ -20,22 +20,22 @@ from coel_env.env.kernels import differs_kernel
 from coel_env.env.observations import ObservationEncoder
 from coel_env.env.perception import Perception
 from coel_env.env.planbatch import PlanBatch
-from coel_env.env.record import METRIC_KEYS, MIGRATION_KEYS, StepRecord, env_info
+from coel_env.env.record import StepRecord, env_info
 from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, make_reward
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan import DeploymentPlan
 from coel_env.state import Scenario, StateBatch
-from coel_env.surrogate import SurrogateBackend
+from coel_env.surrogate import length_quantiles
 
-__all__ = ["METRIC_KEYS", "MIGRATION_KEYS", "CoELCore"]
+__all__ = ["CoELCore"]
 
 
 class CoELCore:
     def __init__(
         self,
         scenario: Scenario,
-        backend: Backend,
+        backend: Backend | BatchBackend,
         num_envs: int = 1,
         action_space: str = "full",
         observation_space: str = "default",
@@ -58,12 +58,11 @@ class CoELCore:
             raise ConfigError(f"max_epochs: {max_epochs}; allowed: an integer >= 1")
         self.scenario = scenario
         self.cluster = c = scenario.cluster
-        self.backend = backend
-        self.fast = isinstance(backend, SurrogateBackend)
-        if not self.fast and num_envs != 1:
+        self.backend = be = as_batch_backend(backend, c.num_links)
+        if be.max_envs is not None and num_envs > be.max_envs:
             raise ConfigError(
-                "backend: a natively batched env needs the surrogate backend; "
-                "use gymnasium.vector.SyncVectorEnv/AsyncVectorEnv for other backends"
+                f"num_envs: {num_envs}; the {be.name} backend serves at most {be.max_envs} env(s) per call; "
+                "use gymnasium.vector.SyncVectorEnv/AsyncVectorEnv for more"
             )
         self.N = num_envs
         spec = scenario.spec
@@ -73,12 +72,13 @@ class CoELCore:
         self.reward_fn = make_reward(reward_space, reward_weights)
         self.reward_space = reward_space
         wl = spec.workload
-        be = backend if self.fast else SurrogateBackend(c)
-        tok_per_req = be.in_mean + be.out_mean
+        in_mean = float(length_quantiles(wl.input_len).mean())
+        out_mean = float(length_quantiles(wl.output_len).mean())
+        tok_per_req = in_mean + out_mean
         self.ctx = RewardContext(
             window_s=self.window,
             slo_s=wl.slo_s,
-            demand_tokens_per_s=float(sum(spec.arrival_rates)) * be.out_mean,
+            demand_tokens_per_s=float(sum(spec.arrival_rates)) * out_mean,
             power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()),
             drop_cost=drop_cost,
         )
@@ -133,8 +133,9 @@ class CoELCore:
         for arr, row in zip(self.usage, self._usage0):  # only env i's plan changed: no pass over all N envs
             arr[i] = row[0]
         bits = self.perception.reset(i, self.states, self.perception.normals.draw(rng))
-        if not self.fast:
-            self.backend.reset(self.plans.plan(i), self.states.views[i])
+        rows = np.zeros(self.N, dtype=bool)
+        rows[i] = True
+        self.backend.reset_batch(self.plans, self.states, rows)
         return {"hello_bits": bits, "epoch": 0}
 
     # ---- step ---------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class CoELCore:
                     u[idx] = su
             proposed = merged
         changed = self._differs(self.plans, proposed, update)
-        mig = self._migrate(self.plans, proposed, changed, st.server_up, st.link_factor)
+        mig = self._migrate(self.plans, proposed, changed)
         self.plans = proposed
         # dynamics, faults, perception
         prev_up = st.server_up.copy()
@@ -196,7 +197,7 @@ class CoELCore:
         )
         fmig = None
         if fchanged.any():
-            fmig = self._migrate(self.plans, fixed, fchanged, st.server_up, st.link_factor)
+            fmig = self._migrate(self.plans, fixed, fchanged)
             self.plans = fixed
         hello_bits = perc.observe(st, st.extra, st.server_up & ~prev_up).copy()
         # serve, disrupt, record, score
@@ -258,46 +259,14 @@ class CoELCore:
         differs_kernel(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits, np.ascontiguousarray(rows), out)
         return out
 
-    def _migrate(
-        self, old: PlanBatch, new: PlanBatch, rows: np.ndarray, up: np.ndarray, link_factor: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Migration cost per env (zeros where rows is False), the surrogate's model on stacked arrays."""
-        c, N = self.cluster, self.N
-        out = {k: np.zeros(N) for k in MIGRATION_KEYS}
-        out["link_bytes"] = np.zeros((N, c.num_links))
-        idx = np.flatnonzero(rows)
-        if idx.size == 0:
-            return out
-        if not self.fast:
-            rep = self.backend.apply(new.plan(0), self.states.views[0])
-            for k in MIGRATION_KEYS:
-                out[k][0] = getattr(rep, k)
-            out["link_bytes"][0] = rep.link_bytes
-            return out
-        r = self.backend.migration_arrays(
-            old.dev[idx],
-            old.tier[idx],
-            old.bits[idx],
-            new.dev[idx],
-            new.tier[idx],
-            new.bits[idx],
-            up[idx],
-            link_factor[idx],
-        )
-        for k, v in r.items():
-            out[k][idx] = v
-        return out
+    def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Migration cost per env (zeros where rows is False): MIGRATION_FIELDS [N] and link_bytes [N, K]."""
+        if not rows.any():
+            return MigrationBatch.zeros(self.N, self.cluster.num_links).fields
+        return self.backend.migrate_batch(old, new, self.states, rows).fields
 
     def _serve(self) -> dict[str, np.ndarray]:
-        pb, st = self.plans, self.states
-        if self.fast:
-            mb = self.backend.serve_arrays(pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, st, self.window)
-            return mb.fields
-        m: Metrics = self.backend.serve(pb.plan(0), st.views[0], self.window)
-        return {
-            k: (np.asarray(v)[None] if isinstance(v, np.ndarray) else np.array([v], dtype=np.float64))
-            for k, v in m.__dict__.items()
-        }
+        return self.backend.serve_batch(self.plans, self.states, self.window).fields
 
     # ---- info ---------------------------------------------------------------------------------------
     def env_info(self, i: int) -> dict:

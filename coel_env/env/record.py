@@ -17,31 +17,8 @@ from typing import Any
 import numpy as np
 
 from coel_env.env.repair import REPAIR_KINDS
+from coel_env.metrics import INFO_METRICS, MIGRATION_FIELDS
 
-METRIC_KEYS = (
-    "ttft_mean_s",
-    "ttft_p95_s",
-    "tpot_mean_s",
-    "tpot_p95_s",
-    "e2e_mean_s",
-    "e2e_p95_s",
-    "tokens_per_s",
-    "request_tokens_per_s",
-    "energy_j",
-    "quality_loss",
-    "dropped_frac",
-    "late_frac",
-    "requests",
-)
-MIGRATION_KEYS = (
-    "bytes_total",
-    "bytes_local",
-    "bytes_peer",
-    "bytes_cloud",
-    "time_s",
-    "replicas_added",
-    "replicas_removed",
-)
 INFO_KEYS = (
     "metrics",
     "migration",
@@ -74,7 +51,7 @@ class StepRecord:
     """`measured` after the migration disruption model (disruption.py): what rewards and info["metrics"] use. The
     same dict as `measured` when nothing migrated."""
     migration: dict[str, np.ndarray]
-    """Cost of the committed plan change: MIGRATION_KEYS [N] and link_bytes [N, K] (zeros where nothing changed)."""
+    """Cost of the committed plan change: MIGRATION_FIELDS [N] and link_bytes [N, K] (zeros where nothing changed)."""
     restore_migration: dict[str, np.ndarray] | None
     """Cost of the fault handling's plan change (restored experts, memory passes); None when no env had one."""
     migration_time_s: np.ndarray
@@ -150,9 +127,9 @@ def info_values(rec: StepRecord, i: int | None = None) -> dict[str, Any]:
         for j in range(n):
             reasons[j] = rec.repair_reasons(j)
     return {
-        "metrics": _floats(f, METRIC_KEYS, i, n),
-        "migration": _floats(rec.migration, MIGRATION_KEYS, i, n),
-        "restore_migration": _floats(rec.restore_migration, MIGRATION_KEYS, i, n),
+        "metrics": _floats(f, INFO_METRICS, i, n),
+        "migration": _floats(rec.migration, MIGRATION_FIELDS, i, n),
+        "restore_migration": _floats(rec.restore_migration, MIGRATION_FIELDS, i, n),
         "migration_time_s": float(rec.migration_time_s[i])
         if one
         else np.asarray(rec.migration_time_s, dtype=np.float64) * np.ones(n),

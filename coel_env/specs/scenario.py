@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error
@@ -97,12 +98,25 @@ class TopologySpec(_Strict):
 
 class LengthDist(_Strict):
     """Request lengths in tokens. `uniform`: mean x (1 ± spread), so spread <= 1 keeps them >= 0; `lognormal`: the
-    given mean, sigma = spread. The surrogate uses the quantiles as they are; the real backend rounds sampled lengths
-    and clips them at 1 token."""
+    given mean, sigma = spread. Both backends read it through `at` (its inverse CDF): the surrogate takes the
+    values at its quantile grid as they are; the real backend draws `at(uniform)`, rounds and clips at 1 token."""
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
     mean: Annotated[Float, at_most(MAX_LENGTH_TOKENS)] = Field(128, ge=1, description="tokens")
     spread: Float = Field(0.0, ge=0, description="uniform: ±fraction of mean; lognormal: sigma")
+
+    def at(self, u: np.ndarray) -> np.ndarray:
+        """Lengths at cumulative probabilities u in (0, 1) (the inverse CDF, element-wise): the mean (fixed, or
+        spread 0), mean * (1 + spread * (2 u - 1)) (uniform), mean * exp(spread * z_u - spread^2 / 2) (lognormal,
+        z_u the standard normal quantile)."""
+        u = np.asarray(u, dtype=np.float64)
+        if self.dist == "fixed" or self.spread == 0:
+            return np.full(u.shape, self.mean)
+        if self.dist == "uniform":
+            return self.mean * (1 + self.spread * (2 * u - 1))
+        from scipy.stats import norm
+
+        return self.mean * np.exp(self.spread * norm.ppf(u) - self.spread**2 / 2)
 
     @model_validator(mode="after")
     def _check(self) -> LengthDist:

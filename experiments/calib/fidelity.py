@@ -124,8 +124,7 @@ def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.nd
     a request carries rows * d_model * elem + 8 * (rows + 1) bytes, its reply rows * d_model * elem + 8."""
     d = cluster.model.d_model
     pair = np.asarray(rows_to) * (2 * d * elem_bytes + 8) + 16 * np.asarray(msgs_to)
-    a, b = cluster.pair_servers[:, 0], cluster.pair_servers[:, 1]
-    return (pair[a, b] + pair[b, a]) @ cluster.pair_links
+    return cluster.pair_to_links(pair)
 
 
 def measure(
