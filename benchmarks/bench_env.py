@@ -27,43 +27,19 @@ from coel_env.atomic import atomic_write_json, atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def rate(step, n_per_call: int, trial_s: float, trials: int) -> list[float]:
-    for _ in range(3):
-        step()
-    out = []
-    for _ in range(trials):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < trial_s:
-            step()
-            n += 1
-        out.append(n * n_per_call / (time.perf_counter() - t0))
-    return out
-
-
-def single_stepper(env, pool_size: int = 32, seed: int = 0):
+def stepper(env, pool_size: int, seed: int = 0, reset_at_end: bool = True):
+    """A step function cycling through `pool_size` pre-sampled random actions of `env`; a single env is reset when
+    its episode ends (`reset_at_end`; a vector env resets its own envs)."""
     env.reset(seed=seed)
     env.action_space.seed(seed)
     pool = [env.action_space.sample() for _ in range(pool_size)]
     k = [0]
 
     def step():
-        _, _, term, trunc, _ = env.step(pool[k[0] % pool_size])
+        out = env.step(pool[k[0] % pool_size])
         k[0] += 1
-        if term or trunc:
+        if reset_at_end and (out[2] or out[3]):
             env.reset()
-
-    return step
-
-
-def vector_stepper(venv, pool_size: int = 8, seed: int = 0):
-    venv.reset(seed=seed)
-    venv.action_space.seed(seed)
-    pool = [venv.action_space.sample() for _ in range(pool_size)]
-    k = [0]
-
-    def step():
-        venv.step(pool[k[0] % pool_size])
-        k[0] += 1
 
     return step
 
@@ -136,7 +112,7 @@ def main() -> None:
             env = pkg.env.CoELEnv(scenario=scenario, action_space=space, info_action_mask=mask)
             if stub:
                 stub_serve(env.core)
-            return single_stepper(env, pool)
+            return stepper(env, pool)
 
         return make
 
@@ -149,12 +125,12 @@ def main() -> None:
             )
             if stub:
                 stub_serve(venv.core)
-            return vector_stepper(venv)
+            return stepper(venv, 8, reset_at_end=False)
 
         return make
 
     cart = gym.make("CartPole-v1").unwrapped
-    record("CartPole-v1 (unwrapped)", "-", 1, rate(single_stepper(cart, 256), 1, trial_s, trials))
+    record("CartPole-v1 (unwrapped)", "-", 1, _interleaved([stepper(cart, 256)], 1, trial_s, trials)[0])
     for space in ("full", "edit", "threshold"):
         measure(
             f"CoEL-v0 {space}",

@@ -27,15 +27,13 @@ from numba import njit
 from coel_env.cluster import TIERS
 from coel_env.metrics import SCALAR_METRICS
 from coel_env.specs import BIT_WIDTHS
+from coel_env.specs.model import BITS_INDEX as BITS_INDEX  # re-exported: Params.bits_index, a unit-row's last digit
 
 # ---- index constants ----------------------------------------------------------------------------------------------
 GPU_TIER, CPU_TIER, SSD_TIER = 0, 1, 2  # values of DeploymentPlan.tier
 N_TIERS, N_BITS = 3, 3  # tiers and bit-widths per GPU in the unit table
 if TIERS != ("gpu", "cpu", "ssd") or len(BIT_WIDTHS) != N_BITS:  # compiled kernels hold these constants
     raise ImportError("coel_env.physics: update the tier / bit-width constants to cluster.TIERS and BIT_WIDTHS")
-BITS_INDEX = np.zeros(17, dtype=np.int64)  # bit-width -> its position in BIT_WIDTHS (a unit-table row's last digit)
-for _i, _b in enumerate(BIT_WIDTHS):
-    BITS_INDEX[_b] = _i
 BIT_WIDTHS_ARRAY = np.array(BIT_WIDTHS, dtype=np.int64)
 
 # unit table [Ns, D * N_TIERS * N_BITS, UNIT_COLUMNS] (`unit_row`, `unit_table`): two paths of three columns,

@@ -1,12 +1,17 @@
 """Checks of command-line values shared by the Hydra apps: each failure is one `ConfigError` line naming the
-field and what is allowed, raised before any work starts or any file is written."""
+field and what is allowed, raised before any work starts or any file is written; and how an app exits on a
+CoELError (`error_line`, `run_in_output_dir`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from coel_env.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def require_int(value: Any, field: str, minimum: int | None = None) -> int:
@@ -87,3 +92,17 @@ def error_line(exc: BaseException, out=None) -> str:
     except OSError:
         return f"error: {lines[0]}"
     return f"error: {lines[0]} (details: {path})"
+
+
+def run_in_output_dir(work: Callable[[Path], T]) -> tuple[T, Path]:
+    """`work(out)` in a Hydra app, `out` being the run's output folder; (its result, out). A CoELError exits the
+    app with its `error_line` (details in `out/error.txt`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from coel_env.errors import CoELError
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return work(out), out
+    except CoELError as exc:  # a ServerError of backend=real too: its first line (the server's traceback to a file)
+        raise SystemExit(error_line(exc, out)) from None

@@ -19,16 +19,16 @@ from pathlib import Path
 import hydra
 import matplotlib
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from coel_env.atomic import atomic_write_text
-from coel_env.errors import CoELError, ConfigError
+from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec
-from experiments.cli_checks import error_line, require_int
+from experiments.cli_checks import require_int, run_in_output_dir
+from experiments.evaluate import METRICS
 from experiments.results_io import save_image, save_png
 
 log = logging.getLogger(__name__)
@@ -144,16 +144,8 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
     return paths
 
 
-LEADERBOARD_COLUMNS = (
-    ("policy", "policy", None),
-    ("return", "return", 1.0),
-    ("e2e_p95_s", "p95 latency (s)", 1.0),
-    ("tokens_per_s", "tokens/s", 1.0),
-    ("quality_loss", "quality loss (%)", 100.0),
-    ("energy_j", "energy (kJ/epoch)", 1e-3),
-    ("migration_bytes", "migration (GB)", 1e-9),
-    ("slo_attainment", "SLO (%)", 100.0),
-)
+# the leaderboard's own columns (evaluate.METRICS: key, title, display scale), decision time left out
+LEADERBOARD_COLUMNS = (("policy", "policy", None), *(m for m in METRICS if m[0] != "decide_ms"))
 
 
 def leaderboard_markdown(rows: list[dict]) -> str:
@@ -325,11 +317,7 @@ def log_wandb(cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Pa
 
 @hydra.main(version_base=None, config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
-    out = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = build_report(cfg, out)
-    except CoELError as exc:
-        raise SystemExit(error_line(exc, out)) from None
+    result, _ = run_in_output_dir(lambda out: build_report(cfg, out))
     print(f"comparison report: {result['report']} ({result['html']})")
 
 

@@ -32,9 +32,9 @@ from agents.baselines import make_policy
 from agents.deployed import DeployedAgent
 from agents.rollout import mean_ci, run_episode
 from coel_env.atomic import atomic_write_text
-from coel_env.errors import CoELError, ConfigError
+from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec, scenario_with_hardware
-from experiments.cli_checks import error_line, require_int
+from experiments.cli_checks import require_int, run_in_output_dir
 from experiments.results_io import save_png, write_csv
 
 log = logging.getLogger(__name__)
@@ -309,14 +309,11 @@ def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    out = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    def work(out: Path) -> list[dict]:
         check(cfg)
-        rows = evaluate(cfg, out)
-    except CoELError as exc:  # a ServerError of backend=real too: its first line (the server's traceback to a file)
-        raise SystemExit(error_line(exc, out)) from None
+        return evaluate(cfg, out)
+
+    rows, out = run_in_output_dir(work)
     log_wandb(cfg, out, rows)
     print((out / "leaderboard.md").read_text())
     print(f"wrote {out / 'leaderboard.csv'}")

@@ -35,9 +35,9 @@ from agents.sb3 import (
 from agents.tracking import init_wandb, make_sb3_logger
 from coel_env.atomic import atomic_write_json
 from coel_env.env.env import CoELEnv
-from coel_env.errors import CoELError, ConfigError
+from coel_env.errors import ConfigError
 from coel_env.specs import scenario_with_hardware
-from experiments.cli_checks import error_line, require_int
+from experiments.cli_checks import require_int, run_in_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,7 @@ def _json_default(x):
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    out = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = train(cfg, out)
-    except CoELError as exc:
-        raise SystemExit(error_line(exc, out)) from None
+    summary, out = run_in_output_dir(lambda out: train(cfg, out))
     print(
         f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "
         f"outputs in {out}"

@@ -13,8 +13,10 @@ from benchmarks.bench_testbed import Estimator, comparison, comparison_md, parse
 from benchmarks.bench_testbed import main as bench_main
 
 
-def _rows(path):
-    with open(path, newline="") as f:
+def _measure(out, tag: str, *args: str) -> list[dict]:
+    """`bench_testbed measure` of the tiny model on CPU into `out`; the rows of its measured_<tag>.csv."""
+    bench_main(["measure", "--model", "tiny-moe", "--device", "cpu", *args, "--out", str(out), "--tag", tag])
+    with open(out / f"measured_{tag}.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -28,55 +30,15 @@ def test_sweep_points_and_estimator():
 
 
 def test_zero_budget_skips_every_point_without_starting_servers(tmp_path):
-    bench_main(
-        [
-            "measure",
-            "--model",
-            "tiny-moe",
-            "--device",
-            "cpu",
-            "--jobs",
-            "2srv-app:c",
-            "--input-lens",
-            "4",
-            "8",
-            "--budget-s",
-            "0",
-            "--out",
-            str(tmp_path),
-            "--tag",
-            "z",
-        ]
-    )
-    rows = _rows(tmp_path / "measured_z.csv")
+    rows = _measure(tmp_path, "z", "--jobs", "2srv-app:c", "--input-lens", "4", "8", "--budget-s", "0")
     assert [(r["input_len"], r["status"]) for r in rows] == [("4", "skipped"), ("8", "skipped")]
 
 
 @pytest.mark.slow
 def test_tiny_two_servers_measure_and_compare(tmp_path):
-    bench_main(
-        [
-            "measure",
-            "--model",
-            "tiny-moe",
-            "--device",
-            "cpu",
-            "--jobs",
-            "2srv-app:ab",
-            "--output-lens",
-            "2",
-            "4",
-            "--fixed-len",
-            "4",
-            "--budget-s",
-            "120",
-            "--out",
-            str(tmp_path),
-            "--tag",
-            "t",
-        ]
+    rows = _measure(
+        tmp_path, "t", "--jobs", "2srv-app:ab", "--output-lens", "2", "4", "--fixed-len", "4", "--budget-s", "120"
     )
-    rows = _rows(tmp_path / "measured_t.csv")
     assert [(r["output_len"], r["status"]) for r in rows] == [("2", "ok"), ("4", "ok")]
     for r in rows:
         assert float(r["latency_s"]) > float(r["ttft_s"]) > 0

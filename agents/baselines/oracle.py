@@ -7,7 +7,8 @@ GPUs and host CPUs) plus the hidden-state bytes sent over links plus the largest
 used (`w >= min(1, sum of use probabilities)`, linearised with one binary). The objective is the request-rate
 weighted expected latency ttft + (output-1) * tpot; constraints: every expert has 1..max_replicas replicas, no two
 on one device, memory per GPU / host RAM / SSD, and the expected quality loss <= `max_quality_loss`. Replica costs
-are the surrogate's own (`physics._replica_cost`, vectorized here), so the MILP is exact for the surrogate at zero
+are the surrogate's own (`replica_costs`: `physics.expert_time` of the state's unit table, as `physics.route_pass`
+charges a replica; utilisation as `physics.unit_utilization`), so the MILP is exact for the surrogate at zero
 load; queueing, link contention and per-token replica choice are what it leaves out, and the annealing polish
 (scored by the surrogate itself) closes that gap.
 
@@ -21,9 +22,11 @@ loss above the budget.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -31,9 +34,23 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from agents.baselines.common import FRACTION, SEED, Arg, checked_args
 from agents.policy import Policy
 from coel_env.cluster import Cluster
+from coel_env.physics import (
+    COMPUTE_S,
+    CPU_PATH,
+    FIXED_S,
+    GPU_PATH,
+    N_BITS,
+    N_TIERS,
+    READ_S,
+    expert_time,
+    per_request,
+    table_row,
+    transfer_s_per_token,
+)
 from coel_env.plan import MAX_PRUNE, DeploymentPlan, gpu_capacity
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_SECONDS
+from coel_env.specs.model import BITS_INDEX
 from coel_env.state import ClusterState
 from coel_env.surrogate import MetricsBatch, SurrogateBackend
 
@@ -41,6 +58,7 @@ QUALITY_PENALTY = 1e3  # seconds of objective per unit of quality loss above the
 MAX_ITERS = 10**7  # annealing iterations
 MAX_BATCH = 4096  # neighbours scored per iteration (one surrogate call)
 MAX_BINARIES = 10**7  # HiGHS gets no instance above this many binaries
+PATHS = (GPU_PATH, CPU_PATH)  # unit-table column groups a replica may run on
 TIME_LIMIT = Arg(float, 0, MAX_SECONDS, open_low=True)  # HiGHS hangs on NaN and on a negative limit
 
 
@@ -111,42 +129,34 @@ class _Rows:
         return LinearConstraint(A, np.array(self.lo), np.array(self.hi))
 
 
+@functools.cache
+def _expert_time() -> np.ufunc:
+    """`physics.expert_time` as a numpy ufunc (compiled on first use, not cached: numba keys its cache on the
+    file of the function it compiles)."""
+    return numba.vectorize(["float64(float64, float64, float64, float64, float64)"])(expert_time.py_func)
+
+
 def replica_costs(backend: SurrogateBackend, state: ClusterState, opt_d, opt_t, opt_b):
-    """Per (server, layer, expert, option): decode/prefill cost (s), the unit that runs it, link seconds
-    (hidden states there and back) and use probabilities — the surrogate kernel's per-replica quantities."""
-    be, c, hw = backend, backend.cluster, backend.cluster.hw
+    """Per (server, layer, expert, option): decode/prefill cost (s) on the cheaper path, the unit that runs it,
+    link seconds (hidden states there and back, uncompressed) and use probabilities: what `physics.route_pass`
+    charges a replica before load, i.e. `expert_time` of the state's unit table (`table_row`; the CPU path is
+    inf where the surrogate has none) and `transfer_s_per_token`."""
+    be, c = backend, backend.cluster
     sa = be._state_arrays([state])
     u_dec, a_dec, u_pre, a_pre = (sa[k][0][..., None] for k in ("u_dec", "a_dec", "u_pre", "a_pre"))
-    pair_bw = sa["pair_bw"][0]
+    tab = sa["table"][0][table_row.py_func(opt_d, opt_t, BITS_INDEX[opt_b])]  # [O, UNIT_COLUMNS]
     sd = c.dev_server[opt_d]
-    w = be.ebytes[opt_b]
-    hit = hw.prefetch_hit_rate
-    fetch = np.where(
-        opt_t == 0,
-        0.0,
-        np.where(opt_t == 1, (1 - hit) * w / be.pcie_bw[sd], (1 - hit) * (w / be.ssd_bw[sd] + w / be.pcie_bw[sd])),
-    )
-    cread = np.where(opt_t == 0, 0.0, w / be.cpu_bw[sd])
-    comp = state.compute_avail[opt_d]
-    gb, gf = be.gpu_bw[opt_d] * comp, be.gpu_flops[opt_d] * comp
 
     def cost(u, a):
-        gpu = np.maximum(u * w * be.slow[opt_b] / gb, a * be.flops_tok / gf) + u * (fetch + hw.expert_overhead_s)
-        cpu = np.maximum(u * cread, a * be.flops_tok / be.cpu_flops[sd]) + u * hw.expert_overhead_s
-        cpu = cpu + np.where(opt_t == 2, u * fetch, 0.0)
-        use_cpu = (opt_t > 0) & hw.cpu_compute & (cpu < gpu)
-        unit = np.where(use_cpu, c.num_devices + sd, opt_d)
-        return np.where(use_cpu, cpu, gpu), unit
+        gpu, cpu = (_expert_time()(u, a, tab[:, p + READ_S], tab[:, p + COMPUTE_S], tab[:, p + FIXED_S]) for p in PATHS)
+        use_cpu = cpu < gpu
+        return np.where(use_cpu, cpu, gpu), np.where(use_cpu, c.num_devices + sd, opt_d)
 
-    S = c.num_servers
-    remote = sd[None, :] != np.arange(S)[:, None]  # [S, O]
-    inv_bw = np.where(remote, 1.0 / pair_bw[:, sd], 0.0)[:, None, None, :]
-    h = float(c.model.hidden_bytes)
+    per_token = transfer_s_per_token.py_func(be.params.wire_bytes, 1.0, sa["pair_bw"][0][:, sd])  # [S, O]: 0 own
+    per_token = per_token[:, None, None, :]
     cd, ud_unit = cost(u_dec, a_dec)
     cp, up_unit = cost(u_pre, a_pre)
-    link_d = 2.0 * a_dec * h * inv_bw
-    link_p = 2.0 * a_pre * h * inv_bw
-    return cd, ud_unit, cp, up_unit, link_d, link_p, u_dec[..., 0], u_pre[..., 0]
+    return cd, ud_unit, cp, up_unit, a_dec * per_token, a_pre * per_token, u_dec[..., 0], u_pre[..., 0]
 
 
 def solve_milp(
@@ -165,7 +175,7 @@ def solve_milp(
     mip_rel_gap = Arg(float, 0, 1).check("oracle: mip_rel_gap", mip_rel_gap)
     t0 = time.perf_counter()
     be = backend or SurrogateBackend(cluster)
-    c, hw = cluster, cluster.hw
+    c = cluster
     m = c.model
     L, E, R = m.num_moe_layers, m.num_experts, c.spec.max_replicas
     S, D = c.num_servers, c.num_devices
@@ -242,8 +252,8 @@ def solve_milp(
             np.full(Sa * L * U, -np.inf),
             np.zeros(Sa * L * U),
         )
-    # latency: w >= min(1, sum of use probabilities of experts routed to s2); LAT >= 2 * lat * w
-    pair_lat = c.pair_latency + hw.transfer_latency_s
+    # latency: w >= min(1, sum of use probabilities of experts routed to s2); LAT >= round-trip latency * w
+    lat2 = be.topology.lat2
     sd = c.dev_server[opt_d]
     for k, use in enumerate((u_dec, u_pre)):
         use = use[srv]  # [Sa, L, E]
@@ -276,24 +286,20 @@ def solve_milp(
                         np.zeros(n),
                     )
                     rows.add([zid[k, i, l, s2], wid[k, i, l, s2]], [1.0, -1.0], -np.inf, 0.0)
-                    rows.add([wid[k, i, l, s2], LATid[k, i, l]], [2.0 * pair_lat[s, s2], -1.0], -np.inf, 0.0)
-    # utilisation: every unit (GPU, host CPU) busy at most `max_util` of the time (the surrogate's rho)
+                    rows.add([wid[k, i, l, s2], LATid[k, i, l]], [lat2[s, s2], -1.0], -np.inf, 0.0)
+    # utilisation: every unit (GPU, host CPU) busy at most `max_util` of the time: the surrogate's rho
+    # (`physics.unit_utilization`: lam * `per_request` of the busy seconds, the non-expert part on own GPUs)
     sa = be._state_arrays([state])
     lam, B = sa["lam"][0], sa["batch"][0]
     busy_cols, busy_rows, busy_vals = [], [], []
-    for cst_d, cst_p, un_d, un_p in ((cd[srv], cp[srv], unit_d[srv], unit_p[srv]),):
-        for i, s in enumerate(srv):
-            coef_d = lam[s] * out_m / B[s] * cst_d[i]
-            coef_p = lam[s] * cst_p[i]
-            busy_cols += [rid[i].reshape(-1), rid[i].reshape(-1)]
-            busy_rows += [un_d[i].reshape(-1), un_p[i].reshape(-1)]
-            busy_vals += [coef_d.reshape(-1), coef_p.reshape(-1)]
+    for i, s in enumerate(srv):
+        coef_d = lam[s] * per_request.py_func(0.0, cd[s], out_m, B[s])  # per_request is linear in both parts
+        coef_p = lam[s] * per_request.py_func(cp[s], 0.0, out_m, B[s])
+        busy_cols += [rid[i].reshape(-1), rid[i].reshape(-1)]
+        busy_rows += [unit_d[s].reshape(-1), unit_p[s].reshape(-1)]
+        busy_vals += [coef_d.reshape(-1), coef_p.reshape(-1)]
     ne_busy = np.zeros(U)
-    kv = B * (be.in_mean + out_m / 2) * m.kv_bytes_per_token()
-    ne_dec = np.maximum((be.ne_bytes + kv) / be.srv_gpu_bw, B * be.ne_flops_tok / be.srv_gpu_flops)
-    attn = 4.0 * be.in_mean**2 * m.d_model * m.num_layers
-    ne_pre = np.maximum(be.ne_bytes / be.srv_gpu_bw, (be.in_mean * be.ne_flops_tok + attn) / be.srv_gpu_flops)
-    ne_busy[:D] = (lam * (ne_pre + out_m * ne_dec / B))[c.dev_server]
+    ne_busy[:D] = (lam * per_request.py_func(sa["ne_pre"][0], sa["ne_dec"][0], out_m, B))[c.dev_server]
     rows.add_block(
         np.concatenate(busy_rows),
         np.concatenate(busy_cols),
@@ -316,7 +322,7 @@ def solve_milp(
     nb = len(BIT_WIDTHS)
     bid = off_b + np.arange(L * E * nb).reshape(L, E, nb)
     rows.add_block(np.repeat(le, nb), bid.reshape(-1), np.ones(L * E * nb), np.ones(L * E), np.ones(L * E))
-    b_of = np.array([BIT_WIDTHS.index(b) for b in opt_b])
+    b_of = BITS_INDEX[opt_b]
     rows.add_block(
         np.concatenate([np.arange(nx), np.arange(nx)]),
         np.concatenate([xid.reshape(-1), bid[:, :, b_of].reshape(-1)]),
@@ -497,7 +503,7 @@ def optimize(
     time_limit = TIME_LIMIT.check("oracle: time_limit", time_limit)
     be = backend or SurrogateBackend(cluster)
     m = cluster.model
-    n_bin = m.num_moe_layers * m.num_experts * int(state.device_up.sum()) * 9
+    n_bin = m.num_moe_layers * m.num_experts * int(state.device_up.sum()) * N_TIERS * N_BITS
     t0 = time.perf_counter()
     if start is None:
         from agents.baselines.greedy import GreedyPopularityPolicy

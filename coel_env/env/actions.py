@@ -37,11 +37,9 @@ from coel_env.errors import ActionError, ConfigError
 from coel_env.plan import MAX_PRUNE, DeploymentPlan
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
+from coel_env.specs.model import BITS_INDEX
 
 BITS = np.array(BIT_WIDTHS, dtype=np.int8)  # action index -> bits (16, 8, 4)
-BITS_INDEX = np.zeros(17, dtype=np.int64)
-for _i, _b in enumerate(BIT_WIDTHS):
-    BITS_INDEX[_b] = _i
 PRUNE_LEVELS = np.array([0.0, 0.2, 0.4, 0.6, 0.8])
 EDIT_OPS: tuple[str, ...] = ("noop", "move", "replicate", "drop", "set_tier", "set_bits", "set_compression")
 

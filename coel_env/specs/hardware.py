@@ -6,7 +6,7 @@ A profile lives in `conf/hardware/<name>.yaml`; `experiments.calibrate` writes n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,10 +79,7 @@ def resolve_device(value: str | dict | DeviceSpec) -> DeviceSpec:
         base = {}
         if "preset" in value:
             base = device_preset(str(value.pop("preset"))).model_dump()
-        try:
-            return DeviceSpec(**{**base, **value})
-        except ValidationError as exc:
-            raise ConfigError(format_pydantic_error("device", exc, DeviceSpec)) from None
+        return spec_from_mapping(DeviceSpec, {**base, **value}, "device")
     return device_preset(str(value))
 
 
@@ -242,6 +239,20 @@ def read_yaml(path: Path, label: str):
         raise ConfigError(f"{label}: cannot be read ({exc.strerror or exc})") from None
 
 
+S = TypeVar("S", bound=BaseModel)
+
+
+def spec_from_mapping(spec: type[S], data, source: str) -> S:
+    """`data` validated as the spec class `spec`; a one-line ConfigError starting with `source` if it is not a
+    mapping or a field is bad (the one way scenario and hardware mappings become specs)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return spec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_pydantic_error(source, exc, spec)) from None
+
+
 def hardware_profile_names() -> list[str]:
     """Names of the shipped (and calibrated) profiles: `conf/hardware/*.yaml`."""
     return sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
@@ -272,9 +283,4 @@ def load_hardware_profile(
             raise unknown_profile(name_or_path)
         data = read_yaml(path, f"hardware: {path}") or {}
         source = f"hardware profile {path.name}"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
-    try:
-        return HardwareProfile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_pydantic_error(source, exc, HardwareProfile)) from None
+    return spec_from_mapping(HardwareProfile, data, source)

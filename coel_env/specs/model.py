@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coel_env.errors import ConfigError, format_pydantic_error, read_json_object
@@ -24,6 +25,8 @@ from coel_env.specs.bounds import (
 )
 
 BIT_WIDTHS: tuple[int, ...] = (16, 8, 4)
+BITS_INDEX = np.zeros(max(BIT_WIDTHS) + 1, dtype=np.int64)  # bit-width -> its position in BIT_WIDTHS
+BITS_INDEX[list(BIT_WIDTHS)] = range(len(BIT_WIDTHS))
 INT4_GROUP_SIZE = 128
 
 

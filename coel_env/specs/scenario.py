@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from coel_env.errors import ConfigError, format_pydantic_error
+from coel_env.errors import ConfigError
 from coel_env.specs.bounds import (
     MAX_ARRIVAL_RATE,
     MAX_BATCH,
@@ -36,7 +36,14 @@ from coel_env.specs.bounds import (
     brief,
     not_bool,
 )
-from coel_env.specs.hardware import CONF_DIR, DeviceSpec, load_hardware_profile, read_yaml, resolve_device
+from coel_env.specs.hardware import (
+    CONF_DIR,
+    DeviceSpec,
+    load_hardware_profile,
+    read_yaml,
+    resolve_device,
+    spec_from_mapping,
+)
 from coel_env.specs.model import ModelSpec, resolve_model
 
 SCENARIO_DIR = CONF_DIR / "scenario"
@@ -278,12 +285,7 @@ def list_scenarios() -> list[str]:
 
 
 def scenario_from_dict(data: dict, source: str = "scenario") -> ScenarioSpec:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
-    try:
-        return ScenarioSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_pydantic_error(source, exc, ScenarioSpec)) from None
+    return spec_from_mapping(ScenarioSpec, data, source)
 
 
 def load_scenario_spec(name_or_path: str | Path | dict | ScenarioSpec) -> ScenarioSpec:
