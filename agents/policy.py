@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from coel_env.cluster import Cluster
-from coel_env.plan import DeploymentPlan
-from coel_env.state import ClusterState
+from coel_env.plan.deployment import DeploymentPlan
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 
 @dataclass

@@ -135,8 +135,8 @@ def make_request(backend, state, n_in: int, n_out: int, rid: int, rng: np.random
 
 def run_job(job: str, sweep: str, points: list[tuple[int, int]], writer: Writer, deadline: float, args) -> None:
     """Start the job's server processes, warm up, then run the points in order while the budget allows."""
-    from coel_env.plan import DeploymentPlan
-    from coel_env.state import Scenario
+    from coel_env.plan.deployment import DeploymentPlan
+    from coel_env.world.state import Scenario
     from real_backend.backend import RealBackend, ServerError
 
     scen_name, links = JOBS[job]

@@ -1,13 +1,13 @@
 """CoEL-Gym: learning how to deploy Mixture-of-Experts LLMs on edge networks."""
 
-from coel_env.backend import Backend, Metrics, MigrationReport
-from coel_env.cluster import TIERS, Cluster, build_cluster
+from coel_env.backend.contract import Backend, Metrics, MigrationReport
+from coel_env.backend.surrogate import MetricsBatch, SurrogateBackend
 from coel_env.errors import CoELError, ConfigError, PlanError
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import list_scenarios, load_scenario_spec
-from coel_env.state import ClusterState, Scenario, make_scenario
-from coel_env.surrogate import MetricsBatch, SurrogateBackend
-from coel_env.traces import RoutingModel, RoutingTrace
+from coel_env.world.cluster import TIERS, Cluster, build_cluster
+from coel_env.world.state import ClusterState, Scenario, make_scenario
+from coel_env.world.traces import RoutingModel, RoutingTrace
 
 __version__ = "0.1.0"
 

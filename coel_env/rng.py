@@ -6,7 +6,7 @@ on the blocks before it: code reads `z["arrival"]` instead of `z[:, o:o + S]`.
 
 The rule that keeps seeded trajectories stable: a new stream is APPENDED at the end of its layout (`extend`), or
 drawn from a generator of its own (e.g. `rng.spawn(1)[0]`). Inserting or resizing a block in the middle shifts every
-block after it and changes every trajectory under a fixed seed (tests/test_golden.py catches that).
+block after it and changes every trajectory under a fixed seed (tests/backend/test_golden.py catches that).
 """
 
 from __future__ import annotations

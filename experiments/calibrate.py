@@ -24,12 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from coel_env.atomic import atomic_path, atomic_write_json, atomic_write_text
-from coel_env.cluster import build_cluster
+from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError, ConfigError
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs.hardware import HardwareProfile, QualityModel
 from coel_env.specs.scenario import scenario_from_dict
-from coel_env.surrogate import SurrogateBackend
+from coel_env.world.cluster import build_cluster
 from experiments.calib import fidelity as fid
 from experiments.calib import fit
 from experiments.calib.micro import _arr, base_profile, micro
@@ -100,7 +100,7 @@ def predict_rows(
     profile: HardwareProfile, spec_dicts: dict[str, dict], rows: list[dict], seed: int
 ) -> dict[str, np.ndarray]:
     """Surrogate predictions of `rows` (their plans at their realized arrival rates) under `profile`."""
-    from coel_env.state import Scenario
+    from coel_env.world.state import Scenario
 
     out = {k: [] for k in fid.SCALARS}
     out["link_bytes"] = []
@@ -297,7 +297,7 @@ def run(cfg: DictConfig) -> dict:
         if unknown:
             raise ConfigError(f"calibrate: {field} {unknown} unknown; allowed: {', '.join(variants)}")
     base_spec = variants[cfg.scenario_name]
-    from coel_env.state import Scenario
+    from coel_env.world.state import Scenario
 
     base = Scenario(scenario_from_dict(dict(base_spec), cfg.scenario_name), seed=cfg.seed)
     log("micro sweeps")
@@ -338,7 +338,7 @@ def run(cfg: DictConfig) -> dict:
 
 def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Path, log) -> dict:
     """Held-out plans (every baseline + random plans) over the scenario variants: fidelity.json + fidelity.png."""
-    from coel_env.state import Scenario
+    from coel_env.world.state import Scenario
 
     names = list(cfg.fidelity.scenarios)
     per = int(np.ceil(cfg.fidelity.plans / len(names)))

@@ -72,7 +72,7 @@ def predictor(env: gym.Env, cfg: DictConfig):
     """The surrogate, to predict every window next to the measurement, when evaluating on another backend."""
     if cfg.backend.name == "surrogate" or not cfg.get("predict_with_surrogate", True):
         return None
-    from coel_env.surrogate import SurrogateBackend
+    from coel_env.backend.surrogate import SurrogateBackend
 
     return SurrogateBackend(env.unwrapped.cluster)
 

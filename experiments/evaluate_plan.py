@@ -14,11 +14,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError
 from coel_env.specs import HardwareProfile
 from coel_env.specs.scenario import scenario_from_dict
-from coel_env.state import Scenario
-from coel_env.surrogate import SurrogateBackend
+from coel_env.world.state import Scenario
 from experiments.cli_checks import error_line, optional_seconds, require_int
 from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
 

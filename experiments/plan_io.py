@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from coel_env.errors import ConfigError
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import HardwareProfile, hardware_profile_names, load_hardware_profile
 from coel_env.specs.hardware import unknown_profile
-from coel_env.state import ClusterState, Scenario
+from coel_env.world.state import ClusterState, Scenario
 
 BUILTIN_PLANS = ("uniform",)
 _SWEEPS = ("choice(", "range(", "interval(", "glob(", "sort(", "shuffle(", "tag(", "extend_list(")

@@ -17,11 +17,11 @@ import hydra
 from omegaconf import DictConfig
 
 from coel_env.atomic import atomic_write_json
+from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError
 from coel_env.specs import LengthDist, load_scenario_spec
 from coel_env.specs.bounds import MAX_LENGTH_TOKENS
-from coel_env.state import Scenario
-from coel_env.surrogate import SurrogateBackend
+from coel_env.world.state import Scenario
 from experiments.cli_checks import error_line, require_int, require_int_in, require_int_list
 from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
 from experiments.results_io import save_png, write_csv

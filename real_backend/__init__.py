@@ -3,7 +3,7 @@
 Importing this package registers it with the environment: `gymnasium.make("CoEL-v0", backend="real")`.
 """
 
-from coel_env.env.backends import register_backend
+from coel_env.backend.registry import register_backend
 from real_backend.backend import RealBackend, ServerError, make_real_backend
 from real_backend.model import MoEConfig, MoETransformer
 

@@ -40,15 +40,15 @@ import numpy as np
 import torch
 import torch.multiprocessing as tmp
 
-from coel_env.backend import Metrics, MigrationReport
-from coel_env.cluster import Cluster
+from coel_env.backend.contract import Metrics, MigrationReport
+from coel_env.backend.physics import migration_source
 from coel_env.errors import ConfigError, PlanError
-from coel_env.physics import migration_source
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.specs.bounds import MAX_EXPERTS, MAX_SECONDS, Arg
-from coel_env.state import ClusterState
-from coel_env.traces import RoutingModel
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
+from coel_env.world.traces import RoutingModel
 from real_backend.channels import PipeChannel, ServerError, check_fault
 from real_backend.model import MoEConfig, generate, reference_model
 from real_backend.quant import quality

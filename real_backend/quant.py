@@ -1,6 +1,6 @@
 """Per-expert weight quantization, stored packed: int8 per output channel, int4 group-wise (two values a byte).
 
-Error bounds (symmetric round-to-nearest; what tests/test_real_quant.py checks):
+Error bounds (symmetric round-to-nearest; what tests/real_backend/test_real_quant.py checks):
   int8: |w - deq(w)| <= scale_row / 2 with scale_row = max|w_row| / 127  (relative matmul error typically < 1%)
   int4: |w - deq(w)| <= scale_group / 2 with scale_group = max|w_group| / 7  (relative matmul error typically < 12%)
 Scales are stored in fp16, like the byte counts of `coel_env.specs.ModelSpec.expert_bytes`.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from coel_env.cluster import Cluster
+from coel_env.world.cluster import Cluster
 from real_backend.dist import TAG_MIGRATE, Dispatcher, _bits_f64, _f64_bits, dispatch_targets
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
 from real_backend.quant import QTensor, int4_group, quantize, requantize

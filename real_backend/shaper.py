@@ -22,8 +22,8 @@ import time
 import networkx as nx
 import numpy as np
 
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
+from coel_env.world.cluster import Cluster
 
 _clock_offset = 0.0  # added to time.monotonic(): 0 on one host; multi-node ranks align it to rank 0's clock
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
+from coel_env.world.cluster import Cluster
 from real_backend.channels import COMM_ERRORS, ServerError, failure_message
 from real_backend.server import ServerProcess, WorkerSpec, _die_with_parent, run_command
 from real_backend.shaper import set_clock_offset

@@ -24,10 +24,10 @@ import numpy as np
 from agents.baselines.common import FRACTION, SEED, Arg, PlanBuilder, checked_args, device_speed
 from agents.baselines.greedy import popularity_bits
 from agents.policy import Policy, needs_repair
-from coel_env.cluster import Cluster
-from coel_env.plan import MAX_PRUNE, DeploymentPlan
+from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
 from coel_env.specs.bounds import MAX_GBS
-from coel_env.state import ClusterState
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 
 class CoELPolicy(Policy):

@@ -7,12 +7,12 @@ import inspect
 
 import numpy as np
 
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
-from coel_env.plan import DeploymentPlan, gpu_capacity
+from coel_env.plan.deployment import DeploymentPlan, gpu_capacity
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import Arg
-from coel_env.state import ClusterState
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 BITS_DESC: tuple[int, ...] = tuple(sorted(BIT_WIDTHS, reverse=True))  # 16, 8, 4
 

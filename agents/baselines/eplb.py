@@ -30,11 +30,11 @@ from agents.baselines.common import (
     pack_by_speed,
 )
 from agents.policy import Policy
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs.bounds import MAX_REPLICAS
-from coel_env.state import ClusterState
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 
 # ---- the algorithm -------------------------------------------------------------------------------------------

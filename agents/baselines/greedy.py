@@ -11,9 +11,9 @@ import numpy as np
 
 from agents.baselines.common import BITS_DESC, SEED, Arg, PlanBuilder, checked_args, demand, device_speed
 from agents.policy import Policy
-from coel_env.cluster import Cluster
-from coel_env.plan import DeploymentPlan
-from coel_env.state import ClusterState
+from coel_env.plan.deployment import DeploymentPlan
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 
 def popularity_bits(pop: np.ndarray, capacity: float, ebytes: np.ndarray) -> np.ndarray:

@@ -33,8 +33,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from agents.baselines.common import FRACTION, SEED, Arg, checked_args
 from agents.policy import Policy
-from coel_env.cluster import Cluster
-from coel_env.physics import (
+from coel_env.backend.physics import (
     COMPUTE_S,
     CPU_PATH,
     FIXED_S,
@@ -47,12 +46,13 @@ from coel_env.physics import (
     table_row,
     transfer_s_per_token,
 )
-from coel_env.plan import MAX_PRUNE, DeploymentPlan, gpu_capacity
+from coel_env.backend.surrogate import MetricsBatch, SurrogateBackend
+from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan, gpu_capacity
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_SECONDS
 from coel_env.specs.model import BITS_INDEX
-from coel_env.state import ClusterState
-from coel_env.surrogate import MetricsBatch, SurrogateBackend
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 QUALITY_PENALTY = 1e3  # seconds of objective per unit of quality loss above the budget
 MAX_ITERS = 10**7  # annealing iterations

@@ -6,9 +6,9 @@ import numpy as np
 
 from agents.baselines.common import BITS_DESC, FRACTION, SEED, Arg, PlanBuilder, checked_args
 from agents.policy import Policy
-from coel_env.cluster import Cluster
-from coel_env.plan import MAX_PRUNE, DeploymentPlan
-from coel_env.state import ClusterState
+from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 TIER_PROBS = np.array([0.7, 0.2, 0.1])  # gpu, cpu, ssd
 

@@ -8,10 +8,10 @@ import numpy as np
 
 from agents.baselines.common import SEED, Arg, PlanBuilder, checked_args, highest_bits_that_fit
 from agents.policy import Policy
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
-from coel_env.plan import DeploymentPlan
-from coel_env.state import ClusterState
+from coel_env.plan.deployment import DeploymentPlan
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState
 
 LAYOUTS = ("linear", "round_robin")
 

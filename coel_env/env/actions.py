@@ -31,13 +31,13 @@ from functools import cached_property
 import numpy as np
 from gymnasium import spaces
 
-from coel_env.cluster import Cluster
-from coel_env.env.kernels import decode_full_kernel
 from coel_env.errors import ActionError, ConfigError
-from coel_env.plan import MAX_PRUNE, DeploymentPlan
+from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
+from coel_env.plan.kernels import decode_full_kernel
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
+from coel_env.world.cluster import Cluster
 
 BITS = np.array(BIT_WIDTHS, dtype=np.int8)  # action index -> bits (16, 8, 4)
 PRUNE_LEVELS = np.array([0.0, 0.2, 0.4, 0.6, 0.8])
@@ -165,9 +165,9 @@ class ActionCodec:
     def decode(self, action, current_plan: DeploymentPlan, view) -> tuple[DeploymentPlan, dict]:
         """One action -> (repaired plan, repair info); `view` is a ClusterState (e.g. the perceived one). The action
         is validated first (ActionError, or clipped and reported as `action_clipped` for Box spaces)."""
-        from coel_env.env.planbatch import PlanBatch
-        from coel_env.env.repair import REPAIR_KINDS, repair
-        from coel_env.plan import gpu_capacity
+        from coel_env.plan.batch import PlanBatch
+        from coel_env.plan.deployment import gpu_capacity
+        from coel_env.plan.repair import REPAIR_KINDS, repair
 
         cur = PlanBatch.from_plans([current_plan])
         v = View(view.server_up[None].astype(bool), _popularity_of(view)[None])
@@ -218,7 +218,7 @@ class FullCodec(ActionCodec):
         self.nvec = nvec
 
     def decode_batch(self, actions, current, view):
-        from coel_env.env.planbatch import PlanBatch
+        from coel_env.plan.batch import PlanBatch
 
         a = np.asarray(actions, dtype=np.int64)
         N = a.shape[0]
@@ -385,7 +385,7 @@ class ThresholdCodec(ActionCodec):
         self.space = spaces.Box(-1.0, 1.0, shape=(3 * self.L + self.P + 1,), dtype=np.float32)
 
     def decode_batch(self, actions, current, view):
-        from coel_env.env.planbatch import PlanBatch
+        from coel_env.plan.batch import PlanBatch
 
         x = (np.clip(np.nan_to_num(np.asarray(actions, dtype=np.float64)), -1, 1) + 1) / 2
         N = x.shape[0]

@@ -12,21 +12,21 @@ from dataclasses import asdict
 
 import numpy as np
 
-from coel_env.backend import Backend, BatchBackend, MigrationBatch, as_batch_backend
+from coel_env.backend.contract import Backend, BatchBackend, MigrationBatch, as_batch_backend
+from coel_env.backend.surrogate import length_quantiles
 from coel_env.env.actions import View, make_action_codec
 from coel_env.env.disruption import MigrationDisruption
 from coel_env.env.faults import handle_faults
-from coel_env.env.kernels import differs_kernel
 from coel_env.env.observations import ObservationEncoder
 from coel_env.env.perception import Perception
-from coel_env.env.planbatch import PlanBatch
 from coel_env.env.record import StepRecord, env_info
-from coel_env.env.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, make_reward
 from coel_env.errors import ConfigError, PlanError
-from coel_env.plan import DeploymentPlan
-from coel_env.state import Scenario, StateBatch
-from coel_env.surrogate import length_quantiles
+from coel_env.plan.batch import PlanBatch
+from coel_env.plan.deployment import DeploymentPlan
+from coel_env.plan.kernels import differs_kernel
+from coel_env.plan.repair import REPAIR_KINDS, repair, usage_of
+from coel_env.world.state import Scenario, StateBatch
 
 __all__ = ["CoELCore"]
 

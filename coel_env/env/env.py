@@ -8,14 +8,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from coel_env.backend import Backend
-from coel_env.env.backends import make_backend
+from coel_env.backend.contract import Backend
+from coel_env.backend.registry import make_backend
 from coel_env.env.core import CoELCore
-from coel_env.env.planbatch import PlanBatch
 from coel_env.errors import ConfigError, PlanError
-from coel_env.plan import DeploymentPlan
+from coel_env.plan.batch import PlanBatch
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import ScenarioSpec
-from coel_env.state import ClusterState, Scenario
+from coel_env.world.state import ClusterState, Scenario
 
 
 def build_scenario(scenario: str | Path | dict | ScenarioSpec | Scenario, scenario_seed: int = 0) -> Scenario:

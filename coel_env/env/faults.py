@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from coel_env.cluster import Cluster
-from coel_env.env.kernels import remove_dead_kernel
-from coel_env.env.planbatch import PlanBatch
-from coel_env.env.repair import REPAIR_KINDS, TOL, _memory_passes, usage_of
+from coel_env.plan.batch import PlanBatch
+from coel_env.plan.kernels import remove_dead_kernel
+from coel_env.plan.repair import REPAIR_KINDS, TOL, _memory_passes, usage_of
+from coel_env.world.cluster import Cluster
 
 
 def handle_faults(

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from coel_env.cluster import Cluster
-from coel_env.env.kernels import encode_plan_kernel
 from coel_env.errors import ConfigError
-from coel_env.plan import MAX_PRUNE
+from coel_env.plan.deployment import MAX_PRUNE
+from coel_env.plan.kernels import encode_plan_kernel
+from coel_env.world.cluster import Cluster
 
 OBSERVATION_SPACES = ("default",)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coel_env.cluster import Cluster
 from coel_env.errors import ConfigError
 from coel_env.rng import Layout
+from coel_env.world.cluster import Cluster
 
 MODES = ("hello", "ideal")
 RATE_SCALE = 4.0  # a Hello reports the request rate as a fraction of RATE_SCALE x nominal

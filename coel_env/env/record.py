@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from coel_env.env.repair import REPAIR_KINDS
-from coel_env.metrics import INFO_METRICS, MIGRATION_FIELDS
+from coel_env.backend.metrics import INFO_METRICS, MIGRATION_FIELDS
+from coel_env.plan.repair import REPAIR_KINDS
 
 INFO_KEYS = (
     "metrics",

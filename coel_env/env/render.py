@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coel_env.cluster import GB, TIERS
+from coel_env.world.cluster import GB, TIERS
 
 
 def _link_load(env) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from coel_env.env.backends import make_backend
+from coel_env.backend.registry import make_backend
 from coel_env.env.core import CoELCore
 from coel_env.env.env import build_scenario
 from coel_env.env.record import StepRecord, vector_info

@@ -12,11 +12,11 @@ import copy
 import numpy as np
 import yaml
 
-from coel_env.cluster import Cluster
-from coel_env.plan import DeploymentPlan
+from coel_env.backend.surrogate import SurrogateBackend
+from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs.hardware import CONF_DIR
-from coel_env.state import ClusterState, Scenario
-from coel_env.surrogate import SurrogateBackend
+from coel_env.world.cluster import Cluster
+from coel_env.world.state import ClusterState, Scenario
 
 SCALARS = ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "tokens_per_s", "quality_loss")
 LATENCY = ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from coel_env.atomic import atomic_write_json
-from coel_env.state import Scenario
+from coel_env.world.state import Scenario
 from experiments.calib.micro import base_profile, fit_raw, micro
 from experiments.calib.profile import write_profile
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from coel_env.cluster import Cluster
+from coel_env.world.cluster import Cluster
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource
 from real_backend.quant import quantize
 from real_backend.shaper import LinkShaper, sleep_until

@@ -1,0 +1,1244 @@
+"""Numba side of the surrogate: its formulas, the named structures its kernels take, and the kernels.
+
+Units: bytes, seconds, FLOPs. For every serving server `s`, each expert's tokens go to the replica (and GPU or CPU
+path) that raises the layer time least given the experts already placed, with unit times scaled by the queueing
+the previous routing pass caused (load-aware routing); the layer time is what that router optimizes: max over
+GPUs (in parallel) + CPU-path time (serial: the step waits for it) + transfer bandwidth time + the expected
+largest round-trip latency among the destinations used. Everything else (batching, queueing, drops, energy,
+percentiles) is done on small arrays in `finish`.
+
+Layout: the formulas (one small function per equation; each docstring states its equation as the README's
+"Backends -> Surrogate" paragraph does; numba inlines them), the structures (NamedTuples of arrays and scalars)
+with the named columns of the arrays that keep a small fixed last axis, then the kernels, which take structures.
+The three kernels Python calls (`serve_plans` per serve, `unit_table_kernel` per state, `migration_kernel`) take
+the structures' fields flat, `serve_plans(*plans, *states, *topology, *params, window_s, *outputs)`, and rebuild
+them: numba types a flat argument list in C but a NamedTuple in Python, ~0.2 us per array (a tenth of a small
+serve). Everything the kernels call lives in this file: numba's cache is keyed on the timestamp of a kernel's own
+file, so a formula edited in another module would leave stale compiled kernels behind.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from coel_env.backend.metrics import SCALAR_METRICS
+from coel_env.specs import BIT_WIDTHS
+from coel_env.specs.model import BITS_INDEX as BITS_INDEX  # re-exported: Params.bits_index, a unit-row's last digit
+from coel_env.world.cluster import TIERS
+
+# ---- index constants ----------------------------------------------------------------------------------------------
+GPU_TIER, CPU_TIER, SSD_TIER = 0, 1, 2  # values of DeploymentPlan.tier
+N_TIERS, N_BITS = 3, 3  # tiers and bit-widths per GPU in the unit table
+if TIERS != ("gpu", "cpu", "ssd") or len(BIT_WIDTHS) != N_BITS:  # compiled kernels hold these constants
+    raise ImportError("coel_env.backend.physics: update the tier / bit-width constants to cluster.TIERS and BIT_WIDTHS")
+BIT_WIDTHS_ARRAY = np.array(BIT_WIDTHS, dtype=np.int64)
+
+# unit table [Ns, D * N_TIERS * N_BITS, UNIT_COLUMNS] (`unit_row`, `unit_table`): two paths of three columns,
+# seconds per activation to read the weights, per token to compute, per activation of fixed cost (fetch + overhead)
+READ_S, COMPUTE_S, FIXED_S = 0, 1, 2
+GPU_PATH, CPU_PATH = 0, 3  # first column of each path
+UNIT_COLUMNS = 6
+
+DECODE, PREFILL = 0, 1  # phase axis of ServeOut.time, .pair_tokens and .busy
+EXPERT_S, TRANSFER_S, LATENCY_S = 0, 1, 2  # ServeOut.time parts: expert time, transfer bandwidth time, latency
+LOCAL, PEER, CLOUD = 0, 1, 2  # MigrationOut.bytes sources
+ADDED, REMOVED = 0, 1  # MigrationOut.counts
+
+# columns of Outputs.scalars [N, N_SCALARS]: the Metrics scalars (metrics.SCALAR_METRICS), by name
+TTFT_MEAN_S = SCALAR_METRICS.index("ttft_mean_s")
+TTFT_P95_S = SCALAR_METRICS.index("ttft_p95_s")
+TPOT_MEAN_S = SCALAR_METRICS.index("tpot_mean_s")
+TPOT_P95_S = SCALAR_METRICS.index("tpot_p95_s")
+E2E_MEAN_S = SCALAR_METRICS.index("e2e_mean_s")
+E2E_P95_S = SCALAR_METRICS.index("e2e_p95_s")
+TOKENS_PER_S = SCALAR_METRICS.index("tokens_per_s")
+REQUEST_TOKENS_PER_S = SCALAR_METRICS.index("request_tokens_per_s")
+ENERGY_J = SCALAR_METRICS.index("energy_j")
+QUALITY_LOSS = SCALAR_METRICS.index("quality_loss")
+DROPPED_FRAC = SCALAR_METRICS.index("dropped_frac")
+LATE_FRAC = SCALAR_METRICS.index("late_frac")
+REQUESTS = SCALAR_METRICS.index("requests")
+WINDOW_S = SCALAR_METRICS.index("window_s")
+N_SCALARS = len(SCALAR_METRICS)
+
+ROUTING_PASSES = 3  # unloaded routing, then load-aware re-routing (plans with replica choices only)
+MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
+MAX_INFLATION = 1e6  # the router's scale of a saturated unit (rho >= 1)
+
+
+# ---- formulas -----------------------------------------------------------------------------------------------------
+@njit(cache=True, fastmath=True)
+def use_probability(p: float, n: float, log1m_p: float) -> float:
+    """Chance that n tokens, each using an expert with probability p, use it at least once (batch-aware):
+    1 - (1 - p)^n = -expm1(n log1p(-p)), with log1m_p = log1p(-p); p itself for n = 1."""
+    return p if n == 1.0 else -np.expm1(n * log1m_p)
+
+
+@njit(cache=True)
+def expert_read_s(weight_bytes: float, slowdown: float, goodput: float) -> float:
+    """Seconds to read an expert's weights once: bytes(bits) * dequant slowdown / (memory bandwidth * efficiency),
+    `goodput` being that product (times the free share of the unit)."""
+    return weight_bytes * slowdown / goodput
+
+
+@njit(cache=True)
+def expert_compute_s(params: float, flops: float) -> float:
+    """Seconds of compute per token: 2 * params / (peak FLOP/s * efficiency), `flops` being that product."""
+    return 2.0 * params / flops
+
+
+@njit(cache=True)
+def gpu_fetch_s(tier: int, weight_bytes: float, miss: float, pcie_bw: float, ssd_bw: float) -> float:
+    """Seconds to bring an offloaded expert to the GPU per activation, only on a prefetch miss (miss = 1 - hit
+    rate): 0 in GPU memory, miss * bytes / PCIe from CPU RAM, miss * (bytes / SSD + bytes / PCIe) from SSD."""
+    if tier == GPU_TIER:
+        return 0.0
+    if tier == CPU_TIER:
+        return miss * weight_bytes / pcie_bw
+    return miss * (weight_bytes / ssd_bw + weight_bytes / pcie_bw)
+
+
+@njit(cache=True)
+def cpu_fetch_s(tier: int, weight_bytes: float, miss: float, ssd_bw: float) -> float:
+    """Seconds to bring an offloaded expert into CPU RAM for the CPU path (Fiddler) per activation: the SSD read
+    miss * bytes / SSD for an SSD expert, 0 for one in RAM."""
+    return miss * weight_bytes / ssd_bw if tier == SSD_TIER else 0.0
+
+
+@njit(cache=True, fastmath=True)
+def expert_time(uses: float, tokens: float, read_s: float, compute_s: float, fixed_s: float) -> float:
+    """Roofline time of an expert in a step (or prefill) on one path: max(uses * read, tokens * compute) + uses *
+    fixed; `uses` = the chance the step uses it (the weights are read and fetched once per step that does)."""
+    return max(uses * read_s, tokens * compute_s) + uses * fixed_s
+
+
+@njit(cache=True, fastmath=True)
+def path_time(tab: np.ndarray, row: int, path: int, uses: float, tokens: float) -> float:
+    """`expert_time` of the unit-table row `row` on `path` (GPU_PATH or CPU_PATH)."""
+    return expert_time(uses, tokens, tab[row, path + READ_S], tab[row, path + COMPUTE_S], tab[row, path + FIXED_S])
+
+
+@njit(cache=True)
+def table_row(d: int, tier: int, j: int) -> int:
+    """Row of the unit table for GPU d, `tier` and the j-th of BIT_WIDTHS: (d * N_TIERS + tier) * N_BITS + j."""
+    return (d * N_TIERS + tier) * N_BITS + j
+
+
+@njit(cache=True)
+def unit_row(d: int, tier: int, bits: int, bits_index: np.ndarray) -> int:
+    """`table_row` of a replica on GPU d in `tier` at `bits` (bits_index: BITS_INDEX)."""
+    return table_row(d, tier, bits_index[bits])
+
+
+@njit(cache=True)
+def transfer_s_per_token(wire_bytes: float, keep: float, goodput: float) -> float:
+    """Bandwidth seconds of one token routed to a remote expert: its hidden state there and back, minus pruning:
+    2 * hidden_bytes * (1 - prune) / link goodput (the round-trip latency is `expected_max_latency`'s)."""
+    return 2.0 * wire_bytes * keep / goodput
+
+
+@njit(cache=True, fastmath=True)
+def fused_share(p: float, tokens: float, keep: float, frac: float) -> float:
+    """Share of an expert's crossing tokens still sent after fusion: a step's `tokens` tokens each use the expert
+    with probability p and survive pruning with `keep`; fusion merges `frac` of a message's rows for that expert but
+    needs two of them, so per token the saving is frac * P(another of the step's tokens joins) =
+    frac * (1 - (1 - p keep)^(tokens / p - 1))."""
+    n = tokens / p  # tokens in the step
+    if n <= 1.0:
+        return 1.0
+    return 1.0 - frac * -np.expm1((n - 1.0) * np.log1p(-min(p * keep, 1.0 - 1e-12)))
+
+
+@njit(cache=True, fastmath=True)
+def expected_max_latency(order: np.ndarray, lat: np.ndarray, none: np.ndarray) -> float:
+    """E[max latency over the destinations used] when destination order[i] (by falling latency lat) goes unused
+    with probability none[order[i]] independently: sum_i lat_i (1 - none_i) prod_{j < i} none_j."""
+    out = 0.0
+    free = 1.0
+    for i in range(order.shape[0]):
+        k = order[i]
+        out += lat[k] * (1.0 - none[k]) * free
+        free *= none[k]
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def per_request(prefill: float, decode: float, out_mean: float, batch: float) -> float:
+    """A request's share of a quantity paid per prefill and per decode step, each decode step shared by a batch of
+    B requests: prefill + (O - 1) * decode / B (the prefill yields the first of O output tokens)."""
+    return prefill + (out_mean - 1.0) * decode / batch
+
+
+@njit(cache=True, fastmath=True)
+def md1_factor(rho: float) -> float:
+    """M/D/1 sojourn factor of a unit (or link) at utilization rho: 1 + rho / (2 (1 - rho))."""
+    return 1.0 + rho / (2.0 * (1.0 - rho))
+
+
+@njit(cache=True, fastmath=True)
+def drop_share(routed_tokens: float, miss: float, rho: float) -> float:
+    """Share of a server's requests dropped: those that route a token to an expert with no live replica,
+    P_miss = 1 - exp(-tokens * miss) (miss: such experts' mass per token), and those beyond the capacity of the
+    bottleneck (unit or link) at utilization rho: 1 - (1 - P_miss) / max(rho, 1)."""
+    miss_drop = 1.0 - np.exp(-routed_tokens * miss)
+    return 1.0 - (1.0 - miss_drop) / max(rho, 1.0)
+
+
+@njit(cache=True, fastmath=True)
+def unit_power(p_idle: float, p_max: float, util: float) -> float:
+    """Watts of a unit: P_idle + (P_max - P_idle) * utilization."""
+    return p_idle + (p_max - p_idle) * util
+
+
+@njit(cache=True, fastmath=True)
+def pair_quality_loss(
+    prune: float, fused: bool, linear: float, knee: float, quadratic: float, fusion_loss: float
+) -> float:
+    """Quality loss of a token crossing a compressed link: linear * prune + quadratic * max(prune - knee, 0)^2,
+    plus fusion_loss (= fusion loss * fusion fraction) with fusion."""
+    loss = linear * prune + quadratic * max(prune - knee, 0.0) ** 2
+    if fused:
+        loss += fusion_loss
+    return loss
+
+
+@njit(cache=True, fastmath=True)
+def prefill_s(ttft_mean: float, in_len: float, in_mean: float) -> float:
+    """Time to first token of a request of in_len input tokens: ttft (of the mean length I) * in_len / I."""
+    return ttft_mean * in_len / in_mean
+
+
+@njit(cache=True, fastmath=True)
+def request_latency(ttft: float, tpot: float, out_len: float) -> float:
+    """End-to-end seconds of a request: ttft + (out_len - 1) * tpot."""
+    return ttft + (out_len - 1.0) * tpot
+
+
+@njit(cache=True, fastmath=True)
+def busy_probability(lam: float, seconds: float) -> float:
+    """Chance a server has a request in flight (Little, Poisson arrivals): 1 - exp(-lam * e2e)."""
+    return -np.expm1(-lam * seconds)
+
+
+# ---- structures ---------------------------------------------------------------------------------------------------
+class Plans(NamedTuple):
+    """N plans to serve (DeploymentPlan arrays stacked), each against one row of States."""
+
+    dev: np.ndarray  # [N, L, E, R] GPU of each replica slot, -1: empty
+    tier: np.ndarray  # [N, L, E, R] GPU_TIER, CPU_TIER or SSD_TIER
+    bits: np.ndarray  # [N, L, E, R] 16, 8 or 4
+    prune: np.ndarray  # [N, P] token pruning ratio per logical link
+    fuse: np.ndarray  # [N, P] token fusion per logical link
+    state: np.ndarray  # [N] row of States each plan is served against
+
+
+class States(NamedTuple):
+    """Per-state inputs [Ns, ...] of the kernels (SurrogateBackend._state_arrays, cached per state set)."""
+
+    up: np.ndarray  # [Ns, S] live servers
+    pop: np.ndarray  # [Ns, S, L, E] chance a token of server s uses expert e of layer l
+    u_dec: np.ndarray  # [Ns, S, L, E] chance a decode step uses it (`use_probability` over the batch)
+    a_dec: np.ndarray  # [Ns, S, L, E] tokens a decode step routes to it: batch * p
+    u_pre: np.ndarray  # [Ns, S, L, E] the same two for a mean-length prefill
+    a_pre: np.ndarray
+    table: np.ndarray  # [Ns, D * N_TIERS * N_BITS, UNIT_COLUMNS] the unit table (`unit_table`)
+    pair_bw: np.ndarray  # [Ns, S, S] bottleneck goodput of each server pair's route, bytes/s (inf on the diagonal)
+    lam: np.ndarray  # [Ns, S] served arrival rate, requests/s (0 when down)
+    rate: np.ndarray  # [Ns, S] offered arrival rate
+    batch: np.ndarray  # [Ns, S] decode batch (`surrogate.decode_batch`)
+    ne_dec: np.ndarray  # [Ns, S] non-expert seconds of a decode step
+    ne_pre: np.ndarray  # [Ns, S] non-expert seconds of a mean-length prefill
+    link_cap: np.ndarray  # [Ns, K] bytes/s of each physical link, both directions
+    contention: np.ndarray  # [Ns] stretch of every step from shared host cores (`surrogate.host_contention`)
+
+
+class Topology(NamedTuple):
+    """The cluster's index arrays and round-trip latencies (built once per backend)."""
+
+    dev_server: np.ndarray  # [D] server of each GPU
+    pair_index: np.ndarray  # [S, S] logical link of a server pair, -1 on the diagonal
+    route: np.ndarray  # [S, S, H] physical links of each pair's route, padded with -1
+    lat2: np.ndarray  # [S, S] round-trip latency, s (0 on the diagonal)
+    lat_order: np.ndarray  # [S, S - 1] the other servers by falling lat2
+
+
+class Params(NamedTuple):
+    """Constants of the hardware profile, model and workload (built once per backend)."""
+
+    bits_index: np.ndarray  # [17] BITS_INDEX
+    expert_bytes: np.ndarray  # [17] bytes of one expert per bit-width
+    qloss: np.ndarray  # [17] quality loss of one expert use per bit-width
+    p_idle: np.ndarray  # [U] idle watts per unit (GPUs, then CPUs)
+    p_max: np.ndarray  # [U]
+    in_q: np.ndarray  # [Q] request input lengths at the quantile grid
+    out_q: np.ndarray  # [Q] output lengths
+    in_mean: float  # mean of in_q (the prefill the state arrays cost)
+    out_mean: float
+    wire_bytes: float  # one-way bytes of a routed token's hidden state
+    fusion_fraction: float  # share of a message's rows for one expert that fusion merges
+    slo_s: float  # end-to-end deadline of a request
+    step_overhead_s: float  # fixed seconds per step (layers * per-layer overhead)
+    moe_uses: float  # expert uses per token: MoE layers * top_k
+    prune_linear: float  # pair_quality_loss constants
+    prune_knee: float
+    prune_quadratic: float
+    fusion_loss: float  # fusion loss * fusion fraction
+    local_first: bool  # routing: the real dispatcher's (own server first, else the nearest holder)
+    lockstep: bool  # serving: every live server runs each step (`lockstep_steps`)
+
+
+class UnitSpecs(NamedTuple):
+    """Rates of every unit (vendor numbers times the profile's efficiencies) and expert sizes: `unit_table`."""
+
+    dev_server: np.ndarray  # [D]
+    gpu_bw: np.ndarray  # [D] memory bandwidth * memory_efficiency, bytes/s
+    gpu_flops: np.ndarray  # [D] peak * compute_efficiency, FLOP/s
+    cpu_bw: np.ndarray  # [S]
+    cpu_flops: np.ndarray  # [S]
+    pcie_bw: np.ndarray  # [S] PCIe bandwidth * pcie_efficiency
+    ssd_bw: np.ndarray  # [S]
+    bit_widths: np.ndarray  # [N_BITS] BIT_WIDTHS
+    expert_bytes: np.ndarray  # [17] bytes of one expert per bit-width
+    slowdown: np.ndarray  # [17] dequantization slowdown per bit-width
+    expert_params: float
+    miss: float  # 1 - prefetch hit rate
+    overhead_s: float  # fixed seconds per expert activation
+    cpu_compute: bool  # CPU-tier experts may run on the CPU (Fiddler)
+
+
+class PairTerms(NamedTuple):
+    """Per plan and ordered server pair [N, S, S] (`pair_terms`); neutral on the diagonal."""
+
+    keep: np.ndarray  # share of tokens (and bytes) pruning keeps
+    transfer_s: np.ndarray  # `transfer_s_per_token`
+    fuse_frac: np.ndarray  # fusion fraction (0 without fusion; `fused_share` applies it per expert)
+
+
+class ServeOut(NamedTuple):
+    """What a routing pass (`route_pass`) accumulates per plan n and serving server s."""
+
+    time: np.ndarray  # [N, S, 2 phases, 3 parts] decode step / prefill: EXPERT_S, TRANSFER_S, LATENCY_S
+    pair_tokens: np.ndarray  # [N, S, S, 2 phases] tokens sent to s2 per decode step / prefill (before compression)
+    busy: np.ndarray  # [N, S, U, 2 phases] busy seconds of each unit (GPUs, then CPUs)
+    quality: np.ndarray  # [N, S] sum over experts of p * qloss(bits)
+    miss: np.ndarray  # [N, S] expert mass with no live replica
+    cross: np.ndarray  # [N, S, S] token mass crossing to s2
+    choice: np.ndarray  # [N] bool: some expert had two or more live replicas (its routing depends on the load)
+
+
+class Outputs(NamedTuple):
+    """Results of `serve_plans` per plan."""
+
+    scalars: np.ndarray  # [N, N_SCALARS] SCALAR_METRICS
+    link_bytes: np.ndarray  # [N, K] bytes per physical link in the window, both directions
+    device_util: np.ndarray  # [N, D]
+    gpu_mem: np.ndarray  # [N, D] expert bytes per GPU (`memory_kernel`)
+    cpu_mem: np.ndarray  # [N, S]
+    ssd_mem: np.ndarray  # [N, S]
+    choice: np.ndarray  # [N] bool: ServeOut.choice
+
+
+class Replicas(NamedTuple):
+    """Expert replicas of N plans [N, L, E, R] (Plans' first three fields): `migration_kernel`."""
+
+    dev: np.ndarray
+    tier: np.ndarray
+    bits: np.ndarray
+
+
+class MigrationOut(NamedTuple):
+    """Per plan pair: `migration_kernel`."""
+
+    bytes: np.ndarray  # [N, S, 3] bytes into each server from LOCAL, PEER and CLOUD copies
+    pair: np.ndarray  # [N, S, S] network bytes src -> dst
+    counts: np.ndarray  # [N, 2] replicas ADDED, REMOVED
+
+
+def _bounds(*structs: type) -> tuple[int, ...]:
+    """Where each structure's fields start in a flat argument list holding them in order, and where it ends."""
+    out = [0]
+    for s in structs:
+        out.append(out[-1] + len(s._fields))
+    return tuple(out)
+
+
+# flat entries (`serve_plans`, `unit_table_kernel`, `migration_kernel`): where each structure's fields start
+_P0, _P1, _P2, _P3, _P4 = _bounds(Plans, States, Topology, Params)  # then window_s, then Outputs
+_P5 = _P4 + 1
+_U0, _U1 = _bounds(UnitSpecs)  # then compute_avail, out
+_U2 = _U1 + 1
+_M0, _M1, _M2 = _bounds(Replicas, Replicas)  # then dev_server, server_up, pair_lat, expert_bytes, MigrationOut
+_M3, _M4, _M5, _M6 = _M2 + 1, _M2 + 2, _M2 + 3, _M2 + 4
+
+
+# ---- kernels ------------------------------------------------------------------------------------------------------
+@njit(cache=True, fastmath=True)
+def activation_stats(
+    pop: np.ndarray,
+    batch: np.ndarray,
+    in_len: np.ndarray,
+    u_dec: np.ndarray,
+    a_dec: np.ndarray,
+    u_pre: np.ndarray,
+    a_pre: np.ndarray,
+) -> None:
+    """Per (state, server, layer, expert): chance an expert is used in a decode step / a prefill
+    (`use_probability`), and tokens routed to it (n * p)."""
+    ns, S, L, E = pop.shape
+    for i in range(ns):
+        for s in range(S):
+            lb = batch[i, s]
+            li = in_len[i, s]
+            for l in range(L):
+                for e in range(E):
+                    p = pop[i, s, l, e]
+                    if p >= 1.0:
+                        u_dec[i, s, l, e] = 1.0
+                        u_pre[i, s, l, e] = 1.0
+                    elif p <= 0.0:
+                        u_dec[i, s, l, e] = 0.0
+                        u_pre[i, s, l, e] = 0.0
+                    else:
+                        lq = np.log1p(-p)
+                        u_dec[i, s, l, e] = use_probability(p, lb, lq)
+                        u_pre[i, s, l, e] = use_probability(p, li, lq)
+                    a_dec[i, s, l, e] = lb * p
+                    a_pre[i, s, l, e] = li * p
+
+
+@njit(cache=True)
+def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> None:
+    """out[n, table_row(d, tier, j)] for free compute shares compute_avail [N, D]: the GPU path (`expert_read_s`
+    and `expert_compute_s` at the free share, `gpu_fetch_s` + overhead) and the CPU path (Fiddler: read and compute
+    on the host, `cpu_fetch_s` + overhead; inf for GPU-tier experts or without cpu_compute)."""
+    dev_server, gpu_bw, gpu_flops, cpu_bw, cpu_flops = (
+        units.dev_server,
+        units.gpu_bw,
+        units.gpu_flops,
+        units.cpu_bw,
+        units.cpu_flops,
+    )
+    pcie_bw, ssd_bw, bit_widths, expert_bytes, slowdown = (
+        units.pcie_bw,
+        units.ssd_bw,
+        units.bit_widths,
+        units.expert_bytes,
+        units.slowdown,
+    )
+    params, miss, oh = units.expert_params, units.miss, units.overhead_s
+    N, D = compute_avail.shape
+    for n in range(N):
+        for d in range(D):
+            srv = dev_server[d]
+            gb = gpu_bw[d] * compute_avail[n, d]
+            gf = gpu_flops[d] * compute_avail[n, d]
+            for t in range(N_TIERS):
+                for j in range(N_BITS):
+                    b = bit_widths[j]
+                    w = expert_bytes[b]
+                    row = out[n, table_row(d, t, j)]
+                    row[GPU_PATH + READ_S] = expert_read_s(w, slowdown[b], gb)
+                    row[GPU_PATH + COMPUTE_S] = expert_compute_s(params, gf)
+                    row[GPU_PATH + FIXED_S] = gpu_fetch_s(t, w, miss, pcie_bw[srv], ssd_bw[srv]) + oh
+                    if t != GPU_TIER and units.cpu_compute:  # dequantizing costs on CPUs too
+                        row[CPU_PATH + READ_S] = expert_read_s(w, slowdown[b], cpu_bw[srv])
+                        row[CPU_PATH + COMPUTE_S] = expert_compute_s(params, cpu_flops[srv])
+                        row[CPU_PATH + FIXED_S] = oh + cpu_fetch_s(t, w, miss, ssd_bw[srv])
+                    else:
+                        row[CPU_PATH + READ_S] = np.inf
+                        row[CPU_PATH + COMPUTE_S] = np.inf
+                        row[CPU_PATH + FIXED_S] = np.inf
+
+
+@njit(cache=True)
+def pair_terms(plans: Plans, st: States, topo: Topology, params: Params, out: PairTerms) -> None:
+    """Per plan and ordered server pair: share of tokens (and bytes) kept by pruning, `transfer_s_per_token` and
+    the fusion fraction (0 without fusion)."""
+    state, prune, fuse, pair_index, pair_bw = plans.state, plans.prune, plans.fuse, topo.pair_index, st.pair_bw
+    keep_o, transfer_o, fuse_o = out.keep, out.transfer_s, out.fuse_frac
+    wire, frac = params.wire_bytes, params.fusion_fraction
+    N = prune.shape[0]
+    S = pair_index.shape[0]
+    for n in range(N):
+        si = state[n]
+        for s in range(S):
+            for s2 in range(S):
+                p = pair_index[s, s2]
+                if p < 0:
+                    keep_o[n, s, s2] = 1.0
+                    transfer_o[n, s, s2] = 0.0
+                    fuse_o[n, s, s2] = 0.0
+                    continue
+                keep = 1.0 - prune[n, p]
+                keep_o[n, s, s2] = keep
+                transfer_o[n, s, s2] = transfer_s_per_token(wire, keep, pair_bw[si, s, s2])
+                fuse_o[n, s, s2] = frac if fuse[n, p] else 0.0
+
+
+@njit(cache=True, fastmath=True)
+def route_pass(
+    plans: Plans,
+    pairs: PairTerms,
+    st: States,
+    topo: Topology,
+    params: Params,
+    infl: np.ndarray,
+    todo: np.ndarray,
+    out: ServeOut,
+) -> None:
+    """One routing pass: accumulate `out` for every plan n with todo[n] and every live server s.
+
+    A layer takes max over GPUs of their expert time (GPUs run in parallel; a GPU-path fetch from RAM/SSD is
+    serial on its GPU) + the CPU-path time (the step waits for a CPU/SSD expert whenever a token uses it) + the
+    bandwidth part of every transfer + the largest round-trip latency among the destinations used. The router
+    sends each expert's tokens to the replica (and path) that raises this layer time least, given the experts
+    already placed, with unit times scaled by infl[n, u] (>= 1: the queueing each unit already sees), ties
+    broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
+    (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
+    holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
+    Expert times are `path_time` of the unit table; transfers `pairs.transfer_s` per token (`fused_share` of it
+    with fusion: fusion needs two tokens of an expert in a message) plus `expected_max_latency`."""
+    N, L, E, R = plans.dev.shape
+    S = st.up.shape[1]
+    D = topo.dev_server.shape[0]
+    U = D + S
+    dev, tier, bits, state = plans.dev, plans.tier, plans.bits, plans.state
+    up_srv, table = st.up, st.table
+    keep, transfer_s, fuse_frac = pairs.keep, pairs.transfer_s, pairs.fuse_frac
+    dev_server, lat2, lat_order = topo.dev_server, topo.lat2, topo.lat_order
+    bits_index, qloss, local_first = params.bits_index, params.qloss, params.local_first
+    o_time, o_pair, o_busy, o_choice = out.time, out.pair_tokens, out.busy, out.choice
+    dev_up = np.zeros(D, dtype=np.bool_)  # per device, for server s: live, token keep, s/token, latency, fusion
+    dev_keep = np.zeros(D)
+    dev_ct = np.zeros(D)
+    dev_lat = np.zeros(D)
+    dev_fuse = np.zeros(D)
+    for job in range(N * S):
+        n = job // S
+        s = job % S
+        si = state[n]
+        if not todo[n] or not up_srv[si, s]:
+            continue
+        acc_d = np.zeros(U)
+        acc_p = np.zeros(U)
+        pacc = np.zeros(D)  # load-scaled GPU decode time, as the router sees it
+        touched = np.zeros(U, dtype=np.bool_)
+        tok_d = np.zeros(S)
+        tok_p = np.zeros(S)
+        none_d = np.ones(S)
+        none_p = np.ones(S)
+        cross = np.zeros(S)
+        quality = 0.0
+        miss = 0.0
+        choice = False
+        pop_s = st.pop[si, s]
+        ud_s = st.u_dec[si, s]
+        ad_s = st.a_dec[si, s]
+        up_s = st.u_pre[si, s]
+        ap_s = st.a_pre[si, s]
+        tab = table[si]
+        inf_n = infl[n]
+        scaled = False  # unit times scaled by load (a re-routing pass); else the router's view is acc_d itself
+        for u in range(U):
+            if inf_n[u] != 1.0:
+                scaled = True
+        pv = pacc if scaled else acc_d
+        lat_s = lat2[s]
+        order = lat_order[s]
+        for d in range(D):
+            sd = dev_server[d]
+            dev_up[d] = up_srv[si, sd]
+            dev_keep[d] = keep[n, s, sd]  # 1 for the own server (the diagonals are neutral)
+            dev_ct[d] = transfer_s[n, s, sd]
+            dev_fuse[d] = fuse_frac[n, s, sd]
+            dev_lat[d] = lat_s[sd]
+        for l in range(L):
+            dev_l = dev[n, l]
+            tier_l = tier[n, l]
+            bits_l = bits[n, l]
+            pmx = 0.0  # router's view of the GPU max
+            mxg_p = 0.0  # prefill GPU max
+            lat_run = 0.0  # expected largest decode round-trip latency so far (recomputed when dirty)
+            lat_dirty = False
+            for e in range(E):
+                p = pop_s[l, e]
+                if p <= 0.0:
+                    continue
+                ud = ud_s[l, e]
+                ad = ad_s[l, e]
+                live = 0
+                rd = -1
+                for r in range(R):
+                    d = dev_l[e, r]
+                    if d >= 0 and dev_up[d]:
+                        live += 1
+                        if rd >= 0:
+                            break  # a choice: the full loop below
+                        rd = r
+                if live == 0:
+                    miss += p
+                    continue
+                if live == 1:  # no choice: only the path (GPU or CPU) is decided
+                    d = dev_l[e, rd]
+                    key_best = unit_row(d, tier_l[e, rd], bits_l[e, rd], bits_index)
+                    akeep = ad * dev_keep[d]
+                    gd = path_time(tab, key_best, GPU_PATH, ud, akeep)
+                    gpu_best = True
+                    t_best = gd
+                    if tier_l[e, rd] != GPU_TIER:
+                        cd = path_time(tab, key_best, CPU_PATH, ud, akeep)
+                        if max(pv[d] + gd * inf_n[d] - pmx, 0.0) > cd * inf_n[D + dev_server[d]]:
+                            gpu_best = False
+                            t_best = cd
+                else:
+                    choice = True
+                    if lat_dirty:
+                        lat_run = expected_max_latency(order, lat_s, none_d)
+                        lat_dirty = False
+                    target = -1  # local-first: the one server whose replicas are considered
+                    if local_first:
+                        for r in range(R):
+                            d = dev_l[e, r]
+                            if d >= 0 and dev_up[d]:
+                                sd = dev_server[d]
+                                if sd == s:
+                                    target = s
+                                    break
+                                if (
+                                    target < 0
+                                    or lat_s[sd] < lat_s[target]
+                                    or (lat_s[sd] == lat_s[target] and sd < target)
+                                ):
+                                    target = sd
+                    best = np.inf
+                    best_own = np.inf
+                    rd = -1
+                    key_best = 0
+                    t_best = 0.0
+                    gpu_best = True
+                    for r in range(R):
+                        d = dev_l[e, r]
+                        if d < 0:
+                            continue
+                        if not dev_up[d]:
+                            continue
+                        sd = dev_server[d]
+                        if target >= 0 and sd != target:
+                            continue
+                        key = unit_row(d, tier_l[e, r], bits_l[e, r], bits_index)
+                        akeep = ad * dev_keep[d]
+                        gd = path_time(tab, key, GPU_PATH, ud, akeep)
+                        cd = path_time(tab, key, CPU_PATH, ud, akeep)
+                        comm = ad * dev_ct[d]
+                        if dev_fuse[d] > 0.0:
+                            comm *= fused_share(p, ad, dev_keep[d], dev_fuse[d])
+                        lat = dev_lat[d]
+                        dlat = 0.0
+                        if sd != s and ud > 0.0:
+                            keep_none = none_d[sd]
+                            none_d[sd] = keep_none * (1.0 - ud)
+                            dlat = expected_max_latency(order, lat_s, none_d) - lat_run
+                            none_d[sd] = keep_none
+                        pg = gd * inf_n[d]
+                        pc = cd * inf_n[D + sd]
+                        dg = max(pv[d] + pg - pmx, 0.0)
+                        use_gpu = dg <= pc
+                        inc = (dg if use_gpu else pc) + comm + dlat
+                        own = (pg if use_gpu else pc) + comm + lat * ud
+                        if inc < best or (inc == best and own < best_own):
+                            best = inc
+                            best_own = own
+                            rd = r
+                            key_best = key
+                            gpu_best = use_gpu
+                            t_best = gd if use_gpu else cd
+                d = dev_l[e, rd]
+                sd = dev_server[d]
+                up = up_s[l, e]
+                ap = ap_s[l, e]
+                if gpu_best:
+                    acc_d[d] += t_best
+                    touched[d] = True
+                    if scaled:
+                        pacc[d] += t_best * inf_n[d]
+                    pmx = max(pmx, pv[d])
+                else:
+                    acc_d[D + sd] += t_best
+                    touched[D + sd] = True
+                # prefill on the same replica, on the path that raises the prefill layer time least
+                akeep = ap * dev_keep[d]
+                gp = path_time(tab, key_best, GPU_PATH, up, akeep)
+                cpu_p = False
+                cp = 0.0
+                if tier_l[e, rd] != GPU_TIER:  # GPU-tier experts have no CPU path
+                    cp = path_time(tab, key_best, CPU_PATH, up, akeep)
+                    cpu_p = max(acc_p[d] + gp - mxg_p, 0.0) > cp
+                if cpu_p:
+                    acc_p[D + sd] += cp
+                    touched[D + sd] = True
+                else:
+                    acc_p[d] += gp
+                    mxg_p = max(mxg_p, acc_p[d])
+                    touched[d] = True
+                quality += p * qloss[bits_l[e, rd]]
+                # own-server entries accumulate too and are ignored when the layer closes
+                if dev_fuse[d] > 0.0:
+                    tok_d[sd] += ad * fused_share(p, ad, dev_keep[d], dev_fuse[d])
+                    tok_p[sd] += ap * fused_share(p, ap, dev_keep[d], dev_fuse[d])
+                else:
+                    tok_d[sd] += ad
+                    tok_p[sd] += ap
+                none_d[sd] *= 1.0 - ud
+                none_p[sd] *= 1.0 - up
+                cross[sd] += p
+                if sd != s:
+                    lat_dirty = True
+            # close the layer: GPUs in parallel, CPU-path work and transfers serial
+            mx_d = 0.0
+            mx_p = 0.0
+            for u in range(U):
+                if touched[u]:
+                    if u < D:
+                        mx_d = max(mx_d, acc_d[u])
+                        mx_p = max(mx_p, acc_p[u])
+                        if scaled:
+                            pacc[u] = 0.0
+                    else:
+                        mx_d += acc_d[u]
+                        mx_p += acc_p[u]
+                    o_busy[n, s, u, DECODE] += acc_d[u]
+                    o_busy[n, s, u, PREFILL] += acc_p[u]
+                    acc_d[u] = 0.0
+                    acc_p[u] = 0.0
+                    touched[u] = False
+            o_time[n, s, DECODE, EXPERT_S] += mx_d
+            o_time[n, s, PREFILL, EXPERT_S] += mx_p
+            tok_d[s] = 0.0
+            tok_p[s] = 0.0
+            none_d[s] = 1.0
+            none_p[s] = 1.0
+            o_time[n, s, DECODE, LATENCY_S] += expected_max_latency(order, lat_s, none_d)
+            o_time[n, s, PREFILL, LATENCY_S] += expected_max_latency(order, lat_s, none_p)
+            for s2 in range(S):
+                if none_d[s2] < 1.0 or tok_d[s2] > 0.0:
+                    o_time[n, s, DECODE, TRANSFER_S] += tok_d[s2] * transfer_s[n, s, s2]
+                    o_pair[n, s, s2, DECODE] += tok_d[s2]
+                    tok_d[s2] = 0.0
+                    none_d[s2] = 1.0
+                if none_p[s2] < 1.0 or tok_p[s2] > 0.0:
+                    o_time[n, s, PREFILL, TRANSFER_S] += tok_p[s2] * transfer_s[n, s, s2]
+                    o_pair[n, s, s2, PREFILL] += tok_p[s2]
+                    tok_p[s2] = 0.0
+                    none_p[s2] = 1.0
+        out.quality[n, s] = quality
+        out.miss[n, s] = miss
+        if choice:
+            o_choice[n] = True
+        for s2 in range(S):
+            if s2 != s:
+                out.cross[n, s, s2] = cross[s2]
+
+
+@njit(cache=True)
+def migration_source(
+    old_dev: np.ndarray,
+    old_tier: np.ndarray,
+    old_bits: np.ndarray,
+    bits: int,
+    dst: int,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+) -> int:
+    """The one migration source rule (surrogate and real backend): the replica slot q (of an expert's old replicas
+    [R]) a new copy of `bits` bits on server `dst` is made from, or -1 (the cloud / checkpoint store). Candidates:
+    old replicas with >= `bits` bits on live servers (server_up [S]). Chosen: the lexicographic minimum of
+    (latency key, tier, -bits, device), the latency key being 0 on `dst` itself (a local requantize / copy) and
+    pair_lat[src, dst] + 1 for a peer: a local copy first, else the nearest peer; on equal latency the fastest
+    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order)."""
+    best = -1
+    best_lat, best_tier, best_bits, best_dev = 0.0, 0, 0, 0
+    for q in range(old_dev.shape[0]):
+        od, ot, ob = old_dev[q], old_tier[q], old_bits[q]
+        if od < 0 or ob < bits:
+            continue
+        src = dev_server[od]
+        if not server_up[src]:
+            continue
+        lat = 0.0 if src == dst else pair_lat[src, dst] + 1.0
+        if best >= 0:
+            if lat != best_lat:
+                if lat > best_lat:
+                    continue
+            elif ot != best_tier:
+                if ot > best_tier:
+                    continue
+            elif ob != best_bits:
+                if ob < best_bits:
+                    continue
+            elif od >= best_dev:
+                continue
+        best, best_lat, best_tier, best_bits, best_dev = q, lat, ot, ob, od
+    return best
+
+
+@njit(cache=True)
+def migration(
+    old: Replicas,
+    new: Replicas,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+    expert_bytes: np.ndarray,
+    out: MigrationOut,
+) -> None:
+    """Per plan pair n and new replica absent from the old plan, pick its source by `migration_source` (a local
+    copy with >= bits, else the nearest live peer with >= bits, server_up [N, S], else the cloud) and add its bytes."""
+    N, L, E, R = new.dev.shape
+    for n in range(N):
+        o_bytes = out.bytes[n]
+        for l in range(L):
+            for e in range(E):
+                old_dev, old_tier, old_bits = old.dev[n, l, e], old.tier[n, l, e], old.bits[n, l, e]
+                new_dev, new_tier, new_bits = new.dev[n, l, e], new.tier[n, l, e], new.bits[n, l, e]
+                for r in range(R):
+                    d = new_dev[r]
+                    if d < 0:
+                        continue
+                    b = new_bits[r]
+                    present = False
+                    for q in range(R):
+                        if old_dev[q] == d and old_tier[q] == new_tier[r] and old_bits[q] == b:
+                            present = True
+                    if present:
+                        continue
+                    out.counts[n, ADDED] += 1
+                    dst = dev_server[d]
+                    w = expert_bytes[b]
+                    src_q = migration_source(old_dev, old_tier, old_bits, b, dst, dev_server, server_up[n], pair_lat)
+                    best_src = dev_server[old_dev[src_q]] if src_q >= 0 else -1
+                    if best_src == dst:
+                        o_bytes[dst, LOCAL] += w
+                    elif best_src >= 0:
+                        o_bytes[dst, PEER] += w
+                        out.pair[n, best_src, dst] += w
+                    else:
+                        o_bytes[dst, CLOUD] += w
+                for q in range(R):
+                    od = old_dev[q]
+                    if od < 0:
+                        continue
+                    kept = False
+                    for r in range(R):
+                        if new_dev[r] == od and new_tier[r] == old_tier[q] and new_bits[r] == old_bits[q]:
+                            kept = True
+                    if not kept:
+                        out.counts[n, REMOVED] += 1
+
+
+@njit(cache=True)
+def memory_kernel(
+    dev: np.ndarray,
+    tier: np.ndarray,
+    bits: np.ndarray,
+    dev_server: np.ndarray,
+    ebytes: np.ndarray,
+    o_gpu: np.ndarray,
+    o_cpu: np.ndarray,
+    o_ssd: np.ndarray,
+) -> None:
+    """Expert bytes per GPU [N, D], per server in CPU RAM and on SSD [N, S] for a batch of plans (positional:
+    coel_env.plan.repair calls it too)."""
+    N, L, E, R = dev.shape
+    for n in range(N):
+        for l in range(L):
+            for e in range(E):
+                for r in range(R):
+                    d = dev[n, l, e, r]
+                    if d < 0:
+                        continue
+                    w = ebytes[bits[n, l, e, r]]
+                    t = tier[n, l, e, r]
+                    if t == GPU_TIER:
+                        o_gpu[n, d] += w
+                    elif t == CPU_TIER:
+                        o_cpu[n, dev_server[d]] += w
+                    else:
+                        o_ssd[n, dev_server[d]] += w
+
+
+@njit(cache=True)
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative weight (values ascending) reaches q of the total."""
+    order = np.argsort(values)
+    total = 0.0
+    for i in range(values.size):
+        total += weights[i]
+    if total <= 0.0:
+        return values[order[-1]] if values.size else 0.0
+    acc = 0.0
+    for i in range(values.size):
+        acc += weights[order[i]]
+        if acc >= q * total:
+            return values[order[i]]
+    return values[order[-1]]
+
+
+@njit(cache=True, fastmath=True)
+def unit_utilization(
+    plans: Plans, busy: np.ndarray, st: States, dev_server: np.ndarray, out_mean: float, rho: np.ndarray
+) -> None:
+    """rho[n, u]: offered utilization of every unit (GPUs, then CPUs) by all servers' requests, sum over servers of
+    lam * `per_request` busy seconds, the non-expert part of each request on its own server's GPUs included."""
+    state, lam, batch, ne_pre, ne_dec = plans.state, st.lam, st.batch, st.ne_pre, st.ne_dec
+    N, S, U = busy.shape[0], busy.shape[1], busy.shape[2]
+    D = dev_server.shape[0]
+    for n in range(N):
+        si = state[n]
+        for u in range(U):
+            rho[n, u] = 0.0
+        for s in range(S):
+            ls = lam[si, s]
+            if ls <= 0.0:
+                continue
+            b = batch[si, s]
+            for u in range(U):
+                rho[n, u] += ls * per_request(busy[n, s, u, PREFILL], busy[n, s, u, DECODE], out_mean, b)
+        for d in range(D):
+            s = dev_server[d]
+            rho[n, d] += lam[si, s] * per_request(ne_pre[si, s], ne_dec[si, s], out_mean, batch[si, s])
+
+
+@njit(cache=True, fastmath=True)
+def queue_inflation(rho: np.ndarray, out: np.ndarray) -> None:
+    """The router's load-aware scale of each unit's time: `md1_factor`, uncapped (a saturated unit's marginal work
+    costs drops, not just waiting), at most MAX_INFLATION (rho >= 1)."""
+    for n in range(rho.shape[0]):
+        for u in range(rho.shape[1]):
+            r = rho[n, u]
+            out[n, u] = MAX_INFLATION if r >= 1.0 else min(md1_factor(r), MAX_INFLATION)
+
+
+@njit(cache=True, fastmath=True)
+def lockstep_steps(
+    busy_n: np.ndarray,
+    lam_n: np.ndarray,
+    ne_dec_n: np.ndarray,
+    ne_pre_n: np.ndarray,
+    comm_d: np.ndarray,
+    comm_p: np.ndarray,
+    overhead: float,
+    out_mean: float,
+    tpot: np.ndarray,
+    ttft: np.ndarray,
+) -> None:
+    """Lock-step serving (expert parallelism: every live server runs each step and all meet at every MoE layer).
+    Server s's step waits for the slowest active server and for every unit's work from all active servers. Server
+    s2 is active with probability a = `busy_probability`(lam, e2e); mean-field over the others: decode step =
+    max(E[max of the isolated steps of s and the active others], own non-expert + transfers + the busiest unit's
+    expected work); a prefill meets the others' typical step (1 prefill + O-1 decode steps per request).
+    tpot/ttft: isolated step times in, lock-step times out."""
+    S, U = busy_n.shape[0], busy_n.shape[1]
+    act = np.zeros(S)
+    typ = np.zeros(S)
+    for s in range(S):
+        e2e = request_latency(ttft[s], tpot[s], out_mean)
+        if lam_n[s] > 0.0:
+            act[s] = busy_probability(lam_n[s], e2e)
+        typ[s] = e2e / out_mean
+    order = np.argsort(-typ)
+    new_d = np.empty(S)
+    new_p = np.empty(S)
+    for s in range(S):
+        # expected max of own step and the active others' typical steps (falling order)
+        e_d = 0.0
+        e_p = 0.0
+        free_d = 1.0
+        free_p = 1.0
+        for i in range(S):
+            k = order[i]
+            if k == s or act[k] <= 0.0:
+                continue
+            if typ[k] > tpot[s]:
+                e_d += typ[k] * act[k] * free_d
+                free_d *= 1.0 - act[k]
+            if typ[k] > ttft[s]:
+                e_p += typ[k] * act[k] * free_p
+                free_p *= 1.0 - act[k]
+        e_d += tpot[s] * free_d
+        e_p += ttft[s] * free_p
+        w_d = 0.0
+        w_p = 0.0
+        for u in range(U):
+            other = 0.0
+            for s2 in range(S):
+                if s2 != s:
+                    other += act[s2] * busy_n[s2, u, DECODE]
+            w_d = max(w_d, busy_n[s, u, DECODE] + other)
+            w_p = max(w_p, busy_n[s, u, PREFILL] + other)
+        new_d[s] = max(e_d, ne_dec_n[s] + comm_d[s] + overhead + w_d)
+        new_p[s] = max(e_p, ne_pre_n[s] + comm_p[s] + overhead + w_p)
+    for s in range(S):
+        tpot[s] = new_d[s]
+        ttft[s] = new_p[s]
+
+
+@njit(cache=True, fastmath=True)
+def _add_on_route(route: np.ndarray, s: int, s2: int, amount: float, link: np.ndarray) -> None:
+    """link[k] += amount on every physical link k of the route s -> s2 (route [S, S, H], padded with -1)."""
+    for h in range(route.shape[2]):
+        k = route[s, s2, h]
+        if k < 0:
+            break
+        link[k] += amount
+
+
+@njit(cache=True, fastmath=True)
+def finish(
+    plans: Plans,
+    keep: np.ndarray,
+    so: ServeOut,
+    st: States,
+    topo: Topology,
+    params: Params,
+    window: float,
+    rho: np.ndarray,
+    out: Outputs,
+) -> None:
+    """Batching, link contention, queueing, percentiles, energy and quality per plan.
+    rho[n, u] receives each unit's utilization (`unit_utilization`). A server's requests queue behind the busiest
+    unit they use (`md1_factor`, utilization capped at MAX_RHO); transfers are slowed by the same factor of the
+    busiest link on their routes; `drop_share` drops the requests beyond the capacity of that bottleneck, unit or
+    link, and dropped requests carry no bytes. out.link_bytes = bytes per link in the window, both directions summed.
+    With `lockstep` the servers' steps are coupled (`lockstep_steps`); contention stretches every step (servers
+    sharing host cores). Requests are costed on a grid of input x output length quantiles (`prefill_s`,
+    `request_latency`), energy per unit with `unit_power`, transfer quality with `pair_quality_loss`."""
+    state, prune, fuse = plans.state, plans.prune, plans.fuse
+    o_time, o_pair, o_busy, o_quality, o_miss, o_cross = so.time, so.pair_tokens, so.busy, so.quality, so.miss, so.cross
+    up, lam_all, rate, batch_all, ne_dec, ne_pre = st.up, st.lam, st.rate, st.batch, st.ne_dec, st.ne_pre
+    link_cap, contention = st.link_cap, st.contention
+    dev_server, pair_index, route = topo.dev_server, topo.pair_index, topo.route
+    in_q, out_q, p_idle, p_max = params.in_q, params.out_q, params.p_idle, params.p_max
+    wire, slo, overhead, lm = params.wire_bytes, params.slo_s, params.step_overhead_s, params.moe_uses
+    N, S = o_time.shape[0], o_time.shape[1]
+    D = dev_server.shape[0]
+    U = D + S
+    K = link_cap.shape[1]
+    H = route.shape[2]
+    Q = in_q.size
+    # numba's means of the grids; the routing passes use numpy's (params.in_mean / out_mean), an ulp apart at
+    # times: kept as recorded in the golden outputs (a weighted p95 at a cumulative-weight boundary can flip)
+    I = in_q.mean()
+    O = out_q.mean()
+    unit_utilization(plans, o_busy, st, dev_server, O, rho)
+    for n in range(N):
+        si = state[n]
+        lam, batch = lam_all[si], batch_all[si]
+        # bytes per request to each other server, and the offered load of every link (both directions)
+        link = np.zeros(K)
+        per_req = np.zeros((S, S))
+        for s in range(S):
+            for s2 in range(S):
+                if s2 == s:
+                    continue
+                tokens = per_request(o_pair[n, s, s2, PREFILL], o_pair[n, s, s2, DECODE], O, batch[s])
+                b = tokens * wire * keep[n, s, s2]
+                per_req[s, s2] = b
+                if b > 0.0:
+                    _add_on_route(route, s, s2, lam[s] * b * 2.0, link)
+        # isolated step times: expert time + transfers (slowed by their busiest link) + non-expert part
+        tpot = np.zeros(S)
+        ttft = np.zeros(S)
+        comm_d = np.zeros(S)
+        comm_p = np.zeros(S)
+        rho_l = np.zeros(S)  # busiest link on the routes of each server's transfers
+        for s in range(S):
+            r_l = 0.0
+            for s2 in range(S):
+                if per_req[s, s2] > 0.0:
+                    for h in range(H):
+                        k = route[s, s2, h]
+                        if k < 0:
+                            break
+                        r_l = max(r_l, link[k] / link_cap[si, k])
+            rho_l[s] = r_l
+            inflate = md1_factor(min(r_l, MAX_RHO))  # the servers' M/D/1 waiting factor, on the transfers
+            comm_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate + o_time[n, s, DECODE, LATENCY_S]
+            comm_p[s] = o_time[n, s, PREFILL, TRANSFER_S] * inflate + o_time[n, s, PREFILL, LATENCY_S]
+            tpot[s] = o_time[n, s, DECODE, EXPERT_S] + comm_d[s] + ne_dec[si, s] + overhead
+            ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead
+        if params.lockstep:
+            lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, O, tpot, ttft)
+        for s in range(S):
+            tpot[s] *= contention[si]
+            ttft[s] *= contention[si]
+        # queueing behind the bottleneck, drops, quality
+        rho_unit = rho[n]
+        served = np.zeros(S)
+        drop = np.zeros(S)
+        qual = np.zeros(S)
+        for s in range(S):
+            # the bottleneck: the busiest unit this server's requests use (its own GPUs always: non-expert part)
+            rho_s = 0.0
+            if lam[s] > 0.0:
+                for u in range(U):
+                    used = (
+                        o_busy[n, s, u, DECODE] > 0.0
+                        or o_busy[n, s, u, PREFILL] > 0.0
+                        or (u < D and dev_server[u] == s)
+                    )
+                    if used:
+                        rho_s = max(rho_s, rho_unit[u])
+            queue = md1_factor(min(rho_s, MAX_RHO))
+            ttft[s] *= queue
+            tpot[s] *= queue
+            drop[s] = drop_share(I + O - 1.0, o_miss[n, s], max(rho_s, rho_l[s])) if up[si, s] else 1.0
+            served[s] = rate[si, s] * (1.0 - drop[s])
+            q = o_quality[n, s] / lm
+            for s2 in range(S):
+                p = pair_index[s, s2]
+                if p >= 0 and o_cross[n, s, s2] > 0.0:
+                    loss = pair_quality_loss(
+                        prune[n, p],
+                        fuse[n, p],
+                        params.prune_linear,
+                        params.prune_knee,
+                        params.prune_quadratic,
+                        params.fusion_loss,
+                    )
+                    q += o_cross[n, s, s2] / lm * loss
+            qual[s] = q
+        # bytes the served requests carry (the offered load above decided contention and drops)
+        link_n = out.link_bytes[n]
+        for k in range(K):
+            link_n[k] = 0.0
+        for s in range(S):
+            for s2 in range(S):
+                if per_req[s, s2] > 0.0:
+                    _add_on_route(route, s, s2, lam[s] * (1.0 - drop[s]) * per_req[s, s2] * 2.0 * window, link_n)
+        # requests on a grid of input x output length quantiles
+        e2e = np.empty(S * Q * Q)
+        w_e2e = np.empty(S * Q * Q)
+        ttft_v = np.empty(S * Q)
+        w_ttft = np.empty(S * Q)
+        i = 0
+        late = 0.0
+        speed = 0.0
+        for s in range(S):
+            for a in range(Q):
+                pre = prefill_s(ttft[s], in_q[a], I)
+                ttft_v[s * Q + a] = pre
+                w_ttft[s * Q + a] = served[s] / Q
+                for b in range(Q):
+                    v = request_latency(pre, tpot[s], out_q[b])
+                    e2e[i] = v
+                    w_e2e[i] = served[s] / (Q * Q)
+                    if v > slo:
+                        late += w_e2e[i]
+                    speed += w_e2e[i] * out_q[b] / v
+                    i += 1
+        tot = rate[si].sum()
+        srv = served.sum()
+        srv_safe = max(srv, 1e-30)
+        dropped = 0.0
+        for s in range(S):
+            dropped += rate[si, s] * drop[s]
+        energy = 0.0
+        for u in range(U):
+            util = min(rho_unit[u], 1.0)
+            srv_of = dev_server[u] if u < D else u - D
+            if up[si, srv_of]:
+                energy += unit_power(p_idle[u], p_max[u], util)
+            if u < D:
+                out.device_util[n, u] = util
+        sc = out.scalars[n]
+        sc[TTFT_MEAN_S] = (served * ttft).sum() / srv_safe
+        sc[TTFT_P95_S] = _weighted_quantile(ttft_v, w_ttft, 0.95)
+        sc[TPOT_MEAN_S] = (served * tpot).sum() / srv_safe
+        sc[TPOT_P95_S] = _weighted_quantile(tpot, served, 0.95)
+        sc[E2E_MEAN_S] = (w_e2e * e2e).sum() / srv_safe
+        sc[E2E_P95_S] = _weighted_quantile(e2e, w_e2e, 0.95)
+        sc[TOKENS_PER_S] = srv * O
+        sc[REQUEST_TOKENS_PER_S] = speed / srv_safe
+        sc[ENERGY_J] = energy * window
+        sc[QUALITY_LOSS] = (served * qual).sum() / srv_safe
+        sc[DROPPED_FRAC] = dropped / max(tot, 1e-30)
+        sc[LATE_FRAC] = (late + dropped) / max(tot, 1e-30)
+        sc[REQUESTS] = tot * window
+        sc[WINDOW_S] = window
+
+
+@njit(cache=True, fastmath=True)
+def serve_plans(*flat) -> None:
+    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs).
+    `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes re-routed with unit
+    times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a unit found saturated
+    stays avoided), then `finish` and `memory_kernel`."""
+    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
+    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
+    N = plans.dev.shape[0]
+    S = st.up.shape[1]
+    D = topo.dev_server.shape[0]
+    U = D + S
+    pairs = PairTerms(np.empty((N, S, S)), np.empty((N, S, S)), np.empty((N, S, S)))
+    pair_terms(plans, st, topo, params, pairs)
+    so = ServeOut(
+        np.zeros((N, S, 2, 3)),
+        np.zeros((N, S, S, 2)),
+        np.zeros((N, S, U, 2)),
+        np.zeros((N, S)),
+        np.zeros((N, S)),
+        np.zeros((N, S, S)),
+        np.zeros(N, dtype=np.bool_),
+    )
+    infl = np.ones((N, U))
+    route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), so)
+    rho = np.empty((N, U))
+    redo = so.choice.copy()
+    if redo.any():
+        unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+        seen = rho.copy()
+        for i in range(ROUTING_PASSES - 1):
+            queue_inflation(seen, infl)
+            for n in range(N):
+                if redo[n]:
+                    so.time[n] = 0.0
+                    so.pair_tokens[n] = 0.0
+                    so.busy[n] = 0.0
+                    so.quality[n] = 0.0
+                    so.miss[n] = 0.0
+                    so.cross[n] = 0.0
+            route_pass(plans, pairs, st, topo, params, infl, redo, so)
+            if i < ROUTING_PASSES - 2:
+                unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+                for n in range(N):
+                    for u in range(U):
+                        seen[n, u] = max(seen[n, u], rho[n, u])
+    finish(plans, pairs.keep, so, st, topo, params, window, rho, out)
+    memory_kernel(
+        plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
+    )
+    out.choice[:] = so.choice
+
+
+@njit(cache=True)
+def unit_table_kernel(*flat) -> None:
+    """`unit_table` on flat fields: unit_table_kernel(*units, compute_avail, out)."""
+    unit_table(UnitSpecs(*flat[_U0:_U1]), flat[_U1], flat[_U2])
+
+
+@njit(cache=True)
+def migration_kernel(*flat) -> None:
+    """`migration` on flat fields: migration_kernel(*old, *new, dev_server, server_up, pair_lat, expert_bytes, *out)."""
+    migration(
+        Replicas(*flat[_M0:_M1]),
+        Replicas(*flat[_M1:_M2]),
+        flat[_M2],
+        flat[_M3],
+        flat[_M4],
+        flat[_M5],
+        MigrationOut(*flat[_M6:]),
+    )

@@ -1,0 +1,256 @@
+"""Training (tiny runs as subprocesses, CleanRL style), resume, export parity and the deployment-policy loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from agents.checkpoint import read_checkpoint
+from agents.deployment_policy import DeploymentPolicy, PolicyLoadError
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "WANDB_MODE": "offline"}
+
+
+def train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "experiment=smoke",
+        "scenario=tiny",
+        f"hydra.run.dir={out}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    proc = train(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_training_writes_model_policy_checkpoints_and_wandb(trained):
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["timesteps"] >= 512 and summary["scenario"] == "tiny"
+    assert read_checkpoint(trained / "model.zip").num_timesteps == summary["timesteps"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt_256_steps.zip", "ckpt_512_steps.zip"]
+    assert read_checkpoint(trained / "checkpoints" / "ckpt_256_steps.zip").num_timesteps == 256
+    assert sorted(p.name for p in (trained / "policy").iterdir()) == ["actor.onnx", "integrity.json", "policy.json"]
+    assert not list(trained.glob(".*.tmp*")), "temporary files left behind"
+    assert list((trained / "wandb").glob("offline-run-*")), "no W&B offline run directory"
+    evals = summary["evaluations"]
+    assert evals and all(np.isfinite(e["agent"]["return"]) for e in evals)
+    assert np.isfinite(evals[-1]["best_baseline_return"])
+    progress = (trained / "progress.csv").read_text().splitlines()
+    assert "eval/agent_return" in progress[0]
+
+
+def test_resume_continues_from_checkpoint(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "ckpt_256_steps.zip"
+    proc = train(tmp_path, f"resume={ckpt}", "total_timesteps=256", "export=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["timesteps"] >= 512  # 256 restored + 256 more, counter not reset
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_512_steps.zip"]  # next multiple
+
+
+def test_resume_from_truncated_checkpoint_is_one_line(trained, tmp_path):
+    data = (trained / "checkpoints" / "ckpt_256_steps.zip").read_bytes()
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(data[: len(data) // 2])
+    proc = train(tmp_path / "run", f"resume={cut}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume: checkpoint '{cut}' is not a readable zip (truncated or corrupt?): BadZipFile"
+    )
+    assert not (tmp_path / "run" / "model.zip").exists() and not (tmp_path / "run" / "wandb").exists()
+
+
+def test_resume_from_missing_checkpoint_is_one_line(tmp_path):
+    proc = train(tmp_path, "resume=/nonexistent/ckpt.zip")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: resume: no checkpoint at '/nonexistent/ckpt.zip'"
+
+
+def _flat_env(trained: Path):
+    from agents.sb3 import make_env_from_spec
+
+    return make_env_from_spec(json.loads((trained / "policy" / "policy.json").read_text())["env"])
+
+
+def test_exported_knobs_policy_matches_sb3(trained):
+    from agents.sb3 import load_model
+
+    ckpt = read_checkpoint(trained / "model.zip")
+    model = load_model(ckpt)
+    rms, clip = ckpt.obs_normalization()
+    mean, var = rms.mean, rms.var
+    policy = DeploymentPolicy(trained / "policy")
+    env = _flat_env(trained)
+    obs, _ = env.reset(seed=3)
+    batch = [obs]
+    for _ in range(6):
+        obs, *_ = env.step(env.action_space.sample())
+        batch.append(obs)
+    obs = np.stack(batch)
+    ours = policy.act(obs)
+    norm = np.clip((obs - mean) / np.sqrt(var + 1e-8), -clip, clip).astype(np.float32)
+    ref = model.predict(norm, deterministic=True)[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert ours.shape == (7, env.action_space.shape[0])
+
+
+def test_exported_masked_multidiscrete_policy_matches_sb3(tmp_path):
+    """MaskablePPO on the `full` space: ONNX logits + masks give SB3's deterministic masked actions."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.export import export_policy
+    from agents.sb3 import make_flat_env
+
+    env = make_flat_env({"scenario": "tiny", "max_epochs": 8, "action_space": "full"})
+    model = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(32)
+    export_policy(model, tmp_path, env_spec={"id": "CoEL-v0", "kwargs": {"scenario": "tiny"}})
+    policy = DeploymentPolicy(tmp_path)
+    obs, _ = env.reset(seed=1)
+    for _ in range(3):
+        mask = env.unwrapped.action_masks()
+        ref = model.predict(obs, deterministic=True, action_masks=mask)[0]
+        np.testing.assert_array_equal(policy.act(obs, mask), ref)
+        assert mask.reshape(-1)[np.cumsum([0, *policy.nvec[:-1]]) + policy.act(obs, mask)].all()
+        obs, *_ = env.step(ref)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (
+            lambda d: (d / "actor.onnx").write_bytes((d / "actor.onnx").read_bytes() + b"x"),
+            "does not match its SHA-256",
+        ),
+        (
+            lambda d: _edit_meta(d, lambda m: m.update(algorithm="DQN"), reseal=False),
+            "'policy.json' in .* does not match",
+        ),
+        (lambda d: _reseal(d, (d / "policy.json").write_text("{not json")), "not valid JSON"),
+        (lambda d: _edit_meta(d, lambda m: m.pop("action")), "lacks field 'action'"),
+        (lambda d: _edit_meta(d, lambda m: m.update(format="pickle")), "unsupported"),
+        (lambda d: _edit_meta(d, lambda m: m.update(version=1)), "unsupported"),
+        (lambda d: _edit_meta(d, lambda m: m.update(onnx="../../etc/passwd")), "missing from"),
+        (lambda d: _edit_meta(d, lambda m: m.update(onnx_sha256="0" * 64)), "does not match onnx_sha256"),
+        (lambda d: _edit_meta(d, lambda m: m.update(observation={})), "malformed observation"),
+        (lambda d: (d / "actor.onnx").unlink(), "missing from"),
+        (lambda d: (d / "integrity.json").unlink(), "has no integrity.json"),
+    ],
+)
+def test_deployment_policy_refuses_tampered_directories(trained, tmp_path, tamper, message):
+    d = tmp_path / "policy"
+    shutil.copytree(trained / "policy", d)
+    tamper(d)
+    with pytest.raises(PolicyLoadError, match=message) as err:
+        DeploymentPolicy(d)
+    assert "\n" not in str(err.value)
+
+
+def _edit_meta(d: Path, fn, reseal: bool = True) -> None:
+    meta = json.loads((d / "policy.json").read_text())
+    fn(meta)
+    (d / "policy.json").write_text(json.dumps(meta))
+    if reseal:  # a consistent integrity list: the loader's other checks still refuse
+        _reseal(d)
+
+
+def _reseal(d: Path, _=None) -> None:
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir() if p.name != "integrity.json"}
+    (d / "integrity.json").write_text(json.dumps({"format": "coel-policy-integrity", "version": 1, "sha256": files}))
+
+
+def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "scenarios=[tiny]",
+        f"policies=[static_linear,{trained}/policy]",
+        "seeds=2",
+        "max_epochs=4",
+        "logger=disabled",
+        "progress_bar=false",
+        "plots=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert f"agent:{trained.name}" in board and "static_linear" in board
+
+
+def test_gym_make_registered():
+    import coel_env  # noqa: F401
+
+    assert "CoEL-v0" in gym.registry
+
+
+def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
+    out = tmp_path / "policy256"
+    cmd = [sys.executable, "-m", "experiments.export", f"run={trained}", f"out={out}", "checkpoint=ckpt_256_steps"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policy = DeploymentPolicy(out)
+    assert policy.env_spec["knobs"] == "coel" and "plan" not in policy.env_spec["obs_keys"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"run={tmp_path}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "has no env_spec.json" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_export_cli_never_replaces_the_run_it_exports(trained):
+    """`out=<run>` used to move the whole training run away and delete it; now one line, and the run is intact."""
+    before = {str(p.relative_to(trained)): p.stat().st_mtime_ns for p in trained.rglob("*")}
+    cmd = [sys.executable, "-m", "experiments.export", f"run={trained}", f"out={trained}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: out: '{trained}' is the run directory")
+    assert {str(p.relative_to(trained)): p.stat().st_mtime_ns for p in trained.rglob("*")} == before
+
+
+def test_deployment_policy_refuses_bad_observations_of_a_trained_policy(trained):
+    from agents.deployment_policy import PolicyInputError
+
+    policy = DeploymentPolicy(trained / "policy")
+    n = policy.obs_dim
+    for obs in (np.zeros(2 * n), np.full(n, np.nan), {"time": 0.0}):
+        with pytest.raises(PolicyInputError, match=rf"expected shape \({n},\) or a batch \(B, {n}\)") as err:
+            policy.act(obs)
+        assert "\n" not in str(err.value)
+
+
+def test_deployed_agent_on_another_scenario_is_one_clear_error(trained):
+    from agents.deployed import DeployedAgent
+    from coel_env.errors import ConfigError
+
+    agent = DeployedAgent(trained / "policy")
+    env = gym.make("CoEL-v0", scenario="paper-testbed", max_epochs=2)
+    obs, _ = env.reset(seed=0)
+    agent.reset(env.unwrapped.cluster, seed=0, scenario=env.unwrapped.scenario)
+    with pytest.raises(ConfigError, match="trained on scenario 'tiny'") as err:
+        agent.act(obs, env)
+    assert "\n" not in str(err.value)
