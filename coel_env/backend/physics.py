@@ -223,6 +223,63 @@ def busy_probability(lam: float, seconds: float) -> float:
     return -np.expm1(-lam * seconds)
 
 
+@njit(cache=True)
+def held_kv_tokens(in_mean: float, out_mean: float, block: float) -> float:
+    """KV tokens a running sequence holds on average: its prompt and half its output (it grows from I to I + O),
+    in whole blocks: ceil((I + O / 2) / block) * block."""
+    return np.ceil((in_mean + out_mean / 2.0) / block) * block
+
+
+@njit(cache=True)
+def kv_sequences(kv_bytes: float, kv_tok: float, held: float, max_seqs: float) -> float:
+    """Sequences a server runs at once under continuous batching: min(max_num_seqs, floor(KV bytes / (KV bytes per
+    token * tokens held per sequence))); 0 when the plan leaves no room for one."""
+    if kv_bytes <= 0.0:
+        return 0.0
+    return min(max_seqs, np.floor(kv_bytes / (kv_tok * held)))
+
+
+@njit(cache=True, fastmath=True)
+def interp_log2(grid: np.ndarray, values: np.ndarray, b: float) -> float:
+    """values (given at the batch sizes grid, ascending) at batch b, piecewise linear in log2(b), clamped."""
+    G = grid.shape[0]
+    if b <= grid[0]:
+        return values[0]
+    for g in range(1, G):
+        if b <= grid[g]:
+            w = (np.log2(b) - np.log2(grid[g - 1])) / (np.log2(grid[g]) - np.log2(grid[g - 1]))
+            return values[g - 1] + w * (values[g] - values[g - 1])
+    return values[G - 1]
+
+
+@njit(cache=True)
+def erlang_c_wait(c: float, a: float, service: float) -> float:
+    """Mean queue wait of M/M/c (c slots, offered load a = lam * service < c): C(c, a) * service / (c - a), the
+    Erlang-C probability of waiting from the Erlang-B recursion B_k = a B_(k-1) / (k + a B_(k-1)), B_0 = 1,
+    C = B_c / (1 - (a / c) (1 - B_c)). inf when a >= c."""
+    if a >= c:
+        return np.inf
+    if a <= 0.0:
+        return 0.0
+    erl_b = 1.0
+    for k in range(1, int(c) + 1):
+        erl_b = a * erl_b / (k + a * erl_b)
+    wait_p = erl_b / (1.0 - (a / c) * (1.0 - erl_b))
+    return wait_p * service / (c - a)
+
+
+@njit(cache=True, fastmath=True)
+def prefill_in_steps(
+    ttft_iso: float, tpot: float, in_len: float, chunk_tokens: float, batch: float, chunked: bool
+) -> float:
+    """Time to first token without queueing under continuous batching: with chunked prefill the prompt rides in
+    ceil(I / max(token budget - B, 1)) steps beside the B decodes, each step also a decode step:
+    ttft_iso + n * tpot; without, the prefill waits for the running step: ttft_iso + tpot / 2."""
+    if chunked:
+        return ttft_iso + np.ceil(in_len / max(chunk_tokens - batch, 1.0)) * tpot
+    return ttft_iso + 0.5 * tpot
+
+
 # ---- structures ---------------------------------------------------------------------------------------------------
 class Plans(NamedTuple):
     """N plans to serve (DeploymentPlan arrays stacked), each against one row of States."""
@@ -253,6 +310,8 @@ class States(NamedTuple):
     ne_pre: np.ndarray  # [Ns, S] non-expert seconds of a mean-length prefill
     link_cap: np.ndarray  # [Ns, K] bytes/s of each physical link, both directions
     contention: np.ndarray  # [Ns] stretch of every step from shared host cores (`surrogate.host_contention`)
+    ne_dec_grid: np.ndarray  # [Ns, S, G] non-expert decode step at the batches of Params.batch_grid (continuous)
+    kv_room: np.ndarray  # [Ns, S] GPU bytes for KV before experts (`Cluster.kv_room_at`)
 
 
 class Topology(NamedTuple):
@@ -288,6 +347,14 @@ class Params(NamedTuple):
     fusion_loss: float  # fusion loss * fusion fraction
     local_first: bool  # routing: the real dispatcher's (own server first, else the nearest holder)
     lockstep: bool  # serving: every live server runs each step (`lockstep_steps`)
+    continuous: bool  # serving: continuous batching per server (`continuous_batching`)
+    batch_grid: np.ndarray  # [G] batch sizes 1, 2, 4, ... at which `decode_grid` costs the decode step
+    kv_tok: float  # KV-cache bytes per token (all layers)
+    held_tokens: float  # KV tokens a running sequence holds on average, whole blocks (`held_kv_tokens`)
+    max_seqs: float  # workload max_batch (vLLM max_num_seqs)
+    chunk_tokens: float  # workload max_num_batched_tokens
+    chunked: bool  # chunked prefill
+    max_wait_s: float  # admission: the longest queue wait before a request is dropped
 
 
 class UnitSpecs(NamedTuple):
@@ -327,6 +394,7 @@ class ServeOut(NamedTuple):
     miss: np.ndarray  # [N, S] expert mass with no live replica
     cross: np.ndarray  # [N, S, S] token mass crossing to s2
     choice: np.ndarray  # [N] bool: some expert had two or more live replicas (its routing depends on the load)
+    chosen: np.ndarray  # [N, S, L, E] the decode step's replica slot r and path: 2 r + (1 on the CPU path); -1 none
 
 
 class Outputs(NamedTuple):
@@ -684,6 +752,7 @@ def route_pass(
                     mxg_p = max(mxg_p, acc_p[d])
                     touched[d] = True
                 quality += p * qloss[bits_l[e, rd]]
+                out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
                 if dev_fuse[d] > 0.0:
                     tok_d[sd] += ad * fused_share(p, ad, dev_keep[d], dev_fuse[d])
@@ -888,28 +957,43 @@ def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> flo
 
 
 @njit(cache=True, fastmath=True)
+def plan_utilization(
+    busy_n: np.ndarray,
+    lam: np.ndarray,
+    batch: np.ndarray,
+    ne_pre: np.ndarray,
+    ne_dec: np.ndarray,
+    dev_server: np.ndarray,
+    out_mean: float,
+    rho_n: np.ndarray,
+) -> None:
+    """rho_n[u]: offered utilization of every unit (GPUs, then CPUs) by one plan's servers at decode batches
+    batch [S]: sum over servers of lam * `per_request` busy seconds, the non-expert part of each request on its own
+    server's GPUs included."""
+    S, U = busy_n.shape[0], busy_n.shape[1]
+    D = dev_server.shape[0]
+    for u in range(U):
+        rho_n[u] = 0.0
+    for s in range(S):
+        ls = lam[s]
+        if ls <= 0.0:
+            continue
+        b = batch[s]
+        for u in range(U):
+            rho_n[u] += ls * per_request(busy_n[s, u, PREFILL], busy_n[s, u, DECODE], out_mean, b)
+    for d in range(D):
+        s = dev_server[d]
+        rho_n[d] += lam[s] * per_request(ne_pre[s], ne_dec[s], out_mean, batch[s])
+
+
+@njit(cache=True, fastmath=True)
 def unit_utilization(
     plans: Plans, busy: np.ndarray, st: States, dev_server: np.ndarray, out_mean: float, rho: np.ndarray
 ) -> None:
-    """rho[n, u]: offered utilization of every unit (GPUs, then CPUs) by all servers' requests, sum over servers of
-    lam * `per_request` busy seconds, the non-expert part of each request on its own server's GPUs included."""
-    state, lam, batch, ne_pre, ne_dec = plans.state, st.lam, st.batch, st.ne_pre, st.ne_dec
-    N, S, U = busy.shape[0], busy.shape[1], busy.shape[2]
-    D = dev_server.shape[0]
-    for n in range(N):
-        si = state[n]
-        for u in range(U):
-            rho[n, u] = 0.0
-        for s in range(S):
-            ls = lam[si, s]
-            if ls <= 0.0:
-                continue
-            b = batch[si, s]
-            for u in range(U):
-                rho[n, u] += ls * per_request(busy[n, s, u, PREFILL], busy[n, s, u, DECODE], out_mean, b)
-        for d in range(D):
-            s = dev_server[d]
-            rho[n, d] += lam[si, s] * per_request(ne_pre[si, s], ne_dec[si, s], out_mean, batch[si, s])
+    """`plan_utilization` of every plan at its state's decode batch (States.batch)."""
+    for n in range(busy.shape[0]):
+        si = plans.state[n]
+        plan_utilization(busy[n], st.lam[si], st.batch[si], st.ne_pre[si], st.ne_dec[si], dev_server, out_mean, rho[n])
 
 
 @njit(cache=True, fastmath=True)
@@ -997,6 +1081,201 @@ def _add_on_route(route: np.ndarray, s: int, s2: int, amount: float, link: np.nd
 
 
 @njit(cache=True, fastmath=True)
+def decode_grid(
+    plans: Plans, keep: np.ndarray, st: States, topo: Topology, params: Params, chosen: np.ndarray, out: np.ndarray
+) -> None:
+    """out[n, s, g]: expert seconds of server s's decode step at batch B = batch_grid[g], on the replicas and paths
+    the routing chose (`chosen`): each expert at `path_time` with uses `use_probability`(p, B) and tokens B p keep,
+    a layer the max over GPUs plus the CPU-path work (as `route_pass` closes a layer)."""
+    N, L, E, _ = plans.dev.shape
+    S = st.up.shape[1]
+    dev_server = topo.dev_server
+    D = dev_server.shape[0]
+    U = D + S
+    grid = params.batch_grid
+    G = grid.shape[0]
+    acc = np.zeros((U, G))
+    touched = np.zeros(U, dtype=np.bool_)
+    for n in range(N):
+        si = plans.state[n]
+        tab = st.table[si]
+        for s in range(S):
+            out[n, s, :] = 0.0
+            if not st.up[si, s]:
+                continue
+            for l in range(L):
+                for e in range(E):
+                    c = chosen[n, s, l, e]
+                    if c < 0:
+                        continue
+                    r = c // 2
+                    path = CPU_PATH if c % 2 else GPU_PATH
+                    d = plans.dev[n, l, e, r]
+                    sd = dev_server[d]
+                    key = unit_row(d, plans.tier[n, l, e, r], plans.bits[n, l, e, r], params.bits_index)
+                    p = st.pop[si, s, l, e]
+                    lq = np.log1p(-min(p, 1.0 - 1e-12))
+                    unit = d if path == GPU_PATH else D + sd
+                    kp = keep[n, s, sd]
+                    for g in range(G):
+                        b = grid[g]
+                        acc[unit, g] += path_time(tab, key, path, use_probability(p, b, lq), b * p * kp)
+                    touched[unit] = True
+                for g in range(G):
+                    mx = 0.0
+                    cpu = 0.0
+                    for u in range(U):
+                        if touched[u]:
+                            if u < D:
+                                mx = max(mx, acc[u, g])
+                            else:
+                                cpu += acc[u, g]
+                    out[n, s, g] += mx + cpu
+                for u in range(U):
+                    if touched[u]:
+                        acc[u, :] = 0.0
+                        touched[u] = False
+
+
+@njit(cache=True, fastmath=True)
+def decode_step_at(
+    b: float,
+    grid: np.ndarray,
+    expert: np.ndarray,
+    non_expert: np.ndarray,
+    transfer_ref: float,
+    batch_ref: float,
+    fixed: float,
+) -> float:
+    """Decode step seconds at batch b: experts (`decode_grid`) + non-expert part (KV reads, attention) at b, both
+    `interp_log2` on the batch grid, + transfers (bandwidth time grows with the tokens: transfer_ref * b / B_ref)
+    + `fixed` (round-trip latency and per-step overhead)."""
+    return interp_log2(grid, expert, b) + interp_log2(grid, non_expert, b) + transfer_ref * b / batch_ref + fixed
+
+
+@njit(cache=True, fastmath=True)
+def sequence_s(
+    b: float,
+    grid,
+    expert,
+    non_expert,
+    transfer_ref,
+    batch_ref,
+    fixed,
+    ttft_iso,
+    params: Params,
+    in_mean: float,
+    out_mean: float,
+    prefill_share: float,
+) -> float:
+    """Seconds a request holds a batch slot at batch b: `prefill_in_steps` + (O - 1) decode steps, the decode
+    steps stretched by the server's share of time in prefills, 1 / (1 - prefill_share)."""
+    step = decode_step_at(b, grid, expert, non_expert, transfer_ref, batch_ref, fixed)
+    pre = prefill_in_steps(ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
+    return pre + (out_mean - 1.0) * step / (1.0 - prefill_share)
+
+
+@njit(cache=True, fastmath=True)
+def continuous_batching(
+    expert: np.ndarray,
+    non_expert: np.ndarray,
+    kv_bytes: np.ndarray,
+    lam: np.ndarray,
+    up: np.ndarray,
+    transfer_ref: np.ndarray,
+    batch_ref: np.ndarray,
+    fixed: np.ndarray,
+    ttft_iso: np.ndarray,
+    prefill_work: np.ndarray,
+    params: Params,
+    in_mean: float,
+    out_mean: float,
+    tpot: np.ndarray,
+    ttft: np.ndarray,
+    wait: np.ndarray,
+    batch: np.ndarray,
+    admit_drop: np.ndarray,
+) -> None:
+    """Continuous batching per server s of one plan (vLLM/SGLang semantics). Slots: c = `kv_sequences` of the
+    KV bytes the plan leaves. The running batch is the fixed point of Little's law B = lam * `sequence_s`(B),
+    1 <= B <= c (bisection; `sequence_s` grows with B). If lam * `sequence_s`(c) >= c the server saturates: it
+    serves mu = c / `sequence_s`(c) requests/s, admission drops the rest (1 - mu / lam) and the admitted wait
+    max_wait_s; otherwise the wait is `erlang_c_wait`(c, lam * S, S). Decode steps share the GPUs with prefills:
+    prefill_share = lam * prefill_work (at most MAX_RHO). A server with no KV room for one sequence serves nothing.
+    Out: tpot (stretched by prefills), ttft without the wait (`prefill_in_steps`), wait, batch,
+    admit_drop."""
+    S = lam.shape[0]
+    grid = params.batch_grid
+    for s in range(S):
+        cap = kv_sequences(kv_bytes[s], params.kv_tok, params.held_tokens, params.max_seqs)
+        share = min(lam[s] * prefill_work[s], MAX_RHO) if up[s] else 0.0
+        ex, ne, tr, br, fx, t0 = expert[s], non_expert[s], transfer_ref[s], batch_ref[s], fixed[s], ttft_iso[s]
+        b = 1.0
+        admit_drop[s] = 0.0
+        wait[s] = 0.0
+        if not up[s] or cap < 1.0:
+            admit_drop[s] = 1.0
+        elif lam[s] > 0.0:
+            svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+            if lam[s] * svc >= cap:  # saturated: every slot busy, the admission queue at its limit
+                b = cap
+                # the prefills sharing the GPUs are the admitted ones: share = mu * prefill_work, mu = c / S(share)
+                # (S grows with the share: one root, by bisection)
+                lo_s, hi_s = 0.0, share
+                for _ in range(40):
+                    share = 0.5 * (lo_s + hi_s)
+                    svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                    if share > cap / svc * prefill_work[s]:
+                        hi_s = share
+                    else:
+                        lo_s = share
+                svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                admit_drop[s] = max(1.0 - cap / svc / lam[s], 0.0)
+                wait[s] = params.max_wait_s
+            else:
+                lo, hi = 1.0, cap
+                if lam[s] * sequence_s(1.0, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share) > 1.0:
+                    for _ in range(40):
+                        mid = 0.5 * (lo + hi)
+                        if (
+                            lam[s] * sequence_s(mid, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                            > mid
+                        ):
+                            lo = mid
+                        else:
+                            hi = mid
+                    b = 0.5 * (lo + hi)
+                svc = sequence_s(b, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                wait[s] = min(erlang_c_wait(cap, lam[s] * svc, svc), params.max_wait_s)
+        step = decode_step_at(b, grid, ex, ne, tr, br, fx)
+        batch[s] = b
+        tpot[s] = step / (1.0 - share)
+        ttft[s] = prefill_in_steps(t0, step, in_mean, params.chunk_tokens, b, params.chunked)
+
+
+@njit(cache=True, fastmath=True)
+def busiest_link(per_req: np.ndarray, rates: np.ndarray, route: np.ndarray, cap: np.ndarray, rho_l: np.ndarray) -> None:
+    """rho_l[s]: utilization of the busiest physical link on server s's routes, the links loaded (both directions)
+    by every server's rates [S] * bytes per request per_req [S, S] (capacities cap [K])."""
+    S, H = per_req.shape[0], route.shape[2]
+    link = np.zeros(cap.shape[0])
+    for s in range(S):
+        for s2 in range(S):
+            if per_req[s, s2] > 0.0:
+                _add_on_route(route, s, s2, rates[s] * per_req[s, s2] * 2.0, link)
+    for s in range(S):
+        r_l = 0.0
+        for s2 in range(S):
+            if per_req[s, s2] > 0.0:
+                for h in range(H):
+                    k = route[s, s2, h]
+                    if k < 0:
+                        break
+                    r_l = max(r_l, link[k] / cap[k])
+        rho_l[s] = r_l
+
+
+@njit(cache=True, fastmath=True)
 def finish(
     plans: Plans,
     keep: np.ndarray,
@@ -1006,6 +1285,7 @@ def finish(
     params: Params,
     window: float,
     rho: np.ndarray,
+    grid: np.ndarray,
     out: Outputs,
 ) -> None:
     """Batching, link contention, queueing, percentiles, energy and quality per plan.
@@ -1027,7 +1307,6 @@ def finish(
     D = dev_server.shape[0]
     U = D + S
     K = link_cap.shape[1]
-    H = route.shape[2]
     Q = in_q.size
     # numba's means of the grids; the routing passes use numpy's (params.in_mean / out_mean), an ulp apart at
     # times: kept as recorded in the golden outputs (a weighted p95 at a cumulative-weight boundary can flip)
@@ -1038,40 +1317,67 @@ def finish(
         si = state[n]
         lam, batch = lam_all[si], batch_all[si]
         # bytes per request to each other server, and the offered load of every link (both directions)
-        link = np.zeros(K)
         per_req = np.zeros((S, S))
         for s in range(S):
             for s2 in range(S):
                 if s2 == s:
                     continue
                 tokens = per_request(o_pair[n, s, s2, PREFILL], o_pair[n, s, s2, DECODE], O, batch[s])
-                b = tokens * wire * keep[n, s, s2]
-                per_req[s, s2] = b
-                if b > 0.0:
-                    _add_on_route(route, s, s2, lam[s] * b * 2.0, link)
+                per_req[s, s2] = tokens * wire * keep[n, s, s2]
         # isolated step times: expert time + transfers (slowed by their busiest link) + non-expert part
         tpot = np.zeros(S)
         ttft = np.zeros(S)
         comm_d = np.zeros(S)
         comm_p = np.zeros(S)
         rho_l = np.zeros(S)  # busiest link on the routes of each server's transfers
+        busiest_link(per_req, lam, route, link_cap[si], rho_l)
+        transfer_d = np.zeros(S)  # decode transfer bandwidth time, slowed by its busiest link
         for s in range(S):
-            r_l = 0.0
-            for s2 in range(S):
-                if per_req[s, s2] > 0.0:
-                    for h in range(H):
-                        k = route[s, s2, h]
-                        if k < 0:
-                            break
-                        r_l = max(r_l, link[k] / link_cap[si, k])
-            rho_l[s] = r_l
-            inflate = md1_factor(min(r_l, MAX_RHO))  # the servers' M/D/1 waiting factor, on the transfers
-            comm_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate + o_time[n, s, DECODE, LATENCY_S]
+            r_l = rho_l[s]
+            # the servers' M/D/1 waiting factor on the transfers (continuous batching: link overload drops instead)
+            inflate = 1.0 if params.continuous else md1_factor(min(r_l, MAX_RHO))
+            transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate
+            comm_d[s] = transfer_d[s] + o_time[n, s, DECODE, LATENCY_S]
             comm_p[s] = o_time[n, s, PREFILL, TRANSFER_S] * inflate + o_time[n, s, PREFILL, LATENCY_S]
             tpot[s] = o_time[n, s, DECODE, EXPERT_S] + comm_d[s] + ne_dec[si, s] + overhead
             ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead
+        wait = np.zeros(S)  # admission queue wait (continuous batching)
+        admit_drop = np.zeros(S)
         if params.lockstep:
             lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, O, tpot, ttft)
+        if params.continuous:
+            kv_bytes = st.kv_room[si].copy()
+            for d in range(D):
+                kv_bytes[dev_server[d]] -= out.gpu_mem[n, d]
+            fixed = np.empty(S)
+            prefill_work = np.empty(S)  # GPU seconds of a prefill (what decode steps share the server with)
+            for s in range(S):
+                fixed[s] = o_time[n, s, DECODE, LATENCY_S] + overhead
+                prefill_work[s] = o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s]
+            run_batch = np.empty(S)
+            continuous_batching(
+                grid[n],
+                st.ne_dec_grid[si],
+                kv_bytes,
+                lam,
+                up[si],
+                transfer_d,
+                batch,
+                fixed,
+                ttft.copy(),
+                prefill_work,
+                params,
+                I,
+                O,
+                tpot,
+                ttft,
+                wait,
+                run_batch,
+                admit_drop,
+            )
+            admitted = lam * (1.0 - admit_drop)  # links and units carry the admitted requests
+            busiest_link(per_req, admitted, route, link_cap[si], rho_l)
+            plan_utilization(o_busy[n], admitted, run_batch, ne_pre[si], ne_dec[si], dev_server, O, rho[n])
         for s in range(S):
             tpot[s] *= contention[si]
             ttft[s] *= contention[si]
@@ -1092,10 +1398,14 @@ def finish(
                     )
                     if used:
                         rho_s = max(rho_s, rho_unit[u])
-            queue = md1_factor(min(rho_s, MAX_RHO))
-            ttft[s] *= queue
-            tpot[s] *= queue
-            drop[s] = drop_share(I + O - 1.0, o_miss[n, s], max(rho_s, rho_l[s])) if up[si, s] else 1.0
+            if not params.continuous:  # continuous batching queues at admission (`continuous_batching`)
+                queue = md1_factor(min(rho_s, MAX_RHO))
+                ttft[s] *= queue
+                tpot[s] *= queue
+            ds = drop_share(I + O - 1.0, o_miss[n, s], max(rho_s, rho_l[s]))
+            if admit_drop[s] > 0.0:  # admission drops first, then the routing/capacity share of the admitted
+                ds = 1.0 - (1.0 - admit_drop[s]) * (1.0 - ds)
+            drop[s] = ds if up[si, s] else 1.0
             served[s] = rate[si, s] * (1.0 - drop[s])
             q = o_quality[n, s] / lm
             for s2 in range(S):
@@ -1129,7 +1439,7 @@ def finish(
         speed = 0.0
         for s in range(S):
             for a in range(Q):
-                pre = prefill_s(ttft[s], in_q[a], I)
+                pre = wait[s] + prefill_s(ttft[s], in_q[a], I)
                 ttft_v[s * Q + a] = pre
                 w_ttft[s * Q + a] = served[s] / Q
                 for b in range(Q):
@@ -1155,7 +1465,7 @@ def finish(
             if u < D:
                 out.device_util[n, u] = util
         sc = out.scalars[n]
-        sc[TTFT_MEAN_S] = (served * ttft).sum() / srv_safe
+        sc[TTFT_MEAN_S] = (served * (wait + ttft)).sum() / srv_safe
         sc[TTFT_P95_S] = _weighted_quantile(ttft_v, w_ttft, 0.95)
         sc[TPOT_MEAN_S] = (served * tpot).sum() / srv_safe
         sc[TPOT_P95_S] = _weighted_quantile(tpot, served, 0.95)
@@ -1193,6 +1503,7 @@ def serve_plans(*flat) -> None:
         np.zeros((N, S)),
         np.zeros((N, S, S)),
         np.zeros(N, dtype=np.bool_),
+        np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]), -1, dtype=np.int16),
     )
     infl = np.ones((N, U))
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), so)
@@ -1211,16 +1522,20 @@ def serve_plans(*flat) -> None:
                     so.quality[n] = 0.0
                     so.miss[n] = 0.0
                     so.cross[n] = 0.0
+                    so.chosen[n] = -1
             route_pass(plans, pairs, st, topo, params, infl, redo, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
                 for n in range(N):
                     for u in range(U):
                         seen[n, u] = max(seen[n, u], rho[n, u])
-    finish(plans, pairs.keep, so, st, topo, params, window, rho, out)
     memory_kernel(
         plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
     )
+    grid = np.zeros((N, S, params.batch_grid.shape[0]))
+    if params.continuous:
+        decode_grid(plans, pairs.keep, st, topo, params, so.chosen, grid)
+    finish(plans, pairs.keep, so, st, topo, params, window, rho, grid, out)
     out.choice[:] = so.choice
 
 

@@ -38,6 +38,7 @@ from coel_env.backend.physics import (
     Topology,
     UnitSpecs,
     activation_stats,
+    held_kv_tokens,
     migration_kernel,
     serve_plans,
     unit_table_kernel,
@@ -168,8 +169,9 @@ class SurrogateBackend:
         for b, v in hw.quality.loss_per_bits.items():
             self.qloss[b] = v
         self.flops_tok = 2.0 * m.expert_params
-        self.ne_flops_tok = 2.0 * m.non_expert_params
-        self.ne_bytes = float(m.non_expert_bytes(16))
+        # a step reads and multiplies the non-expert weights but for the input embedding (a gather of its rows)
+        self.ne_flops_tok = 2.0 * m.step_read_params
+        self.ne_bytes = 2.0 * m.step_read_params  # 16-bit
         # server aggregates: GPUs of a server work tensor-parallel on the non-expert part
         S = c.num_servers
         self.srv_gpu_bw = np.bincount(c.dev_server, weights=self.gpu_bw, minlength=S)
@@ -202,6 +204,9 @@ class SurrogateBackend:
             cpu_compute=bool(hw.cpu_compute),
         )
         self.kv_tok = m.kv_bytes_per_token()
+        # decode batches at which the continuous-batching model costs a step: 1, 2, 4, ... up to max_batch
+        top = int(np.ceil(np.log2(max(c.spec.workload.max_batch, 1))))
+        self.batch_grid = 2.0 ** np.arange(top + 1)
         self.dev_onehot = (c.dev_server[:, None] == np.arange(S)[None]).astype(np.float64)  # [D, S]
         self._zero_idx = np.zeros(64, dtype=np.int64)
         self._cache_key: tuple | None = None
@@ -212,6 +217,7 @@ class SurrogateBackend:
     def _set_lengths(self, in_q: np.ndarray, out_q: np.ndarray) -> None:
         """Request lengths at the QUANTILES grid, and what depends on them (prefill cost, kernel constants)."""
         c, hw, m = self.cluster, self.cluster.hw, self.cluster.model
+        wl = c.spec.workload
         self.in_q, self.out_q = in_q, out_q
         self.in_mean, self.out_mean = float(in_q.mean()), float(out_q.mean())
         self.ne_pre = non_expert_prefill_s(
@@ -239,6 +245,14 @@ class SurrogateBackend:
             fusion_loss=float(q.fusion_loss * q.fusion_fraction),
             local_first=hw.routing == "local_first",
             lockstep=hw.serving == "lockstep",
+            continuous=hw.serving == "continuous",
+            batch_grid=self.batch_grid,
+            kv_tok=float(self.kv_tok),
+            held_tokens=float(held_kv_tokens(self.in_mean, self.out_mean, float(wl.kv_block_tokens))),
+            max_seqs=float(wl.max_batch),
+            chunk_tokens=float(wl.max_num_batched_tokens),
+            chunked=bool(wl.chunked_prefill),
+            max_wait_s=float(wl.slo_s if wl.max_queue_wait_s is None else wl.max_queue_wait_s),
         )
 
     def with_lengths(self, input_len: np.ndarray, output_len: np.ndarray) -> SurrogateBackend:
@@ -344,6 +358,7 @@ class SurrogateBackend:
                 s.server_up.tobytes(),
                 s.arrival_rate.tobytes(),
                 s.compute_avail.tobytes(),
+                s.memory_avail.tobytes(),
                 s.link_factor.tobytes(),
             )
             for s in states
@@ -359,11 +374,13 @@ class SurrogateBackend:
         if isinstance(states, StateBatch):
             pop, rate, up = states.popularity, states.arrival_rate, states.server_up
             comp, link_factor = states.compute_avail, states.link_factor
+            memory_avail = states.memory_avail
         else:
             pop = np.ascontiguousarray(np.stack([s.popularity for s in states]), dtype=np.float64)
             rate = np.stack([s.arrival_rate for s in states]).astype(np.float64)
             up = np.stack([s.server_up for s in states])
             comp = np.stack([s.compute_avail for s in states]).astype(np.float64)
+            memory_avail = np.stack([s.memory_avail for s in states]).astype(np.float64)
             link_factor = np.stack([s.link_factor for s in states]).astype(np.float64)
         lam = rate * up
         batch = decode_batch(lam, self.out_mean, self.tpot_ref, c.spec.workload.max_batch)
@@ -400,10 +417,29 @@ class SurrogateBackend:
             ne_pre=self.ne_pre / srv_avail,
             link_cap=2.0 * goodput,  # both ways
             contention=host_contention(up, c.hw.host_cores, c.hw.oversubscription_exponent),
+            ne_dec_grid=self._ne_dec_grid(srv_avail, up),
+            kv_room=c.kv_room_at(memory_avail),
         )
         self._cache = dict(st._asdict(), states=st)
         self._cache_key = key
         return self._cache
+
+    def _ne_dec_grid(self, srv_avail: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """[Ns, S, G] `non_expert_decode_s` at the batches of batch_grid (continuous batching; zeros otherwise)."""
+        if self.cluster.hw.serving != "continuous":
+            return np.zeros((*up.shape, 1))
+        g = self.batch_grid
+        step = non_expert_decode_s(
+            g[None, :],
+            self.in_mean,
+            self.out_mean,
+            self.kv_tok,
+            self.ne_bytes,
+            self.ne_flops_tok,
+            self.srv_gpu_bw[:, None],
+            self.srv_gpu_flops[:, None],
+        )  # [S, G]
+        return step[None] / srv_avail[..., None]
 
     def serve_batch(
         self,

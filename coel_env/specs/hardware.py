@@ -145,7 +145,16 @@ class HardwareProfile(BaseModel):
     )
     prefetch_hit_rate: Float = Field(0.6, ge=0, le=1, description="next-layer predictor hit rate")
     cpu_compute: bool = Field(True, description="may run CPU-resident experts on the CPU (Fiddler)")
-    kv_reserve_frac: Float = Field(0.10, ge=0, lt=1, description="GPU memory kept for KV cache/activations")
+    kv_reserve_frac: Float = Field(
+        0.10, ge=0, lt=1, description="share of GPU memory a plan must leave for KV cache (experts may not use it)"
+    )
+    gpu_memory_utilization: Float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of GPU memory the engine uses for weights and KV cache (vLLM's gpu_memory_utilization, "
+        "0.9 there); the rest is activations and runtime",
+    )
     cpu_reserve_gb: Annotated[Float, at_most(MAX_GB)] = Field(
         8.0, ge=0, description="host RAM kept for the OS and the runtime"
     )
@@ -158,10 +167,12 @@ class HardwareProfile(BaseModel):
         "backend's shaper), which hides the per-message software cost: a round trip "
         "takes 2 max(latency, α) instead of 2 (latency + α)",
     )
-    serving: Literal["independent", "lockstep"] = Field(
+    serving: Literal["independent", "lockstep", "continuous"] = Field(
         "independent",
-        description="servers step on their own, or in lock-step as expert parallelism does "
-        "(every live server runs each step and all meet at each MoE layer; the real backend)",
+        description="independent: servers step on their own (one batch estimate, M/D/1 queueing); lockstep: as "
+        "expert parallelism does (every live server runs each step and all meet at each MoE layer; the real "
+        "backend); continuous: continuous batching per server as vLLM/SGLang serve (the batch is the fixed point "
+        "of Little's law under the KV-cache and max_batch limits, admission queueing, chunked prefill)",
     )
     host_cores: Int | None = Field(
         None,

@@ -135,6 +135,12 @@ class ModelSpec(BaseModel):
         return self.non_expert_params * bits // 8
 
     @property
+    def step_read_params(self) -> int:
+        """Non-expert weights a forward step reads and multiplies: all but an untied input-embedding table, which
+        is a gather of the step's rows (the LM head is read once per step; tied embeddings are that head)."""
+        return self.non_expert_params - (0 if self.tie_word_embeddings else self.vocab_size * self.d_model)
+
+    @property
     def hidden_bytes(self) -> int:
         """Bytes of one bf16 hidden state (what a token sends to a remote expert)."""
         return 2 * self.d_model

@@ -14,11 +14,13 @@ from coel_env.errors import ConfigError
 from coel_env.specs.bounds import (
     MAX_ARRIVAL_RATE,
     MAX_BATCH,
+    MAX_BATCHED_TOKENS,
     MAX_DOMAINS,
     MAX_ENERGY_J,
     MAX_GB,
     MAX_GBS,
     MAX_GPUS_PER_SERVER,
+    MAX_KV_BLOCK_TOKENS,
     MAX_LENGTH_TOKENS,
     MAX_POPULARITY_ENTRIES,
     MAX_REPLICAS,
@@ -141,7 +143,19 @@ class WorkloadSpec(_Strict):
     arrival_rate: Float | list[Float] = Field(0.2, description="requests/s per server (one value or a list)")
     input_len: LengthDist = Field(default_factory=LengthDist)
     output_len: LengthDist = Field(default_factory=LengthDist)
-    max_batch: Annotated[Int, at_most(MAX_BATCH)] = Field(32, ge=1)
+    max_batch: Annotated[Int, at_most(MAX_BATCH)] = Field(
+        32, ge=1, description="most sequences a server decodes at once (vLLM max_num_seqs)"
+    )
+    max_num_batched_tokens: Annotated[Int, at_most(MAX_BATCHED_TOKENS)] = Field(
+        2048, ge=1, description="tokens one step may process (decodes + prefill chunk; vLLM max_num_batched_tokens)"
+    )
+    chunked_prefill: bool = Field(True, description="prefills are split into chunks that share steps with decodes")
+    kv_block_tokens: Annotated[Int, at_most(MAX_KV_BLOCK_TOKENS)] = Field(
+        16, ge=1, description="tokens per KV-cache block (a sequence holds whole blocks; vLLM block_size)"
+    )
+    max_queue_wait_s: Annotated[Float, at_most(MAX_SECONDS)] | None = Field(
+        None, ge=0, description="admission: a request that would wait longer is dropped (None: the SLO)"
+    )
     slo_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         30.0, ge=MIN_SECONDS, description="end-to-end latency SLO per request, seconds"
     )

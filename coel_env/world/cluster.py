@@ -95,10 +95,21 @@ class Cluster:
 
     def gpu_expert_capacity_at(self, memory_avail: np.ndarray | float) -> np.ndarray:
         """[..., D] bytes of GPU memory for routed experts, given each GPU's free fraction `memory_avail` ([..., D]):
-        `max(mem · (free − kv_reserve_frac) − non-expert bytes, 0)` — the one capacity rule of plans, repair and
-        observations."""
-        cap = self.dev_mem * (memory_avail - self.hw.kv_reserve_frac) - self.non_expert_bytes_per_gpu
-        return np.maximum(cap, 0.0)
+        `max(mem · (free · gpu_memory_utilization − kv_reserve_frac) − non-expert bytes, 0)` — the one capacity rule
+        of plans, repair and observations (a plan within it leaves every GPU kv_reserve_frac of its memory for KV)."""
+        hw = self.hw
+        cap = self.dev_mem * (memory_avail * hw.gpu_memory_utilization - hw.kv_reserve_frac)
+        return np.maximum(cap - self.non_expert_bytes_per_gpu, 0.0)
+
+    def kv_room_at(self, memory_avail: np.ndarray) -> np.ndarray:
+        """[..., S] bytes each server's GPUs offer the KV cache before any expert is placed, for free fractions
+        [..., D]: sum over its GPUs of max(mem · free · gpu_memory_utilization − non-expert bytes, 0). The KV cache
+        of a plan is this minus the expert bytes the plan puts on the server's GPUs (`physics.kv_sequences`)."""
+        room = np.maximum(
+            self.dev_mem * np.asarray(memory_avail) * self.hw.gpu_memory_utilization - self.non_expert_bytes_per_gpu,
+            0.0,
+        )
+        return room @ (self.dev_server[:, None] == np.arange(self.num_servers)[None]).astype(np.float64)
 
     @cached_property
     def cpu_expert_capacity(self) -> np.ndarray:

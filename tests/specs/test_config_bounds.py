@@ -99,6 +99,9 @@ SCENARIO_RULES = [
     ("max_replicas", 10**6, "max_replicas: 1000000 must be <= 8"),
     ("routing.num_domains", 10**6, "routing.num_domains: 1000000 must be <= 256"),
     ("workload.max_batch", 10**9, "workload.max_batch: 1000000000 must be <= 65536"),
+    ("workload.max_num_batched_tokens", 10**9, "workload.max_num_batched_tokens: 1000000000 must be <= 1048576"),
+    ("workload.kv_block_tokens", 0, "workload.kv_block_tokens: Input should be greater than or equal to 1"),
+    ("workload.max_queue_wait_s", -1, "workload.max_queue_wait_s: Input should be greater than or equal to 0"),
     ("servers", lambda: _servers(100), None),  # with a mesh topology (below): too many route entries
     # devices and servers: positive, finite, idle power <= peak power
     (
@@ -248,6 +251,8 @@ HARDWARE_RULES = [
     ({"compute_efficiency": 0}, "hardware: compute_efficiency: Input should be greater than 0"),
     ({"prefetch_hit_rate": 2}, "hardware: prefetch_hit_rate: Input should be less than or equal to 1"),
     ({"kv_reserve_frac": 1}, "hardware: kv_reserve_frac: Input should be less than 1"),
+    ({"gpu_memory_utilization": 0}, "hardware: gpu_memory_utilization: Input should be greater than 0"),
+    ({"serving": "batchy"}, "hardware: serving: Input should be 'independent', 'lockstep' or 'continuous'"),
     ({"layer_overhead_s": -1}, "hardware: layer_overhead_s: Input should be greater than or equal to 0"),
     ({"transfer_latency_s": 1e9}, "hardware: transfer_latency_s: 1000000000 must be <= 1000000"),
     ({"cloud_bandwidth_gbps": 0}, "hardware: cloud_bandwidth_gbps: Input should be greater than 0"),

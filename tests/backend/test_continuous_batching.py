@@ -1,0 +1,117 @@
+"""Continuous batching (hardware `serving: continuous`): each formula against a hand derivation, then the model's
+behaviour (KV-limited batch, the memory trade-off of replicas, saturation with explicit admission drops)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from coel_env import DeploymentPlan, SurrogateBackend, make_scenario
+from coel_env.backend.physics import (
+    erlang_c_wait,
+    held_kv_tokens,
+    interp_log2,
+    kv_sequences,
+    prefill_in_steps,
+)
+from coel_env.specs.scenario import SCENARIO_DIR
+
+
+def test_held_kv_tokens_rounds_prompt_plus_half_the_output_to_blocks():
+    assert held_kv_tokens(128.0, 128.0, 16.0) == 192.0  # 128 + 64, already whole blocks
+    assert held_kv_tokens(100.0, 10.0, 16.0) == 112.0  # 105 -> 7 blocks of 16
+
+
+def test_kv_sequences_is_kv_bytes_over_bytes_per_sequence_capped():
+    assert kv_sequences(10 * 1000 * 192.0, 1000.0, 192.0, 256.0) == 10.0
+    assert kv_sequences(10.9 * 1000 * 192.0, 1000.0, 192.0, 256.0) == 10.0  # whole sequences only
+    assert kv_sequences(1e12, 1000.0, 192.0, 256.0) == 256.0  # max_num_seqs binds
+    assert kv_sequences(-5.0, 1000.0, 192.0, 256.0) == 0.0  # no room: serves nothing
+
+
+@pytest.mark.parametrize("a", [0.1, 0.5, 0.9])
+def test_erlang_c_with_one_slot_is_the_mm1_wait(a):
+    service = 2.0
+    assert erlang_c_wait(1.0, a, service) == pytest.approx(a * service / (1 - a))
+
+
+def test_erlang_c_two_slots_matches_the_closed_form():
+    # M/M/2: P(wait) = a^2 / (2 + a) / (1 + a + a^2 / (2 + a)) ... written as 2 rho^2 / (1 + rho), rho = a / 2
+    a, service = 1.2, 1.0
+    rho = a / 2
+    p_wait = 2 * rho**2 / (1 + rho)
+    assert erlang_c_wait(2.0, a, service) == pytest.approx(p_wait * service / (2 - a))
+    assert math.isinf(erlang_c_wait(2.0, 2.0, service)) and erlang_c_wait(4.0, 0.0, service) == 0.0
+
+
+def test_interp_log2_is_linear_in_log_batch_and_clamped():
+    grid = np.array([1.0, 2.0, 4.0, 8.0])
+    values = np.array([10.0, 20.0, 40.0, 80.0])
+    assert interp_log2(grid, values, 1.0) == 10.0 and interp_log2(grid, values, 0.5) == 10.0
+    assert interp_log2(grid, values, 2.0**1.5) == pytest.approx(30.0)  # halfway between 2 and 4 in log2
+    assert interp_log2(grid, values, 100.0) == 80.0
+
+
+def test_chunked_prefill_rides_in_steps_beside_the_decodes():
+    # 1000 prompt tokens, budget 512 tokens per step with 12 decodes: ceil(1000 / 500) = 2 steps of 10 ms
+    assert prefill_in_steps(0.1, 0.01, 1000.0, 512.0, 12.0, True) == pytest.approx(0.1 + 2 * 0.01)
+    assert prefill_in_steps(0.1, 0.01, 1000.0, 512.0, 12.0, False) == pytest.approx(0.1 + 0.005)
+
+
+def _scenario(hardware: str, rate: float, max_batch: int = 256, name: str = "paper-1server-2gpu", **wl):
+    d = yaml.safe_load((SCENARIO_DIR / f"{name}.yaml").read_text())
+    d["name"], d["hardware"] = f"{name}-{hardware}", hardware
+    d["workload"].update(arrival_rate=rate, max_batch=max_batch, slo_s=600, **wl)
+    sc = make_scenario(d)
+    return sc, sc.initial_state(np.random.default_rng(0))
+
+
+def _serve(hardware: str, rate: float, plan=None, **kw):
+    sc, st = _scenario(hardware, rate, **kw)
+    plan = DeploymentPlan.uniform(sc.cluster) if plan is None else plan(sc.cluster)
+    return SurrogateBackend(sc.cluster).serve(plan, st, 60.0)
+
+
+def test_light_load_decodes_like_batch_one():
+    light = _serve("continuous", 1e-4)
+    assert light.dropped_frac == 0.0
+    single = _serve("continuous", 1e-4, max_batch=1)
+    assert light.tpot_mean_s == pytest.approx(single.tpot_mean_s, rel=1e-3)
+
+
+def test_saturation_plateaus_in_throughput_and_drops_explicitly():
+    tok = [_serve("continuous", r).tokens_per_s for r in (1.0, 100.0, 1000.0)]
+    high, higher = _serve("continuous", 100.0), _serve("continuous", 1000.0)
+    assert tok[1] == pytest.approx(tok[2], rel=1e-6)  # saturated: the served rate is the capacity
+    assert tok[1] > tok[0]
+    assert 0 < high.dropped_frac < higher.dropped_frac < 1
+    assert high.ttft_mean_s >= 600.0  # admitted requests wait max_queue_wait_s (the SLO by default)
+    # a batch of many sequences decodes far faster per sequence than one at a time
+    one_at_a_time = _serve("continuous", 100.0, max_batch=1)
+    assert high.tokens_per_s > 5 * one_at_a_time.tokens_per_s
+
+
+def test_queue_wait_limit_is_the_admission_rule():
+    short = _serve("continuous", 100.0, max_queue_wait_s=5.0)
+    assert 5.0 <= short.ttft_mean_s < 600.0
+
+
+def test_more_gpu_experts_leave_less_kv_and_a_smaller_saturated_throughput():
+    """The memory trade-off: at 8 bits every expert fits on the GPUs; at 4 bits the same experts take half the
+    bytes, leaving more KV cache, so a saturated server runs more sequences at once."""
+
+    def at_bits(b):
+        def plan(c):
+            p = DeploymentPlan.uniform(c)
+            p.bits[p.device >= 0] = b
+            p.tier[p.device >= 0] = 0
+            return p
+
+        return plan
+
+    eight, four = _serve("continuous", 1000.0, plan=at_bits(8)), _serve("continuous", 1000.0, plan=at_bits(4))
+    assert four.gpu_mem_bytes.sum() < eight.gpu_mem_bytes.sum()
+    assert four.tokens_per_s > 1.2 * eight.tokens_per_s
