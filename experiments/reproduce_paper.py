@@ -4,7 +4,14 @@ fig4: generation throughput vs output length (input 128), one server with 2 GPUs
 fig5: end-to-end latency for the same sweep; fig6: latency vs input length (output 128), 2 vs 3 servers.
 Writes fig4.csv, fig5.csv, fig6.csv, figures.png and results.json to the Hydra output dir.
 
-    python -m experiments.reproduce_paper [output_lens=[64,2048]] [plan=path/to/manifest.json] [hardware=h100]
+Two loads. `load=concurrent` (the default; the paper's numbers come from vLLM under concurrent load): a closed loop
+of `in_flight` requests in the whole cluster, split evenly over its servers, a new one as one finishes (a throughput
+benchmark that submits its prompts at once), served with continuous batching of up to `max_num_seqs` sequences
+per server (vLLM's default 256; the KV cache the plan leaves may allow fewer) (`serving: continuous`; without a
+`hardware=` choice the `continuous` profile). Throughput is the cluster's generated tokens/s, latency the mean
+end-to-end time including the wait for a batch slot. `load=single`: one request at a time (per-request speed).
+
+    python -m experiments.reproduce_paper [load=single] [in_flight=256] [output_lens=[64,2048]] [hardware=h100]
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from omegaconf import DictConfig
 
 from coel_env.atomic import atomic_write_json
 from coel_env.backend.surrogate import SurrogateBackend
-from coel_env.errors import CoELError
-from coel_env.specs import LengthDist, load_scenario_spec
-from coel_env.specs.bounds import MAX_LENGTH_TOKENS
+from coel_env.errors import CoELError, ConfigError
+from coel_env.specs import HardwareProfile, LengthDist, load_hardware_profile, load_scenario_spec
+from coel_env.specs.bounds import MAX_BATCH, MAX_LENGTH_TOKENS
 from coel_env.world.state import Scenario
 from experiments.cli_checks import error_line, require_int, require_int_in, require_int_list
 from experiments.plan_io import hardware_args, hardware_from_cfg, initial_state, resolve_plan
@@ -29,9 +36,16 @@ from experiments.results_io import save_png, write_csv
 log = logging.getLogger(__name__)
 
 
+LOADS = ("concurrent", "single")
+
+
 def check(cfg: DictConfig) -> None:
     """Refuse bad command-line values in one line, before any scenario is built or any file written."""
     require_int(cfg.seed, "seed", 0)
+    if cfg.load not in LOADS:
+        raise ConfigError(f"load: '{cfg.load}'; allowed: {', '.join(LOADS)}")
+    require_int_in(cfg.in_flight, "in_flight", 3, MAX_BATCH)
+    require_int_in(cfg.max_num_seqs, "max_num_seqs", 1, MAX_BATCH)
     for key in ("input_len_fixed", "output_len_fixed"):
         require_int_in(cfg[key], key, 1, MAX_LENGTH_TOKENS)
     for key in ("output_lens", "input_lens"):
@@ -41,22 +55,36 @@ def check(cfg: DictConfig) -> None:
     hardware_from_cfg(cfg)
 
 
+def load_hardware(cfg: DictConfig) -> HardwareProfile | None:
+    """The profile every setup uses: `hardware=` (with serving: continuous under the concurrent load), else the
+    `continuous` profile (concurrent) or each scenario's own (single)."""
+    chosen = hardware_from_cfg(cfg)
+    if cfg.load == "single":
+        return chosen
+    if chosen is None:
+        return load_hardware_profile("continuous")
+    return chosen.model_copy(update={"serving": "continuous"})
+
+
 def measure(scenario_name, input_len: int, output_len: int, cfg: DictConfig) -> dict:
-    """Latency and per-request throughput of one request at a time with the configured plan (`scenario_name`: a
-    registry name, path, dict or spec)."""
+    """Latency and throughput of one setup with the configured plan (`scenario_name`: a registry name, path, dict or
+    spec): under the concurrent load the cluster's tokens/s, one request at a time its per-request speed."""
     spec = load_scenario_spec(scenario_name)
-    workload = spec.workload.model_copy(
-        update={  # validated: a bad length fails here, not in the kernels
-            "input_len": LengthDist(dist="fixed", mean=input_len),
-            "output_len": LengthDist(dist="fixed", mean=output_len),
-        }
-    )
-    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=hardware_from_cfg(cfg))
+    update = {  # validated: a bad length fails here, not in the kernels
+        "input_len": LengthDist(dist="fixed", mean=input_len),
+        "output_len": LengthDist(dist="fixed", mean=output_len),
+    }
+    concurrent = cfg.load == "concurrent"
+    if concurrent:
+        update["concurrency"] = max(int(cfg.in_flight) // len(spec.servers), 1)
+        update["max_batch"] = int(cfg.max_num_seqs)
+    workload = spec.workload.model_validate({**spec.workload.model_dump(), **update})
+    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=load_hardware(cfg))
     plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
     metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window_s=60.0)
     return {
         "latency_s": metrics.e2e_mean_s,
-        "tok_s": metrics.request_tokens_per_s,
+        "tok_s": metrics.tokens_per_s if concurrent else metrics.request_tokens_per_s,
         "ttft_s": metrics.ttft_mean_s,
         "tpot_s": metrics.tpot_mean_s,
     }
@@ -86,13 +114,16 @@ def run(cfg: DictConfig) -> dict:
                 "three_servers_latency_s": three["latency_s"],
             }
         )
-    return {"fig4": fig4, "fig5": fig5, "fig6": fig6}
+    load = {"mode": cfg.load}
+    if cfg.load == "concurrent":
+        load.update(in_flight=int(cfg.in_flight), max_num_seqs=int(cfg.max_num_seqs), serving="continuous")
+    return {"fig4": fig4, "fig5": fig5, "fig6": fig6, "load": load}
 
 
 def write_outputs(results: dict, out: Path) -> None:
     """fig*.csv, results.json and figures.png, each written atomically (never half a file)."""
-    for name, rows in results.items():
-        write_csv(out / f"{name}.csv", rows)
+    for name in ("fig4", "fig5", "fig6"):
+        write_csv(out / f"{name}.csv", results[name])
     atomic_write_json(out / "results.json", results, indent=2)
     plot(results, out / "figures.png")
 
@@ -138,7 +169,13 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Seed-paper experiments on the CoEL-Gym surrogate (Qwen1.5-MoE-A2.7B, RTX 4090D, 1 GbE)")
+    load = results["load"]
+    how = (
+        f"{load['in_flight']} requests in flight, continuous batching"
+        if load["mode"] == "concurrent"
+        else "one request at a time"
+    )
+    fig.suptitle(f"Seed-paper experiments on the CoEL-Gym surrogate (Qwen1.5-MoE-A2.7B, RTX 4090D, 1 GbE; {how})")
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)

@@ -355,6 +355,19 @@ class Params(NamedTuple):
     chunk_tokens: float  # workload max_num_batched_tokens
     chunked: bool  # chunked prefill
     max_wait_s: float  # admission: the longest queue wait before a request is dropped
+    concurrency: float  # closed-loop requests per server (0: open loop, Poisson arrivals)
+
+
+class StepModel(NamedTuple):
+    """One server's decode step as a function of the batch (`decode_step_at`; continuous batching)."""
+
+    grid: np.ndarray  # [G] Params.batch_grid
+    expert: np.ndarray  # [G] expert seconds of a decode step at each batch of grid (`decode_grid`)
+    non_expert: np.ndarray  # [G] non-expert seconds (States.ne_dec_grid)
+    transfer_ref: float  # decode transfer bandwidth seconds at the reference batch
+    batch_ref: float  # that batch (States.batch)
+    fixed: float  # round-trip latency + per-step overhead
+    ttft_iso: float  # prefill seconds without queueing or decode interference
 
 
 class UnitSpecs(NamedTuple):
@@ -1138,41 +1151,42 @@ def decode_grid(
 
 
 @njit(cache=True, fastmath=True)
-def decode_step_at(
-    b: float,
-    grid: np.ndarray,
-    expert: np.ndarray,
-    non_expert: np.ndarray,
-    transfer_ref: float,
-    batch_ref: float,
-    fixed: float,
-) -> float:
+def decode_step_at(m: StepModel, b: float) -> float:
     """Decode step seconds at batch b: experts (`decode_grid`) + non-expert part (KV reads, attention) at b, both
     `interp_log2` on the batch grid, + transfers (bandwidth time grows with the tokens: transfer_ref * b / B_ref)
     + `fixed` (round-trip latency and per-step overhead)."""
-    return interp_log2(grid, expert, b) + interp_log2(grid, non_expert, b) + transfer_ref * b / batch_ref + fixed
+    return (
+        interp_log2(m.grid, m.expert, b)
+        + interp_log2(m.grid, m.non_expert, b)
+        + m.transfer_ref * b / m.batch_ref
+        + m.fixed
+    )
 
 
 @njit(cache=True, fastmath=True)
-def sequence_s(
-    b: float,
-    grid,
-    expert,
-    non_expert,
-    transfer_ref,
-    batch_ref,
-    fixed,
-    ttft_iso,
-    params: Params,
-    in_mean: float,
-    out_mean: float,
-    prefill_share: float,
-) -> float:
+def sequence_s(m: StepModel, b: float, params: Params, in_mean: float, out_mean: float, prefill_share: float) -> float:
     """Seconds a request holds a batch slot at batch b: `prefill_in_steps` + (O - 1) decode steps, the decode
     steps stretched by the server's share of time in prefills, 1 / (1 - prefill_share)."""
-    step = decode_step_at(b, grid, expert, non_expert, transfer_ref, batch_ref, fixed)
-    pre = prefill_in_steps(ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
+    step = decode_step_at(m, b)
+    pre = prefill_in_steps(m.ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
     return pre + (out_mean - 1.0) * step / (1.0 - prefill_share)
+
+
+@njit(cache=True, fastmath=True)
+def busy_slots_share(
+    m: StepModel, b: float, params: Params, in_mean: float, out_mean: float, prefill_work: float, upper: float
+) -> float:
+    """The GPUs' share of time in prefills when b slots are always busy: the root in [0, upper] of
+    share = b / `sequence_s`(b, share) * prefill_work (the admitted rate times a prefill's GPU work; the right side
+    falls as the share grows, so there is one root; bisection)."""
+    lo, hi = 0.0, upper
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if mid > b / sequence_s(m, b, params, in_mean, out_mean, mid) * prefill_work:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
 
 
 @njit(cache=True, fastmath=True)
@@ -1195,6 +1209,7 @@ def continuous_batching(
     wait: np.ndarray,
     batch: np.ndarray,
     admit_drop: np.ndarray,
+    served: np.ndarray,
 ) -> None:
     """Continuous batching per server s of one plan (vLLM/SGLang semantics). Slots: c = `kv_sequences` of the
     KV bytes the plan leaves. The running batch is the fixed point of Little's law B = lam * `sequence_s`(B),
@@ -1202,55 +1217,52 @@ def continuous_batching(
     serves mu = c / `sequence_s`(c) requests/s, admission drops the rest (1 - mu / lam) and the admitted wait
     max_wait_s; otherwise the wait is `erlang_c_wait`(c, lam * S, S). Decode steps share the GPUs with prefills:
     prefill_share = lam * prefill_work (at most MAX_RHO). A server with no KV room for one sequence serves nothing.
-    Out: tpot (stretched by prefills), ttft without the wait (`prefill_in_steps`), wait, batch,
-    admit_drop."""
+    With a closed-loop workload (`concurrency` C requests per server always in the system, as a benchmark that
+    submits them all at once) b = min(C, c) slots are busy, the server completes b / S(b) requests/s (`served`;
+    0 otherwise) and the C - b waiting ones wait (C - b) / that rate. Out: tpot (stretched by prefills), ttft
+    without the wait (`prefill_in_steps`), wait, batch, admit_drop, served."""
     S = lam.shape[0]
     grid = params.batch_grid
     for s in range(S):
         cap = kv_sequences(kv_bytes[s], params.kv_tok, params.held_tokens, params.max_seqs)
         share = min(lam[s] * prefill_work[s], MAX_RHO) if up[s] else 0.0
-        ex, ne, tr, br, fx, t0 = expert[s], non_expert[s], transfer_ref[s], batch_ref[s], fixed[s], ttft_iso[s]
+        m = StepModel(grid, expert[s], non_expert[s], transfer_ref[s], batch_ref[s], fixed[s], ttft_iso[s])
         b = 1.0
         admit_drop[s] = 0.0
         wait[s] = 0.0
+        served[s] = 0.0
         if not up[s] or cap < 1.0:
             admit_drop[s] = 1.0
+        elif params.concurrency > 0.0:  # closed loop: `concurrency` requests always in the system
+            b = min(params.concurrency, cap)
+            share = busy_slots_share(m, b, params, in_mean, out_mean, prefill_work[s], MAX_RHO)
+            svc = sequence_s(m, b, params, in_mean, out_mean, share)
+            served[s] = b / svc
+            wait[s] = (params.concurrency - b) / served[s]  # the clients beyond the slots wait their turn
         elif lam[s] > 0.0:
-            svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+            svc = sequence_s(m, cap, params, in_mean, out_mean, share)
             if lam[s] * svc >= cap:  # saturated: every slot busy, the admission queue at its limit
                 b = cap
-                # the prefills sharing the GPUs are the admitted ones: share = mu * prefill_work, mu = c / S(share)
-                # (S grows with the share: one root, by bisection)
-                lo_s, hi_s = 0.0, share
-                for _ in range(40):
-                    share = 0.5 * (lo_s + hi_s)
-                    svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
-                    if share > cap / svc * prefill_work[s]:
-                        hi_s = share
-                    else:
-                        lo_s = share
-                svc = sequence_s(cap, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                share = busy_slots_share(m, cap, params, in_mean, out_mean, prefill_work[s], share)
+                svc = sequence_s(m, cap, params, in_mean, out_mean, share)
                 admit_drop[s] = max(1.0 - cap / svc / lam[s], 0.0)
                 wait[s] = params.max_wait_s
             else:
                 lo, hi = 1.0, cap
-                if lam[s] * sequence_s(1.0, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share) > 1.0:
+                if lam[s] * sequence_s(m, 1.0, params, in_mean, out_mean, share) > 1.0:
                     for _ in range(40):
                         mid = 0.5 * (lo + hi)
-                        if (
-                            lam[s] * sequence_s(mid, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
-                            > mid
-                        ):
+                        if lam[s] * sequence_s(m, mid, params, in_mean, out_mean, share) > mid:
                             lo = mid
                         else:
                             hi = mid
                     b = 0.5 * (lo + hi)
-                svc = sequence_s(b, grid, ex, ne, tr, br, fx, t0, params, in_mean, out_mean, share)
+                svc = sequence_s(m, b, params, in_mean, out_mean, share)
                 wait[s] = min(erlang_c_wait(cap, lam[s] * svc, svc), params.max_wait_s)
-        step = decode_step_at(b, grid, ex, ne, tr, br, fx)
+        step = decode_step_at(m, b)
         batch[s] = b
         tpot[s] = step / (1.0 - share)
-        ttft[s] = prefill_in_steps(t0, step, in_mean, params.chunk_tokens, b, params.chunked)
+        ttft[s] = prefill_in_steps(m.ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
 
 
 @njit(cache=True, fastmath=True)
@@ -1342,6 +1354,8 @@ def finish(
             tpot[s] = o_time[n, s, DECODE, EXPERT_S] + comm_d[s] + ne_dec[si, s] + overhead
             ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead
         wait = np.zeros(S)  # admission queue wait (continuous batching)
+        offered = rate[si]  # requests/s arriving per server
+        closed_rate = np.zeros(S)
         admit_drop = np.zeros(S)
         if params.lockstep:
             lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, O, tpot, ttft)
@@ -1374,7 +1388,11 @@ def finish(
                 wait,
                 run_batch,
                 admit_drop,
+                closed_rate,
             )
+            if params.concurrency > 0.0:  # a closed loop's rate is what its servers complete
+                offered = closed_rate
+                lam = closed_rate
             admitted = lam * (1.0 - admit_drop)  # links and units carry the admitted requests
             busiest_link(per_req, admitted, route, link_cap[si], rho_l)
             plan_utilization(o_busy[n], admitted, run_batch, ne_pre[si], ne_dec[si], dev_server, O, rho[n])
@@ -1406,7 +1424,7 @@ def finish(
             if admit_drop[s] > 0.0:  # admission drops first, then the routing/capacity share of the admitted
                 ds = 1.0 - (1.0 - admit_drop[s]) * (1.0 - ds)
             drop[s] = ds if up[si, s] else 1.0
-            served[s] = rate[si, s] * (1.0 - drop[s])
+            served[s] = offered[s] * (1.0 - drop[s])
             q = o_quality[n, s] / lm
             for s2 in range(S):
                 p = pair_index[s, s2]
@@ -1450,12 +1468,12 @@ def finish(
                         late += w_e2e[i]
                     speed += w_e2e[i] * out_q[b] / v
                     i += 1
-        tot = rate[si].sum()
+        tot = offered.sum()
         srv = served.sum()
         srv_safe = max(srv, 1e-30)
         dropped = 0.0
         for s in range(S):
-            dropped += rate[si, s] * drop[s]
+            dropped += offered[s] * drop[s]
         energy = 0.0
         for u in range(U):
             util = min(rho_unit[u], 1.0)

@@ -253,6 +253,7 @@ class SurrogateBackend:
             chunk_tokens=float(wl.max_num_batched_tokens),
             chunked=bool(wl.chunked_prefill),
             max_wait_s=float(wl.slo_s if wl.max_queue_wait_s is None else wl.max_queue_wait_s),
+            concurrency=float(wl.concurrency or 0),
         )
 
     def with_lengths(self, input_len: np.ndarray, output_len: np.ndarray) -> SurrogateBackend:
@@ -383,7 +384,12 @@ class SurrogateBackend:
             memory_avail = np.stack([s.memory_avail for s in states]).astype(np.float64)
             link_factor = np.stack([s.link_factor for s in states]).astype(np.float64)
         lam = rate * up
-        batch = decode_batch(lam, self.out_mean, self.tpot_ref, c.spec.workload.max_batch)
+        wl = c.spec.workload
+        if wl.concurrency:  # closed loop: the routing's reference batch is the clients, its rate Little's
+            batch = np.clip(np.full_like(lam, float(wl.concurrency)), 1.0, wl.max_batch)
+            lam = up * batch / (self.out_mean * self.tpot_ref)
+        else:
+            batch = decode_batch(lam, self.out_mean, self.tpot_ref, wl.max_batch)
         u_dec, a_dec, u_pre, a_pre = (np.empty_like(pop) for _ in range(4))
         activation_stats(pop, batch, np.full_like(batch, self.in_mean), u_dec, a_dec, u_pre, a_pre)
         table = np.empty((len(comp), c.num_devices * N_TIERS * N_BITS, UNIT_COLUMNS))

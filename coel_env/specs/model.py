@@ -59,6 +59,13 @@ class ModelSpec(BaseModel):
         None, gt=0, description="override for non-standard attention (MLA)"
     )
     num_expert_groups: Int = Field(1, ge=1, description="DeepSeek node-limited routing groups (EPLB)")
+    kv_cache_dim: Annotated[Int | None, at_most(MAX_ATTN_PARAMS)] = Field(
+        None,
+        gt=0,
+        description="KV-cache elements per token and layer when the engine caches a compressed latent (MLA: "
+        "kv_lora_rank + qk_rope_head_dim, 576 for DeepSeek-V2/V3, as vLLM >= 0.7 and SGLang do); None: K and V "
+        "of every KV head",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -146,6 +153,10 @@ class ModelSpec(BaseModel):
         return 2 * self.d_model
 
     def kv_bytes_per_token(self) -> int:
+        """bf16 KV-cache bytes one token holds over all layers: layers * kv_cache_dim * 2 with a latent cache (MLA),
+        else layers * 2 (K and V) * KV heads * head_dim * 2."""
+        if self.kv_cache_dim is not None:
+            return self.num_layers * self.kv_cache_dim * 2
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
 
@@ -201,6 +212,7 @@ MODEL_PRESETS: dict[str, dict] = {
         head_dim=192,
         vocab_size=102400,
         attn_params_per_layer=2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048,
+        kv_cache_dim=512 + 64,
     ),
     "qwen3-30b-a3b": dict(
         num_layers=48,
@@ -228,6 +240,7 @@ MODEL_PRESETS: dict[str, dict] = {
         vocab_size=129280,
         num_expert_groups=8,
         attn_params_per_layer=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
+        kv_cache_dim=512 + 64,
     ),
     # Small enough for tests and for a CPU real backend.
     "tiny-moe": dict(
@@ -305,7 +318,7 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec
         q = d_model * qdim if not cfg.get("q_lora_rank") else (d_model * cfg["q_lora_rank"] + cfg["q_lora_rank"] * qdim)
         kv_rank = cfg["kv_lora_rank"]
         attn = q + d_model * (kv_rank + rope) + kv_rank * heads * (nope + v) + heads * v * d_model
-        fields.update(attn_params_per_layer=attn, head_dim=nope + rope)
+        fields.update(attn_params_per_layer=attn, head_dim=nope + rope, kv_cache_dim=kv_rank + rope)
     try:
         return ModelSpec(**fields)
     except ValidationError as exc:

@@ -156,6 +156,13 @@ class WorkloadSpec(_Strict):
     max_queue_wait_s: Annotated[Float, at_most(MAX_SECONDS)] | None = Field(
         None, ge=0, description="admission: a request that would wait longer is dropped (None: the SLO)"
     )
+    concurrency: Annotated[Int, at_most(MAX_BATCH)] | None = Field(
+        None,
+        ge=1,
+        description="closed loop: this many requests per server always in the system, a new one as one finishes (a "
+        "throughput benchmark that submits its prompts at once); arrival_rate is then unused. Needs serving: "
+        "continuous. None: Poisson arrivals at arrival_rate",
+    )
     slo_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         30.0, ge=MIN_SECONDS, description="end-to-end latency SLO per request, seconds"
     )

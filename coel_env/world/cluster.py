@@ -165,6 +165,23 @@ def pair_goodput(goodput: np.ndarray, route: np.ndarray) -> np.ndarray:
     return np.where(route >= 0, goodput[..., route], np.inf).min(-1)
 
 
+def _check_kv_reserve(c: Cluster) -> None:
+    """Continuous batching: the KV share every plan leaves (kv_reserve_frac of each GPU) must hold one sequence of
+    the workload's mean length on every server, so that a valid plan always serves (ConfigError otherwise)."""
+    wl, m = c.spec.workload, c.model
+    one_seq = m.kv_bytes_per_token() * (wl.input_len.mean + wl.output_len.mean)
+    reserve = np.bincount(c.dev_server, weights=c.dev_mem * c.hw.kv_reserve_frac, minlength=c.num_servers)
+    short = np.flatnonzero(reserve < one_seq)
+    if short.size:
+        s = int(short[0])
+        need = one_seq / np.bincount(c.dev_server, weights=c.dev_mem, minlength=c.num_servers)[s]
+        raise ConfigError(
+            f"hardware: kv_reserve_frac: {c.hw.kv_reserve_frac:g} leaves server '{c.server_names[s]}' "
+            f"{reserve[s] / GB:.3g} GB of KV cache, less than one {wl.input_len.mean + wl.output_len.mean:g}-token "
+            f"sequence ({one_seq / GB:.3g} GB); allowed: >= {need:.3g}"
+        )
+
+
 def _build_graph(spec: ScenarioSpec) -> nx.Graph:
     g = nx.Graph()
     names = [s.name for s in spec.servers]
@@ -193,6 +210,11 @@ def _build_graph(spec: ScenarioSpec) -> nx.Graph:
 def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = None) -> Cluster:
     """Compile `spec` (with its hardware profile unless one is given) into a Cluster."""
     hw = load_hardware_profile(hardware if hardware is not None else spec.hardware)
+    if spec.workload.concurrency is not None and hw.serving != "continuous":
+        raise ConfigError(
+            f"workload.concurrency: a closed-loop workload needs a hardware profile with serving: continuous "
+            f"(profile '{hw.name}' has serving: {hw.serving}); e.g. hardware: continuous"
+        )
     graph = _build_graph(spec)
     servers = spec.servers
     S = len(servers)
@@ -257,6 +279,8 @@ def build_cluster(spec: ScenarioSpec, hardware: HardwareProfile | str | None = N
         first_gpu=first_gpu,
     )
     _check_finite(cluster)
+    if hw.serving == "continuous":
+        _check_kv_reserve(cluster)
     return cluster
 
 

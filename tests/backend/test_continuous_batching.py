@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from coel_env import DeploymentPlan, SurrogateBackend, make_scenario
+from coel_env import ConfigError, DeploymentPlan, SurrogateBackend, make_scenario
 from coel_env.backend.physics import (
     erlang_c_wait,
     held_kv_tokens,
@@ -115,3 +115,42 @@ def test_more_gpu_experts_leave_less_kv_and_a_smaller_saturated_throughput():
     eight, four = _serve("continuous", 1000.0, plan=at_bits(8)), _serve("continuous", 1000.0, plan=at_bits(4))
     assert four.gpu_mem_bytes.sum() < eight.gpu_mem_bytes.sum()
     assert four.tokens_per_s > 1.2 * eight.tokens_per_s
+
+
+@pytest.mark.parametrize("clients", [4, 2000])
+def test_closed_loop_obeys_littles_law(clients):
+    """A closed loop of C requests per server: completions/s x time in the system (wait + service) = C, with or
+    without clients waiting for a slot (2000 > the KV-limited slots)."""
+    sc, st = _scenario("continuous", 1.0, concurrency=clients)
+    m = SurrogateBackend(sc.cluster).serve(DeploymentPlan.uniform(sc.cluster), st, 60.0)
+    out_len = sc.spec.workload.output_len.mean
+    completions = m.tokens_per_s / out_len
+    assert completions * m.e2e_mean_s == pytest.approx(clients * sc.cluster.num_servers, rel=1e-6)
+    assert m.dropped_frac == 0.0
+    if clients == 2000:
+        assert m.ttft_mean_s > 10 * m.tpot_mean_s  # clients beyond the slots wait their turn
+
+
+def test_closed_loop_needs_continuous_serving():
+    with pytest.raises(ConfigError, match=r"workload\.concurrency: a closed-loop workload needs a hardware profile"):
+        _scenario("default", 1.0, concurrency=8)
+
+
+def test_a_kv_reserve_too_small_for_one_sequence_is_one_line():
+    with pytest.raises(ConfigError, match=r"hardware: kv_reserve_frac: 1e-05 leaves server 'server1' .* allowed: >="):
+        d = yaml.safe_load((SCENARIO_DIR / "paper-1server-2gpu.yaml").read_text())
+        d["name"], d["hardware"] = "tiny-reserve", "continuous"
+        profile = make_scenario(d).cluster.hw.model_copy(update={"kv_reserve_frac": 1e-5})
+        make_scenario(d, hardware=profile)
+
+
+@pytest.mark.parametrize("name", ["paper-1server-2gpu", "paper-2server-1gpu", "paper-testbed"])
+def test_batch_grid_at_one_agrees_with_the_routing_pass(name):
+    """At batch 1 and a vanishing load the continuous model's decode step (`decode_grid` at B = 1, interpolated) is
+    the routing pass's own decode step: the independent model's TPOT, which the same formulas give at B = 1."""
+
+    def tpot(hardware):
+        sc, st = _scenario(hardware, 1e-6, max_batch=1, name=name)
+        return SurrogateBackend(sc.cluster).serve(DeploymentPlan.uniform(sc.cluster), st, 60.0).tpot_mean_s
+
+    assert tpot("continuous") == pytest.approx(tpot("default"), rel=1e-4)

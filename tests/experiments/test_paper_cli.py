@@ -20,11 +20,13 @@ def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complete
     )
 
 
-@pytest.fixture(scope="module")
-def paper_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("paper")
+def _reproduce(out: Path, *args: str) -> dict:
     proc = run_module(
-        "experiments.reproduce_paper", f"hydra.run.dir={out}", "output_lens=[64,512,2048]", "input_lens=[64,2048]"
+        "experiments.reproduce_paper",
+        f"hydra.run.dir={out}",
+        "output_lens=[64,512,2048]",
+        "input_lens=[64,2048]",
+        *args,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("fig4.csv", "fig5.csv", "fig6.csv", "figures.png", "results.json"):
@@ -32,23 +34,59 @@ def paper_results(tmp_path_factory) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def test_paper_results_schema(paper_results):
-    assert [r["output_len"] for r in paper_results["fig4"]] == [64, 512, 2048]
-    assert set(paper_results["fig4"][0]) == {"output_len", "single_server_tok_s", "two_servers_tok_s"}
-    assert set(paper_results["fig5"][0]) == {"output_len", "single_server_latency_s", "two_servers_latency_s"}
-    assert set(paper_results["fig6"][0]) == {"input_len", "two_servers_latency_s", "three_servers_latency_s"}
+@pytest.fixture(scope="module")
+def paper_results(tmp_path_factory) -> dict:
+    """The default: the paper's concurrent load (a closed loop of 256 requests, continuous batching)."""
+    return _reproduce(tmp_path_factory.mktemp("paper"))
 
 
-def test_paper_trends(paper_results):
-    """The seed paper's qualitative findings: collaboration over a 1 GbE LAN costs throughput and latency."""
-    for row in paper_results["fig4"]:
-        assert row["single_server_tok_s"] > 1.5 * row["two_servers_tok_s"] > 0
-    lat = [r["two_servers_latency_s"] for r in paper_results["fig5"]]
-    assert lat == sorted(lat) and lat[-1] > 10 * lat[0]  # ~linear in output length
-    for row in paper_results["fig6"]:
-        assert row["three_servers_latency_s"] > row["two_servers_latency_s"]
+@pytest.fixture(scope="module")
+def single_results(tmp_path_factory) -> dict:
+    return _reproduce(tmp_path_factory.mktemp("paper-single"), "load=single")
+
+
+def test_paper_results_schema(paper_results, single_results):
+    for results in (paper_results, single_results):
+        assert [r["output_len"] for r in results["fig4"]] == [64, 512, 2048]
+        assert set(results["fig4"][0]) == {"output_len", "single_server_tok_s", "two_servers_tok_s"}
+        assert set(results["fig5"][0]) == {"output_len", "single_server_latency_s", "two_servers_latency_s"}
+        assert set(results["fig6"][0]) == {"input_len", "two_servers_latency_s", "three_servers_latency_s"}
+    assert paper_results["load"] == {
+        "mode": "concurrent",
+        "in_flight": 256,
+        "max_num_seqs": 256,
+        "serving": "continuous",
+    }
+    assert single_results["load"] == {"mode": "single"}
+
+
+def test_paper_findings_under_concurrent_load(paper_results):
+    """The seed paper's Fig. 6 under its concurrent load: three servers are faster than two (they hold more KV cache,
+    so they run more sequences at once) and the gap grows with the input length. One server with 2 GPUs out-serves
+    two servers over 1 GbE (Fig. 4; the size of that gap is not the paper's yet: see issue 13)."""
     fig6 = paper_results["fig6"]
+    ratios = [r["two_servers_latency_s"] / r["three_servers_latency_s"] for r in fig6]
+    assert all(x > 1.0 for x in ratios) and ratios[-1] > ratios[0]
+    for row in paper_results["fig4"]:
+        assert row["single_server_tok_s"] > row["two_servers_tok_s"] > 0
+
+
+def test_single_request_trends(single_results):
+    """One request at a time: collaboration over a 1 GbE LAN costs per-request speed and latency, every extra server
+    one more set of hops."""
+    for row in single_results["fig4"]:
+        assert row["single_server_tok_s"] > 1.5 * row["two_servers_tok_s"] > 0
+    lat = [r["two_servers_latency_s"] for r in single_results["fig5"]]
+    assert lat == sorted(lat) and lat[-1] > 10 * lat[0]  # ~linear in output length
+    for row in single_results["fig6"]:
+        assert row["three_servers_latency_s"] > row["two_servers_latency_s"]
+    fig6 = single_results["fig6"]
     assert fig6[-1]["two_servers_latency_s"] > fig6[0]["two_servers_latency_s"]  # longer prompts cost more
+
+
+def test_bad_load_is_one_line(tmp_path):
+    proc = run_module("experiments.reproduce_paper", f"hydra.run.dir={tmp_path}", "load=batchy")
+    assert proc.returncode != 0 and "load: 'batchy'; allowed: concurrent, single" in proc.stderr
 
 
 def test_evaluate_plan_prints_metrics_json():

@@ -293,3 +293,11 @@ def test_hardware_profile_errors_are_one_line(tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("link_eficiency: 0.5\n")
     _one_line_config_error(load_hardware_profile, typo, match="link_eficiency: unknown field")
+
+
+def test_mla_models_cache_the_compressed_latent():
+    """DeepSeek's multi-head latent attention caches kv_lora_rank + qk_rope_head_dim = 576 values per token and
+    layer (bf16): 27 * 576 * 2 bytes for DeepSeek-V2-Lite, against 2 * 16 heads * 192 * 2 per layer uncompressed."""
+    lite = model_preset("deepseek-v2-lite")
+    assert lite.kv_bytes_per_token() == 27 * 576 * 2
+    assert lite.model_copy(update={"kv_cache_dim": None}).kv_bytes_per_token() == 2 * 27 * 16 * 192 * 2
