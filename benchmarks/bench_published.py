@@ -187,6 +187,8 @@ def scenario_dict(entry_id: str, setup: dict, profile: str) -> dict:
             "input_len": {"dist": "fixed", "mean": setup["input_len"]},
             "output_len": {"dist": "fixed", "mean": setup["output_len"]},
             "max_batch": setup["max_batch"],
+            # a step's token budget (vLLM max_num_batched_tokens): its default, or the batch where that is larger
+            "max_num_batched_tokens": max(2048, setup["max_batch"]),
             "slo_s": 3600,
         },
         "routing": {"num_domains": 1, "zipf_alpha": 0.25, "domain_overlap": 1.0, "affinity": 0.6},

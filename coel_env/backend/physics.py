@@ -303,7 +303,7 @@ class States(NamedTuple):
     a_pre: np.ndarray
     table: np.ndarray  # [Ns, D * N_TIERS * N_BITS, UNIT_COLUMNS] the unit table (`unit_table`)
     pair_bw: np.ndarray  # [Ns, S, S] bottleneck goodput of each server pair's route, bytes/s (inf on the diagonal)
-    lam: np.ndarray  # [Ns, S] served arrival rate, requests/s (0 when down)
+    lam: np.ndarray  # [Ns, S] served arrival rate, requests/s (0 when down; a closed loop: Little's of its clients)
     rate: np.ndarray  # [Ns, S] offered arrival rate
     batch: np.ndarray  # [Ns, S] decode batch (`surrogate.decode_batch`)
     ne_dec: np.ndarray  # [Ns, S] non-expert seconds of a decode step
@@ -1241,15 +1241,24 @@ def continuous_batching(
             wait[s] = (params.concurrency - b) / served[s]  # the clients beyond the slots wait their turn
         elif lam[s] > 0.0:
             svc = sequence_s(m, cap, params, in_mean, out_mean, share)
-            if lam[s] * svc >= cap:  # saturated: every slot busy, the admission queue at its limit
+            # the smallest batch where lam * S(B) <= B (S can jump with chunked prefill: scan up from 1 by 1.25x)
+            lo, hi = 0.0, -1.0
+            probe = 1.0
+            while probe < cap * 1.25:
+                bb = min(probe, cap)
+                if lam[s] * sequence_s(m, bb, params, in_mean, out_mean, share) <= bb:
+                    hi = bb
+                    break
+                lo = bb
+                probe *= 1.25
+            if hi < 0.0 or lam[s] * prefill_work[s] >= MAX_RHO:  # saturated: every slot (or the GPUs) busy
                 b = cap
                 share = busy_slots_share(m, cap, params, in_mean, out_mean, prefill_work[s], share)
                 svc = sequence_s(m, cap, params, in_mean, out_mean, share)
                 admit_drop[s] = max(1.0 - cap / svc / lam[s], 0.0)
                 wait[s] = params.max_wait_s
             else:
-                lo, hi = 1.0, cap
-                if lam[s] * sequence_s(m, 1.0, params, in_mean, out_mean, share) > 1.0:
+                if lo >= 1.0:  # bisection between the last batch above the line and the first one below
                     for _ in range(40):
                         mid = 0.5 * (lo + hi)
                         if lam[s] * sequence_s(m, mid, params, in_mean, out_mean, share) > mid:
@@ -1306,8 +1315,11 @@ def finish(
     busiest link on their routes; `drop_share` drops the requests beyond the capacity of that bottleneck, unit or
     link, and dropped requests carry no bytes. out.link_bytes = bytes per link in the window, both directions summed.
     With `lockstep` the servers' steps are coupled (`lockstep_steps`); contention stretches every step (servers
-    sharing host cores). Requests are costed on a grid of input x output length quantiles (`prefill_s`,
-    `request_latency`), energy per unit with `unit_power`, transfer quality with `pair_quality_loss`."""
+    sharing host cores). With `continuous` (continuous batching) none of the M/D/1 factors apply: each server's
+    batch, admission drops and queue wait come from `continuous_batching` (host contention inside its step model),
+    links and units carry the admitted requests (`busiest_link`, `plan_utilization` at the running batch) and
+    `drop_share` drops what they cannot carry. Requests are costed on a grid of input x output length quantiles
+    (`prefill_s`, `request_latency`), energy per unit with `unit_power`, transfer quality with `pair_quality_loss`."""
     state, prune, fuse = plans.state, plans.prune, plans.fuse
     o_time, o_pair, o_busy, o_quality, o_miss, o_cross = so.time, so.pair_tokens, so.busy, so.quality, so.miss, so.cross
     up, lam_all, rate, batch_all, ne_dec, ne_pre = st.up, st.lam, st.rate, st.batch, st.ne_dec, st.ne_pre
@@ -1343,13 +1355,11 @@ def finish(
         comm_p = np.zeros(S)
         rho_l = np.zeros(S)  # busiest link on the routes of each server's transfers
         busiest_link(per_req, lam, route, link_cap[si], rho_l)
-        transfer_d = np.zeros(S)  # decode transfer bandwidth time, slowed by its busiest link
         for s in range(S):
             r_l = rho_l[s]
             # the servers' M/D/1 waiting factor on the transfers (continuous batching: link overload drops instead)
             inflate = 1.0 if params.continuous else md1_factor(min(r_l, MAX_RHO))
-            transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate
-            comm_d[s] = transfer_d[s] + o_time[n, s, DECODE, LATENCY_S]
+            comm_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate + o_time[n, s, DECODE, LATENCY_S]
             comm_p[s] = o_time[n, s, PREFILL, TRANSFER_S] * inflate + o_time[n, s, PREFILL, LATENCY_S]
             tpot[s] = o_time[n, s, DECODE, EXPERT_S] + comm_d[s] + ne_dec[si, s] + overhead
             ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead
@@ -1363,22 +1373,27 @@ def finish(
             kv_bytes = st.kv_room[si].copy()
             for d in range(D):
                 kv_bytes[dev_server[d]] -= out.gpu_mem[n, d]
+            c_host = contention[si]  # shared host cores stretch every part of a step, inside the fixed point
             fixed = np.empty(S)
+            transfer_d = np.empty(S)  # decode transfer bandwidth seconds at the reference batch
             prefill_work = np.empty(S)  # GPU seconds of a prefill (what decode steps share the server with)
             for s in range(S):
-                fixed[s] = o_time[n, s, DECODE, LATENCY_S] + overhead
-                prefill_work[s] = o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s]
+                fixed[s] = (o_time[n, s, DECODE, LATENCY_S] + overhead) * c_host
+                transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * c_host
+                prefill_work[s] = (o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s]) * c_host
             run_batch = np.empty(S)
+            expert_grid = grid[n] * c_host
+            ne_grid = st.ne_dec_grid[si] * c_host
             continuous_batching(
-                grid[n],
-                st.ne_dec_grid[si],
+                expert_grid,
+                ne_grid,
                 kv_bytes,
                 lam,
                 up[si],
                 transfer_d,
                 batch,
                 fixed,
-                ttft.copy(),
+                ttft * c_host,
                 prefill_work,
                 params,
                 I,
@@ -1390,15 +1405,27 @@ def finish(
                 admit_drop,
                 closed_rate,
             )
-            if params.concurrency > 0.0:  # a closed loop's rate is what its servers complete
-                offered = closed_rate
+            if params.concurrency > 0.0:  # a closed loop's rate is what its servers complete; a server that cannot
+                # serve keeps its clients' reference rate (rate[si]), all of it dropped
+                offered = np.where(closed_rate > 0.0, closed_rate, rate[si])
                 lam = closed_rate
             admitted = lam * (1.0 - admit_drop)  # links and units carry the admitted requests
             busiest_link(per_req, admitted, route, link_cap[si], rho_l)
-            plan_utilization(o_busy[n], admitted, run_batch, ne_pre[si], ne_dec[si], dev_server, O, rho[n])
-        for s in range(S):
-            tpot[s] *= contention[si]
-            ttft[s] *= contention[si]
+            # units' decode work at the running batch: each server's per-step busy seconds scaled as its expert
+            # step (`decode_grid`) scales from the reference batch, the non-expert part at the running batch
+            busy_run = o_busy[n].copy()
+            ne_dec_run = np.empty(S)
+            for s in range(S):
+                ref = interp_log2(params.batch_grid, grid[n, s], batch[s])
+                scale = interp_log2(params.batch_grid, grid[n, s], run_batch[s]) / ref if ref > 0.0 else 1.0
+                for u in range(U):
+                    busy_run[s, u, DECODE] *= scale
+                ne_dec_run[s] = interp_log2(params.batch_grid, st.ne_dec_grid[si, s], run_batch[s])
+            plan_utilization(busy_run, admitted, run_batch, ne_pre[si], ne_dec_run, dev_server, O, rho[n])
+        else:
+            for s in range(S):
+                tpot[s] *= contention[si]
+                ttft[s] *= contention[si]
         # queueing behind the bottleneck, drops, quality
         rho_unit = rho[n]
         served = np.zeros(S)
@@ -1457,7 +1484,9 @@ def finish(
         speed = 0.0
         for s in range(S):
             for a in range(Q):
-                pre = wait[s] + prefill_s(ttft[s], in_q[a], I)
+                pre = prefill_s(ttft[s], in_q[a], I)
+                if params.continuous:
+                    pre += wait[s]
                 ttft_v[s * Q + a] = pre
                 w_ttft[s * Q + a] = served[s] / Q
                 for b in range(Q):
@@ -1483,7 +1512,9 @@ def finish(
             if u < D:
                 out.device_util[n, u] = util
         sc = out.scalars[n]
-        sc[TTFT_MEAN_S] = (served * (wait + ttft)).sum() / srv_safe
+        sc[TTFT_MEAN_S] = (
+            (served * (wait + ttft)).sum() / srv_safe if params.continuous else (served * ttft).sum() / srv_safe
+        )
         sc[TTFT_P95_S] = _weighted_quantile(ttft_v, w_ttft, 0.95)
         sc[TPOT_MEAN_S] = (served * tpot).sum() / srv_safe
         sc[TPOT_P95_S] = _weighted_quantile(tpot, served, 0.95)
@@ -1504,7 +1535,7 @@ def serve_plans(*flat) -> None:
     """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs).
     `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes re-routed with unit
     times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a unit found saturated
-    stays avoided), then `finish` and `memory_kernel`."""
+    stays avoided), then `memory_kernel`, `decode_grid` (continuous batching) and `finish`."""
     plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
     params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
     N = plans.dev.shape[0]

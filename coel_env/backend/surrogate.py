@@ -385,9 +385,10 @@ class SurrogateBackend:
             link_factor = np.stack([s.link_factor for s in states]).astype(np.float64)
         lam = rate * up
         wl = c.spec.workload
-        if wl.concurrency:  # closed loop: the routing's reference batch is the clients, its rate Little's
+        if wl.concurrency:  # closed loop: the routing's reference batch is the clients, the rate Little's of it
             batch = np.clip(np.full_like(lam, float(wl.concurrency)), 1.0, wl.max_batch)
-            lam = up * batch / (self.out_mean * self.tpot_ref)
+            rate = batch / (self.out_mean * self.tpot_ref)  # the clients' reference rate (dropped where down)
+            lam = rate * up
         else:
             batch = decode_batch(lam, self.out_mean, self.tpot_ref, wl.max_batch)
         u_dec, a_dec, u_pre, a_pre = (np.empty_like(pop) for _ in range(4))

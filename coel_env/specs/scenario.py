@@ -255,6 +255,12 @@ class ScenarioSpec(_Strict):
         names = [s.name for s in self.servers]
         if len(set(names)) != len(names):
             raise ValueError("server names must be unique")
+        wl = self.workload
+        if wl.max_num_batched_tokens < wl.max_batch:
+            raise ValueError(
+                f"workload.max_num_batched_tokens ({wl.max_num_batched_tokens}) must be >= workload.max_batch "
+                f"({wl.max_batch}): a step decodes one token of every running sequence (as vLLM requires)"
+            )
         rate = self.workload.arrival_rate
         if isinstance(rate, list) and len(rate) != len(self.servers):
             raise ValueError(f"workload.arrival_rate has {len(rate)} values for {len(self.servers)} servers")

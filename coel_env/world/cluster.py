@@ -167,9 +167,13 @@ def pair_goodput(goodput: np.ndarray, route: np.ndarray) -> np.ndarray:
 
 def _check_kv_reserve(c: Cluster) -> None:
     """Continuous batching: the KV share every plan leaves (kv_reserve_frac of each GPU) must hold one sequence of
-    the workload's mean length on every server, so that a valid plan always serves (ConfigError otherwise)."""
+    the workload's mean lengths (`physics.held_kv_tokens`, as `kv_sequences` counts it) on every server, so that a
+    valid plan always serves (ConfigError otherwise)."""
+    from coel_env.backend.physics import held_kv_tokens  # the physics imports this module
+
     wl, m = c.spec.workload, c.model
-    one_seq = m.kv_bytes_per_token() * (wl.input_len.mean + wl.output_len.mean)
+    held = held_kv_tokens(float(wl.input_len.mean), float(wl.output_len.mean), float(wl.kv_block_tokens))
+    one_seq = m.kv_bytes_per_token() * held
     reserve = np.bincount(c.dev_server, weights=c.dev_mem * c.hw.kv_reserve_frac, minlength=c.num_servers)
     short = np.flatnonzero(reserve < one_seq)
     if short.size:
@@ -177,8 +181,8 @@ def _check_kv_reserve(c: Cluster) -> None:
         need = one_seq / np.bincount(c.dev_server, weights=c.dev_mem, minlength=c.num_servers)[s]
         raise ConfigError(
             f"hardware: kv_reserve_frac: {c.hw.kv_reserve_frac:g} leaves server '{c.server_names[s]}' "
-            f"{reserve[s] / GB:.3g} GB of KV cache, less than one {wl.input_len.mean + wl.output_len.mean:g}-token "
-            f"sequence ({one_seq / GB:.3g} GB); allowed: >= {need:.3g}"
+            f"{reserve[s] / GB:.3g} GB of KV cache, less than one sequence ({held:g} tokens held, "
+            f"{one_seq / GB:.3g} GB); allowed: >= {need:.3g}"
         )
 
 

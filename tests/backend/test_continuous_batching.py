@@ -154,3 +154,23 @@ def test_batch_grid_at_one_agrees_with_the_routing_pass(name):
         return SurrogateBackend(sc.cluster).serve(DeploymentPlan.uniform(sc.cluster), st, 60.0).tpot_mean_s
 
     assert tpot("continuous") == pytest.approx(tpot("default"), rel=1e-4)
+
+
+def test_closed_loop_clients_of_a_failed_server_are_dropped():
+    """A server that cannot serve drops its clients' requests (they count as offered), not the score's denominator."""
+    sc, st = _scenario("continuous", 1.0, name="tiny", concurrency=4)
+    st.server_up[:] = False
+    st.touch()
+    m = SurrogateBackend(sc.cluster).serve(DeploymentPlan.uniform(sc.cluster), st, 60.0)
+    assert m.requests > 0 and m.tokens_per_s == 0.0
+    assert m.dropped_frac == pytest.approx(1.0) and m.late_frac == pytest.approx(1.0)
+
+
+def test_device_utilization_grows_with_the_served_load():
+    utils = [_serve("continuous", r).device_util.max() for r in (1.0, 3.0, 10.0)]
+    assert utils[0] < utils[1] < utils[2] <= 1.0
+
+
+def test_token_budget_below_the_batch_is_one_line():
+    with pytest.raises(ConfigError, match=r"workload\.max_num_batched_tokens \(64\) must be >= workload\.max_batch"):
+        _scenario("continuous", 1.0, max_batch=256, max_num_batched_tokens=64)
