@@ -765,7 +765,8 @@ def route_pass(
                     mxg_p = max(mxg_p, acc_p[d])
                     touched[d] = True
                 quality += p * qloss[bits_l[e, rd]]
-                out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
+                if params.continuous:  # what `decode_grid` costs at other batches
+                    out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
                 if dev_fuse[d] > 0.0:
                     tok_d[sd] += ad * fused_share(p, ad, dev_keep[d], dev_fuse[d])
@@ -1552,7 +1553,8 @@ def serve_plans(*flat) -> None:
         np.zeros((N, S)),
         np.zeros((N, S, S)),
         np.zeros(N, dtype=np.bool_),
-        np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]), -1, dtype=np.int16),
+        # the decode step's choices are kept for continuous batching only (a [1, 1, 1, 1] stub otherwise)
+        np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]) if params.continuous else (1, 1, 1, 1), -1, np.int16),
     )
     infl = np.ones((N, U))
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), so)
@@ -1571,7 +1573,8 @@ def serve_plans(*flat) -> None:
                     so.quality[n] = 0.0
                     so.miss[n] = 0.0
                     so.cross[n] = 0.0
-                    so.chosen[n] = -1
+                    if params.continuous:
+                        so.chosen[n] = -1
             route_pass(plans, pairs, st, topo, params, infl, redo, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)

@@ -45,6 +45,7 @@ from coel_env.backend.physics import (
 )
 from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import LengthDist
+from coel_env.specs.scenario import LENGTH_QUANTILES
 from coel_env.world.cluster import Cluster, link_goodput, pair_goodput
 from coel_env.world.state import ClusterState, StateBatch
 
@@ -69,15 +70,15 @@ __all__ = [
     "transfer_time_s",
 ]
 
-QUANTILES = (np.arange(8) + 0.5) / 8  # request-length quantile grid for percentiles
+QUANTILES = LENGTH_QUANTILES  # request-length quantile grid for percentiles (specs.scenario)
 PRIMARY_CHECK = ("tpot_mean_s", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "ttft_p95_s", "tpot_p95_s", "dropped_frac")
 
 
 # ---- per-state formulas (numpy; the kernels' formulas are in physics.py) ---------------------------------------
 def length_quantiles(dist: LengthDist) -> np.ndarray:
-    """Lengths at QUANTILES of a length distribution (`LengthDist.at`, deterministic, so the surrogate stays
+    """Lengths at QUANTILES of a length distribution (`LengthDist.quantiles`, deterministic, so the surrogate stays
     exact)."""
-    return dist.at(QUANTILES)
+    return dist.quantiles()
 
 
 def sample_quantiles(lengths: np.ndarray) -> np.ndarray:
@@ -207,7 +208,6 @@ class SurrogateBackend:
         # decode batches at which the continuous-batching model costs a step: 1, 2, 4, ... up to max_batch
         top = int(np.ceil(np.log2(max(c.spec.workload.max_batch, 1))))
         self.batch_grid = 2.0 ** np.arange(top + 1)
-        self.dev_onehot = (c.dev_server[:, None] == np.arange(S)[None]).astype(np.float64)  # [D, S]
         self._zero_idx = np.zeros(64, dtype=np.int64)
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
@@ -302,10 +302,7 @@ class SurrogateBackend:
             state.server_up[None],
             state.link_factor[None],
         )
-        return MigrationReport(
-            **{k: (int(v[0]) if k.startswith("replicas") else float(v[0])) for k, v in r.items() if k != "link_bytes"},
-            link_bytes=r["link_bytes"][0],
-        )
+        return MigrationBatch(r).item(0)
 
     def migration_arrays(
         self, old_dev, old_tier, old_bits, new_dev, new_tier, new_bits, server_up, link_factor
@@ -396,7 +393,7 @@ class SurrogateBackend:
         table = np.empty((len(comp), c.num_devices * N_TIERS * N_BITS, UNIT_COLUMNS))
         unit_table_kernel(*self.units, comp, table)
         # non-expert part of each step on the server's own GPUs (tensor parallel), at their free compute share
-        srv_avail = (comp @ self.dev_onehot) / c.gpus_per_server
+        srv_avail = (comp @ c.dev_onehot) / c.gpus_per_server
         ne_dec = non_expert_decode_s(
             batch,
             self.in_mean,

@@ -13,7 +13,6 @@ from dataclasses import asdict
 import numpy as np
 
 from coel_env.backend.contract import Backend, BatchBackend, MigrationBatch, as_batch_backend
-from coel_env.backend.surrogate import length_quantiles
 from coel_env.env.actions import View, make_action_codec
 from coel_env.env.disruption import MigrationDisruption
 from coel_env.env.faults import handle_faults
@@ -72,8 +71,7 @@ class CoELCore:
         self.reward_fn = make_reward(reward_space, reward_weights)
         self.reward_space = reward_space
         wl = spec.workload
-        in_mean = float(length_quantiles(wl.input_len).mean())
-        out_mean = float(length_quantiles(wl.output_len).mean())
+        in_mean, out_mean = wl.input_len.grid_mean, wl.output_len.grid_mean
         tok_per_req = in_mean + out_mean
         self.ctx = RewardContext(
             window_s=self.window,

@@ -105,6 +105,9 @@ class TopologySpec(_Strict):
         return len(self.links)
 
 
+LENGTH_QUANTILES = (np.arange(8) + 0.5) / 8  # the quantile grid at which requests are costed (surrogate, rewards)
+
+
 class LengthDist(_Strict):
     """Request lengths in tokens. `uniform`: mean x (1 ± spread), so spread <= 1 keeps them >= 0; `lognormal`: the
     given mean, sigma = spread. Both backends read it through `at` (its inverse CDF): the surrogate takes the
@@ -126,6 +129,15 @@ class LengthDist(_Strict):
         from scipy.stats import norm
 
         return self.mean * np.exp(self.spread * norm.ppf(u) - self.spread**2 / 2)
+
+    def quantiles(self) -> np.ndarray:
+        """Lengths at LENGTH_QUANTILES (`at`): the grid the surrogate costs requests on."""
+        return self.at(LENGTH_QUANTILES)
+
+    @property
+    def grid_mean(self) -> float:
+        """Mean length over LENGTH_QUANTILES (the surrogate's mean request)."""
+        return float(self.quantiles().mean())
 
     @model_validator(mode="after")
     def _check(self) -> LengthDist:

@@ -109,7 +109,12 @@ class Cluster:
             self.dev_mem * np.asarray(memory_avail) * self.hw.gpu_memory_utilization - self.non_expert_bytes_per_gpu,
             0.0,
         )
-        return room @ (self.dev_server[:, None] == np.arange(self.num_servers)[None]).astype(np.float64)
+        return room @ self.dev_onehot
+
+    @cached_property
+    def dev_onehot(self) -> np.ndarray:
+        """[D, S] 1 where GPU d belongs to server s: per-GPU quantities @ dev_onehot sums them per server."""
+        return (self.dev_server[:, None] == np.arange(self.num_servers)[None]).astype(np.float64)
 
     @cached_property
     def cpu_expert_capacity(self) -> np.ndarray:
