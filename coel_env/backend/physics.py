@@ -135,17 +135,18 @@ def unit_row(d: int, tier: int, bits: int, bits_index: np.ndarray) -> int:
 
 @njit(cache=True)
 def transfer_s_per_token(wire_bytes: float, keep: float, goodput: float) -> float:
-    """Bandwidth seconds of one token routed to a remote expert: its hidden state there and back, minus pruning:
-    2 * hidden_bytes * (1 - prune) / link goodput (the round-trip latency is `expected_max_latency`'s)."""
+    """Bandwidth seconds of one dispatched row (a token sent to a remote server, `wire.py`): its hidden state there
+    and the combined result back, minus pruning: 2 * row_bytes * (1 - prune) / link goodput (the round-trip latency
+    is `expected_max_latency`'s)."""
     return 2.0 * wire_bytes * keep / goodput
 
 
 @njit(cache=True, fastmath=True)
 def fused_share(p: float, tokens: float, keep: float, frac: float) -> float:
-    """Share of an expert's crossing tokens still sent after fusion: a step's `tokens` tokens each use the expert
-    with probability p and survive pruning with `keep`; fusion merges `frac` of a message's rows for that expert but
-    needs two of them, so per token the saving is frac * P(another of the step's tokens joins) =
-    frac * (1 - (1 - p keep)^(tokens / p - 1))."""
+    """Share of a message's rows still sent after fusion: a step's `tokens / p` tokens each join the message with
+    probability p (a token with an expert at the destination; in the router's cost, with that expert) and survive
+    pruning with `keep`; fusion merges `frac` of the message's rows but needs two of them, so per token the saving is
+    frac * P(another of the step's tokens joins) = frac * (1 - (1 - p keep)^(tokens / p - 1))."""
     n = tokens / p  # tokens in the step
     if n <= 1.0:
         return 1.0
@@ -580,8 +581,10 @@ def route_pass(
     broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
     (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
     holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
-    Expert times are `path_time` of the unit table; transfers `pairs.transfer_s` per token (`fused_share` of it
-    with fusion: fusion needs two tokens of an expert in a message) plus `expected_max_latency`."""
+    Expert times are `path_time` of the unit table; transfers are per-destination (`wire.py`): a token crosses to
+    a server once per layer whatever number of its experts it uses there, E[rows to s2] = tokens * (1 - prod over
+    the experts sent to s2 of (1 - p)) (independent choices), `pairs.transfer_s` per row (`fused_share` of it with
+    fusion), plus `expected_max_latency`; the router prices an expert's tokens that newly cross."""
     N, L, E, R = plans.dev.shape
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
@@ -611,6 +614,7 @@ def route_pass(
         tok_p = np.zeros(S)
         none_d = np.ones(S)
         none_p = np.ones(S)
+        token_none = np.ones(S)  # per destination: chance a token has none of its experts there yet (this layer)
         cross = np.zeros(S)
         quality = 0.0
         miss = 0.0
@@ -627,6 +631,8 @@ def route_pass(
             if inf_n[u] != 1.0:
                 scaled = True
         pv = pacc if scaled else acc_d
+        batch_d = st.batch[si, s]  # tokens of a decode step / a mean-length prefill
+        batch_p = params.in_mean
         lat_s = lat2[s]
         order = lat_order[s]
         for d in range(D):
@@ -713,7 +719,7 @@ def route_pass(
                         akeep = ad * dev_keep[d]
                         gd = path_time(tab, key, GPU_PATH, ud, akeep)
                         cd = path_time(tab, key, CPU_PATH, ud, akeep)
-                        comm = ad * dev_ct[d]
+                        comm = ad * token_none[sd] * dev_ct[d]  # tokens that newly cross to sd
                         if dev_fuse[d] > 0.0:
                             comm *= fused_share(p, ad, dev_keep[d], dev_fuse[d])
                         lat = dev_lat[d]
@@ -768,12 +774,7 @@ def route_pass(
                 if params.continuous:  # what `decode_grid` costs at other batches
                     out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
-                if dev_fuse[d] > 0.0:
-                    tok_d[sd] += ad * fused_share(p, ad, dev_keep[d], dev_fuse[d])
-                    tok_p[sd] += ap * fused_share(p, ap, dev_keep[d], dev_fuse[d])
-                else:
-                    tok_d[sd] += ad
-                    tok_p[sd] += ap
+                token_none[sd] *= 1.0 - p
                 none_d[sd] *= 1.0 - ud
                 none_p[sd] *= 1.0 - up
                 cross[sd] += p
@@ -799,10 +800,19 @@ def route_pass(
                     touched[u] = False
             o_time[n, s, DECODE, EXPERT_S] += mx_d
             o_time[n, s, PREFILL, EXPERT_S] += mx_p
-            tok_d[s] = 0.0
-            tok_p[s] = 0.0
             none_d[s] = 1.0
             none_p[s] = 1.0
+            token_none[s] = 1.0
+            for s2 in range(S):  # per-destination dispatch: one row per token and destination (`destination_rows`)
+                q = 1.0 - token_none[s2]
+                if q > 0.0:
+                    tok_d[s2] = batch_d * q
+                    tok_p[s2] = batch_p * q
+                    frac = fuse_frac[n, s, s2]
+                    if frac > 0.0:
+                        tok_d[s2] *= fused_share(q, tok_d[s2], keep[n, s, s2], frac)
+                        tok_p[s2] *= fused_share(q, tok_p[s2], keep[n, s, s2], frac)
+                    token_none[s2] = 1.0
             o_time[n, s, DECODE, LATENCY_S] += expected_max_latency(order, lat_s, none_d)
             o_time[n, s, PREFILL, LATENCY_S] += expected_max_latency(order, lat_s, none_p)
             for s2 in range(S):

@@ -43,6 +43,7 @@ from coel_env.backend.physics import (
     serve_plans,
     unit_table_kernel,
 )
+from coel_env.backend.wire import row_round_trip_bytes
 from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs import LengthDist
 from coel_env.specs.scenario import LENGTH_QUANTILES
@@ -234,7 +235,7 @@ class SurrogateBackend:
             out_q=self.out_q,
             in_mean=self.in_mean,
             out_mean=self.out_mean,
-            wire_bytes=float(hw.wire_bytes(m.d_model)),
+            wire_bytes=row_round_trip_bytes(m.d_model, hw.activation_bytes, hw.row_header_bytes, m.top_k) / 2,
             fusion_fraction=float(q.fusion_fraction),
             slo_s=float(c.spec.workload.slo_s),
             step_overhead_s=m.num_layers * hw.layer_overhead_s,

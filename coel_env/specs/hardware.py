@@ -197,8 +197,8 @@ class HardwareProfile(BaseModel):
     row_header_bytes: Annotated[Int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
         0,
         ge=0,
-        description="extra bytes per routed token row per round trip (the real dispatcher sends an 8-byte "
-        "expert id with each row)",
+        description="bytes per expert slot of a dispatched row (top_k slots per row; the real dispatcher's "
+        "int32 expert id and fp32 gate weight: 8; coel_env/backend/wire.py)",
     )
     cloud_bandwidth_gbps: Annotated[Float, at_most(MAX_GBS)] = Field(
         0.1, gt=0, description="WAN to the checkpoint store"
@@ -223,10 +223,6 @@ class HardwareProfile(BaseModel):
         if bad:
             raise ValueError(f"{bad} must be time multipliers in (0, {MAX_SLOWDOWN:g}]")
         return v
-
-    def wire_bytes(self, d_model: int) -> float:
-        """One-way bytes of a routed token's hidden state (the round trip carries two, plus the row header)."""
-        return d_model * self.activation_bytes + self.row_header_bytes / 2
 
     def device(self, spec: DeviceSpec) -> DeviceSpec:
         """`spec` with this profile's measured numbers for its name, if any."""

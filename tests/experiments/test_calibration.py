@@ -92,8 +92,8 @@ def test_wire_format_fields_scale_surrogate_link_bytes():
     b2, b4, b4h = (SurrogateBackend(sc.cluster).serve(plan, state, 10.0).link_bytes for sc in (bf16, fp32, hdr))
     assert b2.sum() > 0
     np.testing.assert_allclose(b4, 2 * b2, rtol=1e-9)
-    d = bf16.cluster.model.d_model  # a round trip per token: 2 * d * 4 + 8 bytes instead of 2 * d * 4
-    np.testing.assert_allclose(b4h, b4 * (2 * d * 4 + 8) / (2 * d * 4), rtol=1e-9)
+    m = bf16.cluster.model  # a round trip per row: 2 * d * 4 + top_k slots of 8 bytes instead of 2 * d * 4
+    np.testing.assert_allclose(b4h, b4 * (2 * m.d_model * 4 + 8 * m.top_k) / (2 * m.d_model * 4), rtol=1e-9)
 
 
 def test_local_first_routing_keeps_tokens_home():

@@ -1,0 +1,39 @@
+"""The expert-dispatch wire format both backends count (DeepEP-style per-destination dispatch).
+
+At each MoE layer a server sends a token's hidden state once to every *remote destination server* that computes at
+least one of its top-k experts, and gets one combined row back (the weighted sum of those experts' outputs):
+- request row: the hidden state (d_model * activation_bytes) and top_k fixed slots of `row_header_bytes` each
+  (an expert id and its gate weight; unused slots padded), so rows have one size whatever experts they carry;
+- reply row: the combined output (d_model * activation_bytes);
+- each message (one per layer, destination and direction, only when it has rows) carries an 8-byte arrival stamp.
+Pruning drops whole rows of a message, fusion merges rows of a message; both count rows after compression.
+The surrogate prices the expectation of `destination_rows` (`physics.route_pass`); the real dispatcher sends exactly
+`dispatch_bytes` of what it routes (tests/real_backend/test_real_dist.py checks both).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STAMP_BYTES = 8  # one float64 arrival time per message
+
+
+def row_round_trip_bytes(d_model: int, activation_bytes: int, row_header_bytes: int, top_k: int) -> int:
+    """Bytes one row costs there and back: two hidden states and the request's top_k slot headers."""
+    return 2 * d_model * activation_bytes + top_k * row_header_bytes
+
+
+def destination_rows(target: np.ndarray, idx: np.ndarray, me: int, num_servers: int) -> np.ndarray:
+    """[S] rows server `me` sends to each server for one layer before compression: tokens with at least one expert
+    there. target [E]: server computing each expert for `me`'s tokens; idx [T, k]: each token's expert ids."""
+    dest = target[idx]  # [T, k]
+    hit = np.zeros((idx.shape[0], num_servers), dtype=bool)
+    np.put_along_axis(hit, dest, True, axis=1)
+    rows = hit.sum(0)
+    rows[me] = 0
+    return rows
+
+
+def dispatch_bytes(rows: np.ndarray, messages: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Bytes on the wire per destination (both directions) for `rows` [S] sent in `messages` [S] request messages."""
+    return rows * row_bytes + 2 * STAMP_BYTES * messages
