@@ -17,7 +17,9 @@ tuned to the published numbers. Each entry becomes a one-server scenario (a dict
   half that rate) and max_batch = the stated concurrency, else the engine's default cap (vLLM max_num_seqs 256;
   LMDeploy max_batch_size 128; SGLang has no fixed cap, so all prompts, flagged).
 - hardware profiles: `default` (one batch estimate + M/D/1 queueing), `continuous` (continuous batching under the
-  KV-cache limit), plus any shipped profile fitted on the entry's GPU with our own engine (h100, h200).
+  KV-cache limit), plus any shipped profile fitted on the entry's GPU with our own engine (h100, h200). Entries on
+  several GPUs get one more row, `continuous (tp)`: the engines' own tensor parallelism (every expert split over the
+  GPUs, two all-reduces per layer: `coel_env/backend/parallel.py`) instead of the uniform expert placement.
 - metric: tok/s at batch 1 = output_len / e2e_mean_s (the entries time whole generate() calls, prefill included);
   tok/s otherwise = tokens_per_s; an end-to-end latency = e2e_mean_s; TPOT or ms/token = tpot_mean_s.
 """
@@ -31,12 +33,14 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import yaml
 
 from coel_env import ConfigError, DeploymentPlan, Metrics, PlanError, SurrogateBackend, make_scenario
+from coel_env.backend.parallel import serve_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "benchmarks" / "published_serving.yaml"
@@ -49,6 +53,7 @@ GPU_PROFILES = {"h100-sxm": ("h100",), "h200": ("h200",)}  # profiles fitted on 
 BASE_PROFILES = ("default", "continuous")  # uncalibrated constants: one batch estimate + M/D/1, or continuous batching
 BITS = {"int8": 8, "q4_0": 4, "int4": 4, "awq": 4, "bfloat16": 16, "bf16": 16, "auto": 16}  # quantized first
 ENGINE_CAPS = {"vllm": 256, "lmdeploy": 128}
+TP_PROFILE = "continuous (tp)"
 BATCH1_RATE = 1e-4
 SATURATING_RATE = 1e4  # the schema's maximum: the Little's-law batch estimate then reaches max_batch
 WINDOW_S = 60.0
@@ -213,6 +218,22 @@ def predict(entry_id: str, setup: dict, profile: str) -> Metrics:
     return SurrogateBackend(cluster).serve(plan, state, WINDOW_S)
 
 
+def predict_tp(entry_id: str, setup: dict) -> SimpleNamespace:
+    """The entry's scenario on the tensor-parallel engine (`serve_parallel`) under the continuous profile, as the
+    Metrics fields `predicted_value` reads."""
+    scenario = make_scenario(scenario_dict(entry_id, setup, "continuous"))
+    r = serve_parallel(scenario.cluster, scenario.initial_state(np.random.default_rng(0)), bits=setup["bits"])
+    if r.kv_sequences < 1:
+        raise Unmappable(f"{setup['model']} at {setup['bits']} bits leaves no KV room on {setup['num_gpus']} GPUs")
+    return SimpleNamespace(
+        tokens_per_s=r.tokens_per_s,
+        ttft_mean_s=r.ttft_s,
+        tpot_mean_s=r.tpot_s,
+        e2e_mean_s=r.e2e_s,
+        dropped_frac=r.dropped_frac,
+    )
+
+
 def compare(entry: dict) -> list[dict]:
     """One result row per hardware profile for a mappable entry; one skipped row otherwise."""
     base = {"id": entry["id"], "model": entry["model"], "gpu": entry.get("gpu"), "source": entry["source"]}
@@ -220,14 +241,17 @@ def compare(entry: dict) -> list[dict]:
     try:
         setup = map_entry(entry)
         rows = []
-        for profile in setup["profiles"]:
-            m = predict(entry["id"], setup, profile)
+        profiles = [*setup["profiles"], *([TP_PROFILE] if setup["num_gpus"] > 1 else [])]
+        for profile in profiles:
+            tp = profile == TP_PROFILE
+            m = predict_tp(entry["id"], setup) if tp else predict(entry["id"], setup, profile)
             pred = predicted_value(setup["metric"], m, setup["output_len"])
             ratio = pred / entry["value"]
             raw = {k: getattr(m, k) for k in ("tokens_per_s", "ttft_mean_s", "tpot_mean_s", "e2e_mean_s")}
             raw["dropped_frac"] = m.dropped_frac
             if setup["arrival_rate"] == SATURATING_RATE:  # a plateau: half the rate serves as many tokens
-                half = predict(entry["id"], {**setup, "arrival_rate": SATURATING_RATE / 2}, profile)
+                slower = {**setup, "arrival_rate": SATURATING_RATE / 2}
+                half = predict_tp(entry["id"], slower) if tp else predict(entry["id"], slower, profile)
                 raw["saturated"] = bool(abs(half.tokens_per_s / m.tokens_per_s - 1.0) < 1e-6)
             rows.append(
                 {

@@ -11,7 +11,11 @@ per server (vLLM's default 256; the KV cache the plan leaves may allow fewer) (`
 `hardware=` choice the `continuous` profile). Throughput is the cluster's generated tokens/s, latency the mean
 end-to-end time including the wait for a batch slot. `load=single`: one request at a time (per-request speed).
 
-    python -m experiments.reproduce_paper [load=single] [in_flight=256] [output_lens=[64,2048]] [hardware=h100]
+Two engines. `engine=vllm` (the default: what the paper measured): vLLM's own parallelism, tensor parallel over the
+one server's two GPUs and pipeline parallel over two or three servers (`coel_env/backend/parallel.py`), all experts
+at 16 bits. `engine=coel`: CoEL's expert placement (`plan=`, the uniform one by default) on the surrogate.
+
+    python -m experiments.reproduce_paper [load=single] [engine=coel] [in_flight=256] [output_lens=[64,2048]]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hydra
 from omegaconf import DictConfig
 
 from coel_env.atomic import atomic_write_json
+from coel_env.backend.parallel import serve_parallel
 from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError, ConfigError
 from coel_env.specs import HardwareProfile, LengthDist, load_hardware_profile, load_scenario_spec
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 LOADS = ("concurrent", "single")
+ENGINES = ("vllm", "coel")
 
 
 def check(cfg: DictConfig) -> None:
@@ -44,6 +50,8 @@ def check(cfg: DictConfig) -> None:
     require_int(cfg.seed, "seed", 0)
     if cfg.load not in LOADS:
         raise ConfigError(f"load: '{cfg.load}'; allowed: {', '.join(LOADS)}")
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine: '{cfg.engine}'; allowed: {', '.join(ENGINES)}")
     require_int_in(cfg.in_flight, "in_flight", 3, MAX_BATCH)
     require_int_in(cfg.max_num_seqs, "max_num_seqs", 1, MAX_BATCH)
     for key in ("input_len_fixed", "output_len_fixed"):
@@ -67,19 +75,30 @@ def load_hardware(cfg: DictConfig) -> HardwareProfile | None:
 
 
 def measure(scenario_name, input_len: int, output_len: int, cfg: DictConfig) -> dict:
-    """Latency and throughput of one setup with the configured plan (`scenario_name`: a registry name, path, dict or
-    spec): under the concurrent load the cluster's tokens/s, one request at a time its per-request speed."""
+    """Latency and throughput of one setup (`scenario_name`: a registry name, path, dict or spec) on the configured
+    engine: under the concurrent load the cluster's tokens/s, one request at a time its per-request speed."""
     spec = load_scenario_spec(scenario_name)
     update = {  # validated: a bad length fails here, not in the kernels
         "input_len": LengthDist(dist="fixed", mean=input_len),
         "output_len": LengthDist(dist="fixed", mean=output_len),
     }
     concurrent = cfg.load == "concurrent"
+    vllm = cfg.engine == "vllm"
     if concurrent:
         update["concurrency"] = max(int(cfg.in_flight) // len(spec.servers), 1)
         update["max_batch"] = int(cfg.max_num_seqs)
+    elif vllm:  # one engine, one request at a time: a closed loop of one
+        update["concurrency"] = 1
+        update["max_batch"] = 1
     workload = spec.workload.model_validate({**spec.workload.model_dump(), **update})
-    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=load_hardware(cfg))
+    hardware = load_hardware(cfg)
+    if vllm and cfg.load == "single":  # the engine's continuous batching at batch 1 is one request at a time
+        hardware = (hardware or load_hardware_profile("continuous")).model_copy(update={"serving": "continuous"})
+    scenario = Scenario(spec.model_copy(update={"workload": workload}), seed=cfg.seed, hardware=hardware)
+    if vllm:
+        r = serve_parallel(scenario.cluster, initial_state(scenario, cfg.seed), clients=None if concurrent else 1)
+        tok_s = r.tokens_per_s if concurrent else output_len / r.e2e_s
+        return {"latency_s": r.e2e_s, "tok_s": tok_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s}
     plan = resolve_plan(str(cfg.plan), scenario).validate(scenario.cluster)
     metrics = SurrogateBackend(scenario.cluster).serve(plan, initial_state(scenario, cfg.seed), window_s=60.0)
     return {
@@ -114,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
                 "three_servers_latency_s": three["latency_s"],
             }
         )
-    load = {"mode": cfg.load}
+    load = {"mode": cfg.load, "engine": cfg.engine}
     if cfg.load == "concurrent":
         load.update(in_flight=int(cfg.in_flight), max_num_seqs=int(cfg.max_num_seqs), serving="continuous")
     return {"fig4": fig4, "fig5": fig5, "fig6": fig6, "load": load}

@@ -161,6 +161,12 @@ class HardwareProfile(BaseModel):
     transfer_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         50e-6, ge=0, description="software latency per message (α)"
     )
+    allreduce_latency_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
+        20e-6,
+        ge=0,
+        description="fixed seconds of one small all-reduce among a server's GPUs (tensor parallel, over PCIe; an "
+        "assumption of the order NCCL's small-message latency on PCIe GPUs, not a fit); coel_env/backend/parallel.py",
+    )
     emulated_latency: bool = Field(
         False,
         description="link latency is emulated by the application (the real "

@@ -20,11 +20,11 @@ def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complete
     )
 
 
-def _reproduce(out: Path, *args: str) -> dict:
+def _reproduce(out: Path, *args: str, output_lens: str = "[64,512,2048]") -> dict:
     proc = run_module(
         "experiments.reproduce_paper",
         f"hydra.run.dir={out}",
-        "output_lens=[64,512,2048]",
+        f"output_lens={output_lens}",
         "input_lens=[64,2048]",
         *args,
     )
@@ -36,8 +36,15 @@ def _reproduce(out: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def paper_results(tmp_path_factory) -> dict:
-    """The default: the paper's concurrent load (a closed loop of 256 requests, continuous batching)."""
+    """The default: the paper's concurrent load (a closed loop of 256 requests, continuous batching) on vLLM's
+    parallelism (tensor parallel in the one server, pipeline parallel over servers)."""
     return _reproduce(tmp_path_factory.mktemp("paper"))
+
+
+@pytest.fixture(scope="module")
+def coel_results(tmp_path_factory) -> dict:
+    """The same load on CoEL's expert placement (the uniform plan)."""
+    return _reproduce(tmp_path_factory.mktemp("paper-coel"), "engine=coel", output_lens="[512]")
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +60,40 @@ def test_paper_results_schema(paper_results, single_results):
         assert set(results["fig6"][0]) == {"input_len", "two_servers_latency_s", "three_servers_latency_s"}
     assert paper_results["load"] == {
         "mode": "concurrent",
+        "engine": "vllm",
         "in_flight": 256,
         "max_num_seqs": 256,
         "serving": "continuous",
     }
-    assert single_results["load"] == {"mode": "single"}
+    assert single_results["load"] == {"mode": "single", "engine": "vllm"}
 
 
-def test_paper_findings_under_concurrent_load(paper_results):
+def test_paper_findings_under_concurrent_load(paper_results, coel_results):
     """The seed paper's Fig. 6 under its concurrent load: three servers are faster than two (they hold more KV cache,
-    so they run more sequences at once) and the gap grows with the input length. One server with 2 GPUs out-serves
-    two servers over 1 GbE (Fig. 4; the size of that gap is not the paper's yet: see issue 13)."""
-    fig6 = paper_results["fig6"]
-    ratios = [r["two_servers_latency_s"] / r["three_servers_latency_s"] for r in fig6]
-    assert all(x > 1.0 for x in ratios) and ratios[-1] > ratios[0]
+    so they run more sequences at once) and the gap grows with the input length — on vLLM's pipeline parallelism and
+    on CoEL's expert placement alike. Fig. 4: one server with 2 GPUs (tensor parallel) out-serves two servers
+    (pipeline parallel over 1 GbE) once decoding dominates (memory-bound decode reads each stage's weights once per
+    micro-batch), by less than the paper's 1.7x; at 64 output tokens the prefill-bound engines tie."""
+    for results in (paper_results, coel_results):
+        ratios = [r["two_servers_latency_s"] / r["three_servers_latency_s"] for r in results["fig6"]]
+        assert all(x > 1.0 for x in ratios) and ratios[-1] > ratios[0]
     for row in paper_results["fig4"]:
-        assert row["single_server_tok_s"] > row["two_servers_tok_s"] > 0
+        ratio = row["single_server_tok_s"] / row["two_servers_tok_s"]
+        assert ratio < 1.7
+        if row["output_len"] >= 512:
+            assert ratio > 1.2
 
 
 def test_single_request_trends(single_results):
     """One request at a time: collaboration over a 1 GbE LAN costs per-request speed and latency, every extra server
-    one more set of hops."""
-    for row in single_results["fig4"]:
-        assert row["single_server_tok_s"] > 1.5 * row["two_servers_tok_s"] > 0
+    one more set of hops. Batch-1 decode is memory-bound: tensor parallel reads half the weights on each GPU at once,
+    a pipeline reads its stages one after the other, so the latency ratio is flat in the output length (the paper's
+    Fig. 5: about 1.69, flat)."""
+    ratios = []
+    for row, lat in zip(single_results["fig4"], single_results["fig5"]):
+        assert row["single_server_tok_s"] > 1.3 * row["two_servers_tok_s"] > 0
+        ratios.append(lat["two_servers_latency_s"] / lat["single_server_latency_s"])
+    assert max(ratios) < 1.1 * min(ratios)
     lat = [r["two_servers_latency_s"] for r in single_results["fig5"]]
     assert lat == sorted(lat) and lat[-1] > 10 * lat[0]  # ~linear in output length
     for row in single_results["fig6"]:

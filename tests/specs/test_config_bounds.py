@@ -604,7 +604,7 @@ def test_reproduce_paper_takes_a_hardware_profile(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads((tmp_path / "results.json").read_text())["fig4"][0]
-    cfg = {"seed": 0, "plan": "uniform", "load": "concurrent", "in_flight": 256, "max_num_seqs": 256}
+    cfg = {"seed": 0, "plan": "uniform", "load": "concurrent", "in_flight": 256, "max_num_seqs": 256, "engine": "vllm"}
     h100 = measure("paper-1server-2gpu", 128, 64, OmegaConf.create({**cfg, "hardware": "h100"}))
     default = measure("paper-1server-2gpu", 128, 64, OmegaConf.create({**cfg, "hardware": None}))
     assert row["single_server_tok_s"] == pytest.approx(h100["tok_s"])
