@@ -550,9 +550,11 @@ class RealBackend:
             "comm_wait_s": [r["comm_wait_s"] for r in res],
             "tokens_pruned": sum(r["tokens_pruned"] for r in res),
             "tokens_fused": sum(r["tokens_fused"] for r in res),
+            "bytes_to": np.stack([r["bytes_to"] for r in res]).tolist(),
             "tokens_to": np.stack([r["tokens_to"] for r in res]).tolist(),
             "rows_to": np.stack([r["rows_to"] for r in res]).tolist(),
             "msgs_to": np.stack([r["msgs_to"] for r in res]).tolist(),
+            "wire": res[0]["wire"],  # the dispatcher's wire format: activation_bytes, row_header_bytes (wire.py)
             "tiers": [r["tiers"] for r in res],
             "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
             "tokens": {d["rid"]: d["tokens"] for d in done},

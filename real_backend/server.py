@@ -319,6 +319,10 @@ class ServerProcess:
             "tokens_to": d.tokens_to.copy(),
             "rows_to": d.rows_to.copy(),
             "msgs_to": d.msgs_to.copy(),
+            "wire": {
+                "activation_bytes": torch.empty(0, dtype=self.dtype).element_size(),
+                "row_header_bytes": d.slot_bytes,
+            },
             "tokens_pruned": d.tokens_pruned,
             "tokens_fused": d.tokens_fused,
             "remote_tokens_served": d.remote_tokens_served,

@@ -7,6 +7,7 @@ least one of its top-k experts, and gets one combined row back (the weighted sum
 - reply row: the combined output (d_model * activation_bytes);
 - each message (one per layer, destination and direction, only when it has rows) carries an 8-byte arrival stamp.
 Pruning drops whole rows of a message, fusion merges rows of a message; both count rows after compression.
+The real dispatcher's slot is `SLOT_BYTES`: an int32 expert id (-1: unused) and the fp32 gate weight (0: unused).
 The surrogate prices the expectation of `destination_rows` (`physics.route_pass`); the real dispatcher sends exactly
 `dispatch_bytes` of what it routes (tests/real_backend/test_real_dist.py checks both).
 """
@@ -16,11 +17,24 @@ from __future__ import annotations
 import numpy as np
 
 STAMP_BYTES = 8  # one float64 arrival time per message
+SLOT_BYTES = 8  # the real dispatcher's expert slot: int32 expert id + fp32 gate weight (hardware row_header_bytes)
+
+
+def request_row_bytes(d_model: int, activation_bytes: int, row_header_bytes: int, top_k: int) -> int:
+    """Bytes of one request row: the hidden state and its top_k slot headers."""
+    return d_model * activation_bytes + top_k * row_header_bytes
+
+
+def reply_row_bytes(d_model: int, activation_bytes: int) -> int:
+    """Bytes of one reply row: the combined output."""
+    return d_model * activation_bytes
 
 
 def row_round_trip_bytes(d_model: int, activation_bytes: int, row_header_bytes: int, top_k: int) -> int:
     """Bytes one row costs there and back: two hidden states and the request's top_k slot headers."""
-    return 2 * d_model * activation_bytes + top_k * row_header_bytes
+    return request_row_bytes(d_model, activation_bytes, row_header_bytes, top_k) + reply_row_bytes(
+        d_model, activation_bytes
+    )
 
 
 def destination_rows(target: np.ndarray, idx: np.ndarray, me: int, num_servers: int) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from coel_env.backend.surrogate import SurrogateBackend
+from coel_env.backend.wire import SLOT_BYTES, dispatch_bytes, row_round_trip_bytes
 from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs.hardware import CONF_DIR
 from coel_env.world.cluster import Cluster
@@ -120,11 +121,12 @@ def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterStat
 
 
 def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int) -> np.ndarray:
-    """Exact bytes per physical link of the real dispatcher's wire format, from its row and message counts:
-    a request carries rows * d_model * elem + 8 * (rows + 1) bytes, its reply rows * d_model * elem + 8."""
-    d = cluster.model.d_model
-    pair = np.asarray(rows_to) * (2 * d * elem_bytes + 8) + 16 * np.asarray(msgs_to)
-    return cluster.pair_to_links(pair)
+    """Exact bytes per physical link of the real dispatcher's wire format (`wire.py`), from its row and message
+    counts: a request row carries the hidden state and top_k slots of `SLOT_BYTES`, its reply row the combined
+    output, and every message an arrival stamp."""
+    m = cluster.model
+    row = row_round_trip_bytes(m.d_model, elem_bytes, SLOT_BYTES, m.top_k)
+    return cluster.pair_to_links(dispatch_bytes(np.asarray(rows_to), np.asarray(msgs_to), row))
 
 
 def measure(

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from coel_env.backend.wire import SLOT_BYTES
 from coel_env.specs.hardware import DeviceOverride, HardwareProfile
 from experiments.calib import fit, sweeps
 
@@ -89,9 +90,9 @@ def base_profile(cfg, scenario, fits: dict, device_names: list[str] | None = Non
         dequant_slowdown={int(k): float(v) for k, v in sorted(roof["slowdown"].items(), reverse=True)},
         prefetch_hit_rate=0.0,
         transfer_latency_s=float(fits["gloo"]["alpha_s"]),
-        # the real dispatcher's wire format: fp32 (CPU) / bf16 (CUDA) rows plus an 8-byte expert id per row
+        # the real dispatcher's wire format: fp32 (CPU) / bf16 (CUDA) rows, top_k slots of int32 id + fp32 weight
         activation_bytes=2 if cfg.device == "cuda" else 4,
-        row_header_bytes=8,
+        row_header_bytes=SLOT_BYTES,
         routing="local_first",
         # the real backend steps its servers in lock-step; on CPU they are processes sharing this host's cores
         serving="lockstep",

@@ -12,7 +12,17 @@ import torch
 from conftest import pid_alive
 
 from coel_env import Backend, DeploymentPlan, PlanError, Scenario
+from coel_env.backend.wire import (
+    SLOT_BYTES,
+    STAMP_BYTES,
+    destination_rows,
+    dispatch_bytes,
+    reply_row_bytes,
+    request_row_bytes,
+    row_round_trip_bytes,
+)
 from real_backend import RealBackend, ServerError, make_real_backend
+from real_backend.dist import dispatch_targets
 
 pytestmark = pytest.mark.slow
 EXPERT16 = 3 * 64 * 128 * 2  # tiny-moe expert at 16 bits
@@ -53,6 +63,48 @@ def test_distributed_equals_single_process(env):
         torch.testing.assert_close(torch.as_tensor(logits[q["rid"]]), ref_logits, atol=1e-4, rtol=1e-4)
     assert m.quality_loss == 0.0 and m.tokens_per_s > 0 and m.ttft_mean_s > 0 and m.tpot_mean_s > 0
     assert m.link_bytes.sum() > 0 and m.gpu_mem_bytes.sum() == 32 * EXPERT16
+
+
+def _routed_rows(sc: Scenario, plan: DeploymentPlan, state, requests) -> tuple[np.ndarray, np.ndarray]:
+    """[S, S] rows each server sends each destination by the wire format for the requests' forced routes, and
+    the old count of one row per (token, expert) pair."""
+    c = sc.cluster
+    L, E, _ = plan.device.shape
+    S = c.num_servers
+    holders = [[{int(c.dev_server[x]) for x in plan.device[l, e] if x >= 0} for e in range(E)] for l in range(L)]
+    rows, pairs = np.zeros((S, S), dtype=np.int64), np.zeros((S, S), dtype=np.int64)
+    for q in (q for r in requests for q in r):
+        s = q["server"]
+        target = dispatch_targets(holders, s, state.server_up, c.pair_latency)
+        routes = np.asarray(q["routes"], dtype=np.int64)  # [tokens, L, k]: every token the server processes
+        for l in range(L):
+            rows[s] += destination_rows(target[l], routes[:, l], s, S)
+            per_pair = np.bincount(target[l][routes[:, l]].ravel(), minlength=S)
+            per_pair[s] = 0
+            pairs[s] += per_pair
+    return rows, pairs
+
+
+def test_dispatch_bytes_equal_the_wire_format(env):
+    """Compression off: every server pair carried exactly the wire format's bytes for the routes used; a token
+    with two experts on one server crossed to it once."""
+    sc, state, plan, backend = env
+    m, _, _ = _replay(backend, plan, state)
+    d = backend.last_details
+    assert d["wire"] == {"activation_bytes": 4, "row_header_bytes": SLOT_BYTES}  # fp32 rows on CPU
+    rows, pairs = _routed_rows(sc, plan, state, backend.last_requests)
+    got_rows, msgs = np.array(d["rows_to"], dtype=np.int64), np.array(d["msgs_to"], dtype=np.int64)
+    sent = np.array(d["bytes_to"], dtype=np.int64)  # requests to each peer + replies to the peer's requests
+    np.testing.assert_array_equal(got_rows, rows)
+    np.testing.assert_array_equal(np.array(d["tokens_to"], dtype=np.int64), rows)
+    assert ((msgs > 0) == (rows > 0)).all() and (rows >= msgs).all()
+    dm, k, act = sc.cluster.model.d_model, sc.cluster.model.top_k, d["wire"]["activation_bytes"]
+    req, rep = request_row_bytes(dm, act, SLOT_BYTES, k), reply_row_bytes(dm, act)
+    np.testing.assert_array_equal(sent, rows * req + rows.T * rep + STAMP_BYTES * (msgs + msgs.T))
+    pair = dispatch_bytes(rows, msgs, row_round_trip_bytes(dm, act, SLOT_BYTES, k))  # both directions per row
+    np.testing.assert_array_equal(sent + sent.T, pair + pair.T)
+    np.testing.assert_array_equal(m.link_bytes, sc.cluster.pair_to_links(pair))
+    assert rows.sum() > 0 and ((rows < pairs) & (rows > 0)).any() and (rows <= pairs).all()
 
 
 def test_tier_moves_keep_outputs_identical(env):
