@@ -39,11 +39,12 @@ def row_round_trip_bytes(d_model: int, activation_bytes: int, row_header_bytes: 
 
 def destination_rows(target: np.ndarray, idx: np.ndarray, me: int, num_servers: int) -> np.ndarray:
     """[S] rows server `me` sends to each server for one layer before compression: tokens with at least one expert
-    there. target [E]: server computing each expert for `me`'s tokens; idx [T, k]: each token's expert ids."""
+    there. target [E]: server computing each expert for `me`'s tokens (-1: no live holder, nothing is sent);
+    idx [T, k]: each token's expert ids."""
     dest = target[idx]  # [T, k]
-    hit = np.zeros((idx.shape[0], num_servers), dtype=bool)
-    np.put_along_axis(hit, dest, True, axis=1)
-    rows = hit.sum(0)
+    hit = np.zeros((idx.shape[0], num_servers + 1), dtype=bool)  # the last column collects -1
+    np.put_along_axis(hit, np.where(dest < 0, num_servers, dest), True, axis=1)
+    rows = hit[:, :num_servers].sum(0)
     rows[me] = 0
     return rows
 

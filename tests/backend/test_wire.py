@@ -16,6 +16,10 @@ def test_destination_rows_counts_a_token_once_per_server():
     idx = np.array([[1, 2], [0, 1], [3, 0], [0, 0], [4, 5]])  # 5 tokens, top-2
     # token 0: both experts on server 1 -> one row; token 1: one on 0 (local), one on 1; token 4: two on 2
     np.testing.assert_array_equal(destination_rows(target, idx, me=0, num_servers=3), [0, 2, 2])
+    target[5] = -1  # no live holder: token 4's expert 5 goes nowhere, its expert 4 still to server 2
+    np.testing.assert_array_equal(destination_rows(target, idx, me=0, num_servers=3), [0, 2, 2])
+    target[4] = -1
+    np.testing.assert_array_equal(destination_rows(target, idx, me=0, num_servers=3), [0, 2, 1])
     rt = row_round_trip_bytes(d_model=2048, activation_bytes=2, row_header_bytes=8, top_k=4)
     assert rt == 2 * 2048 * 2 + 4 * 8
     np.testing.assert_array_equal(dispatch_bytes(np.array([0, 2]), np.array([0, 1]), rt), [0, 2 * rt + 2 * STAMP_BYTES])
