@@ -11,7 +11,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from gymnasium.wrappers import FilterObservation, FlattenObservation
 from omegaconf import DictConfig, OmegaConf
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
@@ -21,6 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from torch import nn
 
 from agents.checkpoint import Checkpoint, check_agent_config, space_from_description, write_checkpoint
+from agents.envs import make_env_from_spec, make_flat_env, observed_keys  # noqa: F401  (re-exported)
 from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
@@ -35,36 +35,6 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
 }  # policy_kwargs.activation_fn by name (agents.checkpoint.ACTIVATIONS)
 VEC_ENVS = {"subproc": SubprocVecEnv, "dummy": DummyVecEnv}
-
-
-def observed_keys(space: spaces.Dict, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The observation entries an agent sees (all but `exclude`), in the Dict space's order."""
-    unknown = set(exclude) - set(space.spaces)
-    if unknown:
-        raise ConfigError(f"obs_exclude: unknown key '{sorted(unknown)[0]}'; allowed: {', '.join(space.spaces)}")
-    return [k for k in space.spaces if k not in exclude]
-
-
-def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[str] | tuple[str, ...] = ()) -> gym.Env:
-    """CoEL-v0 (optionally with the `knobs` action space over a base policy, and without the observation entries
-    in `obs_exclude`) with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
-    import coel_env  # noqa: F401  (registers CoEL-v0)
-
-    env = gym.make("CoEL-v0", **env_kwargs)
-    if knobs:
-        from agents.knobs import KnobsWrapper
-
-        env = KnobsWrapper(env, base=knobs)
-    if obs_exclude:
-        env = FilterObservation(env, observed_keys(env.observation_space, obs_exclude))
-    return FlattenObservation(env)
-
-
-def make_env_from_spec(env_spec: dict) -> gym.Env:
-    """The flat env an exported policy was trained on (its `env` entry in policy.json / env_spec.json)."""
-    space = gym.make("CoEL-v0", **env_spec["kwargs"]).observation_space
-    keys = env_spec.get("obs_keys") or list(space.spaces)
-    return make_flat_env(env_spec["kwargs"], env_spec.get("knobs"), [k for k in space.spaces if k not in keys])
 
 
 def make_training_env(

@@ -86,7 +86,7 @@ def test_resume_from_missing_checkpoint_is_one_line(tmp_path):
 
 
 def _flat_env(trained: Path):
-    from agents.sb3 import make_env_from_spec
+    from agents.envs import make_env_from_spec
 
     return make_env_from_spec(json.loads((trained / "policy" / "policy.json").read_text())["env"])
 
