@@ -13,7 +13,8 @@ first decision always deploys), action policies with `step`.
 Baselines: `coel_tuned` / `eplb_tuned` are CoEL / EPLB with knobs tuned on *train* instances (optuna,
 agents.baselines.tuning; budget `tuning.*`, or `tuned=<tuned.json>` of an earlier run); `never_update` keeps tuned
 CoEL's first plan; `clairvoyant` sees the next epoch's true state (a bound, never "the best baseline"). The score's
-references (`static_linear` = 0, `coel_tuned` = 1) are always evaluated (`add_references`).
+references (`static_linear` = 0; 1 = the better of `coel_tuned` and `eplb_tuned`) are always evaluated
+(`add_references`).
 
 Ranking: the official score (coel_env.benchmark.score, normalized per scenario). Per policy: mean with a percentile
 bootstrap 95% interval, IQM with a stratified bootstrap interval, the paired difference to the best baseline (mean,
