@@ -18,6 +18,8 @@ EPISODE_METRICS = (
     "migration_bytes",
     "slo_attainment",
     "decide_ms",
+    "score_raw",
+    "infeasible",
 )
 _PER_EPOCH = ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac")
 
@@ -30,11 +32,16 @@ def run_episode(
     Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
     action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic).
     With a `predictor` backend (the surrogate, while the env runs the real backend), every served window is also
-    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones."""
+    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones.
+    `score_raw` is the mean per-epoch utility of the official score (coel_env.benchmark.score; not normalized) and
+    `infeasible` the fraction of epochs over its quality budget."""
+    from coel_env.benchmark.score import epoch_feasible, epoch_utility
+
     core = env.unwrapped
+    slo_s = float(core.scenario.spec.workload.slo_s)
     obs, _ = env.reset(seed=seed)
     policy.reset(core.cluster, seed=seed, scenario=core.scenario)
-    rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms")}
+    rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms", "score_raw", "infeasible")}
     if predictor is not None:
         rec.update({f"pred_{k}": [] for k in _PER_EPOCH})
     total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
@@ -54,6 +61,8 @@ def run_episode(
         steps += 1
         for k in _PER_EPOCH:
             rec[k].append(float(info["metrics"][k]))
+        rec["score_raw"].append(float(epoch_utility(info["metrics"], slo_s)))
+        rec["infeasible"].append(float(not epoch_feasible(info["metrics"])))
         if predictor is not None:
             pred = predictor.serve(core.plan, core.state, float(core.scenario.spec.dynamics.epoch_s))
             for k in _PER_EPOCH:

@@ -45,19 +45,38 @@ def make_training_env(
     normalize_obs: bool = True,
     knobs: str | None = None,
     obs_exclude: tuple[str, ...] = (),
+    scenario_seeds: list[int] | None = None,
 ) -> VecEnv:
+    """`n_envs` flat envs (env i reset first with seed + i); with `scenario_seeds`, env i gets routing model
+    `scenario_seeds[i % len]` (train instances, coel_env.benchmark.instances) instead of `env_kwargs`' own."""
     if vec_env not in VEC_ENVS:
         raise ConfigError(f"vec_env: '{vec_env}' unknown; allowed: {', '.join(VEC_ENVS)}")
     cls = VEC_ENVS[vec_env] if n_envs > 1 else DummyVecEnv
     kwargs = {"start_method": "forkserver"} if cls is SubprocVecEnv else None
-    venv = make_vec_env(
-        make_flat_env,
-        n_envs=n_envs,
-        seed=seed,
-        vec_env_cls=cls,
-        env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
-        vec_env_kwargs=kwargs,
-    )
+    if scenario_seeds:
+        from stable_baselines3.common.monitor import Monitor
+
+        def thunk(rank: int):
+            kw = {**env_kwargs, "scenario_seed": int(scenario_seeds[rank % len(scenario_seeds)])}
+
+            def init():
+                env = make_flat_env(kw, knobs, tuple(obs_exclude))
+                env.action_space.seed(seed + rank)
+                return Monitor(env)
+
+            return init
+
+        venv = cls([thunk(i) for i in range(n_envs)], **(kwargs or {}))
+        venv.seed(seed)
+    else:
+        venv = make_vec_env(
+            make_flat_env,
+            n_envs=n_envs,
+            seed=seed,
+            vec_env_cls=cls,
+            env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
+            vec_env_kwargs=kwargs,
+        )
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
@@ -156,8 +175,10 @@ class ModelPolicy(ActionPolicy):
 
 class BaselineEvalCallback(BaseCallback):
     """Every `checkpoint_every` env steps: a checkpoint (agents.checkpoint); every `eval_every`: evaluate the
-    deterministic agent and (once, cached) the baselines on the same seeds, log eval/* and record when the agent first
-    beats them all (None turns either off; a final evaluation always runs)."""
+    deterministic agent and (once, cached) the baselines on the same instances, log eval/* (with `eval/timesteps`)
+    and record when the agent first beats them all on the official raw score (None turns either off; a final
+    evaluation always runs). `instances`: (routing seed, reset seed) pairs, validation instances by default
+    (coel_env.benchmark.instances 'val'); without them, `episodes` resets from `seed` on env_kwargs' routing model."""
 
     def __init__(
         self,
@@ -174,8 +195,10 @@ class BaselineEvalCallback(BaseCallback):
         obs_exclude: tuple[str, ...] = (),
         *,
         agent_cfg: DictConfig | dict,
+        instances: list[tuple[int, int]] | None = None,
     ):
         super().__init__()
+        self.instances = list(instances) if instances else None
         self.agent_cfg = agent_cfg
         self.env_kwargs, self.baselines, self.episodes, self.seed = env_kwargs, baselines, episodes, seed
         self.knobs, self.obs_exclude = knobs, tuple(obs_exclude)
@@ -186,27 +209,48 @@ class BaselineEvalCallback(BaseCallback):
         self.first_win_s: float | None = None
         self._next_eval = self._next_ckpt = 0
         self._start = 0.0
-        self._env: gym.Env | None = None
+        self._envs: dict[int, gym.Env] = {}
+
+    def _pairs(self) -> list[tuple[int | None, int]]:
+        if self.instances:
+            return [(int(r), int(s)) for r, s in self.instances[: self.episodes]]
+        return [(None, self.seed + i) for i in range(self.episodes)]
+
+    def _env_for(self, routing_seed: int | None) -> gym.Env:
+        if routing_seed not in self._envs:
+            kw = self.env_kwargs if routing_seed is None else {**self.env_kwargs, "scenario_seed": routing_seed}
+            self._envs[routing_seed] = make_flat_env(kw, self.knobs, self.obs_exclude)
+        return self._envs[routing_seed]
+
+    def _run(self, make) -> dict:
+        from coel_env.benchmark.stats import mean, stratified_bootstrap_ci
+
+        eps = [run_episode(self._env_for(r), make(s), seed=s) for r, s in self._pairs()]
+        out = summarize(eps)
+        _, out["score_raw_lo"], out["score_raw_hi"] = stratified_bootstrap_ci(
+            [e["score_raw"] for e in eps], statistic=mean, reps=500
+        )
+        return out
 
     def _on_training_start(self) -> None:
         self._start = time.time()
         steps = self.num_timesteps  # > 0 when resuming: the next multiples after the restored count
         self._next_eval = (steps // self.eval_every + 1) * self.eval_every if self.eval_every else 0
         self._next_ckpt = (steps // self.checkpoint_every + 1) * self.checkpoint_every if self.checkpoint_every else 0
-        self._env = make_flat_env(self.env_kwargs, self.knobs, self.obs_exclude)
         for name in self.baselines:
-            self.baseline_scores[name] = self.evaluate_baseline(name)
-            self.logger.record(f"eval/{name}_return", self.baseline_scores[name]["return"])
+            b = self.baseline_scores[name] = self.evaluate_baseline(name)
+            self.logger.record(f"eval/{name}_return", b["return"])
+            for k in ("score_raw", "score_raw_lo", "score_raw_hi"):
+                self.logger.record(f"eval/{name}_{k}", b[k])
 
     def evaluate_baseline(self, name: str) -> dict:
         from agents.baselines import make_policy
 
-        policy = make_policy(name, seed=self.seed)
-        return summarize([run_episode(self._env, policy, seed=self.seed + i) for i in range(self.episodes)])
+        return self._run(lambda s: make_policy(name, seed=s))
 
     def evaluate_agent(self) -> dict:
         policy = ModelPolicy(self.model, self.training_env)
-        return summarize([run_episode(self._env, policy, seed=self.seed + i) for i in range(self.episodes)])
+        return self._run(lambda s: policy)
 
     def _on_step(self) -> bool:
         steps = self.num_timesteps
@@ -221,18 +265,34 @@ class BaselineEvalCallback(BaseCallback):
     def _on_training_end(self) -> None:
         if not self.history or self.history[-1]["timesteps"] != self.num_timesteps:
             self._evaluate(self.num_timesteps)
-        if self._env is not None:
-            self._env.close()
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
 
     def _evaluate(self, steps: int) -> None:
         agent = self.evaluate_agent()
         elapsed = time.time() - self._start
         best = max((s["return"] for s in self.baseline_scores.values()), default=-np.inf)
-        if self.first_win_s is None and agent["return"] >= best:
+        best_score = max((s["score_raw"] for s in self.baseline_scores.values()), default=-np.inf)
+        if self.first_win_s is None and agent["score_raw"] > best_score:
             self.first_win_s = elapsed
-        row = {"timesteps": steps, "wall_s": elapsed, "agent": agent, "best_baseline_return": best}
+        row = {
+            "timesteps": steps,
+            "wall_s": elapsed,
+            "agent": agent,
+            "best_baseline_return": best,
+            "best_baseline_score_raw": best_score,
+            "baselines": {
+                n: {k: b[k] for k in ("return", "score_raw", "score_raw_lo", "score_raw_hi")}
+                for n, b in self.baseline_scores.items()
+            },
+        }
         self.history.append(row)
-        for key in ("return", "e2e_p95_s", "quality_loss", "tokens_per_s", "slo_attainment", "migration_bytes"):
+        self.logger.record("eval/timesteps", steps)  # evaluation rows carry their own x (learning curves)
+        for key in ("return", "score_raw", "score_raw_lo", "score_raw_hi", "e2e_p95_s", "quality_loss"):
+            self.logger.record(f"eval/agent_{key}", agent[key])
+        for key in ("tokens_per_s", "slo_attainment", "migration_bytes", "infeasible"):
             self.logger.record(f"eval/agent_{key}", agent[key])
         self.logger.record("eval/best_baseline_return", best)
+        self.logger.record("eval/best_baseline_score_raw", best_score)
         self.logger.dump(steps)

@@ -28,7 +28,6 @@ from coel_env.atomic import atomic_write_text
 from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec
 from experiments.cli_checks import require_int, run_in_output_dir
-from experiments.evaluate import METRICS
 from experiments.results_io import save_image, save_png
 
 log = logging.getLogger(__name__)
@@ -46,36 +45,66 @@ def _float(x) -> float:
         return float("nan")
 
 
+def _curve_rows(run: Path) -> tuple[list[float], list[float], list[float], list[float], dict]:
+    """(timesteps, agent raw score, its lower and upper bootstrap bounds, {baseline: (score, lo, hi)}) of a run's
+    evaluations: train_summary.json's history, else progress.csv's eval rows (x = eval/timesteps)."""
+    summary = run / "train_summary.json"
+    if summary.is_file():
+        hist = json.loads(summary.read_text()).get("evaluations") or []
+        hist = [h for h in hist if "score_raw" in h.get("agent", {})]
+        if hist:
+            xs = [float(h["timesteps"]) for h in hist]
+            ys = [float(h["agent"]["score_raw"]) for h in hist]
+            lo = [float(h["agent"].get("score_raw_lo", np.nan)) for h in hist]
+            hi = [float(h["agent"].get("score_raw_hi", np.nan)) for h in hist]
+            base = {n: (b["score_raw"], b["score_raw_lo"], b["score_raw_hi"]) for n, b in hist[0]["baselines"].items()}
+            return xs, ys, lo, hi, base
+    rows = [r for r in read_csv(run / "progress.csv") if r.get("eval/agent_score_raw")]
+    xs = [_float(r.get("eval/timesteps") or r.get("time/total_timesteps")) for r in rows]
+    keep = [k for k, x in enumerate(xs) if np.isfinite(x)]
+    rows, xs = [rows[k] for k in keep], [xs[k] for k in keep]
+    ys = [_float(r["eval/agent_score_raw"]) for r in rows]
+    lo = [_float(r.get("eval/agent_score_raw_lo")) for r in rows]
+    hi = [_float(r.get("eval/agent_score_raw_hi")) for r in rows]
+    base = {}
+    for r in read_csv(run / "progress.csv"):
+        for k in r:
+            if (
+                k.startswith("eval/")
+                and k.endswith("_score_raw")
+                and r[k]
+                and not k.startswith(("eval/agent", "eval/best"))
+            ):
+                n = k[5 : -len("_score_raw")]
+                base.setdefault(
+                    n, (_float(r[k]), _float(r.get(f"eval/{n}_score_raw_lo")), _float(r.get(f"eval/{n}_score_raw_hi")))
+                )
+    return xs, ys, lo, hi, base
+
+
 def learning_curves(runs: list[Path], out: Path) -> Path | None:
-    """eval/agent_return against env steps for every training run, baselines as horizontal lines."""
+    """The official raw score of the deterministic agent on validation instances against environment steps, one
+    line (with its bootstrap band) per training run; the baselines on the same instances as horizontal bands."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     plotted = False
     for i, run in enumerate(runs):
-        rows = [r for r in read_csv(run / "progress.csv") if r.get("eval/agent_return")]
-        if not rows:
+        xs, ys, lo, hi, base = _curve_rows(run)
+        if not xs:
             continue
-        x = [_float(r.get("time/total_timesteps") or r.get("global_step")) for r in rows]
-        ax.plot(
-            x, [_float(r["eval/agent_return"]) for r in rows], marker="o", label=f"agent ({run.name})", color=f"C{i}"
-        )
+        ax.plot(xs, ys, marker="o", label=f"agent ({run.name})", color=f"C{i}")
+        ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
         plotted = True
-        baselines = sorted(
-            k
-            for k in rows[0]
-            if k.startswith("eval/")
-            and k.endswith("_return")
-            and k not in ("eval/agent_return", "eval/best_baseline_return")
-        )
-        for j, key in enumerate(baselines):
-            vals = [_float(r.get(key)) for r in read_csv(run / "progress.csv") if r.get(key)]
-            if vals and i == 0:
-                ax.axhline(vals[0], ls="--", color=f"C{j + len(runs)}", label=key[5:-7])
+        if i == 0:
+            for j, (name, (m, blo, bhi)) in enumerate(sorted(base.items())):
+                color = f"C{j + len(runs)}"
+                ax.axhline(m, ls="--", color=color, label=name)
+                ax.axhspan(blo, bhi, color=color, alpha=0.12)
     if not plotted:
         plt.close(fig)
         return None
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("evaluation episode return")
-    ax.set_title("Learning curves (deterministic agent vs baselines, same seeds)")
+    ax.set_ylabel("official score (raw, validation instances)")
+    ax.set_title("Learning curves (bands: 95% bootstrap)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path = out / "learning_curves.png"
@@ -83,6 +112,33 @@ def learning_curves(runs: list[Path], out: Path) -> Path | None:
     save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def headline(rows: list[dict], summaries: list[dict]) -> list[str]:
+    """One sentence per (scenario, agent): the agent against the best baseline on the official score."""
+    out = []
+    trained_on = sorted({str(s.get("reward_space")) for s in summaries if s.get("reward_space")})
+    for r in rows:
+        if r.get("kind") != "agent":
+            continue
+        d, lo, hi = _float(r.get("delta")), _float(r.get("delta_lo")), _float(r.get("delta_hi"))
+        verdict = {"tie": "a tie (the interval holds 0)", "better": "better", "worse": "worse"}.get(
+            r.get("verdict", ""), r.get("verdict", "")
+        )
+        out.append(
+            f"**{r['scenario']}: {r['policy']} vs the best baseline `{r['best_baseline']}`: "
+            f"Δscore = {d:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}], {verdict}; P(agent > baseline) = "
+            f"{_float(r.get('p_improve')):.2f} [{_float(r.get('p_improve_lo')):.2f}, "
+            f"{_float(r.get('p_improve_hi')):.2f}]; {r['episodes']} test instances; score = "
+            f"`{r.get('score_version', '?')}` (normalized: 0 = static_linear, 1 = best tuned heuristic)"
+            + (f"; the agent trained on reward `{', '.join(trained_on)}`" if trained_on else "")
+            + ".**"
+        )
+    if not out and rows:
+        best = next((r for r in rows if r.get("kind") in ("baseline", "reference")), None)
+        if best is not None:
+            out.append(f"No trained agent on the leaderboard; best baseline `{best['policy']}` ({best['scenario']}).")
+    return out
 
 
 def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -144,27 +200,40 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
     return paths
 
 
-# the leaderboard's own columns (evaluate.METRICS: key, title, display scale), decision time left out
-LEADERBOARD_COLUMNS = (("policy", "policy", None), *(m for m in METRICS if m[0] != "decide_ms"))
+def _ci(r: dict, key: str, scale: float = 1.0) -> str:
+    x, lo, hi = (_float(r.get(k)) * scale for k in (key, f"{key}_lo", f"{key}_hi"))
+    x, lo, hi = (0.0 if abs(v) < 1e-9 else v for v in (x, lo, hi))  # rounding noise of a reference's own 0
+    return "n/a" if not np.isfinite(x) else f"{x:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def leaderboard_markdown(rows: list[dict]) -> str:
+    """The leaderboard's rows per scenario in its own order (ranked on the official score; ties share a rank)."""
     lines = []
-    for sc in sorted({r["scenario"] for r in rows}):
-        lines += [
-            f"### {sc}",
-            "",
-            "| " + " | ".join(c[1] for c in LEADERBOARD_COLUMNS) + " |",
-            "|" + "---|" * len(LEADERBOARD_COLUMNS),
-        ]
-        sub = sorted((r for r in rows if r["scenario"] == sc), key=lambda r: -_float(r["return"]))
-        for r in sub:
-            cells = []
-            for key, _, scale in LEADERBOARD_COLUMNS:
-                if scale is None:
-                    cells.append(r[key])
-                else:
-                    cells.append(f"{_float(r[key]) * scale:.4g} ± {_float(r.get(key + '_ci95')) * scale:.2g}")
+    head = ("rank", "policy", "score", "IQM", "Δ vs best baseline", "P(>best)", "p95 latency (s)", "SLO (%)")
+    head += ("quality loss (%)", "over budget (% epochs)", "return (training reward)")
+    for sc in dict.fromkeys(r["scenario"] for r in rows):
+        lines += [f"### {sc}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in rows if r["scenario"] == sc):
+            kind = {"bound": " (bound)", "reference": " (ref)", "agent": " (agent)"}.get(r.get("kind", ""), "")
+            v = r.get("verdict", "")
+            delta = (
+                v
+                if v in ("best baseline", "")
+                else (f"{_float(r['delta']):+.3f} [{_float(r['delta_lo']):+.3f}, {_float(r['delta_hi']):+.3f}] {v}")
+            )
+            cells = [
+                r.get("rank", ""),
+                r["policy"] + kind,
+                _ci(r, "score"),
+                _ci(r, "iqm"),
+                delta,
+                _ci(r, "p_improve"),
+                _ci(r, "e2e_p95_s"),
+                _ci(r, "slo_attainment", 100),
+                _ci(r, "quality_loss", 100),
+                _ci(r, "infeasible", 100),
+                _ci(r, "return"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -194,6 +263,8 @@ def markdown_to_html(md: str, title: str) -> str:
         elif line.startswith("!["):
             alt, src = line[2:].split("](", 1)
             body.append(f'<img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" style="max-width:100%">')
+        elif line.startswith("**") and line.endswith("**") and len(line) > 4:  # the headline
+            body.append(f"<p><b>{html.escape(line[2:-2])}</b></p>")
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
@@ -229,31 +300,44 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
     summaries = [
         json.loads((r / "train_summary.json").read_text()) for r in runs if (r / "train_summary.json").is_file()
     ]
+    rows: list[dict] = read_csv(board_dir / "leaderboard.csv") if board_dir is not None else []
+    head = headline(rows, summaries)
+    if head:
+        md += [*head, ""]
     if summaries:
         md += [
             "## Training runs",
             "",
-            "| run | algorithm | scenario | seed | steps | wall (s) | first beat all baselines (s) |",
-            "|---|---|---|---|---|---|---|",
+            "| run | algorithm | scenario | seed | steps | reward | wall (s) | first beat all baselines (s) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r, s in zip(runs, summaries):
             first = f"{s['first_win_s']:.0f}" if s.get("first_win_s") is not None else "not within the run"
             md.append(
                 f"| {r.name} | {s['algo']} | {s['scenario']} | {s['seed']} | {s['timesteps']} | "
-                f"{s['train_time_s']:.0f} | {first} |"
+                f"{s.get('reward_space', '?')} | {s['train_time_s']:.0f} | {first} |"
             )
         md.append("")
     curve = learning_curves(runs, out) if runs else None
     if curve:
         images["learning_curves"] = curve
-        md += ["## Learning curves", "", f"![learning curves]({curve.name})", ""]
-    rows: list[dict] = []
+        md += [
+            "## Learning curves",
+            "",
+            "The official raw score (coel_env/benchmark/score.py) of the deterministic agent on validation "
+            "instances during training, against environment steps; dashed lines and bands: the baselines on the "
+            "same instances (95% bootstrap).",
+            "",
+            f"![learning curves]({curve.name})",
+            "",
+        ]
     if board_dir is not None:
-        rows = read_csv(board_dir / "leaderboard.csv")
         md += [
             "## Leaderboard",
             "",
-            f"From `{board_dir}` (mean ± 95% CI over episodes).",
+            f"From `{board_dir}`: test instances only, ranked on the official score (normalized per scenario: "
+            "0 = static_linear, 1 = the best tuned heuristic); mean [95% bootstrap]; Δ: paired difference to the "
+            "best baseline [Student-t 95%], *tie* when it holds 0 (ties share a rank); bounds are not ranked.",
             "",
             leaderboard_markdown(rows),
         ]
@@ -281,11 +365,13 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
     text = "\n".join(md)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", markdown_to_html(text, "CoEL-Gym comparison report"))
-    log_wandb(cfg, out, rows, images, text)
+    log_wandb(cfg, out, rows, images, text, head)
     return {"report": str(out / "report.md"), "html": str(out / "report.html"), "images": len(images)}
 
 
-def log_wandb(cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Path], text: str) -> None:
+def log_wandb(
+    cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Path], text: str, head: list[str] | None = None
+) -> None:
     from agents.tracking import init_wandb
 
     run = init_wandb(
@@ -303,6 +389,9 @@ def log_wandb(cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Pa
         cols = list(rows[0])
         run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+    if head:  # the headline at a glance: the run's summary and a text panel
+        run.summary["headline"] = " ".join(h.strip("*") for h in head)
+        run.log({"headline": wandb.Html("<br>".join(html.escape(h.strip("*")) for h in head))})
     if run.settings.mode == "online":
         try:  # optional: a W&B Report (needs the wandb-workspaces package)
             import wandb_workspaces.reports.v2 as wr

@@ -1,15 +1,28 @@
-"""Leaderboard (Hydra app): policies x scenarios x seeds on one backend.
+"""Leaderboard (Hydra app): policies x scenarios x held-out test instances on one backend, ranked on the official
+score.
 
-    python -m experiments.evaluate scenarios=[paper-testbed,metro-8,moe2-heterogeneous] seeds=5
+    python -m experiments.evaluate scenarios=[paper-testbed,metro-8,moe2-heterogeneous] seeds=10
     python -m experiments.evaluate policies=[static_linear,eplb,coel] max_epochs=10 logger=disabled
     python -m experiments.evaluate scenarios=[paper-testbed] backend.hardware=h100   # another hardware profile
 
-Every episode starts from reset(seed); plan-based policies step with `step_plan` (their own plan, no encoding
-loss; the first decision always deploys), action policies with `step`. Writes to the Hydra output dir:
-`leaderboard.csv` / `leaderboard.md` (mean ± 95% CI over episodes of the episode return, p95 latency, tokens/s,
-quality loss, energy, migration bytes, SLO attainment, decision time; each row with the exact config that produced
-it and its id), `episodes.csv` (one row per episode) and `leaderboard_<metric>.png`; logs the table to W&B
-(offline unless WANDB_MODE / logger.mode say otherwise).
+Instances: `seeds` instances of split `split` (default `test`, coel_env.benchmark.instances): each has its own
+routing model (the env's scenario_seed) and reset seed (dynamics, workload, faults); training and knob tuning never
+see them. Every episode starts from reset(seed); plan-based policies step with `step_plan` (their own plan; the
+first decision always deploys), action policies with `step`.
+
+Baselines: `coel_tuned` / `eplb_tuned` are CoEL / EPLB with knobs tuned on *train* instances (optuna,
+agents.baselines.tuning; budget `tuning.*`, or `tuned=<tuned.json>` of an earlier run); `never_update` keeps tuned
+CoEL's first plan; `clairvoyant` sees the next epoch's true state (a bound, never "the best baseline"). The score's
+references (`static_linear` = 0; 1 = the better of `coel_tuned` and `eplb_tuned`) are always evaluated
+(`add_references`).
+
+Ranking: the official score (coel_env.benchmark.score, normalized per scenario). Per policy: mean with a percentile
+bootstrap 95% interval, IQM with a stratified bootstrap interval, the paired difference to the best baseline (mean,
+Student-t 95% interval, p-value), the probability of improvement over it (coel_env.benchmark.stats); rank = 1 +
+the number of policies whose paired 95% interval is entirely above this one's (ties share a rank). The training
+reward (`return`, the env's reward space) is reported, not ranked. Writes `leaderboard.csv` / `leaderboard.md`,
+`episodes.csv` (one row per episode), `tuned.json`, `leaderboard_<metric>.png`; logs the table to W&B (offline
+unless WANDB_MODE / logger.mode say otherwise).
 """
 
 from __future__ import annotations
@@ -28,10 +41,23 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from agents.baselines import make_policy
+from agents.baselines import BOUNDS, POLICIES, make_policy
+from agents.baselines.tuning import TUNED, tune, tuned_policy
 from agents.deployed import DeployedAgent
-from agents.rollout import mean_ci, run_episode
-from coel_env.atomic import atomic_write_text
+from agents.rollout import run_episode
+from coel_env.atomic import atomic_write_json, atomic_write_text
+from coel_env.benchmark import stats
+from coel_env.benchmark.instances import SPLITS, instances
+from coel_env.benchmark.score import (
+    ONE_CANDIDATES,
+    QUALITY_BUDGET,
+    REFERENCE_ZERO,
+    SCORE_VERSION,
+    normalize,
+    reference_gap,
+    reference_one,
+)
+from coel_env.benchmark.stats import paired_difference, probability_of_improvement, stratified_bootstrap_ci
 from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec, scenario_with_hardware
 from experiments.cli_checks import require_int, run_in_output_dir
@@ -41,15 +67,19 @@ log = logging.getLogger(__name__)
 
 # (key, column title, scale for display)
 METRICS: tuple[tuple[str, str, float], ...] = (
-    ("return", "return", 1.0),
+    ("score", "score", 1.0),
+    ("return", "return (training reward)", 1.0),
     ("e2e_p95_s", "p95 latency (s)", 1.0),
     ("tokens_per_s", "tokens/s", 1.0),
     ("quality_loss", "quality loss (%)", 100.0),
+    ("infeasible", "over quality budget (% epochs)", 100.0),
     ("energy_j", "energy (kJ/epoch)", 1e-3),
     ("migration_bytes", "migration (GB)", 1e-9),
     ("slo_attainment", "SLO attainment (%)", 100.0),
     ("decide_ms", "decision (ms)", 1.0),
 )
+TABLE_METRICS = ("e2e_p95_s", "slo_attainment", "quality_loss", "infeasible", "return")
+KINDS = ("agent", "bound", "reference", "baseline")
 
 
 def git_commit() -> str:
@@ -78,8 +108,10 @@ def predictor(env: gym.Env, cfg: DictConfig):
 
 
 def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
-    """Keyword arguments of gymnasium.make("CoEL-v0"); `backend.hardware` replaces every scenario's own profile."""
+    """Keyword arguments of gymnasium.make("CoEL-v0") but the instance's `scenario_seed`; `backend.hardware`
+    replaces every scenario's own profile."""
     kw = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if v is not None}
+    kw.pop("scenario_seed", None)  # each instance has its own routing seed (coel_env.benchmark.instances)
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
     hardware = backend.pop("hardware", None)
     kw.update(
@@ -88,6 +120,14 @@ def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
     if backend:
         kw["backend_kwargs"] = backend
     return kw
+
+
+def policy_list(cfg: DictConfig) -> list[str]:
+    """The listed policies, then the score's references if missing (with `add_references`)."""
+    names = [str(p) for p in cfg.policies]
+    if cfg.get("add_references", True):
+        names += [r for r in (REFERENCE_ZERO, *ONE_CANDIDATES) if r not in names]
+    return names
 
 
 def check(cfg: DictConfig) -> None:
@@ -99,6 +139,13 @@ def check(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if isinstance(value, str) or not hasattr(value, "__len__") or not len(value):
             raise ConfigError(f"{key}: {value!r} must be a non-empty list, e.g. {key}=[a,b]")
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split: unknown '{cfg.split}'; allowed: {', '.join(SPLITS)}")
+    instances(str(cfg.split), int(cfg.seeds), int(cfg.seed_offset))
+    for key in ("trials", "instances", "epochs"):
+        require_int(cfg.tuning[key], f"tuning.{key}", 1)
+    if cfg.tuned is not None and not Path(str(cfg.tuned)).is_file():
+        raise ConfigError(f"tuned: '{cfg.tuned}' is not a file (a tuned.json written by experiments.evaluate)")
     for scenario in cfg.scenarios:
         load_scenario_spec(str(scenario))
     scenario_with_hardware(str(cfg.scenarios[0]), cfg.backend.get("hardware"))
@@ -111,12 +158,12 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
     raw = cfg.get("policy_kwargs")
     pkw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
     if pkw is None:
-        return
+        pkw = {}
     if not isinstance(pkw, dict):
         raise ConfigError(
             f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. policy_kwargs.oracle.time_limit=5"
         )
-    for name in cfg.policies:
+    for name in policy_list(cfg):
         if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments
             continue
         kw = pkw.get(name) or {}
@@ -126,7 +173,62 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"policy_kwargs.{name}.seed: not an argument here; episodes are seeded by seeds and seed_offset"
             )
-        make_policy(str(name), seed=int(cfg.seed_offset), **kw)
+        if name in TUNED:
+            make_policy(TUNED[name], seed=int(cfg.seed_offset), **kw)
+        elif name not in SPECIAL:
+            make_policy(str(name), seed=int(cfg.seed_offset), **kw)
+        elif name not in POLICIES:
+            raise ConfigError(f"policy: unknown name '{name}'")
+
+
+SPECIAL = ("never_update", "clairvoyant")  # built with the tuned knobs
+
+
+def tuned_knobs(cfg: DictConfig, names: list[str], out: Path) -> dict:
+    """{scenario: {base: tune() result}} for the bases the policies need (tuned on train instances, surrogate),
+    or read from `tuned`; written to out/tuned.json."""
+    need = {TUNED[n] for n in names if n in TUNED}
+    if "never_update" in names:
+        need.add("coel")
+    if "clairvoyant" in names:
+        need |= {"coel", "eplb"}
+    have: dict = json.loads(Path(str(cfg.tuned)).read_text()) if cfg.tuned else {}
+    t = cfg.tuning
+    for scenario in cfg.scenarios:
+        for base in sorted(need):
+            if base in have.get(str(scenario), {}):
+                continue
+            kw = {k: v for k, v in env_kwargs(cfg, scenario).items() if k in ("perception", "scenario")}
+            sc = kw.pop("scenario")
+            log.info("tuning %s on %s (train instances, %d trials)", base, scenario, int(t.trials))
+            have.setdefault(str(scenario), {})[base] = tune(
+                sc, base, int(t.trials), int(t.instances), int(t.epochs), int(t.seed), env_kwargs=kw
+            )
+    atomic_write_json(out / "tuned.json", have)
+    return have
+
+
+def build_policy(name: str, kw: dict, seed: int, knobs: dict):
+    """The policy `name` (a registry name, a tuned one or a special one using the tuned knobs) for one episode."""
+    coel = knobs.get("coel", {}).get("params", {})
+    if name in TUNED:
+        return tuned_policy(TUNED[name], {**knobs[TUNED[name]]["params"], **kw}, seed=seed)
+    if name == "never_update":
+        return make_policy(name, seed=seed, base="coel", base_kwargs=coel, **kw)
+    if name == "clairvoyant":
+        eplb = knobs.get("eplb", {}).get("params", {})
+        return make_policy(name, seed=seed, coel_kwargs=coel, eplb_kwargs=eplb, **kw)
+    return make_policy(name, seed=seed, **kw)
+
+
+def kind_of(name: str, is_agent: bool) -> str:
+    if is_agent:
+        return "agent"
+    if name in BOUNDS:
+        return "bound"
+    if name in (REFERENCE_ZERO, *ONE_CANDIDATES):
+        return "reference"
+    return "baseline"
 
 
 def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
@@ -135,100 +237,288 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
 
     import coel_env  # noqa: F401  (registers CoEL-v0)
 
-    seeds = [int(cfg.seed_offset) + i for i in range(int(cfg.seeds))]
+    insts = instances(str(cfg.split), int(cfg.seeds), int(cfg.seed_offset))
+    names = policy_list(cfg)
     pkw = OmegaConf.to_container(cfg.policy_kwargs, resolve=True) or {}
+    knobs = tuned_knobs(cfg, names, out)
     commit = git_commit()
     rows, episodes = [], []
-    bar = tqdm(total=len(cfg.scenarios) * len(cfg.policies) * len(seeds), desc="evaluate", disable=not cfg.progress_bar)
+    bar = tqdm(total=len(cfg.scenarios) * len(names) * len(insts), desc="evaluate", disable=not cfg.progress_bar)
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
-        base_env = gym.make("CoEL-v0", **kwargs)
-        for name in cfg.policies:
+        base_envs = {i.routing_seed: gym.make("CoEL-v0", **kwargs, scenario_seed=i.routing_seed) for i in insts}
+        sc_knobs = knobs.get(str(scenario), {})
+        sc_rows = []
+        for name in names:
             kw = dict(pkw.get(name, {}) or {})
-            env, env_kw, agent = base_env, kwargs, None
+            envs, env_kw, agent = base_envs, kwargs, None
             if Path(str(name)).is_dir():  # an exported deployment policy: its own action space, our scenario
                 agent = DeployedAgent(name)
                 # the leaderboard's env (reward, perception, scenario) with the agent's own action space
                 shaping = ("action_space", "num_edits", "observation_space")
                 env_kw = {**kwargs, **{k: agent.env_kwargs[k] for k in shaping if k in agent.env_kwargs}}
-                env = gym.make("CoEL-v0", **env_kw)
+                envs = {i.routing_seed: gym.make("CoEL-v0", **env_kw, scenario_seed=i.routing_seed) for i in insts}
                 name = agent.name
+            if name in TUNED or name in SPECIAL:
+                bases = [TUNED[name]] if name in TUNED else (["coel"] if name == "never_update" else ["coel", "eplb"])
+                kw_id = {**kw, "tuned": {b: sc_knobs[b].get("params") for b in bases if b in sc_knobs}}
+            else:
+                kw_id = kw
             config = {
                 "policy": name,
-                "policy_kwargs": kw,
+                "policy_kwargs": kw_id,
                 "scenario": scenario,
-                "seeds": seeds,
+                "split": str(cfg.split),
+                "instances": [[i.routing_seed, i.seed] for i in insts],
                 "env": env_kw,
+                "score": SCORE_VERSION,
                 "git": commit,
             }
             cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
             eps = []
-            pred = predictor(env, cfg)
-            for seed in seeds:
-                bar.set_postfix_str(f"{scenario}/{name}/seed{seed}")
-                policy = agent if agent is not None else make_policy(name, seed=seed, **kw)
+            for inst in insts:
+                env = envs[inst.routing_seed]
+                bar.set_postfix_str(f"{scenario}/{name}/{inst.label}")
+                policy = agent if agent is not None else build_policy(name, kw, inst.seed, sc_knobs)
                 t0 = time.perf_counter()
-                ep = run_episode(env, policy, seed, predictor=pred)
-                ep.update(scenario=scenario, policy=name, seed=seed, wall_s=time.perf_counter() - t0, config_id=cid)
+                ep = run_episode(env, policy, inst.seed, predictor=predictor(env, cfg))
+                ep.update(
+                    scenario=scenario,
+                    policy=name,
+                    instance=inst.label,
+                    routing_seed=inst.routing_seed,
+                    seed=inst.seed,
+                    wall_s=time.perf_counter() - t0,
+                    config_id=cid,
+                )
                 eps.append(ep)
                 bar.update(1)
-            row: dict[str, Any] = {
-                "scenario": scenario,
-                "policy": name,
-                "episodes": len(eps),
-                "epochs": int(np.mean([e["epochs"] for e in eps])),
-                "repairs": float(np.mean([e["repairs"] for e in eps])),
-            }
-            for key, _, _ in METRICS:
-                row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
-            for key in (k for k in eps[0] if k.startswith("pred_")):  # the surrogate's prediction, same windows
-                row[key], row[f"{key}_ci95"] = mean_ci([e[key] for e in eps])
-            row.update(config_id=cid, config=json.dumps(config, sort_keys=True, default=str))
-            if env is not base_env:
-                env.close()
-            rows.append(row)
-            episodes += eps
-            log.info("%s %s return %.3f ± %.3f", scenario, name, row["return"], row["return_ci95"])
-        base_env.close()
+            if envs is not base_envs:
+                for env in envs.values():
+                    env.close()
+            sc_rows.append(
+                {
+                    "scenario": scenario,
+                    "policy": name,
+                    "kind": kind_of(name, agent is not None),
+                    "episodes": eps,
+                    "config_id": cid,
+                    "config": json.dumps(config, sort_keys=True, default=str),
+                }
+            )
+        for env in base_envs.values():
+            env.close()
+        sc_summary = summarize_scenario(sc_rows)
+        rows += sc_summary
+        for r in sc_rows:
+            episodes += r["episodes"]
+        for r in sc_summary:
+            log.info("%s %s score %.3f [%.3f, %.3f]", scenario, r["policy"], r["score"], r["score_lo"], r["score_hi"])
     bar.close()
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)
-    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg))
+    agg = aggregate(rows, episodes) if len(cfg.scenarios) > 1 else []
+    if agg:
+        write_csv(out / "leaderboard_all.csv", agg)
+    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts))
     if cfg.plots:
         plot(rows, out)
     return rows
 
 
-def _fmt(x: float, ci: float, scale: float) -> str:
+def summarize_scenario(sc_rows: list[dict]) -> list[dict]:
+    """One scenario's leaderboard rows: normalized scores (per episode), statistics, best baseline, paired
+    differences, probability of improvement and tie-aware ranks."""
+    by = {r["policy"]: r for r in sc_rows}
+    raw = {p: np.array([e["score_raw"] for e in r["episodes"]]) for p, r in by.items()}
+    means = {p: float(np.mean(v)) for p, v in raw.items()}
+    one_name = reference_one(means)
+    zero = means.get(REFERENCE_ZERO, float("nan"))
+    one = means[one_name] if one_name else float("nan")
+    gap = reference_gap(zero, one)
+    scores = {p: normalize(v, zero, one) if np.isfinite(gap) else np.full(len(v), np.nan) for p, v in raw.items()}
+    for p, r in by.items():
+        for e, s in zip(r["episodes"], scores[p]):
+            e["score"] = float(s)
+    # rank and compare on raw scores (same order as the normalized ones when they exist)
+    key = scores if np.isfinite(gap) else raw
+    candidates = [p for p, r in by.items() if r["kind"] in ("baseline", "reference")]
+    best = max(candidates, key=lambda p: float(np.nanmean(key[p]))) if candidates else None
+    ranked = [p for p, r in by.items() if r["kind"] != "bound"]
+    out = []
+    for p, r in by.items():
+        eps = r["episodes"]
+        row: dict[str, Any] = {
+            "scenario": r["scenario"],
+            "policy": p,
+            "kind": r["kind"],
+            "episodes": len(eps),
+            "epochs": int(np.mean([e["epochs"] for e in eps])),
+            "repairs": float(np.mean([e["repairs"] for e in eps])),
+            "score_version": SCORE_VERSION,
+            "ref_zero_raw": zero,
+            "ref_one": one_name or "",
+            "ref_one_raw": one,
+        }
+        s = key[p]
+        row["score"], row["score_lo"], row["score_hi"] = stratified_bootstrap_ci(s, statistic=stats.mean)
+        row["iqm"], row["iqm_lo"], row["iqm_hi"] = stratified_bootstrap_ci(s, statistic=stats.iqm)
+        if not np.isfinite(gap):
+            row["score"] = row["score_lo"] = row["score_hi"] = float("nan")
+            row["iqm"], row["iqm_lo"], row["iqm_hi"] = float("nan"), float("nan"), float("nan")
+        row["score_raw"], row["score_raw_lo"], row["score_raw_hi"] = stratified_bootstrap_ci(
+            raw[p], statistic=stats.mean
+        )
+        for k, _, _ in METRICS:
+            if k == "score":
+                continue
+            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = stratified_bootstrap_ci([e[k] for e in eps], statistic=stats.mean)
+        for k in (k for k in eps[0] if k.startswith("pred_")):  # the surrogate's prediction, same windows
+            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = stratified_bootstrap_ci([e[k] for e in eps], statistic=stats.mean)
+        row["best_baseline"] = best or ""
+        if best is not None and p != best:
+            d = paired_difference(key[p], key[best])
+            row.update(delta=d.mean, delta_lo=d.lo, delta_hi=d.hi, delta_p=d.p_value, verdict=d.verdict)
+            row["p_improve"], row["p_improve_lo"], row["p_improve_hi"] = probability_of_improvement(key[p], key[best])
+        else:
+            row.update(delta=0.0, delta_lo=0.0, delta_hi=0.0, delta_p=1.0, verdict="best baseline" if best else "")
+            row["p_improve"], row["p_improve_lo"], row["p_improve_hi"] = 0.5, 0.5, 0.5
+        if r["kind"] == "bound":
+            row["rank"] = "bound"
+        else:
+            beaten_by = sum(1 for q in ranked if q != p and paired_difference(key[q], key[p]).lo > 0)
+            row["rank"] = str(1 + beaten_by)
+        row.update(config_id=r["config_id"], config=r["config"])
+        out.append(row)
+    return sorted(
+        out, key=lambda r: (r["kind"] == "bound", -_nan_low(r["score"] if np.isfinite(gap) else r["score_raw"]))
+    )
+
+
+def _nan_low(x: float) -> float:
+    return float(x) if np.isfinite(x) else -np.inf
+
+
+def aggregate(rows: list[dict], episodes: list[dict]) -> list[dict]:
+    """Across scenarios: IQM of normalized scores with stratified bootstrap intervals (strata = scenarios) and
+    the probability of improvement over the best baseline (by IQM), for policies evaluated on every scenario."""
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    kinds = {r["policy"]: r["kind"] for r in rows}
+    mats = {}
+    for p in dict.fromkeys(r["policy"] for r in rows):
+        cols = [[e["score"] for e in episodes if e["policy"] == p and e["scenario"] == sc] for sc in scenarios]
+        if all(cols) and len({len(c) for c in cols}) == 1:
+            mats[p] = np.array(cols, dtype=np.float64).T  # [instances, scenarios]
+    if not mats or not all(np.isfinite(m).all() for m in mats.values()):
+        return []
+    cands = [p for p in mats if kinds[p] in ("baseline", "reference")]
+    best = max(cands, key=lambda p: stats.iqm(mats[p])) if cands else None
+    out = []
+    for p, m in mats.items():
+        row = {"policy": p, "kind": kinds[p], "scenarios": len(scenarios), "instances": m.shape[0]}
+        row["iqm"], row["iqm_lo"], row["iqm_hi"] = stratified_bootstrap_ci(m)
+        row["best_baseline"] = best or ""
+        if best is not None and p != best:
+            row["p_improve"], row["p_improve_lo"], row["p_improve_hi"] = probability_of_improvement(m, mats[best])
+            d = paired_difference(m, mats[best])
+            row.update(delta=d.mean, delta_lo=d.lo, delta_hi=d.hi, verdict=d.verdict)
+        else:
+            row.update(p_improve=0.5, p_improve_lo=0.5, p_improve_hi=0.5, delta=0.0, delta_lo=0.0, delta_hi=0.0)
+            row["verdict"] = "best baseline" if best else ""
+        out.append(row)
+    return sorted(out, key=lambda r: (r["kind"] == "bound", -r["iqm"]))
+
+
+def _fmt(x: float, lo: float, hi: float, scale: float) -> str:
+    """`mean [lo, hi]` with digits to the interval's width."""
     if not np.isfinite(x):
         return "n/a"
-    x, ci = x * scale, ci * scale
-    digits = max(0, min(4, 2 - int(np.floor(np.log10(abs(ci))))) if ci > 0 else 3) if abs(x) < 1e6 else 0
-    return f"{x:.{digits}f} ± {ci:.{digits}f}"
+    x, lo, hi = x * scale, lo * scale, hi * scale
+    width = abs(hi - lo)
+    digits = max(0, min(4, 2 - int(np.floor(np.log10(width))))) if width > 0 else 3
+    if abs(x) >= 1e6:
+        digits = 0
+    return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def markdown(rows: list[dict], cfg: DictConfig) -> str:
-    cols = [t for _, t, _ in METRICS]
-    first, last = int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds) - 1
+def _delta(r: dict) -> str:
+    if r["verdict"] in ("best baseline", ""):
+        return r["verdict"] or "n/a"
+    if not np.isfinite(r["delta"]):
+        return "n/a"
+    return f"{r['delta']:+.3f} [{r['delta_lo']:+.3f}, {r['delta_hi']:+.3f}] {r['verdict']}"
+
+
+def _kind_label(r: dict) -> str:
+    return {"bound": " (bound)", "reference": " (ref)", "agent": " (agent)"}.get(r["kind"], "")
+
+
+def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list) -> str:
+    titles = {k: (t, sc) for k, t, sc in METRICS}
     lines = [
         f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)",
         "",
-        f"{int(cfg.seeds)} episodes per cell (seeds {first}..{last}), "
-        f"{int(cfg.max_epochs)} decision epochs each, reward space `{cfg.env.reward_space}`, perception "
-        f"`{cfg.env.perception}`. Mean ± 95% CI over episodes; p95 latency, tokens/s, quality loss, energy and "
-        "SLO attainment are per-epoch means, migration is the episode total. Sorted by return.",
+        f"**Ranked on the official score** (`{SCORE_VERSION}`, coel_env/benchmark/score.py): per epoch SLO "
+        f"attainment and p95 latency (dropped requests count as SLO misses with infinite latency), 0 when quality "
+        f"loss exceeds {100 * QUALITY_BUDGET:g}%; normalized per scenario, 0 = `{REFERENCE_ZERO}`, "
+        f"1 = the best tuned heuristic (`coel_tuned` or `eplb_tuned`, knobs tuned on train instances). "
+        f"{len(insts)} **{cfg.split}** instances per scenario ({insts[0].label}..{insts[-1].label}: routing seeds "
+        f"{insts[0].routing_seed}..{insts[-1].routing_seed}, reset seeds {insts[0].seed}..{insts[-1].seed}; "
+        f"training and tuning never see them), {int(cfg.max_epochs)} decision epochs each, perception "
+        f"`{cfg.env.perception}`.",
+        "",
+        "score: mean [95% percentile bootstrap]; IQM [95% stratified bootstrap]; Δ: paired difference in score to "
+        "the best baseline [Student-t 95%] — *tie* when the interval holds 0; P(>best): probability of improvement "
+        "over the best baseline [bootstrap 95%]. Rank = 1 + the number of policies whose paired interval is entirely "
+        f"above; ties share a rank; bounds are not ranked. `return` is the env's reward space "
+        f"(`{cfg.env.reward_space}`) summed over the episode, shown for reference, not ranked.",
         "",
     ]
+    if len(insts) < 10:
+        lines += [f"**Warning:** {len(insts)} instances per scenario; the benchmark asks for at least 10.", ""]
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        sub = [r for r in rows if r["scenario"] == scenario]
+        best = sub[0]["best_baseline"]
         lines += [
             f"## {scenario}",
             "",
-            "| policy | " + " | ".join(cols) + " | config |",
-            "|---" * (len(cols) + 2) + "|",
+            f"Best baseline: `{best}`. References (raw score): 0 = {REFERENCE_ZERO} {sub[0]['ref_zero_raw']:.4f}, "
+            f"1 = {sub[0]['ref_one'] or 'n/a'} {sub[0]['ref_one_raw']:.4f}"
+            + ("" if np.isfinite(sub[0]["score"]) else " (too close: scores n/a, ranked on raw scores)")
+            + ".",
+            "",
+            "| rank | policy | score | IQM | Δ vs best baseline | P(>best) | "
+            + " | ".join(titles[k][0] for k in TABLE_METRICS)
+            + " | config |",
+            "|---" * (6 + len(TABLE_METRICS) + 1) + "|",
         ]
-        for r in sorted((r for r in rows if r["scenario"] == scenario), key=lambda r: -r["return"]):
-            cells = [_fmt(r[k], r[f"{k}_ci95"], s) for k, _, s in METRICS]
-            lines.append(f"| {r['policy']} | " + " | ".join(cells) + f" | `{r['config_id']}` |")
+        for r in sub:
+            cells = [
+                str(r["rank"]),
+                f"{r['policy']}{_kind_label(r)}",
+                _fmt(r["score"], r["score_lo"], r["score_hi"], 1.0),
+                _fmt(r["iqm"], r["iqm_lo"], r["iqm_hi"], 1.0),
+                _delta(r),
+                f"{r['p_improve']:.2f} [{r['p_improve_lo']:.2f}, {r['p_improve_hi']:.2f}]",
+                *[_fmt(r[k], r[f"{k}_lo"], r[f"{k}_hi"], titles[k][1]) for k in TABLE_METRICS],
+            ]
+            lines.append("| " + " | ".join(cells) + f" | `{r['config_id']}` |")
+        lines.append("")
+    if agg:
+        lines += [
+            "## All scenarios",
+            "",
+            "IQM of normalized scores over every (scenario, instance), stratified bootstrap over instances within "
+            "scenarios; P(>best) averaged over scenarios (rliable's estimators, coel_env/benchmark/stats.py).",
+            "",
+            "| policy | IQM | Δ vs best baseline | P(>best) |",
+            "|---|---|---|---|",
+        ]
+        for r in agg:
+            lines.append(
+                f"| {r['policy']}{_kind_label(r)} | {_fmt(r['iqm'], r['iqm_lo'], r['iqm_hi'], 1.0)} | {_delta(r)} | "
+                f"{r['p_improve']:.2f} [{r['p_improve_lo']:.2f}, {r['p_improve_hi']:.2f}] |"
+            )
         lines.append("")
     pred = [(k, t, sc) for k, t, sc in METRICS if f"pred_{k}" in rows[0]]
     if pred:
@@ -240,12 +530,13 @@ def markdown(rows: list[dict], cfg: DictConfig) -> str:
         ]
         for r in rows:
             cells = [
-                f"{_fmt(r[k], r[f'{k}_ci95'], sc)} | {_fmt(r[f'pred_{k}'], r[f'pred_{k}_ci95'], sc)}"
+                f"{_fmt(r[k], r[f'{k}_lo'], r[f'{k}_hi'], sc)} | "
+                f"{_fmt(r[f'pred_{k}'], r[f'pred_{k}_lo'], r[f'pred_{k}_hi'], sc)}"
                 for k, _, sc in pred
             ]
             lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, seeds, git commit):", ""]
+    lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, instances, git commit):", ""]
     for r in rows:
         lines.append(f"- `{r['config_id']}`: `{r['config']}`")
     return "\n".join(lines) + "\n"
@@ -260,18 +551,17 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     paths = []
-    for key, title, scale in METRICS[:3] + METRICS[6:7]:
+    titles = {k: (t, sc) for k, t, sc in METRICS}
+    for key in ("score", "return", "e2e_p95_s", "slo_attainment"):
+        title, scale = titles[key]
         fig, axes = plt.subplots(1, len(scenarios), figsize=(4.5 * len(scenarios), 3.6), squeeze=False)
         for ax, sc in zip(axes[0], scenarios):
             sel = {r["policy"]: r for r in rows if r["scenario"] == sc}
             names = [p for p in policies if p in sel]
-            ax.bar(
-                range(len(names)),
-                [sel[p][key] * scale for p in names],
-                yerr=[sel[p][f"{key}_ci95"] * scale for p in names],
-                color="tab:blue",
-                capsize=3,
-            )
+            mid = np.array([sel[p][key] for p in names], dtype=np.float64) * scale
+            err = np.array([[sel[p][key] - sel[p][f"{key}_lo"], sel[p][f"{key}_hi"] - sel[p][key]] for p in names])
+            colors = [{"bound": "tab:gray", "agent": "tab:orange"}.get(sel[p]["kind"], "tab:blue") for p in names]
+            ax.bar(range(len(names)), np.nan_to_num(mid), yerr=np.nan_to_num(err.T * scale), color=colors, capsize=3)
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
             ax.set_title(sc, fontsize=10)
             ax.set_ylabel(title)

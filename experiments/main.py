@@ -39,7 +39,7 @@ def check(cfg: DictConfig) -> None:
     """Refuse bad command-line values in one line before the first stage starts (training takes minutes)."""
     require_int(cfg.seeds, "seeds", 1)
     require_int(cfg.eval_epochs, "eval_epochs", 1)
-    for key in ("policies", "train_overrides"):
+    for key in ("policies", "train_overrides", "eval_overrides"):
         value = cfg.get(key)
         if isinstance(value, str) or not hasattr(value, "__iter__"):
             raise ConfigError(f"{key}: {value!r} must be a list, e.g. {key}=[a,b]")
@@ -75,6 +75,7 @@ def run(cfg: DictConfig, root: Path) -> dict:
             f"seeds={cfg.seeds}",
             f"max_epochs={cfg.eval_epochs}",
             f"hydra.run.dir={eval_dir}",
+            *cfg.eval_overrides,
         ],
         root,
     )

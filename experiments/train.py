@@ -6,6 +6,11 @@ checkpoints, resume, W&B logging (offline by default) and export of an SB3-free 
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
+
+Held-out instances (coel_env.benchmark.instances): env i trains on routing model `train` instance i mod
+`train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
+evaluation uses `val` instances. No seed of the `test` split (the leaderboard's) is ever used: a `seed` that would
+reach it is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from agents.sb3 import (
 )
 from agents.tracking import init_wandb, make_sb3_logger
 from coel_env.atomic import atomic_write_json
+from coel_env.benchmark.instances import check_train_seeds, instances
 from coel_env.env.env import CoELEnv
 from coel_env.errors import ConfigError
 from coel_env.specs import scenario_with_hardware
@@ -60,7 +66,7 @@ def check_cfg(cfg: DictConfig) -> None:
     require_int(cfg.seed, "seed", 0)
     if cfg.seed > MAX_SEED:
         raise ConfigError(f"seed: {cfg.seed} must be an integer in [0, {MAX_SEED}]")
-    for field in ("n_envs", "total_timesteps", "eval_episodes", "torch_threads"):
+    for field in ("n_envs", "total_timesteps", "eval_episodes", "torch_threads", "train_instances"):
         require_int(cfg[field], field, 1)
     for field in ("checkpoint_every", "eval_every"):  # null turns them off
         if cfg[field] is not None and (
@@ -83,6 +89,7 @@ def check_cfg(cfg: DictConfig) -> None:
     for name in baselines:
         if not isinstance(name, str) or name not in POLICIES:
             raise ConfigError(f"eval_baselines: unknown baseline {name!r}; allowed: {', '.join(POLICIES)}")
+    check_train_seeds(range(cfg.seed, cfg.seed + cfg.n_envs), "seed")
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         raise ConfigError(f"resume: {cfg.resume!r} must be the path of a checkpoint .zip, or null")
 
@@ -96,7 +103,10 @@ def train(cfg: DictConfig, out: Path) -> dict:
     obs_exclude = tuple(cfg.obs_exclude or ())
     venv = run = None
     try:
-        venv = make_training_env(kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude)
+        routing = [i.routing_seed for i in instances("train", cfg.train_instances)]
+        venv = make_training_env(
+            kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude, scenario_seeds=routing
+        )
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
         run = init_wandb(
@@ -116,6 +126,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
             knobs=cfg.knobs,
             obs_exclude=obs_exclude,
             agent_cfg=cfg.agent,
+            instances=[(i.routing_seed, i.seed) for i in instances("val", cfg.eval_episodes)],
         )
         start = time.time()
         model.learn(
@@ -133,6 +144,9 @@ def train(cfg: DictConfig, out: Path) -> dict:
             "timesteps": int(model.num_timesteps),
             "train_time_s": train_time,
             "first_win_s": callback.first_win_s,
+            "reward_space": kwargs.get("reward_space"),
+            "train_instances": [i.label for i in instances("train", cfg.train_instances)],
+            "eval_instances": [i.label for i in instances("val", cfg.eval_episodes)],
             "evaluations": callback.history,
         }
         probe = CoELEnv(**kwargs)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from agents.baselines.clairvoyant import ClairvoyantPolicy
 from agents.baselines.coel import CoELPolicy
 from agents.baselines.eplb import EPLBPolicy, rebalance_experts
+from agents.baselines.frozen import NeverUpdatePolicy, QualityExploitPolicy
 from agents.baselines.greedy import GreedyPopularityPolicy
 from agents.baselines.oracle import OraclePolicy
 from agents.baselines.random import RandomPolicy
@@ -22,7 +24,11 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "eplb": EPLBPolicy,
     "coel": CoELPolicy,
     "oracle": OraclePolicy,
+    "never_update": NeverUpdatePolicy,
+    "coel_quality_exploit": QualityExploitPolicy,
+    "clairvoyant": ClairvoyantPolicy,
 }
+BOUNDS: tuple[str, ...] = ("clairvoyant",)  # references that see the future: reported, never "the best baseline"
 HEURISTICS: tuple[str, ...] = ("random", "static_linear", "static_round_robin", "greedy_popularity", "eplb", "coel")
 
 
@@ -37,12 +43,16 @@ def make_policy(name: str, **kwargs) -> Policy:
 
 
 __all__ = [
+    "BOUNDS",
     "HEURISTICS",
     "POLICIES",
+    "ClairvoyantPolicy",
     "CoELPolicy",
     "EPLBPolicy",
     "GreedyPopularityPolicy",
+    "NeverUpdatePolicy",
     "OraclePolicy",
+    "QualityExploitPolicy",
     "RandomPolicy",
     "StaticPolicy",
     "make_policy",

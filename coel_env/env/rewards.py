@@ -1,5 +1,20 @@
 """Named reward spaces on batched metric fields (arrays [N]), the step's penalties, and `StepScorer`: the one place
-that turns a StepRecord into reward and penalty."""
+that turns a StepRecord into reward and penalty.
+
+Spaces and their ranges (penalties included):
+
+| space | value | range |
+| --- | --- | --- |
+| `latency` | -(e2e / SLO) x served - max(drop_cost, e2e / SLO) x dropped fraction - penalty | (-inf, 0] |
+| `slo` | SLO attainment (dropped requests count as late) x max(0, 1 - penalty) | [0, 1] |
+| `throughput_per_watt` | generated tokens per joule x max(0, 1 - penalty) | [0, inf) |
+| `score` | the official benchmark's epoch utility (coel_env.benchmark.score) x max(0, 1 - penalty) | [0, 1] |
+| `composite` | weighted sum (Composite) - penalty | (-inf, inf) |
+
+Signed spaces subtract the penalty; bounded ones (`RATIO_SPACES`) are scaled by `1 - penalty` (at least 0), so a
+penalty still costs and the documented range holds. In both kinds a dropped request never costs less than serving
+it at the window's mean latency.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +47,23 @@ class RewardContext:
 
 
 def latency(f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
-    """-(mean e2e latency / SLO) over served requests, with dropped requests costing `drop_cost` each."""
+    """-(mean e2e latency / SLO) over served requests, with dropped requests costing `drop_cost` each, and never
+    less than a served request's e2e / SLO (dropping is never cheaper than serving slowly)."""
     d = f["dropped_frac"]
-    return -(f["e2e_mean_s"] / ctx.slo_s) * (1 - d) - ctx.drop_cost * d
+    lat = f["e2e_mean_s"] / ctx.slo_s
+    return -lat * (1 - d) - np.maximum(ctx.drop_cost, lat) * d
 
 
 def slo(f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
-    """Fraction of requests served within the SLO (dropped ones count as late)."""
-    return 1.0 - f["late_frac"]
+    """Fraction of requests served within the SLO (dropped ones count as late), in [0, 1]."""
+    return np.clip(1.0 - np.maximum(f["late_frac"], f["dropped_frac"]), 0.0, 1.0)
+
+
+def score(f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
+    """The official benchmark's per-epoch utility (SLO attainment and p95 latency; 0 over the quality budget)."""
+    from coel_env.benchmark.score import epoch_utility
+
+    return epoch_utility(f, ctx.slo_s)
 
 
 def throughput_per_watt(f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
@@ -49,7 +73,8 @@ def throughput_per_watt(f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.nd
 
 class Composite:
     """Weighted sum: -latency/SLO + throughput/demand - quality loss - energy/(max power) - migration time/window
-    - dropped fraction (weights by name, defaults in COMPOSITE_DEFAULTS)."""
+    - max(dropped weight, latency weight x e2e/SLO) x dropped fraction (weights by name, defaults in
+    COMPOSITE_DEFAULTS)."""
 
     def __init__(self, weights: dict | None = None):
         weights = dict(weights or {})
@@ -63,17 +88,21 @@ class Composite:
     def __call__(self, f: dict, mig_s: np.ndarray, ctx: RewardContext) -> np.ndarray:
         w = self.w
         d = f["dropped_frac"]
+        lat = w["latency"] * f["e2e_mean_s"] / ctx.slo_s
         return (
-            -w["latency"] * (f["e2e_mean_s"] / ctx.slo_s) * (1 - d)
+            -lat * (1 - d)
             + w["throughput"] * f["tokens_per_s"] / max(ctx.demand_tokens_per_s, 1e-9)
             - w["quality"] * f["quality_loss"]
             - w["energy"] * f["energy_j"] / (ctx.window_s * max(ctx.power_max_w, 1e-9))
             - w["migration"] * np.minimum(mig_s / ctx.window_s, 1.0)
-            - w["dropped"] * d
+            - np.maximum(w["dropped"], lat) * d
         )
 
 
-REWARD_SPACES = ("latency", "slo", "throughput_per_watt", "composite")
+REWARD_SPACES = ("latency", "slo", "throughput_per_watt", "score", "composite")
+RATIO_SPACES = ("slo", "throughput_per_watt", "score")  # bounded below by 0: penalties scale, never subtract
+for _fn in (slo, throughput_per_watt, score):
+    _fn.scaled_penalty = True  # type: ignore[attr-defined]
 
 
 def make_reward(name: str, weights: dict | None = None):
@@ -81,7 +110,7 @@ def make_reward(name: str, weights: dict | None = None):
         return Composite(weights)
     if weights:
         raise ConfigError(f"reward_weights: only used with reward_space='composite', not '{name}'")
-    fns = {"latency": latency, "slo": slo, "throughput_per_watt": throughput_per_watt}
+    fns = {"latency": latency, "slo": slo, "throughput_per_watt": throughput_per_watt, "score": score}
     if name not in fns:
         raise ConfigError(f"reward_space: unknown name '{name}'; allowed: {', '.join(REWARD_SPACES)}")
     return fns[name]
@@ -107,7 +136,8 @@ class StepScorer:
     penalty = repair * [repaired] + unit * repaired replicas / (L * E) + invalid * invalid edits
               + hello * Hello bits / 1000 + budget * (excess, or [excess > 0] in mode 'terminate')
     excess  = max(energy_j / energy budget - 1, 0) + max(e2e_p95_s / latency budget - 1, 0)  (set budgets only)
-    reward  = reward_fn(served metrics, migration time, ctx) - penalty
+    reward  = reward_fn(served metrics, migration time, ctx) - penalty                 (signed spaces)
+            = reward_fn(served metrics, migration time, ctx) * max(0, 1 - penalty)   (RATIO_SPACES)
     """
 
     def __init__(
@@ -115,6 +145,7 @@ class StepScorer:
     ):
         self.reward_fn, self.ctx, self.weights, self.budgets = reward_fn, ctx, weights, budgets
         self.total_replicas = total_replicas
+        self.ratio = bool(getattr(reward_fn, "scaled_penalty", False))  # a bounded space: penalties scale it
 
     def penalty(self, rec: StepRecord) -> np.ndarray:
         """[N] repair, invalid-edit and Hello penalties (budgets excluded)."""
@@ -147,4 +178,8 @@ class StepScorer:
             terminated = np.zeros(len(over), dtype=bool)
             penalty = penalty + self.weights.budget * over
         rec.budget_excess, rec.terminated, rec.penalty = over, terminated, penalty
-        rec.reward = self.reward_fn(rec.served, rec.migration_time_s, self.ctx) - penalty
+        value = self.reward_fn(rec.served, rec.migration_time_s, self.ctx)
+        if self.ratio:
+            rec.reward = value * np.maximum(1.0 - penalty, 0.0)
+        else:
+            rec.reward = value - penalty

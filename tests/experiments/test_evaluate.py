@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from coel_env.benchmark import instances
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,6 +22,9 @@ def test_evaluate_end_to_end(tmp_path):
         "policies=[static_linear,greedy_popularity,eplb]",
         "seeds=2",
         "max_epochs=2",
+        "tuning.trials=2",
+        "tuning.instances=1",
+        "tuning.epochs=2",
         "logger=disabled",
         "progress_bar=false",
         f"hydra.run.dir={out}",
@@ -28,14 +33,23 @@ def test_evaluate_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
-    assert [r["policy"] for r in rows] == ["static_linear", "greedy_popularity", "eplb"]
+    # the listed policies, then the score's references (static_linear is listed), ranked on the score
+    assert {r["policy"] for r in rows} == {"static_linear", "greedy_popularity", "eplb", "coel_tuned", "eplb_tuned"}
+    scores = [float(r["score_raw"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    test = [[i.routing_seed, i.seed] for i in instances("test", 2)]
     for r in rows:
         assert int(r["episodes"]) == 2 and int(r["epochs"]) == 2
         assert float(r["return"]) < 0 and 0.0 <= float(r["slo_attainment"]) <= 1.0
+        assert float(r["slo_attainment_lo"]) <= float(r["slo_attainment"]) <= float(r["slo_attainment_hi"]) <= 1.0
         cfg = json.loads(r["config"])
-        assert cfg["policy"] == r["policy"] and cfg["seeds"] == [0, 1] and cfg["env"]["scenario"] == "tiny"
+        assert cfg["policy"] == r["policy"] and cfg["instances"] == test and cfg["env"]["scenario"] == "tiny"
+        assert cfg["split"] == "test" and r["score_version"] == "coel-score-v1"
     eps = list(csv.DictReader((out / "episodes.csv").open()))
-    assert len(eps) == 6
+    assert len(eps) == 10 and {e["instance"] for e in eps} == {"test0", "test1"}
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert set(tuned["tiny"]) == {"coel", "eplb"} and tuned["tiny"]["coel"]["instances"] == ["train0"]
     md = (out / "leaderboard.md").read_text()
-    assert "## tiny" in md and "± " in md and rows[0]["config_id"] in md
-    assert (out / "leaderboard_return.png").stat().st_size > 1000
+    assert "## tiny" in md and "Ranked on the official score" in md and rows[0]["config_id"] in md
+    assert "at least 10" in md  # two instances: the report warns
+    assert (out / "leaderboard_score.png").stat().st_size > 1000

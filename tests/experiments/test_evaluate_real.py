@@ -19,6 +19,7 @@ def test_evaluate_on_real_backend_reports_measured_and_predicted(tmp_path):
         "backend=real",
         "scenarios=[tiny]",
         "policies=[coel]",
+        "add_references=false",
         "seeds=1",
         "max_epochs=2",
         "logger=disabled",

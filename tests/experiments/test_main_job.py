@@ -21,6 +21,7 @@ def test_main_job_smoke(tmp_path):
         "seeds=1",
         "eval_epochs=4",
         "policies=[static_linear,eplb]",
+        "eval_overrides=['tuning.trials=2','tuning.instances=1','tuning.epochs=2']",
         f"hydra.run.dir={tmp_path}",
     ]
     proc = subprocess.run(
@@ -33,6 +34,7 @@ def test_main_job_smoke(tmp_path):
     board = Path(summary["leaderboard"]).read_text()
     assert "agent:train" in board and "eplb" in board and "static_linear" in board
     report = Path(summary["report"]).read_text()
+    assert "agent:train vs the best baseline" in report and "test instances" in report  # the headline
     for section in ("## Training runs", "## Learning curves", "## Leaderboard", "## Pareto fronts", "## Placements"):
         assert section in report
     compare = tmp_path / "compare"

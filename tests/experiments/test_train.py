@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -55,7 +56,11 @@ def test_training_writes_model_policy_checkpoints_and_wandb(trained):
     assert evals and all(np.isfinite(e["agent"]["return"]) for e in evals)
     assert np.isfinite(evals[-1]["best_baseline_return"])
     progress = (trained / "progress.csv").read_text().splitlines()
-    assert "eval/agent_return" in progress[0]
+    assert "eval/agent_return" in progress[0] and "eval/agent_score_raw" in progress[0]
+    rows = list(csv.DictReader((trained / "progress.csv").open()))
+    evals = [r for r in rows if r.get("eval/agent_score_raw")]
+    assert evals and all(r["eval/timesteps"] for r in evals)  # learning curves have their x
+    assert summary["train_instances"][0] == "train0" and summary["eval_instances"] == ["val0"]
 
 
 def test_resume_continues_from_checkpoint(trained, tmp_path):
@@ -187,6 +192,9 @@ def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
         f"policies=[static_linear,{trained}/policy]",
         "seeds=2",
         "max_epochs=4",
+        "tuning.trials=2",
+        "tuning.instances=1",
+        "tuning.epochs=2",
         "logger=disabled",
         "progress_bar=false",
         "plots=false",
