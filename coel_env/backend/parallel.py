@@ -74,85 +74,110 @@ def allreduce_s(tokens, d_model: int, act_bytes: int, gpus: int, pcie_bw: float,
     return 2.0 * layers * (vol / pcie_bw + latency)
 
 
+def pipeline_tpot(stage_s: np.ndarray, hop_s: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """Decode step of a P-stage pipeline at running batches B [G]: vLLM keeps m = min(P, B) micro-batches of B / m in
+    flight, so TPOT = max(m * the slowest stage-or-hop, sum of stages and hops) (stage_s, hop_s [P, G]: a stage's
+    step and the hop after it at that micro-batch; the last hop returns the sampled tokens to the first stage)."""
+    m = np.minimum(stage_s.shape[0], batches)
+    return np.maximum(m * np.maximum(stage_s, hop_s).max(axis=0), (stage_s + hop_s).sum(axis=0))
+
+
+def stage_weights(m, lo: int, hi: int, first: bool, last: bool, expert_bytes: float) -> tuple[float, float]:
+    """(bytes held, bytes a decode step reads) of the pipeline stage holding layers [lo, hi), 16-bit non-expert
+    weights: its layers' own weights and routed experts, the embedding on the first stage (a step gathers its rows,
+    reading none of the table) and the final norm and LM head on the last (read every step)."""
+    own = 2.0 * sum(m.layer_params(i) for i in range(lo, hi))
+    experts = max(hi - max(lo, m.first_k_dense), 0) * m.num_experts * expert_bytes
+    head = 2.0 * (m.embedding_params + m.d_model) if last else 0.0
+    embed = 2.0 * m.embedding_params if first and not (last and m.tie_word_embeddings) else 0.0
+    return own + experts + head + embed, own + head
+
+
 def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, clients: int | None = None) -> ParallelResult:
     """The tp x pp engine's steady state on `cluster` with every routed expert at `bits` (vLLM's bf16: 16). Under a
-    closed-loop workload the engine's `clients` default to workload.concurrency per live server (the requests the
-    servers would hold between them); an open loop takes the servers' summed arrival rate."""
+    closed-loop workload the engine's `clients` default to workload.concurrency per server; an open loop takes the
+    servers' summed arrival rate. A failed server is a dead pipeline stage: the engine serves nothing (all dropped);
+    a model that leaves no KV room for one sequence on some stage serves nothing either."""
     c, hw, m = cluster, cluster.hw, cluster.model
     wl = c.spec.workload
+    P = c.num_servers
+    if m.num_layers < P:
+        raise ConfigError(f"serve_parallel: {P} pipeline stages for {m.num_layers} layers; at most one per layer")
     sb = SurrogateBackend(c)
-    live = np.flatnonzero(state.server_up)
-    if live.size == 0:
-        raise ConfigError("serve_parallel: no live server")
-    P = live.size
     layers = stage_layers(m.num_layers, P)
-    first_moe = m.first_k_dense
     bounds = np.concatenate([[0], np.cumsum(layers)])
-    rate = state.arrival_rate * state.server_up
-    weight = rate / rate.sum() if rate.sum() > 0 else state.server_up / state.server_up.sum()
-    pop = np.tensordot(weight, state.popularity, axes=1)  # [L_moe, E]: the engine's requests all pass every stage
+    rate = np.asarray(state.arrival_rate, dtype=np.float64)
+    weight = rate / rate.sum() if rate.sum() > 0 else np.full(P, 1.0 / P)
+    pop = np.tensordot(weight, state.popularity, axes=1)  # [L_moe, E]: every request passes every stage
     I, O = sb.in_mean, sb.out_mean
     grid = sb.batch_grid
-    ebytes = float(m.expert_bytes(bits)) * float(sb.slow[bits])
+    micro = grid / np.minimum(P, grid)  # sequences per micro-batch at each running batch
+    ebytes = float(m.expert_bytes(bits))
+    read_bytes = ebytes * float(sb.slow[bits])
     act = hw.activation_bytes
-    ar_lat = hw.allreduce_latency_s
+    # vLLM hands a stage boundary the hidden states and the residual stream (IntermediateTensors)
+    hop_bytes = 2 * m.d_model * act
     dec = np.zeros((P, grid.size))
     hop_d = np.zeros((P, grid.size))
     pre = np.zeros(P)
     hop_p = np.zeros(P)
     kv_tokens = np.inf
     goodput = pair_goodput(link_goodput(c.link_bw, state.link_factor, hw.link_efficiency), c.route)
-    mem_avail = c.dev_mem * state.memory_avail * hw.gpu_memory_utilization
-    expert_total = float(m.num_experts * m.expert_bytes(bits))
-    for i, s in enumerate(live):
+    for s in range(P):
         gpus = np.flatnonzero(c.dev_server == s)
         G = gpus.size
-        lo, hi = bounds[i], bounds[i + 1]
-        share = layers[i] / m.num_layers
-        moe_rows = slice(max(lo - first_moe, 0), max(hi - first_moe, 0))
-        bw = float(sb.gpu_bw[gpus].sum()) * float(state.compute_avail[gpus].mean())
-        flops = float(sb.gpu_flops[gpus].sum()) * float(state.compute_avail[gpus].mean())
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        # tensor parallel: every GPU does 1/G of every op, so the slowest GPU sets the pace (and the tightest memory)
+        avail = np.asarray(state.compute_avail, dtype=np.float64)[gpus]
+        bw = G * float((sb.gpu_bw[gpus] * avail).min())
+        flops = G * float((sb.gpu_flops[gpus] * avail).min())
         pcie = float(sb.pcie_bw[s])
-        pop_i = pop[moe_rows]
-        n_moe = pop_i.shape[0]
-        ne_bytes, ne_flops = sb.ne_bytes * share, sb.ne_flops_tok * share
-        kv_tok_i = sb.kv_tok * share
-        # micro-batches of the pipeline: m = min(P, B), b = B / m
-        micro = grid / np.minimum(P, grid)
-        dec[i] = (
-            expert_decode_s(pop_i, micro, ebytes, m.expert_params, bw, flops, hw.expert_overhead_s)
-            + non_expert_decode_s(micro, I, O, kv_tok_i, ne_bytes, ne_flops, bw, flops)
-            + allreduce_s(micro, m.d_model, act, G, pcie, ar_lat, layers[i])
-            + hw.layer_overhead_s * layers[i]
+        pop_i = pop[max(lo - m.first_k_dense, 0) : max(hi - m.first_k_dense, 0)]
+        held, ne_read = stage_weights(m, lo, hi, s == 0, s == P - 1, ebytes)
+        kv_tok_i = sb.kv_tok * layers[s] / m.num_layers
+        # a latent (MLA) cache is kept whole on every tensor-parallel rank; KV heads are split, or copied when
+        # there are fewer heads than GPUs
+        kv_split = 1 if m.kv_cache_dim is not None else min(G, m.num_kv_heads)
+        kv_tok_gpu = kv_tok_i / kv_split
+        dec[s] = (
+            expert_decode_s(pop_i, micro, read_bytes, m.expert_params, bw, flops, hw.expert_overhead_s)
+            + non_expert_decode_s(micro, I, O, kv_tok_gpu * G, ne_read, ne_read, bw, flops)
+            + allreduce_s(micro, m.d_model, act, G, pcie, hw.allreduce_latency_s, layers[s])
+            + hw.layer_overhead_s * layers[s]
         )
-        pre[i] = (
-            float(expert_decode_s(pop_i, np.array([I]), ebytes, m.expert_params, bw, flops, hw.expert_overhead_s)[0])
-            + float(non_expert_prefill_s(I, m.d_model, int(layers[i]), ne_bytes, ne_flops, bw, flops))
-            + float(allreduce_s(I, m.d_model, act, G, pcie, ar_lat, layers[i]))
-            + hw.layer_overhead_s * layers[i]
+        pre[s] = (
+            float(
+                expert_decode_s(pop_i, np.array([I]), read_bytes, m.expert_params, bw, flops, hw.expert_overhead_s)[0]
+            )
+            + float(non_expert_prefill_s(I, m.d_model, int(layers[s]), ne_read, ne_read, bw, flops))
+            + float(allreduce_s(I, m.d_model, act, G, pcie, hw.allreduce_latency_s, layers[s]))
+            + hw.layer_overhead_s * layers[s]
         )
-        nxt = live[(i + 1) % P]
+        nxt = (s + 1) % P
         one_way = c.pair_latency[s, nxt] + hw.transfer_latency_s if P > 1 else 0.0
-        if i < P - 1:
-            hop_d[i] = micro * m.d_model * act / goodput[s, nxt] + one_way
-            hop_p[i] = I * m.d_model * act / goodput[s, nxt] + one_way
+        if s < P - 1:
+            hop_d[s] = micro * hop_bytes / goodput[s, nxt] + one_way
+            hop_p[s] = I * hop_bytes / goodput[s, nxt] + one_way
         elif P > 1:
-            hop_d[i] = one_way  # the sampled token ids back to the first stage
-        weights = share * (m.non_expert_bytes(16)) + n_moe * expert_total
-        room = float(mem_avail[gpus].sum()) - weights
-        kv_tokens = min(kv_tokens, room / kv_tok_i)
-    tpot_grid = np.maximum(np.minimum(P, grid) * np.maximum(dec, hop_d).max(axis=0), (dec + hop_d).sum(axis=0))
+            hop_d[s] = one_way  # the sampled token ids back to the first stage
+        mem = c.dev_mem[gpus] * np.asarray(state.memory_avail, dtype=np.float64)[gpus] * hw.gpu_memory_utilization
+        room = float(mem.min()) - held / G  # per GPU: its share of the weights, the rest for its share of the KV
+        kv_tokens = min(kv_tokens, max(room, 0.0) / kv_tok_gpu)
+    tpot_grid = pipeline_tpot(dec, hop_d, grid)
     ttft_iso = float((pre + hop_p).sum())
-    prefill_work = float(np.maximum(pre, hop_p).max())
+    prefill_work = float(np.maximum(pre, hop_p).max())  # a prefill's time on the busiest stage or hop
     if clients is None:
         clients = (wl.concurrency or 0) * P
     params = sb.params._replace(concurrency=float(clients))
+    seqs = float(np.floor(kv_tokens / params.held_tokens))
+    if not np.all(state.server_up) or seqs < 1:
+        return ParallelResult(0.0, np.inf, np.inf, np.inf, 0.0, seqs, 1.0, tuple(int(x) for x in layers))
     lam = np.array([float(rate.sum())])
     out = {k: np.zeros(1) for k in ("tpot", "ttft", "wait", "batch", "drop", "served")}
     continuous_batching(
         tpot_grid[None, :],
         np.zeros((1, grid.size)),
-        np.array([max(kv_tokens, 0.0) * sb.kv_tok]),
+        np.array([kv_tokens * sb.kv_tok]),
         lam,
         np.array([True]),
         np.zeros(1),
@@ -178,7 +203,7 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
         tpot_s=tpot,
         e2e_s=wait + float(request_latency(ttft, tpot, O)),
         batch=float(out["batch"][0]),
-        kv_sequences=float(np.floor(max(kv_tokens, 0.0) / params.held_tokens)),
+        kv_sequences=seqs,
         dropped_frac=float(out["drop"][0]),
         stages=tuple(int(x) for x in layers),
     )

@@ -114,17 +114,25 @@ class ModelSpec(BaseModel):
         bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attn_bias else 0
         return q + kv + o + bias
 
+    def layer_params(self, layer: int) -> int:
+        """Non-expert parameters of decoder layer `layer`: attention and its two norms, plus the router and shared
+        expert (MoE layers) or the dense MLP (the first `first_k_dense` layers)."""
+        own = self.attention_params + 2 * self.d_model
+        if layer < self.first_k_dense:
+            return own + 3 * self.d_model * self.d_ff_dense
+        moe = self.num_experts * self.d_model + 3 * self.d_model * self.d_ff_shared
+        return own + moe + (self.d_model if self.shared_expert_gate else 0)
+
+    @property
+    def embedding_params(self) -> int:
+        """One embedding table (the input embedding; the LM head is another unless tied)."""
+        return self.vocab_size * self.d_model
+
     @property
     def non_expert_params(self) -> int:
         """Everything but the routed experts: embeddings, attention, norms, routers, shared and dense MLPs."""
-        embed = self.vocab_size * self.d_model * (1 if self.tie_word_embeddings else 2)
-        per_layer = self.attention_params + 2 * self.d_model
-        moe = self.num_experts * self.d_model + 3 * self.d_model * self.d_ff_shared
-        moe += self.d_model if self.shared_expert_gate else 0
-        dense = 3 * self.d_model * self.d_ff_dense
-        return (
-            embed + self.d_model + self.num_layers * per_layer + self.num_moe_layers * moe + self.first_k_dense * dense
-        )
+        embed = self.embedding_params * (1 if self.tie_word_embeddings else 2)
+        return embed + self.d_model + sum(self.layer_params(i) for i in range(self.num_layers))
 
     @property
     def routed_expert_params(self) -> int:

@@ -8,9 +8,10 @@ import pytest
 from conftest import scenario_dict
 
 from coel_env import DeploymentPlan, Scenario
-from coel_env.backend.parallel import allreduce_s, serve_parallel, stage_layers
+from coel_env.backend.parallel import allreduce_s, pipeline_tpot, serve_parallel, stage_layers, stage_weights
+from coel_env.errors import ConfigError
 from coel_env.backend.surrogate import SurrogateBackend
-from coel_env.specs import LengthDist, load_hardware_profile, load_scenario_spec
+from coel_env.specs import LengthDist, load_hardware_profile, load_scenario_spec, model_preset
 
 CONTINUOUS = load_hardware_profile("continuous")
 
@@ -61,25 +62,70 @@ def _paper(name: str, clients: int, input_len: int = 128, output_len: int = 128)
     return Scenario(spec.model_copy(update={"workload": wl}), seed=0, hardware=CONTINUOUS)
 
 
-def test_pipeline_kv_room_by_hand():
-    """Each stage holds its layers' weights (16-bit) and their share of every sequence's KV: sequences =
-    floor(min over stages of (mem * utilization - weights) / (KV per token * layers share) / held tokens)."""
+def test_pipeline_tpot_by_hand():
+    """Two stages of 3 and 5 ms, hops of 1 ms and 0.5 ms: one sequence walks the pipeline (9.5 ms); two or more
+    fill it with two micro-batches, each cycle set by the slowest stage (2 * 5 ms = 10 ms)."""
+    stage = np.array([[3e-3, 3e-3, 3e-3], [5e-3, 5e-3, 5e-3]])
+    hop = np.array([[1e-3, 1e-3, 1e-3], [0.5e-3, 0.5e-3, 0.5e-3]])
+    np.testing.assert_allclose(pipeline_tpot(stage, hop, np.array([1.0, 2.0, 4.0])), [9.5e-3, 10e-3, 10e-3])
+
+
+def test_stage_weights_place_embedding_first_and_head_last():
+    m = model_preset("qwen1.5-moe-a2.7b")  # untied embeddings
+    eb = float(m.expert_bytes(16))
+    parts = [stage_weights(m, lo, hi, lo == 0, hi == 24, eb) for lo, hi in ((0, 8), (8, 16), (16, 24))]
+    held = sum(p[0] for p in parts)
+    assert held == pytest.approx(m.non_expert_bytes(16) + m.num_moe_layers * m.num_experts * eb)
+    embed = 2.0 * m.vocab_size * m.d_model
+    assert parts[0][0] - parts[0][1] == pytest.approx(8 * 60 * eb + embed)  # the first stage gathers, never reads it
+    assert parts[2][1] - parts[1][1] == pytest.approx(embed + 2 * m.d_model)  # the last reads the head every step
+    whole = stage_weights(m, 0, 24, True, True, eb)
+    assert whole[1] == pytest.approx(2.0 * m.step_read_params)
+
+
+def test_three_servers_hold_more_kv_than_two():
+    """A third of the weights per GPU leaves far more KV room than a half (the paper's Fig. 6 mechanism)."""
     found = {}
-    for name, stages in (("paper-2server-1gpu", 2), ("paper-3server-1gpu", 3)):
+    for name in ("paper-2server-1gpu", "paper-3server-1gpu"):
         sc = _paper(name, clients=64, input_len=2048)
-        c, m = sc.cluster, sc.cluster.model
-        r = serve_parallel(c, sc.initial_state(np.random.default_rng(0)))
-        layers = stage_layers(m.num_layers, stages)
-        held = np.ceil((2048 + 128 / 2) / c.spec.workload.kv_block_tokens) * c.spec.workload.kv_block_tokens
-        tokens = min(
-            (24e9 * 0.9 - (n / 24) * m.non_expert_bytes(16) - n * 60 * m.expert_bytes(16))
-            / (m.kv_bytes_per_token() * n / 24)
-            for n in layers
-        )
-        assert c.dev_mem[0] == 24e9  # GB as the vendor counts
-        assert r.kv_sequences == np.floor(tokens / held)
-        found[stages] = r.kv_sequences
-    assert found[3] > 2 * found[2]  # a third of the weights each: far more KV room
+        found[name] = serve_parallel(sc.cluster, sc.initial_state(np.random.default_rng(0))).kv_sequences
+    assert found["paper-3server-1gpu"] > 2 * found["paper-2server-1gpu"] > 0
+
+
+def test_tensor_parallel_waits_for_the_slowest_gpu():
+    sc = _paper("paper-1server-2gpu", clients=1)
+    state = sc.initial_state(np.random.default_rng(0))
+    state.compute_avail[:] = [1.0, 0.5]
+    mixed = serve_parallel(sc.cluster, state, clients=1)
+    state.compute_avail[:] = [0.5, 0.5]
+    both = serve_parallel(sc.cluster, state, clients=1)
+    assert mixed.tpot_s == pytest.approx(both.tpot_s)
+
+
+def test_latent_kv_cache_is_whole_on_every_tensor_parallel_rank():
+    """MLA keeps the latent cache whole on each rank: two GPUs give no more KV room per sequence than their memory
+    left after half the weights each allows for the whole cache."""
+    d = scenario_dict(num_servers=1, gpus=("a100-80gb", "a100-80gb"), model="deepseek-v2-lite", max_replicas=1)
+    d["workload"].update(concurrency=8, max_batch=256)
+    sc = Scenario(d, seed=0, hardware=CONTINUOUS)
+    c, m = sc.cluster, sc.cluster.model
+    r = serve_parallel(c, sc.initial_state(np.random.default_rng(0)))
+    held = stage_weights(m, 0, m.num_layers, True, True, float(m.expert_bytes(16)))[0]
+    per_gpu_tokens = (c.dev_mem[0] * 0.9 - held / 2) / m.kv_bytes_per_token()
+    block = c.spec.workload.kv_block_tokens
+    held_tokens = np.ceil((c.spec.workload.input_len.mean + c.spec.workload.output_len.mean / 2) / block) * block
+    assert r.kv_sequences == np.floor(per_gpu_tokens / held_tokens)
+
+
+def test_a_dead_stage_stops_the_engine_and_too_many_stages_are_refused():
+    sc = _paper("paper-3server-1gpu", clients=8)
+    state = sc.initial_state(np.random.default_rng(0))
+    state.server_up[1] = False
+    r = serve_parallel(sc.cluster, state)
+    assert r.tokens_per_s == 0.0 and r.dropped_frac == 1.0 and r.e2e_s == np.inf
+    many = Scenario(scenario_dict(num_servers=model_preset("tiny-moe").num_layers + 1, model="tiny-moe"), seed=0)
+    with pytest.raises(ConfigError, match="pipeline stages"):
+        serve_parallel(many.cluster, many.initial_state(np.random.default_rng(0)))
 
 
 def test_slower_link_only_slows_the_pipeline():
