@@ -37,6 +37,7 @@ JOBS = {  # name -> (scenario, links)
     "2srv-app": ("paper-2server-1gpu", "app"),
     "2srv-raw": ("paper-2server-1gpu", "none"),
     "3srv-app": ("paper-3server-1gpu", "app"),
+    "3srv-raw": ("paper-3server-1gpu", "none"),
 }
 LENS = [64, 128, 256, 512, 1024, 2048]
 FIELDS = [

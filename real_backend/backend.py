@@ -546,6 +546,9 @@ class RealBackend:
             "makespan_s": makespan,
             "wall_s": [r["wall_s"] for r in res],
             "steps": [r["steps"] for r in res],
+            "fast_steps": [r["fast_steps"] for r in res],  # batched decode steps over KV slots (fast.py)
+            "grouped_layers": [r["grouped_layers"] for r in res],  # MoE layers computed by grouped GEMMs
+            "expert_layers": [r["expert_layers"] for r in res],  # MoE layers where the server holds experts
             "busy_s": busy.tolist(),
             "comm_wait_s": [r["comm_wait_s"] for r in res],
             "tokens_pruned": sum(r["tokens_pruned"] for r in res),

@@ -41,6 +41,14 @@ def _bits_f64(x: torch.Tensor) -> float:
     return float(x.view(torch.float64)[0])
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes [n, m] as dtype [n, m / size] (a view where the strides allow it)."""
+    try:
+        return t.view(dtype)
+    except RuntimeError:
+        return t.contiguous().view(dtype)
+
+
 def dispatch_targets(
     holder_servers: list[list[set[int]]], me: int, server_up: np.ndarray, pair_latency: np.ndarray
 ) -> np.ndarray:
@@ -125,9 +133,41 @@ class Dispatcher:
         self.remote_tokens_served = 0  # request rows this server computed for its peers
         self.comm_wait_s = 0.0
 
-    def configure(self, target: np.ndarray, prune: np.ndarray, fuse: np.ndarray, fusion_fraction: float) -> None:
+    def configure(
+        self,
+        target: np.ndarray,
+        prune: np.ndarray,
+        fuse: np.ndarray,
+        fusion_fraction: float,
+        targets_all: list[np.ndarray] | None = None,
+        grouped=None,
+    ) -> None:
+        """`target` [L, E]: where this server's tokens go; `targets_all[s]`: every server's (to know, per layer,
+        which peers can send here at all: no message is exchanged with a peer that never can); `grouped`: a
+        `fast.GroupedExperts` (layers it stacked are computed without host syncs)."""
         self.target = torch.as_tensor(target, dtype=torch.long, device=self.device)
         self.prune, self.fuse, self.fusion_fraction = prune, fuse, fusion_fraction
+        self.grouped = grouped
+        me, S = self.rank, self.world
+        L = target.shape[0]
+        if targets_all is None:  # no static knowledge: exchange with every peer at every layer
+            self.send_to = [[p for p in range(S) if p != me]] * L
+            self.recv_from = self.send_to
+        else:
+            self.send_to = [sorted({int(p) for p in target[l]} - {me, -1}) for l in range(L)]
+            self.recv_from = [[q for q in range(S) if q != me and (targets_all[q][l] == me).any()] for l in range(L)]
+        self.peer_ids = [torch.as_tensor(ps, dtype=torch.long, device=self.device) for ps in self.send_to]
+        self._pinned: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _host(self, kind: str, peer: int, nbytes: int) -> torch.Tensor:
+        """A reusable host buffer (pinned when computing on a GPU) of nbytes for receiving from `peer`."""
+        if self.device.type != "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = self._pinned.get((kind, peer))
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8).pin_memory()
+            self._pinned[(kind, peer)] = buf
+        return buf[:nbytes]
 
     def _compute_grouped(self, layer: int, x: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
         """Each row of x through its expert: rows sorted by expert, one host sync, contiguous slices per expert."""
@@ -149,31 +189,46 @@ class Dispatcher:
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.comm_device).contiguous()
 
-    def _combine(self, layer: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The receiver's side of a request message: each row's combined output sum_j w_j * expert_j(x) over its
-        valid slots. x [n, d]; slots [n, 2k] int32: the k expert ids (-1: unused), then the k fp32 weights' bits."""
-        k = slots.shape[1] // 2
-        ids, w = slots[:, :k], slots[:, k:].contiguous().view(torch.float32)
+    def _fast(self, layer: int) -> bool:
+        return self.grouped is not None and self.grouped.has(layer)
+
+    def _combine(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Each row's combined output sum_j w_j * expert_j(x) over its valid slots (ids -1: unused): grouped GEMMs
+        without a host sync on a stacked layer, else rows grouped by expert through the ExpertStore's tiers."""
+        if self._fast(layer):
+            return self.grouped.combine(layer, x, ids.long(), w)
         row, slot = (ids >= 0).nonzero(as_tuple=True)
         y = self._compute_grouped(layer, x[row], ids[row, slot].long())
         out = torch.zeros_like(x)
         out.index_add_(0, row, y * w[row, slot, None].to(y.dtype))
         return out
 
-    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
-        me, S = self.rank, self.world
-        out = torch.zeros_like(x)
-        d, k = x.shape[1], idx.shape[1]
-        elem = x.element_size()
-        req_row = request_row_bytes(d, elem, self.slot_bytes, k)
-        rep_row = reply_row_bytes(d, elem)
-        dest = self.target[layer][idx] if idx.numel() else idx
-        # ---- plan what crosses each link (after pruning and fusion): one row per token and destination ----
-        sends: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
-        counts = torch.zeros(S, dtype=torch.int64)
-        for p in range(S):
-            if p == me or idx.numel() == 0:
-                continue
+    def _plan_fast(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, dest: torch.Tensor):
+        """Rows for every remote destination built on the device in fixed-capacity buffers, and ONE copy to the
+        host: [R] counts (int64) then [R, T, row] bytes, a row = k int32 expert ids (-1: computed elsewhere), k fp32
+        weights, the hidden state. Returns {p: (tok [n] on the device, None, n, request payload bytes)}."""
+        peers = self.send_to[layer]
+        R, (T, k) = len(peers), idx.shape
+        at = dest[None] == self.peer_ids[layer][:, None, None]  # [R, T, k]
+        hit = at.any(2)
+        order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)  # [R, T]: each peer's tokens first
+        at_o = at.gather(1, order[..., None].expand(R, T, k))
+        ids = torch.where(at_o, idx[order], -1).to(torch.int32)
+        w = torch.where(at_o, wts[order].float(), 0.0)
+        rows = torch.cat([ids.view(torch.uint8), w.view(torch.uint8), x[order].view(torch.uint8)], -1)
+        host = torch.cat([hit.sum(1).view(torch.uint8), rows.view(-1)]).cpu()  # the one host sync of a request
+        counts = host[: 8 * R].view(torch.int64).tolist()
+        rows_h = host[8 * R :].view(R, T, -1)
+        return {
+            p: (order[r, : counts[r]], None, counts[r], rows_h[r, : counts[r]].reshape(-1))
+            for r, p in enumerate(peers)
+            if counts[r]
+        }
+
+    def _plan_generic(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, dest: torch.Tensor):
+        """As _plan_fast, with pruning and fusion (host-side choices, per destination)."""
+        me, sends = self.rank, {}
+        for p in self.send_to[layer]:
             at_p = dest == p  # [T, k]
             tok = at_p.any(1).nonzero(as_tuple=True)[0]
             if tok.numel() == 0:
@@ -196,71 +251,100 @@ class Dispatcher:
                 rows_x, row_of, rep = fuse_tokens(rows_x, self.fusion_fraction, self.rng)
                 ids, w = ids[rep], w[rep]  # a merged row carries its representative's slots
                 self.tokens_fused += tok.numel() - rows_x.shape[0]
-            slots = torch.cat([ids, w.contiguous().view(torch.int32)], 1)  # [rows, 2k]
-            sends[p] = (tok, row_of, rows_x, slots)
-            counts[p] = rows_x.shape[0]
-            self.tokens_to[p] += tok.numel()
-            self.rows_to[p] += rows_x.shape[0]
-            self.msgs_to[p] += 1
-        # ---- who sends what to whom ----
-        gathered = [torch.zeros(S, dtype=torch.int64, device=self.comm_device) for _ in range(S)]
-        dist.all_gather(gathered, counts.to(self.comm_device))
-        gathered = [g.cpu() for g in gathered]
-        incoming = {q: int(gathered[q][me]) for q in range(S) if q != me and int(gathered[q][me]) > 0}
+            rows = torch.cat([ids.view(torch.uint8), w.view(torch.uint8), rows_x.view(torch.uint8)], -1)
+            sends[p] = (tok, row_of, rows_x.shape[0], rows.reshape(-1).cpu())
+        return sends
+
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+        """The layer's routed-expert output for this server's tokens x [T, d] (experts idx [T, k], weights wts).
+
+        Messages per peer p this server can send to at this layer: a header (int64 row count n, float64 arrival
+        stamp), then, if n > 0, the request payload (n rows of k int32 ids, k fp32 weights, d activations); the
+        reply is one message (the stamp, then n combined rows). Bytes booked: n * request_row + stamp and
+        n * reply_row + stamp, as wire.py counts them (the row count travels unbooked, as the count exchange did)."""
+        me = self.rank
+        T, d = x.shape
+        k = idx.shape[1]
+        elem = x.element_size()
+        req_row = request_row_bytes(d, elem, self.slot_bytes, k)
+        rep_row = reply_row_bytes(d, elem)
+        hb = 8 * k  # slot-header bytes of a row (ids then weights)
+        out = torch.zeros_like(x)
+        dest = self.target[layer][idx] if T else None
+        sends = {}
+        if T and self.send_to[layer]:
+            compress = any(self.prune[me, p] > 0 or self.fuse[me, p] for p in self.send_to[layer])
+            sends = (self._plan_generic if compress else self._plan_fast)(layer, x, idx, wts, dest)
+        # ---- requests: a header to every peer that may expect one, the rows where there are any ----
         reqs = []
-        for p, (_, _, rx, slots) in sends.items():
-            n = rx.shape[0]
-            nbytes = n * req_row + STAMP_BYTES
-            # the wire format is what is counted: hidden rows, the slot headers and the stamp (2 int32)
-            assert rx.numel() * rx.element_size() + (slots.numel() + 2) * 4 == nbytes
-            arrive = self._book(p, nbytes)
-            meta = torch.cat([self._to_comm(slots).view(-1), self._to_comm(_f64_bits(arrive).view(torch.int32))])
-            reqs += [dist.isend(meta, p, tag=TAG_META), dist.isend(self._to_comm(rx), p, tag=TAG_HIDDEN)]
-        recv_bufs = {}
-        for q, n in incoming.items():
-            meta = torch.empty(n * 2 * k + 2, dtype=torch.int32, device=self.comm_device)
-            hidden = torch.empty(n, d, dtype=x.dtype, device=self.comm_device)
-            recv_bufs[q] = (meta, hidden, dist.irecv(meta, q, tag=TAG_META), dist.irecv(hidden, q, tag=TAG_HIDDEN))
-        reply_bufs = {}
-        for p, (_, _, rx, _) in sends.items():
-            hdr = torch.empty(1, dtype=torch.int64, device=self.comm_device)
-            y = torch.empty(rx.shape[0], d, dtype=x.dtype, device=self.comm_device)
-            reply_bufs[p] = (hdr, y, dist.irecv(hdr, p, tag=TAG_REPLY_HDR), dist.irecv(y, p, tag=TAG_REPLY))
+        for p in self.send_to[layer]:
+            tok, _, n, payload = sends.get(p, (None, None, 0, None))
+            hdr = torch.zeros(2, dtype=torch.int64)
+            if n:
+                nbytes = n * req_row + STAMP_BYTES
+                assert payload.numel() + STAMP_BYTES == nbytes  # the wire format is what is counted
+                hdr[0], hdr[1:] = n, _f64_bits(self._book(p, nbytes))
+                self.tokens_to[p] += tok.numel()
+                self.rows_to[p] += n
+                self.msgs_to[p] += 1
+            reqs.append(dist.isend(self._to_comm(hdr), p, tag=TAG_META))
+            if n:
+                reqs.append(dist.isend(self._to_comm(payload), p, tag=TAG_HIDDEN))
+        hdrs = {}
+        for q in self.recv_from[layer]:
+            h = torch.empty(2, dtype=torch.int64, device=self.comm_device)
+            hdrs[q] = (h, dist.irecv(h, q, tag=TAG_META))
+        replies = {}
+        for p, (_, _, n, _) in sends.items():
+            buf = self._host("reply", p, STAMP_BYTES + n * rep_row) if self.comm_device.type == "cpu" else None
+            if buf is None:
+                buf = torch.empty(STAMP_BYTES + n * rep_row, dtype=torch.uint8, device=self.comm_device)
+            replies[p] = (buf, dist.irecv(buf, p, tag=TAG_REPLY))
         # ---- local experts while the requests travel ----
-        if idx.numel():
-            loc_tok, loc_slot = (dest == me).nonzero(as_tuple=True)
-            if loc_tok.numel():
-                eid = idx[loc_tok, loc_slot]
-                self.store.prefetch(layer, eid)
-                y = self._compute_grouped(layer, x[loc_tok], eid)
-                out.index_add_(0, loc_tok, y * wts[loc_tok, loc_slot, None])
+        if T:
+            mine = dest == me
+            if self._fast(layer):
+                out += self.grouped.combine(layer, x, torch.where(mine, idx, -1), torch.where(mine, wts, 0))
+            else:
+                loc_tok, loc_slot = mine.nonzero(as_tuple=True)
+                if loc_tok.numel():
+                    eid = idx[loc_tok, loc_slot]
+                    self.store.prefetch(layer, eid)
+                    y = self._compute_grouped(layer, x[loc_tok], eid)
+                    out.index_add_(0, loc_tok, y * wts[loc_tok, loc_slot, None])
         # ---- serve the peers' rows: one combined row back per request row ----
-        for q, (meta, hidden, w1, w2) in recv_bufs.items():
-            w1.wait()
-            w2.wait()
+        for q, (h, wq) in hdrs.items():
+            wq.wait()
+            h = h.cpu()
+            n = int(h[0])
+            if n == 0:
+                continue
+            if self.comm_device.type == "cpu":
+                buf = self._host("req", q, n * req_row)
+            else:
+                buf = torch.empty(n * req_row, dtype=torch.uint8, device=self.comm_device)
+            dist.recv(buf, q, tag=TAG_HIDDEN)
             t0 = time.perf_counter()
-            sleep_until(_bits_f64(meta[-2:].cpu()))
+            sleep_until(_bits_f64(h[1:]))
             self.comm_wait_s += time.perf_counter() - t0
-            n = hidden.shape[0]
-            slots = meta[:-2].view(n, 2 * k).to(self.device)
-            y = self._to_comm(self._combine(layer, hidden.to(self.device), slots))
+            rows = buf.to(self.device, non_blocking=True).view(n, req_row)
+            ids = _as(rows[:, : hb // 2], torch.int32)
+            w = _as(rows[:, hb // 2 : hb], torch.float32)
+            y = self._combine(layer, _as(rows[:, hb:], x.dtype), ids, w)
             self.remote_tokens_served += n
             nbytes = n * rep_row + STAMP_BYTES
-            assert y.numel() * y.element_size() + STAMP_BYTES == nbytes
-            arrive = self._book(q, nbytes)
-            reqs += [
-                dist.isend(self._to_comm(_f64_bits(arrive)), q, tag=TAG_REPLY_HDR),
-                dist.isend(y, q, tag=TAG_REPLY),
-            ]
+            msg = torch.empty(nbytes, dtype=torch.uint8, device=self.comm_device)
+            msg[STAMP_BYTES:] = y.reshape(-1).view(torch.uint8)
+            msg[:STAMP_BYTES] = _f64_bits(self._book(q, nbytes)).view(torch.uint8).to(self.comm_device)
+            reqs.append(dist.isend(msg, q, tag=TAG_REPLY))
         # ---- collect the replies (gate weights already applied by the receiver) ----
-        for p, (hdr, y, w1, w2) in reply_bufs.items():
-            w1.wait()
-            w2.wait()
+        for p, (buf, wp) in replies.items():
+            wp.wait()
             t0 = time.perf_counter()
-            sleep_until(_bits_f64(hdr.cpu()))
+            sleep_until(_bits_f64(buf[:STAMP_BYTES].cpu().view(torch.int64)))
             self.comm_wait_s += time.perf_counter() - t0
-            tok, row_of, _, _ = sends[p]
-            y = y.to(self.device)
+            tok, row_of, n, _ = sends[p]
+            y = buf[STAMP_BYTES:].to(self.device, non_blocking=True).view(x.dtype).view(n, d)
             out.index_add_(0, tok, y if row_of is None else y[row_of])
         for r in reqs:
             r.wait()

@@ -8,6 +8,7 @@ The routed-expert computation is a pluggable callable, which is how `server.py` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zlib
@@ -348,6 +349,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+def sdpa_no_cudnn():
+    """SDPA without the cuDNN backend on CUDA: cuDNN builds a new plan for every new key length (about 3 ms of host
+    time per call on an H200, most of a server's decode step when measured); flash / memory-efficient do not."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [H, n, hd] (the last n positions) over k, v [H, T, hd]: causal attention without an explicit mask where
     none is needed (a single new token sees everything; a fresh prompt is plain causal), so fused kernels apply."""
@@ -510,10 +521,11 @@ class MoETransformer:
         ids = torch.cat(tokens).to(self.device)
         r = None if routes is None else torch.cat(routes).to(self.device)
         h = F.embedding(ids, w["model.embed_tokens.weight"])
-        for i in range(cfg.num_layers):
-            p = layer_prefix(i)
-            h = h + self._attention(i, rms_norm(h, w[f"{p}input_layernorm.weight"], cfg.rms_eps), chunks, caches)
-            h = h + self._mlp(i, rms_norm(h, w[f"{p}post_attention_layernorm.weight"], cfg.rms_eps), r, experts)
+        with sdpa_no_cudnn():
+            for i in range(cfg.num_layers):
+                p = layer_prefix(i)
+                h = h + self._attention(i, rms_norm(h, w[f"{p}input_layernorm.weight"], cfg.rms_eps), chunks, caches)
+                h = h + self._mlp(i, rms_norm(h, w[f"{p}post_attention_layernorm.weight"], cfg.rms_eps), r, experts)
         for c, n in zip(caches, chunks):
             c.length += n
         h = rms_norm(h, w["model.norm.weight"], cfg.rms_eps)

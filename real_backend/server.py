@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from coel_env.world.cluster import Cluster
 from real_backend.dist import TAG_MIGRATE, Dispatcher, _bits_f64, _f64_bits, dispatch_targets
+from real_backend.fast import FastDecoder, GroupedExperts, SlotCache, compact, fast_enabled, make_pool
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
 from real_backend.quant import QTensor, int4_group, quantize, requantize
 from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
@@ -147,6 +148,8 @@ class ServerProcess:
         if spec.links != "none":
             self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
         self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device, spec.seed)
+        self.grouped = GroupedExperts(self.store, cfg.num_moe_layers, cfg.num_experts, self.device)
+        self.fast_decoder: FastDecoder | None = None  # built at the first serve that uses KV slots
         self.plan_holders: list[list[set[int]]] | None = None
         self.profiled = 0  # serve calls profiled so far (see PROFILE_ENV)
 
@@ -240,17 +243,27 @@ class ServerProcess:
         me, _S = self.rank, self.S
         if self.shaper is not None and arg.get("link_factor") is not None:
             self.shaper.set_link_factor(arg["link_factor"])
-        target = dispatch_targets(self.plan_holders, me, arg["server_up"], self.c.pair_latency)
-        self.dispatcher.configure(target, arg["prune"], arg["fuse"], arg["fusion_fraction"])
+        targets = [dispatch_targets(self.plan_holders, s, arg["server_up"], self.c.pair_latency) for s in range(_S)]
+        fast = fast_enabled()
+        if fast:
+            self.grouped.refresh()
+        self.grouped.pairs.zero_()
+        self.dispatcher.configure(
+            targets[me], arg["prune"], arg["fuse"], arg["fusion_fraction"], targets, self.grouped if fast else None
+        )
         self.dispatcher.reset_counters()
         self.store.stats.__init__()
         L = self.cfg.num_layers
         pending = deque(sorted((_Seq(r, L) for r in arg["requests"]), key=lambda q: q.arrival))
         max_batch, want_logits = arg["max_batch"], arg["want_logits"]
+        # decode fast path: static KV slots for this serve's sequences, batched decode steps (fast.py)
+        pool = make_pool(self.model, arg["requests"], max_batch)
+        if pool is not None and self.fast_decoder is None:
+            self.fast_decoder = FastDecoder(self.model)
         active: list[_Seq] = []
         done, logits_out = [], {}
         clock = busy = 0.0
-        steps = 0
+        steps = fast_steps = 0
         flag = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         empty = torch.empty(0, self.cfg.d_model, dtype=self.dtype, device=self.device)
         empty_idx = torch.empty(0, self.cfg.top_k, dtype=torch.long, device=self.device)
@@ -265,7 +278,10 @@ class ServerProcess:
                 break
             clock = max(clock, earliest)
             while pending and len(active) < max_batch and pending[0].arrival <= clock:
-                active.append(pending.popleft())
+                q = pending.popleft()
+                if pool is not None:
+                    q.cache = SlotCache(pool, len(active))
+                active.append(q)
             t0 = time.perf_counter()
             if not active:
                 for l in range(self.cfg.num_moe_layers):
@@ -276,7 +292,12 @@ class ServerProcess:
             routes = None
             if all(q.routes is not None for q in active):
                 routes = [q.routes[q.cache.length : q.cache.length + len(t)] for q, t in zip(active, toks)]
-            logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
+            if pool is not None and all(q.out for q in active):  # every sequence decodes: the batched step
+                r = None if routes is None else torch.cat(routes)
+                logits = self.fast_decoder.decode(active, pool, self.dispatcher, r)
+                fast_steps += 1
+            else:
+                logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
             ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
             nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
             dt = time.perf_counter() - t0
@@ -305,16 +326,21 @@ class ServerProcess:
                     )
                 else:
                     still.append(q)
-            active = still
+            active = still if pool is None else compact(still, pool)
         wall = time.perf_counter() - wall0
-        d = self.dispatcher
+        del pool
         st = self.store.stats
+        st.tier_tokens[0] += int(self.grouped.pairs)  # rows computed by the grouped GPU experts
+        d = self.dispatcher
         return {
             "done": done,
             "logits": logits_out,
             "busy_s": busy,
             "wall_s": wall,
             "steps": steps,
+            "fast_steps": fast_steps,
+            "grouped_layers": sum(self.dispatcher._fast(l) for l in range(self.cfg.num_moe_layers)),
+            "expert_layers": len({l for l, _e, _d in self.store.replicas}),
             "bytes_to": d.bytes_to.copy(),
             "tokens_to": d.tokens_to.copy(),
             "rows_to": d.rows_to.copy(),
@@ -361,6 +387,7 @@ class ServerProcess:
 
 
 PROFILE_ENV = "COEL_PROFILE_DIR"  # set it to cProfile every server's `serve` into <dir>/server<rank>_serve<n>.prof
+TORCH_PROFILE_ENV = "COEL_TORCH_PROFILE_DIR"  # torch.profiler (CPU + CUDA) tables of every `serve`, same file names
 
 
 def run_command(server: ServerProcess, cmd: str, arg) -> tuple[str, object]:
@@ -368,13 +395,32 @@ def run_command(server: ServerProcess, cmd: str, arg) -> tuple[str, object]:
     Every transport (pipe, torchrun control group) goes through here."""
     prof_dir = os.environ.get(PROFILE_ENV) if cmd == "serve" else None
     prof = cProfile.Profile() if prof_dir else None
+    torch_dir = os.environ.get(TORCH_PROFILE_ENV) if cmd == "serve" else None
+    tprof = None
+    if torch_dir:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if server.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        tprof = torch.profiler.profile(activities=acts)
     try:
         if prof is not None:
             prof.enable()
+        if tprof is not None:
+            tprof.__enter__()
         return "ok", getattr(server, cmd)(arg)
     except Exception:
         return "error", traceback.format_exc()
     finally:
+        if tprof is not None:
+            tprof.__exit__(None, None, None)
+            server.profiled += prof is None
+            Path(torch_dir).mkdir(parents=True, exist_ok=True)
+            name = Path(torch_dir) / f"server{server.rank}_serve{server.profiled}"
+            ka = tprof.key_averages()
+            sort = "cuda_time_total" if server.device.type == "cuda" else "self_cpu_time_total"
+            name.with_suffix(".txt").write_text(
+                ka.table(sort_by=sort, row_limit=40) + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25)
+            )
         if prof is not None:
             prof.disable()
             server.profiled += 1

@@ -106,6 +106,7 @@ class ExpertStore:
         self._pool = ThreadPoolExecutor(1) if prefetch and affinity is not None else None
         self._cache: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        self.version = 0  # bumped by every put/remove (fast.GroupedExperts re-stacks when it changes)
 
     # ---- placement ------------------------------------------------------------------------------------
     def put(self, layer: int, expert: int, device: int, tier: int, w: Expert) -> Replica:
@@ -123,6 +124,7 @@ class ExpertStore:
             save_expert(rep.path, w)
         self.replicas[(layer, expert, device)] = rep
         self._rank(layer, expert)
+        self.version += 1
         return rep
 
     def remove(self, layer: int, expert: int, device: int) -> Replica | None:
@@ -132,6 +134,7 @@ class ExpertStore:
         self._cache.pop((layer, expert), None)
         if rep is not None:
             self._rank(layer, expert)
+            self.version += 1
         return rep
 
     def _rank(self, layer: int, expert: int) -> None:

@@ -63,6 +63,8 @@ def test_distributed_equals_single_process(env):
         torch.testing.assert_close(torch.as_tensor(logits[q["rid"]]), ref_logits, atol=1e-4, rtol=1e-4)
     assert m.quality_loss == 0.0 and m.tokens_per_s > 0 and m.ttft_mean_s > 0 and m.tpot_mean_s > 0
     assert m.link_bytes.sum() > 0 and m.gpu_mem_bytes.sum() == 32 * EXPERT16
+    d = backend.last_details  # the fast path ran: batched decode steps over KV slots, grouped-GEMM experts
+    assert sum(d["fast_steps"]) > 0 and d["grouped_layers"] == d["expert_layers"] and sum(d["expert_layers"]) > 0
 
 
 def _routed_rows(sc: Scenario, plan: DeploymentPlan, state, requests) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,151 @@
+"""Issue 19 (the real backend as a serving engine): profiles and micro-benchmarks of the server processes' decode.
+
+# two processes sharing one GPU: cost of handing the GPU back and forth (one small launch + sync each turn)
+python -m benchmarks.bench_real_engine ctxswitch --out $OUT
+# top functions of the cProfile dumps that COEL_PROFILE_DIR makes (real_backend.server.PROFILE_ENV)
+python -m benchmarks.bench_real_engine pstats --dir $OUT/prof --top 25
+# the physical floor of a scenario's decode step: engine step + link serialization + latency per crossing
+python -m benchmarks.bench_real_engine floor --scenario paper-2server-1gpu --engine-step-ms 3.85
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _ping(rank: int, conn, iters: int, launches: int, out) -> None:
+    import torch
+
+    x = torch.zeros(1 << 16, device="cuda")
+    for it in range(iters + 10):
+        if it == 10 and rank == 0:
+            t0 = time.perf_counter()
+        if rank == 1 or it > 0:
+            conn.recv()
+        for _ in range(launches):
+            x.add_(1.0)
+        torch.cuda.synchronize()
+        conn.send(1)
+    if rank == 0:
+        conn.recv()
+        out.put((time.perf_counter() - t0) / iters)
+
+
+def ctxswitch(args) -> dict:
+    """Turn-taking on one GPU: two processes (a pipe passes the turn) vs one process doing both turns."""
+    import torch
+    import torch.multiprocessing as mp
+
+    res = {}
+    for launches in (1, 40):
+        x = torch.zeros(1 << 16, device="cuda")
+        for it in range(args.iters + 10):
+            if it == 10:
+                t0 = time.perf_counter()
+            for _ in range(2):  # both "servers'" turns in one process
+                for _ in range(launches):
+                    x.add_(1.0)
+                torch.cuda.synchronize()
+        one = (time.perf_counter() - t0) / args.iters
+        ctx = mp.get_context("spawn")
+        a, b = ctx.Pipe()
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_ping, args=(r, c, args.iters, launches, q)) for r, c in ((0, a), (1, b))]
+        for p in ps:
+            p.start()
+        two = q.get(timeout=120)
+        for p in ps:
+            p.join(30)
+        # a pipe round trip without the GPU, for the host part of a turn
+        c1, c2 = ctx.Pipe()
+        t0 = time.perf_counter()
+        res[f"launches_{launches}"] = {"one_process_round_us": one * 1e6, "two_process_round_us": two * 1e6}
+        del c1, c2
+    return res
+
+
+def pstats_top(args) -> str:
+    import pstats
+
+    lines = []
+    for f in sorted(Path(args.dir).glob("*.prof")):
+        st = pstats.Stats(str(f))
+        lines.append(f"==== {f.name}: total {st.total_tt:.3f} s")
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[: args.top]  # by tottime
+        for (file, line, fn), (_cc, nc, tt, ct, _) in rows:
+            lines.append(f"{tt:8.3f} s self {ct:8.3f} s cum {nc:8d} calls  {Path(file).name}:{line} {fn}")
+    return "\n".join(lines)
+
+
+def floor(args) -> dict:
+    """Per-token floor of a batch-1 decode on server 0: the engine's step plus, per MoE layer, the requests'
+    serialization on server 0's route (they leave one after the other), the slowest reply's and the pair latency
+    each way. Experts drawn uniformly at random (the uniform plan: contiguous expert blocks per server)."""
+    import numpy as np
+
+    from coel_env.backend.wire import SLOT_BYTES, STAMP_BYTES, reply_row_bytes, request_row_bytes
+    from coel_env.plan.deployment import DeploymentPlan
+    from coel_env.world.state import Scenario
+    from real_backend.dist import dispatch_targets
+
+    c = Scenario(args.scenario, seed=0).cluster
+    m = c.model
+    plan = DeploymentPlan.uniform(c)
+    L, E, _ = plan.device.shape
+    S = c.num_servers
+    holders = [[{int(c.dev_server[x]) for x in plan.device[l, e] if x >= 0} for e in range(E)] for l in range(L)]
+    target = dispatch_targets(holders, 0, np.ones(S, bool), c.pair_latency)
+    rng = np.random.default_rng(0)
+    req = request_row_bytes(m.d_model, 2, SLOT_BYTES, m.top_k) + STAMP_BYTES
+    rep = reply_row_bytes(m.d_model, 2) + STAMP_BYTES
+    bw = float(c.link_bw.min())
+    hops = {p: float(c.pair_links[c.pair_index[0, p]].sum()) for p in range(1, S)}
+    per_token, crossings = [], []
+    for _ in range(args.tokens):
+        t, n = 0.0, 0
+        for l in range(L):
+            experts = rng.choice(E, m.top_k, replace=False)
+            dests = {int(target[l, e]) for e in experts} - {0}
+            if not dests:
+                continue
+            n += 1
+            t += sum(req * hops[p] / bw for p in dests) + max(rep * hops[p] / bw for p in dests)
+            t += 2 * max(float(c.pair_latency[0, p]) for p in dests)
+        per_token.append(t)
+        crossings.append(n)
+    link_ms = 1e3 * float(np.mean(per_token))
+    return {
+        "scenario": args.scenario,
+        "engine_step_ms": args.engine_step_ms,
+        "layers_crossing_per_token": float(np.mean(crossings)),
+        "link_ms_per_token": link_ms,
+        "floor_ms": args.engine_step_ms + link_ms,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--dir", default=".")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--scenario", default="paper-2server-1gpu")
+    p.add_argument("--engine-step-ms", type=float, default=3.85)
+    p.add_argument("--tokens", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.cmd == "pstats":
+        print(pstats_top(args))
+        return
+    res = ctxswitch(args) if args.cmd == "ctxswitch" else floor(args)
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{args.cmd}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
