@@ -508,7 +508,7 @@ CLI_CASES = [
     ),
     (
         "experiments.evaluate",
-        "policy_kwargs.oracle.time_limit=nan",
+        "policy_kwargs.oracle.time_limit=nan policies=[oracle]",
         "error: policy oracle: time_limit: nan given; must be a finite number in (0, 1000000]",
     ),
     (
@@ -559,7 +559,7 @@ RESULT_FILES = {
 def test_clis_refuse_bad_values_in_one_line(tmp_path, module, arg, expected):
     out = tmp_path / "out"
     extra = ["logger=disabled"] if module in ("experiments.evaluate", "experiments.compare") else []
-    proc = run_module(module, arg, f"hydra.run.dir={out}", *extra)
+    proc = run_module(module, *arg.split(), f"hydra.run.dir={out}", *extra)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in proc.stderr
