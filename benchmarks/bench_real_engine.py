@@ -126,9 +126,43 @@ def floor(args) -> dict:
     }
 
 
+def parity(args) -> dict:
+    """Tokens of the tiny scenario's window served on `--device` with the generic path, the fast path without
+    CUDA graphs and the fast path with them (same seeds): the share of tokens equal to the generic path's."""
+    import os
+
+    import numpy as np
+
+    from coel_env.plan.deployment import DeploymentPlan
+    from coel_env.world.state import Scenario
+    from real_backend import make_real_backend
+
+    sc = Scenario("tiny", seed=0)
+    state = sc.initial_state(np.random.default_rng(0))
+    plan = DeploymentPlan.uniform(sc.cluster)
+    runs = {}
+    for name, fast, graphs in (("generic", "0", "0"), ("fast_eager", "1", "0"), ("fast_graphs", "1", "1")):
+        os.environ["COEL_REAL_FAST"], os.environ["COEL_REAL_GRAPHS"] = fast, graphs
+        b = make_real_backend(sc.cluster, seed=0, timeout_s=60, max_requests_per_server=4, device=args.device)
+        try:
+            b.reset(plan, state)
+            b.serve(plan, state, 4.0)
+            d = b.last_details
+            runs[name] = {"tokens": d["tokens"], "fast_steps": sum(d["fast_steps"])}
+        finally:
+            b.close()
+    ref = runs["generic"]["tokens"]
+    out = {}
+    for name, r in runs.items():
+        same = sum(int(a == b) for rid in ref for a, b in zip(ref[rid], r["tokens"][rid]))
+        out[name] = {"fast_steps": r["fast_steps"], "tokens_equal_generic": same / sum(len(t) for t in ref.values())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor"))
+    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity"))
+    p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--dir", default=".")
@@ -140,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "pstats":
         print(pstats_top(args))
         return
-    res = ctxswitch(args) if args.cmd == "ctxswitch" else floor(args)
+    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity}[args.cmd](args)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from real_backend.quant import QTensor
 from real_backend.tiers import TIER_GPU, ExpertStore
 
 FAST_ENV = "COEL_REAL_FAST"  # "0": generic path only (no slots, no grouped experts)
+GRAPH_ENV = "COEL_REAL_GRAPHS"  # "0": fast decode steps without CUDA graphs
+GRAPH_CACHE = 8  # captured batch sizes kept at once
 KV_BUDGET_FRAC = 0.5  # a serve's KV slots may take at most this share of the free GPU memory (else: generic path)
 KV_BUDGET_CPU_BYTES = 2 << 30
 
@@ -71,7 +73,7 @@ class SlotCache(KVCache):
 
 def make_pool(model: MoETransformer, requests: list[dict], max_batch: int) -> SlotPool | None:
     """A slot pool for a serve's requests (None: fast path off, nothing to serve, or over the memory budget)."""
-    if not fast_enabled() or not requests:
+    if not fast_enabled() or not requests or model.cfg.first_k_dense:  # FastDecoder: MoE layers only
         return None
     cfg = model.cfg
     slots = min(max_batch, len(requests))
@@ -124,6 +126,8 @@ class FastDecoder:
             else:
                 self.qkv_b.append(None)
         self._rope_len = 0
+        self.pool: SlotPool | None = None
+        self._graph_cache: dict = {}
 
     def _rope_table(self, n: int) -> None:
         if n <= self._rope_len:
@@ -136,46 +140,146 @@ class FastDecoder:
         self.cos, self.sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)
         self._rope_len = n
 
+    def _pre(self, i: int, h: torch.Tensor, st: dict):
+        """Layer i up to the routed experts (device ops only): attention, router, shared expert.
+        Returns (h after attention, the MLP input, expert ids, gate weights, shared-expert output or None)."""
+        m, cfg = self.model, self.model.cfg
+        w, p = m.w, layer_prefix(i)
+        B = h.shape[0]
+        H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        a, b = self.split
+        x = rms_norm(h, w[f"{p}input_layernorm.weight"], cfg.rms_eps)
+        qkv = F.linear(x, self.qkv[i], self.qkv_b[i])
+        q = apply_rope(qkv[:, :a].view(B, H, hd), st["cos"], st["sin"])
+        k = apply_rope(qkv[:, a:b].view(B, Hkv, hd), st["cos"], st["sin"])
+        v = qkv[:, b:].view(B, Hkv, hd)
+        K, V = self.pool.k[i], self.pool.v[i]
+        K[st["bidx"], :, st["pos"]] = k
+        V[st["bidx"], :, st["pos"]] = v
+        T = st["T"]
+        Ks, Vs = K[:B, :, :T], V[:B, :, :T]
+        if Hkv != H:
+            Ks, Vs = Ks.repeat_interleave(H // Hkv, 1), Vs.repeat_interleave(H // Hkv, 1)
+        o = F.scaled_dot_product_attention(q[:, :, None], Ks, Vs, attn_mask=st["mask"])  # [B, H, 1, hd]
+        h = h + F.linear(o.reshape(B, H * hd), w[f"{p}self_attn.o_proj.weight"])
+        x = rms_norm(h, w[f"{p}post_attention_layernorm.weight"], cfg.rms_eps)
+        l = i - cfg.first_k_dense
+        idx, wts = m.route(i, x, None if st["r"] is None else st["r"][:, l])
+        s = None
+        if cfg.d_ff_shared:
+            s = F.linear(
+                F.silu(F.linear(x, w[f"{p}mlp.shared_expert.gate_proj.weight"]))
+                * F.linear(x, w[f"{p}mlp.shared_expert.up_proj.weight"]),
+                w[f"{p}mlp.shared_expert.down_proj.weight"],
+            )
+            if cfg.shared_expert_gate:
+                s = torch.sigmoid(F.linear(x, w[f"{p}mlp.shared_expert_gate.weight"])) * s
+        return h, x, idx, wts, s
+
+    def _graphs(self, B: int, forced: bool):
+        """CUDA graphs of every layer's device part for B sequences (attention over the whole slot with a mask,
+        so one capture serves every step); None where not possible (CPU, dense layers) or when capture fails."""
+        m, cfg = self.model, self.model.cfg
+        key = (B, forced, self.pool.max_len, id(self.pool))
+        if key in self._graph_cache:
+            return self._graph_cache[key]
+        g = None
+        if m.device.type == "cuda" and not cfg.first_k_dense and os.environ.get(GRAPH_ENV, "1") != "0":
+            try:
+                g = self._capture(B, forced)
+            except Exception as exc:  # any capture failure: the eager step, said once
+                import sys
+
+                print(f"fast path: CUDA graph capture failed ({exc!r}); eager decode steps", file=sys.stderr)
+        if len(self._graph_cache) >= GRAPH_CACHE:
+            self._graph_cache.clear()
+        self._graph_cache[key] = g
+        return g
+
+    def _capture(self, B: int, forced: bool) -> dict:
+        m, cfg = self.model, self.model.cfg
+        dev, L = m.device, cfg.num_layers
+        ml = self.pool.max_len
+        st = {
+            "pos": torch.zeros(B, dtype=torch.long, device=dev),
+            "bidx": torch.arange(B, device=dev),
+            "cos": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
+            "sin": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
+            "mask": torch.zeros(B, 1, 1, ml, dtype=m.dtype, device=dev),
+            "r": torch.zeros(B, cfg.num_moe_layers, cfg.top_k, dtype=torch.long, device=dev) if forced else None,
+            "T": ml,
+        }
+        hin = [torch.zeros(B, cfg.d_model, dtype=m.dtype, device=dev) for _ in range(L)]
+        saved = [(k[:B].clone(), v[:B].clone()) for k, v in zip(self.pool.k, self.pool.v)]  # warm-up writes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), sdpa_no_cudnn():
+            for i in range(L):
+                self._pre(i, hin[i], st)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outs = [], []
+        with sdpa_no_cudnn():
+            for i in range(L):
+                gr = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(gr, pool=pool):
+                    outs.append(self._pre(i, hin[i], st))
+                graphs.append(gr)
+        for (k, v), (k0, v0) in zip(zip(self.pool.k, self.pool.v), saved):
+            k[:B].copy_(k0)
+            v[:B].copy_(v0)
+        return {"st": st, "hin": hin, "graphs": graphs, "outs": outs}
+
     @torch.no_grad()
     def decode(self, seqs: list, pool: SlotPool, experts, routes: torch.Tensor | None) -> torch.Tensor:
         """One new token for each sequence (in slots 0..B-1, in order): logits [B, V] (float32)."""
         m, cfg = self.model, self.model.cfg
         w = m.w
         B = len(seqs)
-        H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if pool is not self.pool:
+            self.pool, self._graph_cache = pool, {}
         lengths = [q.cache.length for q in seqs]
         T = max(lengths) + 1
         self._rope_table(pool.max_len)
         dev = m.device
         ids = torch.tensor([q.out[-1] for q in seqs], device=dev)
         pos = torch.tensor(lengths, device=dev)
-        bidx = torch.arange(B, device=dev)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
-        mask = None  # equal lengths: nothing to mask, the fused kernels apply
-        if min(lengths) != max(lengths):
-            pad = torch.arange(T, device=dev)[None] > pos[:, None]
-            mask = torch.zeros(B, 1, 1, T, dtype=m.dtype, device=dev).masked_fill(pad[:, None, None], -torch.inf)
-        r = None if routes is None else routes.to(dev)
+        gr = self._graphs(B, routes is not None)
         h = F.embedding(ids, w["model.embed_tokens.weight"])
-        a, b = self.split
-        with sdpa_no_cudnn():
+        if gr is not None:
+            st = gr["st"]
+            st["pos"].copy_(pos)
+            st["cos"].copy_(self.cos[pos][:, None])
+            st["sin"].copy_(self.sin[pos][:, None])
+            pad = torch.arange(pool.max_len, device=dev)[None] > pos[:, None]
+            st["mask"].copy_(torch.zeros_like(st["mask"]).masked_fill(pad[:, None, None], -torch.inf))
+            if routes is not None:
+                st["r"].copy_(routes)
             for i in range(cfg.num_layers):
-                p = layer_prefix(i)
-                x = rms_norm(h, w[f"{p}input_layernorm.weight"], cfg.rms_eps)
-                qkv = F.linear(x, self.qkv[i], self.qkv_b[i])
-                q = apply_rope(qkv[:, :a].view(B, H, hd), cos, sin)
-                k = apply_rope(qkv[:, a:b].view(B, Hkv, hd), cos, sin)
-                v = qkv[:, b:].view(B, Hkv, hd)
-                K, V = pool.k[i], pool.v[i]
-                K[bidx, :, pos] = k
-                V[bidx, :, pos] = v
-                Ks, Vs = K[:B, :, :T], V[:B, :, :T]
-                if Hkv != H:
-                    Ks, Vs = Ks.repeat_interleave(H // Hkv, 1), Vs.repeat_interleave(H // Hkv, 1)
-                o = F.scaled_dot_product_attention(q[:, :, None], Ks, Vs, attn_mask=mask)  # [B, H, 1, hd]
-                h = h + F.linear(o.reshape(B, H * hd), w[f"{p}self_attn.o_proj.weight"])
-                x = rms_norm(h, w[f"{p}post_attention_layernorm.weight"], cfg.rms_eps)
-                h = h + m._mlp(i, x, r, experts)
+                gr["hin"][i].copy_(h)
+                gr["graphs"][i].replay()
+                hm, x, idx, wts, s = gr["outs"][i]
+                y = experts(i - cfg.first_k_dense, x, idx, wts)
+                h = hm + (y if s is None else y + s)
+        else:
+            mask = None  # equal lengths: nothing to mask, the fused kernels apply
+            if min(lengths) != max(lengths):
+                pad = torch.arange(T, device=dev)[None] > pos[:, None]
+                mask = torch.zeros(B, 1, 1, T, dtype=m.dtype, device=dev).masked_fill(pad[:, None, None], -torch.inf)
+            st = {
+                "pos": pos,
+                "bidx": torch.arange(B, device=dev),
+                "cos": self.cos[pos][:, None],
+                "sin": self.sin[pos][:, None],
+                "mask": mask,
+                "r": None if routes is None else routes.to(dev),
+                "T": T,
+            }
+            with sdpa_no_cudnn():
+                for i in range(cfg.num_layers):
+                    hm, x, idx, wts, s = self._pre(i, h, st)
+                    y = experts(i - cfg.first_k_dense, x, idx, wts)
+                    h = hm + (y if s is None else y + s)
         for q in seqs:
             q.cache.length += 1
             q.cache.filled = [q.cache.length] * cfg.num_layers
