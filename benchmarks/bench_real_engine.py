@@ -81,9 +81,10 @@ def pstats_top(args) -> str:
 
 
 def floor(args) -> dict:
-    """Per-token floor of a batch-1 decode on server 0: the engine's step plus, per MoE layer, the requests'
-    serialization on server 0's route (they leave one after the other), the slowest reply's and the pair latency
-    each way. Experts drawn uniformly at random (the uniform plan: contiguous expert blocks per server)."""
+    """Per-step floor of a decode step of `--batch` sequences on server 0: the engine's step plus, per MoE layer that
+    crosses, the requests' serialization (they share server 0's uplink), the replies' (they share its downlink) and
+    the pair latency each way; the shaper books a route's hops at once (cut-through), so a hop count does not
+    multiply. Experts drawn uniformly at random per token; the uniform plan (whole layers per server)."""
     import numpy as np
 
     from coel_env.backend.wire import SLOT_BYTES, STAMP_BYTES, reply_row_bytes, request_row_bytes
@@ -99,29 +100,33 @@ def floor(args) -> dict:
     holders = [[{int(c.dev_server[x]) for x in plan.device[l, e] if x >= 0} for e in range(E)] for l in range(L)]
     target = dispatch_targets(holders, 0, np.ones(S, bool), c.pair_latency)
     rng = np.random.default_rng(0)
-    req = request_row_bytes(m.d_model, 2, SLOT_BYTES, m.top_k) + STAMP_BYTES
-    rep = reply_row_bytes(m.d_model, 2) + STAMP_BYTES
+    req = request_row_bytes(m.d_model, 2, SLOT_BYTES, m.top_k)
+    rep = reply_row_bytes(m.d_model, 2)
     bw = float(c.link_bw.min())
-    hops = {p: float(c.pair_links[c.pair_index[0, p]].sum()) for p in range(1, S)}
-    per_token, crossings = [], []
+    per_step, crossings = [], []
     for _ in range(args.tokens):
         t, n = 0.0, 0
         for l in range(L):
-            experts = rng.choice(E, m.top_k, replace=False)
-            dests = {int(target[l, e]) for e in experts} - {0}
-            if not dests:
+            rows = np.zeros(S)
+            for _b in range(args.batch):
+                for p in {int(target[l, e]) for e in rng.choice(E, m.top_k, replace=False)} - {0}:
+                    rows[p] += 1
+            dests = np.flatnonzero(rows)
+            if not len(dests):
                 continue
             n += 1
-            t += sum(req * hops[p] / bw for p in dests) + max(rep * hops[p] / bw for p in dests)
+            t += sum(rows[p] * req + STAMP_BYTES for p in dests) / bw
+            t += sum(rows[p] * rep + STAMP_BYTES for p in dests) / bw
             t += 2 * max(float(c.pair_latency[0, p]) for p in dests)
-        per_token.append(t)
+        per_step.append(t)
         crossings.append(n)
-    link_ms = 1e3 * float(np.mean(per_token))
+    link_ms = 1e3 * float(np.mean(per_step))
     return {
         "scenario": args.scenario,
+        "batch": args.batch,
         "engine_step_ms": args.engine_step_ms,
-        "layers_crossing_per_token": float(np.mean(crossings)),
-        "link_ms_per_token": link_ms,
+        "layers_crossing_per_step": float(np.mean(crossings)),
+        "link_ms_per_step": link_ms,
         "floor_ms": args.engine_step_ms + link_ms,
     }
 
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--scenario", default="paper-2server-1gpu")
     p.add_argument("--engine-step-ms", type=float, default=3.85)
-    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--tokens", type=int, default=50, help="floor: decode steps sampled")
+    p.add_argument("--batch", type=int, default=1, help="floor: sequences per decode step")
     args = p.parse_args(argv)
     if args.cmd == "pstats":
         print(pstats_top(args))
