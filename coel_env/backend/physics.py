@@ -154,6 +154,19 @@ def fused_share(p: float, tokens: float, keep: float, frac: float) -> float:
 
 
 @njit(cache=True, fastmath=True)
+def destination_share(mass: float, k: float) -> float:
+    """Share of a layer's tokens that send a row to a destination holding experts of routing mass `mass` (the sum
+    of their inclusion probabilities; k = top_k, the layer's total): a token's k choices as k draws each landing
+    there with probability mass / k, 1 - (1 - mass / k)^k — exact (1) when the destination holds every expert, and
+    within a few percent of top-k routing otherwise (tests/backend/test_wire.py)."""
+    if mass <= 0.0 or k <= 0.0:
+        return 0.0
+    if mass >= k:
+        return 1.0
+    return -np.expm1(k * np.log1p(-mass / k))
+
+
+@njit(cache=True, fastmath=True)
 def expected_max_latency(order: np.ndarray, lat: np.ndarray, none: np.ndarray) -> float:
     """E[max latency over the destinations used] when destination order[i] (by falling latency lat) goes unused
     with probability none[order[i]] independently: sum_i lat_i (1 - none_i) prod_{j < i} none_j."""
@@ -402,7 +415,9 @@ class ServeOut(NamedTuple):
     """What a routing pass (`route_pass`) accumulates per plan n and serving server s."""
 
     time: np.ndarray  # [N, S, 2 phases, 3 parts] decode step / prefill: EXPERT_S, TRANSFER_S, LATENCY_S
-    pair_tokens: np.ndarray  # [N, S, S, 2 phases] tokens sent to s2 per decode step / prefill (before compression)
+    pair_tokens: (
+        np.ndarray
+    )  # [N, S, S, 2 phases] rows sent to s2 per decode step / prefill (after fusion, before pruning)
     busy: np.ndarray  # [N, S, U, 2 phases] busy seconds of each unit (GPUs, then CPUs)
     quality: np.ndarray  # [N, S] sum over experts of p * qloss(bits)
     miss: np.ndarray  # [N, S] expert mass with no live replica
@@ -582,8 +597,8 @@ def route_pass(
     (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
     holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
     Expert times are `path_time` of the unit table; transfers are per-destination (`wire.py`): a token crosses to
-    a server once per layer whatever number of its experts it uses there, E[rows to s2] = tokens * (1 - prod over
-    the experts sent to s2 of (1 - p)) (independent choices), `pairs.transfer_s` per row (`fused_share` of it with
+    a server once per layer whatever number of its experts it uses there, E[rows to s2] = tokens *
+    `destination_share`(the routing mass sent to s2, top_k), `pairs.transfer_s` per row (`fused_share` of it with
     fusion), plus `expected_max_latency`; the router prices an expert's tokens that newly cross."""
     N, L, E, R = plans.dev.shape
     S = st.up.shape[1]
@@ -614,7 +629,7 @@ def route_pass(
         tok_p = np.zeros(S)
         none_d = np.ones(S)
         none_p = np.ones(S)
-        token_none = np.ones(S)  # per destination: chance a token has none of its experts there yet (this layer)
+        token_mass = np.zeros(S)  # per destination: routing mass (sum of p) of the experts sent there (this layer)
         cross = np.zeros(S)
         quality = 0.0
         miss = 0.0
@@ -646,6 +661,9 @@ def route_pass(
             dev_l = dev[n, l]
             tier_l = tier[n, l]
             bits_l = bits[n, l]
+            k_l = 0.0  # experts a token uses in this layer: the sum of its inclusion probabilities (top_k)
+            for e in range(E):
+                k_l += pop_s[l, e]
             pmx = 0.0  # router's view of the GPU max
             mxg_p = 0.0  # prefill GPU max
             lat_run = 0.0  # expected largest decode round-trip latency so far (recomputed when dirty)
@@ -719,7 +737,9 @@ def route_pass(
                         akeep = ad * dev_keep[d]
                         gd = path_time(tab, key, GPU_PATH, ud, akeep)
                         cd = path_time(tab, key, CPU_PATH, ud, akeep)
-                        comm = ad * token_none[sd] * dev_ct[d]  # tokens that newly cross to sd
+                        # tokens that newly cross to sd (a token crosses once, whatever number of experts it uses)
+                        m0 = token_mass[sd]
+                        comm = batch_d * (destination_share(m0 + p, k_l) - destination_share(m0, k_l)) * dev_ct[d]
                         if dev_fuse[d] > 0.0:
                             comm *= fused_share(p, ad, dev_keep[d], dev_fuse[d])
                         lat = dev_lat[d]
@@ -774,7 +794,7 @@ def route_pass(
                 if params.continuous:  # what `decode_grid` costs at other batches
                     out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
-                token_none[sd] *= 1.0 - p
+                token_mass[sd] += p
                 none_d[sd] *= 1.0 - ud
                 none_p[sd] *= 1.0 - up
                 cross[sd] += p
@@ -802,9 +822,9 @@ def route_pass(
             o_time[n, s, PREFILL, EXPERT_S] += mx_p
             none_d[s] = 1.0
             none_p[s] = 1.0
-            token_none[s] = 1.0
+            token_mass[s] = 0.0
             for s2 in range(S):  # per-destination dispatch: one row per token and destination (`destination_rows`)
-                q = 1.0 - token_none[s2]
+                q = destination_share(token_mass[s2], k_l)
                 if q > 0.0:
                     tok_d[s2] = batch_d * q
                     tok_p[s2] = batch_p * q
@@ -812,7 +832,7 @@ def route_pass(
                     if frac > 0.0:
                         tok_d[s2] *= fused_share(q, tok_d[s2], keep[n, s, s2], frac)
                         tok_p[s2] *= fused_share(q, tok_p[s2], keep[n, s, s2], frac)
-                    token_none[s2] = 1.0
+                    token_mass[s2] = 0.0
             o_time[n, s, DECODE, LATENCY_S] += expected_max_latency(order, lat_s, none_d)
             o_time[n, s, PREFILL, LATENCY_S] += expected_max_latency(order, lat_s, none_p)
             for s2 in range(S):

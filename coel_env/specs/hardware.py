@@ -201,7 +201,7 @@ class HardwareProfile(BaseModel):
         description="bytes per hidden-state element on the wire (2: bf16 on GPUs; 4: the CPU backend's fp32)",
     )
     row_header_bytes: Annotated[Int, at_most(MAX_ROW_HEADER_BYTES)] = Field(
-        0,
+        8,
         ge=0,
         description="bytes per expert slot of a dispatched row (top_k slots per row; the real dispatcher's "
         "int32 expert id and fp32 gate weight: 8; coel_env/backend/wire.py)",

@@ -9,8 +9,8 @@ from conftest import scenario_dict
 
 from coel_env import DeploymentPlan, Scenario
 from coel_env.backend.parallel import allreduce_s, pipeline_tpot, serve_parallel, stage_layers, stage_weights
-from coel_env.errors import ConfigError
 from coel_env.backend.surrogate import SurrogateBackend
+from coel_env.errors import ConfigError
 from coel_env.specs import LengthDist, load_hardware_profile, load_scenario_spec, model_preset
 
 CONTINUOUS = load_hardware_profile("continuous")

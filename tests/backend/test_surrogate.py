@@ -26,7 +26,7 @@ HYP = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 HW = load_hardware_profile("default")
-HIDDEN = 2 * 2048  # bytes of one bf16 hidden state
+HIDDEN = 2 * 2048 + HW.row_header_bytes / 2  # one-way bytes of a row: a bf16 hidden state, half its one (top-1) slot
 E16 = 3 * 2048 * 1408 * 2  # bytes of one 16-bit expert
 GBE = 1e9 / 8 * HW.link_efficiency  # 1 GbE goodput, bytes/s (117.5 MB/s)
 ALPHA = HW.transfer_latency_s

@@ -84,8 +84,8 @@ def test_device_overrides_apply_and_validate(tmp_path):
 def test_wire_format_fields_scale_surrogate_link_bytes():
     from coel_env.backend.surrogate import SurrogateBackend
 
-    bf16 = Scenario("tiny", seed=0)
-    fp32 = Scenario("tiny", seed=0, hardware=HardwareProfile(activation_bytes=4))
+    bf16 = Scenario("tiny", seed=0, hardware=HardwareProfile(row_header_bytes=0))
+    fp32 = Scenario("tiny", seed=0, hardware=HardwareProfile(activation_bytes=4, row_header_bytes=0))
     hdr = Scenario("tiny", seed=0, hardware=HardwareProfile(activation_bytes=4, row_header_bytes=8))
     state = bf16.initial_state(np.random.default_rng(0))
     plan = DeploymentPlan.uniform(bf16.cluster)
