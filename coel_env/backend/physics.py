@@ -357,6 +357,7 @@ class Params(NamedTuple):
     chunked: bool  # chunked prefill
     max_wait_s: float  # admission: the longest queue wait before a request is dropped
     concurrency: float  # closed-loop requests per server (0: open loop, Poisson arrivals)
+    prefer_primary: bool  # load-aware routing: a plan's extra replicas are used only where that is no worse
 
 
 class StepModel(NamedTuple):
@@ -1541,14 +1542,20 @@ def finish(
         sc[WINDOW_S] = window
 
 
+# Metrics compared by `prefer_primary` (Outputs.scalars columns): a plan's extra replicas must not make any of
+# these worse, unless they save requests
+PRIMARY_CHECK = np.array(
+    [TPOT_MEAN_S, TTFT_MEAN_S, E2E_MEAN_S, E2E_P95_S, TTFT_P95_S, TPOT_P95_S, DROPPED_FRAC], dtype=np.int64
+)
+
+
 @njit(cache=True, fastmath=True)
-def serve_plans(*flat) -> None:
-    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs).
-    `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes re-routed with unit
-    times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a unit found saturated
-    stays avoided), then `memory_kernel`, `decode_grid` (continuous batching) and `finish`."""
-    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
-    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
+def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Serve N plans: `pair_terms`, a `route_pass`, then for plans with replica choices up to ROUTING_PASSES - 1
+    passes re-routed with unit times scaled by `queue_inflation` of the utilization earlier passes caused
+    (running max: a unit found saturated stays avoided; a plan whose running max did not grow would repeat its
+    last pass exactly, so its later passes are skipped), then `memory_kernel`, `decode_grid` (continuous batching)
+    and `finish`."""
     N = plans.dev.shape[0]
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
@@ -1588,9 +1595,18 @@ def serve_plans(*flat) -> None:
             route_pass(plans, pairs, st, topo, params, infl, redo, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+                any_redo = False
                 for n in range(N):
+                    grew = False
                     for u in range(U):
-                        seen[n, u] = max(seen[n, u], rho[n, u])
+                        if rho[n, u] > seen[n, u]:
+                            seen[n, u] = rho[n, u]
+                            grew = True
+                    if not grew:  # the next pass would see the same inflation: it would repeat this one exactly
+                        redo[n] = False
+                    any_redo = any_redo or redo[n]
+                if not any_redo:
+                    break
     memory_kernel(
         plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
     )
@@ -1599,6 +1615,69 @@ def serve_plans(*flat) -> None:
         decode_grid(plans, pairs.keep, st, topo, params, so.chosen, grid)
     finish(plans, pairs.keep, so, st, topo, params, window, rho, grid, out)
     out.choice[:] = so.choice
+
+
+@njit(cache=True)
+def primary_preferred(full: np.ndarray, prim: np.ndarray, cols: np.ndarray, dropped: int) -> bool:
+    """`prefer_primary`'s rule on one plan's scalars (strict IEEE arithmetic, as numpy evaluates it): the primary
+    replicas are served instead when the full plan is worse on some metric of `cols` (beyond 1e-12 relative and
+    1e-15 absolute) and does not save requests (its dropped share is not below the primary's by more than 1e-12)."""
+    worse = False
+    for c in cols:
+        if full[c] > prim[c] * (1 + 1e-12) + 1e-15:
+            worse = True
+    return worse and full[dropped] >= prim[dropped] - 1e-12
+
+
+@njit(cache=True, fastmath=True)
+def prefer_primary(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Extra replicas are used where they save requests, or where that is no worse on any latency metric
+    (PRIMARY_CHECK, `primary_preferred`); otherwise every expert is served by its primary replica (slot 0), as a
+    controller may always ignore the extras: the scalars, link bytes and device utilization of the primary-only
+    plan replace the plan's (its memory stays). This keeps "adding a replica never makes serving slower" true
+    despite greedy per-server routing. Only plans with a replica choice (out.choice) are served again."""
+    _, L, E, _ = plans.dev.shape
+    idx = np.flatnonzero(out.choice)
+    M = idx.shape[0]
+    if M == 0:
+        return
+    dev = np.empty((M, L, E, 1), dtype=plans.dev.dtype)
+    tier = np.empty((M, L, E, 1), dtype=plans.tier.dtype)
+    bits = np.empty((M, L, E, 1), dtype=plans.bits.dtype)
+    for j in range(M):
+        n = idx[j]
+        dev[j, :, :, 0] = plans.dev[n, :, :, 0]
+        tier[j, :, :, 0] = plans.tier[n, :, :, 0]
+        bits[j, :, :, 0] = plans.bits[n, :, :, 0]
+    sub = Plans(dev, tier, bits, plans.prune[idx], plans.fuse[idx], plans.state[idx])
+    S, D, K = out.cpu_mem.shape[1], out.gpu_mem.shape[1], out.link_bytes.shape[1]
+    prim = Outputs(
+        np.empty((M, out.scalars.shape[1])),
+        np.empty((M, K)),
+        np.empty((M, D)),
+        np.zeros((M, D)),
+        np.zeros((M, S)),
+        np.zeros((M, S)),
+        np.zeros(M, dtype=np.bool_),
+    )
+    serve_core(sub, st, topo, params, window, prim)
+    for j in range(M):
+        n = idx[j]
+        if primary_preferred(out.scalars[n], prim.scalars[j], PRIMARY_CHECK, DROPPED_FRAC):
+            out.scalars[n] = prim.scalars[j]
+            out.link_bytes[n] = prim.link_bytes[j]
+            out.device_util[n] = prim.device_util[j]
+
+
+@njit(cache=True, fastmath=True)
+def serve_plans(*flat) -> None:
+    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs):
+    `serve_core`, then (load-aware routing, Params.prefer_primary) `prefer_primary` for plans with replica choices."""
+    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
+    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
+    serve_core(plans, st, topo, params, window, out)
+    if params.prefer_primary and plans.dev.shape[3] > 1:
+        prefer_primary(plans, st, topo, params, window, out)
 
 
 @njit(cache=True)
