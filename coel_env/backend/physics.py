@@ -852,11 +852,44 @@ def migration_source(
     old replicas with >= `bits` bits on live servers (server_up [S]). Chosen: the lexicographic minimum of
     (latency key, tier, -bits, device), the latency key being 0 on `dst` itself (a local requantize / copy) and
     pair_lat[src, dst] + 1 for a peer: a local copy first, else the nearest peer; on equal latency the fastest
-    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order)."""
+    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order).
+    (`migration_source_at` on the replicas reshaped to [1, 1, 1, R].)"""
+    R = old_dev.shape[0]
+    return migration_source_at(
+        np.ascontiguousarray(old_dev).reshape(1, 1, 1, R),
+        np.ascontiguousarray(old_tier).reshape(1, 1, 1, R),
+        np.ascontiguousarray(old_bits).reshape(1, 1, 1, R),
+        0,
+        0,
+        0,
+        bits,
+        dst,
+        dev_server,
+        server_up,
+        pair_lat,
+    )
+
+
+@njit(cache=True, inline="always")
+def migration_source_at(
+    old_dev: np.ndarray,
+    old_tier: np.ndarray,
+    old_bits: np.ndarray,
+    n: int,
+    l: int,
+    e: int,
+    bits: int,
+    dst: int,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+) -> int:
+    """`migration_source` of expert (l, e) of plan n in stacked replicas [N, L, E, R] (indexed in place: a view per
+    expert costs more than this rule's work)."""
     best = -1
     best_lat, best_tier, best_bits, best_dev = 0.0, 0, 0, 0
-    for q in range(old_dev.shape[0]):
-        od, ot, ob = old_dev[q], old_tier[q], old_bits[q]
+    for q in range(old_dev.shape[3]):
+        od, ot, ob = old_dev[n, l, e, q], old_tier[n, l, e, q], old_bits[n, l, e, q]
         if od < 0 or ob < bits:
             continue
         src = dev_server[od]
@@ -892,42 +925,45 @@ def migration(
     """Per plan pair n and new replica absent from the old plan, pick its source by `migration_source` (a local
     copy with >= bits, else the nearest live peer with >= bits, server_up [N, S], else the cloud) and add its bytes."""
     N, L, E, R = new.dev.shape
-    for n in range(N):
-        o_bytes = out.bytes[n]
+    odv, otr, obt, ndv, ntr, nbt = old.dev, old.tier, old.bits, new.dev, new.tier, new.bits
+    for n in range(N):  # indexed element by element: a view per expert costs more than the expert's work
+        up_n = server_up[n]
         for l in range(L):
             for e in range(E):
-                old_dev, old_tier, old_bits = old.dev[n, l, e], old.tier[n, l, e], old.bits[n, l, e]
-                new_dev, new_tier, new_bits = new.dev[n, l, e], new.tier[n, l, e], new.bits[n, l, e]
                 for r in range(R):
-                    d = new_dev[r]
+                    d = ndv[n, l, e, r]
                     if d < 0:
                         continue
-                    b = new_bits[r]
+                    t, b = ntr[n, l, e, r], nbt[n, l, e, r]
                     present = False
                     for q in range(R):
-                        if old_dev[q] == d and old_tier[q] == new_tier[r] and old_bits[q] == b:
+                        if odv[n, l, e, q] == d and otr[n, l, e, q] == t and obt[n, l, e, q] == b:
                             present = True
                     if present:
                         continue
                     out.counts[n, ADDED] += 1
                     dst = dev_server[d]
                     w = expert_bytes[b]
-                    src_q = migration_source(old_dev, old_tier, old_bits, b, dst, dev_server, server_up[n], pair_lat)
-                    best_src = dev_server[old_dev[src_q]] if src_q >= 0 else -1
+                    src_q = migration_source_at(odv, otr, obt, n, l, e, b, dst, dev_server, up_n, pair_lat)
+                    best_src = dev_server[odv[n, l, e, src_q]] if src_q >= 0 else -1
                     if best_src == dst:
-                        o_bytes[dst, LOCAL] += w
+                        out.bytes[n, dst, LOCAL] += w
                     elif best_src >= 0:
-                        o_bytes[dst, PEER] += w
+                        out.bytes[n, dst, PEER] += w
                         out.pair[n, best_src, dst] += w
                     else:
-                        o_bytes[dst, CLOUD] += w
+                        out.bytes[n, dst, CLOUD] += w
                 for q in range(R):
-                    od = old_dev[q]
+                    od = odv[n, l, e, q]
                     if od < 0:
                         continue
                     kept = False
                     for r in range(R):
-                        if new_dev[r] == od and new_tier[r] == old_tier[q] and new_bits[r] == old_bits[q]:
+                        if (
+                            ndv[n, l, e, r] == od
+                            and ntr[n, l, e, r] == otr[n, l, e, q]
+                            and nbt[n, l, e, r] == obt[n, l, e, q]
+                        ):
                             kept = True
                     if not kept:
                         out.counts[n, REMOVED] += 1
