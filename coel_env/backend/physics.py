@@ -370,6 +370,7 @@ class Params(NamedTuple):
     chunked: bool  # chunked prefill
     max_wait_s: float  # admission: the longest queue wait before a request is dropped
     concurrency: float  # closed-loop requests per server (0: open loop, Poisson arrivals)
+    prefer_primary: bool  # load-aware routing: a plan's extra replicas are used only where that is no worse
 
 
 class StepModel(NamedTuple):
@@ -871,11 +872,44 @@ def migration_source(
     old replicas with >= `bits` bits on live servers (server_up [S]). Chosen: the lexicographic minimum of
     (latency key, tier, -bits, device), the latency key being 0 on `dst` itself (a local requantize / copy) and
     pair_lat[src, dst] + 1 for a peer: a local copy first, else the nearest peer; on equal latency the fastest
-    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order)."""
+    tier, then the highest precision, then the lowest device (deterministic, whatever the replica order).
+    (`migration_source_at` on the replicas reshaped to [1, 1, 1, R].)"""
+    R = old_dev.shape[0]
+    return migration_source_at(
+        np.ascontiguousarray(old_dev).reshape(1, 1, 1, R),
+        np.ascontiguousarray(old_tier).reshape(1, 1, 1, R),
+        np.ascontiguousarray(old_bits).reshape(1, 1, 1, R),
+        0,
+        0,
+        0,
+        bits,
+        dst,
+        dev_server,
+        server_up,
+        pair_lat,
+    )
+
+
+@njit(cache=True, inline="always")
+def migration_source_at(
+    old_dev: np.ndarray,
+    old_tier: np.ndarray,
+    old_bits: np.ndarray,
+    n: int,
+    l: int,
+    e: int,
+    bits: int,
+    dst: int,
+    dev_server: np.ndarray,
+    server_up: np.ndarray,
+    pair_lat: np.ndarray,
+) -> int:
+    """`migration_source` of expert (l, e) of plan n in stacked replicas [N, L, E, R] (indexed in place: a view per
+    expert costs more than this rule's work)."""
     best = -1
     best_lat, best_tier, best_bits, best_dev = 0.0, 0, 0, 0
-    for q in range(old_dev.shape[0]):
-        od, ot, ob = old_dev[q], old_tier[q], old_bits[q]
+    for q in range(old_dev.shape[3]):
+        od, ot, ob = old_dev[n, l, e, q], old_tier[n, l, e, q], old_bits[n, l, e, q]
         if od < 0 or ob < bits:
             continue
         src = dev_server[od]
@@ -911,42 +945,45 @@ def migration(
     """Per plan pair n and new replica absent from the old plan, pick its source by `migration_source` (a local
     copy with >= bits, else the nearest live peer with >= bits, server_up [N, S], else the cloud) and add its bytes."""
     N, L, E, R = new.dev.shape
-    for n in range(N):
-        o_bytes = out.bytes[n]
+    odv, otr, obt, ndv, ntr, nbt = old.dev, old.tier, old.bits, new.dev, new.tier, new.bits
+    for n in range(N):  # indexed element by element: a view per expert costs more than the expert's work
+        up_n = server_up[n]
         for l in range(L):
             for e in range(E):
-                old_dev, old_tier, old_bits = old.dev[n, l, e], old.tier[n, l, e], old.bits[n, l, e]
-                new_dev, new_tier, new_bits = new.dev[n, l, e], new.tier[n, l, e], new.bits[n, l, e]
                 for r in range(R):
-                    d = new_dev[r]
+                    d = ndv[n, l, e, r]
                     if d < 0:
                         continue
-                    b = new_bits[r]
+                    t, b = ntr[n, l, e, r], nbt[n, l, e, r]
                     present = False
                     for q in range(R):
-                        if old_dev[q] == d and old_tier[q] == new_tier[r] and old_bits[q] == b:
+                        if odv[n, l, e, q] == d and otr[n, l, e, q] == t and obt[n, l, e, q] == b:
                             present = True
                     if present:
                         continue
                     out.counts[n, ADDED] += 1
                     dst = dev_server[d]
                     w = expert_bytes[b]
-                    src_q = migration_source(old_dev, old_tier, old_bits, b, dst, dev_server, server_up[n], pair_lat)
-                    best_src = dev_server[old_dev[src_q]] if src_q >= 0 else -1
+                    src_q = migration_source_at(odv, otr, obt, n, l, e, b, dst, dev_server, up_n, pair_lat)
+                    best_src = dev_server[odv[n, l, e, src_q]] if src_q >= 0 else -1
                     if best_src == dst:
-                        o_bytes[dst, LOCAL] += w
+                        out.bytes[n, dst, LOCAL] += w
                     elif best_src >= 0:
-                        o_bytes[dst, PEER] += w
+                        out.bytes[n, dst, PEER] += w
                         out.pair[n, best_src, dst] += w
                     else:
-                        o_bytes[dst, CLOUD] += w
+                        out.bytes[n, dst, CLOUD] += w
                 for q in range(R):
-                    od = old_dev[q]
+                    od = odv[n, l, e, q]
                     if od < 0:
                         continue
                     kept = False
                     for r in range(R):
-                        if new_dev[r] == od and new_tier[r] == old_tier[q] and new_bits[r] == old_bits[q]:
+                        if (
+                            ndv[n, l, e, r] == od
+                            and ntr[n, l, e, r] == otr[n, l, e, q]
+                            and nbt[n, l, e, r] == obt[n, l, e, q]
+                        ):
                             kept = True
                     if not kept:
                         out.counts[n, REMOVED] += 1
@@ -1561,14 +1598,20 @@ def finish(
         sc[WINDOW_S] = window
 
 
+# Metrics compared by `prefer_primary` (Outputs.scalars columns): a plan's extra replicas must not make any of
+# these worse, unless they save requests
+PRIMARY_CHECK = np.array(
+    [TPOT_MEAN_S, TTFT_MEAN_S, E2E_MEAN_S, E2E_P95_S, TTFT_P95_S, TPOT_P95_S, DROPPED_FRAC], dtype=np.int64
+)
+
+
 @njit(cache=True, fastmath=True)
-def serve_plans(*flat) -> None:
-    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs).
-    `pair_terms`, a `route_pass`, then for plans with replica choices ROUTING_PASSES - 1 passes re-routed with unit
-    times scaled by `queue_inflation` of the utilization earlier passes caused (running max: a unit found saturated
-    stays avoided), then `memory_kernel`, `decode_grid` (continuous batching) and `finish`."""
-    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
-    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
+def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Serve N plans: `pair_terms`, a `route_pass`, then for plans with replica choices up to ROUTING_PASSES - 1
+    passes re-routed with unit times scaled by `queue_inflation` of the utilization earlier passes caused
+    (running max: a unit found saturated stays avoided; a plan whose running max did not grow would repeat its
+    last pass exactly, so its later passes are skipped), then `memory_kernel`, `decode_grid` (continuous batching)
+    and `finish`."""
     N = plans.dev.shape[0]
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
@@ -1608,9 +1651,18 @@ def serve_plans(*flat) -> None:
             route_pass(plans, pairs, st, topo, params, infl, redo, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+                any_redo = False
                 for n in range(N):
+                    grew = False
                     for u in range(U):
-                        seen[n, u] = max(seen[n, u], rho[n, u])
+                        if rho[n, u] > seen[n, u]:
+                            seen[n, u] = rho[n, u]
+                            grew = True
+                    if not grew:  # the next pass would see the same inflation: it would repeat this one exactly
+                        redo[n] = False
+                    any_redo = any_redo or redo[n]
+                if not any_redo:
+                    break
     memory_kernel(
         plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
     )
@@ -1619,6 +1671,69 @@ def serve_plans(*flat) -> None:
         decode_grid(plans, pairs.keep, st, topo, params, so.chosen, grid)
     finish(plans, pairs.keep, so, st, topo, params, window, rho, grid, out)
     out.choice[:] = so.choice
+
+
+@njit(cache=True)
+def primary_preferred(full: np.ndarray, prim: np.ndarray, cols: np.ndarray, dropped: int) -> bool:
+    """`prefer_primary`'s rule on one plan's scalars (strict IEEE arithmetic, as numpy evaluates it): the primary
+    replicas are served instead when the full plan is worse on some metric of `cols` (beyond 1e-12 relative and
+    1e-15 absolute) and does not save requests (its dropped share is not below the primary's by more than 1e-12)."""
+    worse = False
+    for c in cols:
+        if full[c] > prim[c] * (1 + 1e-12) + 1e-15:
+            worse = True
+    return worse and full[dropped] >= prim[dropped] - 1e-12
+
+
+@njit(cache=True, fastmath=True)
+def prefer_primary(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Extra replicas are used where they save requests, or where that is no worse on any latency metric
+    (PRIMARY_CHECK, `primary_preferred`); otherwise every expert is served by its primary replica (slot 0), as a
+    controller may always ignore the extras: the scalars, link bytes and device utilization of the primary-only
+    plan replace the plan's (its memory stays). This keeps "adding a replica never makes serving slower" true
+    despite greedy per-server routing. Only plans with a replica choice (out.choice) are served again."""
+    _, L, E, _ = plans.dev.shape
+    idx = np.flatnonzero(out.choice)
+    M = idx.shape[0]
+    if M == 0:
+        return
+    dev = np.empty((M, L, E, 1), dtype=plans.dev.dtype)
+    tier = np.empty((M, L, E, 1), dtype=plans.tier.dtype)
+    bits = np.empty((M, L, E, 1), dtype=plans.bits.dtype)
+    for j in range(M):
+        n = idx[j]
+        dev[j, :, :, 0] = plans.dev[n, :, :, 0]
+        tier[j, :, :, 0] = plans.tier[n, :, :, 0]
+        bits[j, :, :, 0] = plans.bits[n, :, :, 0]
+    sub = Plans(dev, tier, bits, plans.prune[idx], plans.fuse[idx], plans.state[idx])
+    S, D, K = out.cpu_mem.shape[1], out.gpu_mem.shape[1], out.link_bytes.shape[1]
+    prim = Outputs(
+        np.empty((M, out.scalars.shape[1])),
+        np.empty((M, K)),
+        np.empty((M, D)),
+        np.zeros((M, D)),
+        np.zeros((M, S)),
+        np.zeros((M, S)),
+        np.zeros(M, dtype=np.bool_),
+    )
+    serve_core(sub, st, topo, params, window, prim)
+    for j in range(M):
+        n = idx[j]
+        if primary_preferred(out.scalars[n], prim.scalars[j], PRIMARY_CHECK, DROPPED_FRAC):
+            out.scalars[n] = prim.scalars[j]
+            out.link_bytes[n] = prim.link_bytes[j]
+            out.device_util[n] = prim.device_util[j]
+
+
+@njit(cache=True, fastmath=True)
+def serve_plans(*flat) -> None:
+    """Serve N plans, called with flat fields: serve_plans(*plans, *states, *topology, *params, window_s, *outputs):
+    `serve_core`, then (load-aware routing, Params.prefer_primary) `prefer_primary` for plans with replica choices."""
+    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
+    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:])
+    serve_core(plans, st, topo, params, window, out)
+    if params.prefer_primary and plans.dev.shape[3] > 1:
+        prefer_primary(plans, st, topo, params, window, out)
 
 
 @njit(cache=True)

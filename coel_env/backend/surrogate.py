@@ -72,7 +72,6 @@ __all__ = [
 ]
 
 QUANTILES = LENGTH_QUANTILES  # request-length quantile grid for percentiles (specs.scenario)
-PRIMARY_CHECK = ("tpot_mean_s", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "ttft_p95_s", "tpot_p95_s", "dropped_frac")
 
 
 # ---- per-state formulas (numpy; the kernels' formulas are in physics.py) ---------------------------------------
@@ -255,6 +254,7 @@ class SurrogateBackend:
             chunked=bool(wl.chunked_prefill),
             max_wait_s=float(wl.slo_s if wl.max_queue_wait_s is None else wl.max_queue_wait_s),
             concurrency=float(wl.concurrency or 0),
+            prefer_primary=hw.routing == "load_aware",
         )
 
     def with_lengths(self, input_len: np.ndarray, output_len: np.ndarray) -> SurrogateBackend:
@@ -523,26 +523,7 @@ class SurrogateBackend:
             link_bytes=out.link_bytes,
             device_util=out.device_util,
         )
-        if dev.shape[-1] > 1 and c.hw.routing == "load_aware" and out.choice.any():  # local-first routes as given
-            self._prefer_primary(fields, out.choice, dev, tier, bits, prune, fuse, states, window_s)
         return MetricsBatch(fields)
-
-    def _prefer_primary(
-        self, fields: dict, redo: np.ndarray, dev, tier, bits, prune, fuse, states, window_s: float
-    ) -> None:
-        """Extra replicas are used where they save requests, or where that is no worse on any latency metric;
-        otherwise every expert is served by its primary replica (slot 0), as a controller may always ignore the
-        extras. This keeps "adding a replica never makes serving slower" true despite greedy per-server routing."""
-        prim = self.serve_arrays(
-            *(np.ascontiguousarray(a[..., :1]) for a in (dev, tier, bits)), prune, fuse, states, window_s
-        ).fields
-        worse = np.zeros_like(redo)
-        for key in PRIMARY_CHECK:
-            worse |= fields[key] > prim[key] * (1 + 1e-12) + 1e-15
-        use = redo & worse & (fields["dropped_frac"] >= prim["dropped_frac"] - 1e-12)  # extras that save requests stay
-        if use.any():
-            for key in (*SCALAR_METRICS, "link_bytes", "device_util"):
-                fields[key][use] = prim[key][use]
 
     def _zeros_idx(self, n: int) -> np.ndarray:
         if self._zero_idx.shape[0] < n:

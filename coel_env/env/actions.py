@@ -33,7 +33,7 @@ from gymnasium import spaces
 
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
-from coel_env.plan.kernels import decode_full_kernel
+from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
@@ -309,48 +309,12 @@ class EditCodec(ActionCodec):
         self.space = spaces.MultiDiscrete(self.nvec)
 
     def decode_batch(self, actions, current, view):
-        a = np.asarray(actions, dtype=np.int64)
-        N = a.shape[0]
+        a = np.ascontiguousarray(actions, dtype=np.int64)
         pb = current.copy()
-        dev, tier, bits = pb.dev, pb.tier, pb.bits
-        invalid = np.zeros(N, dtype=np.int64)
-        rows = np.arange(N)
-        for k in range(self.K):
-            op, l, e, r, d, t, b, p, lv, fu = (a[:, k * self.FIELDS + j] for j in range(self.FIELDS))
-            slot_dev = dev[rows, l, e, r]
-            occupied = slot_dev >= 0
-            n_rep = (dev[rows, l, e] >= 0).sum(-1)
-            on_dev = (dev[rows, l, e] == d[:, None]).any(-1)
-            free = dev[rows, l, e] < 0
-            has_free = free.any(-1)
-            first_free = np.argmax(free, -1)
-            ok = np.ones(N, dtype=bool)
-            m = (op == 1) & occupied & ~on_dev  # move
-            dev[rows[m], l[m], e[m], r[m]] = d[m]
-            ok &= ~((op == 1) & ~m)
-            m = (op == 2) & has_free & ~on_dev  # replicate
-            ff = first_free[m]
-            dev[rows[m], l[m], e[m], ff] = d[m]
-            tier[rows[m], l[m], e[m], ff] = t[m]
-            bits[rows[m], l[m], e[m], ff] = BITS[b[m]]
-            ok &= ~((op == 2) & ~m)
-            m = (op == 3) & occupied & (n_rep > 1)  # drop
-            dev[rows[m], l[m], e[m], r[m]] = -1
-            tier[rows[m], l[m], e[m], r[m]] = 0
-            bits[rows[m], l[m], e[m], r[m]] = 0
-            ok &= ~((op == 3) & ~m)
-            m = (op == 4) & occupied
-            tier[rows[m], l[m], e[m], r[m]] = t[m]
-            ok &= ~((op == 4) & ~m)
-            m = (op == 5) & occupied
-            bits[rows[m], l[m], e[m], r[m]] = BITS[b[m]]
-            ok &= ~((op == 5) & ~m)
-            m = (op == 6) & (self.P > 0)
-            if self.P:
-                pb.prune[rows[m], p[m]] = PRUNE_LEVELS[lv[m]]
-                pb.fuse[rows[m], p[m]] = fu[m] == 1
-            ok &= ~((op == 6) & ~m)
-            invalid += ~ok
+        invalid = np.zeros(a.shape[0], dtype=np.int64)
+        apply_edits_kernel(
+            a, self.K, self.FIELDS, BITS, PRUNE_LEVELS, self.P, pb.dev, pb.tier, pb.bits, pb.prune, pb.fuse, invalid
+        )
         return pb, a[:, -1] == 1, invalid
 
     def masks(self, up, current=None):

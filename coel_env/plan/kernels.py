@@ -166,3 +166,67 @@ def differs_kernel(a_dev, a_tier, a_bits, b_dev, b_tier, b_bits, rows, out):
                     break
             if done:
                 break
+
+
+@njit(cache=True)
+def apply_edits_kernel(a, K, F, bit_table, prune_levels, P, dev, tier, bits, prune, fuse, invalid):
+    """`EditCodec.decode_batch` in place: per env n, the K edits of validated actions a [N, K * F + 1] applied in
+    order to the plan copy (dev, tier, bits [N, L, E, R], prune, fuse [N, P]); invalid[n] += edits that do not
+    apply. Ops (actions.EDIT_OPS): 0 noop, 1 move, 2 replicate, 3 drop, 4 set_tier, 5 set_bits, 6 set_compression."""
+    N = a.shape[0]
+    R = dev.shape[3]
+    for n in range(N):
+        for k in range(K):
+            o = k * F
+            op, l, e, r, d = a[n, o], a[n, o + 1], a[n, o + 2], a[n, o + 3], a[n, o + 4]
+            t, b, p, lv, fu = a[n, o + 5], a[n, o + 6], a[n, o + 7], a[n, o + 8], a[n, o + 9]
+            occupied = dev[n, l, e, r] >= 0
+            n_rep = 0
+            on_dev = False
+            first_free = -1
+            for q in range(R):
+                dq = dev[n, l, e, q]
+                if dq >= 0:
+                    n_rep += 1
+                elif first_free < 0:
+                    first_free = q
+                if dq == d:
+                    on_dev = True
+            ok = True
+            if op == 1:  # move
+                if occupied and not on_dev:
+                    dev[n, l, e, r] = d
+                else:
+                    ok = False
+            elif op == 2:  # replicate into the first empty slot
+                if first_free >= 0 and not on_dev:
+                    dev[n, l, e, first_free] = d
+                    tier[n, l, e, first_free] = t
+                    bits[n, l, e, first_free] = bit_table[b]
+                else:
+                    ok = False
+            elif op == 3:  # drop (never the last replica)
+                if occupied and n_rep > 1:
+                    dev[n, l, e, r] = -1
+                    tier[n, l, e, r] = 0
+                    bits[n, l, e, r] = 0
+                else:
+                    ok = False
+            elif op == 4:
+                if occupied:
+                    tier[n, l, e, r] = t
+                else:
+                    ok = False
+            elif op == 5:
+                if occupied:
+                    bits[n, l, e, r] = bit_table[b]
+                else:
+                    ok = False
+            elif op == 6:
+                if P > 0:
+                    prune[n, p] = prune_levels[lv]
+                    fuse[n, p] = fu == 1
+                else:
+                    ok = False
+            if not ok:
+                invalid[n] += 1
