@@ -19,7 +19,7 @@ from coel_env.env.faults import handle_faults
 from coel_env.env.observations import ObservationEncoder
 from coel_env.env.perception import Perception
 from coel_env.env.record import StepRecord, env_info
-from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, make_reward
+from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, demand_tokens_per_s, make_reward
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import DeploymentPlan
@@ -76,7 +76,7 @@ class CoELCore:
         self.ctx = RewardContext(
             window_s=self.window,
             slo_s=wl.slo_s,
-            demand_tokens_per_s=float(sum(spec.arrival_rates)) * out_mean,
+            demand_tokens_per_s=demand_tokens_per_s(wl, spec.arrival_rates, c.num_servers, out_mean),
             power_max_w=float(c.dev_p_max.sum() + c.cpu_p_max.sum()),
             drop_cost=drop_cost,
         )

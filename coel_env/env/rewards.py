@@ -37,11 +37,19 @@ COMPOSITE_DEFAULTS = {
 }
 
 
+def demand_tokens_per_s(workload, arrival_rates, num_servers: int, out_mean: float) -> float:
+    """Generated tokens/s the workload asks for: its arrival rates times the mean output, or, for a closed loop
+    (`workload.concurrency` clients per server), what the clients ask for when each request takes the SLO."""
+    if workload.concurrency:
+        return float(workload.concurrency * num_servers) * out_mean / workload.slo_s
+    return float(sum(arrival_rates)) * out_mean
+
+
 @dataclass
 class RewardContext:
     window_s: float
     slo_s: float
-    demand_tokens_per_s: float  # nominal generated tokens/s the workload asks for
+    demand_tokens_per_s: float  # nominal generated tokens/s the workload asks for (`demand_tokens_per_s`)
     power_max_w: float  # every device and CPU at full power
     drop_cost: float = 2.0
 
