@@ -1343,6 +1343,27 @@ def continuous_batching(
 
 
 @njit(cache=True, fastmath=True)
+def closed_loop_link_slowdown(
+    rho_l: np.ndarray, lam: np.ndarray, offered: np.ndarray, tpot: np.ndarray, ttft: np.ndarray, wait: np.ndarray
+) -> bool:
+    """A closed loop's clients behind an overloaded link (utilization rho > 1 on their busiest route) slow down
+    rather than drop: the link caps their completions at lam / rho, and by Little's law (C = lam W) every request
+    takes rho times as long (its steps wait for the link). Scaling each server by its own busiest link's rho brings
+    every link within capacity (each of its senders is scaled by at least its rho). Returns whether any was."""
+    slowed = False
+    for s in range(lam.shape[0]):
+        f = rho_l[s]
+        if f > 1.0:
+            lam[s] /= f
+            offered[s] /= f
+            tpot[s] *= f
+            ttft[s] *= f
+            wait[s] *= f
+            slowed = True
+    return slowed
+
+
+@njit(cache=True, fastmath=True)
 def busiest_link(per_req: np.ndarray, rates: np.ndarray, route: np.ndarray, cap: np.ndarray, rho_l: np.ndarray) -> None:
     """rho_l[s]: utilization of the busiest physical link on server s's routes, the links loaded (both directions)
     by every server's rates [S] * bytes per request per_req [S, S] (capacities cap [K])."""
@@ -1479,6 +1500,9 @@ def finish(
                 lam = closed_rate
             admitted = lam * (1.0 - admit_drop)  # links and units carry the admitted requests
             busiest_link(per_req, admitted, route, link_cap[si], rho_l)
+            if params.concurrency > 0.0 and closed_loop_link_slowdown(rho_l, lam, offered, tpot, ttft, wait):
+                admitted = lam * (1.0 - admit_drop)
+                busiest_link(per_req, admitted, route, link_cap[si], rho_l)
             # units' decode work at the running batch: each server's per-step busy seconds scaled as its expert
             # step (`decode_grid`) scales from the reference batch, the non-expert part at the running batch
             busy_run = o_busy[n].copy()

@@ -131,6 +131,19 @@ def test_closed_loop_obeys_littles_law(clients):
         assert m.ttft_mean_s > 10 * m.tpot_mean_s  # clients beyond the slots wait their turn
 
 
+def test_closed_loop_through_an_overloaded_link_slows_down_instead_of_dropping():
+    """256 clients per server of an expert-parallel plan over 1 GbE (paper-2server-1gpu): the link binds. The
+    clients slow down: nothing is dropped, Little's law still holds, and the link carries at most its capacity."""
+    sc, st = _scenario("continuous", 1.0, name="paper-2server-1gpu", concurrency=256)
+    c = sc.cluster
+    m = SurrogateBackend(c).serve(DeploymentPlan.uniform(c), st, 60.0)
+    completions = m.tokens_per_s / sc.spec.workload.output_len.mean
+    assert m.dropped_frac == 0.0
+    assert completions * m.e2e_mean_s == pytest.approx(256 * c.num_servers, rel=1e-6)
+    capacity = 2.0 * c.link_bw * c.hw.link_efficiency * 60.0  # both directions over the window
+    assert np.all(m.link_bytes <= capacity * (1 + 1e-9)) and m.link_bytes.max() > 0.9 * capacity.max()
+
+
 def test_closed_loop_needs_continuous_serving():
     with pytest.raises(ConfigError, match=r"workload\.concurrency: a closed-loop workload needs a hardware profile"):
         _scenario("default", 1.0, concurrency=8)
