@@ -24,6 +24,7 @@ from agents.envs import make_env_from_spec, make_flat_env, observed_keys  # noqa
 from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
+from coel_env.mp_compat import standard_start_method
 
 ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
 ACTIVATIONS = {
@@ -66,17 +67,19 @@ def make_training_env(
 
             return init
 
-        venv = cls([thunk(i) for i in range(n_envs)], **(kwargs or {}))
+        with standard_start_method():  # a joblib (loky) sweep worker: children need a standard start method
+            venv = cls([thunk(i) for i in range(n_envs)], **(kwargs or {}))
         venv.seed(seed)
     else:
-        venv = make_vec_env(
-            make_flat_env,
-            n_envs=n_envs,
-            seed=seed,
-            vec_env_cls=cls,
-            env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
-            vec_env_kwargs=kwargs,
-        )
+        with standard_start_method():
+            venv = make_vec_env(
+                make_flat_env,
+                n_envs=n_envs,
+                seed=seed,
+                vec_env_cls=cls,
+                env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
+                vec_env_kwargs=kwargs,
+            )
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
