@@ -174,8 +174,11 @@ def pareto_plot(rows: list[dict], xkey: str, ykey: str, xlabel: str, ylabel: str
     return path
 
 
-def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: int, out: Path) -> list[Path]:
-    """Render (rgb_array) the deployment each policy holds after `epochs` decision epochs."""
+def placement_heatmaps(
+    scenario: str, policies: list[str], epochs: int, seed: int, out: Path, skipped: list[dict] | None = None
+) -> list[Path]:
+    """Render (rgb_array) the deployment each policy holds after `epochs` decision epochs. An exported policy that
+    does not fit `scenario` (trained on another one) is skipped with one warning line (and appended to `skipped`)."""
     import gymnasium as gym
 
     import coel_env  # noqa: F401
@@ -190,6 +193,13 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
         if isinstance(policy, DeployedAgent):
             kwargs["action_space"] = policy.env_kwargs.get("action_space", "full")
         env = gym.make("CoEL-v0", **kwargs)
+        reason = policy.incompatibility(env) if isinstance(policy, DeployedAgent) else None
+        if reason is not None:
+            env.close()
+            log.warning("skipping policy %s (%s) on scenario %s: %s", policy.name, name, scenario, reason)
+            if skipped is not None:
+                skipped.append({"scenario": scenario, "policy": policy.name, "directory": name, "reason": reason})
+            continue
         run_episode(env, policy, seed)
         frame = env.render()
         env.close()
@@ -341,6 +351,9 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
             "",
             leaderboard_markdown(rows),
         ]
+        skipped_file = board_dir / "skipped.json"
+        for k in json.loads(skipped_file.read_text()) if skipped_file.is_file() else []:
+            md += [f"Not evaluated: `{k['policy']}` on `{k['scenario']}` ({k['reason']}).", ""]
         p1 = pareto_plot(
             rows, "e2e_p95_s", "quality_loss", "p95 latency (s)", "quality loss", out / "pareto_latency_quality.png"
         )
@@ -351,7 +364,8 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
         md += ["## Pareto fronts", "", f"![latency vs quality]({p1.name})", "", f"![latency vs energy]({p2.name})", ""]
     if cfg.heatmaps.scenario:
         policies = list(cfg.heatmaps.policies) + [str(r / "policy") for r in runs if (r / "policy").is_dir()]
-        heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out)
+        skipped: list[dict] = []
+        heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out, skipped)
         md += [
             "## Placements",
             "",
@@ -362,6 +376,8 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
         for p in heat:
             images[p.stem] = p
             md += [f"![{p.stem}]({p.name})", ""]
+        for k in skipped:
+            md += [f"Skipped `{k['policy']}`: {k['reason']}.", ""]
     text = "\n".join(md)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", markdown_to_html(text, "CoEL-Gym comparison report"))

@@ -23,6 +23,10 @@ the number of policies whose paired 95% interval is entirely above this one's (t
 reward (`return`, the env's reward space) is reported, not ranked. Writes `leaderboard.csv` / `leaderboard.md`,
 `episodes.csv` (one row per episode), `tuned.json`, `leaderboard_<metric>.png`; logs the table to W&B (offline
 unless WANDB_MODE / logger.mode say otherwise).
+
+An exported policy that does not fit a scenario (trained on another one: its observation or action size differs)
+is skipped there with one warning line naming both and why, listed in `skipped.json` and the leaderboard's
+"Skipped" section; everything else is evaluated and written.
 """
 
 from __future__ import annotations
@@ -164,7 +168,8 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
             f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. policy_kwargs.oracle.time_limit=5"
         )
     for name in policy_list(cfg):
-        if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments
+        if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments; a broken one fails here
+            DeployedAgent(str(name))
             continue
         kw = pkw.get(name) or {}
         if not isinstance(kw, dict):
@@ -243,6 +248,12 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     knobs = tuned_knobs(cfg, names, out)
     commit = git_commit()
     rows, episodes = [], []
+    skipped: list[dict] = []
+
+    def skip(scenario: str, policy: str, directory: str, reason: str) -> None:
+        log.warning("skipping policy %s (%s) on scenario %s: %s", policy, directory, scenario, reason)
+        skipped.append({"scenario": str(scenario), "policy": policy, "directory": directory, "reason": reason})
+
     bar = tqdm(total=len(cfg.scenarios) * len(names) * len(insts), desc="evaluate", disable=not cfg.progress_bar)
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
@@ -258,7 +269,14 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 shaping = ("action_space", "num_edits", "observation_space")
                 env_kw = {**kwargs, **{k: agent.env_kwargs[k] for k in shaping if k in agent.env_kwargs}}
                 envs = {i.routing_seed: gym.make("CoEL-v0", **env_kw, scenario_seed=i.routing_seed) for i in insts}
-                name = agent.name
+                directory, name = str(name), agent.name
+                reason = agent.incompatibility(next(iter(envs.values())))
+                if reason is not None:  # e.g. trained on another scenario: skip this pair, keep everything else
+                    skip(scenario, name, directory, reason)
+                    for env in envs.values():
+                        env.close()
+                    bar.update(len(insts))
+                    continue
             if name in TUNED or name in SPECIAL:
                 bases = [TUNED[name]] if name in TUNED else (["coel"] if name == "never_update" else ["coel", "eplb"])
                 kw_id = {**kw, "tuned": {b: sc_knobs[b].get("params") for b in bases if b in sc_knobs}}
@@ -308,6 +326,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
             )
         for env in base_envs.values():
             env.close()
+        if not sc_rows:  # every policy skipped on this scenario
+            continue
         sc_summary = summarize_scenario(sc_rows)
         rows += sc_summary
         for r in sc_rows:
@@ -315,12 +335,18 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
         for r in sc_summary:
             log.info("%s %s score %.3f [%.3f, %.3f]", scenario, r["policy"], r["score"], r["score_lo"], r["score_hi"])
     bar.close()
+    if not rows:
+        raise ConfigError(
+            "policies: none fits any of the scenarios; skipped: "
+            + "; ".join(f"{k['policy']} on {k['scenario']} ({k['reason']})" for k in skipped)
+        )
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)
+    atomic_write_json(out / "skipped.json", skipped)  # (policy, scenario) pairs that do not fit, and why
     agg = aggregate(rows, episodes) if len(cfg.scenarios) > 1 else []
     if agg:
         write_csv(out / "leaderboard_all.csv", agg)
-    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts))
+    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts, skipped))
     if cfg.plots:
         plot(rows, out)
     return rows
@@ -453,7 +479,7 @@ def _kind_label(r: dict) -> str:
     return {"bound": " (bound)", "reference": " (ref)", "agent": " (agent)"}.get(r["kind"], "")
 
 
-def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list) -> str:
+def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, skipped: list[dict] = ()) -> str:
     titles = {k: (t, sc) for k, t, sc in METRICS}
     lines = [
         f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)",
@@ -535,6 +561,10 @@ def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list) ->
                 for k, _, sc in pred
             ]
             lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped", "", "These policies do not fit these scenarios and were not evaluated there:", ""]
+        lines += [f"- `{s['policy']}` on `{s['scenario']}`: {s['reason']} (`{s['directory']}`)" for s in skipped]
         lines.append("")
     lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, instances, git commit):", ""]
     for r in rows:
