@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,17 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
         log.warning("skipping policy %s (%s) on scenario %s: %s", policy, directory, scenario, reason)
         skipped.append({"scenario": str(scenario), "policy": policy, "directory": directory, "reason": reason})
 
-    bar = tqdm(total=len(cfg.scenarios) * len(names) * len(insts), desc="evaluate", disable=not cfg.progress_bar)
+    total = len(cfg.scenarios) * len(names) * len(insts)
+    tty = sys.stderr.isatty()  # in a log file a bar is noise: one status line per (scenario, policy) instead
+    bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress_bar and tty))
+    started, done = time.time(), [0]
+
+    def status(scenario: str, policy: str, episodes: int) -> None:
+        done[0] += episodes
+        if cfg.progress_bar and not tty:
+            elapsed = time.time() - started
+            log.info("[evaluate] %d/%d episodes (%s/%s done), %.0f s", done[0], total, scenario, policy, elapsed)
+
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
         base_envs = {i.routing_seed: gym.make("CoEL-v0", **kwargs, scenario_seed=i.routing_seed) for i in insts}
@@ -276,6 +286,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                     for env in envs.values():
                         env.close()
                     bar.update(len(insts))
+                    status(scenario, name, len(insts))
                     continue
             if name in TUNED or name in SPECIAL:
                 bases = [TUNED[name]] if name in TUNED else (["coel"] if name == "never_update" else ["coel", "eplb"])
@@ -311,6 +322,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 )
                 eps.append(ep)
                 bar.update(1)
+            status(scenario, name, len(insts))
             if envs is not base_envs:
                 for env in envs.values():
                     env.close()
@@ -604,27 +616,39 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 
 def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
-    lg = cfg.logger
-    mode = os.environ.get("WANDB_MODE", lg.get("mode", "offline"))
-    if mode == "disabled":
+    """The leaderboard as a W&B table, its plots, each agent's score in the run summary, and its files as a
+    `leaderboard` artifact (job type `evaluate`; offline unless WANDB_MODE / logger.mode say otherwise)."""
+    from agents.tracking import finish_wandb, init_wandb, log_artifact, use_artifact
+
+    lg = OmegaConf.to_container(cfg.logger, resolve=True)
+    lg["tags"] = [*list(lg.get("tags") or []), "evaluate"]
+    run = init_wandb(lg, out, OmegaConf.to_container(cfg, resolve=True), name="evaluate", job_type="evaluate")
+    if run is None:
         return
     import wandb
 
-    run = wandb.init(
-        mode=mode,
-        project=lg.get("project", "coel-gym"),
-        entity=lg.get("entity"),
-        group=lg.get("group"),
-        tags=[*list(lg.get("tags") or []), "evaluate"],
-        dir=str(out),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        job_type="evaluate",
-    )
+    for name in cfg.policies:  # the exported policies it ranks (lineage, online)
+        if Path(str(name)).is_dir():
+            use_artifact(run, f"policy-{_policy_run_name(Path(str(name)))}")
     cols = list(rows[0])
     run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     for png in sorted(out.glob("leaderboard_*.png")):
         run.log({png.stem: wandb.Image(str(png))})
-    run.finish()
+    for r in rows:
+        run.summary[f"{r['scenario']}/{r['policy']}/score"] = r["score"]
+    files = ["leaderboard.csv", "leaderboard.md", "leaderboard_all.csv", "episodes.csv", "tuned.json", "skipped.json"]
+    meta = {"scenarios": [str(x) for x in cfg.scenarios], "split": str(cfg.split), "instances": int(cfg.seeds)}
+    log_artifact(run, "leaderboard", "leaderboard", [out / f for f in files], meta)
+    finish_wandb(run)
+
+
+def _policy_run_name(policy_dir: Path) -> str:
+    """The W&B run name experiments.train gave the run that exported `policy_dir` (`<algo>-<scenario>-s<seed>`)."""
+    try:
+        summary = json.loads((policy_dir.parent / "train_summary.json").read_text())
+        return f"{summary['algo']}-{summary['scenario']}-s{summary['seed']}"
+    except (OSError, ValueError, KeyError):
+        return policy_dir.parent.name
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

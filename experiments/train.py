@@ -16,6 +16,7 @@ reach it is refused.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from stable_baselines3.common.callbacks import CallbackList
 
 from agents.baselines import POLICIES
 from agents.checkpoint import MAX_SEED, check_agent_config, read_checkpoint
@@ -31,19 +34,20 @@ from agents.sb3 import (
     ALGORITHMS,
     VEC_ENVS,
     BaselineEvalCallback,
+    StatusLineCallback,
     agent_config,
     make_algorithm,
     make_training_env,
     observed_keys,
     save_model,
 )
-from agents.tracking import init_wandb, make_sb3_logger
+from agents.tracking import artifact_name, finish_wandb, init_wandb, log_artifact, make_sb3_logger
 from coel_env.atomic import atomic_write_json
 from coel_env.benchmark.instances import check_train_seeds, instances
 from coel_env.env.env import CoELEnv
 from coel_env.errors import ConfigError
 from coel_env.specs import scenario_with_hardware
-from experiments.cli_checks import require_int, run_in_output_dir
+from experiments.cli_checks import require_int, require_positive, run_in_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ def check_cfg(cfg: DictConfig) -> None:
             isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] <= 0
         ):
             raise ConfigError(f"{field}: {cfg[field]!r} must be an integer >= 1 (env steps), or null for off")
+    require_positive(cfg.get("status_every_s", 30.0), "status_every_s")
     for field in ("normalize_obs", "export", "progress_bar"):
         if not isinstance(cfg[field], bool):
             raise ConfigError(f"{field}: {cfg[field]!r} must be true or false")
@@ -109,9 +114,8 @@ def train(cfg: DictConfig, out: Path) -> dict:
         )
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
-        run = init_wandb(
-            OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
-        )
+        run_name = f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
+        run = init_wandb({**OmegaConf.to_container(cfg.logger), "group": wandb_group(cfg)}, out, config, run_name)
         model.set_logger(make_sb3_logger(out, run))
         callback = BaselineEvalCallback(
             env_kwargs=kwargs,
@@ -128,11 +132,16 @@ def train(cfg: DictConfig, out: Path) -> dict:
             agent_cfg=cfg.agent,
             instances=[(i.routing_seed, i.seed) for i in instances("val", cfg.eval_episodes)],
         )
+        callbacks = [callback]
+        bar = cfg.progress_bar and sys.stdout.isatty()
+        if cfg.progress_bar and not bar:  # a log file: a bar shows nothing for minutes, status lines instead
+            latest = lambda: callback.history[-1] if callback.history else None  # noqa: E731
+            callbacks.append(StatusLineCallback(cfg.total_timesteps, cfg.get("status_every_s", 30.0), latest))
         start = time.time()
         model.learn(
             cfg.total_timesteps,
-            callback=callback,
-            progress_bar=cfg.progress_bar,
+            callback=CallbackList(callbacks),
+            progress_bar=bar,
             reset_num_timesteps=checkpoint is None,
         )
         train_time = time.time() - start
@@ -164,12 +173,62 @@ def train(cfg: DictConfig, out: Path) -> dict:
             from experiments.export import export_run
 
             export_run(out)
+        log_run(run, out, summary, callback.history, run_name)
         return summary
     finally:
         if venv is not None:
             venv.close()
-        if run is not None:
-            run.finish()
+        finish_wandb(run)
+
+
+def wandb_group(cfg: DictConfig) -> str | None:
+    """The W&B group: `logger.group`, else one per sweep (`-m`: the sweep folder's name), else none."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return artifact_name("sweep", Path(hc.sweep.dir).name)
+    return None
+
+
+def log_run(run, out: Path, summary: dict, history: list[dict], name: str) -> None:
+    """The run's headline numbers (W&B summary), its learning curve with the baselines as lines in one chart,
+    and the model and the deployment policy as artifacts."""
+    if run is None:
+        return
+    import wandb
+
+    meta = {k: summary.get(k) for k in ("algo", "scenario", "seed", "timesteps", "reward_space")}
+    if history:
+        last = history[-1]
+        run.summary.update(
+            {
+                "final/agent_score_raw": last["agent"]["score_raw"],
+                "final/best_baseline_score_raw": last["best_baseline_score_raw"],
+                "final/first_win_s": summary.get("first_win_s"),
+            }
+        )
+        names = sorted(last["baselines"])
+        xs = [int(h["timesteps"]) for h in history]
+        ys = [[float(h["agent"]["score_raw"]) for h in history]]
+        ys += [[float(h["baselines"][n]["score_raw"]) for h in history] for n in names]
+        chart = wandb.plot.line_series(
+            xs=xs,
+            ys=ys,
+            keys=["agent", *names],
+            title="Learning curve: official raw score on validation instances (baselines: same instances)",
+            xname="environment steps",
+        )
+        run.log({"eval/learning_curve": chart})
+    log_artifact(
+        run,
+        f"model-{name}",
+        "model",
+        [out / "model.zip", out / "env_spec.json", out / "train_summary.json"],
+        meta,
+    )
+    if (out / "policy").is_dir():
+        log_artifact(run, f"policy-{name}", "policy", [out / "policy"], meta)
 
 
 def _json_default(x):

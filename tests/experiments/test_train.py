@@ -60,6 +60,7 @@ def test_training_writes_model_policy_checkpoints_and_wandb(trained):
     rows = list(csv.DictReader((trained / "progress.csv").open()))
     evals = [r for r in rows if r.get("eval/agent_score_raw")]
     assert evals and all(r["eval/timesteps"] for r in evals)  # learning curves have their x
+    assert len(evals) == 2 and all(r["eval/static_score_raw"] for r in evals)  # baselines: a value at every eval
     assert summary["train_instances"][0] == "train0" and summary["eval_instances"] == ["val0"]
 
 
