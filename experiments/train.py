@@ -137,6 +137,12 @@ def train(cfg: DictConfig, out: Path) -> dict:
         if cfg.progress_bar and not bar:  # a log file: a bar shows nothing for minutes, status lines instead
             latest = lambda: callback.history[-1] if callback.history else None  # noqa: E731
             callbacks.append(StatusLineCallback(cfg.total_timesteps, cfg.get("status_every_s", 30.0), latest))
+            print(
+                f"[train] {algo} on {kwargs['scenario']['name']}: {cfg.total_timesteps} steps, {cfg.n_envs} envs; "
+                f"first the baselines ({', '.join(cfg.eval_baselines) or 'none'}) on {cfg.eval_episodes} "
+                f"validation instances",
+                flush=True,
+            )
         start = time.time()
         model.learn(
             cfg.total_timesteps,

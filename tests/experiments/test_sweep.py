@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.tracking import read_offline_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,7 +42,13 @@ def test_joblib_sweep_with_subprocess_vec_env(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "cannot find context" not in out and "BrokenPipeError" not in out
+    groups = set()
     for job, seed in ((0, 0), (1, 1)):
         summary = json.loads((sweep / str(job) / "train_summary.json").read_text())
         assert summary["seed"] == seed and summary["timesteps"] >= 128
         assert (sweep / str(job) / "model.zip").is_file()
+        (run,) = (sweep / str(job) / "wandb").glob("offline-run-*")
+        record = read_offline_run(run)
+        assert record["job_type"] == "train" and record["name"] == f"PPO-tiny-s{seed}"
+        groups.add(record["group"])
+    assert groups == {"sweep-sweep"}  # one W&B group per sweep (its folder's name)
