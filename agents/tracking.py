@@ -39,9 +39,17 @@ def quiet_wandb() -> None:
         os.environ.setdefault(key, value)
 
 
-def init_wandb(logger_cfg: dict, out_dir: str | Path, config: dict, name: str, job_type: str = "train"):
+def init_wandb(
+    logger_cfg: dict,
+    out_dir: str | Path,
+    config: dict,
+    name: str,
+    job_type: str = "train",
+    step_metric: str | None = None,
+):
     """Start a W&B run in `out_dir` (mode: `wandb_mode`); None when W&B is disabled. `logger_cfg.group` groups the
-    runs of one `make run` / sweep (WANDB_RUN_GROUP when it is null)."""
+    runs of one `make run` / sweep (WANDB_RUN_GROUP when it is null); `step_metric` (training: `global_step`, the
+    environment steps, CleanRL's x axis) is every chart's x."""
     mode = wandb_mode(logger_cfg)
     if mode == "disabled":
         return None
@@ -61,8 +69,9 @@ def init_wandb(logger_cfg: dict, out_dir: str | Path, config: dict, name: str, j
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off"),
     )
-    run.define_metric("global_step")  # SB3 scalars against environment steps, CleanRL's x axis
-    run.define_metric("*", step_metric="global_step")
+    if step_metric:
+        run.define_metric(step_metric)
+        run.define_metric("*", step_metric=step_metric)
     return run
 
 
@@ -115,7 +124,8 @@ def finish_wandb(run, out=sys.stdout) -> Path | None:
     path = sync_dir(run)
     run.finish()
     if path is not None:
-        print(f"W&B offline run (group {run.group or '-'}): wandb sync {path}", file=out, flush=True)
+        group = f" (group {run.group})" if run.group else ""
+        print(f"W&B offline run{group}: wandb sync {path}", file=out, flush=True)
     return path
 
 

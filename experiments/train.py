@@ -7,6 +7,12 @@ checkpoints, resume, W&B logging (offline by default) and export of an SB3-free 
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
 
+Logs: on a terminal a progress bar; otherwise (a log file, a sweep) one status line every `status_every_s`
+seconds — steps, fps, ETA, the latest evaluation. W&B (agents.tracking): job type `train`, group `logger.group` (a
+sweep's own by default), the baselines' scores at every evaluation step next to the agent's plus one learning-curve
+chart, the model and the policy as artifacts; the `wandb sync` line of the offline run is printed at the end. On a
+cluster: `pip install -e '.[slurm]'`, then `-m hydra/launcher=submitit_slurm hydra.launcher.partition=<p> ...`.
+
 Held-out instances (coel_env.benchmark.instances): env i trains on routing model `train` instance i mod
 `train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
 evaluation uses `val` instances. No seed of the `test` split (the leaderboard's) is ever used: a `seed` that would
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -115,7 +122,8 @@ def train(cfg: DictConfig, out: Path) -> dict:
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
         run_name = f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
-        run = init_wandb({**OmegaConf.to_container(cfg.logger), "group": wandb_group(cfg)}, out, config, run_name)
+        logger_cfg = {**OmegaConf.to_container(cfg.logger), "group": wandb_group(cfg)}
+        run = init_wandb(logger_cfg, out, config, run_name, job_type="train", step_metric="global_step")
         model.set_logger(make_sb3_logger(out, run))
         callback = BaselineEvalCallback(
             env_kwargs=kwargs,
@@ -245,6 +253,8 @@ def _json_default(x):
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    # sb3-contrib's masks reach torch as read-only arrays: a one-time torch note, not actionable by our users
+    warnings.filterwarnings("ignore", message=r"The given NumPy array is not writable", category=UserWarning)
     summary, out = run_in_output_dir(lambda out: train(cfg, out))
     print(
         f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "
