@@ -616,7 +616,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 
 def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
-    """The leaderboard as a W&B table, its plots, each agent's score in the run summary, and its files as a
+    """The leaderboard as a W&B table, its plots, every policy's score in the run summary, and its files as a
     `leaderboard` artifact (job type `evaluate`; offline unless WANDB_MODE / logger.mode say otherwise)."""
     from agents.tracking import finish_wandb, init_wandb, log_artifact, use_artifact
 
