@@ -12,10 +12,13 @@ run, a folder of other files, a file — is refused in one `ConfigError` line an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +142,33 @@ def export_policy(
     return out_dir
 
 
+# INFO chatter of the ONNX passes and "torchvision is not installed" notes of torch.onnx: not ours, not actionable
+_EXPORT_LOGGERS = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING, "torch.onnx": logging.ERROR}
+
+
+@contextlib.contextmanager
+def quiet_onnx_export():
+    """torch.onnx.export without third-party log noise (its INFO lines, optional-dependency notes, a torch
+    deprecation FutureWarning about LeafSpec); every other warning still shows."""
+    saved = {name: logging.getLogger(name).level for name in _EXPORT_LOGGERS}
+    for name, level in _EXPORT_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _write_policy(out: Path, model, env_spec: dict | None, obs_rms, clip_obs: float, extra: dict | None) -> None:
     """Write the policy's files into the (empty, temporary) folder `out`, then the integrity list of all of them."""
     obs_space = model.observation_space
     actor = _Actor(model.policy).to("cpu").eval()
     dummy = torch.zeros((2, obs_space.shape[0]), dtype=torch.float32)
     onnx_path = out / ONNX_NAME
-    with torch.no_grad():
+    with torch.no_grad(), quiet_onnx_export():
         torch.onnx.export(
             actor,
             (dummy,),

@@ -24,6 +24,7 @@ from agents.envs import make_env_from_spec, make_flat_env, observed_keys  # noqa
 from agents.policy import ActionPolicy
 from agents.rollout import run_episode, summarize
 from coel_env.errors import ConfigError
+from coel_env.mp_compat import standard_start_method
 
 ALGORITHMS = {"PPO": PPO, "A2C": A2C, "MaskablePPO": MaskablePPO}
 ACTIVATIONS = {
@@ -66,17 +67,19 @@ def make_training_env(
 
             return init
 
-        venv = cls([thunk(i) for i in range(n_envs)], **(kwargs or {}))
+        with standard_start_method():  # a joblib (loky) sweep worker: children need a standard start method
+            venv = cls([thunk(i) for i in range(n_envs)], **(kwargs or {}))
         venv.seed(seed)
     else:
-        venv = make_vec_env(
-            make_flat_env,
-            n_envs=n_envs,
-            seed=seed,
-            vec_env_cls=cls,
-            env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
-            vec_env_kwargs=kwargs,
-        )
+        with standard_start_method():
+            venv = make_vec_env(
+                make_flat_env,
+                n_envs=n_envs,
+                seed=seed,
+                vec_env_cls=cls,
+                env_kwargs={"env_kwargs": env_kwargs, "knobs": knobs, "obs_exclude": tuple(obs_exclude)},
+                vec_env_kwargs=kwargs,
+            )
     if normalize_obs:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0)
     return venv
@@ -175,7 +178,8 @@ class ModelPolicy(ActionPolicy):
 
 class BaselineEvalCallback(BaseCallback):
     """Every `checkpoint_every` env steps: a checkpoint (agents.checkpoint); every `eval_every`: evaluate the
-    deterministic agent and (once, cached) the baselines on the same instances, log eval/* (with `eval/timesteps`)
+    deterministic agent and (once, cached) the baselines on the same instances, log eval/* (with `eval/timesteps`;
+    the baselines' scores at every evaluation step, so they plot as lines next to the agent's)
     and record when the agent first beats them all on the official raw score (None turns either off; a final
     evaluation always runs). `instances`: (routing seed, reset seed) pairs, validation instances by default
     (coel_env.benchmark.instances 'val'); without them, `episodes` resets from `seed` on env_kwargs' routing model."""
@@ -237,11 +241,8 @@ class BaselineEvalCallback(BaseCallback):
         steps = self.num_timesteps  # > 0 when resuming: the next multiples after the restored count
         self._next_eval = (steps // self.eval_every + 1) * self.eval_every if self.eval_every else 0
         self._next_ckpt = (steps // self.checkpoint_every + 1) * self.checkpoint_every if self.checkpoint_every else 0
-        for name in self.baselines:
-            b = self.baseline_scores[name] = self.evaluate_baseline(name)
-            self.logger.record(f"eval/{name}_return", b["return"])
-            for k in ("score_raw", "score_raw_lo", "score_raw_hi"):
-                self.logger.record(f"eval/{name}_{k}", b[k])
+        for name in self.baselines:  # once (same instances every time), logged with every evaluation
+            self.baseline_scores[name] = self.evaluate_baseline(name)
 
     def evaluate_baseline(self, name: str) -> dict:
         from agents.baselines import make_policy
@@ -295,4 +296,58 @@ class BaselineEvalCallback(BaseCallback):
             self.logger.record(f"eval/agent_{key}", agent[key])
         self.logger.record("eval/best_baseline_return", best)
         self.logger.record("eval/best_baseline_score_raw", best_score)
+        for name, b in self.baseline_scores.items():  # at every evaluation step: lines next to the agent's
+            for k in ("return", "score_raw", "score_raw_lo", "score_raw_hi"):
+                self.logger.record(f"eval/{name}_{k}", b[k])
         self.logger.dump(steps)
+
+
+class StatusLineCallback(BaseCallback):
+    """One status line every `every_s` seconds (and at the end) — steps, fps, elapsed, ETA and the latest
+    evaluation — for logs where a progress bar shows nothing (stdout not a TTY). `latest` returns the newest
+    evaluation row of BaselineEvalCallback (its `history`), or None."""
+
+    def __init__(self, total_timesteps: int, every_s: float = 30.0, latest=None, out=None):
+        super().__init__()
+        self.total, self.every_s, self.latest, self.out = int(total_timesteps), float(every_s), latest, out
+        self._start = self._last = 0.0
+        self._start_steps = 0
+        self.lines: list[str] = []
+
+    def _on_training_start(self) -> None:
+        self._start = self._last = time.time()
+        self._start_steps = self.num_timesteps
+
+    def _on_step(self) -> bool:
+        now = time.time()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.emit(now)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.emit(time.time())
+
+    def line(self, now: float) -> str:
+        steps, elapsed = self.num_timesteps, max(now - self._start, 1e-9)
+        fps = (steps - self._start_steps) / elapsed
+        target = self._start_steps + self.total  # SB3 adds `total_timesteps` to a resumed count
+        eta = (target - steps) / fps if fps > 0 and steps < target else 0.0
+        text = (
+            f"[train] {steps}/{target} steps ({100 * min(steps / max(target, 1), 1):.0f}%) | {fps:.0f} fps | "
+            f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
+        )
+        row = self.latest() if self.latest is not None else None
+        if row:
+            text += (
+                f" | eval @ {row['timesteps']}: agent score {row['agent']['score_raw']:.4f}, best baseline "
+                f"{row['best_baseline_score_raw']:.4f}"
+            )
+        return text
+
+    def emit(self, now: float) -> None:
+        import sys
+
+        text = self.line(now)
+        self.lines.append(text)
+        print(text, file=self.out or sys.stdout, flush=True)

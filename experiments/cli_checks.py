@@ -96,13 +96,16 @@ def error_line(exc: BaseException, out=None) -> str:
 
 def run_in_output_dir(work: Callable[[Path], T]) -> tuple[T, Path]:
     """`work(out)` in a Hydra app, `out` being the run's output folder; (its result, out). A CoELError exits the
-    app with its `error_line` (details in `out/error.txt`)."""
+    app with its `error_line` (details in `out/error.txt`). In a joblib sweep worker the work runs under a standard
+    multiprocessing start method (coel_env.mp_compat), so the processes it starts come up."""
     from hydra.core.hydra_config import HydraConfig
 
     from coel_env.errors import CoELError
+    from coel_env.mp_compat import standard_start_method
 
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return work(out), out
+        with standard_start_method():  # a joblib sweep job: the processes it starts need a standard start method
+            return work(out), out
     except CoELError as exc:  # a ServerError of backend=real too: its first line (the server's traceback to a file)
         raise SystemExit(error_line(exc, out)) from None

@@ -2,18 +2,21 @@
 
     python -m experiments.compare runs=[outputs/train/paper-testbed/...] leaderboard=outputs/evaluate/...
 
-Writes `report.md` and `report.html` with PNGs into the output dir — learning curves (agent vs baselines during
+Writes `report.md`, `report.html` (self-contained: the images are embedded as data URIs, so the page opens alone)
+and `report.json` (the headline) with PNGs into the output dir — learning curves (agent vs baselines during
 training), the leaderboard, latency-vs-quality and energy-vs-latency Pareto plots, placement heatmaps — and logs the
-tables and images to W&B (offline by default). With W&B online and `wandb-workspaces` installed it also builds a
-W&B Report.
+tables, images and a `report` artifact to W&B (job type `compare`, offline by default). With W&B online and
+`wandb-workspaces` installed it also builds a W&B Report.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import json
 import logging
+import re
 from pathlib import Path
 
 import hydra
@@ -24,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from coel_env.atomic import atomic_write_text
+from coel_env.atomic import atomic_write_json, atomic_write_text
 from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec
 from experiments.cli_checks import require_int, run_in_output_dir
@@ -174,8 +177,11 @@ def pareto_plot(rows: list[dict], xkey: str, ykey: str, xlabel: str, ylabel: str
     return path
 
 
-def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: int, out: Path) -> list[Path]:
-    """Render (rgb_array) the deployment each policy holds after `epochs` decision epochs."""
+def placement_heatmaps(
+    scenario: str, policies: list[str], epochs: int, seed: int, out: Path, skipped: list[dict] | None = None
+) -> list[Path]:
+    """Render (rgb_array) the deployment each policy holds after `epochs` decision epochs. An exported policy that
+    does not fit `scenario` (trained on another one) is skipped with one warning line (and appended to `skipped`)."""
     import gymnasium as gym
 
     import coel_env  # noqa: F401
@@ -190,6 +196,13 @@ def placement_heatmaps(scenario: str, policies: list[str], epochs: int, seed: in
         if isinstance(policy, DeployedAgent):
             kwargs["action_space"] = policy.env_kwargs.get("action_space", "full")
         env = gym.make("CoEL-v0", **kwargs)
+        reason = policy.incompatibility(env) if isinstance(policy, DeployedAgent) else None
+        if reason is not None:
+            env.close()
+            log.warning("skipping policy %s (%s) on scenario %s: %s", policy.name, name, scenario, reason)
+            if skipped is not None:
+                skipped.append({"scenario": scenario, "policy": policy.name, "directory": name, "reason": reason})
+            continue
         run_episode(env, policy, seed)
         frame = env.render()
         env.close()
@@ -239,38 +252,79 @@ def leaderboard_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_to_html(md: str, title: str) -> str:
-    """A small self-contained HTML page: headings, tables, images and paragraphs of the report."""
-    body, table = [], []
+_CODE = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ITALIC = re.compile(r"(?<![\w*])\*(?!\s)([^*]+?)(?<!\s)\*(?![\w*])")
 
-    def flush_table() -> None:
+
+def inline_html(text: str) -> str:
+    """One line of the report's markdown as HTML: escaped, `code` as <code>, **bold** as <b> (also around code
+    spans), *italic* as <i>; nothing inside a code span is touched."""
+    codes: list[str] = []
+
+    def stash(m: re.Match) -> str:
+        codes.append(f"<code>{html.escape(m.group(1))}</code>")
+        return f"\ue000{len(codes) - 1}\ue001"
+
+    out = _ITALIC.sub(r"<i>\1</i>", _BOLD.sub(r"<b>\1</b>", html.escape(_CODE.sub(stash, text))))
+    return re.sub("\ue000(\\d+)\ue001", lambda m: codes[int(m.group(1))], out)
+
+
+def plain_text(text: str) -> str:
+    """A markdown line as plain text (no **, no backticks): for logs and summaries."""
+    return _BOLD.sub(r"\1", _CODE.sub(r"\1", text)).strip()
+
+
+def image_src(src: str, base_dir: Path | None) -> str:
+    """`src` as a data: URI when it is a file next to the report (the page then needs no other file)."""
+    path = (base_dir / src) if base_dir is not None else Path(src)
+    if not path.is_file():
+        log.warning("report.html: image '%s' not found; left as a link", src)
+        return src
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+    kind = mime.get(path.suffix.lower(), "application/octet-stream")
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def markdown_to_html(md: str, title: str, base_dir: Path | None = None) -> str:
+    """A self-contained HTML page of the report: headings, tables, lists, paragraphs with inline code, and the
+    images (files in `base_dir`) embedded as base64 data URIs — it opens anywhere, alone."""
+    body, table, items = [], [], []
+
+    def flush() -> None:
         if table:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
+            cells = [[inline_html(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
             head = "".join(f"<th>{c}</th>" for c in cells[0])
             trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
             table.clear()
+        if items:
+            body.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in items) + "</ul>")
+            items.clear()
 
     for line in md.splitlines():
         if line.startswith("|"):
             table.append(line)
             continue
-        flush_table()
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush()
         if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            body.append(f"<h{level}>{inline_html(line.lstrip('#').strip())}</h{level}>")
         elif line.startswith("!["):
             alt, src = line[2:].split("](", 1)
-            body.append(f'<img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" style="max-width:100%">')
-        elif line.startswith("**") and line.endswith("**") and len(line) > 4:  # the headline
-            body.append(f"<p><b>{html.escape(line[2:-2])}</b></p>")
+            src = image_src(src.rstrip(")"), base_dir)
+            body.append(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">')
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
+            body.append(f"<p>{inline_html(line)}</p>")
+    flush()
     style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%;display:block;margin:1em 0}"
+        "code{background:#f3f3f3;padding:0 3px;border-radius:3px;font-size:90%}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -341,6 +395,9 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
             "",
             leaderboard_markdown(rows),
         ]
+        skipped_file = board_dir / "skipped.json"
+        for k in json.loads(skipped_file.read_text()) if skipped_file.is_file() else []:
+            md += [f"Not evaluated: `{k['policy']}` on `{k['scenario']}` ({k['reason']}).", ""]
         p1 = pareto_plot(
             rows, "e2e_p95_s", "quality_loss", "p95 latency (s)", "quality loss", out / "pareto_latency_quality.png"
         )
@@ -351,7 +408,8 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
         md += ["## Pareto fronts", "", f"![latency vs quality]({p1.name})", "", f"![latency vs energy]({p2.name})", ""]
     if cfg.heatmaps.scenario:
         policies = list(cfg.heatmaps.policies) + [str(r / "policy") for r in runs if (r / "policy").is_dir()]
-        heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out)
+        skipped: list[dict] = []
+        heat = placement_heatmaps(cfg.heatmaps.scenario, policies, cfg.heatmaps.epochs, cfg.heatmaps.seed, out, skipped)
         md += [
             "## Placements",
             "",
@@ -362,36 +420,47 @@ def build_report(cfg: DictConfig, out: Path) -> dict:
         for p in heat:
             images[p.stem] = p
             md += [f"![{p.stem}]({p.name})", ""]
+        for k in skipped:
+            md += [f"Skipped `{k['policy']}`: {k['reason']}.", ""]
     text = "\n".join(md)
     atomic_write_text(out / "report.md", text)
-    atomic_write_text(out / "report.html", markdown_to_html(text, "CoEL-Gym comparison report"))
+    atomic_write_text(out / "report.html", markdown_to_html(text, "CoEL-Gym comparison report", out))
+    result = {
+        "headline": [plain_text(h) for h in head],
+        "report": str(out / "report.md"),
+        "html": str(out / "report.html"),
+        "images": len(images),
+    }
+    atomic_write_json(out / "report.json", result)  # the headline for `make run`'s final summary
     log_wandb(cfg, out, rows, images, text, head)
-    return {"report": str(out / "report.md"), "html": str(out / "report.html"), "images": len(images)}
+    return result
 
 
 def log_wandb(
     cfg: DictConfig, out: Path, rows: list[dict], images: dict[str, Path], text: str, head: list[str] | None = None
 ) -> None:
-    from agents.tracking import init_wandb
+    from agents.tracking import finish_wandb, init_wandb, log_artifact, use_artifact
 
     run = init_wandb(
-        OmegaConf.to_container(cfg.logger),
+        OmegaConf.to_container(cfg.logger, resolve=True),
         out,
         OmegaConf.to_container(cfg, resolve=True),
         name="compare",
-        job_type="report",
+        job_type="compare",
     )
-    if run is None or run.disabled:
+    if run is None:
         return
     import wandb
+
+    use_artifact(run, "leaderboard")  # lineage (online): what the report is built from
 
     if rows:
         cols = list(rows[0])
         run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     run.log({k: wandb.Image(str(v)) for k, v in images.items()})
     if head:  # the headline at a glance: the run's summary and a text panel
-        run.summary["headline"] = " ".join(h.strip("*") for h in head)
-        run.log({"headline": wandb.Html("<br>".join(html.escape(h.strip("*")) for h in head))})
+        run.summary["headline"] = " ".join(plain_text(h) for h in head)
+        run.log({"headline": wandb.Html("<br>".join(inline_html(h) for h in head))})
     if run.settings.mode == "online":
         try:  # optional: a W&B Report (needs the wandb-workspaces package)
             import wandb_workspaces.reports.v2 as wr
@@ -401,12 +470,16 @@ def log_wandb(
             report.save()
         except ImportError:
             log.info("wandb-workspaces not installed: no W&B Report built (tables and images are logged)")
-    run.finish()
+    files = [out / "report.md", out / "report.html", out / "report.json", *images.values()]
+    log_artifact(run, "report", "report", files, {"headline": [plain_text(h) for h in head or []]})
+    finish_wandb(run)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     result, _ = run_in_output_dir(lambda out: build_report(cfg, out))
+    for line in result["headline"]:
+        print(line)
     print(f"comparison report: {result['report']} ({result['html']})")
 
 

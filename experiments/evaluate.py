@@ -23,6 +23,10 @@ the number of policies whose paired 95% interval is entirely above this one's (t
 reward (`return`, the env's reward space) is reported, not ranked. Writes `leaderboard.csv` / `leaderboard.md`,
 `episodes.csv` (one row per episode), `tuned.json`, `leaderboard_<metric>.png`; logs the table to W&B (offline
 unless WANDB_MODE / logger.mode say otherwise).
+
+An exported policy that does not fit a scenario (trained on another one: its observation or action size differs)
+is skipped there with one warning line naming both and why, listed in `skipped.json` and the leaderboard's
+"Skipped" section; everything else is evaluated and written.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -164,7 +168,8 @@ def check_policy_kwargs(cfg: DictConfig) -> None:
             f"policy_kwargs: {pkw!r} must be a mapping policy -> arguments, e.g. policy_kwargs.oracle.time_limit=5"
         )
     for name in policy_list(cfg):
-        if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments
+        if Path(str(name)).is_dir():  # an exported agent takes no constructor arguments; a broken one fails here
+            DeployedAgent(str(name))
             continue
         kw = pkw.get(name) or {}
         if not isinstance(kw, dict):
@@ -243,7 +248,23 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     knobs = tuned_knobs(cfg, names, out)
     commit = git_commit()
     rows, episodes = [], []
-    bar = tqdm(total=len(cfg.scenarios) * len(names) * len(insts), desc="evaluate", disable=not cfg.progress_bar)
+    skipped: list[dict] = []
+
+    def skip(scenario: str, policy: str, directory: str, reason: str) -> None:
+        log.warning("skipping policy %s (%s) on scenario %s: %s", policy, directory, scenario, reason)
+        skipped.append({"scenario": str(scenario), "policy": policy, "directory": directory, "reason": reason})
+
+    total = len(cfg.scenarios) * len(names) * len(insts)
+    tty = sys.stderr.isatty()  # in a log file a bar is noise: one status line per (scenario, policy) instead
+    bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress_bar and tty))
+    started, done = time.time(), [0]
+
+    def status(scenario: str, policy: str, episodes: int) -> None:
+        done[0] += episodes
+        if cfg.progress_bar and not tty:
+            elapsed = time.time() - started
+            log.info("[evaluate] %d/%d episodes (%s/%s done), %.0f s", done[0], total, scenario, policy, elapsed)
+
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
         base_envs = {i.routing_seed: gym.make("CoEL-v0", **kwargs, scenario_seed=i.routing_seed) for i in insts}
@@ -258,7 +279,15 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 shaping = ("action_space", "num_edits", "observation_space")
                 env_kw = {**kwargs, **{k: agent.env_kwargs[k] for k in shaping if k in agent.env_kwargs}}
                 envs = {i.routing_seed: gym.make("CoEL-v0", **env_kw, scenario_seed=i.routing_seed) for i in insts}
-                name = agent.name
+                directory, name = str(name), agent.name
+                reason = agent.incompatibility(next(iter(envs.values())))
+                if reason is not None:  # e.g. trained on another scenario: skip this pair, keep everything else
+                    skip(scenario, name, directory, reason)
+                    for env in envs.values():
+                        env.close()
+                    bar.update(len(insts))
+                    status(scenario, name, len(insts))
+                    continue
             if name in TUNED or name in SPECIAL:
                 bases = [TUNED[name]] if name in TUNED else (["coel"] if name == "never_update" else ["coel", "eplb"])
                 kw_id = {**kw, "tuned": {b: sc_knobs[b].get("params") for b in bases if b in sc_knobs}}
@@ -293,6 +322,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 )
                 eps.append(ep)
                 bar.update(1)
+            status(scenario, name, len(insts))
             if envs is not base_envs:
                 for env in envs.values():
                     env.close()
@@ -308,6 +338,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
             )
         for env in base_envs.values():
             env.close()
+        if not sc_rows:  # every policy skipped on this scenario
+            continue
         sc_summary = summarize_scenario(sc_rows)
         rows += sc_summary
         for r in sc_rows:
@@ -315,12 +347,18 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
         for r in sc_summary:
             log.info("%s %s score %.3f [%.3f, %.3f]", scenario, r["policy"], r["score"], r["score_lo"], r["score_hi"])
     bar.close()
+    if not rows:
+        raise ConfigError(
+            "policies: none fits any of the scenarios; skipped: "
+            + "; ".join(f"{k['policy']} on {k['scenario']} ({k['reason']})" for k in skipped)
+        )
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)
+    atomic_write_json(out / "skipped.json", skipped)  # (policy, scenario) pairs that do not fit, and why
     agg = aggregate(rows, episodes) if len(cfg.scenarios) > 1 else []
     if agg:
         write_csv(out / "leaderboard_all.csv", agg)
-    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts))
+    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts, skipped))
     if cfg.plots:
         plot(rows, out)
     return rows
@@ -453,7 +491,7 @@ def _kind_label(r: dict) -> str:
     return {"bound": " (bound)", "reference": " (ref)", "agent": " (agent)"}.get(r["kind"], "")
 
 
-def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list) -> str:
+def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, skipped: list[dict] = ()) -> str:
     titles = {k: (t, sc) for k, t, sc in METRICS}
     lines = [
         f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)",
@@ -536,6 +574,10 @@ def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list) ->
             ]
             lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
         lines.append("")
+    if skipped:
+        lines += ["## Skipped", "", "These policies do not fit these scenarios and were not evaluated there:", ""]
+        lines += [f"- `{s['policy']}` on `{s['scenario']}`: {s['reason']} (`{s['directory']}`)" for s in skipped]
+        lines.append("")
     lines += ["## Configs", "", "Each row's exact config (policy kwargs, env kwargs, instances, git commit):", ""]
     for r in rows:
         lines.append(f"- `{r['config_id']}`: `{r['config']}`")
@@ -574,27 +616,39 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 
 def log_wandb(cfg: DictConfig, out: Path, rows: list[dict]) -> None:
-    lg = cfg.logger
-    mode = os.environ.get("WANDB_MODE", lg.get("mode", "offline"))
-    if mode == "disabled":
+    """The leaderboard as a W&B table, its plots, every policy's score in the run summary, and its files as a
+    `leaderboard` artifact (job type `evaluate`; offline unless WANDB_MODE / logger.mode say otherwise)."""
+    from agents.tracking import finish_wandb, init_wandb, log_artifact, use_artifact
+
+    lg = OmegaConf.to_container(cfg.logger, resolve=True)
+    lg["tags"] = [*list(lg.get("tags") or []), "evaluate"]
+    run = init_wandb(lg, out, OmegaConf.to_container(cfg, resolve=True), name="evaluate", job_type="evaluate")
+    if run is None:
         return
     import wandb
 
-    run = wandb.init(
-        mode=mode,
-        project=lg.get("project", "coel-gym"),
-        entity=lg.get("entity"),
-        group=lg.get("group"),
-        tags=[*list(lg.get("tags") or []), "evaluate"],
-        dir=str(out),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        job_type="evaluate",
-    )
+    for name in cfg.policies:  # the exported policies it ranks (lineage, online)
+        if Path(str(name)).is_dir():
+            use_artifact(run, f"policy-{_policy_run_name(Path(str(name)))}")
     cols = list(rows[0])
     run.log({"leaderboard": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     for png in sorted(out.glob("leaderboard_*.png")):
         run.log({png.stem: wandb.Image(str(png))})
-    run.finish()
+    for r in rows:
+        run.summary[f"{r['scenario']}/{r['policy']}/score"] = r["score"]
+    files = ["leaderboard.csv", "leaderboard.md", "leaderboard_all.csv", "episodes.csv", "tuned.json", "skipped.json"]
+    meta = {"scenarios": [str(x) for x in cfg.scenarios], "split": str(cfg.split), "instances": int(cfg.seeds)}
+    log_artifact(run, "leaderboard", "leaderboard", [out / f for f in files], meta)
+    finish_wandb(run)
+
+
+def _policy_run_name(policy_dir: Path) -> str:
+    """The W&B run name experiments.train gave the run that exported `policy_dir` (`<algo>-<scenario>-s<seed>`)."""
+    try:
+        summary = json.loads((policy_dir.parent / "train_summary.json").read_text())
+        return f"{summary['algo']}-{summary['scenario']}-s{summary['seed']}"
+    except (OSError, ValueError, KeyError):
+        return policy_dir.parent.name
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -7,6 +7,12 @@ checkpoints, resume, W&B logging (offline by default) and export of an SB3-free 
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
 
+Logs: on a terminal a progress bar; otherwise (a log file, a sweep) one status line every `status_every_s`
+seconds — steps, fps, ETA, the latest evaluation. W&B (agents.tracking): job type `train`, group `logger.group` (a
+sweep's own by default), the baselines' scores at every evaluation step next to the agent's plus one learning-curve
+chart, the model and the policy as artifacts; the `wandb sync` line of the offline run is printed at the end. On a
+cluster: `pip install -e '.[slurm]'`, then `-m hydra/launcher=submitit_slurm hydra.launcher.partition=<p> ...`.
+
 Held-out instances (coel_env.benchmark.instances): env i trains on routing model `train` instance i mod
 `train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
 evaluation uses `val` instances. No seed of the `test` split (the leaderboard's) is ever used: a `seed` that would
@@ -16,14 +22,18 @@ reach it is refused.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from stable_baselines3.common.callbacks import CallbackList
 
 from agents.baselines import POLICIES
 from agents.checkpoint import MAX_SEED, check_agent_config, read_checkpoint
@@ -31,19 +41,20 @@ from agents.sb3 import (
     ALGORITHMS,
     VEC_ENVS,
     BaselineEvalCallback,
+    StatusLineCallback,
     agent_config,
     make_algorithm,
     make_training_env,
     observed_keys,
     save_model,
 )
-from agents.tracking import init_wandb, make_sb3_logger
+from agents.tracking import artifact_name, finish_wandb, init_wandb, log_artifact, make_sb3_logger
 from coel_env.atomic import atomic_write_json
 from coel_env.benchmark.instances import check_train_seeds, instances
 from coel_env.env.env import CoELEnv
 from coel_env.errors import ConfigError
 from coel_env.specs import scenario_with_hardware
-from experiments.cli_checks import require_int, run_in_output_dir
+from experiments.cli_checks import require_int, require_positive, run_in_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,7 @@ def check_cfg(cfg: DictConfig) -> None:
             isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] <= 0
         ):
             raise ConfigError(f"{field}: {cfg[field]!r} must be an integer >= 1 (env steps), or null for off")
+    require_positive(cfg.get("status_every_s", 30.0), "status_every_s")
     for field in ("normalize_obs", "export", "progress_bar"):
         if not isinstance(cfg[field], bool):
             raise ConfigError(f"{field}: {cfg[field]!r} must be true or false")
@@ -109,9 +121,9 @@ def train(cfg: DictConfig, out: Path) -> dict:
         )
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
-        run = init_wandb(
-            OmegaConf.to_container(cfg.logger), out, config, name=f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
-        )
+        run_name = f"{algo}-{kwargs['scenario']['name']}-s{cfg.seed}"
+        logger_cfg = {**OmegaConf.to_container(cfg.logger), "group": wandb_group(cfg)}
+        run = init_wandb(logger_cfg, out, config, run_name, job_type="train", step_metric="global_step")
         model.set_logger(make_sb3_logger(out, run))
         callback = BaselineEvalCallback(
             env_kwargs=kwargs,
@@ -128,11 +140,22 @@ def train(cfg: DictConfig, out: Path) -> dict:
             agent_cfg=cfg.agent,
             instances=[(i.routing_seed, i.seed) for i in instances("val", cfg.eval_episodes)],
         )
+        callbacks = [callback]
+        bar = cfg.progress_bar and sys.stdout.isatty()
+        if cfg.progress_bar and not bar:  # a log file: a bar shows nothing for minutes, status lines instead
+            latest = lambda: callback.history[-1] if callback.history else None  # noqa: E731
+            callbacks.append(StatusLineCallback(cfg.total_timesteps, cfg.get("status_every_s", 30.0), latest))
+            print(
+                f"[train] {algo} on {kwargs['scenario']['name']}: {cfg.total_timesteps} steps, {cfg.n_envs} envs; "
+                f"first the baselines ({', '.join(cfg.eval_baselines) or 'none'}) on {cfg.eval_episodes} "
+                f"validation instances",
+                flush=True,
+            )
         start = time.time()
         model.learn(
             cfg.total_timesteps,
-            callback=callback,
-            progress_bar=cfg.progress_bar,
+            callback=CallbackList(callbacks),
+            progress_bar=bar,
             reset_num_timesteps=checkpoint is None,
         )
         train_time = time.time() - start
@@ -164,12 +187,62 @@ def train(cfg: DictConfig, out: Path) -> dict:
             from experiments.export import export_run
 
             export_run(out)
+        log_run(run, out, summary, callback.history, run_name)
         return summary
     finally:
         if venv is not None:
             venv.close()
-        if run is not None:
-            run.finish()
+        finish_wandb(run)
+
+
+def wandb_group(cfg: DictConfig) -> str | None:
+    """The W&B group: `logger.group`, else one per sweep (`-m`: the sweep folder's name), else none."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return artifact_name("sweep", Path(hc.sweep.dir).name)
+    return None
+
+
+def log_run(run, out: Path, summary: dict, history: list[dict], name: str) -> None:
+    """The run's headline numbers (W&B summary), its learning curve with the baselines as lines in one chart,
+    and the model and the deployment policy as artifacts."""
+    if run is None:
+        return
+    import wandb
+
+    meta = {k: summary.get(k) for k in ("algo", "scenario", "seed", "timesteps", "reward_space")}
+    if history:
+        last = history[-1]
+        run.summary.update(
+            {
+                "final/agent_score_raw": last["agent"]["score_raw"],
+                "final/best_baseline_score_raw": last["best_baseline_score_raw"],
+                "final/first_win_s": summary.get("first_win_s"),
+            }
+        )
+        names = sorted(last["baselines"])
+        xs = [int(h["timesteps"]) for h in history]
+        ys = [[float(h["agent"]["score_raw"]) for h in history]]
+        ys += [[float(h["baselines"][n]["score_raw"]) for h in history] for n in names]
+        chart = wandb.plot.line_series(
+            xs=xs,
+            ys=ys,
+            keys=["agent", *names],
+            title="Learning curve: official raw score on validation instances (baselines: same instances)",
+            xname="environment steps",
+        )
+        run.log({"eval/learning_curve": chart})
+    log_artifact(
+        run,
+        f"model-{name}",
+        "model",
+        [out / "model.zip", out / "env_spec.json", out / "train_summary.json"],
+        meta,
+    )
+    if (out / "policy").is_dir():
+        log_artifact(run, f"policy-{name}", "policy", [out / "policy"], meta)
 
 
 def _json_default(x):
@@ -180,6 +253,8 @@ def _json_default(x):
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    # sb3-contrib's masks reach torch as read-only arrays: a one-time torch note, not actionable by our users
+    warnings.filterwarnings("ignore", message=r"The given NumPy array is not writable", category=UserWarning)
     summary, out = run_in_output_dir(lambda out: train(cfg, out))
     print(
         f"trained {summary['algo']} for {summary['timesteps']} steps in {summary['train_time_s']:.0f} s; "

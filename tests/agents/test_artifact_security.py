@@ -800,6 +800,8 @@ def _cfg(**changes):
         "normalize_obs": True,
         "export": True,
         "progress_bar": False,
+        "status_every_s": 30,
+        "train_instances": 8,
         "vec_env": "dummy",
         "agent": {
             "algo": "PPO",
@@ -829,6 +831,8 @@ def _cfg(**changes):
         ({"vec_env": "threads"}, "vec_env: 'threads' unknown"),
         ({"agent": {"algo": "DQN"}}, "agent.algo: 'DQN' unknown"),
         ({"seed": 2**32}, "seed: 4294967296 must be an integer in [0, 4294967295]"),
+        ({"status_every_s": 0}, "status_every_s: 0 must be a finite number > 0"),
+        ({"status_every_s": "often"}, "status_every_s: 'often' must be a finite number > 0"),
         ({"agent": {"algo": "PPO", "kwargs": {"batch_size": 0}}}, "agent.kwargs.batch_size: 0 must be an integer in"),
         ({"agent": {"algo": "PPO", "kwargs": {"batch_size": 1}}}, "agent.kwargs.batch_size: 1 must be an integer in"),
         ({"agent": {"algo": "PPO", "kwargs": {"n_steps": 0}}}, "agent.kwargs.n_steps: 0 must be an integer in"),

@@ -60,6 +60,7 @@ def test_training_writes_model_policy_checkpoints_and_wandb(trained):
     rows = list(csv.DictReader((trained / "progress.csv").open()))
     evals = [r for r in rows if r.get("eval/agent_score_raw")]
     assert evals and all(r["eval/timesteps"] for r in evals)  # learning curves have their x
+    assert len(evals) == 2 and all(r["eval/static_score_raw"] for r in evals)  # baselines: a value at every eval
     assert summary["train_instances"][0] == "train0" and summary["eval_instances"] == ["val0"]
 
 
@@ -137,6 +138,12 @@ def test_exported_masked_multidiscrete_policy_matches_sb3(tmp_path):
         np.testing.assert_array_equal(policy.act(obs, mask), ref)
         assert mask.reshape(-1)[np.cumsum([0, *policy.nvec[:-1]]) + policy.act(obs, mask)].all()
         obs, *_ = env.step(ref)
+    from agents.deployed import DeployedAgent
+
+    agent = DeployedAgent(tmp_path)
+    assert agent.incompatibility(gym.make("CoEL-v0", scenario="tiny", action_space="full", max_epochs=2)) is None
+    other = gym.make("CoEL-v0", scenario="tiny", action_space="threshold", max_epochs=2)
+    assert "with a MultiDiscrete action of shape" in agent.incompatibility(other)  # same observation, other action
 
 
 @pytest.mark.parametrize(
@@ -256,9 +263,71 @@ def test_deployed_agent_on_another_scenario_is_one_clear_error(trained):
     from coel_env.errors import ConfigError
 
     agent = DeployedAgent(trained / "policy")
+    fits = gym.make("CoEL-v0", scenario="tiny", action_space=agent.env_kwargs["action_space"], max_epochs=2)
+    assert agent.incompatibility(fits) is None
+    fits.close()
     env = gym.make("CoEL-v0", scenario="paper-testbed", max_epochs=2)
+    assert agent.incompatibility(env).startswith("trained on scenario 'tiny' (observation size")  # no episode run
     obs, _ = env.reset(seed=0)
     agent.reset(env.unwrapped.cluster, seed=0, scenario=env.unwrapped.scenario)
     with pytest.raises(ConfigError, match="trained on scenario 'tiny'") as err:
         agent.act(obs, env)
     assert "\n" not in str(err.value)
+
+
+def test_a_policy_that_does_not_fit_a_scenario_is_skipped_not_fatal(trained, tmp_path):
+    """An exported policy trained on `tiny` cannot act on `paper-testbed` (observation size differs): evaluate and
+    compare skip that (policy, scenario) with one warning line naming both and why, and write everything else."""
+    board = tmp_path / "evaluate"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "scenarios=[tiny,paper-testbed]",
+        f"policies=[static_linear,{trained}/policy]",
+        "seeds=1",
+        "max_epochs=2",
+        "tuning.trials=1",
+        "tuning.instances=1",
+        "tuning.epochs=2",
+        "logger=disabled",
+        "progress_bar=false",
+        "plots=false",
+        f"hydra.run.dir={board}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    agent = f"agent:{trained.name}"
+    warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "skipping policy" in ln]
+    assert len(warnings) == 1, warnings
+    assert "WARNING" in warnings[0] and agent in warnings[0] and "on scenario paper-testbed" in warnings[0]
+    assert "trained on scenario 'tiny'" in warnings[0] and "observation size" in warnings[0]
+    rows = list(csv.DictReader((board / "leaderboard.csv").open()))
+    pairs = {(r["scenario"], r["policy"]) for r in rows}
+    assert ("tiny", agent) in pairs and ("paper-testbed", agent) not in pairs
+    assert ("paper-testbed", "static_linear") in pairs and ("paper-testbed", "coel_tuned") in pairs
+    skipped = json.loads((board / "skipped.json").read_text())
+    assert [(k["scenario"], k["policy"]) for k in skipped] == [("paper-testbed", agent)]
+    assert "## Skipped" in (board / "leaderboard.md").read_text()
+
+    report = tmp_path / "compare"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.compare",
+        f"runs=[{trained}]",
+        f"leaderboard={board}",
+        "heatmaps.scenario=paper-testbed",
+        "heatmaps.policies=[static_linear]",
+        "heatmaps.epochs=1",
+        "logger=disabled",
+        f"hydra.run.dir={report}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "skipping policy" in ln]
+    assert len(warnings) == 1 and agent in warnings[0] and "paper-testbed" in warnings[0], warnings
+    md = (report / "report.md").read_text()
+    assert "placement_paper-testbed_static_linear.png" in md and f"Skipped `{agent}`" in md
+    assert f"Not evaluated: `{agent}` on `paper-testbed`" in md
+    assert (report / "report.html").is_file()
