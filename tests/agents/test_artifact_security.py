@@ -795,7 +795,6 @@ def _cfg(**changes):
         "eval_episodes": 1,
         "torch_threads": 1,
         "checkpoint_every": 256,
-        "train_instances": 2,
         "eval_every": 256,
         "normalize_obs": True,
         "export": True,
