@@ -164,7 +164,7 @@ class CoELPolicy(Policy):
                 if not ok.any():
                     break
                 # connected/local devices first, balanced against the finish time of the device's layer work
-                finish = (load + pop[l, e]) / speed / (pop[l].sum() / speed.sum())
+                finish = (load + pop[l, e]) / speed / (max(pop[l].sum(), 1e-30) / speed.sum())  # 0 demand: 0
                 j = int(np.argmax(np.where(ok, score[e] - self.balance * finish, -np.inf)))
                 if b.add(l, int(e), int(devs[j]), 0, bb):
                     quota[j] -= 1
