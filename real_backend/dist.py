@@ -120,6 +120,7 @@ class Dispatcher:
         self.prune = np.zeros((world, world))
         self.fuse = np.zeros((world, world), dtype=bool)
         self.fusion_fraction = 0.25
+        self.grouped = None  # a fast.GroupedExperts once `configure` gives one
         self.slot_bytes = SLOT_BYTES  # int32 expert id + fp32 gate weight per slot
         self.reset_counters()
 
