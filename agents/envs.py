@@ -10,8 +10,13 @@ from coel_env.errors import ConfigError
 
 
 def observed_keys(space: spaces.Dict, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The observation entries an agent sees (all but `exclude`), in the Dict space's order."""
-    unknown = set(exclude) - set(space.spaces)
+    """The observation entries an agent sees (all but `exclude`), in the Dict space's order. A key of another
+    observation space (coel_env.env.observations.OBSERVATION_KEYS, e.g. `plan`, which `compact` lacks) is ignored;
+    any other unknown key is refused."""
+    from coel_env.env.observations import OBSERVATION_KEYS
+
+    known = {k for keys in OBSERVATION_KEYS.values() for k in keys}
+    unknown = set(exclude) - set(space.spaces) - known
     if unknown:
         raise ConfigError(f"obs_exclude: unknown key '{sorted(unknown)[0]}'; allowed: {', '.join(space.spaces)}")
     return [k for k in space.spaces if k not in exclude]
@@ -27,8 +32,9 @@ def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[
         from agents.knobs import KnobsWrapper
 
         env = KnobsWrapper(env, base=knobs)
-    if obs_exclude:
-        env = FilterObservation(env, observed_keys(env.observation_space, obs_exclude))
+    keys = observed_keys(env.observation_space, obs_exclude)
+    if len(keys) < len(env.observation_space.spaces):
+        env = FilterObservation(env, keys)
     return FlattenObservation(env)
 
 

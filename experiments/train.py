@@ -2,7 +2,7 @@
 checkpoints, resume, W&B logging (offline by default) and export of an SB3-free deployment policy. Checkpoints and
 `model.zip` are agents.checkpoint zips (JSON + safetensors): resuming never unpickles anything.
 
-    python -m experiments.train                                  # MaskablePPO on paper-testbed
+    python -m experiments.train                                  # PPO steering CoEL's knobs on paper-testbed
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
@@ -17,6 +17,12 @@ Held-out instances (coel_env.benchmark.instances): env i trains on routing model
 `train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
 evaluation uses `val` instances. No seed of the `test` split (the leaderboard's) is ever used: a `seed` that would
 reach it is refused.
+
+`full` (every replica's device, tier and bits) is a planner-only action space: on paper-testbed it has 8,647
+factored choices, whose joint log-probability (about -10,650) moves by +-100 after one gradient step, so PPO's
+probability ratio overflows to inf and the update turns NaN (measured with MaskablePPO on a 16-step rollout: log
+ratios from -126 to +23 after one minibatch step, NaN logits within the agent config's 5 epochs). Training with
+`knobs: null` on it is refused; `edit`, `threshold` or the knobs wrapper train.
 """
 
 from __future__ import annotations
@@ -92,6 +98,13 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"vec_env: {cfg.vec_env!r} unknown; allowed: {', '.join(VEC_ENVS)}")
     if cfg.agent.algo not in ALGORITHMS:
         raise ConfigError(f"agent.algo: '{cfg.agent.algo}' unknown; allowed: {', '.join(ALGORITHMS)}")
+    env = cfg.get("env") or {}
+    if cfg.get("knobs") is None and env.get("action_space") == "full":
+        raise ConfigError(
+            f"env.action_space: 'full' is a planner-only space ({cfg.agent.algo} cannot train on it: one probability "
+            "ratio over every replica's choices overflows); train with knobs=coel (the default), env=edit or "
+            "env=threshold"
+        )
     check_agent_config(agent_config(cfg.agent), cfg.n_envs)  # the same whitelist and ranges a checkpoint gets
     baselines = cfg.eval_baselines
     if not OmegaConf.is_list(baselines) and not isinstance(baselines, list):

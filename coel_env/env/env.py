@@ -29,10 +29,10 @@ class CoELEnv(gym.Env):
 
     Keyword arguments: `scenario` (registry name, YAML path, dict or Scenario), `backend` ("surrogate", a
     registered name, or a Backend), `action_space` ("full", "edit", "threshold"), `observation_space`
-    ("default"), `perception` ("hello" or "ideal"), `reward_space` ("latency", "slo", "throughput_per_watt",
-    "composite" with `reward_weights`), `max_epochs`, `scenario_seed` (the routing model; dynamics are seeded by
-    `reset(seed=...)`), `num_edits`, penalties, `hello` (perception settings), `initial_plan`, `render_mode`
-    ("ansi", "rgb_array"), `info_action_mask`.
+    ("default", "compact": coel_env/env/observations.py), `perception` ("hello" or "ideal"), `reward_space`
+    ("latency", "slo", "throughput_per_watt", "composite" with `reward_weights`), `max_epochs`, `scenario_seed`
+    (the routing model; dynamics are seeded by `reset(seed=...)`), `num_edits`, penalties, `hello` (perception
+    settings), `initial_plan`, `render_mode` ("ansi", "rgb_array"), `info_action_mask`.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012
@@ -146,8 +146,7 @@ class CoELEnv(gym.Env):
         st.memory_avail = perc.memory_avail[0].copy()
         st.link_factor = perc.link_factor[0].copy()
         st.arrival_rate = perc.arrival_rate[0].copy()
-        rng = np.random.default_rng([int(core.states.epoch[0]), 0x5EED])
-        st.popularity = perc.server_popularity(core.states, 0, rng)
+        st.popularity = perc.perceived_server_popularity(core.states, 0)
         M = st.domain_mix.shape[-1]
         st.domain_mix = np.full_like(st.domain_mix, 1.0 / M)
         st.domain_target = st.domain_mix.copy()

@@ -162,6 +162,12 @@ class Perception:
         seen = (n > 0)[:, None, None]
         self.pop[rows] = np.where(seen, (1 - a) * self.pop[rows] + a * new, self.pop[rows])
 
+    def perceived_server_popularity(self, bs, i: int) -> np.ndarray:
+        """[S, L, E] env i's per-server popularity as CoELEnv.perceived_state reveals it (and the `compact`
+        observation encodes it): `server_popularity` with the epoch's own generator, so every reader of one epoch
+        sees the same routing logs and the same seed gives the same values."""
+        return self.server_popularity(bs, i, np.random.default_rng([int(bs.epoch[i]), 0x5EED]))
+
     def server_popularity(self, bs, i: int, rng: np.random.Generator) -> np.ndarray:
         """[S, L, E] per-server observed popularity of env i (one routing log per server; for perceived_state)."""
         pop = bs.popularity[i]
