@@ -416,9 +416,7 @@ class ServeOut(NamedTuple):
     """What a routing pass (`route_pass`) accumulates per plan n and serving server s."""
 
     time: np.ndarray  # [N, S, 2 phases, 3 parts] decode step / prefill: EXPERT_S, TRANSFER_S, LATENCY_S
-    pair_tokens: (
-        np.ndarray
-    )  # [N, S, S, 2 phases] rows sent to s2 per decode step / prefill (after fusion, before pruning)
+    pair_tokens: np.ndarray  # [N, S, S, 2 phases] rows to s2 per decode step / prefill (fused, not yet pruned)
     busy: np.ndarray  # [N, S, U, 2 phases] busy seconds of each unit (GPUs, then CPUs)
     quality: np.ndarray  # [N, S] sum over experts of p * qloss(bits)
     miss: np.ndarray  # [N, S] expert mass with no live replica
