@@ -12,6 +12,7 @@ import contextlib
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -184,16 +185,27 @@ def _records(path: Path):
             buf = b""
 
 
-def read_offline_run(run_dir: str | Path) -> dict:
-    """An offline run directory (`wandb/offline-run-*`) read back without W&B's servers: its id, name, group, job
-    type, config keys, `history` ({key: number of logged steps holding it}), summary keys and artifacts ({name,
-    type, aliases, files})."""
+def _finished_records(path: Path, wait_s: float) -> list:
+    """The records of a run file once its `exit` record is there: W&B's service may still be writing when
+    `run.finish()` returns, so poll for up to `wait_s` seconds (then return what is there)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
+    """An offline run directory (`wandb/offline-run-*`) read back without W&B's servers, once the run's last record
+    is written (at most `wait_s` seconds): its id, name, group, job type, config keys, `history` ({key: number of
+    logged steps holding it}), summary keys and artifacts ({name, type, aliases, files})."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_dir} has no run-*.wandb file")
     out: dict[str, Any] = {"artifacts": [], "history": {}, "summary_keys": set(), "config_keys": set()}
-    for rec in _records(files[0]):
+    for rec in _finished_records(files[0], wait_s):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run

@@ -107,10 +107,11 @@ class Composite:
         )
 
 
-REWARD_SPACES = ("latency", "slo", "throughput_per_watt", "score", "composite")
+REWARD_FUNCTIONS = {"latency": latency, "slo": slo, "throughput_per_watt": throughput_per_watt, "score": score}
+REWARD_SPACES = (*REWARD_FUNCTIONS, "composite")
 RATIO_SPACES = ("slo", "throughput_per_watt", "score")  # bounded below by 0: penalties scale, never subtract
-for _fn in (slo, throughput_per_watt, score):
-    _fn.scaled_penalty = True  # type: ignore[attr-defined]
+for _name in RATIO_SPACES:
+    REWARD_FUNCTIONS[_name].scaled_penalty = True  # type: ignore[attr-defined]
 
 
 def make_reward(name: str, weights: dict | None = None):
@@ -118,10 +119,9 @@ def make_reward(name: str, weights: dict | None = None):
         return Composite(weights)
     if weights:
         raise ConfigError(f"reward_weights: only used with reward_space='composite', not '{name}'")
-    fns = {"latency": latency, "slo": slo, "throughput_per_watt": throughput_per_watt, "score": score}
-    if name not in fns:
+    if name not in REWARD_FUNCTIONS:
         raise ConfigError(f"reward_space: unknown name '{name}'; allowed: {', '.join(REWARD_SPACES)}")
-    return fns[name]
+    return REWARD_FUNCTIONS[name]
 
 
 RewardFn = Callable[[dict, np.ndarray, RewardContext], np.ndarray]
