@@ -530,6 +530,13 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(v), np.asarray(b.to_dict()[k]), err_msg=k)
 
 
+def _assert_equal_to_rounding(a, b):
+    """Equal but for float rounding: fastmath kernels may sum in another order when the arrays are laid out
+    differently (a batch of N plans against one plan), seen as 1 ulp on a percentile now and then."""
+    for k, v in a.to_dict().items():
+        np.testing.assert_allclose(np.asarray(v), np.asarray(b.to_dict()[k]), rtol=1e-12, atol=0, err_msg=k)
+
+
 @pytest.mark.parametrize("name", ["tiny", "metro-8"])
 def test_serve_batch_equals_serving_one_by_one(scenarios, name):
     sc = scenarios[name]
@@ -546,8 +553,8 @@ def test_serve_batch_equals_serving_one_by_one(scenarios, name):
     per_state = SurrogateBackend(c).serve_batch(plans, states, 60.0)
     assert len(shared) == len(per_state) == 5
     for n, (p, s) in enumerate(zip(plans, states)):
-        _assert_same(shared.item(n), SurrogateBackend(c).serve(p, states[0], 60.0))
-        _assert_same(per_state.item(n), SurrogateBackend(c).serve(p, s, 60.0))
+        _assert_equal_to_rounding(shared.item(n), SurrogateBackend(c).serve(p, states[0], 60.0))
+        _assert_equal_to_rounding(per_state.item(n), SurrogateBackend(c).serve(p, s, 60.0))
 
 
 def test_same_inputs_identical_outputs_and_inputs_untouched(tiny, tiny_state):
