@@ -35,6 +35,13 @@ def train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def evaluate(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The leaderboard CLI with the smallest tuning budget, quiet, into `out` (`overrides` after the defaults)."""
+    quiet = ["tuning.instances=1", "tuning.epochs=2", "logger=disabled", "progress_bar=false", "plots=false"]
+    cmd = [sys.executable, "-m", "experiments.evaluate", *quiet, *overrides, f"hydra.run.dir={out}"]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
@@ -191,23 +198,14 @@ def _reseal(d: Path, _=None) -> None:
 
 
 def test_exported_policy_runs_in_the_leaderboard(trained, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.evaluate",
+    proc = evaluate(
+        tmp_path,
         "scenarios=[tiny]",
         f"policies=[static_linear,{trained}/policy]",
         "seeds=2",
         "max_epochs=4",
         "tuning.trials=2",
-        "tuning.instances=1",
-        "tuning.epochs=2",
-        "logger=disabled",
-        "progress_bar=false",
-        "plots=false",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = (tmp_path / "leaderboard.md").read_text()
     assert f"agent:{trained.name}" in board and "static_linear" in board
@@ -279,23 +277,14 @@ def test_a_policy_that_does_not_fit_a_scenario_is_skipped_not_fatal(trained, tmp
     """An exported policy trained on `tiny` cannot act on `paper-testbed` (observation size differs): evaluate and
     compare skip that (policy, scenario) with one warning line naming both and why, and write everything else."""
     board = tmp_path / "evaluate"
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.evaluate",
+    proc = evaluate(
+        board,
         "scenarios=[tiny,paper-testbed]",
         f"policies=[static_linear,{trained}/policy]",
         "seeds=1",
         "max_epochs=2",
         "tuning.trials=1",
-        "tuning.instances=1",
-        "tuning.epochs=2",
-        "logger=disabled",
-        "progress_bar=false",
-        "plots=false",
-        f"hydra.run.dir={board}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     agent = f"agent:{trained.name}"
     warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "skipping policy" in ln]
