@@ -151,7 +151,18 @@ def training_plans(spec_dict: dict, profile: HardwareProfile, cfg: DictConfig) -
     plans["replicated"] = rep
     for i in range(cfg.e2e.train_plans):
         plans[f"train{i}"] = fid.random_plan(sc.cluster, rng)
+    for i in range(cfg.e2e.fast_plans):
+        plans[f"fast{i}"] = full_precision_gpu(fid.random_plan(sc.cluster, rng), sc.cluster)
     return plans
+
+
+def full_precision_gpu(plan: DeploymentPlan, cluster) -> DeploymentPlan:
+    """`plan` with every replica 16-bit in GPU memory (the real backend's grouped fast path, the placements the
+    baselines choose), its placement and compression kept; the original plan if that does not fit."""
+    out = plan.copy()
+    held = out.device >= 0
+    out.tier[held], out.bits[held] = 0, 16
+    return plan if out.problems(cluster) else out
 
 
 def quality_runs(cfg: DictConfig, spec_dict: dict, profile: HardwareProfile, log) -> tuple[QualityModel, list]:
@@ -271,6 +282,7 @@ def check_values(cfg: DictConfig) -> None:
     require_int(cfg.threads, "threads", minimum=1)
     require_int(cfg.sweeps.reps, "sweeps.reps", minimum=1)
     require_int(cfg.e2e.train_plans, "e2e.train_plans", minimum=0)
+    require_int(cfg.e2e.fast_plans, "e2e.fast_plans", minimum=0)
     require_int(cfg.fidelity.plans, "fidelity.plans", minimum=1)
     require_int(cfg.fidelity.repeats, "fidelity.repeats", minimum=0)
     for field in ("e2e.window_s", "quality.window_s", "fidelity.window_s"):
@@ -321,6 +333,7 @@ def run(cfg: DictConfig) -> dict:
         report["overheads"] = {k: getattr(profile, k) for k in (*OVERHEADS, "oversubscription_exponent")}
         tr = predict_rows(profile, variants, train, cfg.seed)
         report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
+        report["train_rows"] = train  # the regression's windows (refits offline: `fit_overheads` on them)
         log(f"overheads {report['overheads']} train fit {report['train_fit']}")
     header = (
         f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"

@@ -77,6 +77,17 @@ def use_probability(p: float, n: float, log1m_p: float) -> float:
     return p if n == 1.0 else -np.expm1(n * log1m_p)
 
 
+@njit(cache=True, fastmath=True)
+def kept_use_probability(u: float, p: float, n: float, keep: float) -> float:
+    """Chance that n tokens use an expert of a server to which pruning keeps `keep` of the rows: a token's row
+    crosses (and the expert runs for it) with probability p * keep, so `use_probability`(p * keep, n); u (the
+    unpruned chance) for keep = 1."""
+    if keep >= 1.0:
+        return u
+    pk = p * keep
+    return use_probability(pk, n, np.log1p(-pk))
+
+
 @njit(cache=True)
 def expert_read_s(weight_bytes: float, slowdown: float, goodput: float) -> float:
     """Seconds to read an expert's weights once: bytes(bits) * dequant slowdown / (memory bandwidth * efficiency),
@@ -119,6 +130,15 @@ def expert_time(uses: float, tokens: float, read_s: float, compute_s: float, fix
 def path_time(tab: np.ndarray, row: int, path: int, uses: float, tokens: float) -> float:
     """`expert_time` of the unit-table row `row` on `path` (GPU_PATH or CPU_PATH)."""
     return expert_time(uses, tokens, tab[row, path + READ_S], tab[row, path + COMPUTE_S], tab[row, path + FIXED_S])
+
+
+@njit(cache=True, fastmath=True)
+def gpu_path_time(tab: np.ndarray, row: int, uses: float, tokens: float, grouped: bool) -> float:
+    """`path_time` on the GPU path; on a grouped layer (`grouped_layers`: one grouped GEMM computes the layer's
+    experts, as fused-MoE kernels do) without the per-expert fixed cost."""
+    if grouped:
+        return expert_time(uses, tokens, tab[row, GPU_PATH + READ_S], tab[row, GPU_PATH + COMPUTE_S], 0.0)
+    return path_time(tab, row, GPU_PATH, uses, tokens)
 
 
 @njit(cache=True)
@@ -371,6 +391,7 @@ class Params(NamedTuple):
     max_wait_s: float  # admission: the longest queue wait before a request is dropped
     concurrency: float  # closed-loop requests per server (0: open loop, Poisson arrivals)
     prefer_primary: bool  # load-aware routing: a plan's extra replicas are used only where that is no worse
+    grouped_experts: bool  # 16-bit GPU experts of a layer run as one grouped GEMM (`grouped_layers`)
 
 
 class StepModel(NamedTuple):
@@ -550,6 +571,36 @@ def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> 
 
 
 @njit(cache=True)
+def grouped_layers(plans: Plans, dev_server: np.ndarray, enabled: bool, out: np.ndarray) -> None:
+    """out[n, s, l]: server s computes its experts of layer l with one grouped GEMM (no per-expert fixed cost): it
+    holds some there and every replica it holds is 16-bit in GPU memory of its first GPU (the real backend's
+    `fast.GroupedExperts` rule). All False unless `enabled` (HardwareProfile.grouped_experts)."""
+    N, L, E, R = plans.dev.shape
+    S = out.shape[1]
+    first = np.full(S, -1)
+    for d in range(dev_server.shape[0]):
+        if first[dev_server[d]] < 0:
+            first[dev_server[d]] = d
+    held = np.zeros(S, dtype=np.bool_)
+    ok = np.ones(S, dtype=np.bool_)
+    for n in range(N):
+        for l in range(L):
+            held[:] = False
+            ok[:] = True
+            for e in range(E):
+                for r in range(R):
+                    d = plans.dev[n, l, e, r]
+                    if d < 0:
+                        continue
+                    s = dev_server[d]
+                    held[s] = True
+                    if plans.tier[n, l, e, r] != GPU_TIER or plans.bits[n, l, e, r] != 16 or d != first[s]:
+                        ok[s] = False
+            for s in range(S):
+                out[n, s, l] = enabled and held[s] and ok[s]
+
+
+@njit(cache=True)
 def pair_terms(plans: Plans, st: States, topo: Topology, params: Params, out: PairTerms) -> None:
     """Per plan and ordered server pair: share of tokens (and bytes) kept by pruning, `transfer_s_per_token` and
     the fusion fraction (0 without fusion)."""
@@ -583,6 +634,7 @@ def route_pass(
     params: Params,
     infl: np.ndarray,
     todo: np.ndarray,
+    grouped: np.ndarray,
     out: ServeOut,
 ) -> None:
     """One routing pass: accumulate `out` for every plan n with todo[n] and every live server s.
@@ -595,10 +647,12 @@ def route_pass(
     broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
     (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
     holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
-    Expert times are `path_time` of the unit table; transfers are per-destination (`wire.py`): a token crosses to
-    a server once per layer whatever number of its experts it uses there, E[rows to s2] = tokens *
-    `destination_share`(the routing mass sent to s2, top_k), `pairs.transfer_s` per row (`fused_share` of it with
-    fusion), plus `expected_max_latency`; the router prices an expert's tokens that newly cross."""
+    Expert times are `path_time` of the unit table (`gpu_path_time` on a grouped layer, grouped [N, S, L]), with
+    uses `kept_use_probability` (a pruned row runs no expert);
+    transfers are per-destination (`wire.py`): a token crosses to a server once per layer whatever number of its
+    experts it uses there, E[rows to s2] = tokens * `destination_share`(the routing mass sent to s2, top_k),
+    `pairs.transfer_s` per row (`fused_share` of it with fusion), plus `expected_max_latency`; the router prices an
+    expert's tokens that newly cross."""
     N, L, E, R = plans.dev.shape
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
@@ -689,11 +743,12 @@ def route_pass(
                     d = dev_l[e, rd]
                     key_best = unit_row(d, tier_l[e, rd], bits_l[e, rd], bits_index)
                     akeep = ad * dev_keep[d]
-                    gd = path_time(tab, key_best, GPU_PATH, ud, akeep)
+                    udk = kept_use_probability(ud, p, batch_d, dev_keep[d])
+                    gd = gpu_path_time(tab, key_best, udk, akeep, grouped[n, dev_server[d], l])
                     gpu_best = True
                     t_best = gd
                     if tier_l[e, rd] != GPU_TIER:
-                        cd = path_time(tab, key_best, CPU_PATH, ud, akeep)
+                        cd = path_time(tab, key_best, CPU_PATH, udk, akeep)
                         if max(pv[d] + gd * inf_n[d] - pmx, 0.0) > cd * inf_n[D + dev_server[d]]:
                             gpu_best = False
                             t_best = cd
@@ -719,6 +774,7 @@ def route_pass(
                                     target = sd
                     best = np.inf
                     best_own = np.inf
+                    udk = ud
                     rd = -1
                     key_best = 0
                     t_best = 0.0
@@ -734,8 +790,9 @@ def route_pass(
                             continue
                         key = unit_row(d, tier_l[e, r], bits_l[e, r], bits_index)
                         akeep = ad * dev_keep[d]
-                        gd = path_time(tab, key, GPU_PATH, ud, akeep)
-                        cd = path_time(tab, key, CPU_PATH, ud, akeep)
+                        udk_r = kept_use_probability(ud, p, batch_d, dev_keep[d])
+                        gd = gpu_path_time(tab, key, udk_r, akeep, grouped[n, dev_server[d], l])
+                        cd = path_time(tab, key, CPU_PATH, udk_r, akeep)
                         # tokens that newly cross to sd (a token crosses once, whatever number of experts it uses)
                         m0 = token_mass[sd]
                         comm = batch_d * (destination_share(m0 + p, k_l) - destination_share(m0, k_l)) * dev_ct[d]
@@ -743,9 +800,9 @@ def route_pass(
                             comm *= fused_share(p, ad, dev_keep[d], dev_fuse[d])
                         lat = dev_lat[d]
                         dlat = 0.0
-                        if sd != s and ud > 0.0:
+                        if sd != s and udk_r > 0.0:
                             keep_none = none_d[sd]
-                            none_d[sd] = keep_none * (1.0 - ud)
+                            none_d[sd] = keep_none * (1.0 - udk_r)
                             dlat = expected_max_latency(order, lat_s, none_d) - lat_run
                             none_d[sd] = keep_none
                         pg = gd * inf_n[d]
@@ -753,10 +810,11 @@ def route_pass(
                         dg = max(pv[d] + pg - pmx, 0.0)
                         use_gpu = dg <= pc
                         inc = (dg if use_gpu else pc) + comm + dlat
-                        own = (pg if use_gpu else pc) + comm + lat * ud
+                        own = (pg if use_gpu else pc) + comm + lat * udk_r
                         if inc < best or (inc == best and own < best_own):
                             best = inc
                             best_own = own
+                            udk = udk_r
                             rd = r
                             key_best = key
                             gpu_best = use_gpu
@@ -776,11 +834,12 @@ def route_pass(
                     touched[D + sd] = True
                 # prefill on the same replica, on the path that raises the prefill layer time least
                 akeep = ap * dev_keep[d]
-                gp = path_time(tab, key_best, GPU_PATH, up, akeep)
+                upk = kept_use_probability(up, p, batch_p, dev_keep[d])
+                gp = gpu_path_time(tab, key_best, upk, akeep, grouped[n, sd, l])
                 cpu_p = False
                 cp = 0.0
                 if tier_l[e, rd] != GPU_TIER:  # GPU-tier experts have no CPU path
-                    cp = path_time(tab, key_best, CPU_PATH, up, akeep)
+                    cp = path_time(tab, key_best, CPU_PATH, upk, akeep)
                     cpu_p = max(acc_p[d] + gp - mxg_p, 0.0) > cp
                 if cpu_p:
                     acc_p[D + sd] += cp
@@ -794,8 +853,8 @@ def route_pass(
                     out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
                 token_mass[sd] += p
-                none_d[sd] *= 1.0 - ud
-                none_p[sd] *= 1.0 - up
+                none_d[sd] *= 1.0 - udk
+                none_p[sd] *= 1.0 - upk
                 cross[sd] += p
                 if sd != s:
                     lat_dirty = True
@@ -1161,10 +1220,17 @@ def _add_on_route(route: np.ndarray, s: int, s2: int, amount: float, link: np.nd
 
 @njit(cache=True, fastmath=True)
 def decode_grid(
-    plans: Plans, keep: np.ndarray, st: States, topo: Topology, params: Params, chosen: np.ndarray, out: np.ndarray
+    plans: Plans,
+    keep: np.ndarray,
+    st: States,
+    topo: Topology,
+    params: Params,
+    chosen: np.ndarray,
+    grouped: np.ndarray,
+    out: np.ndarray,
 ) -> None:
     """out[n, s, g]: expert seconds of server s's decode step at batch B = batch_grid[g], on the replicas and paths
-    the routing chose (`chosen`): each expert at `path_time` with uses `use_probability`(p, B) and tokens B p keep,
+    the routing chose (`chosen`): each expert at `path_time` with uses `use_probability`(p keep, B) and tokens B p keep,
     a layer the max over GPUs plus the CPU-path work (as `route_pass` closes a layer)."""
     N, L, E, _ = plans.dev.shape
     S = st.up.shape[1]
@@ -1193,12 +1259,17 @@ def decode_grid(
                     sd = dev_server[d]
                     key = unit_row(d, plans.tier[n, l, e, r], plans.bits[n, l, e, r], params.bits_index)
                     p = st.pop[si, s, l, e]
-                    lq = np.log1p(-min(p, 1.0 - 1e-12))
-                    unit = d if path == GPU_PATH else D + sd
                     kp = keep[n, s, sd]
+                    lq = np.log1p(-min(p * kp, 1.0 - 1e-12))
+                    unit = d if path == GPU_PATH else D + sd
+                    grp = path == GPU_PATH and grouped[n, sd, l]
                     for g in range(G):
                         b = grid[g]
-                        acc[unit, g] += path_time(tab, key, path, use_probability(p, b, lq), b * p * kp)
+                        u_b = use_probability(p * kp, b, lq)
+                        if grp:
+                            acc[unit, g] += gpu_path_time(tab, key, u_b, b * p * kp, True)
+                        else:
+                            acc[unit, g] += path_time(tab, key, path, u_b, b * p * kp)
                     touched[unit] = True
                 for g in range(G):
                     mx = 0.0
@@ -1651,8 +1722,10 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
         # the decode step's choices are kept for continuous batching only (a [1, 1, 1, 1] stub otherwise)
         np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]) if params.continuous else (1, 1, 1, 1), -1, np.int16),
     )
+    grouped = np.zeros((N, S, plans.dev.shape[1]), dtype=np.bool_)
+    grouped_layers(plans, topo.dev_server, params.grouped_experts, grouped)
     infl = np.ones((N, U))
-    route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), so)
+    route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so)
     rho = np.empty((N, U))
     redo = so.choice.copy()
     if redo.any():
@@ -1670,7 +1743,7 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
                     so.cross[n] = 0.0
                     if params.continuous:
                         so.chosen[n] = -1
-            route_pass(plans, pairs, st, topo, params, infl, redo, so)
+            route_pass(plans, pairs, st, topo, params, infl, redo, grouped, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
                 any_redo = False
@@ -1690,7 +1763,7 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
     )
     grid = np.zeros((N, S, params.batch_grid.shape[0]))
     if params.continuous:
-        decode_grid(plans, pairs.keep, st, topo, params, so.chosen, grid)
+        decode_grid(plans, pairs.keep, st, topo, params, so.chosen, grouped, grid)
     finish(plans, pairs.keep, so, st, topo, params, window, rho, grid, out)
     out.choice[:] = so.choice
 

@@ -140,6 +140,12 @@ class HardwareProfile(BaseModel):
     expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         4e-6, ge=0, description="per activated expert per step"
     )
+    grouped_experts: bool = Field(
+        False,
+        description="a server computes a layer's experts with one grouped GEMM (no per-expert fixed cost) when all "
+        "it holds there are 16-bit in its first GPU's memory (the real backend's fast path); false: every expert "
+        "use pays expert_overhead_s",
+    )
     dequant_slowdown: dict[Int, Float] = Field(
         default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"
     )

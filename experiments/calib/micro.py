@@ -11,6 +11,7 @@ import numpy as np
 from coel_env.backend.wire import SLOT_BYTES
 from coel_env.specs.hardware import DeviceOverride, HardwareProfile
 from experiments.calib import fit, sweeps
+from real_backend.fast import fast_enabled
 
 
 def _arr(rows: list[dict], key: str) -> np.ndarray:
@@ -96,6 +97,8 @@ def base_profile(cfg, scenario, fits: dict, device_names: list[str] | None = Non
         routing="local_first",
         # the real backend steps its servers in lock-step; on CPU they are processes sharing this host's cores
         serving="lockstep",
+        # the fast path stacks a layer's 16-bit GPU experts into one grouped GEMM (real_backend.fast.GroupedExperts)
+        grouped_experts=fast_enabled(),
         host_cores=None if cfg.device == "cuda" else os.cpu_count(),
         emulated_latency=True,
         device_overrides={n: DeviceOverride(mem_bw_gbs=bw_gbs, peak_tflops=tflops) for n in sorted(names)},
