@@ -114,6 +114,8 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
     micro = grid / np.minimum(P, grid)  # sequences per micro-batch at each running batch
     ebytes = float(m.expert_bytes(bits))
     read_bytes = ebytes * float(sb.slow[bits])
+    # fused MoE (HardwareProfile.grouped_expert_bits): one kernel per layer, no per-expert fixed cost
+    expert_fixed_s = 0.0 if bits in hw.grouped_expert_bits else hw.expert_overhead_s
     act = hw.activation_bytes
     # vLLM hands a stage boundary the hidden states and the residual stream (IntermediateTensors)
     hop_bytes = 2 * m.d_model * act
@@ -140,15 +142,13 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
         kv_split = 1 if m.kv_cache_dim is not None else min(G, m.num_kv_heads)
         kv_tok_gpu = kv_tok_i / kv_split
         dec[s] = (
-            expert_decode_s(pop_i, micro, read_bytes, m.expert_params, bw, flops, hw.expert_overhead_s)
+            expert_decode_s(pop_i, micro, read_bytes, m.expert_params, bw, flops, expert_fixed_s)
             + non_expert_decode_s(micro, I, O, kv_tok_gpu * G, ne_read, ne_read, bw, flops)
             + allreduce_s(micro, m.d_model, act, G, pcie, hw.allreduce_latency_s, layers[s])
             + hw.layer_overhead_s * layers[s]
         )
         pre[s] = (
-            float(
-                expert_decode_s(pop_i, np.array([I]), read_bytes, m.expert_params, bw, flops, hw.expert_overhead_s)[0]
-            )
+            float(expert_decode_s(pop_i, np.array([I]), read_bytes, m.expert_params, bw, flops, expert_fixed_s)[0])
             + float(non_expert_prefill_s(I, m.d_model, int(layers[s]), ne_read, ne_read, bw, flops))
             + float(allreduce_s(I, m.d_model, act, G, pcie, hw.allreduce_latency_s, layers[s]))
             + hw.layer_overhead_s * layers[s]

@@ -85,7 +85,7 @@ def kept_use_probability(u: float, p: float, n: float, keep: float) -> float:
     if keep >= 1.0:
         return u
     pk = p * keep
-    return use_probability(pk, n, np.log1p(-pk))
+    return pk if n == 1.0 else use_probability(pk, n, np.log1p(-pk))
 
 
 @njit(cache=True)
@@ -391,7 +391,7 @@ class Params(NamedTuple):
     max_wait_s: float  # admission: the longest queue wait before a request is dropped
     concurrency: float  # closed-loop requests per server (0: open loop, Poisson arrivals)
     prefer_primary: bool  # load-aware routing: a plan's extra replicas are used only where that is no worse
-    grouped_experts: bool  # 16-bit GPU experts of a layer run as one grouped GEMM (`grouped_layers`)
+    grouped_bits: np.ndarray  # [17] bool: experts of these bit-widths run in one grouped kernel (`grouped_layers`)
 
 
 class StepModel(NamedTuple):
@@ -571,18 +571,14 @@ def unit_table(units: UnitSpecs, compute_avail: np.ndarray, out: np.ndarray) -> 
 
 
 @njit(cache=True)
-def grouped_layers(plans: Plans, dev_server: np.ndarray, enabled: bool, out: np.ndarray) -> None:
-    """out[n, s, l]: server s computes its experts of layer l with one grouped GEMM (no per-expert fixed cost): it
-    holds some there and every replica it holds is 16-bit in GPU memory of its first GPU (the real backend's
-    `fast.GroupedExperts` rule). All False unless `enabled` (HardwareProfile.grouped_experts)."""
+def grouped_layers(plans: Plans, grouped_bits: np.ndarray, out: np.ndarray) -> None:
+    """out[n, d, l]: GPU d computes its experts of layer l with one grouped kernel (a fused-MoE kernel, the real
+    backend's grouped GEMM: no per-expert fixed cost): it holds some there, all in GPU memory at bit-widths b with
+    grouped_bits[b] (HardwareProfile.grouped_expert_bits; none: every use pays expert_overhead_s)."""
     N, L, E, R = plans.dev.shape
-    S = out.shape[1]
-    first = np.full(S, -1)
-    for d in range(dev_server.shape[0]):
-        if first[dev_server[d]] < 0:
-            first[dev_server[d]] = d
-    held = np.zeros(S, dtype=np.bool_)
-    ok = np.ones(S, dtype=np.bool_)
+    D = out.shape[1]
+    held = np.zeros(D, dtype=np.bool_)
+    ok = np.ones(D, dtype=np.bool_)
     for n in range(N):
         for l in range(L):
             held[:] = False
@@ -592,12 +588,11 @@ def grouped_layers(plans: Plans, dev_server: np.ndarray, enabled: bool, out: np.
                     d = plans.dev[n, l, e, r]
                     if d < 0:
                         continue
-                    s = dev_server[d]
-                    held[s] = True
-                    if plans.tier[n, l, e, r] != GPU_TIER or plans.bits[n, l, e, r] != 16 or d != first[s]:
-                        ok[s] = False
-            for s in range(S):
-                out[n, s, l] = enabled and held[s] and ok[s]
+                    held[d] = True
+                    if plans.tier[n, l, e, r] != GPU_TIER or not grouped_bits[plans.bits[n, l, e, r]]:
+                        ok[d] = False
+            for d in range(D):
+                out[n, d, l] = held[d] and ok[d]
 
 
 @njit(cache=True)
@@ -647,7 +642,7 @@ def route_pass(
     broken by the replica's own cost; decode and prefill are costed on the chosen replica. With `local_first`
     (the real backend's dispatcher) the server is fixed first: itself if it holds a live replica, else the live
     holder with the lowest round-trip latency (ties: lowest index); the router chooses among that server's replicas.
-    Expert times are `path_time` of the unit table (`gpu_path_time` on a grouped layer, grouped [N, S, L]), with
+    Expert times are `path_time` of the unit table (`gpu_path_time` on a grouped layer, grouped [N, D, L]), with
     uses `kept_use_probability` (a pruned row runs no expert);
     transfers are per-destination (`wire.py`): a token crosses to a server once per layer whatever number of its
     experts it uses there, E[rows to s2] = tokens * `destination_share`(the routing mass sent to s2, top_k),
@@ -744,7 +739,7 @@ def route_pass(
                     key_best = unit_row(d, tier_l[e, rd], bits_l[e, rd], bits_index)
                     akeep = ad * dev_keep[d]
                     udk = kept_use_probability(ud, p, batch_d, dev_keep[d])
-                    gd = gpu_path_time(tab, key_best, udk, akeep, grouped[n, dev_server[d], l])
+                    gd = gpu_path_time(tab, key_best, udk, akeep, grouped[n, d, l])
                     gpu_best = True
                     t_best = gd
                     if tier_l[e, rd] != GPU_TIER:
@@ -791,7 +786,7 @@ def route_pass(
                         key = unit_row(d, tier_l[e, r], bits_l[e, r], bits_index)
                         akeep = ad * dev_keep[d]
                         udk_r = kept_use_probability(ud, p, batch_d, dev_keep[d])
-                        gd = gpu_path_time(tab, key, udk_r, akeep, grouped[n, dev_server[d], l])
+                        gd = gpu_path_time(tab, key, udk_r, akeep, grouped[n, d, l])
                         cd = path_time(tab, key, CPU_PATH, udk_r, akeep)
                         # tokens that newly cross to sd (a token crosses once, whatever number of experts it uses)
                         m0 = token_mass[sd]
@@ -835,7 +830,7 @@ def route_pass(
                 # prefill on the same replica, on the path that raises the prefill layer time least
                 akeep = ap * dev_keep[d]
                 upk = kept_use_probability(up, p, batch_p, dev_keep[d])
-                gp = gpu_path_time(tab, key_best, upk, akeep, grouped[n, sd, l])
+                gp = gpu_path_time(tab, key_best, upk, akeep, grouped[n, d, l])
                 cpu_p = False
                 cp = 0.0
                 if tier_l[e, rd] != GPU_TIER:  # GPU-tier experts have no CPU path
@@ -1262,7 +1257,7 @@ def decode_grid(
                     kp = keep[n, s, sd]
                     lq = np.log1p(-min(p * kp, 1.0 - 1e-12))
                     unit = d if path == GPU_PATH else D + sd
-                    grp = path == GPU_PATH and grouped[n, sd, l]
+                    grp = path == GPU_PATH and grouped[n, d, l]
                     for g in range(G):
                         b = grid[g]
                         u_b = use_probability(p * kp, b, lq)
@@ -1722,8 +1717,8 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
         # the decode step's choices are kept for continuous batching only (a [1, 1, 1, 1] stub otherwise)
         np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]) if params.continuous else (1, 1, 1, 1), -1, np.int16),
     )
-    grouped = np.zeros((N, S, plans.dev.shape[1]), dtype=np.bool_)
-    grouped_layers(plans, topo.dev_server, params.grouped_experts, grouped)
+    grouped = np.zeros((N, D, plans.dev.shape[1]), dtype=np.bool_)
+    grouped_layers(plans, params.grouped_bits, grouped)
     infl = np.ones((N, U))
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so)
     rho = np.empty((N, U))

@@ -255,7 +255,7 @@ class SurrogateBackend:
             max_wait_s=float(wl.slo_s if wl.max_queue_wait_s is None else wl.max_queue_wait_s),
             concurrency=float(wl.concurrency or 0),
             prefer_primary=hw.routing == "load_aware",
-            grouped_experts=bool(hw.grouped_experts),
+            grouped_bits=np.isin(np.arange(17), hw.grouped_expert_bits),
         )
 
     def with_lengths(self, input_len: np.ndarray, output_len: np.ndarray) -> SurrogateBackend:

@@ -140,11 +140,11 @@ class HardwareProfile(BaseModel):
     expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         4e-6, ge=0, description="per activated expert per step"
     )
-    grouped_experts: bool = Field(
-        False,
-        description="a server computes a layer's experts with one grouped GEMM (no per-expert fixed cost) when all "
-        "it holds there are 16-bit in its first GPU's memory (the real backend's fast path); false: every expert "
-        "use pays expert_overhead_s",
+    grouped_expert_bits: list[Literal[16, 8, 4]] = Field(
+        default_factory=list,
+        description="bit-widths whose experts a GPU computes with one grouped kernel per layer (vLLM/SGLang fused "
+        "MoE: all; the real backend's fast path: 16) when every expert it holds in that layer is in its memory at "
+        "one of them: no per-expert fixed cost; otherwise every use pays expert_overhead_s",
     )
     dequant_slowdown: dict[Int, Float] = Field(
         default_factory=lambda: {16: 1.0, 8: 1.05, 4: 1.15}, description="time multiplier of low-bit kernels"

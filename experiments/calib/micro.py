@@ -98,7 +98,7 @@ def base_profile(cfg, scenario, fits: dict, device_names: list[str] | None = Non
         # the real backend steps its servers in lock-step; on CPU they are processes sharing this host's cores
         serving="lockstep",
         # the fast path stacks a layer's 16-bit GPU experts into one grouped GEMM (real_backend.fast.GroupedExperts)
-        grouped_experts=fast_enabled(),
+        grouped_expert_bits=[16] if fast_enabled() else [],
         host_cores=None if cfg.device == "cuda" else os.cpu_count(),
         emulated_latency=True,
         device_overrides={n: DeviceOverride(mem_bw_gbs=bw_gbs, peak_tflops=tflops) for n in sorted(names)},

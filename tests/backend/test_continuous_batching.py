@@ -17,6 +17,7 @@ from coel_env.backend.physics import (
     kv_sequences,
     prefill_in_steps,
 )
+from coel_env.specs.hardware import load_hardware_profile
 from coel_env.specs.scenario import SCENARIO_DIR
 
 
@@ -61,11 +62,11 @@ def test_chunked_prefill_rides_in_steps_beside_the_decodes():
     assert prefill_in_steps(0.1, 0.01, 1000.0, 512.0, 12.0, False) == pytest.approx(0.1 + 0.005)
 
 
-def _scenario(hardware: str, rate: float, max_batch: int = 256, name: str = "paper-1server-2gpu", **wl):
+def _scenario(hardware: str, rate: float, max_batch: int = 256, name: str = "paper-1server-2gpu", profile=None, **wl):
     d = yaml.safe_load((SCENARIO_DIR / f"{name}.yaml").read_text())
     d["name"], d["hardware"] = f"{name}-{hardware}", hardware
     d["workload"].update(arrival_rate=rate, max_batch=max_batch, slo_s=600, **wl)
-    sc = make_scenario(d)
+    sc = make_scenario(d, hardware=profile)
     return sc, sc.initial_state(np.random.default_rng(0))
 
 
@@ -160,13 +161,15 @@ def test_a_kv_reserve_too_small_for_one_sequence_is_one_line():
 @pytest.mark.parametrize("name", ["paper-1server-2gpu", "paper-2server-1gpu", "paper-testbed"])
 def test_batch_grid_at_one_agrees_with_the_routing_pass(name):
     """At batch 1 and a vanishing load the continuous model's decode step (`decode_grid` at B = 1, interpolated) is
-    the routing pass's own decode step: the independent model's TPOT, which the same formulas give at B = 1."""
+    the routing pass's own decode step: the independent model's TPOT (same profile otherwise), which the same
+    formulas give at B = 1."""
 
-    def tpot(hardware):
-        sc, st = _scenario(hardware, 1e-6, max_batch=1, name=name)
+    def tpot(serving):
+        profile = load_hardware_profile("continuous").model_copy(update={"serving": serving})
+        sc, st = _scenario("continuous", 1e-6, max_batch=1, name=name, profile=profile)
         return SurrogateBackend(sc.cluster).serve(DeploymentPlan.uniform(sc.cluster), st, 60.0).tpot_mean_s
 
-    assert tpot("continuous") == pytest.approx(tpot("default"), rel=1e-4)
+    assert tpot("continuous") == pytest.approx(tpot("independent"), rel=1e-4)
 
 
 def test_closed_loop_clients_of_a_failed_server_are_dropped():

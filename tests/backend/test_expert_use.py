@@ -1,5 +1,5 @@
 """Which expert work a step pays for: pruned rows do not run their experts (`kept_use_probability`), and a layer
-computed as one grouped GEMM pays no per-expert fixed cost (`grouped_layers`, HardwareProfile.grouped_experts)."""
+computed as one grouped kernel pays no per-expert fixed cost (`grouped_layers`, HardwareProfile.grouped_expert_bits)."""
 
 from __future__ import annotations
 
@@ -51,40 +51,48 @@ def test_pruned_rows_skip_their_experts_so_steps_get_shorter():
     assert all(a > b for a, b in itertools.pairwise(tpot)), tpot
 
 
-def test_grouped_layers_follow_the_real_backends_rule():
+def test_grouped_layers_are_the_gpus_whose_experts_are_all_grouped_bit_widths_in_memory():
     sc = Scenario(dict(scenario_variants()["tiny"]), seed=0)
     c = sc.cluster
     plan = DeploymentPlan.uniform(c)
     plan.bits[plan.device >= 0] = 16
+    plan.tier[:] = 0
     L = plan.device.shape[0]
     one = Plans(plan.device[None], plan.tier[None], plan.bits[None], plan.prune[None], plan.fuse[None], np.zeros(1))
-    out = np.zeros((1, c.num_servers, L), dtype=np.bool_)
-    grouped_layers(one, c.dev_server, True, out)
-    held = np.zeros((c.num_servers, L), dtype=bool)
+    out = np.zeros((1, c.num_devices, L), dtype=np.bool_)
+    only16 = np.isin(np.arange(17), [16])
+    grouped_layers(one, only16, out)
+    held = np.zeros((c.num_devices, L), dtype=bool)
     for l, e, r in zip(*np.nonzero(plan.device >= 0)):
-        held[c.dev_server[plan.device[l, e, r]], l] = True
+        held[plan.device[l, e, r], l] = True
     assert (out[0] == held).all() and held.any()
-    # one 8-bit expert on server s, layer l: only that (server, layer) stops being grouped
     l, e = np.argwhere(plan.device[..., 0] >= 0)[0]
-    s = c.dev_server[plan.device[l, e, 0]]
-    plan.bits[l, e, 0] = 8
-    grouped_layers(one, c.dev_server, True, out)
+    d = plan.device[l, e, 0]
+    plan.bits[l, e, 0] = 8  # one 8-bit expert on GPU d, layer l: only that (GPU, layer) stops being grouped
+    grouped_layers(one, only16, out)
     want = held.copy()
-    want[s, l] = False
+    want[d, l] = False
     assert (out[0] == want).all()
-    grouped_layers(one, c.dev_server, False, out)
+    grouped_layers(one, np.isin(np.arange(17), [16, 8]), out)  # unless 8-bit experts are grouped too
+    assert (out[0] == held).all()
+    plan.bits[l, e, 0], plan.tier[l, e, 0] = 16, 1  # an expert in CPU memory: not in the GPU's kernel
+    grouped_layers(one, only16, out)
+    assert (out[0] == want).all()
+    grouped_layers(one, np.zeros(17, dtype=bool), out)
     assert not out.any()
 
 
 def test_grouped_layers_pay_no_per_expert_fixed_cost():
     for oh in (1e-3, 0.0):
-        on = _serve(HardwareProfile(grouped_experts=True, expert_overhead_s=oh), _uniform(16))
-        off = _serve(HardwareProfile(grouped_experts=False, expert_overhead_s=oh), _uniform(16))
+        on = _serve(HardwareProfile(grouped_expert_bits=[16], expert_overhead_s=oh), _uniform(16))
+        off = _serve(HardwareProfile(grouped_expert_bits=[], expert_overhead_s=oh), _uniform(16))
         if oh:
             assert on.tpot_mean_s < off.tpot_mean_s and on.ttft_mean_s < off.ttft_mean_s
         else:
             assert on.tpot_mean_s == off.tpot_mean_s and on.ttft_mean_s == off.ttft_mean_s
-    # 8-bit experts are never grouped: the flag changes nothing
-    on = _serve(HardwareProfile(grouped_experts=True, expert_overhead_s=1e-3), _uniform(8))
-    off = _serve(HardwareProfile(grouped_experts=False, expert_overhead_s=1e-3), _uniform(8))
+    # 8-bit experts are not grouped under [16]: the setting changes nothing; under [16, 8] it does
+    on = _serve(HardwareProfile(grouped_expert_bits=[16], expert_overhead_s=1e-3), _uniform(8))
+    off = _serve(HardwareProfile(grouped_expert_bits=[], expert_overhead_s=1e-3), _uniform(8))
     assert on.tpot_mean_s == off.tpot_mean_s and on.ttft_mean_s == off.ttft_mean_s
+    both = _serve(HardwareProfile(grouped_expert_bits=[16, 8], expert_overhead_s=1e-3), _uniform(8))
+    assert both.tpot_mean_s < off.tpot_mean_s
