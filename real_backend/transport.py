@@ -154,7 +154,7 @@ class ShmTransport:
         req_row: int,
         rep_row: int,
     ) -> None:
-        self.layer, self._req_row = layer, req_row
+        self.layer, self._req_row, self._rep_row = layer, req_row, rep_row
         for p in send_to:
             n, stamp, payload = requests.get(p, (0, 0.0, None))
             lane = self.out[p]
@@ -163,11 +163,6 @@ class ShmTransport:
                 lane.put(REQ, layer, n, stamp, away=True)
             else:
                 lane.put(REQ, layer, n, stamp, payload if n else None)
-        self._big = {}
-        for p, (n, _, _) in requests.items():
-            if not self.inn[p].fits(REP, n * rep_row):
-                buf = self.bufs.get("reply", p, n * rep_row)
-                self._big[p] = (buf, dist.irecv(buf, p, tag=TAG_REPLY))
 
     def request(self, q: int) -> tuple[int, float, torch.Tensor | None]:
         lane = self.inn[q]
@@ -194,12 +189,12 @@ class ShmTransport:
 
     def response(self, p: int) -> tuple[float, torch.Tensor]:
         lane = self.inn[p]
-        _n, stamp, nbytes = lane.take(REP, self.layer)
+        n, stamp, nbytes = lane.take(REP, self.layer)
         if nbytes >= 0:
             self._held.append((lane, REP))
             return stamp, lane.payload(REP, nbytes)
-        buf, work = self._big.pop(p)
-        work.wait()
+        buf = self.bufs.get("reply", p, n * self._rep_row)
+        dist.recv(buf, p, tag=TAG_REPLY)  # received in the order sent (NCCL matches a pair's messages by order only)
         self.fallbacks += 1
         return stamp, buf
 
