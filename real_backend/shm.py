@@ -66,9 +66,9 @@ class ShmProtocolError(ShmError):
 
 
 def shm_enabled() -> bool:
-    """Whether the servers of a PipeChannel use shared memory (`COEL_REAL_SHM`; default: on x86-64)."""
+    """Whether the servers of a PipeChannel use shared memory (`COEL_REAL_SHM`; default: on x86-64 Linux)."""
     v = os.environ.get(SHM_ENV, "auto").strip()
-    if v == "0":
+    if v == "0" or not hasattr(os, "memfd_create"):  # memfd: Linux
         return False
     return v == "1" or platform.machine().lower() in ("x86_64", "amd64")
 
