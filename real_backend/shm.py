@@ -238,7 +238,9 @@ class Lane:
         return nbytes <= self.cap[kind]
 
     # ---- writer (src) ----
-    def put(self, kind: int, layer: int, n: int, stamp: float, payload: torch.Tensor | None = None, *, away=False):
+    def put(
+        self, kind: int, layer: int, n: int, stamp: float, payload: torch.Tensor | None = None, *, away: bool = False
+    ) -> None:
         """Publish a record; `payload` (flat uint8, any device) is copied into the kind's region first; `away`: the
         payload travels another way (the record says so with payload bytes -1)."""
         nbytes = -1 if away else 0

@@ -143,7 +143,8 @@ class ShmTransport:
         self.bufs = HostBuffers(device, comm_device)
         self.fallbacks = 0  # messages sent or received over the process group (larger than a region)
         self._works: list = []
-        self._held: list[tuple[Lane, int]] = []  # regions read this layer, freed by reply() / done()
+        self._held_req: dict[int, Lane] = {}  # request regions read this layer: freed once the reply is computed
+        self._held_rep: list[Lane] = []  # reply regions read this layer: freed by done()
 
     def post(
         self,
@@ -170,7 +171,7 @@ class ShmTransport:
         if n == 0:
             return 0, stamp, None
         if nbytes >= 0:
-            self._held.append((lane, REQ))
+            self._held_req[q] = lane
             return n, stamp, lane.payload(REQ, nbytes)
         buf = self.bufs.get("req", q, n * self._req_row)
         dist.recv(buf, q, tag=TAG_HIDDEN)
@@ -178,7 +179,9 @@ class ShmTransport:
         return n, stamp, buf
 
     def reply(self, q: int, stamp: float, y: torch.Tensor) -> None:
-        self._free(lambda lane, kind: kind == REQ and lane.src == q)  # y is computed: q's rows are used
+        held = self._held_req.pop(q, None)
+        if held is not None:  # y is computed (and on a GPU copied from the region): q may fill it again
+            held.release(REQ)
         data = y.reshape(-1).view(torch.uint8)
         lane = self.out[q]
         if lane.fits(REP, data.numel()):
@@ -191,7 +194,7 @@ class ShmTransport:
         lane = self.inn[p]
         n, stamp, nbytes = lane.take(REP, self.layer)
         if nbytes >= 0:
-            self._held.append((lane, REP))
+            self._held_rep.append(lane)
             return stamp, lane.payload(REP, nbytes)
         buf = self.bufs.get("reply", p, n * self._rep_row)
         dist.recv(buf, p, tag=TAG_REPLY)  # received in the order sent (NCCL matches a pair's messages by order only)
@@ -202,7 +205,11 @@ class ShmTransport:
         for w in self._works:
             w.wait()
         self._works = []
-        self._free(lambda lane, kind: True)
+        for lane in self._held_rep:
+            lane.release(REP)
+        for lane in self._held_req.values():  # a request without a reply (not in the dispatcher's protocol)
+            lane.release(REQ)
+        self._held_rep, self._held_req = [], {}
 
     def all_max(self, v: float) -> float:
         return self.board.max(v)
@@ -210,12 +217,3 @@ class ShmTransport:
     def _isend(self, payload: torch.Tensor, peer: int, tag: int) -> None:
         self._works.append(dist.isend(self.bufs.to_comm(payload), peer, tag=tag))
         self.fallbacks += 1
-
-    def _free(self, which) -> None:
-        keep = []
-        for lane, kind in self._held:
-            if which(lane, kind):
-                lane.release(kind)
-            else:
-                keep.append((lane, kind))
-        self._held = keep
