@@ -6,12 +6,19 @@ python -m benchmarks.bench_real_engine ctxswitch --out $OUT
 python -m benchmarks.bench_real_engine pstats --dir $OUT/prof --top 25
 # the physical floor of a scenario's decode step: engine step + link serialization + latency per crossing
 python -m benchmarks.bench_real_engine floor --scenario paper-2server-1gpu --engine-step-ms 3.85
+# one MoE layer's message exchange between two server processes (header + request + reply), gloo vs shared memory
+python -m benchmarks.bench_real_engine exchange --device cpu --iters 2000 --out benchmarks/results/engine
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import socket
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +140,9 @@ def floor(args) -> dict:
 
 def parity(args) -> dict:
     """Tokens of the tiny scenario's window served on `--device` with the generic path, the fast path without
-    CUDA graphs and the fast path with them (same seeds): the share of tokens equal to the generic path's."""
+    CUDA graphs and the fast path with them (same seeds; the default transport: shared memory on one host), and the
+    last over gloo (COEL_REAL_SHM=0): the share of tokens equal to the generic path's, and whether the booked bytes
+    equal the generic path's."""
     import os
 
     import numpy as np
@@ -146,27 +155,195 @@ def parity(args) -> dict:
     state = sc.initial_state(np.random.default_rng(0))
     plan = DeploymentPlan.uniform(sc.cluster)
     runs = {}
-    for name, fast, graphs in (("generic", "0", "0"), ("fast_eager", "1", "0"), ("fast_graphs", "1", "1")):
-        os.environ["COEL_REAL_FAST"], os.environ["COEL_REAL_GRAPHS"] = fast, graphs
+    variants = (
+        ("generic", "0", "0", "auto"),
+        ("fast_eager", "1", "0", "auto"),
+        ("fast_graphs", "1", "1", "auto"),
+        ("fast_graphs_gloo", "1", "1", "0"),
+    )
+    for name, fast, graphs, shm in variants:
+        os.environ["COEL_REAL_FAST"], os.environ["COEL_REAL_GRAPHS"], os.environ["COEL_REAL_SHM"] = fast, graphs, shm
         b = make_real_backend(sc.cluster, seed=0, timeout_s=60, max_requests_per_server=4, device=args.device)
         try:
             b.reset(plan, state)
             b.serve(plan, state, 4.0)
             d = b.last_details
-            runs[name] = {"tokens": d["tokens"], "fast_steps": sum(d["fast_steps"])}
+            runs[name] = {"tokens": d["tokens"], "fast_steps": sum(d["fast_steps"]), "bytes": d["bytes_to"]}
+            runs[name]["transport"] = d["transport"][0]
         finally:
             b.close()
-    ref = runs["generic"]["tokens"]
+    ref = runs["generic"]
     out = {}
     for name, r in runs.items():
-        same = sum(int(a == b) for rid in ref for a, b in zip(ref[rid], r["tokens"][rid]))
-        out[name] = {"fast_steps": r["fast_steps"], "tokens_equal_generic": same / sum(len(t) for t in ref.values())}
+        same = sum(int(a == b) for rid in ref["tokens"] for a, b in zip(ref["tokens"][rid], r["tokens"][rid]))
+        out[name] = {
+            "fast_steps": r["fast_steps"],
+            "transport": r["transport"],
+            "tokens_equal_generic": same / sum(len(t) for t in ref["tokens"].values()),
+            "bytes_equal_generic": r["bytes"] == ref["bytes"],
+        }
     return out
+
+
+EXCHANGE_D, EXCHANGE_K, EXCHANGE_LAYERS = 2048, 4, 24  # Qwen1.5-MoE-A2.7B: d_model, top_k, MoE layers
+
+
+def _layer_exchange(tr, rank: int, layer: int, rows: int, payload, y, rows_bytes: tuple[int, int], dev) -> None:
+    """One MoE layer as the dispatcher runs it with all tokens on rank 0: rank 0 sends a header and `rows` request
+    rows, rank 1 a header without rows; rank 1 replies `rows` combined rows. Copies to `dev` as the dispatcher's."""
+    req_row, rep_row = rows_bytes
+    if rank == 0:
+        tr.post(layer, {1: (rows, 0.0, payload)}, [1], [1], req_row, rep_row)
+        tr.request(1)
+        tr.response(1)[1].to(dev, non_blocking=True)
+    else:
+        tr.post(layer, {}, [0], [0], req_row, rep_row)
+        tr.request(0)[2].to(dev, non_blocking=True)
+        tr.reply(0, 0.0, y)
+    tr.done()
+
+
+def _timed(fn, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _time_exchanges(trs: dict, rank: int, cfg: dict, dev, times: dict) -> None:
+    """One block: every case (rows, dtype) through every transport, appended to `times`."""
+    import torch
+
+    from coel_env.backend.wire import SLOT_BYTES, reply_row_bytes, request_row_bytes
+
+    for rows in cfg["rows"]:
+        for dt in (torch.bfloat16, torch.float32):
+            rb = (
+                request_row_bytes(EXCHANGE_D, dt.itemsize, SLOT_BYTES, EXCHANGE_K),
+                reply_row_bytes(EXCHANGE_D, dt.itemsize),
+            )
+            payload = torch.zeros(rows * rb[0], dtype=torch.uint8)  # host rows, as _plan_fast hands them over
+            y = torch.zeros(rows, EXCHANGE_D, dtype=dt, device=dev)
+            for name, tr in trs.items():
+
+                def one(i, tr=tr, rows=rows, payload=payload, y=y, rb=rb):
+                    _layer_exchange(tr, rank, i % EXCHANGE_LAYERS, rows, payload, y, rb, dev)
+
+                _timed(one, cfg["warmup"])
+                key = (name, rows, str(dt).removeprefix("torch."), *rb)
+                times.setdefault(key, []).extend(_timed(one, cfg["iters"]))
+    for name, tr in trs.items():
+        _timed(lambda i, tr=tr: tr.all_max(float(i)), cfg["warmup"])
+        times.setdefault((name, "all_max"), []).extend(_timed(lambda i, tr=tr: tr.all_max(float(i)), cfg["iters"]))
+
+
+def _exchange_worker(rank: int, port: int, seg, cfg: dict, out) -> None:
+    """Server-process stand-in: a gloo process group and both transports; rank 0 times every round trip."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from real_backend.transport import GlooTransport, ShmTransport
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    dev, cpu = torch.device(cfg["device"]), torch.device("cpu")
+    trs = {"gloo": GlooTransport(dev, cpu), "shm": ShmTransport(seg, rank, 120.0, dev, cpu)}
+    times: dict[tuple, list[float]] = {}
+    for _block in range(cfg["blocks"]):  # transports interleaved in blocks: drift of a shared machine hits both
+        _time_exchanges(trs, rank, cfg, dev, times)
+    if rank == 0:
+        out.put(times)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _us(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=10)
+    return {"median_us": 1e6 * statistics.median(ts), "p10_us": 1e6 * q[0], "p90_us": 1e6 * q[-1], "reps": len(ts)}
+
+
+def exchange(args) -> dict:
+    """Round trip of one MoE layer's messages between two processes (header + request rows + reply rows, as the
+    dispatcher sends them with every token on server 0), gloo isend/irecv vs the shared-memory lanes, and the
+    step clock's all-reduce; median over repetitions, timed by rank 0."""
+    import torch.multiprocessing as tmp
+
+    from real_backend.shm import Segment, layout_for
+
+    rows = [1, 32]
+    seg = Segment.create(layout_for(2, EXCHANGE_LAYERS, EXCHANGE_D, EXCHANGE_K, max(rows)))
+    cfg = {"device": args.device, "rows": rows, "iters": max(args.iters // 3, 10), "warmup": 100, "blocks": 3}
+    ctx = tmp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    ps = [ctx.Process(target=_exchange_worker, args=(r, port, seg, cfg, q), daemon=True) for r in range(2)]
+    for p in ps:
+        p.start()
+    seg.close()
+    times = q.get(timeout=600)
+    for p in ps:
+        p.join(60)
+    cases = []
+    for key, ts in times.items():
+        if key[1] == "all_max":
+            cases.append({"transport": key[0], "what": "all_max (step clock)", **_us(ts)})
+        else:
+            name, n, dt, req_row, rep_row = key
+            what = f"layer exchange, {n} row(s) {dt}"
+            cases.append({"transport": name, "what": what, "request_bytes": n * req_row, "reply_bytes": n * rep_row})
+            cases[-1].update(_us(ts))
+    return {
+        "command": "python -m benchmarks.bench_real_engine " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0],  # other work on the machine (shared cores) disturbs gloo most
+            "device": args.device,
+        },
+        "model": {"d_model": EXCHANGE_D, "top_k": EXCHANGE_K},
+        "cases": cases,
+    }
+
+
+def exchange_md(res: dict) -> str:
+    """The exchange results side by side (gloo | shm | ratio)."""
+    by = {(c["what"], c["transport"]): c for c in res["cases"]}
+    lines = [
+        "# One MoE layer's message exchange between two server processes: gloo vs shared memory",
+        "",
+        f"`{res['command']}` ({res['machine']['cores']} cores, load {res['machine']['load_avg_1min']:.1f}, device "
+        f"{res['machine']['device']}; d_model "
+        f"{res['model']['d_model']}, top_k {res['model']['top_k']}). Round trip timed by rank 0: it sends a header and "
+        "the request rows, receives rank 1's header (no rows) and the reply rows (as the dispatcher at a crossing "
+        "layer with every token on server 0). Median (p10-p90) over the repetitions.",
+        "",
+        "| what | request B | reply B | gloo µs | shm µs | gloo / shm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for what in dict.fromkeys(c["what"] for c in res["cases"]):
+        g, s = by[(what, "gloo")], by[(what, "shm")]
+        cell = lambda c: f"{c['median_us']:.1f} ({c['p10_us']:.0f}-{c['p90_us']:.0f})"  # noqa: E731
+        lines.append(
+            f"| {what} | {g.get('request_bytes', '')} | {g.get('reply_bytes', '')} | {cell(g)} | {cell(s)} | "
+            f"{g['median_us'] / s['median_us']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity"))
+    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=2000)
@@ -180,11 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "pstats":
         print(pstats_top(args))
         return
-    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity}[args.cmd](args)
+    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity, "exchange": exchange}[args.cmd](args)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{args.cmd}.json").write_text(json.dumps(res, indent=1))
+        name = f"shm_{args.device}" if args.cmd == "exchange" else args.cmd
+        (Path(args.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
+        if args.cmd == "exchange":
+            (Path(args.out) / f"{name}.md").write_text(exchange_md(res))
 
 
 if __name__ == "__main__":

@@ -551,6 +551,8 @@ class RealBackend:
             "expert_layers": [r["expert_layers"] for r in res],  # MoE layers where the server holds experts
             "busy_s": busy.tolist(),
             "comm_wait_s": [r["comm_wait_s"] for r in res],
+            "transport": [r["transport"] for r in res],  # "shm" (one PipeChannel's servers) or "gloo" (process group)
+            "transport_fallbacks": [r["transport_fallbacks"] for r in res],  # shm: messages larger than a lane's region
             "tokens_pruned": sum(r["tokens_pruned"] for r in res),
             "tokens_fused": sum(r["tokens_fused"] for r in res),
             "bytes_to": np.stack([r["bytes_to"] for r in res]).tolist(),

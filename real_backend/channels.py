@@ -6,6 +6,8 @@ The command is a `ServerProcess` method run by `real_backend.server.run_command`
 close, ping; crash and hang are test hooks). Two transports:
 
 - `PipeChannel` (here): server processes spawned on this host with torch.multiprocessing, one pipe each (default).
+  Its servers exchange the per-layer dispatch messages and the step clock through a shared-memory segment the
+  channel creates before spawning them (real_backend/shm.py; `COEL_REAL_SHM=0`: over the process group instead).
 - `TorchrunChannel` (`real_backend.torchrun`): one torchrun rank per server, possibly on several nodes; rank 0 is the
   driver and server 0, and commands travel over a gloo control group.
 
@@ -25,6 +27,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 from multiprocessing.reduction import ForkingPickler
 from typing import NoReturn
@@ -34,6 +37,7 @@ import torch.multiprocessing as tmp
 from coel_env.errors import CoELError, ConfigError
 from real_backend.server import WorkerSpec, worker_main
 from real_backend.shaper import LinkShaper
+from real_backend.shm import Segment, layout_for, shm_enabled
 
 # last line of a server's traceback naming one of these: it waited on a peer (the peer is the cause)
 COMM_ERRORS = (
@@ -46,6 +50,8 @@ COMM_ERRORS = (
     "timed out",
     "gloo",
     "NCCL",
+    "ShmTimeout",
+    "ShmPeerGone",
 )
 GRACE_S = 5.0  # after a peer's communication error (or the deadline): how long the other servers may take to report
 TERM_S = 3.0  # stop: how long terminated (SIGTERM) servers may take to exit before they are killed (SIGKILL)
@@ -119,6 +125,19 @@ def _stop(procs: list, conns: list, helpers: list, wait_s: float = 0.0) -> None:
             c.close()
 
 
+def shm_segment(spec: WorkerSpec) -> Segment | None:
+    """The shared-memory lanes of a channel's servers (None: one server, or shared memory off: see shm_enabled)."""
+    c, cfg = spec.cluster, spec.cfg
+    if c.num_servers < 2 or not shm_enabled():
+        return None
+    layout = layout_for(c.num_servers, cfg.num_moe_layers, cfg.d_model, cfg.top_k, c.spec.workload.max_batch)
+    try:
+        return Segment.create(layout)
+    except OSError as e:  # no memfd here (e.g. a sandbox refuses it): the process group carries the messages
+        warnings.warn(f"real backend: shared memory unavailable ({e}); dispatch over the process group", stacklevel=2)
+        return None
+
+
 def _send(conn, data: bytes) -> None:
     with contextlib.suppress(OSError, ValueError):  # the server is gone: its sentinel / EOF reports it
         conn.send_bytes(data)
@@ -138,13 +157,14 @@ class PipeChannel:
         c = spec.cluster
         self._init(list(c.server_names))
         ctx = tmp.get_context("spawn")
-        shared = LinkShaper.new_shared(c, ctx)
+        self._links = LinkShaper.new_shared(c, ctx)  # kept: a freed block could be handed to another channel
+        shm = shm_segment(spec)
         try:
             for rank in range(c.num_servers):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=worker_main,
-                    args=(rank, spec, child, shared),
+                    args=(rank, spec, child, self._links, shm),
                     daemon=True,
                     name=f"coel-real-{c.server_names[rank]}",
                 )
@@ -158,8 +178,12 @@ class PipeChannel:
                 child.close()
                 self.procs.append(p)
                 self.conns.append(parent)
+            if shm is not None:
+                shm.close()  # the servers hold it now: it goes when they exit
             self._gather("start", start_timeout_s)
         except BaseException:
+            if shm is not None:
+                shm.close()
             self.stop()
             raise
 

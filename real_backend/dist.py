@@ -15,7 +15,9 @@ cosine-similar row of the other half; the best-matched fraction is merged): a me
 hidden state with the slots and weights of its representative (the b-row that absorbed the others), and every
 member takes that row's combined output. This is lossy on purpose (members may differ in experts and weights); its
 quality loss is measured as KL against the single-process reference.
-Every transfer is booked on the LinkShaper and the receiver waits until its arrival time.
+Every transfer is booked on the LinkShaper and the receiver waits until its arrival time. The messages travel by a
+transport (real_backend/transport.py): shared-memory lanes between the server processes of one host, else the
+torch.distributed process group; the bytes booked are the same either way.
 """
 
 from __future__ import annotations
@@ -24,21 +26,11 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from coel_env.backend.wire import SLOT_BYTES, STAMP_BYTES, reply_row_bytes, request_row_bytes
 from real_backend.shaper import LinkShaper, now, sleep_until
 from real_backend.tiers import ExpertStore
-
-TAG_META, TAG_HIDDEN, TAG_REPLY, TAG_REPLY_HDR, TAG_MIGRATE = 11, 12, 13, 14, 15
-
-
-def _f64_bits(t: float) -> torch.Tensor:
-    return torch.tensor([t], dtype=torch.float64).view(torch.int64)
-
-
-def _bits_f64(x: torch.Tensor) -> float:
-    return float(x.view(torch.float64)[0])
+from real_backend.transport import GlooTransport, Request, ShmTransport
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,8 +104,11 @@ class Dispatcher:
         device: torch.device,
         comm_device: torch.device,
         seed: int = 0,
+        transport: GlooTransport | ShmTransport | None = None,
     ):
+        """`transport` moves the layer's messages (default: the torch.distributed process group)."""
         self.rank, self.world, self.store, self.shaper = rank, world, store, shaper
+        self.transport = transport if transport is not None else GlooTransport(device, comm_device)
         self.rng = np.random.default_rng([seed, rank])  # rounds pruned and fused counts without bias
         self.device, self.comm_device = device, comm_device
         self.target = None  # [L, E] torch long
@@ -133,6 +128,7 @@ class Dispatcher:
         self.tokens_fused = 0  # rows merged away
         self.remote_tokens_served = 0  # request rows this server computed for its peers
         self.comm_wait_s = 0.0
+        self.transport.fallbacks = 0
 
     def configure(
         self,
@@ -158,17 +154,6 @@ class Dispatcher:
             self.send_to = [sorted({int(p) for p in target[l]} - {me, -1}) for l in range(L)]
             self.recv_from = [[q for q in range(S) if q != me and (targets_all[q][l] == me).any()] for l in range(L)]
         self.peer_ids = [torch.as_tensor(ps, dtype=torch.long, device=self.device) for ps in self.send_to]
-        self._pinned: dict[tuple[str, int], torch.Tensor] = {}
-
-    def _host(self, kind: str, peer: int, nbytes: int) -> torch.Tensor:
-        """A reusable host buffer (pinned when computing on a GPU) of nbytes for receiving from `peer`."""
-        if self.device.type != "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8)
-        buf = self._pinned.get((kind, peer))
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8).pin_memory()
-            self._pinned[(kind, peer)] = buf
-        return buf[:nbytes]
 
     def _compute_grouped(self, layer: int, x: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
         """Each row of x through its expert: rows sorted by expert, one host sync, contiguous slices per expert."""
@@ -187,8 +172,11 @@ class Dispatcher:
         self.bytes_to[dst] += nbytes
         return self.shaper.reserve(self.rank, dst, nbytes) if self.shaper is not None else now()
 
-    def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.comm_device).contiguous()
+    def _wait(self, stamp: float) -> None:
+        """Sleep until a message's arrival time (the link shaper's), counted as communication wait."""
+        t0 = time.perf_counter()
+        sleep_until(stamp)
+        self.comm_wait_s += time.perf_counter() - t0
 
     def _fast(self, layer: int) -> bool:
         return self.grouped is not None and self.grouped.has(layer)
@@ -277,30 +265,8 @@ class Dispatcher:
             compress = any(self.prune[me, p] > 0 or self.fuse[me, p] for p in self.send_to[layer])
             sends = (self._plan_generic if compress else self._plan_fast)(layer, x, idx, wts, dest)
         # ---- requests: a header to every peer that may expect one, the rows where there are any ----
-        reqs = []
-        for p in self.send_to[layer]:
-            tok, _, n, payload = sends.get(p, (None, None, 0, None))
-            hdr = torch.zeros(2, dtype=torch.int64)
-            if n:
-                nbytes = n * req_row + STAMP_BYTES
-                assert payload.numel() + STAMP_BYTES == nbytes  # the wire format is what is counted
-                hdr[0], hdr[1:] = n, _f64_bits(self._book(p, nbytes))
-                self.tokens_to[p] += tok.numel()
-                self.rows_to[p] += n
-                self.msgs_to[p] += 1
-            reqs.append(dist.isend(self._to_comm(hdr), p, tag=TAG_META))
-            if n:
-                reqs.append(dist.isend(self._to_comm(payload), p, tag=TAG_HIDDEN))
-        hdrs = {}
-        for q in self.recv_from[layer]:
-            h = torch.empty(2, dtype=torch.int64, device=self.comm_device)
-            hdrs[q] = (h, dist.irecv(h, q, tag=TAG_META))
-        replies = {}
-        for p, (_, _, n, _) in sends.items():
-            buf = self._host("reply", p, STAMP_BYTES + n * rep_row) if self.comm_device.type == "cpu" else None
-            if buf is None:
-                buf = torch.empty(STAMP_BYTES + n * rep_row, dtype=torch.uint8, device=self.comm_device)
-            replies[p] = (buf, dist.irecv(buf, p, tag=TAG_REPLY))
+        requests = self._requests(sends, req_row)
+        self.transport.post(layer, requests, self.send_to[layer], self.recv_from[layer], req_row, rep_row)
         # ---- local experts while the requests travel ----
         if T:
             mine = dest == me
@@ -314,39 +280,34 @@ class Dispatcher:
                     y = self._compute_grouped(layer, x[loc_tok], eid)
                     out.index_add_(0, loc_tok, y * wts[loc_tok, loc_slot, None])
         # ---- serve the peers' rows: one combined row back per request row ----
-        for q, (h, wq) in hdrs.items():
-            wq.wait()
-            h = h.cpu()
-            n = int(h[0])
+        for q in self.recv_from[layer]:
+            n, stamp, buf = self.transport.request(q)
             if n == 0:
                 continue
-            if self.comm_device.type == "cpu":
-                buf = self._host("req", q, n * req_row)
-            else:
-                buf = torch.empty(n * req_row, dtype=torch.uint8, device=self.comm_device)
-            dist.recv(buf, q, tag=TAG_HIDDEN)
-            t0 = time.perf_counter()
-            sleep_until(_bits_f64(h[1:]))
-            self.comm_wait_s += time.perf_counter() - t0
+            self._wait(stamp)
             rows = buf.to(self.device, non_blocking=True).view(n, req_row)
             ids = _as(rows[:, : hb // 2], torch.int32)
             w = _as(rows[:, hb // 2 : hb], torch.float32)
             y = self._combine(layer, _as(rows[:, hb:], x.dtype), ids, w)
             self.remote_tokens_served += n
-            nbytes = n * rep_row + STAMP_BYTES
-            msg = torch.empty(nbytes, dtype=torch.uint8, device=self.comm_device)
-            msg[STAMP_BYTES:] = y.reshape(-1).view(torch.uint8)
-            msg[:STAMP_BYTES] = _f64_bits(self._book(q, nbytes)).view(torch.uint8).to(self.comm_device)
-            reqs.append(dist.isend(msg, q, tag=TAG_REPLY))
+            self.transport.reply(q, self._book(q, n * rep_row + STAMP_BYTES), y)
         # ---- collect the replies (gate weights already applied by the receiver) ----
-        for p, (buf, wp) in replies.items():
-            wp.wait()
-            t0 = time.perf_counter()
-            sleep_until(_bits_f64(buf[:STAMP_BYTES].cpu().view(torch.int64)))
-            self.comm_wait_s += time.perf_counter() - t0
-            tok, row_of, n, _ = sends[p]
-            y = buf[STAMP_BYTES:].to(self.device, non_blocking=True).view(x.dtype).view(n, d)
+        for p, (tok, row_of, n, _) in sends.items():
+            stamp, buf = self.transport.response(p)
+            self._wait(stamp)
+            y = buf.to(self.device, non_blocking=True).view(x.dtype).view(n, d)
             out.index_add_(0, tok, y if row_of is None else y[row_of])
-        for r in reqs:
-            r.wait()
+        self.transport.done()
+        return out
+
+    def _requests(self, sends: dict, req_row: int) -> dict[int, Request]:
+        """Book each request message on its link and count it: {peer: (rows, arrival stamp, payload)}."""
+        out = {}
+        for p, (tok, _, n, payload) in sends.items():
+            nbytes = n * req_row + STAMP_BYTES
+            assert payload.numel() + STAMP_BYTES == nbytes  # the wire format is what is counted
+            out[p] = (n, self._book(p, nbytes), payload)
+            self.tokens_to[p] += tok.numel()
+            self.rows_to[p] += n
+            self.msgs_to[p] += 1
         return out

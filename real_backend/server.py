@@ -1,7 +1,9 @@
 """One edge server = one process: its share of the model, its expert tiers, its requests and its links.
 
 The parent (`RealBackend`) talks to each server process over a pipe with small commands (reset, apply, serve,
-close); the servers talk to each other over a torch.distributed process group (expert dispatch, weight copies).
+close); the servers talk to each other over a torch.distributed process group (weight copies, barriers) and exchange
+the per-layer dispatch messages and the step clock through shared memory when they are processes of one PipeChannel
+(real_backend/shm.py; `COEL_REAL_SHM=0`: the process group for those too).
 Serving is lock-step, as expert parallelism is: every step each server runs one forward pass of its own continuous
 batch (or an empty one) and all servers meet at each MoE layer's token exchange. The servers share one virtual clock:
 each step advances it by the slowest server's measured step time, and when every server is idle it jumps to the next
@@ -28,12 +30,14 @@ import torch
 import torch.distributed as dist
 
 from coel_env.world.cluster import Cluster
-from real_backend.dist import TAG_MIGRATE, Dispatcher, _bits_f64, _f64_bits, dispatch_targets
+from real_backend.dist import Dispatcher, dispatch_targets
 from real_backend.fast import FastDecoder, GroupedExperts, SlotCache, compact, fast_enabled, make_pool
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
 from real_backend.quant import QTensor, int4_group, quantize, requantize
 from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
+from real_backend.shm import Segment
 from real_backend.tiers import Expert, ExpertStore, expert_nbytes
+from real_backend.transport import TAG_MIGRATE, GlooTransport, ShmTransport, _bits_f64, _f64_bits
 
 
 @dataclass
@@ -120,7 +124,7 @@ class _Seq:
 class ServerProcess:
     """State of one server process (built inside the child)."""
 
-    def __init__(self, rank: int, spec: WorkerSpec, shared_links):
+    def __init__(self, rank: int, spec: WorkerSpec, shared_links, shm: Segment | None = None):
         self.rank, self.spec, self.c = rank, spec, spec.cluster
         self.S = self.c.num_servers
         cfg = spec.cfg
@@ -147,7 +151,14 @@ class ServerProcess:
         self.shaper = None
         if spec.links != "none":
             self.shaper = LinkShaper(self.c, bandwidth=spec.links == "app", latency=True, shared=shared_links)
-        self.dispatcher = Dispatcher(rank, self.S, self.store, self.shaper, self.device, self.comm_device, spec.seed)
+        if shm is not None:  # the servers of one PipeChannel: shared-memory lanes
+            transport = ShmTransport(shm, rank, spec.timeout_s, self.device, self.comm_device)
+            shm.close()  # mapped now: the descriptor is not needed any more
+        else:
+            transport = GlooTransport(self.device, self.comm_device)
+        self.dispatcher = Dispatcher(
+            rank, self.S, self.store, self.shaper, self.device, self.comm_device, spec.seed, transport
+        )
         self.grouped = GroupedExperts(self.store, cfg.num_moe_layers, cfg.num_experts, self.device)
         self.fast_decoder: FastDecoder | None = None  # built at the first serve that uses KV slots
         self.plan_holders: list[list[set[int]]] | None = None
@@ -264,16 +275,14 @@ class ServerProcess:
         done, logits_out = [], {}
         clock = busy = 0.0
         steps = fast_steps = 0
-        flag = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         empty = torch.empty(0, self.cfg.d_model, dtype=self.dtype, device=self.device)
         empty_idx = torch.empty(0, self.cfg.top_k, dtype=torch.long, device=self.device)
         dist.barrier()
         wall0 = time.perf_counter()
         while True:
             # one clock for the cluster: jump to the earliest time any server has work, if all are idle
-            flag.fill_(-(clock if active else pending[0].arrival if pending else np.inf))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            earliest = -float(flag.item())
+            mine = clock if active else pending[0].arrival if pending else np.inf
+            earliest = -self.dispatcher.transport.all_max(-mine)
             if earliest == np.inf:
                 break
             clock = max(clock, earliest)
@@ -286,7 +295,7 @@ class ServerProcess:
             if not active:
                 for l in range(self.cfg.num_moe_layers):
                     self.dispatcher(l, empty, empty_idx, empty)
-                clock += self._step_time(time.perf_counter() - t0, flag)
+                clock += self._step_time(time.perf_counter() - t0)
                 continue
             toks = [q.prompt if not q.out else torch.tensor([q.out[-1]]) for q in active]
             routes = None
@@ -301,7 +310,7 @@ class ServerProcess:
             ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
             nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
             dt = time.perf_counter() - t0
-            clock += self._step_time(dt, flag)
+            clock += self._step_time(dt)
             busy += dt
             steps += 1
             start, still = 0, []
@@ -353,6 +362,8 @@ class ServerProcess:
             "tokens_fused": d.tokens_fused,
             "remote_tokens_served": d.remote_tokens_served,
             "comm_wait_s": d.comm_wait_s,
+            "transport": d.transport.name,
+            "transport_fallbacks": d.transport.fallbacks,  # shm: messages over the process group (larger than a lane)
             "memory": self.memory(),
             "tiers": {
                 "fetches": st.fetches,
@@ -365,12 +376,9 @@ class ServerProcess:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }
 
-    @staticmethod
-    def _step_time(dt: float, buf: torch.Tensor) -> float:
+    def _step_time(self, dt: float) -> float:
         """The lock-step's duration: the slowest server's measured time (every server advances by it)."""
-        buf.fill_(dt)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-        return float(buf.item())
+        return self.dispatcher.transport.all_max(dt)
 
     # ---- test hooks ----------------------------------------------------------------------------------------
     def crash(self, arg) -> None:
@@ -442,7 +450,7 @@ def _start_fault(rank: int) -> None:
     raise RuntimeError(f"test hook {FAIL_START_ENV}={hook}: server {rank} fails while starting")
 
 
-def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
+def worker_main(rank: int, spec: WorkerSpec, conn, shared_links, shm: Segment | None = None) -> None:
     """Entry point of a server process (torch.multiprocessing spawn target).
 
     Ctrl-C is for the driver: a server ignores SIGINT (it was spawned with SIGINT blocked), and the driver closes or
@@ -470,7 +478,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn, shared_links) -> None:
             world_size=spec.cluster.num_servers,
             timeout=timedelta(seconds=spec.timeout_s),
         )
-        server = ServerProcess(rank, spec, shared_links)
+        server = ServerProcess(rank, spec, shared_links, shm)
         conn.send(("ok", os.getpid()))
     except Exception:
         conn.send(("error", traceback.format_exc()))

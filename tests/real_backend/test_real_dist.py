@@ -185,6 +185,14 @@ def test_down_server_drops_requests(env):
     assert 0 < m.dropped_frac <= 1 and m.late_frac >= m.dropped_frac
 
 
+def _long_serve(backend: RealBackend, plan, state, n_new: int = 2000) -> None:
+    """Serve one request of `n_new` tokens on server 0 (seconds of lock-step decoding: a kill lands mid-exchange)."""
+    rng = np.random.default_rng(0)
+    routes = backend.routing.sample(state.domain_mix[0], 8 + n_new - 1, rng)
+    q = {"rid": 1, "arrival": 0.0, "max_new": n_new, "prompt": rng.integers(0, 64, 8), "routes": routes, "server": 0}
+    backend.serve_requests(plan, state, [[q], [], []], 60.0)
+
+
 def test_killed_server_gives_clear_error_then_reset_recovers(env):
     _, state, plan, backend = env
     pids = backend.pids()
@@ -192,7 +200,7 @@ def test_killed_server_gives_clear_error_then_reset_recovers(env):
     threading.Timer(0.5, os.kill, (victim, 9)).start()
     t0 = time.monotonic()
     with pytest.raises(ServerError, match=r"server s1 \(pid \d+\) exited with code -9"):
-        _replay(backend, plan, state)
+        _long_serve(backend, plan, state)
     assert time.monotonic() - t0 < 20
     assert not any(pid_alive(p) for p in pids)  # no orphans
     backend.reset(plan, state)
