@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Mapping
@@ -271,16 +272,15 @@ def first_profile(cfg: DictConfig, base, fits: dict, specs: dict[str, dict]) -> 
 
 
 def heldout_plans(cfg: DictConfig, i: int, sc, state) -> dict[str, DeploymentPlan]:
-    """The i-th fidelity scenario's held-out plans: every baseline, then random valid plans (its share of
-    fidelity.plans; seeds disjoint from the training plans')."""
+    """The i-th fidelity scenario's held-out plans: every baseline and random valid plans up to its share of
+    fidelity.plans (seeds disjoint from the training plans'), alternating while both last (a budget that cuts the
+    tail cuts both kinds)."""
     per = int(np.ceil(cfg.fidelity.plans / len(cfg.fidelity.scenarios)))
-    plans = fid.baseline_plans(sc, state, tuple(cfg.fidelity.baselines), cfg.seed)
+    base = fid.baseline_plans(sc, state, tuple(cfg.fidelity.baselines), cfg.seed)
     rng = np.random.default_rng(20_000 + 100 * i + cfg.seed)
-    j = 0
-    while len(plans) < per:
-        plans[f"random_plan{j}"] = fid.random_plan(sc.cluster, rng)
-        j += 1
-    return plans
+    rand = {f"random_plan{j}": fid.random_plan(sc.cluster, rng) for j in range(max(per - len(base), 0))}
+    order = [n for pair in itertools.zip_longest(base, rand) for n in pair if n is not None]
+    return {n: base.get(n, rand.get(n)) for n in order}
 
 
 def scenario_job(cfg: DictConfig, name: str, spec: dict, profile: HardwareProfile) -> ScenarioJob:

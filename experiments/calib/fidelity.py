@@ -233,3 +233,23 @@ def measure(
 
 def with_profile(spec_dict: dict, profile, seed: int = 0) -> Scenario:
     return Scenario(dict(spec_dict), seed=seed, hardware=profile)
+
+
+def warm_surrogate(names: list[str], hardware: str = "default") -> None:
+    """Compile the surrogate's numba kernels (cached on disk) by serving and replaying the uniform plan once on each
+    scenario `names`; a background job of a GPU run, so that the run itself finds them compiled."""
+    for name in names:
+        sc = Scenario(name, seed=0, hardware=hardware)
+        state = sc.initial_state(np.random.default_rng(0))
+        sur = SurrogateBackend(sc.cluster)
+        plan = DeploymentPlan.uniform(sc.cluster)
+        S = sc.cluster.num_servers
+        wl = {"rate": [0.1] * S, "popularity": [None] * S, "in_len": [32, 64], "out_len": [8, 16]}
+        replay(sur, plan, state, wl, 10.0)
+        sur.serve(plan, state, 10.0)
+
+
+if __name__ == "__main__":  # python -m experiments.calib.fidelity NAME...: warm_surrogate
+    import sys
+
+    warm_surrogate(sys.argv[1:] or ["tiny"])
