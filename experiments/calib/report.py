@@ -32,11 +32,13 @@ def grouped(rows: list[dict], key) -> dict:
 
 
 def headline(summary: dict) -> dict:
-    """The latency headline: MAPE (%), Spearman and Kendall averaged over mean TTFT, TPOT and e2e latency."""
-    return {
-        f"latency_{m}": float(np.nanmean([summary[k][s] for k in fid.LATENCY]))
-        for m, s in (("mape_pct", "mape_pct"), ("spearman", "spearman"), ("kendall", "kendall"))
-    }
+    """The latency headline: MAPE (%), Spearman and Kendall averaged over mean TTFT, TPOT and e2e latency (NaN
+    for a statistic the summary lacks)."""
+    out = {}
+    for s in ("mape_pct", "spearman", "kendall"):
+        v = np.array([summary[k].get(s, np.nan) for k in fid.LATENCY], dtype=np.float64)
+        out[f"latency_{s}"] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
