@@ -161,7 +161,7 @@ def training_plans(spec_dict: dict, profile: HardwareProfile, cfg: DictConfig) -
     rep.tier[..., 1], rep.bits[..., 1] = 0, rep.bits[..., 0]
     plans["replicated"] = rep
     for i in range(cfg.e2e.train_plans):
-        plans[f"train{i}"] = fid.random_plan(sc.cluster, rng)
+        plans[f"train{i}"] = fid.random_plan(sc.cluster, rng, tier_probs=tuple(cfg.tier_probs))
     return plans
 
 
@@ -222,7 +222,10 @@ def check_values(cfg: DictConfig) -> None:
         optional_seconds(OmegaConf.select(cfg, field), field)
     for field in ("workloads.light_load", "workloads.light_requests", "workloads.saturating_window_e2e"):
         require_positive(OmegaConf.select(cfg, field), field)
-    for field in ("priors.step_s", "priors.install_s", "priors.start_s"):
+    probs = cfg.tier_probs
+    if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-9:
+        raise ConfigError(f"tier_probs: {list(probs)} must be 3 probabilities (GPU, CPU, SSD) summing to 1")
+    for field in ("priors.step_s", "priors.mixed_step_s", "priors.install_s", "priors.start_s"):
         require_positive(OmegaConf.select(cfg, field), field)
     fill = require_positive(cfg.workloads.saturating_fill, "workloads.saturating_fill")
     if fill > 1:
@@ -262,12 +265,14 @@ def gpu_names(specs: dict[str, dict]) -> list[str]:
 
 
 def first_profile(cfg: DictConfig, base, fits: dict, specs: dict[str, dict]) -> HardwareProfile:
-    """The profile of the micro fits. On the GPU: the fits replace the scenarios' GPU presets only, CPU-tier experts
+    """The profile of the micro fits. On the GPU: the fits replace the scenarios' GPU presets (and `device_names`)
+    only, CPU-tier experts
     are fetched to the GPU (what the tier sweep measured) and one token's attention block is the first per-layer
     overhead (the regression refits it)."""
     if cfg.device == "cpu":
         return base_profile(cfg, base, fits)
-    prof = base_profile(cfg, base, fits, device_names=gpu_names(specs))
+    names = sorted({*gpu_names(specs), *map(str, cfg.device_names)})
+    prof = base_profile(cfg, base, fits, device_names=names)
     return prof.model_copy(update={"cpu_compute": False, "layer_overhead_s": fits["attention"]["base_s"]})
 
 
@@ -278,7 +283,10 @@ def heldout_plans(cfg: DictConfig, i: int, sc, state) -> dict[str, DeploymentPla
     per = int(np.ceil(cfg.fidelity.plans / len(cfg.fidelity.scenarios)))
     base = fid.baseline_plans(sc, state, tuple(cfg.fidelity.baselines), cfg.seed)
     rng = np.random.default_rng(20_000 + 100 * i + cfg.seed)
-    rand = {f"random_plan{j}": fid.random_plan(sc.cluster, rng) for j in range(max(per - len(base), 0))}
+    probs = tuple(cfg.tier_probs)
+    rand = {
+        f"random_plan{j}": fid.random_plan(sc.cluster, rng, tier_probs=probs) for j in range(max(per - len(base), 0))
+    }
     order = [n for pair in itertools.zip_longest(base, rand) for n in pair if n is not None]
     return {n: base.get(n, rand.get(n)) for n in order}
 
@@ -328,7 +336,7 @@ def measure_windows(cfg: DictConfig, specs: dict, profile: HardwareProfile, out:
             )
             jobs.append(job)
         p = cfg.priors
-        budget = Budget(deadline, Priors(float(p.step_s), float(p.install_s), float(p.start_s)))
+        budget = Budget(deadline, Priors(float(p.step_s), float(p.mixed_step_s), float(p.install_s), float(p.start_s)))
         Campaign(profile, cfg.device, cfg.seed, cfg.threads, cfg.install, budget, rows, log).run(jobs)
     finally:
         rows.close()
@@ -382,7 +390,7 @@ def fidelity_report(
     top = rep.headline(summary)
     summary.update(top)
     stem = out / str(cfg.fidelity.stem)
-    atomic_write_json(stem.with_suffix(".json"), {**top, "summary": summary, "rows": rows}, default=float)
+    atomic_write_text(stem.with_suffix(".json"), rep.json_text({**top, "summary": summary}, rows))
     atomic_write_text(stem.with_suffix(".md"), rep.markdown(summary))
     if not rep.plot(rows, stem.with_suffix(".png")):
         log("matplotlib missing: no plot (rerun with rows_from=... where it is installed)")

@@ -59,11 +59,20 @@ class ScenarioJob:
 
 @dataclass
 class Priors:
-    """Seconds assumed until measured: per lock-step step, per plan install, per backend start (+ warm-up)."""
+    """Seconds assumed until measured: per lock-step step of a plan all 16-bit in GPU memory (`step_s`, the real
+    backend's grouped fast path) or of a mixed one (`mixed_step_s`: CPU/SSD fetches, 8/4-bit experts), per plan
+    install, per backend start (+ warm-up)."""
 
     step_s: float
+    mixed_step_s: float
     install_s: float
     start_s: float
+
+
+def plan_class(plan: DeploymentPlan) -> str:
+    """'gpu16' when every replica is 16-bit in GPU memory, else 'mixed' (the estimate's two step costs)."""
+    placed = plan.device >= 0
+    return "gpu16" if bool(np.all(plan.tier[placed] == 0) and np.all(plan.bits[placed] == 16)) else "mixed"
 
 
 @dataclass
@@ -73,16 +82,18 @@ class Budget:
 
     deadline: float | None
     priors: Priors
-    step_s: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    step_s: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     install_s: list[float] = field(default_factory=list)
     start_s: list[float] = field(default_factory=list)
 
     def left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
-    def per_step(self, scenario: str, load: str) -> float:
-        seen = self.step_s.get((scenario, load))
-        return float(np.mean(seen)) if seen else self.priors.step_s
+    def per_step(self, scenario: str, load: str, kind: str) -> float:
+        seen = self.step_s.get((scenario, load, kind))
+        if seen:
+            return float(np.mean(seen))
+        return self.priors.step_s if kind == "gpu16" else self.priors.mixed_step_s
 
     def per_install(self) -> float:
         return float(np.mean(self.install_s)) if self.install_s else self.priors.install_s
@@ -90,14 +101,14 @@ class Budget:
     def per_start(self) -> float:
         return float(np.mean(self.start_s)) if self.start_s else self.priors.start_s
 
-    def window(self, scenario: str, load: Load, out_len: float, max_batch: int, repeat: bool) -> float:
-        """Estimated seconds of one window (twice for a repeated one)."""
+    def window(self, scenario: str, load: Load, kind: str, out_len: float, max_batch: int, repeat: bool) -> float:
+        """Estimated seconds of one window of a `kind` plan (plan_class; twice for a repeated one)."""
         steps = expected_steps(np.multiply(load.rates, load.window_s), out_len, max_batch, load.name)
-        return steps * self.per_step(scenario, load.name) * (2 if repeat else 1)
+        return steps * self.per_step(scenario, load.name, kind) * (2 if repeat else 1)
 
-    def observe(self, scenario: str, load: str, steps: float, seconds: float) -> None:
+    def observe(self, scenario: str, load: str, kind: str, steps: float, seconds: float) -> None:
         if steps > 0:
-            self.step_s.setdefault((scenario, load), []).append(seconds / steps)
+            self.step_s.setdefault((scenario, load, kind), []).append(seconds / steps)
 
 
 def expected_steps(requests: np.ndarray, out_len: float, max_batch: int, load: str) -> float:
@@ -202,7 +213,8 @@ class Campaign:
 
     def window_estimate(self, job: ScenarioJob, plan: PlanJob, load: Load) -> float:
         wl = job.workload
-        return self.budget.window(job.name, load, float(wl.output_len.mean), int(wl.max_batch), plan.repeat)
+        kind = plan_class(plan.plan)
+        return self.budget.window(job.name, load, kind, float(wl.output_len.mean), int(wl.max_batch), plan.repeat)
 
     def to_go(self, job: ScenarioJob, windows: list[tuple[PlanJob, Load]], started: bool = False) -> float:
         """Estimated seconds of `windows` of `job` (+ the installs of their plans, + a start unless `started`)."""
@@ -286,7 +298,7 @@ class Campaign:
         counts = np.array([len(r) for r in rb.last_requests], dtype=np.float64)
         out_len = float(np.mean(row["workload"]["out_len"])) if row["workload"]["out_len"] else 0.0
         steps = expected_steps(counts, out_len, int(job.workload.max_batch), load.name) * (2 if pj.repeat else 1)
-        self.budget.observe(job.name, load.name, steps, wall)
+        self.budget.observe(job.name, load.name, plan_class(pj.plan), steps, wall)
         self.done += 1
         r = row["real"]
         self.log(

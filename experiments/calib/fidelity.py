@@ -82,9 +82,14 @@ def scenario_dicts(base: str, names: list[str], overrides: dict | None = None) -
     return out
 
 
-def random_plan(cluster: Cluster, rng: np.random.Generator, tries: int = 50) -> DeploymentPlan:
-    """A random valid plan: 1..R replicas per expert on distinct devices, random tiers (mostly GPU), bits, pruning
-    and fusion per server pair."""
+TIER_PROBS = (0.7, 0.2, 0.1)  # GPU, CPU, SSD: a random replica's tier
+
+
+def random_plan(
+    cluster: Cluster, rng: np.random.Generator, tries: int = 50, tier_probs: tuple[float, ...] = TIER_PROBS
+) -> DeploymentPlan:
+    """A random valid plan: 1..R replicas per expert on distinct devices, random tiers (`tier_probs`: GPU, CPU,
+    SSD), bits, pruning and fusion per server pair."""
     for _ in range(tries):
         plan = DeploymentPlan.for_cluster(cluster)
         L, E, R = plan.device.shape
@@ -94,7 +99,7 @@ def random_plan(cluster: Cluster, rng: np.random.Generator, tries: int = 50) -> 
                 k = int(rng.integers(1, min(R, D) + 1))
                 for r, d in enumerate(rng.choice(D, k, replace=False)):
                     plan.device[l, e, r] = d
-                    plan.tier[l, e, r] = rng.choice(3, p=[0.7, 0.2, 0.1])
+                    plan.tier[l, e, r] = rng.choice(3, p=list(tier_probs))
                     plan.bits[l, e, r] = rng.choice([16, 8, 4])
         plan.prune[:] = rng.choice([0.0, 0.0, 0.25, 0.5, 0.75], plan.prune.shape)
         plan.fuse[:] = rng.random(plan.fuse.shape) < 0.3

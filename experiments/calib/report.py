@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,14 @@ def summarize(rows: list[dict]) -> dict:
     out["scenarios"] = sorted({r["scenario"] for r in rows})
     out["workloads"] = sorted({load_of(r) for r in rows})
     return out
+
+
+def json_text(head: dict, rows: list[dict]) -> str:
+    """`head` as indented JSON plus a "rows" list of one compact object a line (a GPU run's rows hold the full
+    model's plan arrays and popularity: this keeps the file a few MB and its diffs readable)."""
+    text = json.dumps(head, indent=1, default=float)
+    body = ",\n".join(json.dumps(r, default=float) for r in rows)
+    return text[: text.rindex("}")].rstrip() + ',\n "rows": [\n' + body + "\n ]\n}\n"
 
 
 def _row(name: str, s: dict) -> str:
