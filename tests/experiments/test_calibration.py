@@ -320,7 +320,7 @@ def test_expected_steps_and_a_campaign_past_its_budget(tmp_path):
     )
     path = tmp_path / "rows.jsonl"
     rows, lines = RowLog(path), []
-    budget = Budget(time.perf_counter() - 1.0, Priors(0.01, 0.1, 1.0))
+    budget = Budget(time.perf_counter() - 1.0, Priors(0.01, 0.02, 0.1, 1.0))
     got = Campaign(sc.cluster.hw, "cpu", 0, 1, "reset", budget, rows, lines.append).run([job])
     rows.close()
     assert got == [] and any("skipped (budget" in ln for ln in lines)
