@@ -2,14 +2,19 @@
 
     python -m experiments.calibrate                                  # CPU/gloo profile + fidelity (tiny variants)
     python -m experiments.calibrate scenario=tiny fidelity.plans=8   # another base scenario (a conf/scenario option)
-    python -m experiments.calibrate profile=h100 device=cuda fidelity.enabled=false quality.enabled=false
+    python -m experiments.calibrate --config-name calibrate_h200     # one H200: every server process on the GPU
+    python -m experiments.calibrate --config-name calibrate_h200 rows_from=rows_h200.jsonl   # refit + report only
 
 1. micro sweeps on real_backend's own modules: expert matmul vs tokens x bits, attention vs context, the link
    shaper and gloo messages (α/β), tier fetches (CPU memory, SSD file);
 2. fits: roofline (bandwidth, FLOP/s, per-expert overhead, dequant slowdowns), α/β, tier bandwidths; quality loss
    per bit-width and per prune/fusion setting from real-backend runs (top-1 disagreement with the 16-bit model);
-   a regression of the per-layer, per-expert and per-message overheads on end-to-end real-backend windows;
-3. writes conf/hardware/<profile>.yaml, sweeps.json; then fidelity.json + fidelity.png on held-out plans.
+3. end-to-end windows (calib/campaign.py): per scenario one real backend (on the GPU with device=cuda) serves its
+   training plans and held-out plans, each under every workload of `workloads.names` (calib/workloads.py: the
+   scenario's own rates, light, saturating); rows go to rows_<profile>.jsonl as they come, within `budget_s`;
+4. a regression of the per-layer, per-expert and per-message overheads on the training windows -> the profile
+   (conf/hardware/<profile>.yaml or profile_path), sweeps_<profile>.json; the held-out windows predicted by the
+   fitted surrogate -> <fidelity.stem>.json (headline keys latency_mape_pct, latency_spearman), .md, .png.
 """
 
 from __future__ import annotations

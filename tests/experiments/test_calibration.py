@@ -304,6 +304,7 @@ def test_expected_steps_and_a_campaign_past_its_budget(tmp_path):
         RowLog,
         ScenarioJob,
         expected_steps,
+        plan_class,
         read_rows,
     )
     from experiments.calib.workloads import Load
@@ -312,6 +313,11 @@ def test_expected_steps_and_a_campaign_past_its_budget(tmp_path):
     assert expected_steps(np.array([8.0, 4.0]), 10, 4, "saturating") == pytest.approx(8 * 11 / 4 * 1.3)
     spec = fid.scenario_dicts("tiny", ["tiny"])["tiny"]
     sc = Scenario(dict(spec), seed=0, hardware="cpu-gloo")
+    uniform = DeploymentPlan.uniform(sc.cluster)
+    uniform.bits[uniform.device >= 0] = 16
+    mixed = uniform.copy()
+    mixed.tier[0, 0, 0] = 2  # one SSD replica: no longer the all-16-bit-GPU fast path
+    assert plan_class(uniform) == "gpu16" and plan_class(mixed) == "mixed"
     job = ScenarioJob(
         "tiny",
         spec,
