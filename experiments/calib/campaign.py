@@ -28,6 +28,7 @@ from experiments.calib.workloads import Load
 ROLES = ("train", "heldout")
 INSTALLS = ("reset", "apply")
 WARMUP_TOKENS = 4  # output tokens of the warm-up request each server serves before the first window
+MAX_FAILURES = 2  # server failures (crash, hang, out of memory) after which a scenario's other windows are left out
 
 
 @dataclass
@@ -227,16 +228,19 @@ class Campaign:
 
     def scenario(self, job: ScenarioJob, later: list[ScenarioJob], until: float) -> list[dict]:
         """Every window of one scenario that fits before `until` and the budget, on one RealBackend."""
-        from real_backend import RealBackend
+        from real_backend import RealBackend, ServerError
 
         sc = fid.with_profile(job.spec, self.profile, self.seed)
         state = sc.initial_state(np.random.default_rng(self.seed))
         rows: list[dict] = []
-        rb, installed, install_s = None, None, 0.0
+        rb, installed, install_s, failures = None, None, 0.0, 0
         t_start = time.perf_counter()
         windows = job.windows()
         try:
             for k, (pj, ld) in enumerate(windows):
+                if failures >= MAX_FAILURES:
+                    self.skip(job, pj, ld, f"{failures} server failures in this scenario")
+                    continue
                 est = self.window_estimate(job, pj, ld)
                 est += 0.0 if installed is pj else self.budget.per_install()
                 est += 0.0 if rb is not None else self.budget.per_start()
@@ -252,9 +256,14 @@ class Campaign:
                         device=self.device,
                         gen_device=self.device,
                     )
-                if installed is not pj:
-                    install_s, installed = self.install_plan(rb, pj.plan, state, job), pj
-                rows.append(self.window(rb, job, pj, ld, state, install_s))
+                try:
+                    if installed is not pj:
+                        install_s, installed = self.install_plan(rb, pj.plan, state, job), pj
+                    rows.append(self.window(rb, job, pj, ld, state, install_s))
+                except ServerError as exc:  # the servers are stopped; the next install starts fresh ones
+                    installed, failures = None, failures + 1
+                    self.skip(job, pj, ld, f"error: {str(exc).splitlines()[0][:200]}")
+                    continue
                 install_s = 0.0
                 rest = self.to_go(job, windows[k + 1 :], started=True) + sum(self.to_go(j, j.windows()) for j in later)
                 self.log(

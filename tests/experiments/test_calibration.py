@@ -336,6 +336,52 @@ def test_expected_steps_and_a_campaign_past_its_budget(tmp_path):
     assert back["rows"] == [] and [(s["plan"], s["load"]) for s in back["skipped"]] == [("uniform", "light")]
 
 
+def test_campaign_leaves_a_scenario_after_server_failures(tmp_path, monkeypatch):
+    """A window whose servers fail is skipped with the error's first line; after MAX_FAILURES the scenario's other
+    windows are left out (recorded), and nothing raises: the windows already measured still make a report."""
+    import real_backend
+    from experiments.calib import fidelity as fid
+    from experiments.calib.campaign import (
+        MAX_FAILURES,
+        Budget,
+        Campaign,
+        PlanJob,
+        Priors,
+        RowLog,
+        ScenarioJob,
+        read_rows,
+    )
+    from experiments.calib.workloads import Load
+
+    class Failing:
+        alive = False
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def reset(self, plan, state):
+            raise real_backend.ServerError("server s0 failed in 'reset': CUDA out of memory\n--- traceback ---")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(real_backend, "RealBackend", Failing)
+    spec = fid.scenario_dicts("tiny", ["tiny"])["tiny"]
+    sc = Scenario(dict(spec), seed=0, hardware="cpu-gloo")
+    plans = [PlanJob("heldout", f"p{i}", DeploymentPlan.uniform(sc.cluster)) for i in range(4)]
+    job = ScenarioJob("tiny", spec, plans, {"train": [], "heldout": [Load("light", (0.1, 0.1, 0.1), 10.0)]})
+    path = tmp_path / "rows.jsonl"
+    rows = RowLog(path)
+    got = Campaign(sc.cluster.hw, "cpu", 0, 1, "reset", Budget(None, Priors(0.01, 0.02, 0.1, 1.0)), rows, print).run(
+        [job]
+    )
+    rows.close()
+    reasons = [s["reason"] for s in read_rows(path)["skipped"]]
+    assert got == [] and len(reasons) == 4
+    assert reasons[:MAX_FAILURES] == ["error: server s0 failed in 'reset': CUDA out of memory"] * MAX_FAILURES
+    assert all("server failures" in r for r in reasons[MAX_FAILURES:])
+
+
 def _synthetic_rows(path: Path) -> None:
     """A rows file as a run on tiny-2srv would write it, its "measurements" the surrogate's under a profile with
     3x the per-layer overhead (so there is something to fit), a repeat 5% off."""
