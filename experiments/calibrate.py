@@ -271,9 +271,8 @@ def gpu_names(specs: dict[str, dict]) -> list[str]:
 
 def first_profile(cfg: DictConfig, base, fits: dict, specs: dict[str, dict]) -> HardwareProfile:
     """The profile of the micro fits. On the GPU: the fits replace the scenarios' GPU presets (and `device_names`)
-    only, CPU-tier experts
-    are fetched to the GPU (what the tier sweep measured) and one token's attention block is the first per-layer
-    overhead (the regression refits it)."""
+    only, CPU-tier experts are fetched to the GPU (what the tier sweep measured) and one token's attention block is
+    the first per-layer overhead (the regression refits it)."""
     if cfg.device == "cpu":
         return base_profile(cfg, base, fits)
     names = sorted({*gpu_names(specs), *map(str, cfg.device_names)})
@@ -459,7 +458,8 @@ def run(cfg: DictConfig) -> dict:
     log("end-to-end windows (regression + held-out plans)")
     path = measure_windows(cfg, specs, profile, out, deadline, log)
     analyze(cfg, profile, read_rows(path), out, report, log)
-    atomic_write_json(sweeps_path, {"raw": raw, **report}, default=float)
+    kept = {k: v for k, v in report.items() if k != "fidelity"}  # the fidelity summary has its own file
+    atomic_write_json(sweeps_path, {"raw": raw, **kept}, default=float)
     log("done")
     return report
 

@@ -138,7 +138,7 @@ def markdown(summary: dict) -> str:
         + ", ".join(f"{t} {summary[f'memory_{t}']['exact']}" for t in TIERS),
     ]
     if summary.get("skipped"):
-        lines += ["", f"Windows skipped (budget): {summary['skipped']}"]
+        lines += ["", f"Windows skipped (budget or server failures, see the rows file): {summary['skipped']}"]
     return "\n".join(lines) + "\n"
 
 
