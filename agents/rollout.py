@@ -32,7 +32,8 @@ def run_episode(
     Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
     action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic).
     With a `predictor` backend (the surrogate, while the env runs the real backend), every served window is also
-    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones.
+    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones (`pred_score_raw`:
+    the official score's utility of the predicted windows).
     `score_raw` is the mean per-epoch utility of the official score (coel_env.benchmark.score; not normalized) and
     `infeasible` the fraction of epochs over its quality budget."""
     from coel_env.benchmark.score import epoch_feasible, epoch_utility
@@ -43,7 +44,7 @@ def run_episode(
     policy.reset(core.cluster, seed=seed, scenario=core.scenario)
     rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms", "score_raw", "infeasible")}
     if predictor is not None:
-        rec.update({f"pred_{k}": [] for k in _PER_EPOCH})
+        rec.update({f"pred_{k}": [] for k in (*_PER_EPOCH, "score_raw")})
     total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
     while not done:
         t0 = time.perf_counter()
@@ -67,6 +68,8 @@ def run_episode(
             pred = predictor.serve(core.plan, core.state, float(core.scenario.spec.dynamics.epoch_s))
             for k in _PER_EPOCH:
                 rec[f"pred_{k}"].append(float(getattr(pred, k)))
+            fields = {k: getattr(pred, k) for k in ("late_frac", "dropped_frac", "e2e_p95_s", "quality_loss")}
+            rec["pred_score_raw"].append(float(epoch_utility(fields, slo_s)))
         migration += float(info["migration"]["bytes_total"])
         repairs += int(info.get("repaired", False))
         done = term or trunc or (max_steps is not None and steps >= max_steps)

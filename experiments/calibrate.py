@@ -2,20 +2,27 @@
 
     python -m experiments.calibrate                                  # CPU/gloo profile + fidelity (tiny variants)
     python -m experiments.calibrate scenario=tiny fidelity.plans=8   # another base scenario (a conf/scenario option)
-    python -m experiments.calibrate profile=h100 device=cuda fidelity.enabled=false quality.enabled=false
+    python -m experiments.calibrate --config-name calibrate_h200     # one H200: every server process on the GPU
+    python -m experiments.calibrate --config-name calibrate_h200 rows_from=rows_h200.jsonl   # refit + report only
 
 1. micro sweeps on real_backend's own modules: expert matmul vs tokens x bits, attention vs context, the link
    shaper and gloo messages (α/β), tier fetches (CPU memory, SSD file);
 2. fits: roofline (bandwidth, FLOP/s, per-expert overhead, dequant slowdowns), α/β, tier bandwidths; quality loss
    per bit-width and per prune/fusion setting from real-backend runs (top-1 disagreement with the 16-bit model);
-   a regression of the per-layer, per-expert and per-message overheads on end-to-end real-backend windows;
-3. writes conf/hardware/<profile>.yaml, sweeps.json; then fidelity.json + fidelity.png on held-out plans.
+3. end-to-end windows (calib/campaign.py): per scenario one real backend (on the GPU with device=cuda) serves its
+   training plans and held-out plans, each under every workload of `workloads.names` (calib/workloads.py: the
+   scenario's own rates, light, saturating); rows go to rows_<profile>.jsonl as they come, within `budget_s`;
+4. a regression of the per-layer, per-expert and per-message overheads on the training windows -> the profile
+   (conf/hardware/<profile>.yaml or profile_path), sweeps_<profile>.json; the held-out windows predicted by the
+   fitted surrogate -> <fidelity.stem>.json (headline keys latency_mape_pct, latency_spearman), .md, .png.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -23,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from coel_env.atomic import atomic_path, atomic_write_json, atomic_write_text
+from coel_env.atomic import atomic_write_json, atomic_write_text
 from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError, ConfigError
 from coel_env.plan.deployment import DeploymentPlan
@@ -32,9 +39,18 @@ from coel_env.specs.scenario import scenario_from_dict
 from coel_env.world.cluster import build_cluster
 from experiments.calib import fidelity as fid
 from experiments.calib import fit
+from experiments.calib import report as rep
+from experiments.calib.campaign import INSTALLS, Budget, Campaign, PlanJob, Priors, RowLog, ScenarioJob, read_rows
 from experiments.calib.micro import _arr, base_profile, micro
-from experiments.calib.profile import write_profile
-from experiments.cli_checks import error_line, optional_seconds, require_int, require_positive
+from experiments.calib.profile import profile_dict, write_profile
+from experiments.calib.workloads import build_loads, check_load_names
+from experiments.cli_checks import (
+    error_line,
+    optional_seconds,
+    require_int,
+    require_nonnegative,
+    require_positive,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +166,7 @@ def training_plans(spec_dict: dict, profile: HardwareProfile, cfg: DictConfig) -
     rep.tier[..., 1], rep.bits[..., 1] = 0, rep.bits[..., 0]
     plans["replicated"] = rep
     for i in range(cfg.e2e.train_plans):
-        plans[f"train{i}"] = fid.random_plan(sc.cluster, rng)
+        plans[f"train{i}"] = fid.random_plan(sc.cluster, rng, tier_probs=tuple(cfg.tier_probs))
     for i in range(cfg.e2e.fast_plans):
         plans[f"fast{i}"] = full_precision_gpu(fid.random_plan(sc.cluster, rng), sc.cluster)
     return plans
@@ -209,73 +225,6 @@ def quality_runs(cfg: DictConfig, spec_dict: dict, profile: HardwareProfile, log
     ]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Fidelity numbers: per metric MAPE / max error / Spearman, link bytes, memory and quality."""
-    out = {}
-    for k in fid.SCALARS:
-        out[k] = fit.error_stats(_arr([r["pred"] for r in rows], k), _arr([r["real"] for r in rows], k))
-    out["quality_loss"]["mae"] = float(
-        np.mean(
-            np.abs(_arr([r["pred"] for r in rows], "quality_loss") - _arr([r["real"] for r in rows], "quality_loss"))
-        )
-    )
-    lb_p = np.concatenate([r["pred_link_bytes"] for r in rows])
-    lb_r = np.concatenate([r["real_link_bytes"] for r in rows])
-    lb_c = np.concatenate([r["count_link_bytes"] for r in rows])
-    out["link_bytes"] = fit.error_stats(lb_p, lb_r)
-    out["link_bytes_wire_format_exact"] = bool(np.array_equal(lb_c, lb_r))
-    out["link_bytes_wire_format_max_abs_err"] = float(np.abs(lb_c - lb_r).max()) if len(lb_r) else 0.0
-    for i, t in enumerate(("gpu", "cpu", "ssd")):
-        out[f"memory_{t}"] = fit.error_stats([r["pred_mem"][i] for r in rows], [r["real_mem"][i] for r in rows])
-        out[f"memory_{t}"]["exact"] = bool(all(r["pred_mem"][i] == r["real_mem"][i] for r in rows))
-    out["by_scenario"] = {
-        name: {
-            k: fit.error_stats(
-                _arr([r["pred"] for r in rows if r["scenario"] == name], k),
-                _arr([r["real"] for r in rows if r["scenario"] == name], k),
-            )
-            for k in fid.LATENCY
-        }
-        for name in sorted({r["scenario"] for r in rows})
-    }
-    rep = [r for r in rows if "real_repeat" in r]
-    if rep:  # the same requests served twice: the real measurement's own spread (a floor for any model's error)
-        again, first = [r["real_repeat"] for r in rep], [r["real"] for r in rep]
-        out["noise_floor"] = {k: fit.error_stats(_arr(again, k), _arr(first, k)) for k in fid.LATENCY}
-    out["plans"] = len(rows)
-    out["scenarios"] = sorted({r["scenario"] for r in rows})
-    return out
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "tokens_per_s"]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 4))
-    scen = sorted({r["scenario"] for r in rows})
-    for ax, k in zip(axes, keys):
-        for s in scen:
-            rr = [r for r in rows if r["scenario"] == s]
-            ax.scatter(_arr([r["real"] for r in rr], k), _arr([r["pred"] for r in rr], k), s=12, label=s)
-        lo = min(min(r["real"][k] for r in rows), min(r["pred"][k] for r in rows))
-        hi = max(max(r["real"][k] for r in rows), max(r["pred"][k] for r in rows))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set(xlabel=f"measured {k}", ylabel="predicted", title=k)
-    ax = axes[-1]
-    ax.scatter(
-        np.concatenate([r["real_link_bytes"] for r in rows]), np.concatenate([r["pred_link_bytes"] for r in rows]), s=8
-    )
-    ax.set(xlabel="measured link bytes", ylabel="predicted", title="bytes per link")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
 def check_values(cfg: DictConfig) -> None:
     """Refuse bad numbers before any sweep runs (one line naming the field)."""
     require_int(cfg.seed, "seed", minimum=0)
@@ -288,134 +237,243 @@ def check_values(cfg: DictConfig) -> None:
     for field in ("e2e.window_s", "quality.window_s", "fidelity.window_s"):
         require_positive(OmegaConf.select(cfg, field), field)  # a None is refused too
         optional_seconds(OmegaConf.select(cfg, field), field)
+    for field in ("workloads.light_load", "workloads.light_requests", "workloads.saturating_window_e2e"):
+        require_positive(OmegaConf.select(cfg, field), field)
+    probs = cfg.tier_probs
+    if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-9:
+        raise ConfigError(f"tier_probs: {list(probs)} must be 3 probabilities (GPU, CPU, SSD) summing to 1")
+    for field in ("priors.step_s", "priors.mixed_step_s", "priors.install_s", "priors.start_s"):
+        require_positive(OmegaConf.select(cfg, field), field)
+    fill = require_positive(cfg.workloads.saturating_fill, "workloads.saturating_fill")
+    if fill > 1:
+        raise ConfigError(f"workloads.saturating_fill: {fill} must be in (0, 1]")
+    optional_seconds(cfg.budget_s, "budget_s")
+    require_nonnegative(cfg.analysis_reserve_s, "analysis_reserve_s")
+    check_load_names(cfg.workloads.names)
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device: '{cfg.device}' unknown; allowed: cpu, cuda")
+    if cfg.install not in INSTALLS:
+        raise ConfigError(f"install: '{cfg.install}' unknown; allowed: {', '.join(INSTALLS)}")
+    if cfg.rows_from is not None and not Path(str(cfg.rows_from)).is_file():
+        raise ConfigError(f"rows_from: '{cfg.rows_from}' is not a file (a rows_<profile>.jsonl of an earlier run)")
+    if not isinstance(cfg.spec_overrides, Mapping):
+        raise ConfigError(f"spec_overrides: {cfg.spec_overrides!r} must be a mapping of scenario fields")
+
+
+def scenario_names(cfg: DictConfig) -> list[str]:
+    """The e2e and fidelity scenarios, each once, e2e ones first."""
+    return list(dict.fromkeys([*cfg.e2e.scenarios, *(cfg.fidelity.scenarios if cfg.fidelity.enabled else [])]))
+
+
+def scenario_specs(cfg: DictConfig) -> dict[str, dict]:
+    """Spec dicts of every e2e / fidelity scenario, `spec_overrides` merged in."""
+    for field in ("e2e.scenarios", "fidelity.scenarios"):
+        try:
+            fid.scenario_dicts(cfg.scenario_name, list(OmegaConf.select(cfg, field)))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("calibrate: scenarios", f"calibrate: {field}")) from None
+    overrides = OmegaConf.to_container(cfg.spec_overrides, resolve=True)
+    return fid.scenario_dicts(cfg.scenario_name, scenario_names(cfg), overrides)
+
+
+def gpu_names(specs: dict[str, dict]) -> list[str]:
+    """The GPU presets of the scenarios (the device overrides a GPU run's fits replace)."""
+    return sorted({g.name for d in specs.values() for s in scenario_from_dict(dict(d)).servers for g in s.gpus})
+
+
+def first_profile(cfg: DictConfig, base, fits: dict, specs: dict[str, dict]) -> HardwareProfile:
+    """The profile of the micro fits. On the GPU: the fits replace the scenarios' GPU presets (and `device_names`)
+    only, CPU-tier experts are fetched to the GPU (what the tier sweep measured) and one token's attention block is
+    the first per-layer overhead (the regression refits it)."""
+    if cfg.device == "cpu":
+        return base_profile(cfg, base, fits)
+    names = sorted({*gpu_names(specs), *map(str, cfg.device_names)})
+    prof = base_profile(cfg, base, fits, device_names=names)
+    return prof.model_copy(update={"cpu_compute": False, "layer_overhead_s": fits["attention"]["base_s"]})
+
+
+def heldout_plans(cfg: DictConfig, i: int, sc, state) -> dict[str, DeploymentPlan]:
+    """The i-th fidelity scenario's held-out plans: every baseline and random valid plans up to its share of
+    fidelity.plans (seeds disjoint from the training plans'), alternating while both last (a budget that cuts the
+    tail cuts both kinds)."""
+    per = int(np.ceil(cfg.fidelity.plans / len(cfg.fidelity.scenarios)))
+    base = fid.baseline_plans(sc, state, tuple(cfg.fidelity.baselines), cfg.seed)
+    rng = np.random.default_rng(20_000 + 100 * i + cfg.seed)
+    probs = tuple(cfg.tier_probs)
+    rand = {
+        f"random_plan{j}": fid.random_plan(sc.cluster, rng, tier_probs=probs) for j in range(max(per - len(base), 0))
+    }
+    order = [n for pair in itertools.zip_longest(base, rand) for n in pair if n is not None]
+    return {n: base.get(n, rand.get(n)) for n in order}
+
+
+def scenario_job(cfg: DictConfig, name: str, spec: dict, profile: HardwareProfile) -> ScenarioJob:
+    """One scenario's training plans (if an e2e scenario), held-out plans (if a fidelity one; the first fidelity
+    scenario's first `fidelity.repeats` served twice) and loads (workloads.names) per role."""
+    sc = fid.with_profile(spec, profile, cfg.seed)
+    state = sc.initial_state(np.random.default_rng(cfg.seed))
+    plans = []
+    if name in cfg.e2e.scenarios:
+        plans += [PlanJob("train", n, p) for n, p in training_plans(spec, profile, cfg).items()]
+    fids = list(cfg.fidelity.scenarios) if cfg.fidelity.enabled else []
+    if name in fids:
+        i = fids.index(name)
+        held = heldout_plans(cfg, i, sc, state)
+        plans += [
+            PlanJob("heldout", n, p, repeat=i == 0 and k < cfg.fidelity.repeats)
+            for k, (n, p) in enumerate(held.items())
+        ]
+    sur = SurrogateBackend(sc.cluster)
+    names = check_load_names(cfg.workloads.names)
+    loads = {
+        "train": build_loads(names, sur, state, cfg.workloads, cfg.e2e.window_s),
+        "heldout": build_loads(names, sur, state, cfg.workloads, cfg.fidelity.window_s),
+    }
+    return ScenarioJob(name, spec, plans, loads)
+
+
+def measure_windows(cfg: DictConfig, specs: dict, profile: HardwareProfile, out: Path, deadline, log) -> Path:
+    """Every scenario's windows on the real backend, written to out/rows_<profile>.jsonl as they come."""
+    path = out / f"rows_{cfg.profile}.jsonl"
+    rows = RowLog(path)
+    try:
+        rows.write("meta", profile=profile_dict(profile), command=command(cfg), device=cfg.device)
+        jobs = []
+        for name, spec in specs.items():
+            job = scenario_job(cfg, name, spec, profile)
+            rows.write(
+                "scenario", name=name, spec=spec, loads={k: [ld.as_dict() for ld in v] for k, v in job.loads.items()}
+            )
+            log(
+                f"{name}: {len(job.plans)} plans x loads "
+                + ", ".join(
+                    f"{ld.name} ({ld.expected_requests:.1f} req in {ld.window_s:.2f} s)" for ld in job.loads["heldout"]
+                )
+            )
+            jobs.append(job)
+        p = cfg.priors
+        budget = Budget(deadline, Priors(float(p.step_s), float(p.mixed_step_s), float(p.install_s), float(p.start_s)))
+        Campaign(profile, cfg.device, cfg.seed, cfg.threads, cfg.install, budget, rows, log).run(jobs)
+    finally:
+        rows.close()
+    return path
+
+
+def predict_heldout(profile: HardwareProfile, specs: dict, rows: list[dict], seed: int) -> list[dict]:
+    """Held-out rows with the surrogate's prediction (under `profile`) of each on its realized workload."""
+    cache = {}
+    out = []
+    for row in rows:
+        name = row["scenario"]
+        if name not in cache:
+            sc = fid.with_profile(specs[name], profile, seed)
+            cache[name] = (SurrogateBackend(sc.cluster), sc.initial_state(np.random.default_rng(seed)))
+        sur, state = cache[name]
+        out.append({**row, **fid.predict_row(sur, plan_from_row(row), state, row)})
+    return out
+
+
+def analyze(cfg: DictConfig, profile: HardwareProfile, record: dict, out: Path, report: dict, log) -> HardwareProfile:
+    """The overhead regression on the training rows, the fitted profile, and the fidelity report of the held-out
+    rows (`record`: what read_rows returns)."""
+    specs = {n: s["spec"] for n, s in record["scenarios"].items()}
+    train = [r for r in record["rows"] if r["role"] == "train"]
+    held = [r for r in record["rows"] if r["role"] == "heldout"]
+    if train:
+        profile = fit_overheads(profile, specs, train, cfg.seed)
+        report["overheads"] = {k: getattr(profile, k) for k in (*OVERHEADS, "oversubscription_exponent")}
+        tr = predict_rows(profile, specs, train, cfg.seed)
+        report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
+        log(f"overheads {report['overheads']} train fit {report['train_fit']}")
+    if cfg.write_profile:
+        header = (
+            f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"
+            f"Micro sweeps + regression on real-backend windows; details in {cfg.out_dir}/sweeps_{cfg.profile}.json"
+        )
+        log(f"wrote {write_profile(profile, header, cfg.profile_path)}")
+    if held:
+        report["fidelity"] = fidelity_report(cfg, profile, specs, held, len(record["skipped"]), out, log)
+    return profile
+
+
+def fidelity_report(
+    cfg: DictConfig, profile: HardwareProfile, specs: dict, held: list[dict], skipped: int, out: Path, log
+) -> dict:
+    """<stem>.json (headline keys, summary, every row), <stem>.md and <stem>.png of the held-out rows."""
+    rows = predict_heldout(profile, specs, held, cfg.seed)
+    summary = rep.summarize(rows)
+    summary.update(command=command(cfg), profile=profile.name, device=cfg.device, skipped=skipped)
+    top = rep.headline(summary)
+    summary.update(top)
+    stem = out / str(cfg.fidelity.stem)
+    atomic_write_text(stem.with_suffix(".json"), rep.json_text({**top, "summary": summary}, rows))
+    atomic_write_text(stem.with_suffix(".md"), rep.markdown(summary))
+    if not rep.plot(rows, stem.with_suffix(".png")):
+        log("matplotlib missing: no plot (rerun with rows_from=... where it is installed)")
+    log(f"fidelity: {json.dumps(top)} -> {stem}.json")
+    return summary
+
+
+def command(cfg: DictConfig) -> str:
+    name = cfg.get("config_name", "calibrate")
+    return " ".join(
+        [
+            "python -m experiments.calibrate",
+            *([f"--config-name {name}"] if name != "calibrate" else []),
+            *cfg.get("overrides", []),
+        ]
+    )
 
 
 def run(cfg: DictConfig) -> dict:
-    """Sweeps, fits, the profile and (on CPU) the fidelity report; `cfg.scenario_name` is the base scenario."""
+    """Sweeps, fits, the end-to-end windows (overhead regression + held-out plans), the profile and the fidelity
+    report; `cfg.scenario_name` is the base scenario. With `rows_from`: only the regression and the report, from
+    the windows of an earlier run."""
     check_values(cfg)
     torch.set_num_threads(cfg.threads)
     out = ROOT / cfg.out_dir if not Path(cfg.out_dir).is_absolute() else Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    variants = fid.scenario_variants(cfg.scenario_name)
-    for field in ("e2e.scenarios", "fidelity.scenarios"):
-        unknown = [n for n in OmegaConf.select(cfg, field) if n not in variants]
-        if unknown:
-            raise ConfigError(f"calibrate: {field} {unknown} unknown; allowed: {', '.join(variants)}")
-    base_spec = variants[cfg.scenario_name]
+    specs = scenario_specs(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.rows_from is not None:
+        record = read_rows(Path(str(cfg.rows_from)))
+        report = {"command": command(cfg), "rows_from": str(cfg.rows_from)}
+        analyze(cfg, HardwareProfile(**record["meta"]["profile"]), record, out, report, log)
+        log("done")
+        return report
     from coel_env.world.state import Scenario
 
-    base = Scenario(scenario_from_dict(dict(base_spec), cfg.scenario_name), seed=cfg.seed)
+    base = Scenario(
+        scenario_from_dict(dict(fid.scenario_variants(cfg.scenario_name)[cfg.scenario_name])), seed=cfg.seed
+    )
+    if cfg.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     log("micro sweeps")
     raw, fits = micro(cfg, base)
-    profile = base_profile(cfg, base, fits)
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()  # the servers share this GPU
+    profile = first_profile(cfg, base, fits, specs)
     log(f"micro fits: {json.dumps(fits['expert_roofline'])}")
-    report = {"command": "python -m experiments.calibrate " + " ".join(cfg.get("overrides", [])), "fits": fits}
-    if cfg.device == "cpu":
-        if cfg.quality.enabled:
-            log("quality runs")
-            qm, qrows = quality_runs(cfg, base_spec, profile, log)
-            profile = profile.model_copy(update={"quality": qm})
-            report["quality_runs"] = qrows
-        log("end-to-end regression runs")
-        train = []
-        for name in cfg.e2e.scenarios:  # server counts on both sides of the host's core count
-            train += measure_plans(
-                variants[name], profile, training_plans(variants[name], profile, cfg), cfg, cfg.e2e.window_s, log
-            )
-        profile = fit_overheads(profile, variants, train, cfg.seed)
-        report["overheads"] = {k: getattr(profile, k) for k in (*OVERHEADS, "oversubscription_exponent")}
-        tr = predict_rows(profile, variants, train, cfg.seed)
-        report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
-        report["train_rows"] = train  # the regression's windows (refits offline: `fit_overheads` on them)
-        log(f"overheads {report['overheads']} train fit {report['train_fit']}")
-    header = (
-        f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"
-        f"Micro sweeps + regression on real-backend windows; details in {cfg.out_dir}/sweeps_{cfg.profile}.json"
-    )
-    if cfg.write_profile:
-        path = write_profile(profile, header)
-        log(f"wrote {path}")
-    atomic_write_json(out / f"sweeps_{cfg.profile}.json", {"raw": raw, **report}, default=float)
-    if cfg.device == "cpu" and cfg.fidelity.enabled:
-        report["fidelity"] = fidelity(cfg, variants, profile, out, log)
+    report = {"command": command(cfg), "fits": fits}
+    sweeps_path = out / f"sweeps_{cfg.profile}.json"
+    atomic_write_json(sweeps_path, {"raw": raw, **report}, default=float)
+    if cfg.device == "cpu" and cfg.quality.enabled:
+        log("quality runs")
+        qm, qrows = quality_runs(cfg, fid.scenario_variants(cfg.scenario_name)[cfg.scenario_name], profile, log)
+        profile = profile.model_copy(update={"quality": qm})
+        report["quality_runs"] = qrows
+    deadline = None if cfg.budget_s is None else t_start + float(cfg.budget_s) - float(cfg.analysis_reserve_s)
+    log("end-to-end windows (regression + held-out plans)")
+    path = measure_windows(cfg, specs, profile, out, deadline, log)
+    analyze(cfg, profile, read_rows(path), out, report, log)
+    kept = {k: v for k, v in report.items() if k != "fidelity"}  # the fidelity summary has its own file
+    atomic_write_json(sweeps_path, {"raw": raw, **kept}, default=float)
     log("done")
     return report
-
-
-def fidelity(cfg: DictConfig, variants: dict, profile: HardwareProfile, out: Path, log) -> dict:
-    """Held-out plans (every baseline + random plans) over the scenario variants: fidelity.json + fidelity.png."""
-    from coel_env.world.state import Scenario
-
-    names = list(cfg.fidelity.scenarios)
-    per = int(np.ceil(cfg.fidelity.plans / len(names)))
-    rows = []
-    for i, name in enumerate(names):
-        sc = Scenario(scenario_from_dict(dict(variants[name]), name), seed=cfg.seed, hardware=profile)
-        state = sc.initial_state(np.random.default_rng(cfg.seed))
-        plans = fid.baseline_plans(sc, state, tuple(cfg.fidelity.baselines), cfg.seed)
-        rng = np.random.default_rng(20_000 + 100 * i + cfg.seed)
-        j = 0
-        while len(plans) < per:
-            plans[f"random_plan{j}"] = fid.random_plan(sc.cluster, rng)
-            j += 1
-        log(f"fidelity {name}: {len(plans)} plans")
-        got = measure_plans(
-            variants[name],
-            profile,
-            plans,
-            cfg,
-            cfg.fidelity.window_s,
-            log,
-            repeats=cfg.fidelity.repeats if i == 0 else 0,
-        )
-        rows += got
-    summary = summarize(rows)
-    summary["command"] = "python -m experiments.calibrate"
-    summary["profile"] = profile.name
-    atomic_write_json(out / "fidelity.json", {"summary": summary, "rows": rows}, default=float)
-    plot(rows, out / "fidelity.png")
-    atomic_write_text(out / "fidelity.md", fidelity_markdown(summary))
-    log(f"fidelity: {json.dumps({k: summary[k] for k in ('ttft_mean_s', 'tpot_mean_s', 'e2e_mean_s')})}")
-    return summary
-
-
-def fidelity_markdown(summary: dict) -> str:
-    """A markdown table of the fidelity summary."""
-    lines = [
-        f"# Surrogate fidelity ({summary['profile']}): {summary['plans']} held-out plans on "
-        f"{', '.join(summary['scenarios'])}",
-        "",
-        "| metric | n | MAPE % | max error % | Spearman |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for k in (*fid.SCALARS, "link_bytes", "memory_gpu", "memory_cpu", "memory_ssd"):
-        s = summary[k]
-        lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
-    if "noise_floor" in summary:
-        lines += [
-            "",
-            "Noise floor (the same requests served twice, real vs real):",
-            "",
-            "| metric | n | MAPE % | max error % | Spearman |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for k, s in summary["noise_floor"].items():
-            lines.append(f"| {k} | {s['n']} | {s['mape_pct']:.1f} | {s['max_err_pct']:.1f} | {s['spearman']:.3f} |")
-    lines += [
-        "",
-        f"quality_loss MAE: {summary['quality_loss']['mae']:.4f}; link bytes from the dispatcher's wire "
-        f"format equal the measured bytes: {summary['link_bytes_wire_format_exact']}; memory exact: "
-        + ", ".join(f"{t} {summary[f'memory_{t}']['exact']}" for t in ("gpu", "cpu", "ssd")),
-        "",
-    ]
-    return "\n".join(lines)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="calibrate")
@@ -424,6 +482,7 @@ def main(cfg: DictConfig) -> None:
 
     OmegaConf.set_struct(cfg, False)
     cfg.overrides = list(HydraConfig.get().overrides.task)
+    cfg.config_name = HydraConfig.get().job.config_name
     cfg.scenario_name = HydraConfig.get().runtime.choices["scenario"]
     try:
         run(cfg)

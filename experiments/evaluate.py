@@ -24,6 +24,10 @@ reward (`return`, the env's reward space) is reported, not ranked. Writes `leade
 `episodes.csv` (one row per episode), `tuned.json`, `leaderboard_<metric>.png`; logs the table to W&B (offline
 unless WANDB_MODE / logger.mode say otherwise).
 
+On another backend than the surrogate (`backend=real`), the surrogate predicts every window too (`pred_*`
+columns), and the leaderboard ranks the policies both ways: measured and predicted for the same windows, with
+Kendall τ between the two orders (`pred_rank`, `rank_kendall_tau` columns; a section of leaderboard.md).
+
 An exported policy that does not fit a scenario (trained on another one: its observation or action size differs)
 is skipped there with one warning line naming both and why, listed in `skipped.json` and the leaderboard's
 "Skipped" section; everything else is evaluated and written.
@@ -428,9 +432,36 @@ def summarize_scenario(sc_rows: list[dict]) -> list[dict]:
             row["rank"] = str(1 + beaten_by)
         row.update(config_id=r["config_id"], config=r["config"])
         out.append(row)
+    add_surrogate_ranking(out)
     return sorted(
         out, key=lambda r: (r["kind"] == "bound", -_nan_low(r["score"] if np.isfinite(gap) else r["score_raw"]))
     )
+
+
+def add_surrogate_ranking(rows: list[dict]) -> dict | None:
+    """Where the surrogate predicted every window (a real-backend run): one scenario's policies (bounds left out)
+    ordered by their mean raw score as measured (`real_order`) and as predicted for the same windows
+    (`pred_rank`, 1 = best), and Kendall τ between the two orders (`rank_kendall_tau`, its p-value
+    `rank_kendall_p`; NaN for fewer than 2 policies). Returns {tau, p, n}, or None without predictions."""
+    from scipy.stats import kendalltau, rankdata
+
+    ranked = [r for r in rows if r["kind"] != "bound"]
+    if not ranked or "pred_score_raw" not in ranked[0]:
+        return None
+    real = np.array([r["score_raw"] for r in ranked], dtype=np.float64)
+    pred = np.array([r["pred_score_raw"] for r in ranked], dtype=np.float64)
+    if len(ranked) > 1 and np.ptp(real) > 0 and np.ptp(pred) > 0:
+        res = kendalltau(real, pred)
+        tau, p = float(res.statistic), float(res.pvalue)
+    else:
+        tau, p = float("nan"), float("nan")
+    for r, a, b in zip(ranked, rankdata(-real, method="min"), rankdata(-pred, method="min")):
+        r.update(real_order=int(a), pred_rank=int(b))
+    for r in rows:
+        r.setdefault("real_order", "bound")
+        r.setdefault("pred_rank", "bound")
+        r.update(rank_kendall_tau=tau, rank_kendall_p=p)
+    return {"tau": tau, "p": p, "n": len(ranked)}
 
 
 def _nan_low(x: float) -> float:
@@ -574,6 +605,7 @@ def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, sk
             ]
             lines.append(f"| {r['scenario']} | {r['policy']} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ranking_markdown(rows)
     if skipped:
         lines += ["## Skipped", "", "These policies do not fit these scenarios and were not evaluated there:", ""]
         lines += [f"- `{s['policy']}` on `{s['scenario']}`: {s['reason']} (`{s['directory']}`)" for s in skipped]
@@ -582,6 +614,39 @@ def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, sk
     for r in rows:
         lines.append(f"- `{r['config_id']}`: `{r['config']}`")
     return "\n".join(lines) + "\n"
+
+
+def ranking_markdown(rows: list[dict]) -> list[str]:
+    """The policy ranking as measured next to the surrogate's for the same windows, and Kendall τ, per scenario
+    (nothing when the surrogate did not predict the windows)."""
+    if "pred_rank" not in rows[0]:
+        return []
+    lines = [
+        "## Ranking: measured vs the surrogate's prediction (same plans, same windows)",
+        "",
+        "Policies ordered by mean raw score (bounds left out), measured and as the surrogate predicts the same "
+        "windows; Kendall τ between the two orders (scipy.stats.kendalltau).",
+        "",
+    ]
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        sub = sorted(
+            (r for r in rows if r["scenario"] == scenario and r["kind"] != "bound"), key=lambda r: r["real_order"]
+        )
+        tau, p = sub[0]["rank_kendall_tau"], sub[0]["rank_kendall_p"]
+        verdict = f"τ = {tau:.3f} (p = {p:.3f}, {len(sub)} policies)" if np.isfinite(tau) else "τ n/a (< 2 policies)"
+        lines += [
+            f"**{scenario}**: Kendall {verdict}",
+            "",
+            "| measured rank | policy | raw score measured | surrogate rank | raw score predicted |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sub:
+            lines.append(
+                f"| {r['real_order']} | {r['policy']}{_kind_label(r)} | {r['score_raw']:.4f} | {r['pred_rank']} | "
+                f"{r['pred_score_raw']:.4f} |"
+            )
+        lines.append("")
+    return lines
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:

@@ -171,7 +171,10 @@ class ServerProcess:
         return [[{int(srv[d]) for d in device[l, e] if d >= 0} for e in range(E)] for l in range(L)]
 
     def _master(self, l: int, e: int, bits: int) -> Expert:
-        return tuple(quantize(t, bits) for t in self.source.expert(l, e))
+        """The checkpoint's expert at `bits`; quantized on the GPU when this server has one (a full plan's experts on
+        one host thread take seconds), on the CPU otherwise."""
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        return tuple(quantize(t, bits) for t in self.source.expert(l, e, device=dev))
 
     def reset(self, arg: dict) -> dict:
         """Install a plan's replicas for this server straight from the checkpoint store (no cost charged)."""

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import least_squares
-from scipy.stats import spearmanr
+from scipy.stats import kendalltau, spearmanr
 
 
 def fit_alpha_beta(nbytes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -94,17 +94,30 @@ def fit_black_box(
     return res.x, float(res.cost)
 
 
+def rank_corr(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
+    """(Spearman ρ, Kendall τ) of prediction vs measurement; NaN for fewer than 3 points or a constant side."""
+    pred, meas = np.asarray(pred, dtype=np.float64), np.asarray(meas, dtype=np.float64)
+    if len(meas) < 3 or np.ptp(meas) == 0 or np.ptp(pred) == 0:
+        return float("nan"), float("nan")
+    return float(spearmanr(pred, meas).statistic), float(kendalltau(pred, meas).statistic)
+
+
 def error_stats(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
-    """MAPE (%), max |relative error| (%), Spearman rank correlation and count of prediction vs measurement."""
+    """MAPE (%), median / p95 / max |relative error| (%), Spearman and Kendall rank correlations and the count of
+    prediction vs measurement (pairs with a finite prediction and a non-zero measurement)."""
     pred, meas = np.asarray(pred, dtype=np.float64), np.asarray(meas, dtype=np.float64)
     ok = np.isfinite(pred) & np.isfinite(meas) & (np.abs(meas) > 0)
     if not ok.any():
-        return {"n": 0, "mape_pct": float("nan"), "max_err_pct": float("nan"), "spearman": float("nan")}
-    rel = np.abs(pred[ok] - meas[ok]) / np.abs(meas[ok])
-    rho = float(spearmanr(pred[ok], meas[ok]).statistic) if ok.sum() > 2 and np.ptp(meas[ok]) > 0 else float("nan")
+        keys = ("mape_pct", "p50_err_pct", "p95_err_pct", "max_err_pct", "spearman", "kendall")
+        return {"n": 0, **dict.fromkeys(keys, float("nan"))}
+    rel = 100 * np.abs(pred[ok] - meas[ok]) / np.abs(meas[ok])
+    rho, tau = rank_corr(pred[ok], meas[ok])
     return {
         "n": int(ok.sum()),
-        "mape_pct": float(100 * rel.mean()),
-        "max_err_pct": float(100 * rel.max()),
+        "mape_pct": float(rel.mean()),
+        "p50_err_pct": float(np.percentile(rel, 50)),
+        "p95_err_pct": float(np.percentile(rel, 95)),
+        "max_err_pct": float(rel.max()),
         "spearman": rho,
+        "kendall": tau,
     }

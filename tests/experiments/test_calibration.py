@@ -195,8 +195,13 @@ def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: tiny, tiny-slowlink, tiny-2srv, tiny-busy"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: calibrate: fidelity.scenarios ['nope'] unknown; allowed: tiny, tiny-slowlink, tiny-2srv, tiny-busy "
+            "or a conf/scenario name (deepseek-scale, "
+        )
     )
     assert "Traceback" not in proc.stderr
 
@@ -208,6 +213,12 @@ def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
         ("fidelity.window_s=-1", "error: fidelity.window_s: -1 must be a finite number > 0"),
         ("seed=1.5", "error: seed: 1.5 must be an integer >= 0"),
         ("sweeps.reps=0", "error: sweeps.reps: 0 must be an integer >= 1"),
+        (
+            "workloads.names=[light,heavy]",
+            "error: workloads.names: ['heavy'] unknown or empty; allowed: scenario, light, saturating",
+        ),
+        ("install=copy", "error: install: 'copy' unknown; allowed: reset, apply"),
+        ("workloads.saturating_fill=1.5", "error: workloads.saturating_fill: 1.5 must be in (0, 1]"),
     ],
 )
 def test_calibrate_accepts_scenario_override_and_refuses_bad_values(tmp_path, override, message):
@@ -233,3 +244,257 @@ def test_calibrate_accepts_scenario_override_and_refuses_bad_values(tmp_path, ov
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ---- named workloads, the campaign's bookkeeping and the fidelity report (no real backend: fast) ---------------
+def test_error_stats_percentiles_and_kendall():
+    s = fit.error_stats([1.1, 2.0, 2.7, 4.0, 6.0], [1.0, 2.0, 3.0, 4.0, 5.0])  # errors 10, 0, 10, 0, 20 %
+    assert s["mape_pct"] == pytest.approx(8.0) and s["p50_err_pct"] == pytest.approx(10.0)
+    assert s["p95_err_pct"] == pytest.approx(18.0) and s["max_err_pct"] == pytest.approx(20.0)
+    assert s["spearman"] == pytest.approx(1.0) and s["kendall"] == pytest.approx(1.0)
+    rev = fit.error_stats([3.0, 2.0, 1.0], [1.0, 2.0, 3.0])
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["kendall"] == pytest.approx(-1.0)
+    flat = fit.error_stats([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])  # a constant prediction ranks nothing
+    assert np.isnan(flat["spearman"]) and np.isnan(flat["kendall"])
+
+
+def _workload_cfg(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        **{"light_load": 0.1, "light_requests": 3, "saturating_fill": 0.9, "saturating_window_e2e": 4, **kw}
+    )
+
+
+def test_light_and_saturating_workloads_follow_their_definitions():
+    from coel_env.backend.surrogate import SurrogateBackend
+    from experiments.calib.workloads import build_loads, check_load_names, predicted_e2e
+
+    sc = Scenario("tiny", seed=0, hardware="cpu-gloo")
+    state = sc.initial_state(np.random.default_rng(0))
+    sur = SurrogateBackend(sc.cluster)
+    own, light, sat = build_loads(["scenario", "light", "saturating"], sur, state, _workload_cfg(), 8.0)
+    plan = DeploymentPlan.uniform(sc.cluster)
+    rates = np.asarray(state.arrival_rate)
+    assert own.rates == tuple(rates) and own.window_s == 8.0
+    # light: cluster rate x a lone request's predicted e2e = light_load, split like the scenario's rates
+    lone = predicted_e2e(sur, plan, state, rates / rates.sum() * 1e-6)
+    assert sum(light.rates) * lone == pytest.approx(0.1, rel=1e-9)
+    np.testing.assert_allclose(np.array(light.rates) / sum(light.rates), rates / rates.sum())
+    assert light.expected_requests == pytest.approx(3.0)
+    # saturating: every server at λ with λ · e2e(λ) = fill · max_batch; the window lasts 4 predicted e2e latencies
+    lam, e2e = sat.rates[0], predicted_e2e(sur, plan, state, sat.rates)
+    assert len(set(sat.rates)) == 1 and lam * e2e == pytest.approx(0.9 * sc.spec.workload.max_batch, rel=0.05)
+    assert sat.window_s == pytest.approx(4 * e2e, rel=1e-9) and lam > 10 * max(light.rates)
+    with pytest.raises(ConfigError, match=r"workloads.names: \['heavy'\] unknown"):
+        check_load_names(["light", "heavy"])
+
+
+def test_expected_steps_and_a_campaign_past_its_budget(tmp_path):
+    """Light windows serve their requests one after another, saturating ones max_batch at a time; a window that
+    does not fit the budget is skipped (recorded, no server started); a truncated last line reads back as absent."""
+    import time
+
+    from experiments.calib import fidelity as fid
+    from experiments.calib.campaign import (
+        Budget,
+        Campaign,
+        PlanJob,
+        Priors,
+        RowLog,
+        ScenarioJob,
+        expected_steps,
+        plan_class,
+        read_rows,
+    )
+    from experiments.calib.workloads import Load
+
+    assert expected_steps(np.array([1.0, 2.0]), 10, 4, "light") == pytest.approx(33.0)
+    assert expected_steps(np.array([8.0, 4.0]), 10, 4, "saturating") == pytest.approx(8 * 11 / 4 * 1.3)
+    spec = fid.scenario_dicts("tiny", ["tiny"])["tiny"]
+    sc = Scenario(dict(spec), seed=0, hardware="cpu-gloo")
+    uniform = DeploymentPlan.uniform(sc.cluster)
+    uniform.bits[uniform.device >= 0] = 16
+    mixed = uniform.copy()
+    mixed.tier[0, 0, 0] = 2  # one SSD replica: no longer the all-16-bit-GPU fast path
+    assert plan_class(uniform) == "gpu16" and plan_class(mixed) == "mixed"
+    job = ScenarioJob(
+        "tiny",
+        spec,
+        [PlanJob("train", "uniform", DeploymentPlan.uniform(sc.cluster))],
+        {"train": [Load("light", (0.1, 0.1, 0.1), 10.0)], "heldout": []},
+    )
+    path = tmp_path / "rows.jsonl"
+    rows, lines = RowLog(path), []
+    budget = Budget(time.perf_counter() - 1.0, Priors(0.01, 0.02, 0.1, 1.0))
+    got = Campaign(sc.cluster.hw, "cpu", 0, 1, "reset", budget, rows, lines.append).run([job])
+    rows.close()
+    assert got == [] and any("skipped (budget" in ln for ln in lines)
+    with path.open("a") as f:
+        f.write('{"kind": "row", "scen')
+    back = read_rows(path)
+    assert back["rows"] == [] and [(s["plan"], s["load"]) for s in back["skipped"]] == [("uniform", "light")]
+
+
+def test_campaign_leaves_a_scenario_after_server_failures(tmp_path, monkeypatch):
+    """A window whose servers fail is skipped with the error's first line; after MAX_FAILURES the scenario's other
+    windows are left out (recorded), and nothing raises: the windows already measured still make a report."""
+    import real_backend
+    from experiments.calib import fidelity as fid
+    from experiments.calib.campaign import (
+        MAX_FAILURES,
+        Budget,
+        Campaign,
+        PlanJob,
+        Priors,
+        RowLog,
+        ScenarioJob,
+        read_rows,
+    )
+    from experiments.calib.workloads import Load
+
+    class Failing:
+        alive = False
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def reset(self, plan, state):
+            raise real_backend.ServerError("server s0 failed in 'reset': CUDA out of memory\n--- traceback ---")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(real_backend, "RealBackend", Failing)
+    spec = fid.scenario_dicts("tiny", ["tiny"])["tiny"]
+    sc = Scenario(dict(spec), seed=0, hardware="cpu-gloo")
+    plans = [PlanJob("heldout", f"p{i}", DeploymentPlan.uniform(sc.cluster)) for i in range(4)]
+    job = ScenarioJob("tiny", spec, plans, {"train": [], "heldout": [Load("light", (0.1, 0.1, 0.1), 10.0)]})
+    path = tmp_path / "rows.jsonl"
+    rows = RowLog(path)
+    got = Campaign(sc.cluster.hw, "cpu", 0, 1, "reset", Budget(None, Priors(0.01, 0.02, 0.1, 1.0)), rows, print).run(
+        [job]
+    )
+    rows.close()
+    reasons = [s["reason"] for s in read_rows(path)["skipped"]]
+    assert got == [] and len(reasons) == 4
+    assert reasons[:MAX_FAILURES] == ["error: server s0 failed in 'reset': CUDA out of memory"] * MAX_FAILURES
+    assert all("server failures" in r for r in reasons[MAX_FAILURES:])
+
+
+def _synthetic_rows(path: Path) -> None:
+    """A rows file as a run on tiny-2srv would write it, its "measurements" the surrogate's under a profile with
+    3x the per-layer overhead (so there is something to fit), a repeat 5% off."""
+    from coel_env.backend.surrogate import SurrogateBackend
+    from experiments.calib import fidelity as fid
+    from experiments.calib.campaign import RowLog, plan_fields
+    from experiments.calib.profile import profile_dict
+    from experiments.calib.workloads import build_loads
+
+    spec = fid.scenario_dicts("tiny", ["tiny-2srv"])["tiny-2srv"]
+    base = load_hardware_profile("cpu-gloo")
+    truth = base.model_copy(update={"layer_overhead_s": 3 * base.layer_overhead_s})
+    sc = fid.with_profile(spec, truth)
+    state = sc.initial_state(np.random.default_rng(0))
+    sur = SurrogateBackend(sc.cluster)
+    loads = build_loads(["light", "saturating"], sur, state, _workload_cfg(), 8.0)
+    rng = np.random.default_rng(1)
+    plans = [("train", "uniform", DeploymentPlan.uniform(sc.cluster))]
+    plans += [("train", "train0", fid.random_plan(sc.cluster, rng))]
+    plans += [("heldout", f"random_plan{i}", fid.random_plan(sc.cluster, rng)) for i in range(3)]
+    log = RowLog(path)
+    log.write("meta", profile=profile_dict(base), command="synthetic", device="cpu")
+    log.write("scenario", name="tiny-2srv", spec=spec, loads={"heldout": [ld.as_dict() for ld in loads]})
+    for k, (role, name, plan) in enumerate(plans):
+        for ld in loads:
+            n = max(round(ld.expected_requests), 1)
+            wl = {"rate": list(ld.rates), "popularity": [None, None], "in_len": [32] * n, "out_len": [16] * n}
+            row = {"workload": wl, "window_s": ld.window_s}
+            p = fid.predict_row(sur, plan, state, row)
+            row.update(real=p["pred"], real_link_bytes=p["pred_link_bytes"], count_link_bytes=p["pred_link_bytes"])
+            row.update(real_mem=p["pred_mem"], scenario="tiny-2srv", load=ld.name, role=role, plan=name)
+            row.update(mean_batch=[1.0, 2.0], **plan_fields(plan))
+            if k == 2:
+                row["real_repeat"] = {m: 1.05 * v for m, v in p["pred"].items()}
+            log.write("row", **row)
+    log.close()
+
+
+def test_fidelity_report_from_rows_has_the_headline_keys(tmp_path):
+    """rows_from: the overhead regression, the fitted profile and <stem>.json/.md/.png from a rows file, with the
+    latency headline keys at the top level and the breakdown per workload."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import experiments.calibrate as cal
+
+    rows = tmp_path / "rows.jsonl"
+    _synthetic_rows(rows)
+    overrides = [
+        "e2e.scenarios=[tiny-2srv]",
+        "fidelity.scenarios=[tiny-2srv]",
+        f"rows_from={rows}",
+        f"out_dir={tmp_path}",
+        f"profile_path={tmp_path / 'fitted.yaml'}",
+        "fidelity.stem=fidelity_test",
+    ]
+    with initialize_config_dir(config_dir=str(Path(cal.__file__).parents[1] / "conf"), version_base=None):
+        cfg = compose(config_name="calibrate", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.scenario_name = "tiny"
+    cal.run(cfg)
+    out = json.loads((tmp_path / "fidelity_test.json").read_text())
+    assert np.isfinite(out["latency_mape_pct"]) and -1 <= out["latency_spearman"] <= 1
+    s = out["summary"]
+    assert s["latency_mape_pct"] == out["latency_mape_pct"] and s["plans"] == 3 and s["windows"] == 6
+    assert set(s["by_workload"]) == {"light", "saturating"} and s["by_workload"]["light"]["mean_batch"] == 2.0
+    assert {"ttft_p95_s", "e2e_p95_s", "tokens_per_s", "link_bytes"} <= set(s)
+    assert s["link_bytes_wire_format_exact"] and "tpot_mean_s" in s["noise_floor"]
+    assert {"p50_err_pct", "p95_err_pct", "kendall"} <= set(s["tpot_mean_s"])
+    md = (tmp_path / "fidelity_test.md").read_text()
+    assert "Command: `python -m experiments.calibrate" in md and "| saturating" in md
+    assert (tmp_path / "fidelity_test.png").stat().st_size > 0
+    fitted = load_hardware_profile(tmp_path / "fitted.yaml")
+    base = load_hardware_profile("cpu-gloo")
+    assert fitted.layer_overhead_s != base.layer_overhead_s and fitted.dequant_slowdown == base.dequant_slowdown
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrate_on_the_gpu_end_to_end(tmp_path):
+    """device=cuda: sweeps and the real backend's servers on the GPU, both workloads, at the smallest scale."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    args = [
+        "scenario=tiny",
+        "device=cuda",
+        "install=reset",
+        "quality.enabled=false",
+        "workloads.names=[light,saturating]",
+        "e2e.scenarios=[tiny-2srv]",
+        "e2e.train_plans=0",
+        "fidelity.scenarios=[tiny-2srv]",
+        "fidelity.plans=2",
+        "fidelity.baselines=[static_linear]",
+        "fidelity.repeats=1",
+        "fidelity.stem=fid",
+        "sweeps.reps=1",
+        "sweeps.tokens=[1,4]",
+        "sweeps.expert_shapes=[[64,128]]",
+        "sweeps.contexts=[16]",
+        "sweeps.message_bytes=[8]",
+        "sweeps.shaper_bytes=[4096]",
+        f"out_dir={tmp_path}",
+        f"profile_path={tmp_path / 'p.yaml'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.calibrate", *args], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "fid.json").read_text())
+    assert {"latency_mape_pct", "latency_spearman"} <= set(out) and out["summary"]["device"] == "cuda"
+    assert load_hardware_profile(tmp_path / "p.yaml").cpu_compute is False
