@@ -169,7 +169,7 @@ def training_plans(spec_dict: dict, profile: HardwareProfile, cfg: DictConfig) -
         plans[f"train{i}"] = fid.random_plan(sc.cluster, rng, tier_probs=tuple(cfg.tier_probs))
     for i in range(cfg.e2e.fast_plans):
         plans[f"fast{i}"] = full_precision_gpu(fid.random_plan(sc.cluster, rng), sc.cluster)
-    return plans
+    return {name: p for name, p in plans.items() if not p.problems(sc.cluster)}  # e.g. two replicas do not fit
 
 
 def full_precision_gpu(plan: DeploymentPlan, cluster) -> DeploymentPlan:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coel_env.errors import CoELError
 from coel_env.plan.deployment import DeploymentPlan
 from coel_env.specs.hardware import HardwareProfile
 from coel_env.specs.scenario import WorkloadSpec, scenario_from_dict
@@ -263,6 +264,9 @@ class Campaign:
                 except ServerError as exc:  # the servers are stopped; the next install starts fresh ones
                     installed, failures = None, failures + 1
                     self.skip(job, pj, ld, f"error: {str(exc).splitlines()[0][:200]}")
+                    continue
+                except CoELError as exc:  # a plan the scenario refuses (nothing was installed): skip its windows
+                    self.skip(job, pj, ld, f"plan refused: {str(exc).splitlines()[0][:200]}")
                     continue
                 install_s = 0.0
                 rest = self.to_go(job, windows[k + 1 :], started=True) + sum(self.to_go(j, j.windows()) for j in later)
