@@ -112,6 +112,7 @@ class CoELCore:
         self.usage = usage_of(self.plans, c)
         self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
         self.last_record: StepRecord | None = None
+        self._cap_version, self._cap = -1, np.empty(0)
 
     @property
     def penalties(self) -> dict[str, float]:
@@ -165,7 +166,7 @@ class CoELCore:
             invalid = np.zeros(N, dtype=np.int64)
             update = np.broadcast_to(np.asarray(update, dtype=bool), (N,))
             clipped = np.zeros(N, dtype=bool) if clipped is None else np.broadcast_to(np.asarray(clipped, bool), (N,))
-        gpu_cap = self._gpu_cap(st.memory_avail)
+        gpu_cap = self._gpu_cap()
         if update.all():
             proposed, rcounts, usage = repair(proposed, c, gpu_cap, st.server_up, perc.pop, self.plans)
         else:  # only committed proposals are repaired; the other envs keep their (valid) plans
@@ -189,7 +190,7 @@ class CoELCore:
         prev_up = st.server_up.copy()
         st.draw(self.rngs if active is None else [r if a else None for r, a in zip(self.rngs, active)])
         st.advance()
-        gpu_cap = self._gpu_cap(st.memory_avail)
+        gpu_cap = self._gpu_cap()
         fixed, fchanged, lost, restored, fcounts, self.usage = handle_faults(
             self.plans, c, st.server_up, gpu_cap, perc.pop, usage
         )
@@ -248,8 +249,14 @@ class CoELCore:
         return self.obs_encoder.encode(self)
 
     # ---- pieces -------------------------------------------------------------------------------------
-    def _gpu_cap(self, memory_avail: np.ndarray) -> np.ndarray:
-        return self.cluster.gpu_expert_capacity_at(memory_avail)
+    def _gpu_cap(self) -> np.ndarray:
+        """[N, D] GPU expert capacity at the states' free memory (read-only; kept while the states' version is)."""
+        st = self.states
+        if self._cap_version != st.version:
+            self._cap = self.cluster.gpu_expert_capacity_at(st.memory_avail)
+            self._cap.flags.writeable = False
+            self._cap_version = st.version
+        return self._cap
 
     @staticmethod
     def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:

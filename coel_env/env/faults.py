@@ -12,7 +12,7 @@ import numpy as np
 
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.kernels import remove_dead_kernel
-from coel_env.plan.repair import REPAIR_KINDS, TOL, _memory_passes, usage_of
+from coel_env.plan.repair import REPAIR_KINDS, _memory_passes, fits, usage_of
 from coel_env.world.cluster import Cluster
 
 
@@ -49,12 +49,7 @@ def handle_faults(
                 tier[n_idx, l_idx, e_idx, 0] = 0
                 bits[n_idx, l_idx, e_idx, 0] = old_bits[n_idx, l_idx, e_idx]
             usage = usage_of(pb, cluster)
-    gpu, cpu, ssd = usage
-    if (
-        (gpu > gpu_cap * TOL).any()
-        or (cpu > cluster.cpu_expert_capacity * TOL).any()
-        or (ssd > cluster.ssd_bytes * TOL).any()
-    ):
+    if not fits(usage, cluster, gpu_cap):
         if not changed.any():
             pb = pb.copy()
         _memory_passes(pb, cluster, gpu_cap, priority, counts, usage)

@@ -102,9 +102,7 @@ class ObservationEncoder:
             sizes["time"] = 1
         assert tuple(sizes) == OBSERVATION_KEYS[name]
         self.sizes = {k: v for k, v in sizes.items() if v > 0}
-        offsets = np.concatenate([[0], np.cumsum(list(sizes.values()))])
-        self._layout = {k: (int(o), n) for (k, n), o in zip(sizes.items(), offsets)}  # every key, empty ones too
-        self._total = int(offsets[-1])
+        self._all_sizes = sizes  # every key, empty ones too (kernel arguments)
         self.space = spaces.Dict({k: spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32) for k, n in self.sizes.items()})
         self.cpu_cap = np.maximum(c.cpu_expert_capacity, 1.0)
         self.ssd_cap = np.maximum(c.ssd_bytes, 1.0)
@@ -125,9 +123,8 @@ class ObservationEncoder:
         return self._default(core) if self.name == "default" else self._compact(core)
 
     def _blocks(self, N: int) -> dict[str, np.ndarray]:
-        """Fresh float32 arrays [N, size] for every key (empty ones too), contiguous blocks of one allocation."""
-        buf = np.empty(N * self._total, dtype=np.float32)
-        return {k: buf[N * o : N * (o + n)].reshape(N, n) for k, (o, n) in self._layout.items()}
+        """Fresh float32 arrays [N, size] for every key (empty ones too)."""
+        return {k: np.empty((N, n), dtype=np.float32) for k, n in self._all_sizes.items()}
 
     def _default(self, core) -> dict[str, np.ndarray]:
         c, pb, perc = self.c, core.plans, core.perception

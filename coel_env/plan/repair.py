@@ -10,6 +10,7 @@ over is reported as `infeasible` (the plan is still served).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from coel_env.backend.physics import memory_kernel
 from coel_env.plan.batch import PlanBatch
@@ -40,6 +41,27 @@ def usage_of(pb: PlanBatch, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, n
     s = np.zeros((N, cluster.num_servers))
     memory_kernel(pb.dev, pb.tier, pb.bits, cluster.dev_server, cluster.expert_bytes_by_bits, g, c, s)
     return g, c, s
+
+
+def fits(usage: tuple, cluster: Cluster, gpu_cap: np.ndarray) -> bool:
+    """Every GPU (capacities [N, D]), host RAM and SSD of every env holds the expert bytes `usage` puts there
+    (`usage_of`), within TOL."""
+    gpu, cpu, ssd = usage
+    return fits_kernel(gpu, gpu_cap, cpu, cluster.cpu_expert_capacity, ssd, cluster.ssd_bytes, TOL)
+
+
+@njit(cache=True)
+def fits_kernel(gpu, gpu_cap, cpu, cpu_cap, ssd, ssd_cap, tol) -> bool:
+    """gpu <= gpu_cap * tol [N, D], cpu <= cpu_cap * tol and ssd <= ssd_cap * tol [N, S] (caps [S]) everywhere."""
+    N, D = gpu.shape
+    for n in range(N):
+        for d in range(D):
+            if not gpu[n, d] <= gpu_cap[n, d] * tol:
+                return False
+        for s in range(cpu.shape[1]):
+            if not (cpu[n, s] <= cpu_cap[s] * tol and ssd[n, s] <= ssd_cap[s] * tol):
+                return False
+    return True
 
 
 def repair(
@@ -75,11 +97,11 @@ def _memory_passes(
     dev, tier, bits = pb.dev, pb.tier, pb.bits
     N = dev.shape[0]
     D, S = cluster.num_devices, cluster.num_servers
+    if fits(usage, cluster, gpu_cap):
+        return False
     gpu, cpu, ssd = usage
     cpu_cap = np.broadcast_to(cluster.cpu_expert_capacity, (N, S))
     ssd_cap = np.broadcast_to(cluster.ssd_bytes, (N, S))
-    if (gpu <= gpu_cap * TOL).all() and (cpu <= cpu_cap * TOL).all() and (ssd <= ssd_cap * TOL).all():
-        return False
     n_of = np.broadcast_to(np.arange(N)[:, None, None, None], dev.shape)
     eb = cluster.expert_bytes_by_bits
     valid = dev >= 0
