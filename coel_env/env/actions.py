@@ -33,7 +33,7 @@ from gymnasium import spaces
 
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
-from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel
+from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel, in_range_kernel
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
@@ -107,7 +107,7 @@ class ActionCheck:
         a2 = a if batched else a[None]
         N = a2.shape[0]
         if self.discrete:
-            if a2.size and (a2.min() < 0 or (a2 >= self.nvec).any()):
+            if a2.size and not self._in_range(a2):
                 n, j = np.argwhere((a2 < 0) | (a2 >= self.nvec))[0]
                 raise self._fail(
                     self._row(label, n, batched), f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape
@@ -124,6 +124,12 @@ class ActionCheck:
             return a2, np.zeros(N, dtype=bool)
         clipped = ((a2 < self.low) | (a2 > self.high)).any(1)
         return np.clip(a2, self.low, self.high), clipped
+
+    def _in_range(self, a2: np.ndarray) -> bool:
+        """Every entry of integer actions [N, A] lies in [0, nvec[i]) (one numba pass for int64, gymnasium's dtype)."""
+        if a2.dtype == np.int64:
+            return in_range_kernel(a2, self.nvec)
+        return not (a2.min() < 0 or (a2 >= self.nvec).any())
 
     def _row(self, label: str, n: int, batched: bool) -> str:
         return f"action ({self.name}) of env {int(n)}" if batched else label

@@ -166,23 +166,7 @@ class CoELCore:
             invalid = np.zeros(N, dtype=np.int64)
             update = np.broadcast_to(np.asarray(update, dtype=bool), (N,))
             clipped = np.zeros(N, dtype=bool) if clipped is None else np.broadcast_to(np.asarray(clipped, bool), (N,))
-        gpu_cap = self._gpu_cap()
-        if update.all():
-            proposed, rcounts, usage = repair(proposed, c, gpu_cap, st.server_up, perc.pop, self.plans)
-        else:  # only committed proposals are repaired; the other envs keep their (valid) plans
-            idx = np.flatnonzero(update)
-            rcounts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
-            usage = tuple(u.copy() for u in self.usage)
-            merged = self.plans.copy()
-            if idx.size:
-                sub, sub_counts, sub_usage = repair(
-                    proposed.take(idx), c, gpu_cap[idx], st.server_up[idx], perc.pop[idx], self.plans.take(idx)
-                )
-                merged.put(idx, sub)
-                rcounts[idx] = sub_counts
-                for u, su in zip(usage, sub_usage):
-                    u[idx] = su
-            proposed = merged
+        proposed, rcounts, usage = self._repair(proposed, update)
         changed = self._differs(self.plans, proposed, update)
         mig = self._migrate(self.plans, proposed, changed)
         self.plans = proposed
@@ -249,6 +233,27 @@ class CoELCore:
         return self.obs_encoder.encode(self)
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _repair(self, proposed: PlanBatch, update: np.ndarray) -> tuple[PlanBatch, np.ndarray, tuple]:
+        """`repair` of the committed proposals (rows `update`); the other envs keep their (valid) plans. Returns
+        (plans, repair counts [N, kinds], their memory usage)."""
+        c, st, pop, gpu_cap = self.cluster, self.states, self.perception.pop, self._gpu_cap()
+        if update.all():
+            return repair(proposed, c, gpu_cap, st.server_up, pop, self.plans)
+        rcounts = np.zeros((self.N, len(REPAIR_KINDS)), dtype=np.int64)
+        idx = np.flatnonzero(update)
+        if not idx.size:
+            return self.plans, rcounts, self.usage
+        sub, sub_counts, sub_usage = repair(
+            proposed.take(idx), c, gpu_cap[idx], st.server_up[idx], pop[idx], self.plans.take(idx)
+        )
+        merged = self.plans.copy()
+        merged.put(idx, sub)
+        rcounts[idx] = sub_counts
+        usage = tuple(u.copy() for u in self.usage)
+        for u, su in zip(usage, sub_usage):
+            u[idx] = su
+        return merged, rcounts, usage
+
     def _gpu_cap(self) -> np.ndarray:
         """[N, D] GPU expert capacity at the states' free memory (read-only; kept while the states' version is)."""
         st = self.states

@@ -230,3 +230,14 @@ def apply_edits_kernel(a, K, F, bit_table, prune_levels, P, dev, tier, bits, pru
                     ok = False
             if not ok:
                 invalid[n] += 1
+
+
+@njit(cache=True)
+def in_range_kernel(a, nvec) -> bool:
+    """0 <= a[n, i] < nvec[i] for every entry of a batch of MultiDiscrete actions [N, A]."""
+    N, A = a.shape
+    for n in range(N):
+        for i in range(A):
+            if a[n, i] < 0 or a[n, i] >= nvec[i]:
+                return False
+    return True
