@@ -33,7 +33,7 @@ from gymnasium import spaces
 
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
-from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel, in_range_kernel
+from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel, flat, in_range_kernel
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
@@ -232,7 +232,7 @@ class FullCodec(ActionCodec):
         dev = np.empty((N, L, E, R), dtype=np.int16)
         tier = np.empty((N, L, E, R), dtype=np.int8)
         bits = np.empty((N, L, E, R), dtype=np.int8)
-        decode_full_kernel(a, D, BITS, dev, tier, bits)
+        decode_full_kernel(a, D, BITS, *flat(dev, tier, bits))
         c = a[:, self.n_slots : self.n_slots + 2 * P].reshape(N, P, 2)
         prune = PRUNE_LEVELS[np.clip(c[..., 0], 0, len(PRUNE_LEVELS) - 1)]
         fuse = c[..., 1] == 1

@@ -23,7 +23,7 @@ from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, dema
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import DeploymentPlan
-from coel_env.plan.kernels import differs_kernel
+from coel_env.plan.kernels import differs_kernel, flat
 from coel_env.plan.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.world.state import Scenario, StateBatch
 
@@ -266,7 +266,7 @@ class CoELCore:
     @staticmethod
     def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(a), dtype=bool)
-        differs_kernel(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits, np.ascontiguousarray(rows), out)
+        differs_kernel(*flat(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits), np.ascontiguousarray(rows), out)
         return out
 
     def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray) -> dict[str, np.ndarray]:

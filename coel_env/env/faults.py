@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from coel_env.plan.batch import PlanBatch
-from coel_env.plan.kernels import remove_dead_kernel
+from coel_env.plan.kernels import remove_dead_kernel, slots
 from coel_env.plan.repair import REPAIR_KINDS, _memory_passes, fits, usage_of
 from coel_env.world.cluster import Cluster
 
@@ -31,7 +31,7 @@ def handle_faults(
         new = pb.copy()
         orphan = np.zeros(pb.dev.shape[:3], dtype=bool)
         old_bits = np.zeros(pb.dev.shape[:3], dtype=np.int8)
-        remove_dead_kernel(new.dev, new.tier, new.bits, up, cluster.dev_server, lost, orphan, old_bits)
+        remove_dead_kernel(*slots(new.dev, new.tier, new.bits), up, cluster.dev_server, lost, *slots(orphan, old_bits))
         changed = lost > 0
         if changed.any():
             pb = new

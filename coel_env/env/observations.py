@@ -36,7 +36,7 @@ from numba import njit
 
 from coel_env.errors import ConfigError
 from coel_env.plan.deployment import MAX_PRUNE
-from coel_env.plan.kernels import encode_plan_kernel
+from coel_env.plan.kernels import encode_plan_kernel, flat
 from coel_env.world.cluster import Cluster
 
 OBSERVATION_SPACES = ("default", "compact")
@@ -148,7 +148,7 @@ class ObservationEncoder:
             1 / MAX_PRUNE,
             *(out[k] for k in DEFAULT_KERNEL_KEYS),
         )
-        encode_plan_kernel(pb.dev, pb.tier, pb.bits, self.inv_dev, out["plan"])
+        encode_plan_kernel(*flat(pb.dev, pb.tier, pb.bits), self.inv_dev, out["plan"])
         out["time"][:] = self._time(core)
         return {k: out[k] for k in self.sizes}
 

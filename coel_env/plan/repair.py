@@ -15,7 +15,7 @@ from numba import njit
 from coel_env.backend.physics import memory_kernel
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import MAX_PRUNE
-from coel_env.plan.kernels import sanitize_kernel
+from coel_env.plan.kernels import sanitize_kernel, slots
 from coel_env.world.cluster import Cluster
 
 REPAIR_KINDS: tuple[str, ...] = (
@@ -83,7 +83,9 @@ def repair(
         pb.prune[:] = np.clip(np.nan_to_num(pr), 0.0, MAX_PRUNE)
     fb = fallback if fallback is not None else pb
     first_dev = cluster.first_gpu[np.argmax(up, axis=1)]
-    sanitize_kernel(pb.dev, pb.tier, pb.bits, up, cluster.dev_server, fb.dev, fb.tier, fb.bits, first_dev, counts)
+    sanitize_kernel(
+        *slots(pb.dev, pb.tier, pb.bits), up, cluster.dev_server, *slots(fb.dev, fb.tier, fb.bits), first_dev, counts
+    )
     usage = usage_of(pb, cluster)
     if _memory_passes(pb, cluster, gpu_cap, priority, counts, usage):
         usage = usage_of(pb, cluster)
