@@ -33,7 +33,14 @@ from gymnasium import spaces
 
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
-from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel, flat, in_range_kernel
+from coel_env.plan.kernels import (
+    apply_edits_kernel,
+    decode_full_kernel,
+    flat,
+    in_range_kernel,
+    multi_replica_kernel,
+    slots,
+)
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
@@ -326,18 +333,29 @@ class EditCodec(ActionCodec):
     def masks(self, up, current=None):
         up = np.asarray(up, dtype=bool)
         N = up.shape[0]
-        out = np.ones((N, int(self.nvec.sum())), dtype=bool)
-        nv = self.nvec[: self.FIELDS]
-        offs = np.concatenate([[0], np.cumsum(nv)])
-        live = up[:, self.cluster.dev_server]
-        multi = np.ones(N, dtype=bool) if current is None else ((current.dev >= 0).sum(-1) > 1).reshape(N, -1).any(1)
-        for k in range(self.K):
-            base = k * int(nv.sum())
-            out[:, base + offs[4] : base + offs[5]] = live
-            out[:, base + offs[0] + 3] = multi  # drop needs an expert with >= 2 replicas
-            if self.P == 0:
-                out[:, base + offs[0] + 6] = False
+        out = np.repeat(self._mask_row[None], N, axis=0)
+        size, offs = int(self._field_offsets[-1]), self._field_offsets
+        edits = np.reshape(out[:, : self.K * size], (N, self.K, size), copy=False)  # a view per edit
+        edits[:, :, offs[4] : offs[5]] = up[:, None, self.cluster.dev_server]  # live devices
+        if current is not None:  # drop needs an expert with >= 2 replicas
+            multi = np.zeros(N, dtype=bool)
+            multi_replica_kernel(*slots(current.dev), multi)
+            edits[:, :, EDIT_OPS.index("drop")] = multi[:, None]
         return out
+
+    @cached_property
+    def _mask_row(self) -> np.ndarray:
+        """One env's mask with every device live and drop allowed (set_compression masked without server pairs)."""
+        row = np.ones(int(self.nvec.sum()), dtype=bool)
+        if self.P == 0:
+            size = int(self._field_offsets[-1])
+            row[EDIT_OPS.index("set_compression") + size * np.arange(self.K)] = False
+        return row
+
+    @cached_property
+    def _field_offsets(self) -> np.ndarray:
+        """Where each field's choices start in one edit's mask (and the edit's size, last)."""
+        return np.concatenate([[0], np.cumsum(self.nvec[: self.FIELDS])])
 
 
 class ThresholdCodec(ActionCodec):

@@ -228,6 +228,21 @@ def apply_edits_kernel(a, K, F, bit_table, prune_levels, P, dev, tier, bits, pru
 
 
 @njit(cache=True)
+def multi_replica_kernel(dev, out):
+    """out[n] = some expert of plan n (`slots` view [N, L * E, R]) has two or more replicas."""
+    N, M, R = dev.shape
+    for n in range(N):
+        out[n] = False
+        for m in range(M):
+            k = 0
+            for r in range(R):
+                k += dev[n, m, r] >= 0
+            if k > 1:
+                out[n] = True
+                break
+
+
+@njit(cache=True)
 def in_range_kernel(a, nvec) -> bool:
     """0 <= a[n, i] < nvec[i] for every entry of a batch of MultiDiscrete actions [N, A] (a row's test has no
     branch, so it vectorizes)."""
