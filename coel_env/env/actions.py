@@ -40,6 +40,7 @@ from coel_env.plan.kernels import (
     in_range_kernel,
     multi_replica_kernel,
     slots,
+    within_kernel,
 )
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
@@ -81,6 +82,7 @@ class ActionCheck:
             self.lo, self.hi = float(self.low.min()), float(self.high.max())
             uniform = bool((self.low == self.lo).all() and (self.high == self.hi).all())
             self.uniform = uniform
+            self.finite_uniform = uniform and bool(np.isfinite([self.lo, self.hi]).all())
             self.what = f"{space.dtype} in [{self.lo:g}, {self.hi:g}]" if uniform else f"{space.dtype} in [low, high]"
         else:
             raise TypeError(f"ActionCheck: unsupported space {type(space).__name__}")
@@ -120,6 +122,8 @@ class ActionCheck:
                     self._row(label, n, batched), f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape
                 )
             return a2, np.zeros(N, dtype=bool)
+        if a2.dtype.kind == "f" and self.finite_uniform and within_kernel(a2, self.lo, self.hi):
+            return a2, np.zeros(N, dtype=bool)  # the usual case: finite and inside, in one pass
         if a2.dtype.kind == "f" and not np.isfinite(a2).all():
             n, j = np.argwhere(~np.isfinite(a2))[0]
             raise self._fail(self._row(label, n, batched), f"a[{j}] = {a2[n, j]} is not finite", self.shape)

@@ -179,7 +179,7 @@ class CoELCore:
             self.plans, c, st.server_up, gpu_cap, perc.pop, usage
         )
         fmig = None
-        if fchanged.any():
+        if np.count_nonzero(fchanged):
             fmig = self._migrate(self.plans, fixed, fchanged)
             self.plans = fixed
         hello_bits = perc.observe(st, st.extra, st.server_up & ~prev_up).copy()
@@ -237,7 +237,7 @@ class CoELCore:
         """`repair` of the committed proposals (rows `update`); the other envs keep their (valid) plans. Returns
         (plans, repair counts [N, kinds], their memory usage)."""
         c, st, pop, gpu_cap = self.cluster, self.states, self.perception.pop, self._gpu_cap()
-        if update.all():
+        if np.count_nonzero(update) == self.N:
             return repair(proposed, c, gpu_cap, st.server_up, pop, self.plans)
         rcounts = np.zeros((self.N, len(REPAIR_KINDS)), dtype=np.int64)
         idx = np.flatnonzero(update)
@@ -266,12 +266,13 @@ class CoELCore:
     @staticmethod
     def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(a), dtype=bool)
-        differs_kernel(*flat(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits), np.ascontiguousarray(rows), out)
+        if np.count_nonzero(rows):
+            differs_kernel(*flat(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits), np.ascontiguousarray(rows), out)
         return out
 
     def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Migration cost per env (zeros where rows is False): MIGRATION_FIELDS [N] and link_bytes [N, K]."""
-        if not rows.any():
+        if not np.count_nonzero(rows):
             return MigrationBatch.zeros(self.N, self.cluster.num_links).fields
         return self.backend.migrate_batch(old, new, self.states, rows).fields
 

@@ -27,13 +27,13 @@ def handle_faults(
     restored = np.zeros(N, dtype=np.int64)
     counts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
     changed = np.zeros(N, dtype=bool)
-    if not up.all():
+    if np.count_nonzero(up) < up.size:  # some server is down
         new = pb.copy()
         orphan = np.zeros(pb.dev.shape[:3], dtype=bool)
         old_bits = np.zeros(pb.dev.shape[:3], dtype=np.int8)
         remove_dead_kernel(*slots(new.dev, new.tier, new.bits), up, cluster.dev_server, lost, *slots(orphan, old_bits))
         changed = lost > 0
-        if changed.any():
+        if np.count_nonzero(changed):
             pb = new
             dev, tier, bits = pb.dev, pb.tier, pb.bits
             if orphan.any():
@@ -50,7 +50,7 @@ def handle_faults(
                 bits[n_idx, l_idx, e_idx, 0] = old_bits[n_idx, l_idx, e_idx]
             usage = usage_of(pb, cluster)
     if not fits(usage, cluster, gpu_cap):
-        if not changed.any():
+        if not np.count_nonzero(changed):
             pb = pb.copy()
         _memory_passes(pb, cluster, gpu_cap, priority, counts, usage)
         changed |= counts[:, :-1].sum(1) > 0

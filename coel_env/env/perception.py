@@ -142,10 +142,17 @@ class Perception:
         if self.mode == "ideal":
             self.pop[rows] = agg.reshape(self.pop[rows].shape)
             return
-        tokens = np.minimum(total * self.window * self.tok_per_req, self.pop_tokens)  # [N] tokens in the log
         smooth_log_kernel(
-            agg, tokens, z.reshape(N, -1), 1.0 if first else self.smoothing, self.pop[rows].reshape(N, -1)
+            agg,
+            self._log_tokens(total),
+            z.reshape(N, -1),
+            1.0 if first else self.smoothing,
+            self.pop[rows].reshape(N, -1),
         )
+
+    def _log_tokens(self, rate: np.ndarray) -> np.ndarray:
+        """Tokens in an epoch's routing log of requests at `rate` (requests/s), at most `popularity_tokens`."""
+        return np.minimum(rate * self.window * self.tok_per_req, self.pop_tokens)
 
     def perceived_server_popularity(self, bs, i: int) -> np.ndarray:
         """[S, L, E] env i's per-server popularity as CoELEnv.perceived_state reveals it (and the `compact`
@@ -159,7 +166,7 @@ class Perception:
         if self.mode == "ideal":
             return pop.copy()
         lam = bs.arrival_rate[i] * bs.server_up[i]
-        tokens = np.minimum(lam * self.window * self.tok_per_req, self.pop_tokens)  # [S] tokens in each log
+        tokens = self._log_tokens(lam)  # [S] tokens in each server's log
         S = pop.shape[0]
         z = rng.standard_normal(pop.shape)
         out = np.empty_like(pop)

@@ -13,12 +13,12 @@ from numba import njit
 def slots(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Plan arrays [N, L, E, R] (or [N, L, E]) as views [N, L * E, R] (or [N, L * E]); ValueError where that would
     need a copy (kernels write through the views)."""
-    return tuple(np.reshape(a, (a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:]), copy=False) for a in arrays)
+    return tuple(a.reshape((a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:]), copy=False) for a in arrays)
 
 
 def flat(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Plan arrays [N, ...] as views [N, L * E * R]; ValueError where that would need a copy."""
-    return tuple(np.reshape(a, (a.shape[0], -1), copy=False) for a in arrays)
+    return tuple(a.reshape((a.shape[0], -1), copy=False) for a in arrays)
 
 
 @njit(cache=True)
@@ -240,6 +240,19 @@ def multi_replica_kernel(dev, out):
             if k > 1:
                 out[n] = True
                 break
+
+
+@njit(cache=True)
+def within_kernel(x, lo, hi) -> bool:
+    """lo <= x[n, i] <= hi for every entry of x [N, A] (False for NaN)."""
+    N, A = x.shape
+    for n in range(N):
+        ok = True
+        for i in range(A):
+            ok &= (x[n, i] >= lo) & (x[n, i] <= hi)
+        if not ok:
+            return False
+    return True
 
 
 @njit(cache=True)

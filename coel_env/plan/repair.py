@@ -15,7 +15,7 @@ from numba import njit
 from coel_env.backend.physics import memory_kernel
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import MAX_PRUNE
-from coel_env.plan.kernels import sanitize_kernel, slots
+from coel_env.plan.kernels import sanitize_kernel, slots, within_kernel
 from coel_env.world.cluster import Cluster
 
 REPAIR_KINDS: tuple[str, ...] = (
@@ -77,7 +77,7 @@ def repair(
     N = len(pb)
     counts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
     pr = pb.prune
-    if pr.size and not (np.isfinite(pr).all() and pr.min() >= 0 and pr.max() <= MAX_PRUNE):
+    if pr.size and not within_kernel(pr, 0.0, MAX_PRUNE):  # a NaN or inf is out of range too
         bad_c = ~np.isfinite(pr) | (pr < 0) | (pr > MAX_PRUNE)
         counts[:, _K["invalid_value"]] += bad_c.sum(1)
         pb.prune[:] = np.clip(np.nan_to_num(pr), 0.0, MAX_PRUNE)
