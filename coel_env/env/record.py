@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from coel_env.backend.metrics import INFO_METRICS, MIGRATION_FIELDS
 from coel_env.plan.repair import REPAIR_KINDS
@@ -96,7 +97,9 @@ class StepRecord:
     @cached_property
     def repaired(self) -> np.ndarray:
         """[N] bool: the action needed fixing (any repair, an invalid edit or clipping)."""
-        return (self.repair_counts.sum(1) > 0) | (self.invalid_edits > 0) | self.clipped
+        out = np.empty(self.num_envs, dtype=bool)
+        repaired_kernel(self.repair_counts, self.invalid_edits, self.clipped, out)
+        return out
 
     @property
     def repaired_replicas(self) -> np.ndarray:
@@ -114,6 +117,15 @@ class StepRecord:
         for j, (counts, clipped, invalid) in enumerate(rows):
             out[j] = _reasons(counts, bool(clipped), bool(invalid))
         return out
+
+
+@njit(cache=True)
+def repaired_kernel(counts, invalid, clipped, out):
+    """out[n] = env n had a repair of any kind (counts [N, kinds]), an invalid edit or a clipped action."""
+    for n in range(counts.shape[0]):
+        out[n] = clipped[n] or invalid[n] > 0
+        for k in range(counts.shape[1]):
+            out[n] |= counts[n, k] > 0
 
 
 def _reasons(counts: list[int], clipped: bool, invalid: bool) -> list[str]:

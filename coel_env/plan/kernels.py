@@ -13,12 +13,12 @@ from numba import njit
 def slots(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Plan arrays [N, L, E, R] (or [N, L, E]) as views [N, L * E, R] (or [N, L * E]); ValueError where that would
     need a copy (kernels write through the views)."""
-    return tuple(a.reshape((a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:]), copy=False) for a in arrays)
+    return tuple([a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:], copy=False) for a in arrays])
 
 
 def flat(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Plan arrays [N, ...] as views [N, L * E * R]; ValueError where that would need a copy."""
-    return tuple(a.reshape((a.shape[0], -1), copy=False) for a in arrays)
+    return tuple([a.reshape(a.shape[0], -1, copy=False) for a in arrays])
 
 
 @njit(cache=True)
