@@ -138,7 +138,9 @@ class ObservationEncoder:
             self.gpu_nominal,
             self.cpu_cap,
             self.ssd_cap,
-            perc.last,
+            perc.compute_avail,
+            perc.link_factor,
+            perc.rate_frac,
             perc.age,
             1.0 / perc.max_age,
             core.states.server_up,
@@ -224,7 +226,9 @@ def default_obs_kernel(
     gpu_nominal,
     cpu_cap,
     ssd_cap,
-    last,
+    perc_compute,
+    perc_link,
+    perc_rate,
     age,
     inv_age,
     up,
@@ -243,22 +247,22 @@ def default_obs_kernel(
 ):
     """The `default` observation but `plan` and `time`, float32 [N, size] each (module docstring): free shares
     clip((gpu_cap - gpu) / gpu_nominal), clip(1 - cpu / cpu_cap), clip(1 - ssd / ssd_cap) in [0, 1]; the perceived
-    Hello fields `last` (compute [D] | memory [D] | link [K] | rate [S]); min(age * inv_age, 1); popularity;
-    prune * inv_prune, then fusion."""
+    values (compute [D], link factor [K], request rate [S]); min(age * inv_age, 1); popularity; prune * inv_prune,
+    then fusion."""
     N, D = gpu.shape
     S, K, P = cpu.shape[1], link_bw.shape[1], prune.shape[1]
     for n in range(N):
         for d in range(D):
             mem_free[n, d] = min(max((gpu_cap[n, d] - gpu[n, d]) / gpu_nominal[d], 0.0), 1.0)
-            compute_avail[n, d] = last[n, d]
+            compute_avail[n, d] = perc_compute[n, d]
         for s in range(S):
             mem_free[n, D + s] = min(max(1 - cpu[n, s] / cpu_cap[s], 0.0), 1.0)
             mem_free[n, D + S + s] = min(max(1 - ssd[n, s] / ssd_cap[s], 0.0), 1.0)
             server_up[n, s] = 1.0 if up[n, s] else 0.0
-            request_rate[n, s] = last[n, 2 * D + K + s]
+            request_rate[n, s] = perc_rate[n, s]
             hello_age[n, s] = min(age[n, s] * inv_age, 1.0)
         for k in range(K):
-            link_bw[n, k] = last[n, 2 * D + k]
+            link_bw[n, k] = perc_link[n, k]
         for j in range(pop.shape[1]):
             popularity[n, j] = pop[n, j]
         for p in range(P):

@@ -147,7 +147,7 @@ class Perception:
             self._log_tokens(total),
             z.reshape(N, -1),
             1.0 if first else self.smoothing,
-            self.pop[rows].reshape(N, -1),
+            self.pop[rows].reshape(N, -1, copy=False),
         )
 
     def _log_tokens(self, rate: np.ndarray) -> np.ndarray:
@@ -170,7 +170,9 @@ class Perception:
         S = pop.shape[0]
         z = rng.standard_normal(pop.shape)
         out = np.empty_like(pop)
-        routing_log_kernel(pop.reshape(S, -1), tokens, z.reshape(S, -1), self.pop[i].reshape(-1), out.reshape(S, -1))
+        routing_log_kernel(
+            pop.reshape(S, -1), tokens, z.reshape(S, -1), self.pop[i].reshape(-1), out.reshape(S, -1, copy=False)
+        )
         return out
 
 
