@@ -211,6 +211,7 @@ class SurrogateBackend:
         self._zero_idx = np.zeros(64, dtype=np.int64)
         self._cache_key: tuple | None = None
         self._cache: dict | None = None
+        self._activation_buffers: tuple[int, list[np.ndarray]] = (0, [])  # (owner id, arrays)
         self.current: DeploymentPlan | None = None
         self._set_lengths(length_quantiles(c.spec.workload.input_len), length_quantiles(c.spec.workload.output_len))
 
@@ -223,6 +224,16 @@ class SurrogateBackend:
         self.ne_pre = non_expert_prefill_s(
             self.in_mean, m.d_model, m.num_layers, self.ne_bytes, self.ne_flops_tok, self.srv_gpu_bw, self.srv_gpu_flops
         )
+        self.ne_dec_steps = non_expert_decode_s(
+            self.batch_grid[None, :],
+            self.in_mean,
+            self.out_mean,
+            self.kv_tok,
+            self.ne_bytes,
+            self.ne_flops_tok,
+            self.srv_gpu_bw[:, None],
+            self.srv_gpu_flops[:, None],
+        )  # [S, G] a decode step's non-expert seconds at the batches of batch_grid, at full compute
         q = hw.quality
         self.params = Params(
             bits_index=BITS_INDEX,
@@ -366,10 +377,13 @@ class SurrogateBackend:
 
     def _state_arrays(self, states: list[ClusterState] | StateBatch) -> dict:
         """Per-state inputs of the kernels [N, ...] (a list of states or a StateBatch), cached while the same
-        states (same versions) are served again: the States fields by name, and "states" (the structure)."""
+        states (same versions) are served again: the States fields by name, and "states" (the structure). The
+        activation arrays (u_dec, a_dec, u_pre, a_pre) are rewritten by the next call for other states: copy what
+        you keep."""
         key = self._state_key(states)
         if key == self._cache_key:
             return self._cache
+        self._cache_key = self._cache = None  # its activation arrays are reused below
         c = self.cluster
         if isinstance(states, StateBatch):
             pop, rate, up = states.popularity, states.arrival_rate, states.server_up
@@ -390,7 +404,7 @@ class SurrogateBackend:
             lam = rate * up
         else:
             batch = decode_batch(lam, self.out_mean, self.tpot_ref, wl.max_batch)
-        u_dec, a_dec, u_pre, a_pre = (np.empty_like(pop) for _ in range(4))
+        u_dec, a_dec, u_pre, a_pre = self._activation_arrays(pop.shape)
         activation_stats(pop, batch, np.full_like(batch, self.in_mean), u_dec, a_dec, u_pre, a_pre)
         table = np.empty((len(comp), c.num_devices * N_TIERS * N_BITS, UNIT_COLUMNS))
         unit_table_kernel(*self.units, comp, table)
@@ -430,22 +444,20 @@ class SurrogateBackend:
         self._cache_key = key
         return self._cache
 
+    def _activation_arrays(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Four float arrays of `shape` for `activation_stats`, reused while the shape stays (a copy of this backend
+        makes its own): a big scenario's are megabytes each, and fresh ones cost their page faults every serve."""
+        owner, arrays = self._activation_buffers
+        if owner != id(self) or arrays[0].shape != shape:
+            arrays = [np.empty(shape) for _ in range(4)]
+            self._activation_buffers = (id(self), arrays)
+        return arrays
+
     def _ne_dec_grid(self, srv_avail: np.ndarray, up: np.ndarray) -> np.ndarray:
         """[Ns, S, G] `non_expert_decode_s` at the batches of batch_grid (continuous batching; zeros otherwise)."""
         if self.cluster.hw.serving != "continuous":
             return np.zeros((*up.shape, 1))
-        g = self.batch_grid
-        step = non_expert_decode_s(
-            g[None, :],
-            self.in_mean,
-            self.out_mean,
-            self.kv_tok,
-            self.ne_bytes,
-            self.ne_flops_tok,
-            self.srv_gpu_bw[:, None],
-            self.srv_gpu_flops[:, None],
-        )  # [S, G]
-        return step[None] / srv_avail[..., None]
+        return self.ne_dec_steps[None] / srv_avail[..., None]
 
     def serve_batch(
         self,

@@ -33,7 +33,15 @@ from gymnasium import spaces
 
 from coel_env.errors import ActionError, ConfigError
 from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
-from coel_env.plan.kernels import apply_edits_kernel, decode_full_kernel
+from coel_env.plan.kernels import (
+    apply_edits_kernel,
+    decode_full_kernel,
+    flat,
+    in_range_kernel,
+    multi_replica_kernel,
+    slots,
+    within_kernel,
+)
 from coel_env.specs import BIT_WIDTHS
 from coel_env.specs.bounds import MAX_ACTION_ENTRIES
 from coel_env.specs.model import BITS_INDEX
@@ -74,6 +82,7 @@ class ActionCheck:
             self.lo, self.hi = float(self.low.min()), float(self.high.max())
             uniform = bool((self.low == self.lo).all() and (self.high == self.hi).all())
             self.uniform = uniform
+            self.finite_uniform = uniform and bool(np.isfinite([self.lo, self.hi]).all())
             self.what = f"{space.dtype} in [{self.lo:g}, {self.hi:g}]" if uniform else f"{space.dtype} in [low, high]"
         else:
             raise TypeError(f"ActionCheck: unsupported space {type(space).__name__}")
@@ -107,12 +116,14 @@ class ActionCheck:
         a2 = a if batched else a[None]
         N = a2.shape[0]
         if self.discrete:
-            if a2.size and (a2.min() < 0 or (a2 >= self.nvec).any()):
+            if a2.size and not self._in_range(a2):
                 n, j = np.argwhere((a2 < 0) | (a2 >= self.nvec))[0]
                 raise self._fail(
                     self._row(label, n, batched), f"a[{j}] = {a2[n, j]} out of range [0, {self.nvec[j]})", self.shape
                 )
             return a2, np.zeros(N, dtype=bool)
+        if a2.dtype.kind == "f" and self.finite_uniform and within_kernel(a2, self.lo, self.hi):
+            return a2, np.zeros(N, dtype=bool)  # the usual case: finite and inside, in one pass
         if a2.dtype.kind == "f" and not np.isfinite(a2).all():
             n, j = np.argwhere(~np.isfinite(a2))[0]
             raise self._fail(self._row(label, n, batched), f"a[{j}] = {a2[n, j]} is not finite", self.shape)
@@ -124,6 +135,12 @@ class ActionCheck:
             return a2, np.zeros(N, dtype=bool)
         clipped = ((a2 < self.low) | (a2 > self.high)).any(1)
         return np.clip(a2, self.low, self.high), clipped
+
+    def _in_range(self, a2: np.ndarray) -> bool:
+        """Every entry of integer actions [N, A] lies in [0, nvec[i]) (one numba pass for int64, gymnasium's dtype)."""
+        if a2.dtype == np.int64:
+            return in_range_kernel(a2, self.nvec)
+        return not (a2.min() < 0 or (a2 >= self.nvec).any())
 
     def _row(self, label: str, n: int, batched: bool) -> str:
         return f"action ({self.name}) of env {int(n)}" if batched else label
@@ -226,7 +243,7 @@ class FullCodec(ActionCodec):
         dev = np.empty((N, L, E, R), dtype=np.int16)
         tier = np.empty((N, L, E, R), dtype=np.int8)
         bits = np.empty((N, L, E, R), dtype=np.int8)
-        decode_full_kernel(a, D, BITS, dev, tier, bits)
+        decode_full_kernel(a, D, BITS, *flat(dev, tier, bits))
         c = a[:, self.n_slots : self.n_slots + 2 * P].reshape(N, P, 2)
         prune = PRUNE_LEVELS[np.clip(c[..., 0], 0, len(PRUNE_LEVELS) - 1)]
         fuse = c[..., 1] == 1
@@ -320,18 +337,29 @@ class EditCodec(ActionCodec):
     def masks(self, up, current=None):
         up = np.asarray(up, dtype=bool)
         N = up.shape[0]
-        out = np.ones((N, int(self.nvec.sum())), dtype=bool)
-        nv = self.nvec[: self.FIELDS]
-        offs = np.concatenate([[0], np.cumsum(nv)])
-        live = up[:, self.cluster.dev_server]
-        multi = np.ones(N, dtype=bool) if current is None else ((current.dev >= 0).sum(-1) > 1).reshape(N, -1).any(1)
-        for k in range(self.K):
-            base = k * int(nv.sum())
-            out[:, base + offs[4] : base + offs[5]] = live
-            out[:, base + offs[0] + 3] = multi  # drop needs an expert with >= 2 replicas
-            if self.P == 0:
-                out[:, base + offs[0] + 6] = False
+        out = np.repeat(self._mask_row[None], N, axis=0)
+        size, offs = int(self._field_offsets[-1]), self._field_offsets
+        edits = np.reshape(out[:, : self.K * size], (N, self.K, size), copy=False)  # a view per edit
+        edits[:, :, offs[4] : offs[5]] = up[:, None, self.cluster.dev_server]  # live devices
+        if current is not None:  # drop needs an expert with >= 2 replicas
+            multi = np.zeros(N, dtype=bool)
+            multi_replica_kernel(*slots(current.dev), multi)
+            edits[:, :, EDIT_OPS.index("drop")] = multi[:, None]
         return out
+
+    @cached_property
+    def _mask_row(self) -> np.ndarray:
+        """One env's mask with every device live and drop allowed (set_compression masked without server pairs)."""
+        row = np.ones(int(self.nvec.sum()), dtype=bool)
+        if self.P == 0:
+            size = int(self._field_offsets[-1])
+            row[EDIT_OPS.index("set_compression") + size * np.arange(self.K)] = False
+        return row
+
+    @cached_property
+    def _field_offsets(self) -> np.ndarray:
+        """Where each field's choices start in one edit's mask (and the edit's size, last)."""
+        return np.concatenate([[0], np.cumsum(self.nvec[: self.FIELDS])])
 
 
 class ThresholdCodec(ActionCodec):

@@ -23,7 +23,7 @@ from coel_env.env.rewards import PenaltyWeights, RewardContext, StepScorer, dema
 from coel_env.errors import ConfigError, PlanError
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import DeploymentPlan
-from coel_env.plan.kernels import differs_kernel
+from coel_env.plan.kernels import differs_kernel, flat
 from coel_env.plan.repair import REPAIR_KINDS, repair, usage_of
 from coel_env.world.state import Scenario, StateBatch
 
@@ -112,6 +112,7 @@ class CoELCore:
         self.usage = usage_of(self.plans, c)
         self.rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
         self.last_record: StepRecord | None = None
+        self._cap_version, self._cap = -1, np.empty(0)
 
     @property
     def penalties(self) -> dict[str, float]:
@@ -165,23 +166,7 @@ class CoELCore:
             invalid = np.zeros(N, dtype=np.int64)
             update = np.broadcast_to(np.asarray(update, dtype=bool), (N,))
             clipped = np.zeros(N, dtype=bool) if clipped is None else np.broadcast_to(np.asarray(clipped, bool), (N,))
-        gpu_cap = self._gpu_cap(st.memory_avail)
-        if update.all():
-            proposed, rcounts, usage = repair(proposed, c, gpu_cap, st.server_up, perc.pop, self.plans)
-        else:  # only committed proposals are repaired; the other envs keep their (valid) plans
-            idx = np.flatnonzero(update)
-            rcounts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
-            usage = tuple(u.copy() for u in self.usage)
-            merged = self.plans.copy()
-            if idx.size:
-                sub, sub_counts, sub_usage = repair(
-                    proposed.take(idx), c, gpu_cap[idx], st.server_up[idx], perc.pop[idx], self.plans.take(idx)
-                )
-                merged.put(idx, sub)
-                rcounts[idx] = sub_counts
-                for u, su in zip(usage, sub_usage):
-                    u[idx] = su
-            proposed = merged
+        proposed, rcounts, usage = self._repair(proposed, update)
         changed = self._differs(self.plans, proposed, update)
         mig = self._migrate(self.plans, proposed, changed)
         self.plans = proposed
@@ -189,12 +174,12 @@ class CoELCore:
         prev_up = st.server_up.copy()
         st.draw(self.rngs if active is None else [r if a else None for r, a in zip(self.rngs, active)])
         st.advance()
-        gpu_cap = self._gpu_cap(st.memory_avail)
+        gpu_cap = self._gpu_cap()
         fixed, fchanged, lost, restored, fcounts, self.usage = handle_faults(
             self.plans, c, st.server_up, gpu_cap, perc.pop, usage
         )
         fmig = None
-        if fchanged.any():
+        if np.count_nonzero(fchanged):
             fmig = self._migrate(self.plans, fixed, fchanged)
             self.plans = fixed
         hello_bits = perc.observe(st, st.extra, st.server_up & ~prev_up).copy()
@@ -248,18 +233,46 @@ class CoELCore:
         return self.obs_encoder.encode(self)
 
     # ---- pieces -------------------------------------------------------------------------------------
-    def _gpu_cap(self, memory_avail: np.ndarray) -> np.ndarray:
-        return self.cluster.gpu_expert_capacity_at(memory_avail)
+    def _repair(self, proposed: PlanBatch, update: np.ndarray) -> tuple[PlanBatch, np.ndarray, tuple]:
+        """`repair` of the committed proposals (rows `update`); the other envs keep their (valid) plans. Returns
+        (plans, repair counts [N, kinds], their memory usage)."""
+        c, st, pop, gpu_cap = self.cluster, self.states, self.perception.pop, self._gpu_cap()
+        if np.count_nonzero(update) == self.N:
+            return repair(proposed, c, gpu_cap, st.server_up, pop, self.plans)
+        rcounts = np.zeros((self.N, len(REPAIR_KINDS)), dtype=np.int64)
+        idx = np.flatnonzero(update)
+        if not idx.size:
+            return self.plans, rcounts, self.usage
+        sub, sub_counts, sub_usage = repair(
+            proposed.take(idx), c, gpu_cap[idx], st.server_up[idx], pop[idx], self.plans.take(idx)
+        )
+        merged = self.plans.copy()
+        merged.put(idx, sub)
+        rcounts[idx] = sub_counts
+        usage = tuple(u.copy() for u in self.usage)
+        for u, su in zip(usage, sub_usage):
+            u[idx] = su
+        return merged, rcounts, usage
+
+    def _gpu_cap(self) -> np.ndarray:
+        """[N, D] GPU expert capacity at the states' free memory (read-only; kept while the states' version is)."""
+        st = self.states
+        if self._cap_version != st.version:
+            self._cap = self.cluster.gpu_expert_capacity_at(st.memory_avail)
+            self._cap.flags.writeable = False
+            self._cap_version = st.version
+        return self._cap
 
     @staticmethod
     def _differs(a: PlanBatch, b: PlanBatch, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(a), dtype=bool)
-        differs_kernel(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits, np.ascontiguousarray(rows), out)
+        if np.count_nonzero(rows):
+            differs_kernel(*flat(a.dev, a.tier, a.bits, b.dev, b.tier, b.bits), np.ascontiguousarray(rows), out)
         return out
 
     def _migrate(self, old: PlanBatch, new: PlanBatch, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Migration cost per env (zeros where rows is False): MIGRATION_FIELDS [N] and link_bytes [N, K]."""
-        if not rows.any():
+        if not np.count_nonzero(rows):
             return MigrationBatch.zeros(self.N, self.cluster.num_links).fields
         return self.backend.migrate_batch(old, new, self.states, rows).fields
 

@@ -32,7 +32,7 @@ class MigrationDisruption:
     def __call__(self, measured: dict[str, np.ndarray], migration_s: np.ndarray) -> dict[str, np.ndarray]:
         """The served metrics: a new dict (`measured` and its arrays untouched), or `measured` itself when no env
         migrated."""
-        if not (migration_s > 0).any():
+        if not np.count_nonzero(migration_s > 0):
             return measured
         t, W = migration_s, self.window_s
         frac = np.minimum(t / W, 1.0)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from coel_env.plan.batch import PlanBatch
-from coel_env.plan.kernels import remove_dead_kernel
-from coel_env.plan.repair import REPAIR_KINDS, TOL, _memory_passes, usage_of
+from coel_env.plan.kernels import remove_dead_kernel, slots
+from coel_env.plan.repair import REPAIR_KINDS, _memory_passes, fits, usage_of
 from coel_env.world.cluster import Cluster
 
 
@@ -27,13 +27,13 @@ def handle_faults(
     restored = np.zeros(N, dtype=np.int64)
     counts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
     changed = np.zeros(N, dtype=bool)
-    if not up.all():
+    if np.count_nonzero(up) < up.size:  # some server is down
         new = pb.copy()
         orphan = np.zeros(pb.dev.shape[:3], dtype=bool)
         old_bits = np.zeros(pb.dev.shape[:3], dtype=np.int8)
-        remove_dead_kernel(new.dev, new.tier, new.bits, up, cluster.dev_server, lost, orphan, old_bits)
+        remove_dead_kernel(*slots(new.dev, new.tier, new.bits), up, cluster.dev_server, lost, *slots(orphan, old_bits))
         changed = lost > 0
-        if changed.any():
+        if np.count_nonzero(changed):
             pb = new
             dev, tier, bits = pb.dev, pb.tier, pb.bits
             if orphan.any():
@@ -49,13 +49,8 @@ def handle_faults(
                 tier[n_idx, l_idx, e_idx, 0] = 0
                 bits[n_idx, l_idx, e_idx, 0] = old_bits[n_idx, l_idx, e_idx]
             usage = usage_of(pb, cluster)
-    gpu, cpu, ssd = usage
-    if (
-        (gpu > gpu_cap * TOL).any()
-        or (cpu > cluster.cpu_expert_capacity * TOL).any()
-        or (ssd > cluster.ssd_bytes * TOL).any()
-    ):
-        if not changed.any():
+    if not fits(usage, cluster, gpu_cap):
+        if not np.count_nonzero(changed):
             pb = pb.copy()
         _memory_passes(pb, cluster, gpu_cap, priority, counts, usage)
         changed |= counts[:, :-1].sum(1) > 0

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import numpy as np
 from gymnasium import spaces
+from numba import njit
 
 from coel_env.errors import ConfigError
 from coel_env.plan.deployment import MAX_PRUNE
-from coel_env.plan.kernels import encode_plan_kernel
+from coel_env.plan.kernels import encode_plan_kernel, flat
 from coel_env.world.cluster import Cluster
 
 OBSERVATION_SPACES = ("default", "compact")
@@ -43,6 +44,16 @@ COMPACT_TOP_SHARE = 8  # pop_top: the ceil(E / COMPACT_TOP_SHARE) most popular e
 PAIR_KEYS = ("pop_top", "pop_divergence", "mass_local", "mass_remote", "mass_cpu", "mass_ssd", "mass_low_bits")
 
 
+DEFAULT_KERNEL_KEYS = (  # the `default` keys `default_obs_kernel` writes, in its argument order
+    "mem_free",
+    "compute_avail",
+    "link_bw",
+    "server_up",
+    "request_rate",
+    "hello_age",
+    "popularity",
+    "compression",
+)
 SERVER_KEYS = ("server_up", "request_rate", "demand_share", "hello_age", "compute_avail", "gpu_free", "kv_free")
 OBSERVATION_KEYS = {  # every key a space can have, in order (a scenario without links or pairs lacks those)
     "default": (
@@ -91,6 +102,7 @@ class ObservationEncoder:
             sizes["time"] = 1
         assert tuple(sizes) == OBSERVATION_KEYS[name]
         self.sizes = {k: v for k, v in sizes.items() if v > 0}
+        self._all_sizes = sizes  # every key, empty ones too (kernel arguments)
         self.space = spaces.Dict({k: spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32) for k, n in self.sizes.items()})
         self.cpu_cap = np.maximum(c.cpu_expert_capacity, 1.0)
         self.ssd_cap = np.maximum(c.ssd_bytes, 1.0)
@@ -110,27 +122,36 @@ class ObservationEncoder:
         """Batched observation [N, ...] of a core's envs."""
         return self._default(core) if self.name == "default" else self._compact(core)
 
+    def _blocks(self, N: int) -> dict[str, np.ndarray]:
+        """Fresh float32 arrays [N, size] for every key (empty ones too)."""
+        return {k: np.empty((N, n), dtype=np.float32) for k, n in self._all_sizes.items()}
+
     def _default(self, core) -> dict[str, np.ndarray]:
         c, pb, perc = self.c, core.plans, core.perception
-        N = len(pb)
+        out = self._blocks(len(pb))
         gpu, cpu, ssd = core.usage
-        cap = c.gpu_expert_capacity_at(perc.memory_avail)
-        mem = np.concatenate([(cap - gpu) / self.gpu_nominal, 1 - cpu / self.cpu_cap, 1 - ssd / self.ssd_cap], 1)
-        plan = np.empty((N, self.sizes["plan"]), dtype=np.float32)
-        encode_plan_kernel(pb.dev, pb.tier, pb.bits, self.inv_dev, plan)
-        f32 = np.float32
-        out = {
-            "mem_free": np.clip(mem, 0.0, 1.0).astype(f32),
-            "compute_avail": perc.compute_avail.astype(f32),
-            "link_bw": perc.link_factor.astype(f32),
-            "server_up": core.states.server_up.astype(f32),
-            "request_rate": perc.rate_frac.astype(f32),
-            "hello_age": np.minimum(perc.age * (1.0 / perc.max_age), 1.0).astype(f32),
-            "popularity": perc.pop.reshape(N, -1).astype(f32),
-            "plan": plan,
-            "compression": np.concatenate([pb.prune * (1 / MAX_PRUNE), pb.fuse], 1).astype(f32),
-            "time": self._time(core),
-        }
+        default_obs_kernel(
+            c.gpu_expert_capacity_at(perc.memory_avail),
+            gpu,
+            cpu,
+            ssd,
+            self.gpu_nominal,
+            self.cpu_cap,
+            self.ssd_cap,
+            perc.compute_avail,
+            perc.link_factor,
+            perc.rate_frac,
+            perc.age,
+            1.0 / perc.max_age,
+            core.states.server_up,
+            perc.pop.reshape(len(pb), -1),
+            pb.prune,
+            pb.fuse,
+            1 / MAX_PRUNE,
+            *(out[k] for k in DEFAULT_KERNEL_KEYS),
+        )
+        encode_plan_kernel(*flat(pb.dev, pb.tier, pb.bits), self.inv_dev, out["plan"])
+        out["time"][:] = self._time(core)
         return {k: out[k] for k in self.sizes}
 
     def _time(self, core) -> np.ndarray:
@@ -194,3 +215,56 @@ class ObservationEncoder:
         res = {k: np.clip(out[k], 0.0, 1.0).astype(np.float32) for k in self.sizes if k != "time"}
         res["time"] = self._time(core)
         return {k: res[k] for k in self.sizes}
+
+
+@njit(cache=True)
+def default_obs_kernel(
+    gpu_cap,
+    gpu,
+    cpu,
+    ssd,
+    gpu_nominal,
+    cpu_cap,
+    ssd_cap,
+    perc_compute,
+    perc_link,
+    perc_rate,
+    age,
+    inv_age,
+    up,
+    pop,
+    prune,
+    fuse,
+    inv_prune,
+    mem_free,
+    compute_avail,
+    link_bw,
+    server_up,
+    request_rate,
+    hello_age,
+    popularity,
+    compression,
+):
+    """The `default` observation but `plan` and `time`, float32 [N, size] each (module docstring): free shares
+    clip((gpu_cap - gpu) / gpu_nominal), clip(1 - cpu / cpu_cap), clip(1 - ssd / ssd_cap) in [0, 1]; the perceived
+    values (compute [D], link factor [K], request rate [S]); min(age * inv_age, 1); popularity; prune * inv_prune,
+    then fusion."""
+    N, D = gpu.shape
+    S, K, P = cpu.shape[1], link_bw.shape[1], prune.shape[1]
+    for n in range(N):
+        for d in range(D):
+            mem_free[n, d] = min(max((gpu_cap[n, d] - gpu[n, d]) / gpu_nominal[d], 0.0), 1.0)
+            compute_avail[n, d] = perc_compute[n, d]
+        for s in range(S):
+            mem_free[n, D + s] = min(max(1 - cpu[n, s] / cpu_cap[s], 0.0), 1.0)
+            mem_free[n, D + S + s] = min(max(1 - ssd[n, s] / ssd_cap[s], 0.0), 1.0)
+            server_up[n, s] = 1.0 if up[n, s] else 0.0
+            request_rate[n, s] = perc_rate[n, s]
+            hello_age[n, s] = min(age[n, s] * inv_age, 1.0)
+        for k in range(K):
+            link_bw[n, k] = perc_link[n, k]
+        for j in range(pop.shape[1]):
+            popularity[n, j] = pop[n, j]
+        for p in range(P):
+            compression[n, p] = prune[n, p] * inv_prune
+            compression[n, P + p] = 1.0 if fuse[n, p] else 0.0

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from coel_env.backend.metrics import INFO_METRICS, MIGRATION_FIELDS
 from coel_env.plan.repair import REPAIR_KINDS
@@ -96,7 +97,9 @@ class StepRecord:
     @cached_property
     def repaired(self) -> np.ndarray:
         """[N] bool: the action needed fixing (any repair, an invalid edit or clipping)."""
-        return (self.repair_counts.sum(1) > 0) | (self.invalid_edits > 0) | self.clipped
+        out = np.empty(self.num_envs, dtype=bool)
+        repaired_kernel(self.repair_counts, self.invalid_edits, self.clipped, out)
+        return out
 
     @property
     def repaired_replicas(self) -> np.ndarray:
@@ -105,13 +108,35 @@ class StepRecord:
 
     def repair_reasons(self, i: int) -> list[str]:
         """Env i's repair reasons: action_clipped, the repair kinds that happened, invalid_edit."""
-        kinds = [k for k, n in zip(REPAIR_KINDS, self.repair_counts[i]) if n]
-        return ["action_clipped"] * bool(self.clipped[i]) + kinds + ["invalid_edit"] * bool(self.invalid_edits[i])
+        return _reasons(self.repair_counts[i].tolist(), bool(self.clipped[i]), bool(self.invalid_edits[i]))
+
+    def all_repair_reasons(self) -> np.ndarray:
+        """[N] object array: every env's `repair_reasons`."""
+        out = np.empty(self.num_envs, dtype=object)
+        rows = zip(self.repair_counts.tolist(), self.clipped.tolist(), self.invalid_edits.tolist())
+        for j, (counts, clipped, invalid) in enumerate(rows):
+            out[j] = _reasons(counts, bool(clipped), bool(invalid))
+        return out
+
+
+@njit(cache=True)
+def repaired_kernel(counts, invalid, clipped, out):
+    """out[n] = env n had a repair of any kind (counts [N, kinds]), an invalid edit or a clipped action."""
+    for n in range(counts.shape[0]):
+        out[n] = clipped[n] or invalid[n] > 0
+        for k in range(counts.shape[1]):
+            out[n] |= counts[n, k] > 0
+
+
+def _reasons(counts: list[int], clipped: bool, invalid: bool) -> list[str]:
+    """Repair reasons of one env from its repair counts (REPAIR_KINDS order) and its clipped / invalid-edit flags."""
+    kinds = [k for k, n in zip(REPAIR_KINDS, counts) if n]
+    return ["action_clipped"] * clipped + kinds + ["invalid_edit"] * invalid
 
 
 def _floats(d: dict[str, np.ndarray] | None, keys: tuple[str, ...], i: int | None, n: int) -> dict[str, Any]:
     if i is not None:
-        return dict.fromkeys(keys, 0.0) if d is None else {k: float(d[k][i]) for k in keys}
+        return dict.fromkeys(keys, 0.0) if d is None else {k: float(d[k].item(i)) for k in keys}
     return {k: np.zeros(n) for k in keys} if d is None else {k: np.asarray(d[k], dtype=np.float64) for k in keys}
 
 
@@ -120,12 +145,7 @@ def info_values(rec: StepRecord, i: int | None = None) -> dict[str, Any]:
     is given (CoELEnv), else every env's batched (arrays [N], dicts of [N] arrays for metrics and migrations,
     `repair_reasons` an object array of lists; CoELVectorEnv via `vector_info`)."""
     n, f, one = rec.num_envs, rec.served, i is not None
-    if one:
-        reasons: Any = rec.repair_reasons(i)
-    else:
-        reasons = np.empty(n, dtype=object)
-        for j in range(n):
-            reasons[j] = rec.repair_reasons(j)
+    reasons: Any = rec.repair_reasons(i) if one else rec.all_repair_reasons()
     return {
         "metrics": _floats(f, INFO_METRICS, i, n),
         "migration": _floats(rec.migration, MIGRATION_FIELDS, i, n),

@@ -23,7 +23,7 @@ def render_ansi(env) -> str:
     pb = core.plans
     dev, tier, bits = pb.dev[0], pb.tier[0], pb.bits[0]
     gpu, cpu, ssd = (u[0] for u in core.usage)
-    cap = core._gpu_cap(core.states.memory_avail)[0]
+    cap = core._gpu_cap()[0]
     up = core.states.server_up[0]
     valid = dev >= 0
     lines = [

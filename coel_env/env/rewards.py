@@ -156,14 +156,16 @@ class StepScorer:
         self.ratio = bool(getattr(reward_fn, "scaled_penalty", False))  # a bounded space: penalties scale it
 
     def penalty(self, rec: StepRecord) -> np.ndarray:
-        """[N] repair, invalid-edit and Hello penalties (budgets excluded)."""
+        """[N] repair, invalid-edit and Hello penalties (budgets excluded); a term of weight 0 adds exactly 0."""
         w = self.weights
-        return (
-            w.repair * rec.repaired
-            + w.unit * rec.repaired_replicas / self.total_replicas
-            + w.invalid * rec.invalid_edits
-            + w.hello * rec.hello_bits / 1000.0
-        )
+        out = float(w.repair) * rec.repaired
+        if w.unit:
+            out = out + w.unit * rec.repaired_replicas / self.total_replicas
+        if w.invalid:
+            out = out + w.invalid * rec.invalid_edits
+        if w.hello:
+            out = out + w.hello * rec.hello_bits / 1000.0
+        return out
 
     def budget_excess(self, served: dict) -> np.ndarray:
         """[N] summed relative excess over the set energy / latency budgets (0 within them)."""
@@ -184,7 +186,8 @@ class StepScorer:
             penalty = penalty + self.weights.budget * terminated
         else:
             terminated = np.zeros(len(over), dtype=bool)
-            penalty = penalty + self.weights.budget * over
+            if self.budgets.energy_j is not None or self.budgets.latency_s is not None:  # else the excess is 0
+                penalty = penalty + self.weights.budget * over
         rec.budget_excess, rec.terminated, rec.penalty = over, terminated, penalty
         value = self.reward_fn(rec.served, rec.migration_time_s, self.ctx)
         if self.ratio:

@@ -10,11 +10,12 @@ over is reported as `infeasible` (the plan is still served).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from coel_env.backend.physics import memory_kernel
 from coel_env.plan.batch import PlanBatch
 from coel_env.plan.deployment import MAX_PRUNE
-from coel_env.plan.kernels import sanitize_kernel
+from coel_env.plan.kernels import sanitize_kernel, slots, within_kernel
 from coel_env.world.cluster import Cluster
 
 REPAIR_KINDS: tuple[str, ...] = (
@@ -42,6 +43,27 @@ def usage_of(pb: PlanBatch, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, n
     return g, c, s
 
 
+def fits(usage: tuple, cluster: Cluster, gpu_cap: np.ndarray) -> bool:
+    """Every GPU (capacities [N, D]), host RAM and SSD of every env holds the expert bytes `usage` puts there
+    (`usage_of`), within TOL."""
+    gpu, cpu, ssd = usage
+    return fits_kernel(gpu, gpu_cap, cpu, cluster.cpu_expert_capacity, ssd, cluster.ssd_bytes, TOL)
+
+
+@njit(cache=True)
+def fits_kernel(gpu, gpu_cap, cpu, cpu_cap, ssd, ssd_cap, tol) -> bool:
+    """gpu <= gpu_cap * tol [N, D], cpu <= cpu_cap * tol and ssd <= ssd_cap * tol [N, S] (caps [S]) everywhere."""
+    N, D = gpu.shape
+    for n in range(N):
+        for d in range(D):
+            if not gpu[n, d] <= gpu_cap[n, d] * tol:
+                return False
+        for s in range(cpu.shape[1]):
+            if not (cpu[n, s] <= cpu_cap[s] * tol and ssd[n, s] <= ssd_cap[s] * tol):
+                return False
+    return True
+
+
 def repair(
     pb: PlanBatch,
     cluster: Cluster,
@@ -55,13 +77,15 @@ def repair(
     N = len(pb)
     counts = np.zeros((N, len(REPAIR_KINDS)), dtype=np.int64)
     pr = pb.prune
-    if pr.size and not (np.isfinite(pr).all() and pr.min() >= 0 and pr.max() <= MAX_PRUNE):
+    if pr.size and not within_kernel(pr, 0.0, MAX_PRUNE):  # a NaN or inf is out of range too
         bad_c = ~np.isfinite(pr) | (pr < 0) | (pr > MAX_PRUNE)
         counts[:, _K["invalid_value"]] += bad_c.sum(1)
         pb.prune[:] = np.clip(np.nan_to_num(pr), 0.0, MAX_PRUNE)
     fb = fallback if fallback is not None else pb
     first_dev = cluster.first_gpu[np.argmax(up, axis=1)]
-    sanitize_kernel(pb.dev, pb.tier, pb.bits, up, cluster.dev_server, fb.dev, fb.tier, fb.bits, first_dev, counts)
+    sanitize_kernel(
+        *slots(pb.dev, pb.tier, pb.bits), up, cluster.dev_server, *slots(fb.dev, fb.tier, fb.bits), first_dev, counts
+    )
     usage = usage_of(pb, cluster)
     if _memory_passes(pb, cluster, gpu_cap, priority, counts, usage):
         usage = usage_of(pb, cluster)
@@ -75,11 +99,11 @@ def _memory_passes(
     dev, tier, bits = pb.dev, pb.tier, pb.bits
     N = dev.shape[0]
     D, S = cluster.num_devices, cluster.num_servers
+    if fits(usage, cluster, gpu_cap):
+        return False
     gpu, cpu, ssd = usage
     cpu_cap = np.broadcast_to(cluster.cpu_expert_capacity, (N, S))
     ssd_cap = np.broadcast_to(cluster.ssd_bytes, (N, S))
-    if (gpu <= gpu_cap * TOL).all() and (cpu <= cpu_cap * TOL).all() and (ssd <= ssd_cap * TOL).all():
-        return False
     n_of = np.broadcast_to(np.arange(N)[:, None, None, None], dev.shape)
     eb = cluster.expert_bytes_by_bits
     valid = dev >= 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from coel_env.errors import ConfigError
 from coel_env.rng import Layout
@@ -230,39 +231,40 @@ class StateBatch:
     def advance(self) -> None:
         """One epoch of dynamics for every env, in place (after `draw`)."""
         dyn = self.scenario.spec.dynamics
-        S, K = self.S, self.K
         z, u = self.normals, self.uniforms
         self.epoch += 1
         g = z["domain"] ** 2
         g /= np.maximum(g.sum(-1, keepdims=True), 1e-300)
-        switch = u["switch"] < dyn.domain_switch_rate
-        np.copyto(self.domain_target, g, where=switch[..., None])
-        self.domain_mix += dyn.drift_rate * (self.domain_target - self.domain_mix)
         if dyn.arrival_burstiness:
             np.multiply(self.base_rate, np.exp(dyn.arrival_burstiness * z["arrival"]), out=self.arrival_rate)
         else:
             self.arrival_rate[:] = self.base_rate
-        noise = dyn.resource_noise
-        if noise:
-            np.clip(1 - np.abs(noise * z["compute"]), 0.2, 1.0, out=self.compute_avail)
-            np.clip(1 - np.abs(noise * z["memory"]), 0.5, 1.0, out=self.memory_avail)
-        else:
-            self.compute_avail[:] = 1.0
-            self.memory_avail[:] = 1.0
-        if dyn.link_change_rate and K:
-            change = u["link_change"] < dyn.link_change_rate
-            lo, hi = dyn.link_change_range
-            new = lo + (hi - lo) * u["link_value"]
-            self.link_factor[:] = np.where(change, new, np.minimum(self.link_factor + 0.25, 1.0))
-        up = self.server_up
-        if dyn.failure_rate or not up.all():
-            fail = up & (u["fail"] < dyn.failure_rate)
-            join = ~up & (u["join"] < dyn.recovery_rate)
-            new_up = (up & ~fail) | join
-            none = ~new_up.any(1)
-            if none.any():  # the edge never loses every server at once
-                new_up[none, np.minimum((u["keep_one"][none, 0] * S).astype(np.int64), S - 1)] = True
-            up[:] = new_up
+        lo, hi = dyn.link_change_range
+        dynamics_kernel(
+            g,
+            z["compute"],
+            z["memory"],
+            u["switch"],
+            u["link_change"],
+            u["link_value"],
+            u["fail"],
+            u["join"],
+            u["keep_one"],
+            float(dyn.domain_switch_rate),
+            float(dyn.drift_rate),
+            float(dyn.resource_noise),
+            float(dyn.link_change_rate),
+            float(lo),
+            float(hi - lo),
+            float(dyn.failure_rate),
+            float(dyn.recovery_rate),
+            self.domain_target,
+            self.domain_mix,
+            self.compute_avail,
+            self.memory_avail,
+            self.link_factor,
+            self.server_up,
+        )
         self.refresh_popularity()
 
     def refresh_popularity(self, rows=None) -> None:
@@ -275,6 +277,70 @@ class StateBatch:
             self.scenario.popularity_into(self.domain_mix[sl], self.epoch[sl], pop)
             self.popularity[sl] = pop
         self.touch(rows)
+
+
+@njit(cache=True)
+def dynamics_kernel(
+    g,
+    z_compute,
+    z_memory,
+    u_switch,
+    u_link_change,
+    u_link_value,
+    u_fail,
+    u_join,
+    u_keep_one,
+    switch_rate,
+    drift_rate,
+    noise,
+    link_change_rate,
+    link_lo,
+    link_span,
+    failure_rate,
+    recovery_rate,
+    domain_target,
+    domain_mix,
+    compute_avail,
+    memory_avail,
+    link_factor,
+    server_up,
+):
+    """One epoch of `StateBatch.advance` in place, per env n: a server's domain target switches to g (normalized
+    squared normals) with chance switch_rate and its mix drifts towards the target by drift_rate; free compute /
+    memory are clip(1 - |noise z|, 0.2 / 0.5, 1) (1 without noise); a link changes to U(lo, lo + span) with
+    chance link_change_rate, else recovers by 0.25 (up to 1); live servers fail with chance failure_rate, failed
+    ones rejoin with chance recovery_rate, and one server (u_keep_one) stays up when all would be down."""
+    N, S, M = g.shape
+    D, K = compute_avail.shape[1], link_factor.shape[1]
+    for n in range(N):
+        for s in range(S):
+            switch = u_switch[n, s] < switch_rate
+            for m in range(M):
+                if switch:
+                    domain_target[n, s, m] = g[n, s, m]
+                domain_mix[n, s, m] += drift_rate * (domain_target[n, s, m] - domain_mix[n, s, m])
+        for d in range(D):
+            if noise:
+                compute_avail[n, d] = min(max(1 - abs(noise * z_compute[n, d]), 0.2), 1.0)
+                memory_avail[n, d] = min(max(1 - abs(noise * z_memory[n, d]), 0.5), 1.0)
+            else:
+                compute_avail[n, d] = 1.0
+                memory_avail[n, d] = 1.0
+        if link_change_rate:
+            for k in range(K):
+                if u_link_change[n, k] < link_change_rate:
+                    link_factor[n, k] = link_lo + link_span * u_link_value[n, k]
+                else:
+                    link_factor[n, k] = min(link_factor[n, k] + 0.25, 1.0)
+        any_up = False
+        for s in range(S):
+            if server_up[n, s]:
+                server_up[n, s] = not u_fail[n, s] < failure_rate
+            else:
+                server_up[n, s] = u_join[n, s] < recovery_rate
+            any_up = any_up or server_up[n, s]
+        if not any_up:  # the edge never loses every server at once
+            server_up[n, min(int(u_keep_one[n, 0] * S), S - 1)] = True
 
 
 def _check_trace(trace: RoutingTrace, spec: ScenarioSpec) -> None:
