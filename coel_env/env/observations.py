@@ -44,16 +44,6 @@ COMPACT_TOP_SHARE = 8  # pop_top: the ceil(E / COMPACT_TOP_SHARE) most popular e
 PAIR_KEYS = ("pop_top", "pop_divergence", "mass_local", "mass_remote", "mass_cpu", "mass_ssd", "mass_low_bits")
 
 
-DEFAULT_KERNEL_KEYS = (  # the `default` keys `default_obs_kernel` writes, in its argument order
-    "mem_free",
-    "compute_avail",
-    "link_bw",
-    "server_up",
-    "request_rate",
-    "hello_age",
-    "popularity",
-    "compression",
-)
 SERVER_KEYS = ("server_up", "request_rate", "demand_share", "hello_age", "compute_avail", "gpu_free", "kv_free")
 OBSERVATION_KEYS = {  # every key a space can have, in order (a scenario without links or pairs lacks those)
     "default": (
@@ -70,6 +60,8 @@ OBSERVATION_KEYS = {  # every key a space can have, in order (a scenario without
     ),
     "compact": (*SERVER_KEYS, "cpu_free", "ssd_free", "link_bw", "compression", *PAIR_KEYS, "time"),
 }
+# the `default` keys `default_obs_kernel` writes, in its argument order (the plan and the time are written apart)
+DEFAULT_KERNEL_KEYS = tuple(k for k in OBSERVATION_KEYS["default"] if k not in ("plan", "time"))
 
 
 class ObservationEncoder:
