@@ -1718,7 +1718,8 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
         np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]) if params.continuous else (1, 1, 1, 1), -1, np.int16),
     )
     grouped = np.zeros((N, D, plans.dev.shape[1]), dtype=np.bool_)
-    grouped_layers(plans, params.grouped_bits, grouped)
+    if params.grouped_bits.any():
+        grouped_layers(plans, params.grouped_bits, grouped)
     infl = np.ones((N, U))
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so)
     rho = np.empty((N, U))
