@@ -4,6 +4,14 @@
 their ranges) plus an update gate; the base policy turns perceived state + knobs into a DeploymentPlan, stepped with
 `step_plan`. A plain end-to-end action space (`full`, `edit`, `threshold`) needs no wrapper; this one gives the agent
 the baseline's locality-aware decoding and leaves it the adaptive part (how local, how compressed, when to update).
+
+Residual control: each knob moves within its centre +- a half-width (`HALF_WIDTHS`), clipped to the tuning search
+space (agents.baselines.tuning.SPACES); 0 maps to the centre, -1 / +1 to the range's ends, so a zero action is the
+centre policy exactly. The centre of `coel` is CoEL's defaults; of `coel_tuned` it is CoEL's knobs tuned on the
+training scenario's *train* instances (`resolve_knobs`: agents.baselines.tuning.tune with the leaderboard's budget,
+conf/tuning), which the leaderboard's `coel_tuned` also gets — knobs not steered (`ema`, `fuse`) stay at their
+tuned values. The centre travels with the policy as plain JSON (env_spec.json / policy.json `env.knobs`:
+`{"base": "coel_tuned", "centre": {...}, "tuning": {...}}`), checked against the search space when read back.
 Actions are validated like the env's Box spaces (coel_env/env/actions.py): wrong shape/dtype or NaN/inf is a one-line
 ActionError (`action (knobs): ...`, nothing applied); finite values outside [-1, 1] are clipped and the step counts
 as repaired (`"action_clipped"` in `info["repair_reasons"]`, the repair penalty).
