@@ -3,6 +3,7 @@ checkpoints, resume, W&B logging (offline by default) and export of an SB3-free 
 `model.zip` are agents.checkpoint zips (JSON + safetensors): resuming never unpickles anything.
 
     python -m experiments.train                                  # PPO steering CoEL's knobs on paper-testbed
+    python -m experiments.train knobs=coel_tuned                  # ... around CoEL's knobs tuned on train instances
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
@@ -12,6 +13,11 @@ seconds — steps, fps, ETA, the latest evaluation. W&B (agents.tracking): job t
 sweep's own by default), the baselines' scores at every evaluation step next to the agent's plus one learning-curve
 chart, the model and the policy as artifacts; the `wandb sync` line of the offline run is printed at the end. On a
 cluster: `pip install -e '.[slurm]'`, then `-m hydra/launcher=submitit_slurm hydra.launcher.partition=<p> ...`.
+
+Knobs (agents.knobs): `knobs: coel_tuned` first tunes CoEL on the training scenario's train instances with the
+leaderboard's budget (conf/tuning; 9-92 s measured on paper-testbed, 2 shared cores) — or reads
+`tuned=<tuned.json>` — writes `tuned.json` and trains around those knobs; the centre is saved in env_spec.json and
+the exported policy.
 
 Held-out instances (coel_env.benchmark.instances): env i trains on routing model `train` instance i mod
 `train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
