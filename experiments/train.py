@@ -2,8 +2,8 @@
 checkpoints, resume, W&B logging (offline by default) and export of an SB3-free deployment policy. Checkpoints and
 `model.zip` are agents.checkpoint zips (JSON + safetensors): resuming never unpickles anything.
 
-    python -m experiments.train                                  # PPO steering CoEL's knobs on paper-testbed
-    python -m experiments.train knobs=coel_tuned                  # ... around CoEL's knobs tuned on train instances
+    python -m experiments.train                                  # PPO steering tuned CoEL's knobs on paper-testbed
+    python -m experiments.train knobs=coel                       # ... around CoEL's default knobs
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
@@ -109,8 +109,8 @@ def check_cfg(cfg: DictConfig) -> None:
     if cfg.get("knobs") is None and env.get("action_space") == "full":
         raise ConfigError(
             f"env.action_space: 'full' is a planner-only space ({cfg.agent.algo} cannot train on it: one probability "
-            "ratio over every replica's choices overflows); train with knobs=coel (the default), env=edit or "
-            "env=threshold"
+            "ratio over every replica's choices overflows); train with knobs=coel_tuned (the default), knobs=coel, "
+            "env=edit or env=threshold"
         )
     check_agent_config(agent_config(cfg.agent), cfg.n_envs)  # the same whitelist and ranges a checkpoint gets
     baselines = cfg.eval_baselines
