@@ -4,7 +4,8 @@
 score (coel_env.benchmark.score: mean per-epoch utility, 0 over the quality budget) averaged over `instances` train
 instances of `epochs` decision epochs each. The base's defaults are the first trial, so the tuned knobs are never
 worse than the defaults on the train instances. Budgets are small by default (CI has 2 cores): a config value
-(`tuning.trials`, `tuning.instances`, `tuning.epochs` in conf/evaluate.yaml). Test instances are never used.
+(`tuning.trials`, `tuning.instances`, `tuning.epochs`: conf/tuning/default.yaml, shared by experiments.evaluate and
+experiments.train). Test instances are never used.
 
 `tuned_policy(base, params, seed)` builds the tuned policy, named `<base>_tuned`.
 """
