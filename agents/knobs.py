@@ -28,7 +28,7 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.baselines import make_policy
-from agents.baselines.tuning import TUNED, check_params, defaults
+from agents.baselines.tuning import TUNED, check_params, defaults, tune
 from agents.baselines.tuning import bounds as tuning_bounds
 from agents.policy import Decision, Policy, needs_repair
 from coel_env.env.actions import ActionCheck
@@ -191,8 +191,6 @@ def resolve_knobs(
     table = {k: dict(v) for k, v in (tuned or {}).items()}
     if knobs is None or check_knobs_name(knobs) not in TUNED_BASES:
         return knobs, table
-    from agents.baselines.tuning import tune
-
     policy, key = TUNED_BASES[knobs], scenario_key(env_kwargs["scenario"])
     result = table.get(key, {}).get(policy)
     if result is None:
