@@ -15,7 +15,8 @@ from coel_env.errors import ConfigError
 
 class DeployedAgent(ActionPolicy):
     """Flattens the env's Dict observation, runs the ONNX actor and returns an action (masks applied) — or, for
-    agents trained on the knobs space, the base heuristic's Decision under the predicted knobs."""
+    agents trained on the knobs space, the base heuristic's Decision under the predicted knobs (around the centre
+    saved with the policy, e.g. tuned CoEL's knobs: nothing is re-tuned)."""
 
     def __init__(self, directory: str | Path):
         self.deployment = DeploymentPolicy(directory)

@@ -22,9 +22,12 @@ def observed_keys(space: spaces.Dict, exclude: list[str] | tuple[str, ...] = ())
     return [k for k in space.spaces if k not in exclude]
 
 
-def make_flat_env(env_kwargs: dict, knobs: str | None = None, obs_exclude: list[str] | tuple[str, ...] = ()) -> gym.Env:
-    """CoEL-v0 (optionally with the `knobs` action space over a base policy, and without the observation entries
-    in `obs_exclude`) with its Dict observation flattened into one Box (what SB3 MLP policies and exports take)."""
+def make_flat_env(
+    env_kwargs: dict, knobs: str | dict | None = None, obs_exclude: list[str] | tuple[str, ...] = ()
+) -> gym.Env:
+    """CoEL-v0 (optionally with the `knobs` action space over a base policy: a name or a tuned base with its centre,
+    agents.knobs.knob_spec; and without the observation entries in `obs_exclude`) with its Dict observation
+    flattened into one Box (what SB3 MLP policies and exports take)."""
     import coel_env  # noqa: F401  (registers CoEL-v0)
 
     env = gym.make("CoEL-v0", **env_kwargs)

@@ -44,7 +44,7 @@ def make_training_env(
     seed: int,
     vec_env: str = "subproc",
     normalize_obs: bool = True,
-    knobs: str | None = None,
+    knobs: str | dict | None = None,
     obs_exclude: tuple[str, ...] = (),
     scenario_seeds: list[int] | None = None,
 ) -> VecEnv:
@@ -195,7 +195,7 @@ class BaselineEvalCallback(BaseCallback):
         checkpoint_dir: Path,
         out_dir: Path,
         run=None,
-        knobs: str | None = None,
+        knobs: str | dict | None = None,
         obs_exclude: tuple[str, ...] = (),
         *,
         agent_cfg: DictConfig | dict,

@@ -1,6 +1,7 @@
 """Training throughput of the default agent: SB3 PPO (conf/agent/ppo.yaml) on the default training env (conf/train.yaml:
-8 subprocess envs, the `knobs` wrapper over the `coel` base policy, `plan` not observed, VecNormalize; env group
-conf/env/knobs.yaml on paper-testbed), frames (env steps) per second of `model.learn`, setup excluded.
+8 subprocess envs, the `knobs` wrapper over train.yaml's base (tuned CoEL: tuned first, untimed), `plan` not
+observed, VecNormalize; env group conf/env/knobs.yaml on paper-testbed), frames (env steps) per second of
+`model.learn`, setup excluded.
 
 Usage: .venv/bin/python -m benchmarks.bench_rl [--rollouts 3] [--n-envs 8] [--vec-env subproc]
 Writes benchmarks/results/rl_speed.json and rl_speed.md. Run it with PYTHONPATH at an export of another revision
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", default="rl_speed")
     args = ap.parse_args()
     import coel_env
+    from agents.knobs import resolve_knobs
     from agents.sb3 import make_algorithm, make_training_env
     from coel_env.atomic import atomic_write_json, atomic_write_text
 
@@ -38,8 +40,10 @@ def main() -> None:
     kwargs = dict(OmegaConf.to_container(env, resolve=True), scenario="paper-testbed", backend="surrogate")
     agent = OmegaConf.load(CONF / "agent" / "ppo.yaml")
     torch.set_num_threads(int(train.torch_threads))
+    tuning = OmegaConf.to_container(OmegaConf.load(CONF / "tuning" / "default.yaml"))
+    knobs, _ = resolve_knobs(train.knobs, kwargs, tuning)  # a tuned base: tuned first (setup, not timed)
     venv = make_training_env(
-        kwargs, args.n_envs, 0, args.vec_env, bool(train.normalize_obs), train.knobs, tuple(train.obs_exclude)
+        kwargs, args.n_envs, 0, args.vec_env, bool(train.normalize_obs), knobs, tuple(train.obs_exclude)
     )
     model = make_algorithm(agent, venv, 0)
     frames = int(agent.kwargs.n_steps) * args.n_envs

@@ -2,7 +2,8 @@
 checkpoints, resume, W&B logging (offline by default) and export of an SB3-free deployment policy. Checkpoints and
 `model.zip` are agents.checkpoint zips (JSON + safetensors): resuming never unpickles anything.
 
-    python -m experiments.train                                  # PPO steering CoEL's knobs on paper-testbed
+    python -m experiments.train                                  # PPO steering tuned CoEL's knobs on paper-testbed
+    python -m experiments.train knobs=coel                       # ... around CoEL's default knobs
     python -m experiments.train scenario=metro-8 agent=ppo experiment=smoke logger=disabled
     python -m experiments.train resume=outputs/train/.../checkpoints/ckpt_40000_steps.zip
     python -m experiments.train -m hydra/launcher=joblib seed=0,1,2
@@ -12,6 +13,11 @@ seconds — steps, fps, ETA, the latest evaluation. W&B (agents.tracking): job t
 sweep's own by default), the baselines' scores at every evaluation step next to the agent's plus one learning-curve
 chart, the model and the policy as artifacts; the `wandb sync` line of the offline run is printed at the end. On a
 cluster: `pip install -e '.[slurm]'`, then `-m hydra/launcher=submitit_slurm hydra.launcher.partition=<p> ...`.
+
+Knobs (agents.knobs): `knobs: coel_tuned` first tunes CoEL on the training scenario's train instances with the
+leaderboard's budget (conf/tuning; 9-92 s measured on paper-testbed, 2 shared cores) — or reads
+`tuned=<tuned.json>` — writes `tuned.json` and trains around those knobs; the centre is saved in env_spec.json and
+the exported policy.
 
 Held-out instances (coel_env.benchmark.instances): env i trains on routing model `train` instance i mod
 `train_instances` and first resets with seed `seed + i` (later resets continue that generator); the periodic
@@ -43,6 +49,7 @@ from stable_baselines3.common.callbacks import CallbackList
 
 from agents.baselines import POLICIES
 from agents.checkpoint import MAX_SEED, check_agent_config, read_checkpoint
+from agents.knobs import check_knobs_name, resolve_knobs
 from agents.sb3 import (
     ALGORITHMS,
     VEC_ENVS,
@@ -58,7 +65,7 @@ from agents.tracking import artifact_name, finish_wandb, init_wandb, log_artifac
 from coel_env.atomic import atomic_write_json
 from coel_env.benchmark.instances import check_train_seeds, instances
 from coel_env.env.env import CoELEnv
-from coel_env.errors import ConfigError
+from coel_env.errors import ConfigError, read_json_object
 from coel_env.specs import scenario_with_hardware
 from experiments.cli_checks import require_int, require_positive, run_in_output_dir
 
@@ -102,8 +109,8 @@ def check_cfg(cfg: DictConfig) -> None:
     if cfg.get("knobs") is None and env.get("action_space") == "full":
         raise ConfigError(
             f"env.action_space: 'full' is a planner-only space ({cfg.agent.algo} cannot train on it: one probability "
-            "ratio over every replica's choices overflows); train with knobs=coel (the default), env=edit or "
-            "env=threshold"
+            "ratio over every replica's choices overflows); train with knobs=coel_tuned (the default), knobs=coel, "
+            "env=edit or env=threshold"
         )
     check_agent_config(agent_config(cfg.agent), cfg.n_envs)  # the same whitelist and ranges a checkpoint gets
     baselines = cfg.eval_baselines
@@ -117,6 +124,31 @@ def check_cfg(cfg: DictConfig) -> None:
     check_train_seeds(range(cfg.seed, cfg.seed + cfg.n_envs), "seed")
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         raise ConfigError(f"resume: {cfg.resume!r} must be the path of a checkpoint .zip, or null")
+    check_knobs_cfg(cfg)
+
+
+def check_knobs_cfg(cfg: DictConfig) -> None:
+    """`knobs` (null or a knobs base), `tuned` (null or a file) and the `tuning` budget, in one line each."""
+    if cfg.get("knobs") is not None:
+        check_knobs_name(cfg.knobs)
+    tuned = cfg.get("tuned")
+    if tuned is not None and (not isinstance(tuned, str) or not Path(tuned).is_file()):
+        raise ConfigError(f"tuned: {tuned!r} is not a file (a tuned.json of experiments.evaluate or experiments.train)")
+    tuning = cfg.get("tuning") or {}
+    for key, low in (("trials", 1), ("instances", 1), ("epochs", 1), ("seed", 0)):
+        if key in tuning:
+            require_int(tuning[key], f"tuning.{key}", low)
+
+
+def training_knobs(cfg: DictConfig, kwargs: dict, out: Path):
+    """The knobs value of the training envs (a tuned base gets its tuned centre: agents.knobs.resolve_knobs);
+    the tuned knobs are written to out/tuned.json (experiments.evaluate reads it back with `tuned=`)."""
+    cached = read_json_object(cfg.tuned, "tuned") if cfg.get("tuned") else None
+    tuning = OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") else {}
+    knobs, table = resolve_knobs(cfg.get("knobs"), kwargs, tuning, cached)
+    if table:
+        atomic_write_json(out / "tuned.json", table)
+    return knobs
 
 
 def train(cfg: DictConfig, out: Path) -> dict:
@@ -126,11 +158,12 @@ def train(cfg: DictConfig, out: Path) -> dict:
     algo = cfg.agent.algo
     kwargs = env_kwargs(cfg)
     obs_exclude = tuple(cfg.obs_exclude or ())
+    knobs = training_knobs(cfg, kwargs, out)
     venv = run = None
     try:
         routing = [i.routing_seed for i in instances("train", cfg.train_instances)]
         venv = make_training_env(
-            kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, cfg.knobs, obs_exclude, scenario_seeds=routing
+            kwargs, cfg.n_envs, cfg.seed, cfg.vec_env, cfg.normalize_obs, knobs, obs_exclude, scenario_seeds=routing
         )
         model = make_algorithm(cfg.agent, venv, cfg.seed, checkpoint=checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -148,7 +181,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
             checkpoint_dir=out / "checkpoints",
             out_dir=out,
             run=run,
-            knobs=cfg.knobs,
+            knobs=knobs,
             obs_exclude=obs_exclude,
             agent_cfg=cfg.agent,
             instances=[(i.routing_seed, i.seed) for i in instances("val", cfg.eval_episodes)],
@@ -191,7 +224,7 @@ def train(cfg: DictConfig, out: Path) -> dict:
         finally:
             probe.close()
         atomic_write_json(
-            out / "env_spec.json", {"id": "CoEL-v0", "kwargs": kwargs, "knobs": cfg.knobs, "obs_keys": obs_keys}
+            out / "env_spec.json", {"id": "CoEL-v0", "kwargs": kwargs, "knobs": knobs, "obs_keys": obs_keys}
         )
         if cfg.export:
             summary["policy_dir"] = str(out / "policy")

@@ -4,7 +4,8 @@
 score (coel_env.benchmark.score: mean per-epoch utility, 0 over the quality budget) averaged over `instances` train
 instances of `epochs` decision epochs each. The base's defaults are the first trial, so the tuned knobs are never
 worse than the defaults on the train instances. Budgets are small by default (CI has 2 cores): a config value
-(`tuning.trials`, `tuning.instances`, `tuning.epochs` in conf/evaluate.yaml). Test instances are never used.
+(`tuning.trials`, `tuning.instances`, `tuning.epochs`: conf/tuning/default.yaml, shared by experiments.evaluate and
+experiments.train). Test instances are never used.
 
 `tuned_policy(base, params, seed)` builds the tuned policy, named `<base>_tuned`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -39,14 +41,43 @@ SPACES: dict[str, dict[str, tuple]] = {
 TUNED = {f"{b}_tuned": b for b in SPACES}  # leaderboard name -> base policy
 
 
-def defaults(base: str) -> dict[str, Any]:
-    """The base policy's default knob values (its constructor's), for the first trial."""
+def defaults(base: str, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The base policy's default values (its constructor's) of `keys` (its tuned knobs by default: the first
+    trial)."""
     import inspect
 
     from agents.baselines import POLICIES
 
     sig = inspect.signature(POLICIES[base].__init__)
-    return {k: sig.parameters[k].default for k in SPACES[base]}
+    return {k: sig.parameters[k].default for k in (SPACES[base] if keys is None else keys)}
+
+
+def bounds(base: str, knob: str) -> tuple[float, float] | None:
+    """The search space's (low, high) of a numeric knob; None for a bool knob or one not tuned."""
+    spec = SPACES.get(base, {}).get(knob)
+    return None if spec is None or spec[0] == "bool" else (float(spec[1]), float(spec[2]))
+
+
+def check_params(base: str, params: Any, what: str = "params") -> dict[str, Any]:
+    """`params` if it holds a value inside the search space for every knob of `base` (tuned knobs read back from
+    JSON); otherwise one ConfigError line naming `what`."""
+    if not isinstance(params, dict) or set(params) != set(SPACES[base]):
+        raise ConfigError(f"{what}: must map exactly the knobs {', '.join(SPACES[base])} of '{base}' to values")
+    for k, spec in SPACES[base].items():
+        v = params[k]
+        if spec[0] == "bool":
+            ok = isinstance(v, bool)
+        else:
+            numeric = isinstance(v, int) if spec[0] == "int" else isinstance(v, (int, float))
+            ok = numeric and not isinstance(v, bool) and spec[1] <= v <= spec[2]
+        if not ok:
+            want = (
+                "true or false"
+                if spec[0] == "bool"
+                else f"a{'n int' if spec[0] == 'int' else ' number'} in [{spec[1]}, {spec[2]}]"
+            )
+            raise ConfigError(f"{what}.{k}: {v!r} must be {want}")
+    return dict(params)
 
 
 def _suggest(trial, base: str) -> dict[str, Any]:

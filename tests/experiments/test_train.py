@@ -223,7 +223,7 @@ def test_export_cli_reexports_a_checkpoint(trained, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     policy = DeploymentPolicy(out)
-    assert policy.env_spec["knobs"] == "coel" and "plan" not in policy.env_spec["obs_keys"]
+    assert policy.env_spec["knobs"]["base"] == "coel_tuned" and "plan" not in policy.env_spec["obs_keys"]
     bad = subprocess.run(
         [sys.executable, "-m", "experiments.export", f"run={tmp_path}"],
         cwd=ROOT,

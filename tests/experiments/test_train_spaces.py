@@ -50,7 +50,9 @@ def test_full_without_knobs_is_refused(algo):
         check_cfg(_cfg(algo))
 
 
-@pytest.mark.parametrize("knobs, action_space", [("coel", "full"), (None, "edit"), (None, "threshold")])
+@pytest.mark.parametrize(
+    "knobs, action_space", [("coel_tuned", "full"), ("coel", "full"), (None, "edit"), (None, "threshold")]
+)
 def test_trainable_combinations_pass(knobs, action_space):
     check_cfg(_cfg("MaskablePPO" if action_space != "threshold" else "PPO", knobs, action_space))
 
@@ -74,4 +76,4 @@ def test_knobs_agent_trains_on_the_compact_observation(tmp_path):
 
     spec = json.loads((out / "env_spec.json").read_text())
     assert spec["kwargs"]["observation_space"] == "compact" and "plan" not in spec["obs_keys"]
-    assert "pop_top" in spec["obs_keys"] and spec["knobs"] == "coel"
+    assert "pop_top" in spec["obs_keys"] and spec["knobs"]["base"] == "coel_tuned"
