@@ -132,7 +132,8 @@ def test_report_html_is_self_contained_in_a_headless_browser(job, tmp_path):
     assert len(srcs) >= 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
     text = re.sub(r"<[^>]+>", "", page.split("<body>", 1)[1])
     assert "`" not in text and "**" not in text  # inline code and bold are rendered, not left as markdown
-    assert "<code>eplb</code>" in page and "<b>tiny: agent:train vs the best baseline" in page
+    # the headline names the best baseline as inline code (which one wins depends on the physics, not on the report)
+    assert re.search(r"<b>tiny: agent:train vs the best baseline <code>[\w:.-]+</code>", page)
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "report.html").write_text(page)
