@@ -282,6 +282,7 @@ HARDWARE_RULES = [
         {"device_overrides": {"h200": {"mem_bw_gbs": NAN}}},
         "hardware: device_overrides.h200.mem_bw_gbs: Input should be a finite number",
     ),
+    ({"grouped_expert_bits": [16, 12]}, "hardware: grouped_expert_bits.1: Input should be 16, 8 or 4"),
 ]
 
 
