@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -262,12 +261,6 @@ def _exchange_worker(rank: int, port: int, seg, cfg: dict, out) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _us(ts: list[float]) -> dict:
     q = statistics.quantiles(ts, n=10)
     return {"median_us": 1e6 * statistics.median(ts), "p10_us": 1e6 * q[0], "p90_us": 1e6 * q[-1], "reps": len(ts)}
@@ -277,23 +270,13 @@ def exchange(args) -> dict:
     """Round trip of one MoE layer's messages between two processes (header + request rows + reply rows, as the
     dispatcher sends them with every token on server 0), gloo isend/irecv vs the shared-memory lanes, and the
     step clock's all-reduce; median over repetitions, timed by rank 0."""
-    import torch.multiprocessing as tmp
-
+    from experiments.calib.sweeps import run_pair
     from real_backend.shm import Segment, layout_for
 
     rows = [1, 32]
     seg = Segment.create(layout_for(2, EXCHANGE_LAYERS, EXCHANGE_D, EXCHANGE_K, max(rows)))
     cfg = {"device": args.device, "rows": rows, "iters": max(args.iters // 3, 10), "warmup": 100, "blocks": 3}
-    ctx = tmp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    ps = [ctx.Process(target=_exchange_worker, args=(r, port, seg, cfg, q), daemon=True) for r in range(2)]
-    for p in ps:
-        p.start()
-    seg.close()
-    times = q.get(timeout=600)
-    for p in ps:
-        p.join(60)
+    times = run_pair(_exchange_worker, (seg, cfg), timeout_s=600, started=seg.close)
     cases = []
     for key, ts in times.items():
         if key[1] == "all_max":

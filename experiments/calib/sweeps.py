@@ -145,8 +145,9 @@ def _pingpong(rank: int, port: int, sizes: list[int], reps: int, out) -> None:
     dist.destroy_process_group()
 
 
-def gloo_sweep(sizes: list[int], reps: int = 5) -> list[dict]:
-    """One-way time of a gloo message between two local processes (the software α/β under the shaper)."""
+def run_pair(target, args: tuple, timeout_s: float, started=None):
+    """Spawn two processes `target(rank, port, *args, queue)` (a free local port for their process group) and
+    return what rank 0 puts on the queue; `started()` runs once both are started (e.g. to close a handle)."""
     import torch.multiprocessing as tmp
 
     from real_backend.backend import _free_port
@@ -154,13 +155,20 @@ def gloo_sweep(sizes: list[int], reps: int = 5) -> list[dict]:
     ctx = tmp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_pingpong, args=(r, port, sizes, reps, q), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, q), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
-    rows = q.get(timeout=120)
+    if started is not None:
+        started()
+    out = q.get(timeout=timeout_s)
     for p in procs:
-        p.join(30)
-    return rows
+        p.join(min(timeout_s, 60))
+    return out
+
+
+def gloo_sweep(sizes: list[int], reps: int = 5) -> list[dict]:
+    """One-way time of a gloo message between two local processes (the software α/β under the shaper)."""
+    return run_pair(_pingpong, (sizes, reps), timeout_s=120)
 
 
 def tier_sweep(cfg: MoEConfig, bits: list[int], device: str = "cpu", reps: int = 5) -> list[dict]:
