@@ -109,7 +109,7 @@ def plan_from_row(row: dict) -> DeploymentPlan:
     )
 
 
-OVERHEADS = ("layer_overhead_s", "expert_overhead_s", "transfer_latency_s")
+OVERHEADS = ("layer_overhead_s", "prefill_layer_overhead_s", "expert_overhead_s", "transfer_latency_s")
 
 
 def predict_rows(
@@ -136,8 +136,8 @@ def predict_rows(
 
 
 def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], seed: int) -> HardwareProfile:
-    """Regress the per-layer, per-expert and per-message overheads (and, for servers sharing host cores, the
-    oversubscription exponent) on measured TTFT and TPOT (log residuals)."""
+    """Regress the per-layer overheads of decode and prefill steps, the per-expert and per-message overheads (and,
+    for servers sharing host cores, the oversubscription exponent) on measured TTFT and TPOT (log residuals)."""
     meas = np.concatenate([[r["real"]["ttft_mean_s"] for r in rows], [r["real"]["tpot_mean_s"] for r in rows]])
     names = OVERHEADS + (("oversubscription_exponent",) if profile.host_cores else ())
 
@@ -148,8 +148,8 @@ def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], 
         p = predict_rows(make(x), spec_dicts, rows, seed)
         return np.concatenate([p["ttft_mean_s"], p["tpot_mean_s"]])
 
-    x0 = np.log([1e-3, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
-    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 10.0])
+    x0 = np.log([1e-3, 1e-3, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
+    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 1.0, 10.0])
     n = len(names)
     x, _ = fit.fit_black_box(predict, meas, x0[:n], lo[:n], hi[:n])
     return make(x)
@@ -237,16 +237,13 @@ def check_values(cfg: DictConfig) -> None:
     for field in ("e2e.window_s", "quality.window_s", "fidelity.window_s"):
         require_positive(OmegaConf.select(cfg, field), field)  # a None is refused too
         optional_seconds(OmegaConf.select(cfg, field), field)
-    for field in ("workloads.light_load", "workloads.light_requests", "workloads.saturating_window_e2e"):
+    for field in ("workloads.light_load", "workloads.light_requests", "workloads.saturating_rounds"):
         require_positive(OmegaConf.select(cfg, field), field)
     probs = cfg.tier_probs
     if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-9:
         raise ConfigError(f"tier_probs: {list(probs)} must be 3 probabilities (GPU, CPU, SSD) summing to 1")
     for field in ("priors.step_s", "priors.mixed_step_s", "priors.install_s", "priors.start_s"):
         require_positive(OmegaConf.select(cfg, field), field)
-    fill = require_positive(cfg.workloads.saturating_fill, "workloads.saturating_fill")
-    if fill > 1:
-        raise ConfigError(f"workloads.saturating_fill: {fill} must be in (0, 1]")
     optional_seconds(cfg.budget_s, "budget_s")
     require_nonnegative(cfg.analysis_reserve_s, "analysis_reserve_s")
     check_load_names(cfg.workloads.names)

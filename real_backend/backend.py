@@ -182,6 +182,9 @@ class RealBackend:
         self.current: DeploymentPlan | None = None
         self._ref = None
         self.window_index = 0
+        # closed loop: this many clients per server, each sending its next request when the last one completes
+        # (None: the scenario workload's `concurrency`; 0 or None there: Poisson arrivals)
+        self.concurrency: int | None = None
         self.last_requests: list[list[dict]] = []
         self.last_details: dict = {}
         if launch is not None:  # on ranks != 0 this serves rank 0's commands, then exits the process
@@ -439,9 +442,12 @@ class RealBackend:
     def workload(
         self, plan: DeploymentPlan, state: ClusterState, window_s: float
     ) -> tuple[list[list[dict]], np.ndarray, np.ndarray]:
-        """The window's requests per server (seeded): Poisson arrivals, lengths, prompts and forced routes.
+        """The window's requests per server (seeded): Poisson arrivals, lengths, prompts and forced routes; under a
+        closed loop (`closed_loop_clients`) round(rate * window) requests per server, the first of each client's
+        chain at 0 and each later one sent when its predecessor completes (`after`).
         Returns (requests to serve, arrived per server, dropped per server)."""
         c, wl = self.cluster, self.cluster.spec.workload
+        clients = self.closed_loop_clients()
         rng = np.random.default_rng([self.seed, self.window_index])
         self.window_index += 1
         S = c.num_servers
@@ -454,9 +460,14 @@ class RealBackend:
         arrived, dropped = np.zeros(S), np.zeros(S)
         rid = 0
         for s in range(S):
-            n = int(rng.poisson(state.arrival_rate[s] * window_s))
+            if clients:
+                n = round(float(state.arrival_rate[s]) * window_s)
+                arrivals = np.zeros(n)
+            else:
+                n = int(rng.poisson(state.arrival_rate[s] * window_s))
+                arrivals = np.sort(rng.uniform(0, window_s, n))
             arrived[s] = n
-            arrivals = np.sort(rng.uniform(0, window_s, n))
+            chain_end: dict[int, int] = {}  # closed loop: client -> rid of its last request so far
             n_in = sample_lengths(wl.input_len, n, rng)
             n_out = sample_lengths(wl.output_len, n, rng)
             for i in range(n):
@@ -472,17 +483,25 @@ class RealBackend:
                 ):
                     dropped[s] += 1
                     continue
-                requests[s].append(
-                    {
-                        "rid": rid,
-                        "arrival": float(arrivals[i]),
-                        "max_new": int(n_out[i]),
-                        "prompt": prompt,
-                        "routes": routes,
-                        "server": s,
-                    }
-                )
+                req = {
+                    "rid": rid,
+                    "arrival": float(arrivals[i]),
+                    "max_new": int(n_out[i]),
+                    "prompt": prompt,
+                    "routes": routes,
+                    "server": s,
+                }
+                if clients:
+                    client = len(requests[s]) % clients
+                    req["after"] = chain_end.get(client)
+                    chain_end[client] = rid
+                requests[s].append(req)
         return requests, arrived, dropped
+
+    def closed_loop_clients(self) -> int:
+        """Closed-loop clients per server (0: open loop): `concurrency` if set, else the workload's."""
+        n = self.concurrency if self.concurrency is not None else self.cluster.spec.workload.concurrency
+        return int(n or 0)
 
     def reference(self):
         """(model, experts) of the 16-bit single-process reference (built on first use)."""
@@ -508,7 +527,8 @@ class RealBackend:
         tpot = np.array([(d["t_last"] - d["t_first"]) / max(d["n_out"] - 1, 1) for d in done])
         n_out = np.array([d["n_out"] for d in done], dtype=np.float64)
         makespan = max([d["t_last"] for d in done], default=0.0)
-        span = max(window_s, makespan)
+        # a closed loop's clients are done when their chains are: throughput over that span
+        span = makespan if self.closed_loop_clients() and makespan > 0 else max(window_s, makespan)
         scale = (served_n + sampled_out) / served_n if served_n else 0.0
         stat = lambda a, f: float(f(a)) if len(a) else 0.0  # noqa: E731
         p95 = lambda a: np.percentile(a, 95)  # noqa: E731
@@ -563,6 +583,7 @@ class RealBackend:
             "tiers": [r["tiers"] for r in res],
             "peak_gpu_bytes": [r["peak_gpu_bytes"] for r in res],
             "tokens": {d["rid"]: d["tokens"] for d in done},
+            "timing": {d["rid"]: (d["arrival"], d["t_first"], d["t_last"]) for d in done},  # on the lock-step clock
             "prompt_logits": {rid: lg for r in res for rid, lg in r["logits"].items()},
         }
         return Metrics(

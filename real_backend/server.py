@@ -12,6 +12,7 @@ arrival, so a window of W seconds need not take W seconds of wall time.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import cProfile
 import ctypes
@@ -114,6 +115,7 @@ def unpack_expert(buf: torch.Tensor, cfg: MoEConfig, bits: int) -> Expert:
 class _Seq:
     def __init__(self, r: dict, num_layers: int):
         self.rid, self.arrival, self.max_new = r["rid"], r["arrival"], r["max_new"]
+        self.after = r.get("after")  # closed loop: sent when request `after` (same client) completes; else None
         self.prompt = torch.as_tensor(r["prompt"], dtype=torch.long)
         self.routes = None if r.get("routes") is None else torch.as_tensor(r["routes"], dtype=torch.long)
         self.cache = KVCache(num_layers)
@@ -268,7 +270,9 @@ class ServerProcess:
         self.dispatcher.reset_counters()
         self.store.stats.__init__()
         L = self.cfg.num_layers
-        pending = deque(sorted((_Seq(r, L) for r in arg["requests"]), key=lambda q: q.arrival))
+        seqs = [_Seq(r, L) for r in arg["requests"]]
+        successor = {q.after: q for q in seqs if q.after is not None}  # closed-loop clients' next requests
+        pending = deque(sorted((q for q in seqs if q.after is None), key=lambda q: q.arrival))
         max_batch, want_logits = arg["max_batch"], arg["want_logits"]
         # decode fast path: static KV slots for this serve's sequences, batched decode steps (fast.py)
         pool = make_pool(self.model, arg["requests"], max_batch)
@@ -326,6 +330,10 @@ class ServerProcess:
                 q.out.append(int(tok))
                 if len(q.out) >= q.max_new:
                     q.t_last = clock
+                    nxt_q = successor.pop(q.rid, None)
+                    if nxt_q is not None:  # its client sends the next request now
+                        nxt_q.arrival = clock
+                        bisect.insort(pending, nxt_q, key=lambda r: r.arrival)
                     done.append(
                         {
                             "rid": q.rid,

@@ -11,7 +11,7 @@ Per stage i (servers' GPUs G_i, layers L_i, micro-batch b):
 - decode: experts `sum_e u_e(b) * (max(bytes_e * slowdown / (G bw), b p_e * 2 params_e / (G FLOP/s)) + overhead)`
   (u_e(b) = 1 - (1 - p_e)^b), non-expert part `non_expert_decode_s` with the stage's share of weights and KV,
   2 L_i all-reduces of b d activation bytes (ring: 2 (G - 1) / G of it over PCIe, plus `allreduce_latency_s`),
-  `layer_overhead_s` per layer;
+  `layer_overhead_s` per layer (a prefill step: `prefill_layer_overhead_s`);
 - the hop to stage i + 1: b d activation bytes over the pair's goodput plus its one-way latency;
 - a decode step of the pipeline (vLLM keeps P = stages micro-batches in flight): with m = min(P, B) micro-batches
   of b = B / m, TPOT(B) = max(m * the slowest stage-or-hop, sum of stages and hops + the sampled token's way back);
@@ -151,7 +151,7 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
             float(expert_decode_s(pop_i, np.array([I]), read_bytes, m.expert_params, bw, flops, expert_fixed_s)[0])
             + float(non_expert_prefill_s(I, m.d_model, int(layers[s]), ne_read, ne_read, bw, flops))
             + float(allreduce_s(I, m.d_model, act, G, pcie, hw.allreduce_latency_s, layers[s]))
-            + hw.layer_overhead_s * layers[s]
+            + hw.prefill_layer_overhead * layers[s]
         )
         nxt = (s + 1) % P
         one_way = c.pair_latency[s, nxt] + hw.transfer_latency_s if P > 1 else 0.0

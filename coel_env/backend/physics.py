@@ -374,14 +374,15 @@ class Params(NamedTuple):
     fusion_fraction: float  # share of a message's rows for one expert that fusion merges
     slo_s: float  # end-to-end deadline of a request
     step_overhead_s: float  # fixed seconds per step (layers * per-layer overhead)
+    prefill_overhead_s: float  # fixed seconds per step that runs a prefill (layers * prefill_layer_overhead_s)
     moe_uses: float  # expert uses per token: MoE layers * top_k
     prune_linear: float  # pair_quality_loss constants
     prune_knee: float
     prune_quadratic: float
     fusion_loss: float  # fusion loss * fusion fraction
     local_first: bool  # routing: the real dispatcher's (own server first, else the nearest holder)
-    lockstep: bool  # serving: every live server runs each step (`lockstep_steps`)
-    continuous: bool  # serving: continuous batching per server (`continuous_batching`)
+    lockstep: bool  # serving: every live server runs each step (`lockstep_steps`), continuous batching too
+    continuous: bool  # serving: continuous batching per server (`continuous_batching`; also with lockstep)
     batch_grid: np.ndarray  # [G] batch sizes 1, 2, 4, ... at which `decode_grid` costs the decode step
     kv_tok: float  # KV-cache bytes per token (all layers)
     held_tokens: float  # KV tokens a running sequence holds on average, whole blocks (`held_kv_tokens`)
@@ -1148,6 +1149,7 @@ def lockstep_steps(
     comm_d: np.ndarray,
     comm_p: np.ndarray,
     overhead: float,
+    overhead_p: float,
     out_mean: float,
     tpot: np.ndarray,
     ttft: np.ndarray,
@@ -1197,7 +1199,7 @@ def lockstep_steps(
             w_d = max(w_d, busy_n[s, u, DECODE] + other)
             w_p = max(w_p, busy_n[s, u, PREFILL] + other)
         new_d[s] = max(e_d, ne_dec_n[s] + comm_d[s] + overhead + w_d)
-        new_p[s] = max(e_p, ne_pre_n[s] + comm_p[s] + overhead + w_p)
+        new_p[s] = max(e_p, ne_pre_n[s] + comm_p[s] + overhead_p + w_p)
     for s in range(S):
         tpot[s] = new_d[s]
         ttft[s] = new_p[s]
@@ -1480,6 +1482,7 @@ def finish(
     dev_server, pair_index, route = topo.dev_server, topo.pair_index, topo.route
     in_q, out_q, p_idle, p_max = params.in_q, params.out_q, params.p_idle, params.p_max
     wire, slo, overhead, lm = params.wire_bytes, params.slo_s, params.step_overhead_s, params.moe_uses
+    overhead_p = params.prefill_overhead_s
     N, S = o_time.shape[0], o_time.shape[1]
     D = dev_server.shape[0]
     U = D + S
@@ -1515,28 +1518,41 @@ def finish(
             comm_d[s] = o_time[n, s, DECODE, TRANSFER_S] * inflate + o_time[n, s, DECODE, LATENCY_S]
             comm_p[s] = o_time[n, s, PREFILL, TRANSFER_S] * inflate + o_time[n, s, PREFILL, LATENCY_S]
             tpot[s] = o_time[n, s, DECODE, EXPERT_S] + comm_d[s] + ne_dec[si, s] + overhead
-            ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead
+            ttft[s] = o_time[n, s, PREFILL, EXPERT_S] + comm_p[s] + ne_pre[si, s] + overhead_p
         wait = np.zeros(S)  # admission queue wait (continuous batching)
         offered = rate[si]  # requests/s arriving per server
         closed_rate = np.zeros(S)
         admit_drop = np.zeros(S)
+        couple_d = np.ones(S)  # lock-step: a server's step / its isolated step (`lockstep_steps`)
+        couple_p = np.ones(S)
         if params.lockstep:
-            lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, O, tpot, ttft)
+            iso_d = tpot.copy()
+            iso_p = ttft.copy()
+            lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, overhead_p, O, tpot, ttft)
+            for s in range(S):
+                couple_d[s] = tpot[s] / iso_d[s] if iso_d[s] > 0.0 else 1.0
+                couple_p[s] = ttft[s] / iso_p[s] if iso_p[s] > 0.0 else 1.0
         if params.continuous:
             kv_bytes = st.kv_room[si].copy()
+            if params.lockstep:  # the real backend: KV slots for max_batch sequences whatever the plan
+                kv_bytes[:] = np.inf
             for d in range(D):
                 kv_bytes[dev_server[d]] -= out.gpu_mem[n, d]
             c_host = contention[si]  # shared host cores stretch every part of a step, inside the fixed point
             fixed = np.empty(S)
             transfer_d = np.empty(S)  # decode transfer bandwidth seconds at the reference batch
             prefill_work = np.empty(S)  # GPU seconds of a prefill (what decode steps share the server with)
-            for s in range(S):
-                fixed[s] = (o_time[n, s, DECODE, LATENCY_S] + overhead) * c_host
-                transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * c_host
-                prefill_work[s] = (o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s]) * c_host
             run_batch = np.empty(S)
             expert_grid = grid[n] * c_host
             ne_grid = st.ne_dec_grid[si] * c_host
+            for s in range(S):  # lock-step coupling scales a server's whole step model (mean field)
+                fixed[s] = (o_time[n, s, DECODE, LATENCY_S] + overhead) * c_host * couple_d[s]
+                transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * c_host * couple_d[s]
+                # a prefill's GPU work, and what an eager prefill step costs beyond a decode step's overhead
+                extra_p = max(overhead_p - overhead, 0.0)
+                prefill_work[s] = (o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s] + extra_p) * c_host * couple_p[s]
+                expert_grid[s] *= couple_d[s]
+                ne_grid[s] *= couple_d[s]
             continuous_batching(
                 expert_grid,
                 ne_grid,

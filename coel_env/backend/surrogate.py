@@ -249,6 +249,7 @@ class SurrogateBackend:
             fusion_fraction=float(q.fusion_fraction),
             slo_s=float(c.spec.workload.slo_s),
             step_overhead_s=m.num_layers * hw.layer_overhead_s,
+            prefill_overhead_s=m.num_layers * hw.prefill_layer_overhead,
             moe_uses=float(m.num_moe_layers * m.top_k),
             prune_linear=float(q.prune_linear),
             prune_knee=float(q.prune_knee),
@@ -256,7 +257,7 @@ class SurrogateBackend:
             fusion_loss=float(q.fusion_loss * q.fusion_fraction),
             local_first=hw.routing == "local_first",
             lockstep=hw.serving == "lockstep",
-            continuous=hw.serving == "continuous",
+            continuous=hw.serving in ("continuous", "lockstep"),
             batch_grid=self.batch_grid,
             kv_tok=float(self.kv_tok),
             held_tokens=float(held_kv_tokens(self.in_mean, self.out_mean, float(wl.kv_block_tokens))),
@@ -279,6 +280,16 @@ class SurrogateBackend:
             )
         out = copy.copy(self)
         out._set_lengths(sample_quantiles(input_len), sample_quantiles(output_len))
+        out._cache_key, out._cache, out.current = None, None, None
+        return out
+
+    def with_concurrency(self, clients: int) -> SurrogateBackend:
+        """A copy that predicts a closed loop of `clients` requests per server always in the system (the workload's
+        `concurrency`; 0: open loop at the state's arrival rates), e.g. a real window's closed-loop clients."""
+        if clients < 0:
+            raise ValueError(f"with_concurrency: clients must be >= 0, got {clients}")
+        out = copy.copy(self)
+        out.params = self.params._replace(concurrency=float(clients))
         out._cache_key, out._cache, out.current = None, None, None
         return out
 
@@ -455,7 +466,7 @@ class SurrogateBackend:
 
     def _ne_dec_grid(self, srv_avail: np.ndarray, up: np.ndarray) -> np.ndarray:
         """[Ns, S, G] `non_expert_decode_s` at the batches of batch_grid (continuous batching; zeros otherwise)."""
-        if self.cluster.hw.serving != "continuous":
+        if self.cluster.hw.serving not in ("continuous", "lockstep"):
             return np.zeros((*up.shape, 1))
         return self.ne_dec_steps[None] / srv_avail[..., None]
 

@@ -137,6 +137,12 @@ class HardwareProfile(BaseModel):
     layer_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         25e-6, ge=0, description="kernel launches etc. per layer per step"
     )
+    prefill_layer_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] | None = Field(
+        None,
+        ge=0,
+        description="per layer of a step that runs a prefill, when it differs from a decode step's (engines replay "
+        "decode steps from CUDA graphs and run prefill eagerly); None: layer_overhead_s",
+    )
     expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         4e-6, ge=0, description="per activated expert per step"
     )
@@ -181,10 +187,11 @@ class HardwareProfile(BaseModel):
     )
     serving: Literal["independent", "lockstep", "continuous"] = Field(
         "independent",
-        description="independent: servers step on their own (one batch estimate, M/D/1 queueing); lockstep: as "
-        "expert parallelism does (every live server runs each step and all meet at each MoE layer; the real "
-        "backend); continuous: continuous batching per server as vLLM/SGLang serve (the batch is the fixed point "
-        "of Little's law under the KV-cache and max_batch limits, admission queueing, chunked prefill)",
+        description="independent: servers step on their own (one batch estimate, M/D/1 queueing); continuous: "
+        "continuous batching per server as vLLM/SGLang serve (the batch is the fixed point of Little's law under "
+        "the KV-cache and max_batch limits, admission queueing, chunked prefill); lockstep: the real backend, "
+        "continuous batching in max_batch KV slots whose steps are coupled as expert parallelism couples them "
+        "(every live server runs each step and all meet at each MoE layer)",
     )
     host_cores: Int | None = Field(
         None,
@@ -235,6 +242,11 @@ class HardwareProfile(BaseModel):
         if bad:
             raise ValueError(f"{bad} must be time multipliers in (0, {MAX_SLOWDOWN:g}]")
         return v
+
+    @property
+    def prefill_layer_overhead(self) -> float:
+        """Seconds per layer of a step that runs a prefill (`prefill_layer_overhead_s`, else `layer_overhead_s`)."""
+        return self.layer_overhead_s if self.prefill_layer_overhead_s is None else self.prefill_layer_overhead_s
 
     def device(self, spec: DeviceSpec) -> DeviceSpec:
         """`spec` with this profile's measured numbers for its name, if any."""

@@ -313,7 +313,11 @@ class Campaign:
         """Serve one window; its row (also written to the RowLog)."""
         elem_bytes = 2 if self.device == "cuda" else 4
         t0 = time.perf_counter()
-        row = fid.measure_real(rb, pj.plan, load.state(state), load.window_s, elem_bytes, repeat=pj.repeat)
+        rb.concurrency = load.concurrency  # closed-loop clients per server (0: Poisson arrivals)
+        try:
+            row = fid.measure_real(rb, pj.plan, load.state(state), load.window_s, elem_bytes, repeat=pj.repeat)
+        finally:
+            rb.concurrency = None
         wall = time.perf_counter() - t0
         row.update(scenario=job.name, load=load.name, role=pj.role, plan=pj.name, wall_s=wall, install_s=install_s)
         row.update(plan_fields(pj.plan))

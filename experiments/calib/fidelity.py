@@ -131,9 +131,10 @@ def with_rates(state: ClusterState, rates) -> ClusterState:
     return st.touch()
 
 
-def realized_workload(requests: list[list[dict]], window_s: float, num_experts: int) -> dict:
+def realized_workload(requests: list[list[dict]], window_s: float, num_experts: int, clients: int = 0) -> dict:
     """What a real window drew: each server's arrival rate and expert popularity (the share of its requests'
-    tokens routed to each expert, per layer; None for a server without traced requests), and the lengths."""
+    tokens routed to each expert, per layer; None for a server without traced requests), the lengths and the
+    closed loop's clients per server (`concurrency`, 0: open loop)."""
     pop = []
     for reqs in requests:
         routes = [r["routes"] for r in reqs if r.get("routes") is not None]
@@ -150,6 +151,7 @@ def realized_workload(requests: list[list[dict]], window_s: float, num_experts: 
         "popularity": pop,
         "in_len": [len(r["prompt"]) for r in flat],
         "out_len": [int(r["max_new"]) for r in flat],
+        "concurrency": int(clients),
     }
 
 
@@ -162,6 +164,8 @@ def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterStat
             st.popularity[s] = pop
     if workload["in_len"]:
         surrogate = surrogate.with_lengths(np.array(workload["in_len"]), np.array(workload["out_len"]))
+    if workload.get("concurrency"):
+        surrogate = surrogate.with_concurrency(int(workload["concurrency"]))
     return surrogate.serve(plan, st.touch(), window_s)
 
 
@@ -183,7 +187,7 @@ def measure_real(
     real = backend.serve(plan, state, window_s)
     det = backend.last_details
     requests = backend.last_requests
-    workload = realized_workload(requests, window_s, plan.device.shape[1])
+    workload = realized_workload(requests, window_s, plan.device.shape[1], backend.closed_loop_clients())
     row = {
         "real": {k: float(getattr(real, k)) for k in SCALARS},
         "real_link_bytes": real.link_bytes.tolist(),

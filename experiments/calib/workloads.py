@@ -6,10 +6,11 @@ service times for the uniform plan under the current (pre-fit) profile:
 - light: the cluster's arrival rate Λ = `light_load` / T1, T1 the predicted e2e latency of a request alone, so a
   request finds another in service with probability about 1 - exp(-light_load); split over the servers like the
   scenario's own rates; the window holds `light_requests` requests in expectation (whole cluster).
-- saturating: every server at the rate λ with λ · e2e(λ) = `saturating_fill` · max_batch (Little's law: that many
-  requests in flight, the predicted e2e including the queueing at λ; a damped fixed-point iteration); the window
-  lasts `saturating_window_e2e` predicted e2e latencies (the first one fills the batches, the rest is steady
-  state; λ · window = saturating_window_e2e · fill · max_batch requests per server in expectation).
+- saturating: a closed loop, as vLLM's benchmark with `--max-concurrency` runs: every server has max_batch clients,
+  each sending its next request when its last one completes, `saturating_rounds` requests per client. Every slot is
+  busy in steady state whatever the plan's speed (an open-loop rate above a plan's capacity would only measure a
+  growing queue, below it a part-empty batch), and TTFT counts from each request's sending. The window is the
+  predicted time the chains take (its rates give the request count per server).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from coel_env.world.state import ClusterState
 from experiments.calib.fidelity import with_rates
 
 LOADS = ("scenario", "light", "saturating")
-FIXED_POINT_ITERS = 12
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Load:
     name: str
     rates: tuple[float, ...]
     window_s: float
+    concurrency: int = 0  # closed-loop clients per server (0: Poisson arrivals at `rates`)
 
     @property
     def expected_requests(self) -> float:
@@ -45,7 +46,12 @@ class Load:
         return with_rates(state, self.rates)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "rates": list(self.rates), "window_s": self.window_s}
+        return {
+            "name": self.name,
+            "rates": list(self.rates),
+            "window_s": self.window_s,
+            "concurrency": self.concurrency,
+        }
 
 
 def check_load_names(names) -> list[str]:
@@ -77,15 +83,16 @@ def light_load(sur: SurrogateBackend, plan: DeploymentPlan, state: ClusterState,
 
 
 def saturating_load(
-    sur: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, max_batch: int, fill: float, window_e2e: float
+    sur: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, max_batch: int, rounds: float
 ) -> Load:
-    """Every server's batch near `max_batch`: λ · e2e(λ) = fill · max_batch (see the module docstring)."""
+    """A closed loop of max_batch clients per server, `rounds` requests each (see the module docstring): the window
+    is those requests over the predicted completion rate (the slowest server's, servers served alike)."""
     S = len(state.arrival_rate)
-    target = fill * max_batch
-    lam = target / predicted_e2e(sur, plan, state, np.full(S, 1e-6))
-    for _ in range(FIXED_POINT_ITERS):  # geometric damping: e2e grows with λ, so the plain update oscillates
-        lam = float(np.sqrt(lam * target / predicted_e2e(sur, plan, state, np.full(S, lam))))
-    return Load("saturating", tuple([lam] * S), window_e2e * predicted_e2e(sur, plan, state, np.full(S, lam)))
+    per_server = rounds * max_batch
+    m = sur.with_concurrency(max_batch).serve(plan, with_rates(state, np.ones(S)), 60.0)
+    completions = m.tokens_per_s / sur.out_mean / S  # requests/s per server
+    window = per_server / completions
+    return Load("saturating", tuple([per_server / window] * S), window, concurrency=max_batch)
 
 
 def scenario_load(state: ClusterState, window_s: float) -> Load:
@@ -100,8 +107,6 @@ def build_loads(names: list[str], sur: SurrogateBackend, state: ClusterState, wc
     make = {
         "scenario": lambda: scenario_load(state, window_s),
         "light": lambda: light_load(sur, plan, state, float(wcfg.light_load), float(wcfg.light_requests)),
-        "saturating": lambda: saturating_load(
-            sur, plan, state, max_batch, float(wcfg.saturating_fill), float(wcfg.saturating_window_e2e)
-        ),
+        "saturating": lambda: saturating_load(sur, plan, state, max_batch, float(wcfg.saturating_rounds)),
     }
     return [make[n]() for n in names]

@@ -24,23 +24,42 @@ def _serve(hw: HardwareProfile, rates, plan_fn=None, scenario: str = "tiny"):
     return SurrogateBackend(sc.cluster).serve(plan, state, 10.0)
 
 
-def test_lockstep_with_one_active_server_equals_independent_serving():
+def test_lockstep_with_one_active_server_equals_continuous_batching():
+    """The real backend batches continuously too: with one server active nothing couples its steps."""
     one = [0.5, 0.0, 0.0]
-    ind = _serve(HardwareProfile(serving="independent"), one)
+    cont = _serve(HardwareProfile(serving="continuous"), one)
     lock = _serve(HardwareProfile(serving="lockstep"), one)
-    for k in LATENCY:
-        assert getattr(lock, k) == pytest.approx(getattr(ind, k), rel=1e-12)
+    for k in (*LATENCY, "tokens_per_s"):
+        assert getattr(lock, k) == pytest.approx(getattr(cont, k), rel=1e-12)
 
 
 def test_lockstep_couples_busy_servers():
     """Server 0 is busy; servers 1, 2 are light. In lock-step they wait for server 0's steps (and share units):
-    every latency is at least the independent one, and strictly more once the others are active."""
+    every latency is at least the one of continuous batching on its own, and strictly more once the others are
+    active."""
     rates = [3.0, 0.3, 0.3]
-    ind = _serve(HardwareProfile(serving="independent"), rates)
+    cont = _serve(HardwareProfile(serving="continuous"), rates)
     lock = _serve(HardwareProfile(serving="lockstep"), rates)
     for k in LATENCY:
-        assert getattr(lock, k) >= getattr(ind, k) * (1 - 1e-12)
-    assert lock.tpot_mean_s > ind.tpot_mean_s * 1.001
+        assert getattr(lock, k) >= getattr(cont, k) * (1 - 1e-12)
+    assert lock.tpot_mean_s > cont.tpot_mean_s * 1.001
+
+
+def test_lockstep_slots_are_max_batch_whatever_the_plan_leaves_for_kv():
+    """The real backend holds max_batch sequences' KV whatever the plan places: with no KV reserve a saturating
+    closed loop still runs max_batch sequences at once under lockstep, and drops nothing."""
+    hw = HardwareProfile(serving="lockstep", kv_reserve_frac=0.0)
+    sc = Scenario(dict(scenario_variants()["tiny"]), seed=0, hardware=hw)
+    state = sc.initial_state(np.random.default_rng(0))
+    plan = DeploymentPlan.uniform(sc.cluster)
+    sur = SurrogateBackend(sc.cluster)
+    B = sc.spec.workload.max_batch
+    closed = sur.with_concurrency(B).serve(plan, state, 10.0)
+    one = sur.with_concurrency(1).serve(plan, state, 10.0)
+    assert closed.dropped_frac == 0.0 and one.dropped_frac == 0.0
+    assert closed.tokens_per_s > 1.5 * one.tokens_per_s  # B sequences share each step
+    with pytest.raises(ValueError, match="with_concurrency"):
+        sur.with_concurrency(-1)
 
 
 @pytest.mark.parametrize("exponent", [1.0, 2.5])
@@ -144,3 +163,16 @@ def test_emulated_latency_hides_the_software_cost_of_a_message():
     used = (1 - np.prod(1 - pop, axis=1)).sum()
     assert real_link.tpot_mean_s - free.tpot_mean_s == pytest.approx(used * 2 * alpha, rel=1e-6)
     assert emulated.tpot_mean_s - free.tpot_mean_s == pytest.approx(used * 2 * (alpha - lat), rel=1e-6)
+
+
+def test_prefill_layer_overhead_costs_prefill_steps_only():
+    """An eager prefill step pays prefill_layer_overhead_s per layer instead of layer_overhead_s (no queueing: TTFT
+    moves by layers x the difference, TPOT not at all); None keeps layer_overhead_s."""
+    rates = [1e-4, 1e-4, 1e-4]
+    same = _serve(HardwareProfile(layer_overhead_s=1e-4), rates)
+    unset = _serve(HardwareProfile(layer_overhead_s=1e-4, prefill_layer_overhead_s=1e-4), rates)
+    eager = _serve(HardwareProfile(layer_overhead_s=1e-4, prefill_layer_overhead_s=5e-4), rates)
+    layers = Scenario(dict(scenario_variants()["tiny"]), seed=0).cluster.model.num_layers
+    assert unset.ttft_mean_s == same.ttft_mean_s and unset.tpot_mean_s == same.tpot_mean_s
+    assert eager.ttft_mean_s - same.ttft_mean_s == pytest.approx(layers * 4e-4, rel=1e-6)
+    assert eager.tpot_mean_s == pytest.approx(same.tpot_mean_s, rel=1e-12)

@@ -218,7 +218,7 @@ def test_calibrate_rejects_unknown_scenario_variants_in_one_line(tmp_path):
             "error: workloads.names: ['heavy'] unknown or empty; allowed: scenario, light, saturating",
         ),
         ("install=copy", "error: install: 'copy' unknown; allowed: reset, apply"),
-        ("workloads.saturating_fill=1.5", "error: workloads.saturating_fill: 1.5 must be in (0, 1]"),
+        ("workloads.saturating_rounds=0", "error: workloads.saturating_rounds: 0 must be a finite number > 0"),
     ],
 )
 def test_calibrate_accepts_scenario_override_and_refuses_bad_values(tmp_path, override, message):
@@ -262,7 +262,7 @@ def _workload_cfg(**kw):
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        **{"light_load": 0.1, "light_requests": 3, "saturating_fill": 0.9, "saturating_window_e2e": 4, **kw}
+        **{"light_load": 0.1, "light_requests": 3, "saturating_rounds": 3, **kw}
     )
 
 
@@ -282,10 +282,14 @@ def test_light_and_saturating_workloads_follow_their_definitions():
     assert sum(light.rates) * lone == pytest.approx(0.1, rel=1e-9)
     np.testing.assert_allclose(np.array(light.rates) / sum(light.rates), rates / rates.sum())
     assert light.expected_requests == pytest.approx(3.0)
-    # saturating: every server at λ with λ · e2e(λ) = fill · max_batch; the window lasts 4 predicted e2e latencies
-    lam, e2e = sat.rates[0], predicted_e2e(sur, plan, state, sat.rates)
-    assert len(set(sat.rates)) == 1 and lam * e2e == pytest.approx(0.9 * sc.spec.workload.max_batch, rel=0.05)
-    assert sat.window_s == pytest.approx(4 * e2e, rel=1e-9) and lam > 10 * max(light.rates)
+    # saturating: a closed loop of max_batch clients per server, 3 requests each, over the window the surrogate
+    # predicts for them: Little's law, clients = completions/s x e2e (no queue: every client has a slot; the mean
+    # e2e is over the length grid, the completion rate from the mean lengths: 2%)
+    B = sc.spec.workload.max_batch
+    assert sat.concurrency == B and len(set(sat.rates)) == 1
+    assert sat.rates[0] * sat.window_s == pytest.approx(3 * B, rel=1e-9)
+    closed = sur.with_concurrency(B).serve(plan, state, 60.0)
+    assert sat.rates[0] * closed.e2e_mean_s == pytest.approx(B, rel=0.02)
     with pytest.raises(ConfigError, match=r"workloads.names: \['heavy'\] unknown"):
         check_load_names(["light", "heavy"])
 

@@ -254,6 +254,7 @@ HARDWARE_RULES = [
     ({"gpu_memory_utilization": 0}, "hardware: gpu_memory_utilization: Input should be greater than 0"),
     ({"serving": "batchy"}, "hardware: serving: Input should be 'independent', 'lockstep' or 'continuous'"),
     ({"layer_overhead_s": -1}, "hardware: layer_overhead_s: Input should be greater than or equal to 0"),
+    ({"prefill_layer_overhead_s": 2e6}, "hardware: prefill_layer_overhead_s: 2000000 must be <= 1000000"),
     ({"transfer_latency_s": 1e9}, "hardware: transfer_latency_s: 1000000000 must be <= 1000000"),
     ({"cloud_bandwidth_gbps": 0}, "hardware: cloud_bandwidth_gbps: Input should be greater than 0"),
     ({"pcie_bw_gbs": -2}, "hardware: pcie_bw_gbs: Input should be greater than 0"),
