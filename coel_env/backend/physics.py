@@ -68,6 +68,14 @@ ROUTING_PASSES = 3  # unloaded routing, then load-aware re-routing (plans with r
 MAX_RHO = 0.95  # utilization cap of the queueing model (beyond it requests are dropped)
 MAX_INFLATION = 1e6  # the router's scale of a saturated unit (rho >= 1)
 
+# per-layer terms of a routing pass [.., S, L, layer_terms_size(U, S)] (`route_pass`'s `terms`, incremental.py):
+# the layer's additions to ServeOut (time parts, quality, miss), whether it had a replica choice, whether its routing
+# depends on the unit inflation (a choice or a GPU/CPU path decision), then busy [U] per phase, rows [S] per phase,
+# cross [S]
+LT_EXPERT_D, LT_EXPERT_P, LT_TRANSFER_D, LT_TRANSFER_P, LT_LATENCY_D, LT_LATENCY_P = 0, 1, 2, 3, 4, 5
+LT_QUALITY, LT_MISS, LT_CHOICE, LT_LOADED = 6, 7, 8, 9
+LT_BUSY = 10  # busy_d[u] at LT_BUSY + u, busy_p[u] at LT_BUSY + U + u, then rows_d, rows_p, cross [S] each
+
 
 # ---- formulas -----------------------------------------------------------------------------------------------------
 @njit(cache=True, fastmath=True)
@@ -632,8 +640,15 @@ def route_pass(
     todo: np.ndarray,
     grouped: np.ndarray,
     out: ServeOut,
+    layers: np.ndarray,
+    terms: np.ndarray,
+    trow: np.ndarray,
 ) -> None:
     """One routing pass: accumulate `out` for every plan n with todo[n] and every live server s.
+
+    Layers are independent within a pass (each layer's additions to `out` are summed layer by layer, in order):
+    only the layers with layers[n, s, l] are routed (all where `layers` is empty), and where `terms` is not empty
+    each routed layer's additions are also written to terms[trow[n], s, l] (the LT_* layout: incremental.py).
 
     A layer takes max over GPUs of their expert time (GPUs run in parallel; a GPU-path fetch from RAM/SSD is
     serial on its GPU) + the CPU-path time (the step waits for a CPU/SSD expert whenever a token uses it) + the
@@ -664,6 +679,8 @@ def route_pass(
     dev_ct = np.zeros(D)
     dev_lat = np.zeros(D)
     dev_fuse = np.zeros(D)
+    every_layer = layers.shape[0] == 0
+    record = terms.shape[0] > 0
     for job in range(N * S):
         n = job // S
         s = job % S
@@ -679,7 +696,8 @@ def route_pass(
         none_d = np.ones(S)
         none_p = np.ones(S)
         token_mass = np.zeros(S)  # per destination: routing mass (sum of p) of the experts sent there (this layer)
-        cross = np.zeros(S)
+        cross = np.zeros(S)  # token mass crossing to each server: this layer's, and the total
+        cross_tot = np.zeros(S)
         quality = 0.0
         miss = 0.0
         choice = False
@@ -707,9 +725,15 @@ def route_pass(
             dev_fuse[d] = fuse_frac[n, s, sd]
             dev_lat[d] = lat_s[sd]
         for l in range(L):
+            if not every_layer and not layers[n, s, l]:
+                continue
             dev_l = dev[n, l]
             tier_l = tier[n, l]
             bits_l = bits[n, l]
+            quality_l = 0.0
+            miss_l = 0.0
+            choice_l = False
+            loaded_l = False  # the layer's routing depends on infl (a replica choice or a GPU/CPU path decision)
             k_l = 0.0  # experts a token uses in this layer: the sum of its inclusion probabilities (top_k)
             for e in range(E):
                 k_l += pop_s[l, e]
@@ -733,7 +757,7 @@ def route_pass(
                             break  # a choice: the full loop below
                         rd = r
                 if live == 0:
-                    miss += p
+                    miss_l += p
                     continue
                 if live == 1:  # no choice: only the path (GPU or CPU) is decided
                     d = dev_l[e, rd]
@@ -744,12 +768,14 @@ def route_pass(
                     gpu_best = True
                     t_best = gd
                     if tier_l[e, rd] != GPU_TIER:
+                        loaded_l = True
                         cd = path_time(tab, key_best, CPU_PATH, udk, akeep)
                         if max(pv[d] + gd * inf_n[d] - pmx, 0.0) > cd * inf_n[D + dev_server[d]]:
                             gpu_best = False
                             t_best = cd
                 else:
-                    choice = True
+                    choice_l = True
+                    loaded_l = True
                     if lat_dirty:
                         lat_run = expected_max_latency(order, lat_s, none_d)
                         lat_dirty = False
@@ -844,7 +870,7 @@ def route_pass(
                     acc_p[d] += gp
                     mxg_p = max(mxg_p, acc_p[d])
                     touched[d] = True
-                quality += p * qloss[bits_l[e, rd]]
+                quality_l += p * qloss[bits_l[e, rd]]
                 if params.continuous:  # what `decode_grid` costs at other batches
                     out.chosen[n, s, l, e] = 2 * rd + (0 if gpu_best else 1)
                 # own-server entries accumulate too and are ignored when the layer closes
@@ -855,9 +881,13 @@ def route_pass(
                 if sd != s:
                     lat_dirty = True
             # close the layer: GPUs in parallel, CPU-path work and transfers serial
+            tr = trow[n] if record else 0
             mx_d = 0.0
             mx_p = 0.0
             for u in range(U):
+                if record:
+                    terms[tr, s, l, LT_BUSY + u] = acc_d[u]
+                    terms[tr, s, l, LT_BUSY + U + u] = acc_p[u]
                 if touched[u]:
                     if u < D:
                         mx_d = max(mx_d, acc_d[u])
@@ -886,27 +916,52 @@ def route_pass(
                     if frac > 0.0:
                         tok_d[s2] *= fused_share(q, tok_d[s2], keep[n, s, s2], frac)
                         tok_p[s2] *= fused_share(q, tok_p[s2], keep[n, s, s2], frac)
-                    token_mass[s2] = 0.0
-            o_time[n, s, DECODE, LATENCY_S] += expected_max_latency(order, lat_s, none_d)
-            o_time[n, s, PREFILL, LATENCY_S] += expected_max_latency(order, lat_s, none_p)
+                token_mass[s2] = 0.0
+            lat_d = expected_max_latency(order, lat_s, none_d)
+            lat_p = expected_max_latency(order, lat_s, none_p)
+            o_time[n, s, DECODE, LATENCY_S] += lat_d
+            o_time[n, s, PREFILL, LATENCY_S] += lat_p
+            tr_d = 0.0  # the layer's transfer bandwidth seconds
+            tr_p = 0.0
             for s2 in range(S):
+                rows_d = 0.0
+                rows_p = 0.0
                 if none_d[s2] < 1.0 or tok_d[s2] > 0.0:
-                    o_time[n, s, DECODE, TRANSFER_S] += tok_d[s2] * transfer_s[n, s, s2]
-                    o_pair[n, s, s2, DECODE] += tok_d[s2]
+                    rows_d = tok_d[s2]
+                    tr_d += rows_d * transfer_s[n, s, s2]
+                    o_pair[n, s, s2, DECODE] += rows_d
                     tok_d[s2] = 0.0
                     none_d[s2] = 1.0
                 if none_p[s2] < 1.0 or tok_p[s2] > 0.0:
-                    o_time[n, s, PREFILL, TRANSFER_S] += tok_p[s2] * transfer_s[n, s, s2]
-                    o_pair[n, s, s2, PREFILL] += tok_p[s2]
+                    rows_p = tok_p[s2]
+                    tr_p += rows_p * transfer_s[n, s, s2]
+                    o_pair[n, s, s2, PREFILL] += rows_p
                     tok_p[s2] = 0.0
                     none_p[s2] = 1.0
+                if record:
+                    terms[tr, s, l, LT_BUSY + 2 * U + s2] = rows_d
+                    terms[tr, s, l, LT_BUSY + 2 * U + S + s2] = rows_p
+                    terms[tr, s, l, LT_BUSY + 2 * U + 2 * S + s2] = cross[s2]
+                cross_tot[s2] += cross[s2]
+                cross[s2] = 0.0
+            o_time[n, s, DECODE, TRANSFER_S] += tr_d
+            o_time[n, s, PREFILL, TRANSFER_S] += tr_p
+            quality += quality_l
+            miss += miss_l
+            choice = choice or choice_l
+            if record:
+                t = terms[tr, s, l]
+                t[LT_EXPERT_D], t[LT_EXPERT_P], t[LT_TRANSFER_D], t[LT_TRANSFER_P] = mx_d, mx_p, tr_d, tr_p
+                t[LT_LATENCY_D], t[LT_LATENCY_P], t[LT_QUALITY], t[LT_MISS] = lat_d, lat_p, quality_l, miss_l
+                t[LT_CHOICE] = 1.0 if choice_l else 0.0
+                t[LT_LOADED] = 1.0 if loaded_l else 0.0
         out.quality[n, s] = quality
         out.miss[n, s] = miss
         if choice:
             o_choice[n] = True
         for s2 in range(S):
             if s2 != s:
-                out.cross[n, s, s2] = cross[s2]
+                out.cross[n, s, s2] = cross_tot[s2]
 
 
 @njit(cache=True)
@@ -1737,7 +1792,8 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
     if params.grouped_bits.any():
         grouped_layers(plans, params.grouped_bits, grouped)
     infl = np.ones((N, U))
-    route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so)
+    every, no_terms, no_rows = np.zeros((0, 0, 0), np.bool_), np.zeros((0, 0, 0, 0)), np.zeros(0, np.int64)
+    route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so, every, no_terms, no_rows)
     rho = np.empty((N, U))
     redo = so.choice.copy()
     if redo.any():
@@ -1755,7 +1811,7 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
                     so.cross[n] = 0.0
                     if params.continuous:
                         so.chosen[n] = -1
-            route_pass(plans, pairs, st, topo, params, infl, redo, grouped, so)
+            route_pass(plans, pairs, st, topo, params, infl, redo, grouped, so, every, no_terms, no_rows)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
                 any_redo = False
@@ -1861,3 +1917,248 @@ def migration_kernel(*flat) -> None:
         flat[_M5],
         MigrationOut(*flat[_M6:]),
     )
+
+
+# ---- incremental evaluation (incremental.py drives it) ----------------------------------------------------------
+# Here rather than in incremental.py: numba's cache is keyed on a kernel's own file, and these inline route_pass
+# and finish.
+class LayerCache(NamedTuple):
+    """Per cache row c: the plan last served there and its first routing pass's per-layer terms (`route_pass`)."""
+
+    dev: np.ndarray  # [M, L, E, R]
+    tier: np.ndarray  # [M, L, E, R]
+    bits: np.ndarray  # [M, L, E, R]
+    prune: np.ndarray  # [M, P]
+    fuse: np.ndarray  # [M, P]
+    state: np.ndarray  # [M] States row the terms were computed against; -1: none
+    terms: np.ndarray  # [M, S, L, layer_terms_size(U, S)]
+
+
+_I0 = _P5 + len(Outputs._fields)  # serve_plans_inc: then the main LayerCache, the primary one, then crow
+_I1 = _I0 + len(LayerCache._fields)
+_I2 = _I1 + len(LayerCache._fields)
+
+
+@njit(cache=True)
+def layer_terms_size(U: int, S: int) -> int:
+    """Length of a layer's terms (LT_* layout): LT_BUSY + busy [U] per phase + rows [S] per phase + cross [S]."""
+    return LT_BUSY + 2 * U + 3 * S
+
+
+@njit(cache=True)
+def changed_layers(plans: Plans, cache: LayerCache, crow: np.ndarray, out: np.ndarray) -> None:
+    """out[n, :, l] := layer l of plan n differs from the plan of cache row crow[n] (every layer where that row
+    holds no terms for plan n's state row or its compression differs); then the row holds plan n."""
+    N, L, E, R = plans.dev.shape
+    for n in range(N):
+        c = crow[n]
+        every = cache.state[c] != plans.state[n]
+        for p in range(plans.prune.shape[1]):
+            if cache.prune[c, p] != plans.prune[n, p] or cache.fuse[c, p] != plans.fuse[n, p]:
+                every = True
+            cache.prune[c, p] = plans.prune[n, p]
+            cache.fuse[c, p] = plans.fuse[n, p]
+        cache.state[c] = plans.state[n]
+        for l in range(L):
+            diff = every
+            for e in range(E):
+                for r in range(R):
+                    d, t, b = plans.dev[n, l, e, r], plans.tier[n, l, e, r], plans.bits[n, l, e, r]
+                    if cache.dev[c, l, e, r] != d or cache.tier[c, l, e, r] != t or cache.bits[c, l, e, r] != b:
+                        diff = True
+                        cache.dev[c, l, e, r], cache.tier[c, l, e, r], cache.bits[c, l, e, r] = d, t, b
+            out[n, :, l] = diff
+
+
+@njit(cache=True)
+def sum_layer_terms(
+    state: np.ndarray,
+    up: np.ndarray,
+    todo: np.ndarray,
+    crow: np.ndarray,
+    first: np.ndarray,
+    later: np.ndarray,
+    so: ServeOut,
+) -> None:
+    """ServeOut of plans n with todo[n] from per-layer terms, summed layer by layer in order as `route_pass` sums
+    them (no fastmath: the same additions, exactly): first[crow[n]] (the first pass's), or where `later` is not
+    empty (a re-routing pass) later[n] for the layers whose routing depends on the load (LT_LOADED). The first
+    pass's sum also sets so.choice."""
+    N, S, U = so.busy.shape[0], so.busy.shape[1], so.busy.shape[2]
+    L = first.shape[2]
+    rerouted = later.shape[0] > 0
+    for n in range(N):
+        if not todo[n]:
+            continue
+        c = crow[n]
+        choice = False
+        for s in range(S):
+            so.time[n, s] = 0.0
+            so.pair_tokens[n, s] = 0.0
+            so.busy[n, s] = 0.0
+            so.quality[n, s] = 0.0
+            so.miss[n, s] = 0.0
+            so.cross[n, s] = 0.0
+            if not up[state[n], s]:
+                continue
+            cross = np.zeros(S)
+            for l in range(L):
+                t = first[c, s, l]
+                if rerouted and t[LT_LOADED] != 0.0:
+                    t = later[n, s, l]
+                choice = choice or t[LT_CHOICE] != 0.0
+                so.time[n, s, DECODE, EXPERT_S] += t[LT_EXPERT_D]
+                so.time[n, s, PREFILL, EXPERT_S] += t[LT_EXPERT_P]
+                so.time[n, s, DECODE, LATENCY_S] += t[LT_LATENCY_D]
+                so.time[n, s, PREFILL, LATENCY_S] += t[LT_LATENCY_P]
+                so.time[n, s, DECODE, TRANSFER_S] += t[LT_TRANSFER_D]
+                so.time[n, s, PREFILL, TRANSFER_S] += t[LT_TRANSFER_P]
+                so.quality[n, s] += t[LT_QUALITY]
+                so.miss[n, s] += t[LT_MISS]
+                for u in range(U):
+                    so.busy[n, s, u, DECODE] += t[LT_BUSY + u]
+                    so.busy[n, s, u, PREFILL] += t[LT_BUSY + U + u]
+                for s2 in range(S):
+                    so.pair_tokens[n, s, s2, DECODE] += t[LT_BUSY + 2 * U + s2]
+                    so.pair_tokens[n, s, s2, PREFILL] += t[LT_BUSY + 2 * U + S + s2]
+                    cross[s2] += t[LT_BUSY + 2 * U + 2 * S + s2]
+            for s2 in range(S):
+                if s2 != s:
+                    so.cross[n, s, s2] = cross[s2]
+        if not rerouted:
+            so.choice[n] = choice
+
+
+@njit(cache=True, fastmath=True)
+def serve_core_inc(
+    plans: Plans,
+    st: States,
+    topo: Topology,
+    params: Params,
+    window: float,
+    out: Outputs,
+    cache: LayerCache,
+    crow: np.ndarray,
+) -> None:
+    """`serve_core` (without continuous batching) routing only what changed: the first pass routes the layers of
+    plan n that differ from cache row crow[n]'s plan (`changed_layers`), keeps their terms there and sums every
+    layer's (`sum_layer_terms`); a re-routing pass routes only the layers whose routing depends on the load
+    (LT_LOADED: a replica choice or a GPU/CPU path decision; the others route as in the first pass, exactly).
+    Then the same utilization checks, `memory_kernel` and `finish`: the same Outputs, bit for bit."""
+    N, L = plans.dev.shape[0], plans.dev.shape[1]
+    S = st.up.shape[1]
+    D = topo.dev_server.shape[0]
+    U = D + S
+    pairs = PairTerms(np.empty((N, S, S)), np.empty((N, S, S)), np.empty((N, S, S)))
+    pair_terms(plans, st, topo, params, pairs)
+    so = ServeOut(
+        np.zeros((N, S, 2, 3)),
+        np.zeros((N, S, S, 2)),
+        np.zeros((N, S, U, 2)),
+        np.zeros((N, S)),
+        np.zeros((N, S)),
+        np.zeros((N, S, S)),
+        np.zeros(N, dtype=np.bool_),
+        np.full((1, 1, 1, 1), -1, np.int16),
+    )
+    grouped = np.zeros((N, D, L), dtype=np.bool_)
+    if params.grouped_bits.any():
+        grouped_layers(plans, params.grouped_bits, grouped)
+    changed = np.zeros((N, S, L), dtype=np.bool_)
+    changed_layers(plans, cache, crow, changed)
+    infl = np.ones((N, U))
+    every = np.ones(N, dtype=np.bool_)
+    no_terms = np.zeros((0, 0, 0, 0))
+    route_pass(plans, pairs, st, topo, params, infl, every, grouped, so, changed, cache.terms, crow)
+    sum_layer_terms(plans.state, st.up, every, crow, cache.terms, no_terms, so)
+    rho = np.empty((N, U))
+    redo = so.choice.copy()
+    if redo.any():
+        loaded = np.zeros((N, S, L), dtype=np.bool_)
+        for n in range(N):
+            loaded[n] = cache.terms[crow[n], :, :, LT_LOADED] != 0.0
+        later = np.empty((N, S, L, cache.terms.shape[3]))
+        rows = np.arange(N)
+        unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+        seen = rho.copy()
+        for i in range(ROUTING_PASSES - 1):
+            queue_inflation(seen, infl)
+            route_pass(plans, pairs, st, topo, params, infl, redo, grouped, so, loaded, later, rows)
+            sum_layer_terms(plans.state, st.up, redo, crow, cache.terms, later, so)
+            if i < ROUTING_PASSES - 2:
+                unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
+                any_redo = False
+                for n in range(N):
+                    grew = False
+                    for u in range(U):
+                        if rho[n, u] > seen[n, u]:
+                            seen[n, u] = rho[n, u]
+                            grew = True
+                    if not grew:  # the next pass would see the same inflation: it would repeat this one exactly
+                        redo[n] = False
+                    any_redo = any_redo or redo[n]
+                if not any_redo:
+                    break
+    memory_kernel(
+        plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
+    )
+    grid = np.zeros((N, S, params.batch_grid.shape[0]))
+    finish(plans, pairs.keep, so, st, topo, params, window, rho, grid, out)
+    out.choice[:] = so.choice
+
+
+@njit(cache=True, fastmath=True)
+def prefer_primary_inc(
+    plans: Plans,
+    st: States,
+    topo: Topology,
+    params: Params,
+    window: float,
+    out: Outputs,
+    cache: LayerCache,
+    crow: np.ndarray,
+) -> None:
+    """`prefer_primary` with the primary-replica plans served by `serve_core_inc` on their own cache (rows crow)."""
+    _, L, E, _ = plans.dev.shape
+    idx = np.flatnonzero(out.choice)
+    M = idx.shape[0]
+    if M == 0:
+        return
+    dev = np.empty((M, L, E, 1), dtype=plans.dev.dtype)
+    tier = np.empty((M, L, E, 1), dtype=plans.tier.dtype)
+    bits = np.empty((M, L, E, 1), dtype=plans.bits.dtype)
+    for j in range(M):
+        n = idx[j]
+        dev[j, :, :, 0] = plans.dev[n, :, :, 0]
+        tier[j, :, :, 0] = plans.tier[n, :, :, 0]
+        bits[j, :, :, 0] = plans.bits[n, :, :, 0]
+    sub = Plans(dev, tier, bits, plans.prune[idx], plans.fuse[idx], plans.state[idx])
+    S, D, K = out.cpu_mem.shape[1], out.gpu_mem.shape[1], out.link_bytes.shape[1]
+    prim = Outputs(
+        np.empty((M, out.scalars.shape[1])),
+        np.empty((M, K)),
+        np.empty((M, D)),
+        np.zeros((M, D)),
+        np.zeros((M, S)),
+        np.zeros((M, S)),
+        np.zeros(M, dtype=np.bool_),
+    )
+    serve_core_inc(sub, st, topo, params, window, prim, cache, crow[idx])
+    for j in range(M):
+        n = idx[j]
+        if primary_preferred(out.scalars[n], prim.scalars[j], PRIMARY_CHECK, DROPPED_FRAC):
+            out.scalars[n] = prim.scalars[j]
+            out.link_bytes[n] = prim.link_bytes[j]
+            out.device_util[n] = prim.device_util[j]
+
+
+@njit(cache=True, fastmath=True)
+def serve_plans_inc(*flat) -> None:
+    """`serve_plans` evaluated incrementally (`serve_core_inc`, `prefer_primary_inc`), called with flat fields:
+    serve_plans_inc(*plans, *states, *topology, *params, window_s, *outputs, *cache, *primary_cache, crow)."""
+    plans, st, topo = Plans(*flat[_P0:_P1]), States(*flat[_P1:_P2]), Topology(*flat[_P2:_P3])
+    params, window, out = Params(*flat[_P3:_P4]), flat[_P4], Outputs(*flat[_P5:_I0])
+    cache, primary, crow = LayerCache(*flat[_I0:_I1]), LayerCache(*flat[_I1:_I2]), flat[_I2]
+    serve_core_inc(plans, st, topo, params, window, out, cache, crow)
+    if params.prefer_primary and plans.dev.shape[3] > 1:
+        prefer_primary_inc(plans, st, topo, params, window, out, primary, crow)

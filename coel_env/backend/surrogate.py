@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from coel_env.backend.incremental import MAX_CACHE_BYTES, IncrementalCache, cache_bytes
 from coel_env.backend.metrics import SCALAR_METRICS, Metrics, MetricsBatch, MigrationBatch, MigrationReport
 from coel_env.backend.physics import (
     ADDED,
@@ -41,6 +42,7 @@ from coel_env.backend.physics import (
     held_kv_tokens,
     migration_kernel,
     serve_plans,
+    serve_plans_inc,
     unit_table_kernel,
 )
 from coel_env.backend.wire import row_round_trip_bytes
@@ -213,6 +215,8 @@ class SurrogateBackend:
         self._cache: dict | None = None
         self._activation_buffers: tuple[int, list[np.ndarray]] = (0, [])  # (owner id, arrays)
         self.current: DeploymentPlan | None = None
+        self.incremental = True  # serve plans again against the same states incrementally (incremental.py)
+        self._inc = IncrementalCache()
         self._set_lengths(length_quantiles(c.spec.workload.input_len), length_quantiles(c.spec.workload.output_len))
 
     def _set_lengths(self, in_q: np.ndarray, out_q: np.ndarray) -> None:
@@ -281,6 +285,7 @@ class SurrogateBackend:
         out = copy.copy(self)
         out._set_lengths(sample_quantiles(input_len), sample_quantiles(output_len))
         out._cache_key, out._cache, out.current = None, None, None
+        out._inc = IncrementalCache()
         return out
 
     def with_concurrency(self, clients: int) -> SurrogateBackend:
@@ -311,6 +316,7 @@ class SurrogateBackend:
 
     def close(self) -> None:
         self._cache = None
+        self._inc.clear()
 
     # ---- migration ----------------------------------------------------------------------------------
     def migration(self, old: DeploymentPlan, new: DeploymentPlan, state: ClusterState) -> MigrationReport:
@@ -513,6 +519,7 @@ class SurrogateBackend:
     def serve_arrays(self, dev, tier, bits, prune, fuse, states, window_s: float) -> MetricsBatch:
         """`serve_batch` on stacked plan arrays [N, L, E, R] and compression [N, P] (no per-plan objects)."""
         c = self.cluster
+        previous = self._cache
         if isinstance(states, StateBatch):
             shared = states.N == 1
             sa = self._state_arrays(states)
@@ -538,7 +545,12 @@ class SurrogateBackend:
             ssd_mem=np.zeros((N, S)),
             choice=np.zeros(N, dtype=np.bool_),
         )
-        serve_plans(*plans, *sa["states"], *self.topology, *self.params, float(window_s), *out)
+        flat = (*plans, *sa["states"], *self.topology, *self.params, float(window_s), *out)
+        if sa is previous and self._incremental_ok(dev):
+            main, primary, crow = self._inc.get(sa, self.params, dev, tier, bits, fuse, S, D + S)
+            serve_plans_inc(*flat, *main, *primary, crow)
+        else:
+            serve_plans(*flat)
         fields = {name: out.scalars[:, i] for i, name in enumerate(SCALAR_METRICS)}
         fields.update(
             gpu_mem_bytes=out.gpu_mem,
@@ -548,6 +560,16 @@ class SurrogateBackend:
             device_util=out.device_util,
         )
         return MetricsBatch(fields)
+
+    def _incremental_ok(self, dev: np.ndarray) -> bool:
+        """Whether a serve of plans shaped like `dev` against the previous serve's states goes incrementally:
+        `incremental` on, no continuous batching, and the per-layer terms within MAX_CACHE_BYTES."""
+        c = self.cluster
+        return (
+            self.incremental
+            and not self.params.continuous
+            and cache_bytes(dev, c.num_servers, c.num_devices + c.num_servers) <= MAX_CACHE_BYTES
+        )
 
     def _zeros_idx(self, n: int) -> np.ndarray:
         if self._zero_idx.shape[0] < n:
