@@ -9,8 +9,8 @@ on the load (a replica choice or a GPU/CPU path decision; `LT_LOADED`) and reuse
 others (their routing ignores the load). `finish` is the full one. Kernels: `physics.serve_plans_inc`.
 
 Used by `SurrogateBackend.serve_arrays` when the states are the ones of its previous serve (its per-state cache
-hit) and the serving model has no continuous batching (its decode-step grid is not cached here: the full
-evaluation serves it); the first serve against new states is the full evaluation.
+hit) and the serving model has no continuous batching (`continuous` or `lockstep`: its decode-step grid is not
+cached here; the full evaluation serves it); the first serve against new states is the full evaluation.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from coel_env.specs import HardwareProfile
 
 PROFILES = {
     "default": HardwareProfile(),  # independent serving, load-aware routing (primary-replica check)
-    "lockstep": HardwareProfile(serving="lockstep"),
+    "shared_host": HardwareProfile(host_cores=2, emulated_latency=True),  # (lockstep batches continuously: full)
     "local_first": HardwareProfile(routing="local_first"),
     "grouped_no_cpu": HardwareProfile(grouped_expert_bits=[16, 8], cpu_compute=False),
 }

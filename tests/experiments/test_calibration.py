@@ -261,9 +261,7 @@ def test_error_stats_percentiles_and_kendall():
 def _workload_cfg(**kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(
-        **{"light_load": 0.1, "light_requests": 3, "saturating_rounds": 3, **kw}
-    )
+    return SimpleNamespace(**{"light_load": 0.1, "light_requests": 3, "saturating_rounds": 3, **kw})
 
 
 def test_light_and_saturating_workloads_follow_their_definitions():
