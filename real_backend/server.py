@@ -162,8 +162,8 @@ class ServerProcess:
         )
         self.grouped = GroupedExperts(self.store, cfg.num_moe_layers, cfg.num_experts, self.device)
         self.fast_decoder: FastDecoder | None = None  # built at the first serve that uses KV slots
-        self.static_decoder: StaticDecoder | None = None  # with it, if COEL_REAL_STATIC=1 (static.py)
-        self.static = static_enabled() and pin_ok(self.dispatcher)
+        self.static_decoder: StaticDecoder | None = None  # with it, where static.static_enabled
+        self.static = static_enabled(self.device) and pin_ok(self.dispatcher)
         if self.static:
             self.dispatcher.static = StaticServe(self.dispatcher, self.dtype, cfg.d_model, cfg.top_k)
         self.plan_holders: list[list[set[int]]] | None = None

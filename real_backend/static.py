@@ -13,7 +13,8 @@ reply region; then one sync and the reply header.
 Formats, bookings and counts are the eager path's (`Dispatcher.__call__`, wire.py): a region holds a message's rows
 first; eager and static servers interoperate. Order: a region is rewritten only after the stream sync that follows
 its reader's last use (the lock-step protocol: a reply is read before the next request's sync, a request before the
-reply's sync). `COEL_REAL_STATIC=1` turns it on (default off); without CUDA the same steps run eagerly.
+reply's sync). On by default for servers on a GPU (`COEL_REAL_STATIC=0`: off); `COEL_REAL_STATIC=1` also on CPU,
+where the same steps run eagerly (what the CPU tests check).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from real_backend.model import rms_norm, sdpa_no_cudnn
 from real_backend.shm import REP, REQ
 from real_backend.transport import ShmTransport
 
-STATIC_ENV = "COEL_REAL_STATIC"  # "1": static decode steps and static serving of peers' rows; default off
+STATIC_ENV = "COEL_REAL_STATIC"  # "0": off; "1": on (also on CPU, eager); default: on for servers on a GPU
 
 
-def static_enabled() -> bool:
-    return os.environ.get(STATIC_ENV, "0").strip() == "1"
+def static_enabled(device: torch.device) -> bool:
+    """Whether a server computing on `device` takes static steps (`COEL_REAL_STATIC`; default: on CUDA)."""
+    v = os.environ.get(STATIC_ENV, "auto").strip()
+    return v == "1" or (v != "0" and device.type == "cuda")
 
 
 def bucket(n: int) -> int:

@@ -1,5 +1,5 @@
-"""Static decode steps (real_backend/static.py, COEL_REAL_STATIC=1): the same tokens, logits and booked bytes as the
-eager decode over the same shared-memory lanes, with the static steps and static serving actually taken."""
+"""Static decode steps (real_backend/static.py; COEL_REAL_STATIC=1 forces them on CPU): the same tokens, logits and
+booked bytes as the eager decode over the same shared-memory lanes, with the static steps and serving taken."""
 
 from __future__ import annotations
 
@@ -56,10 +56,13 @@ def test_static_path_is_taken_only_when_asked(runs):
 
 
 def test_static_switch_and_buckets(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(STATIC_ENV, raising=False)
-    assert not static_enabled()
+    assert static_enabled(gpu) and not static_enabled(cpu)  # default: on for servers on a GPU
+    monkeypatch.setenv(STATIC_ENV, "0")
+    assert not static_enabled(gpu)
     monkeypatch.setenv(STATIC_ENV, "1")
-    assert static_enabled()
+    assert static_enabled(cpu)
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 17)] == [1, 2, 4, 4, 8, 32]
 
 
