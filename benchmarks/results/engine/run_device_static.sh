@@ -6,7 +6,7 @@
 # (2srv/3srv x app/none) for both, then (PROFILE=1) a torch profile of the static 2srv-raw serve.
 # Every step has a hard limit (timeout, then kill 5 s later). Carry .whl and .devstub, then:
 #   OUT=$OUT bash benchmarks/results/engine/run_device_static.sh
-# Writes $OUT/parity.json, measured_{static,shm}_b1.csv, log_static.txt (and tprof/ with PROFILE=1).
+# Writes $OUT/parity.json, measured_{static,shm}_b{1,32}.csv, log_static.txt (and tprof/ with PROFILE=1).
 set -u
 export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=0 COEL_REAL_STATIC_LOG=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -23,7 +23,10 @@ run() {  # tag static budget args...
 B1="--batch 1 --output-lens 64 --jobs ${JOBS:-2srv-app:ab 2srv-raw:ab 3srv-app:ab 3srv-raw:ab}"
 run static_b1 1 ${STATIC_S:-85} $B1
 [ "${BASE_S:-70}" -gt 0 ] && run shm_b1 0 ${BASE_S:-70} $B1
-[ -n "${B32:-}" ] && run static_b32 1 ${B32} --batch 32 --output-lens 32 --jobs 2srv-app:ab 2srv-raw:ab 3srv-app:ab
+if [ -n "${B32:-}" ]; then  # B32=<budget s>: batch 32, static and not
+  run static_b32 1 "$B32" --batch 32 --output-lens 32 --jobs ${JOBS32:-2srv-app:ab 2srv-raw:ab}
+  run shm_b32 0 "$B32" --batch 32 --output-lens 32 --jobs ${JOBS32:-2srv-app:ab 2srv-raw:ab}
+fi
 if [ "${PROFILE:-0}" = 1 ]; then
   COEL_REAL_STATIC=1 COEL_TORCH_PROFILE_DIR="$OUT/tprof" timeout -k 5 45 python3 -m benchmarks.bench_testbed measure \
     --fixed-len 128 --timeout-s 60 --out /tmp/prof_out --tag prof --budget-s 35 --batch 1 --output-lens 16 \
