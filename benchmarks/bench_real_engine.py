@@ -155,13 +155,16 @@ def parity(args) -> dict:
     plan = DeploymentPlan.uniform(sc.cluster)
     runs = {}
     variants = (
-        ("generic", "0", "0", "auto"),
-        ("fast_eager", "1", "0", "auto"),
-        ("fast_graphs", "1", "1", "auto"),
-        ("fast_graphs_gloo", "1", "1", "0"),
+        ("generic", "0", "0", "auto", "0"),
+        ("fast_eager", "1", "0", "auto", "0"),
+        ("fast_graphs", "1", "1", "auto", "0"),
+        ("fast_graphs_gloo", "1", "1", "0", "0"),
+        ("static_eager", "1", "0", "auto", "1"),
+        ("static_graphs", "1", "1", "auto", "1"),
     )
-    for name, fast, graphs, shm in variants:
+    for name, fast, graphs, shm, static in [v for v in variants if not args.variants or v[0] in args.variants]:
         os.environ["COEL_REAL_FAST"], os.environ["COEL_REAL_GRAPHS"], os.environ["COEL_REAL_SHM"] = fast, graphs, shm
+        os.environ["COEL_REAL_STATIC"] = static
         b = make_real_backend(sc.cluster, seed=0, timeout_s=60, max_requests_per_server=4, device=args.device)
         try:
             b.reset(plan, state)
@@ -169,6 +172,7 @@ def parity(args) -> dict:
             d = b.last_details
             runs[name] = {"tokens": d["tokens"], "fast_steps": sum(d["fast_steps"]), "bytes": d["bytes_to"]}
             runs[name]["transport"] = d["transport"][0]
+            runs[name]["static"] = np.sum(d["static"], 0).tolist()  # static decode steps, messages served
         finally:
             b.close()
     ref = runs["generic"]
@@ -180,6 +184,7 @@ def parity(args) -> dict:
             "transport": r["transport"],
             "tokens_equal_generic": same / sum(len(t) for t in ref["tokens"].values()),
             "bytes_equal_generic": r["bytes"] == ref["bytes"],
+            "static": r["static"],
         }
     return out
 
@@ -336,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-step-ms", type=float, default=3.85)
     p.add_argument("--tokens", type=int, default=50, help="floor: decode steps sampled")
     p.add_argument("--batch", type=int, default=1, help="floor: sequences per decode step")
+    p.add_argument("--variants", nargs="*", default=None, help="parity: the variants to run (default: all)")
     args = p.parse_args(argv)
     if args.cmd == "pstats":
         print(pstats_top(args))

@@ -567,6 +567,7 @@ class RealBackend:
             "wall_s": [r["wall_s"] for r in res],
             "steps": [r["steps"] for r in res],
             "fast_steps": [r["fast_steps"] for r in res],  # batched decode steps over KV slots (fast.py)
+            "static": [r["static"] for r in res],  # [static decode steps, peer messages served by static graphs]
             "grouped_layers": [r["grouped_layers"] for r in res],  # MoE layers computed by grouped GEMMs
             "expert_layers": [r["expert_layers"] for r in res],  # MoE layers where the server holds experts
             "busy_s": busy.tolist(),

@@ -116,6 +116,8 @@ class Dispatcher:
         self.fuse = np.zeros((world, world), dtype=bool)
         self.fusion_fraction = 0.25
         self.grouped = None  # a fast.GroupedExperts once `configure` gives one
+        self.static = None  # a static.StaticServe: peers' rows served by captured graphs (set by the server)
+        self.version = 0  # configurations so far (graphs capture the targets)
         self.slot_bytes = SLOT_BYTES  # int32 expert id + fp32 gate weight per slot
         self.reset_counters()
 
@@ -143,6 +145,8 @@ class Dispatcher:
         which peers can send here at all: no message is exchanged with a peer that never can); `grouped`: a
         `fast.GroupedExperts` (layers it stacked are computed without host syncs)."""
         self.target = torch.as_tensor(target, dtype=torch.long, device=self.device)
+        self.target_np = np.asarray(target)
+        self.version += 1
         self.prune, self.fuse, self.fusion_fraction = prune, fuse, fusion_fraction
         self.grouped = grouped
         me, S = self.rank, self.world
@@ -192,12 +196,13 @@ class Dispatcher:
         out.index_add_(0, row, y * w[row, slot, None].to(y.dtype))
         return out
 
-    def _plan_fast(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, dest: torch.Tensor):
-        """Rows for every remote destination built on the device in fixed-capacity buffers, and ONE copy to the
-        host: [R] counts (int64) then [R, T, row] bytes, a row = k int32 expert ids (-1: computed elsewhere), k fp32
-        weights, the hidden state. Returns {p: (tok [n] on the device, None, n, request payload bytes)}."""
-        peers = self.send_to[layer]
-        R, (T, k) = len(peers), idx.shape
+    def pack(
+        self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, dest: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device part of the dispatch to the R peers of `send_to[layer]` (no host sync): `order` [R, T] (each
+        peer's tokens first), `counts` [R] int64 and `rows` [R, T, row] bytes, a row = k int32 expert ids (-1:
+        computed elsewhere; every id -1 past a peer's count), k fp32 weights, the hidden state."""
+        R, (T, k) = len(self.send_to[layer]), idx.shape
         at = dest[None] == self.peer_ids[layer][:, None, None]  # [R, T, k]
         hit = at.any(2)
         order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)  # [R, T]: each peer's tokens first
@@ -205,7 +210,16 @@ class Dispatcher:
         ids = torch.where(at_o, idx[order], -1).to(torch.int32)
         w = torch.where(at_o, wts[order].float(), 0.0)
         rows = torch.cat([ids.view(torch.uint8), w.view(torch.uint8), x[order].view(torch.uint8)], -1)
-        host = torch.cat([hit.sum(1).view(torch.uint8), rows.view(-1)]).cpu()  # the one host sync of a request
+        return order, hit.sum(1), rows
+
+    def _plan_fast(self, layer: int, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, dest: torch.Tensor):
+        """Rows for every remote destination built on the device in fixed-capacity buffers, and ONE copy to the
+        host: [R] counts (int64) then [R, T, row] bytes, a row = k int32 expert ids (-1: computed elsewhere), k fp32
+        weights, the hidden state. Returns {p: (tok [n] on the device, None, n, request payload bytes)}."""
+        peers = self.send_to[layer]
+        R, T = len(peers), idx.shape[0]
+        order, cnt, rows = self.pack(layer, x, idx, wts, dest)
+        host = torch.cat([cnt.view(torch.uint8), rows.view(-1)]).cpu()  # the one host sync of a request
         counts = host[: 8 * R].view(torch.int64).tolist()
         rows_h = host[8 * R :].view(R, T, -1)
         return {
@@ -257,7 +271,6 @@ class Dispatcher:
         elem = x.element_size()
         req_row = request_row_bytes(d, elem, self.slot_bytes, k)
         rep_row = reply_row_bytes(d, elem)
-        hb = 8 * k  # slot-header bytes of a row (ids then weights)
         out = torch.zeros_like(x)
         dest = self.target[layer][idx] if T else None
         sends = {}
@@ -279,18 +292,7 @@ class Dispatcher:
                     self.store.prefetch(layer, eid)
                     y = self._compute_grouped(layer, x[loc_tok], eid)
                     out.index_add_(0, loc_tok, y * wts[loc_tok, loc_slot, None])
-        # ---- serve the peers' rows: one combined row back per request row ----
-        for q in self.recv_from[layer]:
-            n, stamp, buf = self.transport.request(q)
-            if n == 0:
-                continue
-            self._wait(stamp)
-            rows = buf.to(self.device, non_blocking=True).view(n, req_row)
-            ids = _as(rows[:, : hb // 2], torch.int32)
-            w = _as(rows[:, hb // 2 : hb], torch.float32)
-            y = self._combine(layer, _as(rows[:, hb:], x.dtype), ids, w)
-            self.remote_tokens_served += n
-            self.transport.reply(q, self._book(q, n * rep_row + STAMP_BYTES), y)
+        self._serve_peers(layer, x.dtype, k, req_row, rep_row)
         # ---- collect the replies (gate weights already applied by the receiver) ----
         for p, (tok, row_of, n, _) in sends.items():
             stamp, buf = self.transport.response(p)
@@ -300,6 +302,51 @@ class Dispatcher:
         self.transport.done()
         return out
 
+    def _serve_peers(self, layer: int, dtype: torch.dtype, k: int, req_row: int, rep_row: int) -> None:
+        """Serve the peers' rows of the layer: one combined row back per request row (a captured graph straight
+        from and to the lanes' regions where `self.static` can, real_backend/static.py)."""
+        hb = 8 * k  # slot-header bytes of a row (ids then weights)
+        for q in self.recv_from[layer]:
+            n, stamp, buf = self.transport.request(q)
+            if n == 0:
+                continue
+            self._wait(stamp)
+            self.remote_tokens_served += n
+            if self.static is not None and self.static.serves(layer, q, n):
+                self.static.serve(layer, q, n)
+                self.transport.reply_written(q, self._book(q, n * rep_row + STAMP_BYTES), n)
+                continue
+            rows = buf.to(self.device, non_blocking=True).view(n, req_row)
+            ids = _as(rows[:, : hb // 2], torch.int32)
+            w = _as(rows[:, hb // 2 : hb], torch.float32)
+            y = self._combine(layer, _as(rows[:, hb:], dtype), ids, w)
+            self.transport.reply(q, self._book(q, n * rep_row + STAMP_BYTES), y)
+
+    def row_bytes(self, d: int, elem: int, k: int) -> tuple[int, int]:
+        """Bytes of a request row and of a reply row (wire.py)."""
+        return request_row_bytes(d, elem, self.slot_bytes, k), reply_row_bytes(d, elem)
+
+    def exchange_written(self, layer: int, counts: list[int], dtype: torch.dtype, d: int, k: int) -> None:
+        """The layer's messages for rows a static decode step already wrote into the lanes' request regions
+        (`counts[r]` rows for `send_to[layer][r]`): booked, counted and headed as by `__call__`; then the peers'
+        rows served and the replies awaited (their rows stay in the reply regions: the next graph adds them)."""
+        req_row, rep_row = self.row_bytes(d, torch.empty(0, dtype=dtype).element_size(), k)
+        requests = {}
+        for p, n in zip(self.send_to[layer], counts):
+            if n:
+                requests[p] = (n, self._book(p, n * req_row + STAMP_BYTES), None)
+                self._count(p, n, n)
+        self.transport.post(layer, requests, self.send_to[layer], self.recv_from[layer], req_row, rep_row)
+        self._serve_peers(layer, dtype, k, req_row, rep_row)
+        for p in requests:
+            self._wait(self.transport.response(p)[0])
+        self.transport.done()
+
+    def _count(self, p: int, tokens: int, rows: int) -> None:
+        self.tokens_to[p] += tokens
+        self.rows_to[p] += rows
+        self.msgs_to[p] += 1
+
     def _requests(self, sends: dict, req_row: int) -> dict[int, Request]:
         """Book each request message on its link and count it: {peer: (rows, arrival stamp, payload)}."""
         out = {}
@@ -307,7 +354,9 @@ class Dispatcher:
             nbytes = n * req_row + STAMP_BYTES
             assert payload.numel() + STAMP_BYTES == nbytes  # the wire format is what is counted
             out[p] = (n, self._book(p, nbytes), payload)
-            self.tokens_to[p] += tok.numel()
-            self.rows_to[p] += n
-            self.msgs_to[p] += 1
+            self._count(p, tok.numel(), n)
         return out
+
+    def compressing(self) -> bool:
+        """Whether any of this server's messages is pruned or fused (the static step does neither)."""
+        return bool((self.prune[self.rank] > 0).any() or self.fuse[self.rank].any())

@@ -101,6 +101,13 @@ def compact(active: list, pool: SlotPool) -> list:
     return sorted(active, key=lambda q: q.cache.slot)
 
 
+def advance(seqs: list, num_layers: int) -> None:
+    """Every sequence's cache holds one more token (a decode step wrote it in every layer)."""
+    for q in seqs:
+        q.cache.length += 1
+        q.cache.filled = [q.cache.length] * num_layers
+
+
 class FastDecoder:
     """Batched decode step over a `SlotPool` for the model's non-expert part (weights shared with `model`)."""
 
@@ -199,16 +206,7 @@ class FastDecoder:
     def _capture(self, B: int, forced: bool) -> dict:
         m, cfg = self.model, self.model.cfg
         dev, L = m.device, cfg.num_layers
-        ml = self.pool.max_len
-        st = {
-            "pos": torch.zeros(B, dtype=torch.long, device=dev),
-            "bidx": torch.arange(B, device=dev),
-            "cos": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
-            "sin": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
-            "mask": torch.zeros(B, 1, 1, ml, dtype=m.dtype, device=dev),
-            "r": torch.zeros(B, cfg.num_moe_layers, cfg.top_k, dtype=torch.long, device=dev) if forced else None,
-            "T": ml,
-        }
+        st = self.static_state(B, forced)
         hin = [torch.zeros(B, cfg.d_model, dtype=m.dtype, device=dev) for _ in range(L)]
         saved = [(k[:B].clone(), v[:B].clone()) for k, v in zip(self.pool.k, self.pool.v)]  # warm-up writes
         side = torch.cuda.Stream()
@@ -230,6 +228,47 @@ class FastDecoder:
             v[:B].copy_(v0)
         return {"st": st, "hin": hin, "graphs": graphs, "outs": outs}
 
+    def static_state(self, B: int, forced: bool) -> dict:
+        """The step inputs of captured graphs for B sequences (attention over the whole slot, masked)."""
+        m, cfg = self.model, self.model.cfg
+        dev, ml = m.device, self.pool.max_len
+        return {
+            "pos": torch.zeros(B, dtype=torch.long, device=dev),
+            "bidx": torch.arange(B, device=dev),
+            "cos": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
+            "sin": torch.zeros(B, 1, cfg.head_dim, dtype=m.dtype, device=dev),
+            "mask": torch.zeros(B, 1, 1, ml, dtype=m.dtype, device=dev),
+            "r": torch.zeros(B, cfg.num_moe_layers, cfg.top_k, dtype=torch.long, device=dev) if forced else None,
+            "T": ml,
+        }
+
+    def fill_state(self, st: dict, pos: torch.Tensor, routes: torch.Tensor | None) -> None:
+        """Write a step's positions (and forced routes) into the static inputs of `static_state`."""
+        st["pos"].copy_(pos)
+        st["cos"].copy_(self.cos[pos][:, None])
+        st["sin"].copy_(self.sin[pos][:, None])
+        pad = torch.arange(self.pool.max_len, device=pos.device)[None] > pos[:, None]
+        st["mask"].copy_(torch.zeros_like(st["mask"]).masked_fill(pad[:, None, None], -torch.inf))
+        if routes is not None:
+            st["r"].copy_(routes)
+
+    def eager_state(self, lengths: list[int], pos: torch.Tensor, routes: torch.Tensor | None) -> dict:
+        """A step's inputs for eager layers: attention over the longest sequence + 1 (no mask if equal lengths)."""
+        m, B, T = self.model, len(lengths), max(lengths) + 1
+        mask = None  # equal lengths: nothing to mask, the fused kernels apply
+        if min(lengths) != max(lengths):
+            pad = torch.arange(T, device=m.device)[None] > pos[:, None]
+            mask = torch.zeros(B, 1, 1, T, dtype=m.dtype, device=m.device).masked_fill(pad[:, None, None], -torch.inf)
+        return {
+            "pos": pos,
+            "bidx": torch.arange(B, device=m.device),
+            "cos": self.cos[pos][:, None],
+            "sin": self.sin[pos][:, None],
+            "mask": mask,
+            "r": None if routes is None else routes.to(m.device),
+            "T": T,
+        }
+
     @torch.no_grad()
     def decode(self, seqs: list, pool: SlotPool, experts, routes: torch.Tensor | None) -> torch.Tensor:
         """One new token for each sequence (in slots 0..B-1, in order): logits [B, V] (float32)."""
@@ -239,7 +278,6 @@ class FastDecoder:
         if pool is not self.pool:
             self.pool, self._graph_cache = pool, {}
         lengths = [q.cache.length for q in seqs]
-        T = max(lengths) + 1
         self._rope_table(pool.max_len)
         dev = m.device
         ids = torch.tensor([q.out[-1] for q in seqs], device=dev)
@@ -248,13 +286,7 @@ class FastDecoder:
         h = F.embedding(ids, w["model.embed_tokens.weight"])
         if gr is not None:
             st = gr["st"]
-            st["pos"].copy_(pos)
-            st["cos"].copy_(self.cos[pos][:, None])
-            st["sin"].copy_(self.sin[pos][:, None])
-            pad = torch.arange(pool.max_len, device=dev)[None] > pos[:, None]
-            st["mask"].copy_(torch.zeros_like(st["mask"]).masked_fill(pad[:, None, None], -torch.inf))
-            if routes is not None:
-                st["r"].copy_(routes)
+            self.fill_state(st, pos, routes)
             for i in range(cfg.num_layers):
                 gr["hin"][i].copy_(h)
                 gr["graphs"][i].replay()
@@ -262,27 +294,13 @@ class FastDecoder:
                 y = experts(i - cfg.first_k_dense, x, idx, wts)
                 h = hm + (y if s is None else y + s)
         else:
-            mask = None  # equal lengths: nothing to mask, the fused kernels apply
-            if min(lengths) != max(lengths):
-                pad = torch.arange(T, device=dev)[None] > pos[:, None]
-                mask = torch.zeros(B, 1, 1, T, dtype=m.dtype, device=dev).masked_fill(pad[:, None, None], -torch.inf)
-            st = {
-                "pos": pos,
-                "bidx": torch.arange(B, device=dev),
-                "cos": self.cos[pos][:, None],
-                "sin": self.sin[pos][:, None],
-                "mask": mask,
-                "r": None if routes is None else routes.to(dev),
-                "T": T,
-            }
+            st = self.eager_state(lengths, pos, routes)
             with sdpa_no_cudnn():
                 for i in range(cfg.num_layers):
                     hm, x, idx, wts, s = self._pre(i, h, st)
                     y = experts(i - cfg.first_k_dense, x, idx, wts)
                     h = hm + (y if s is None else y + s)
-        for q in seqs:
-            q.cache.length += 1
-            q.cache.filled = [q.cache.length] * cfg.num_layers
+        advance(seqs, cfg.num_layers)
         h = rms_norm(h, w["model.norm.weight"], cfg.rms_eps)
         return F.linear(h, w["lm_head.weight"]).float()
 

@@ -37,6 +37,7 @@ from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource,
 from real_backend.quant import QTensor, int4_group, quantize, requantize
 from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
 from real_backend.shm import Segment
+from real_backend.static import StaticDecoder, StaticServe, pin_ok, static_enabled
 from real_backend.tiers import Expert, ExpertStore, expert_nbytes
 from real_backend.transport import TAG_MIGRATE, GlooTransport, ShmTransport, _bits_f64, _f64_bits
 
@@ -163,6 +164,10 @@ class ServerProcess:
         )
         self.grouped = GroupedExperts(self.store, cfg.num_moe_layers, cfg.num_experts, self.device)
         self.fast_decoder: FastDecoder | None = None  # built at the first serve that uses KV slots
+        self.static_decoder: StaticDecoder | None = None  # with it, where static.static_enabled
+        self.static = static_enabled(self.device) and pin_ok(self.dispatcher)
+        if self.static:
+            self.dispatcher.static = StaticServe(self.dispatcher, self.dtype, cfg.d_model, cfg.top_k)
         self.plan_holders: list[list[set[int]]] | None = None
         self.profiled = 0  # serve calls profiled so far (see PROFILE_ENV)
 
@@ -278,6 +283,9 @@ class ServerProcess:
         pool = make_pool(self.model, arg["requests"], max_batch)
         if pool is not None and self.fast_decoder is None:
             self.fast_decoder = FastDecoder(self.model)
+            if self.static:
+                self.static_decoder = StaticDecoder(self.fast_decoder, self.dispatcher)
+        static0 = self._static_counts()
         active: list[_Seq] = []
         done, logits_out = [], {}
         clock = busy = 0.0
@@ -310,7 +318,11 @@ class ServerProcess:
                 routes = [q.routes[q.cache.length : q.cache.length + len(t)] for q, t in zip(active, toks)]
             if pool is not None and all(q.out for q in active):  # every sequence decodes: the batched step
                 r = None if routes is None else torch.cat(routes)
-                logits = self.fast_decoder.decode(active, pool, self.dispatcher, r)
+                sd = self.static_decoder
+                if sd is not None and sd.usable(len(active)):
+                    logits = sd.decode(active, pool, r)
+                else:
+                    logits = self.fast_decoder.decode(active, pool, self.dispatcher, r)
                 fast_steps += 1
             else:
                 logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
@@ -349,6 +361,14 @@ class ServerProcess:
             active = still if pool is None else compact(still, pool)
         wall = time.perf_counter() - wall0
         del pool
+        static = [a - b for a, b in zip(self._static_counts(), static0)]
+        if self.static and os.environ.get("COEL_REAL_STATIC_LOG") == "1":
+            print(
+                f"static decode: server {me}: {static[0]} of {fast_steps} decode steps static, {static[1]} peer "
+                f"messages served static",
+                file=sys.stderr,
+                flush=True,
+            )
         st = self.store.stats
         st.tier_tokens[0] += int(self.grouped.pairs)  # rows computed by the grouped GPU experts
         d = self.dispatcher
@@ -359,6 +379,7 @@ class ServerProcess:
             "wall_s": wall,
             "steps": steps,
             "fast_steps": fast_steps,
+            "static": static,  # static decode steps, peer messages served by static graphs
             "grouped_layers": sum(self.dispatcher._fast(l) for l in range(self.cfg.num_moe_layers)),
             "expert_layers": len({l for l, _e, _d in self.store.replicas}),
             "bytes_to": d.bytes_to.copy(),
@@ -386,6 +407,11 @@ class ServerProcess:
             },
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }
+
+    def _static_counts(self) -> tuple[int, int]:
+        """(decode steps taken by the static path, peer messages served by its graphs) so far."""
+        sd, ss = self.static_decoder, self.dispatcher.static
+        return (0 if sd is None else sd.steps, 0 if ss is None else ss.served)
 
     def _step_time(self, dt: float) -> float:
         """The lock-step's duration: the slowest server's measured time (every server advances by it)."""

@@ -125,6 +125,7 @@ class Segment:
     def __init__(self, layout: Layout, fd: int):
         self.layout, self.fd = layout, fd
         self._views: tuple[np.ndarray, torch.Tensor] | None = None
+        self._pinned: bool | None = None
 
     @classmethod
     def create(cls, layout: Layout) -> Segment:
@@ -156,6 +157,18 @@ class Segment:
                 raise ShmError(f"shm transport: segment header {words[: len(head)].tolist()} != {head.tolist()}")
             self._views = (words, torch.frombuffer(mm, dtype=torch.uint8))
         return self._views
+
+    def pin(self) -> bool:
+        """Page-lock this process's mapping for the GPU (cudaHostRegister), once: device copies to and from the
+        lanes' regions become asynchronous and can be captured in CUDA graphs. False where that fails."""
+        if self._pinned is None:
+            data = self.attach()[1]
+            try:
+                err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 0)
+                self._pinned = int(err) == 0 and bool(data.is_pinned())
+            except Exception:
+                self._pinned = False
+        return self._pinned
 
 
 def _rebuild(layout: Layout, dup) -> Segment:
@@ -246,14 +259,36 @@ class Lane:
         nbytes = -1 if away else 0
         if payload is not None:
             nbytes = payload.numel()
-            if nbytes > self.cap[kind]:
-                raise ShmCapacityError(
-                    f"shm transport: a {KIND[kind]} of {nbytes} bytes from server {self.src} to server {self.dst} "
-                    f"exceeds its {self.cap[kind]}-byte region"
-                )
-            self._wait_region(kind)
+            self._check_fits(kind, nbytes)
+            self.claim(kind)
             self.region[kind][:nbytes].copy_(payload)
-            self.filled[kind] += 1
+        self._record(kind, layer, n, stamp, nbytes, filled=payload is not None)
+
+    def publish_written(self, kind: int, layer: int, n: int, stamp: float, nbytes: int) -> None:
+        """Publish a record whose payload (`nbytes`) is already in the kind's region: written there, after `claim`,
+        by device copies (static decode, real_backend/static.py) that have completed."""
+        self._check_fits(kind, nbytes)
+        self._record(kind, layer, n, stamp, nbytes, filled=True)
+
+    def claim(self, kind: int) -> None:
+        """Wait until the reader released the kind's region (before writing a payload into it)."""
+        done = self.filled[kind]
+        if self.counts[kind] < done:
+            self.waiter.until(
+                lambda: self.counts[kind] >= done,
+                (self.dst,),
+                lambda: f"server {self.dst} to free its {KIND[kind]} region",
+            )
+
+    def _check_fits(self, kind: int, nbytes: int) -> None:
+        if nbytes > self.cap[kind]:
+            raise ShmCapacityError(
+                f"shm transport: a {KIND[kind]} of {nbytes} bytes from server {self.src} to server {self.dst} "
+                f"exceeds its {self.cap[kind]}-byte region"
+            )
+
+    def _record(self, kind: int, layer: int, n: int, stamp: float, nbytes: int, filled: bool) -> None:
+        self.filled[kind] += filled
         seq, slot = self.sent, self.sent % self.slots
         if seq - self.counts[0] >= self.slots:
             self.waiter.until(
@@ -264,15 +299,6 @@ class Lane:
         self.stamps[slot, 4] = stamp
         rec[0] = seq + 1  # publish: the record's fields (and the payload) are written before this store
         self.sent = seq + 1
-
-    def _wait_region(self, kind: int) -> None:
-        done = self.filled[kind]
-        if self.counts[kind] < done:
-            self.waiter.until(
-                lambda: self.counts[kind] >= done,
-                (self.dst,),
-                lambda: f"server {self.dst} to free its {KIND[kind]} region",
-            )
 
     # ---- reader (dst) ----
     def take(self, kind: int, layer: int) -> tuple[int, float, int]:

@@ -133,6 +133,7 @@ class ShmTransport:
 
     def __init__(self, seg: Segment, rank: int, timeout_s: float, device: torch.device, comm_device: torch.device):
         words, data = seg.attach()
+        self.seg = seg
         layout = seg.layout
         register(words, layout, rank)
         waiter = Waiter(words, layout, rank, timeout_s)
@@ -140,6 +141,7 @@ class ShmTransport:
         self.out = {p: Lane(words, data, layout, rank, p, waiter) for p in peers}
         self.inn = {q: Lane(words, data, layout, q, rank, waiter) for q in peers}
         self.board = ReduceBoard(words, layout, rank, waiter)
+        self.rank = rank
         self.bufs = HostBuffers(device, comm_device)
         self.fallbacks = 0  # messages sent or received over the process group (larger than a region)
         self._works: list = []
@@ -159,7 +161,9 @@ class ShmTransport:
         for p in send_to:
             n, stamp, payload = requests.get(p, (0, 0.0, None))
             lane = self.out[p]
-            if n and not lane.fits(REQ, payload.numel()):
+            if n and payload is None:  # the rows are in the lane's region already (static decode)
+                lane.publish_written(REQ, layer, n, stamp, n * req_row)
+            elif n and not lane.fits(REQ, payload.numel()):
                 self._isend(payload, p, TAG_HIDDEN)
                 lane.put(REQ, layer, n, stamp, away=True)
             else:
@@ -189,6 +193,23 @@ class ShmTransport:
         else:
             self._isend(data, q, TAG_REPLY)
             lane.put(REP, self.layer, y.shape[0], stamp, away=True)
+
+    def reply_written(self, q: int, stamp: float, n: int) -> None:
+        """As `reply`, for n rows that device copies wrote into the reply region (after `claim(q, REP)`)."""
+        self._held_req.pop(q).release(REQ)
+        self.out[q].publish_written(REP, self.layer, n, stamp, n * self._rep_row)
+
+    def in_region(self, q: int) -> bool:
+        """Whether peer q's request of this layer (taken by `request`) lies in its lane's region."""
+        return q in self._held_req
+
+    def claim(self, peer: int, kind: int) -> None:
+        """Wait until `peer` released this server's outgoing region of `kind` (before device copies write it)."""
+        self.out[peer].claim(kind)
+
+    def region(self, src: int, dst: int, kind: int) -> torch.Tensor:
+        """The request (REQ) or reply (REP) region of lane src -> dst, flat uint8 (this server is src or dst)."""
+        return (self.out[dst] if src == self.rank else self.inn[src]).region[kind]
 
     def response(self, p: int) -> tuple[float, torch.Tensor]:
         lane = self.inn[p]
