@@ -5,8 +5,8 @@
 # Carry .whl (pydantic, pydantic_core, annotated-types, typing-inspection, gymnasium, Farama-Notifications, and
 # hydra-core, omegaconf, antlr4-python3-runtime) and .devstub (numba no-op stub, used only where numba is missing);
 # from the repo root:  OUT=$OUT bash benchmarks/results/calibration/run_device_h200.sh
-# (CONFIG / CAL_ARGS / SITE / TIMEOUT_S: another config name, more overrides, another wheels folder, another time
-# limit: a CPU smoke test.)
+# (CONFIG / CAL_ARGS / SITE / TIMEOUT_S / TOTAL_S: another config name, more overrides, another wheels folder, the
+# limits of calibrate and of the whole script with its refit; e.g. a CPU smoke test.)
 # Writes 7 files under $OUT (the device returns at most 8): log.txt, sweeps_h200.json, rows_h200.jsonl (one line
 # per window, as measured), h200.yaml (the fitted profile), fidelity_h200.{json,md,png}. At most ~9.3 min:
 # calibrate keeps to budget_s=490 (windows that would overrun it are skipped), `timeout` stops it at 520 s, and if it
@@ -37,7 +37,7 @@ CAL=(python3 -m experiments.calibrate --config-name "${CONFIG:-calibrate_h200}" 
      hydra.run.dir=/tmp/calib_h200_run ${CAL_ARGS:-})
 timeout -k 10 "${TIMEOUT_S:-520}" "${CAL[@]}" 2>&1 | grep --line-buffered -v Warning | tee -a "$LOG" | cut -c1-240
 if [ ! -s "$OUT/fidelity_h200.json" ] && [ -s "$OUT/rows_h200.jsonl" ]; then
-  LEFT=$((560 - (SECONDS - T0)))
+  LEFT=$((${TOTAL_S:-560} - (SECONDS - T0)))
   echo "no report: refit from the rows written ($LEFT s left)" | tee -a "$LOG"
   [ "$LEFT" -gt 15 ] && timeout -k 5 "$LEFT" "${CAL[@]}" "rows_from=$OUT/rows_h200.jsonl" 2>&1 | tee -a "$LOG" | tail -5
 fi
