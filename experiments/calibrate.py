@@ -109,7 +109,13 @@ def plan_from_row(row: dict) -> DeploymentPlan:
     )
 
 
-OVERHEADS = ("layer_overhead_s", "prefill_layer_overhead_s", "expert_overhead_s", "transfer_latency_s")
+OVERHEADS = (
+    "layer_overhead_s",
+    "prefill_layer_overhead_s",
+    "ungrouped_layer_overhead_s",
+    "expert_overhead_s",
+    "transfer_latency_s",
+)
 
 
 def predict_rows(
@@ -136,8 +142,9 @@ def predict_rows(
 
 
 def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], seed: int) -> HardwareProfile:
-    """Regress the per-layer overheads of decode and prefill steps, the per-expert and per-message overheads (and,
-    for servers sharing host cores, the oversubscription exponent) on measured TTFT and TPOT (log residuals)."""
+    """Regress the per-layer overheads of decode and prefill steps and of layers on the per-expert path, the
+    per-expert and per-message overheads (and, for servers sharing host cores, the oversubscription exponent) on
+    measured TTFT and TPOT (log residuals)."""
     meas = np.concatenate([[r["real"]["ttft_mean_s"] for r in rows], [r["real"]["tpot_mean_s"] for r in rows]])
     names = OVERHEADS + (("oversubscription_exponent",) if profile.host_cores else ())
 
@@ -148,8 +155,8 @@ def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], 
         p = predict_rows(make(x), spec_dicts, rows, seed)
         return np.concatenate([p["ttft_mean_s"], p["tpot_mean_s"]])
 
-    x0 = np.log([1e-3, 1e-3, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
-    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 1.0, 10.0])
+    x0 = np.log([1e-3, 1e-3, 1e-4, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
+    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 1.0, 1.0, 10.0])
     n = len(names)
     x, _ = fit.fit_black_box(predict, meas, x0[:n], lo[:n], hi[:n])
     return make(x)

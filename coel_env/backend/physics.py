@@ -382,6 +382,7 @@ class Params(NamedTuple):
     fusion_fraction: float  # share of a message's rows for one expert that fusion merges
     slo_s: float  # end-to-end deadline of a request
     step_overhead_s: float  # fixed seconds per step (layers * per-layer overhead)
+    ungrouped_overhead_s: float  # fixed seconds per step per layer some GPU computes expert by expert
     prefill_overhead_s: float  # fixed seconds per step that runs a prefill (layers * prefill_layer_overhead_s)
     moe_uses: float  # expert uses per token: MoE layers * top_k
     prune_linear: float  # pair_quality_loss constants
@@ -602,6 +603,28 @@ def grouped_layers(plans: Plans, grouped_bits: np.ndarray, out: np.ndarray) -> N
                         ok[d] = False
             for d in range(D):
                 out[n, d, l] = held[d] and ok[d]
+
+
+@njit(cache=True)
+def ungrouped_layer_counts(plans: Plans, grouped_bits: np.ndarray, out: np.ndarray) -> None:
+    """out[n]: layers of plan n where some GPU holds experts it cannot compute as one grouped kernel (one of them
+    off the GPU tier or at a bit-width outside grouped_bits, `grouped_layers`' rule): the real dispatcher's
+    per-expert path, which syncs with the host to sort rows by expert, runs there at every step."""
+    N, L, E, R = plans.dev.shape
+    for n in range(N):
+        count = 0
+        for l in range(L):
+            mixed = False
+            for e in range(E):
+                for r in range(R):
+                    d = plans.dev[n, l, e, r]
+                    if d >= 0 and (plans.tier[n, l, e, r] != GPU_TIER or not grouped_bits[plans.bits[n, l, e, r]]):
+                        mixed = True
+                        break
+                if mixed:
+                    break
+            count += mixed
+        out[n] = count
 
 
 @njit(cache=True)
@@ -1536,8 +1559,10 @@ def finish(
     link_cap, contention = st.link_cap, st.contention
     dev_server, pair_index, route = topo.dev_server, topo.pair_index, topo.route
     in_q, out_q, p_idle, p_max = params.in_q, params.out_q, params.p_idle, params.p_max
-    wire, slo, overhead, lm = params.wire_bytes, params.slo_s, params.step_overhead_s, params.moe_uses
-    overhead_p = params.prefill_overhead_s
+    wire, slo, lm = params.wire_bytes, params.slo_s, params.moe_uses
+    ungrouped = np.zeros(plans.dev.shape[0])
+    if params.ungrouped_overhead_s > 0.0:
+        ungrouped_layer_counts(plans, params.grouped_bits, ungrouped)
     N, S = o_time.shape[0], o_time.shape[1]
     D = dev_server.shape[0]
     U = D + S
@@ -1551,6 +1576,9 @@ def finish(
     for n in range(N):
         si = state[n]
         lam, batch = lam_all[si], batch_all[si]
+        # fixed seconds of a decode / prefill step: per layer, and per layer some GPU runs on the per-expert path
+        overhead = params.step_overhead_s + ungrouped[n] * params.ungrouped_overhead_s
+        overhead_p = params.prefill_overhead_s + ungrouped[n] * params.ungrouped_overhead_s
         # bytes per request to each other server, and the offered load of every link (both directions)
         per_req = np.zeros((S, S))
         for s in range(S):

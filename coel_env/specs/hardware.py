@@ -146,6 +146,12 @@ class HardwareProfile(BaseModel):
     expert_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
         4e-6, ge=0, description="per activated expert per step"
     )
+    ungrouped_layer_overhead_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
+        0.0,
+        ge=0,
+        description="per step, per layer where some GPU computes its experts one by one (not all in GPU memory at "
+        "grouped_expert_bits): the real backend's per-expert path syncs with the host to sort the rows by expert",
+    )
     grouped_expert_bits: list[Literal[16, 8, 4]] = Field(
         default_factory=list,
         description="bit-widths whose experts a GPU computes with one grouped kernel per layer (vLLM/SGLang fused "
