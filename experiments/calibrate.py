@@ -391,7 +391,8 @@ def analyze(cfg: DictConfig, profile: HardwareProfile, record: dict, out: Path, 
         log(f"overheads {report['overheads']} train fit {report['train_fit']}")
     if cfg.write_profile:
         header = (
-            f"Hardware profile '{cfg.profile}' measured by experiments.calibrate (device={cfg.device}).\n"
+            f"Hardware profile '{cfg.profile}' measured by experiments.calibrate "
+            f"(device={(record.get('meta') or {}).get('device', cfg.device)}).\n"
             f"Micro sweeps + regression on real-backend windows; details in {cfg.out_dir}/sweeps_{cfg.profile}.json"
         )
         log(f"wrote {write_profile(profile, header, cfg.profile_path)}")

@@ -156,7 +156,8 @@ def realized_workload(requests: list[list[dict]], window_s: float, num_experts: 
 
 
 def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterState, workload: dict, window_s: float):
-    """The surrogate's Metrics for `plan` on a realized workload (`realized_workload`)."""
+    """The surrogate's Metrics for `plan` on a realized workload (`realized_workload`); a closed loop's link bytes are
+    those of its realized request count."""
     st = with_rates(state, workload["rate"])
     st.popularity = state.popularity.copy()
     for s, pop in enumerate(workload["popularity"]):
@@ -164,9 +165,12 @@ def replay(surrogate: SurrogateBackend, plan: DeploymentPlan, state: ClusterStat
             st.popularity[s] = pop
     if workload["in_len"]:
         surrogate = surrogate.with_lengths(np.array(workload["in_len"]), np.array(workload["out_len"]))
-    if workload.get("concurrency"):
-        surrogate = surrogate.with_concurrency(int(workload["concurrency"]))
-    return surrogate.serve(plan, st.touch(), window_s)
+    if not workload.get("concurrency"):
+        return surrogate.serve(plan, st.touch(), window_s)
+    m = surrogate.with_concurrency(int(workload["concurrency"])).serve(plan, st.touch(), window_s)
+    if m.requests > 0:  # a closed loop's window serves its requests whatever the predicted rate: their bytes
+        m.link_bytes = m.link_bytes * (sum(workload["rate"]) * window_s / m.requests)
+    return m
 
 
 def link_bytes_from_counts(cluster: Cluster, rows_to: np.ndarray, msgs_to: np.ndarray, elem_bytes: int) -> np.ndarray:

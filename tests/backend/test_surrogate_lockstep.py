@@ -176,3 +176,35 @@ def test_prefill_layer_overhead_costs_prefill_steps_only():
     assert unset.ttft_mean_s == same.ttft_mean_s and unset.tpot_mean_s == same.tpot_mean_s
     assert eager.ttft_mean_s - same.ttft_mean_s == pytest.approx(layers * 4e-4, rel=1e-6)
     assert eager.tpot_mean_s == pytest.approx(same.tpot_mean_s, rel=1e-12)
+
+
+def test_ungrouped_layer_overhead_counts_layers_on_the_per_expert_path():
+    """Layers where some GPU holds an expert off the grouped path (8-bit with grouped_expert_bits [16], or off
+    the GPU tier) pay ungrouped_layer_overhead_s per step: TTFT and TPOT move by that many times it (no
+    queueing), and an all-16-bit-GPU plan pays nothing."""
+    from coel_env.backend.physics import Plans, ungrouped_layer_counts
+
+    def mixed(c):
+        plan = DeploymentPlan.uniform(c)
+        plan.bits[plan.device >= 0] = 16
+        plan.bits[1, 0, 0] = 8
+        plan.tier[3, 2, 0] = 1  # CPU tier
+        plan.bits[3, 4, 0] = 8  # the same layer again: still one layer
+        return plan
+
+    rates = [1e-4, 1e-4, 1e-4]
+    hw = dict(grouped_expert_bits=[16], serving="independent")
+    base = _serve(HardwareProfile(**hw), rates, mixed)
+    paid = _serve(HardwareProfile(**hw, ungrouped_layer_overhead_s=1e-3), rates, mixed)
+    for k in ("ttft_mean_s", "tpot_mean_s"):
+        assert getattr(paid, k) - getattr(base, k) == pytest.approx(2 * 1e-3, rel=1e-6)
+    sc = Scenario(dict(scenario_variants()["tiny"]), seed=0)
+    plan = mixed(sc.cluster)
+    fast = plan.copy()
+    fast.bits[fast.device >= 0], fast.tier[...] = 16, 0
+    stack = lambda name: np.stack([getattr(plan, name), getattr(fast, name)])  # noqa: E731
+    plans = Plans(stack("device"), stack("tier"), stack("bits"), stack("prune"), stack("fuse"), np.zeros(2, np.int64))
+    grouped = np.isin(np.arange(17), [16])
+    out = np.zeros(2)
+    ungrouped_layer_counts(plans, grouped, out)
+    assert out.tolist() == [2.0, 0.0]
