@@ -30,6 +30,7 @@ def main(tag: str) -> None:
     scenario = make_scenario("paper-testbed", seed=0)
     state = scenario.initial_state(np.random.default_rng(0))
     backend = SurrogateBackend(scenario.cluster)
+    backend.incremental = False  # the full evaluation, as an env step serves (its state changes every step)
     plan = DeploymentPlan.uniform(scenario.cluster)
     rng = np.random.default_rng(1)
     plans = []
