@@ -8,6 +8,8 @@ python -m benchmarks.bench_real_engine pstats --dir $OUT/prof --top 25
 python -m benchmarks.bench_real_engine floor --scenario paper-2server-1gpu --engine-step-ms 3.85
 # one MoE layer's message exchange between two server processes (header + request + reply), gloo vs shared memory
 python -m benchmarks.bench_real_engine exchange --device cpu --iters 2000 --out benchmarks/results/engine
+# TPOT (tokens/s) per job and batch of a device run's measured_<variant>_b<batch>.csv files, a column per variant
+python -m benchmarks.bench_real_engine table --dir $OUT --variants gloo shm
 """
 
 from __future__ import annotations
@@ -329,9 +331,34 @@ def exchange_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tpot_cell(v: tuple[float, float] | None) -> str:
+    return "—" if v is None else f"{v[0]:.1f} ({v[1]:.0f})"
+
+
+def measured_table(directory: str, columns: list[str]) -> str:
+    """Markdown TPOT ms (tokens/s) per job and batch of the `measured_<variant>_b<batch>.csv` files of
+    bench_testbed in `directory`, one column per variant (e.g. gloo shm), "—" where a run is missing."""
+    import csv
+
+    rows = {}
+    for f in sorted(Path(directory).glob("measured_*_b*.csv")):
+        variant = f.stem.split("_")[1]
+        for r in csv.DictReader(f.open()):
+            if r["status"] == "ok":
+                rows[(r["job"], r["batch"], variant)] = (1e3 * float(r["tpot_s"]), float(r["batch_tok_s"]))
+    lines = [
+        "| job | batch | " + " | ".join(f"{c} TPOT ms (tok/s)" for c in columns) + " |",
+        "| --- | ---: |" + " ---: |" * len(columns),
+    ]
+    for job, batch in sorted({(j, b) for j, b, _ in rows}, key=lambda k: (int(k[1]), k[0])):
+        cells = [_tpot_cell(rows.get((job, batch, c))) for c in columns]
+        lines.append(f"| {job} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange"))
+    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange", "table"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=2000)
@@ -341,10 +368,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-step-ms", type=float, default=3.85)
     p.add_argument("--tokens", type=int, default=50, help="floor: decode steps sampled")
     p.add_argument("--batch", type=int, default=1, help="floor: sequences per decode step")
-    p.add_argument("--variants", nargs="*", default=None, help="parity: the variants to run (default: all)")
+    p.add_argument("--variants", nargs="*", default=None, help="parity / table: the variants (default: all)")
     args = p.parse_args(argv)
     if args.cmd == "pstats":
         print(pstats_top(args))
+        return
+    if args.cmd == "table":
+        print(measured_table(args.dir, args.variants or []))
         return
     res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity, "exchange": exchange}[args.cmd](args)
     print(json.dumps(res, indent=1))

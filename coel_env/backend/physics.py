@@ -1793,13 +1793,10 @@ PRIMARY_CHECK = np.array(
 
 
 @njit(cache=True, fastmath=True)
-def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
-    """Serve N plans: `pair_terms`, a `route_pass`, then for plans with replica choices up to ROUTING_PASSES - 1
-    passes re-routed with unit times scaled by `queue_inflation` of the utilization earlier passes caused
-    (running max: a unit found saturated stays avoided; a plan whose running max did not grow would repeat its
-    last pass exactly, so its later passes are skipped), then `memory_kernel`, `decode_grid` (continuous batching)
-    and `finish`."""
-    N = plans.dev.shape[0]
+def serve_setup(plans: Plans, st: States, topo: Topology, params: Params) -> tuple[PairTerms, ServeOut, np.ndarray]:
+    """What a serve of N plans starts from: `pair_terms`, zeroed ServeOut (the decode step's choices kept for
+    continuous batching only: a [1, 1, 1, 1] stub otherwise) and `grouped_layers` [N, D, L]."""
+    N, L, E = plans.dev.shape[0], plans.dev.shape[1], plans.dev.shape[2]
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
     U = D + S
@@ -1813,12 +1810,44 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
         np.zeros((N, S)),
         np.zeros((N, S, S)),
         np.zeros(N, dtype=np.bool_),
-        # the decode step's choices are kept for continuous batching only (a [1, 1, 1, 1] stub otherwise)
-        np.full((N, S, plans.dev.shape[1], plans.dev.shape[2]) if params.continuous else (1, 1, 1, 1), -1, np.int16),
+        np.full((N, S, L, E) if params.continuous else (1, 1, 1, 1), -1, np.int16),
     )
-    grouped = np.zeros((N, D, plans.dev.shape[1]), dtype=np.bool_)
+    grouped = np.zeros((N, D, L), dtype=np.bool_)
     if params.grouped_bits.any():
         grouped_layers(plans, params.grouped_bits, grouped)
+    return pairs, so, grouped
+
+
+@njit(cache=True)
+def raise_seen(rho: np.ndarray, seen: np.ndarray, redo: np.ndarray) -> bool:
+    """The routing passes' running max of each unit's utilization: seen = max(seen, rho); a plan none of whose
+    units grew leaves redo (the next pass would see the same inflation and repeat this one exactly). Returns
+    whether any plan is left to route again."""
+    any_redo = False
+    for n in range(rho.shape[0]):
+        grew = False
+        for u in range(rho.shape[1]):
+            if rho[n, u] > seen[n, u]:
+                seen[n, u] = rho[n, u]
+                grew = True
+        if not grew:
+            redo[n] = False
+        any_redo = any_redo or redo[n]
+    return any_redo
+
+
+@njit(cache=True, fastmath=True)
+def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Serve N plans: `pair_terms`, a `route_pass`, then for plans with replica choices up to ROUTING_PASSES - 1
+    passes re-routed with unit times scaled by `queue_inflation` of the utilization earlier passes caused
+    (running max: a unit found saturated stays avoided; a plan whose running max did not grow would repeat its
+    last pass exactly, so its later passes are skipped), then `memory_kernel`, `decode_grid` (continuous batching)
+    and `finish`."""
+    N = plans.dev.shape[0]
+    S = st.up.shape[1]
+    D = topo.dev_server.shape[0]
+    U = D + S
+    pairs, so, grouped = serve_setup(plans, st, topo, params)
     infl = np.ones((N, U))
     every, no_terms, no_rows = np.zeros((0, 0, 0), np.bool_), np.zeros((0, 0, 0, 0)), np.zeros(0, np.int64)
     route_pass(plans, pairs, st, topo, params, infl, np.ones(N, dtype=np.bool_), grouped, so, every, no_terms, no_rows)
@@ -1842,17 +1871,7 @@ def serve_core(plans: Plans, st: States, topo: Topology, params: Params, window:
             route_pass(plans, pairs, st, topo, params, infl, redo, grouped, so, every, no_terms, no_rows)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
-                any_redo = False
-                for n in range(N):
-                    grew = False
-                    for u in range(U):
-                        if rho[n, u] > seen[n, u]:
-                            seen[n, u] = rho[n, u]
-                            grew = True
-                    if not grew:  # the next pass would see the same inflation: it would repeat this one exactly
-                        redo[n] = False
-                    any_redo = any_redo or redo[n]
-                if not any_redo:
+                if not raise_seen(rho, seen, redo):
                     break
     memory_kernel(
         plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
@@ -1876,18 +1895,11 @@ def primary_preferred(full: np.ndarray, prim: np.ndarray, cols: np.ndarray, drop
     return worse and full[dropped] >= prim[dropped] - 1e-12
 
 
-@njit(cache=True, fastmath=True)
-def prefer_primary(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
-    """Extra replicas are used where they save requests, or where that is no worse on any latency metric
-    (PRIMARY_CHECK, `primary_preferred`); otherwise every expert is served by its primary replica (slot 0), as a
-    controller may always ignore the extras: the scalars, link bytes and device utilization of the primary-only
-    plan replace the plan's (its memory stays). This keeps "adding a replica never makes serving slower" true
-    despite greedy per-server routing. Only plans with a replica choice (out.choice) are served again."""
+@njit(cache=True)
+def primary_subset(plans: Plans, idx: np.ndarray, out: Outputs) -> tuple[Plans, Outputs]:
+    """Plans idx with their primary replicas only (slot 0), and Outputs to serve them into (`prefer_primary`)."""
     _, L, E, _ = plans.dev.shape
-    idx = np.flatnonzero(out.choice)
     M = idx.shape[0]
-    if M == 0:
-        return
     dev = np.empty((M, L, E, 1), dtype=plans.dev.dtype)
     tier = np.empty((M, L, E, 1), dtype=plans.tier.dtype)
     bits = np.empty((M, L, E, 1), dtype=plans.bits.dtype)
@@ -1907,13 +1919,34 @@ def prefer_primary(plans: Plans, st: States, topo: Topology, params: Params, win
         np.zeros((M, S)),
         np.zeros(M, dtype=np.bool_),
     )
-    serve_core(sub, st, topo, params, window, prim)
-    for j in range(M):
+    return sub, prim
+
+
+@njit(cache=True)
+def adopt_primary(out: Outputs, prim: Outputs, idx: np.ndarray) -> None:
+    """Plan idx[j]'s scalars, link bytes and device utilization become its primary-only serve's (`prim` row j)
+    where `primary_preferred` says so (its memory stays)."""
+    for j in range(idx.shape[0]):
         n = idx[j]
         if primary_preferred(out.scalars[n], prim.scalars[j], PRIMARY_CHECK, DROPPED_FRAC):
             out.scalars[n] = prim.scalars[j]
             out.link_bytes[n] = prim.link_bytes[j]
             out.device_util[n] = prim.device_util[j]
+
+
+@njit(cache=True, fastmath=True)
+def prefer_primary(plans: Plans, st: States, topo: Topology, params: Params, window: float, out: Outputs) -> None:
+    """Extra replicas are used where they save requests, or where that is no worse on any latency metric
+    (PRIMARY_CHECK, `primary_preferred`); otherwise every expert is served by its primary replica (slot 0), as a
+    controller may always ignore the extras: the scalars, link bytes and device utilization of the primary-only
+    plan replace the plan's (its memory stays). This keeps "adding a replica never makes serving slower" true
+    despite greedy per-server routing. Only plans with a replica choice (out.choice) are served again."""
+    idx = np.flatnonzero(out.choice)
+    if idx.shape[0] == 0:
+        return
+    sub, prim = primary_subset(plans, idx, out)
+    serve_core(sub, st, topo, params, window, prim)
+    adopt_primary(out, prim, idx)
 
 
 @njit(cache=True, fastmath=True)
@@ -2077,21 +2110,7 @@ def serve_core_inc(
     S = st.up.shape[1]
     D = topo.dev_server.shape[0]
     U = D + S
-    pairs = PairTerms(np.empty((N, S, S)), np.empty((N, S, S)), np.empty((N, S, S)))
-    pair_terms(plans, st, topo, params, pairs)
-    so = ServeOut(
-        np.zeros((N, S, 2, 3)),
-        np.zeros((N, S, S, 2)),
-        np.zeros((N, S, U, 2)),
-        np.zeros((N, S)),
-        np.zeros((N, S)),
-        np.zeros((N, S, S)),
-        np.zeros(N, dtype=np.bool_),
-        np.full((1, 1, 1, 1), -1, np.int16),
-    )
-    grouped = np.zeros((N, D, L), dtype=np.bool_)
-    if params.grouped_bits.any():
-        grouped_layers(plans, params.grouped_bits, grouped)
+    pairs, so, grouped = serve_setup(plans, st, topo, params)
     changed = np.zeros((N, S, L), dtype=np.bool_)
     changed_layers(plans, cache, crow, changed)
     infl = np.ones((N, U))
@@ -2115,17 +2134,7 @@ def serve_core_inc(
             sum_layer_terms(plans.state, st.up, redo, crow, cache.terms, later, so)
             if i < ROUTING_PASSES - 2:
                 unit_utilization(plans, so.busy, st, topo.dev_server, params.out_mean, rho)
-                any_redo = False
-                for n in range(N):
-                    grew = False
-                    for u in range(U):
-                        if rho[n, u] > seen[n, u]:
-                            seen[n, u] = rho[n, u]
-                            grew = True
-                    if not grew:  # the next pass would see the same inflation: it would repeat this one exactly
-                        redo[n] = False
-                    any_redo = any_redo or redo[n]
-                if not any_redo:
+                if not raise_seen(rho, seen, redo):
                     break
     memory_kernel(
         plans.dev, plans.tier, plans.bits, topo.dev_server, params.expert_bytes, out.gpu_mem, out.cpu_mem, out.ssd_mem
@@ -2147,37 +2156,12 @@ def prefer_primary_inc(
     crow: np.ndarray,
 ) -> None:
     """`prefer_primary` with the primary-replica plans served by `serve_core_inc` on their own cache (rows crow)."""
-    _, L, E, _ = plans.dev.shape
     idx = np.flatnonzero(out.choice)
-    M = idx.shape[0]
-    if M == 0:
+    if idx.shape[0] == 0:
         return
-    dev = np.empty((M, L, E, 1), dtype=plans.dev.dtype)
-    tier = np.empty((M, L, E, 1), dtype=plans.tier.dtype)
-    bits = np.empty((M, L, E, 1), dtype=plans.bits.dtype)
-    for j in range(M):
-        n = idx[j]
-        dev[j, :, :, 0] = plans.dev[n, :, :, 0]
-        tier[j, :, :, 0] = plans.tier[n, :, :, 0]
-        bits[j, :, :, 0] = plans.bits[n, :, :, 0]
-    sub = Plans(dev, tier, bits, plans.prune[idx], plans.fuse[idx], plans.state[idx])
-    S, D, K = out.cpu_mem.shape[1], out.gpu_mem.shape[1], out.link_bytes.shape[1]
-    prim = Outputs(
-        np.empty((M, out.scalars.shape[1])),
-        np.empty((M, K)),
-        np.empty((M, D)),
-        np.zeros((M, D)),
-        np.zeros((M, S)),
-        np.zeros((M, S)),
-        np.zeros(M, dtype=np.bool_),
-    )
+    sub, prim = primary_subset(plans, idx, out)
     serve_core_inc(sub, st, topo, params, window, prim, cache, crow[idx])
-    for j in range(M):
-        n = idx[j]
-        if primary_preferred(out.scalars[n], prim.scalars[j], PRIMARY_CHECK, DROPPED_FRAC):
-            out.scalars[n] = prim.scalars[j]
-            out.link_bytes[n] = prim.link_bytes[j]
-            out.device_util[n] = prim.device_util[j]
+    adopt_primary(out, prim, idx)
 
 
 @njit(cache=True, fastmath=True)

@@ -28,18 +28,4 @@ run gloo_b1 0 75 $B1
 run shm_b32 1 100 $B32
 run gloo_b32 0 100 $B32
 grep -h "row {\|failed\|error" "$OUT/log_shm.txt" | cut -c1-300
-python3 - "$OUT" <<'EOF'
-import csv, sys
-from pathlib import Path
-rows = {}
-for f in sorted(Path(sys.argv[1]).glob("measured_*_b*.csv")):
-    tr = f.stem.split("_")[1]
-    for r in csv.DictReader(f.open()):
-        if r["status"] == "ok":
-            rows[(r["job"], r["batch"], tr)] = (1e3 * float(r["tpot_s"]), float(r["batch_tok_s"]))
-print("| job | batch | gloo TPOT ms (tok/s) | shm TPOT ms (tok/s) |")
-print("| --- | ---: | ---: | ---: |")
-for job, b in sorted({(j, b) for j, b, _ in rows}, key=lambda k: (int(k[1]), k[0])):
-    cell = lambda t: "—" if (job, b, t) not in rows else "%.1f (%.0f)" % rows[(job, b, t)]
-    print(f"| {job} | {b} | {cell('gloo')} | {cell('shm')} |")
-EOF
+python3 -m benchmarks.bench_real_engine table --dir "$OUT" --variants gloo shm

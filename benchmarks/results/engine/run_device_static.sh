@@ -33,18 +33,4 @@ if [ "${PROFILE:-0}" = 1 ]; then
     --jobs 2srv-raw:ab 2>&1 | grep -v Warning | sed -u "s/^/prof| /" >> "$LOG"
 fi
 grep -h "row {\|failed\|rror\|static decode" "$LOG" | cut -c1-400 | sed 's/.latency_s.: [0-9.e-]*, //'
-python3 - "$OUT" <<'PY'
-import csv, sys
-from pathlib import Path
-rows = {}
-for f in sorted(Path(sys.argv[1]).glob("measured_*_b*.csv")):
-    tr = f.stem.split("_")[1]
-    for r in csv.DictReader(f.open()):
-        if r["status"] == "ok":
-            rows[(r["job"], r["batch"], tr)] = (1e3 * float(r["tpot_s"]), float(r["batch_tok_s"]))
-print("| job | batch | shm TPOT ms (tok/s) | static TPOT ms (tok/s) |")
-print("| --- | ---: | ---: | ---: |")
-for job, b in sorted({(j, b) for j, b, _ in rows}, key=lambda k: (int(k[1]), k[0])):
-    cell = lambda t: "—" if (job, b, t) not in rows else "%.1f (%.0f)" % rows[(job, b, t)]
-    print(f"| {job} | {b} | {cell('shm')} | {cell('static')} |")
-PY
+python3 -m benchmarks.bench_real_engine table --dir "$OUT" --variants shm static
