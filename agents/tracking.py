@@ -1,4 +1,5 @@
-"""Experiment tracking: Weights & Biases runs (offline by default) and an SB3 logger that forwards to W&B.
+"""Experiment tracking: Weights & Biases runs (offline by default); SB3's logger that forwards to W&B is
+`agents.sb3_logger` (this module needs neither SB3 nor, until a run starts, wandb: evaluation machines lack them).
 
 The way CleanRL / SB3 users expect it: every app starts its run with `init_wandb` (job type `train`, `evaluate` or
 `compare`; one `group` per `make run` or per sweep), logs its outputs as artifacts (`log_artifact`: the model, the
@@ -15,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, KVWriter, Logger
 
 WANDB_MODES = ("offline", "online", "disabled")
 QUIET_ENV = {"WANDB_SILENT": "true", "WANDB_DISABLE_WEAVE": "true", "WANDB_CONSOLE": "off"}
@@ -128,33 +127,6 @@ def finish_wandb(run, out=sys.stdout) -> Path | None:
         group = f" (group {run.group})" if run.group else ""
         print(f"W&B offline run{group}: wandb sync {path}", file=out, flush=True)
     return path
-
-
-class WandbOutputFormat(KVWriter):
-    """SB3 KVWriter that logs every scalar SB3 records (rollout/, train/, eval/ …) to the active W&B run."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
-        scalars = {k: v for k, v in key_values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if scalars and self.run is not None:
-            self.run.log({**scalars, "global_step": step}, step=step)
-
-    def close(self) -> None:
-        pass
-
-
-def make_sb3_logger(out_dir: str | Path, run=None, stdout: bool = False) -> Logger:
-    """SB3 logger writing progress.csv in `out_dir` and forwarding to W&B."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    formats: list[KVWriter] = [CSVOutputFormat(str(out / "progress.csv"))]
-    if stdout:
-        formats.append(HumanOutputFormat(sys.stdout))
-    if run is not None:
-        formats.append(WandbOutputFormat(run))
-    return Logger(str(out), formats)
 
 
 _BLOCK = 32768  # the run file is a LevelDB-style log: 32 KiB blocks of records with a 7-byte header each

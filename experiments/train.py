@@ -61,7 +61,8 @@ from agents.sb3 import (
     observed_keys,
     save_model,
 )
-from agents.tracking import artifact_name, finish_wandb, init_wandb, log_artifact, make_sb3_logger
+from agents.sb3_logger import make_sb3_logger
+from agents.tracking import artifact_name, finish_wandb, init_wandb, log_artifact
 from coel_env.atomic import atomic_write_json
 from coel_env.benchmark.instances import check_train_seeds, instances
 from coel_env.env.env import CoELEnv

@@ -92,3 +92,26 @@ def test_quiet_onnx_export_silences_only_third_party_noise():
             warnings.warn("ours", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["ours"]
     assert logging.getLogger("onnx_ir").level == logging.NOTSET  # restored
+
+
+def test_evaluation_with_logging_disabled_needs_neither_sb3_nor_wandb(tmp_path):
+    """experiments.evaluate's W&B step on a machine without SB3 and wandb (a GPU box running exported policies):
+    with logger.mode disabled it is a no-op, and importing the tracking module pulls in neither."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["stable_baselines3"] = None  # an import of either now fails
+        sys.modules["wandb"] = None
+        from pathlib import Path
+        from omegaconf import OmegaConf
+        from experiments.evaluate import log_wandb
+        log_wandb(OmegaConf.create({{"logger": {{"mode": "disabled"}}, "policies": []}}), Path({str(tmp_path)!r}), [])
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
