@@ -1547,8 +1547,10 @@ def finish(
     unit they use (`md1_factor`, utilization capped at MAX_RHO); transfers are slowed by the same factor of the
     busiest link on their routes; `drop_share` drops the requests beyond the capacity of that bottleneck, unit or
     link, and dropped requests carry no bytes. out.link_bytes = bytes per link in the window, both directions summed.
-    With `lockstep` the servers' steps are coupled (`lockstep_steps`); contention stretches every step (servers
-    sharing host cores). With `continuous` (continuous batching) none of the M/D/1 factors apply: each server's
+    With `lockstep` the servers' steps are coupled (`lockstep_steps`), and that serving batches continuously too:
+    each server's coupled / isolated step ratio scales its step model, and its KV slots are max_batch whatever
+    the plan places (the real backend). Host contention (servers sharing cores) stretches every part of a step.
+    With `continuous` (continuous batching) none of the M/D/1 factors apply: each server's
     batch, admission drops and queue wait come from `continuous_batching` (host contention inside its step model),
     links and units carry the admitted requests (`busiest_link`, `plan_utilization` at the running batch) and
     `drop_share` drops what they cannot carry. Requests are costed on a grid of input x output length quantiles

@@ -291,12 +291,14 @@ class SurrogateBackend:
 
     def with_concurrency(self, clients: int) -> SurrogateBackend:
         """A copy that predicts a closed loop of `clients` requests per server always in the system (the workload's
-        `concurrency`; 0: open loop at the state's arrival rates), e.g. a real window's closed-loop clients."""
+        `concurrency`; 0: open loop at the state's arrival rates), e.g. a real window's closed-loop clients. Call it
+        after `with_lengths`, which rebuilds the kernel constants from the scenario."""
         if clients < 0:
             raise ValueError(f"with_concurrency: clients must be >= 0, got {clients}")
         out = copy.copy(self)
         out.params = self.params._replace(concurrency=float(clients))
         out._cache_key, out._cache, out.current = None, None, None
+        out._inc = IncrementalCache()
         return out
 
     # ---- Backend protocol ---------------------------------------------------------------------------
