@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from agents.baselines.common import FRACTION, SEED, Arg, PlanBuilder, checked_args, device_speed
 from agents.baselines.greedy import popularity_bits
@@ -28,6 +29,59 @@ from coel_env.plan.deployment import MAX_PRUNE, DeploymentPlan
 from coel_env.specs.bounds import MAX_GBS
 from coel_env.world.cluster import Cluster
 from coel_env.world.state import ClusterState
+
+
+@njit(cache=True)
+def place_layer(
+    order: np.ndarray,
+    pop: np.ndarray,
+    bits: np.ndarray,
+    score: np.ndarray,
+    speed: np.ndarray,
+    demand_per_speed: float,
+    balance: float,
+    quota: np.ndarray,
+    devs: np.ndarray,
+    gpu_free: np.ndarray,
+    ebytes: np.ndarray,
+    dev: np.ndarray,
+    tier: np.ndarray,
+    plan_bits: np.ndarray,
+    assign: np.ndarray,
+) -> None:
+    """One layer's segmentation (`CoELPolicy._segment`): experts in `order` (hottest first) each to the region GPU
+    j (devs[j]) maximizing score[e, j] - balance * finish_j, finish_j = (load_j + pop_e) / speed_j /
+    demand_per_speed, among those with quota left and room for its bit-width (bits[e], 0: 4 bits); it stops at
+    the first expert no GPU can take. Placed as `PlanBuilder.add` places (the first empty slot of dev[e], no
+    second replica on one GPU, gpu_free debited); assign[e, j] = 1 where placed."""
+    D = devs.shape[0]
+    load = np.zeros(D)
+    for e in order:
+        bb = bits[e] if bits[e] != 0 else 4
+        need = ebytes[bb]
+        best, best_v, any_ok = -1, -np.inf, False
+        for j in range(D):
+            if quota[j] > 0 and gpu_free[devs[j]] >= need:
+                any_ok = True
+                v = score[e, j] - balance * ((load[j] + pop[e]) / speed[j] / demand_per_speed)
+                if best < 0 or v > best_v:
+                    best, best_v = j, v
+        if not any_ok:
+            break
+        d = devs[best]
+        slot, held = -1, False
+        for r in range(dev.shape[1]):
+            if dev[e, r] == d:
+                held = True
+            if slot < 0 and dev[e, r] < 0:
+                slot = r
+        if slot < 0 or held:
+            continue
+        dev[e, slot], tier[e, slot], plan_bits[e, slot] = d, 0, bb
+        gpu_free[d] -= need
+        quota[best] -= 1
+        load[best] += pop[e]
+        assign[e, best] = 1.0
 
 
 class CoELPolicy(Policy):
@@ -155,21 +209,24 @@ class CoELPolicy(Policy):
             if prev is not None and self.affinity is not None:
                 flow = self.affinity[l - 1].T @ (pop[l - 1][:, None] * prev)  # [E, Dr] mass arriving from d
                 score = score + flow / np.maximum(flow.sum(1, keepdims=True), 1e-30)
-            quota = np.ceil(share * E).astype(np.int64)
-            load = np.zeros(len(devs))
             assign = np.zeros((E, len(devs)))
-            for e in np.argsort(-pop[l], kind="stable"):
-                bb = int(bits[l, e]) or 4
-                ok = (quota > 0) & (b.gpu_free[devs] >= b.ebytes[bb])
-                if not ok.any():
-                    break
-                # connected/local devices first, balanced against the finish time of the device's layer work
-                finish = (load + pop[l, e]) / speed / (max(pop[l].sum(), 1e-30) / speed.sum())  # 0 demand: 0
-                j = int(np.argmax(np.where(ok, score[e] - self.balance * finish, -np.inf)))
-                if b.add(l, int(e), int(devs[j]), 0, bb):
-                    quota[j] -= 1
-                    load[j] += pop[l, e]
-                    assign[e, j] = 1.0
+            place_layer(
+                np.argsort(-pop[l], kind="stable"),
+                pop[l],
+                bits[l].astype(np.int64),
+                np.ascontiguousarray(score, dtype=np.float64),
+                speed,
+                max(pop[l].sum(), 1e-30) / speed.sum(),
+                float(self.balance),
+                np.ceil(share * E).astype(np.int64),
+                devs,
+                b.gpu_free,
+                b.ebytes,
+                b.plan.device[l],
+                b.plan.tier[l],
+                b.plan.bits[l],
+                assign,
+            )
             prev = assign
 
     def _replicate(self, b: PlanBuilder, cluster, srv_demand) -> None:
