@@ -501,6 +501,8 @@ class RealBackend:
     def closed_loop_clients(self) -> int:
         """Closed-loop clients per server (0: open loop): `concurrency` if set, else the workload's."""
         n = self.concurrency if self.concurrency is not None else self.cluster.spec.workload.concurrency
+        if n is not None and n < 0:
+            raise ValueError(f"real backend: concurrency {n} must be >= 0 (closed-loop clients per server)")
         return int(n or 0)
 
     def reference(self):
