@@ -4,6 +4,7 @@
     python -m experiments.calibrate scenario=tiny fidelity.plans=8   # another base scenario (a conf/scenario option)
     python -m experiments.calibrate --config-name calibrate_h200     # one H200: every server process on the GPU
     python -m experiments.calibrate --config-name calibrate_h200 rows_from=rows_h200.jsonl   # refit + report only
+    python -m experiments.calibrate --config-name calibrate_h200 rows_from=... predict_with=h200   # no refit
 
 1. micro sweeps on real_backend's own modules: expert matmul vs tokens x bits, attention vs context, the link
    shaper and gloo messages (α/β), tier fetches (CPU memory, SSD file);
@@ -34,7 +35,7 @@ from coel_env.atomic import atomic_write_json, atomic_write_text
 from coel_env.backend.surrogate import SurrogateBackend
 from coel_env.errors import CoELError, ConfigError
 from coel_env.plan.deployment import DeploymentPlan
-from coel_env.specs.hardware import HardwareProfile, QualityModel
+from coel_env.specs.hardware import HardwareProfile, QualityModel, load_hardware_profile
 from coel_env.specs.scenario import scenario_from_dict
 from coel_env.world.cluster import build_cluster
 from experiments.calib import fidelity as fid
@@ -115,6 +116,7 @@ OVERHEADS = (
     "ungrouped_layer_overhead_s",
     "expert_overhead_s",
     "transfer_latency_s",
+    "shared_gpu_handoff_s",
 )
 
 
@@ -146,7 +148,12 @@ def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], 
     per-expert and per-message overheads (and, for servers sharing host cores, the oversubscription exponent) on
     measured TTFT and TPOT (log residuals)."""
     meas = np.concatenate([[r["real"]["ttft_mean_s"] for r in rows], [r["real"]["tpot_mean_s"] for r in rows]])
-    names = OVERHEADS + (("oversubscription_exponent",) if profile.host_cores else ())
+    # servers sharing host cores (the CPU rig): the oversubscription exponent, not GPU hand-offs
+    names = (
+        (*(n for n in OVERHEADS if n != "shared_gpu_handoff_s"), "oversubscription_exponent")
+        if profile.host_cores
+        else OVERHEADS
+    )
 
     def make(x):
         return profile.model_copy(update=dict(zip(names, np.exp(x).tolist())))
@@ -155,10 +162,19 @@ def fit_overheads(profile: HardwareProfile, spec_dicts: dict, rows: list[dict], 
         p = predict_rows(make(x), spec_dicts, rows, seed)
         return np.concatenate([p["ttft_mean_s"], p["tpot_mean_s"]])
 
-    x0 = np.log([1e-3, 1e-3, 1e-4, max(profile.expert_overhead_s, 1e-5), max(profile.transfer_latency_s, 1e-5), 1.0])
-    lo, hi = np.log([1e-7, 1e-7, 1e-7, 1e-7, 1e-7, 1e-2]), np.log([1.0, 1.0, 1.0, 1.0, 1.0, 10.0])
-    n = len(names)
-    x, _ = fit.fit_black_box(predict, meas, x0[:n], lo[:n], hi[:n])
+    start = {
+        "layer_overhead_s": 1e-3,
+        "prefill_layer_overhead_s": 1e-3,
+        "ungrouped_layer_overhead_s": 1e-4,
+        "expert_overhead_s": max(profile.expert_overhead_s, 1e-5),
+        "transfer_latency_s": max(profile.transfer_latency_s, 1e-5),
+        "shared_gpu_handoff_s": 1e-4,
+        "oversubscription_exponent": 1.0,
+    }
+    x0 = np.log([start[k] for k in names])
+    lo = np.log([1e-2 if k == "oversubscription_exponent" else 1e-7 for k in names])
+    hi = np.log([10.0 if k == "oversubscription_exponent" else 1.0 for k in names])
+    x, _ = fit.fit_black_box(predict, meas, x0, lo, hi)
     return make(x)
 
 
@@ -260,6 +276,8 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"install: '{cfg.install}' unknown; allowed: {', '.join(INSTALLS)}")
     if cfg.rows_from is not None and not Path(str(cfg.rows_from)).is_file():
         raise ConfigError(f"rows_from: '{cfg.rows_from}' is not a file (a rows_<profile>.jsonl of an earlier run)")
+    if cfg.get("predict_with") is not None and cfg.rows_from is None:
+        raise ConfigError("predict_with: needs rows_from (the windows of an earlier run it predicts)")
     if not isinstance(cfg.spec_overrides, Mapping):
         raise ConfigError(f"spec_overrides: {cfg.spec_overrides!r} must be a mapping of scenario fields")
 
@@ -389,7 +407,7 @@ def analyze(cfg: DictConfig, profile: HardwareProfile, record: dict, out: Path, 
         tr = predict_rows(profile, specs, train, cfg.seed)
         report["train_fit"] = {k: fit.error_stats(tr[k], _arr([r["real"] for r in train], k)) for k in fid.LATENCY}
         log(f"overheads {report['overheads']} train fit {report['train_fit']}")
-    if cfg.write_profile:
+    if cfg.write_profile and cfg.get("predict_with") is None:
         header = (
             f"Hardware profile '{cfg.profile}' measured by experiments.calibrate "
             f"(device={(record.get('meta') or {}).get('device', cfg.device)}).\n"
@@ -447,7 +465,11 @@ def run(cfg: DictConfig) -> dict:
     if cfg.rows_from is not None:
         record = read_rows(Path(str(cfg.rows_from)))
         report = {"command": command(cfg), "rows_from": str(cfg.rows_from)}
-        analyze(cfg, HardwareProfile(**record["meta"]["profile"]), record, out, report, log)
+        if cfg.get("predict_with") is not None:  # out of sample: a profile fitted on other windows, as it is
+            record["rows"] = [r for r in record["rows"] if r["role"] == "heldout"]
+            analyze(cfg, load_hardware_profile(cfg.predict_with, "predict_with"), record, out, report, log)
+        else:
+            analyze(cfg, HardwareProfile(**record["meta"]["profile"]), record, out, report, log)
         log("done")
         return report
     from coel_env.world.state import Scenario

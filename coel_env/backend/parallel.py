@@ -166,6 +166,7 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
     tpot_grid = pipeline_tpot(dec, hop_d, grid)
     ttft_iso = float((pre + hop_p).sum())
     prefill_work = float(np.maximum(pre, hop_p).max())  # a prefill's time on the busiest stage or hop
+    prefill_var = float(np.maximum(pre - hw.prefill_layer_overhead * layers, 0.0).sum())  # less fixed overheads
     if clients is None:
         clients = (wl.concurrency or 0) * P
     params = sb.params._replace(concurrency=float(clients))
@@ -185,6 +186,7 @@ def serve_parallel(cluster: Cluster, state: ClusterState, bits: int = 16, client
         np.zeros(1),
         np.array([ttft_iso]),
         np.array([prefill_work]),
+        np.array([prefill_var]),
         params,
         I,
         O,

@@ -384,6 +384,7 @@ class Params(NamedTuple):
     step_overhead_s: float  # fixed seconds per step (layers * per-layer overhead)
     ungrouped_overhead_s: float  # fixed seconds per step per layer some GPU computes expert by expert
     prefill_overhead_s: float  # fixed seconds per step that runs a prefill (layers * prefill_layer_overhead_s)
+    handoff_s: float  # lock-step on one shared GPU: seconds per step per hand-off (MoE layers * shared_gpu_handoff_s)
     moe_uses: float  # expert uses per token: MoE layers * top_k
     prune_linear: float  # pair_quality_loss constants
     prune_knee: float
@@ -1229,6 +1230,8 @@ def lockstep_steps(
     overhead: float,
     overhead_p: float,
     out_mean: float,
+    up_n: np.ndarray,
+    handoff: float,
     tpot: np.ndarray,
     ttft: np.ndarray,
 ) -> None:
@@ -1236,7 +1239,10 @@ def lockstep_steps(
     Server s's step waits for the slowest active server and for every unit's work from all active servers. Server
     s2 is active with probability a = `busy_probability`(lam, e2e); mean-field over the others: decode step =
     max(E[max of the isolated steps of s and the active others], own non-expert + transfers + the busiest unit's
-    expected work); a prefill meets the others' typical step (1 prefill + O-1 decode steps per request).
+    expected work); a prefill meets the others' typical step (1 prefill + O-1 decode steps per request). Servers
+    sharing one GPU add to a decode step `handoff` seconds per hand-off to each other live server: 1 + a of them
+    (the graph-replayed decode layers sync with the host at every exchange; the eager prefill's per-layer cost is
+    `overhead_p`).
     tpot/ttft: isolated step times in, lock-step times out."""
     S, U = busy_n.shape[0], busy_n.shape[1]
     act = np.zeros(S)
@@ -1276,7 +1282,11 @@ def lockstep_steps(
                     other += act[s2] * busy_n[s2, u, DECODE]
             w_d = max(w_d, busy_n[s, u, DECODE] + other)
             w_p = max(w_p, busy_n[s, u, PREFILL] + other)
-        new_d[s] = max(e_d, ne_dec_n[s] + comm_d[s] + overhead + w_d)
+        turns = 0.0
+        for s2 in range(S):
+            if s2 != s and up_n[s2]:
+                turns += 1.0 + act[s2]
+        new_d[s] = max(e_d, ne_dec_n[s] + comm_d[s] + overhead + w_d) + turns * handoff
         new_p[s] = max(e_p, ne_pre_n[s] + comm_p[s] + overhead_p + w_p)
     for s in range(S):
         tpot[s] = new_d[s]
@@ -1385,6 +1395,26 @@ def sequence_s(m: StepModel, b: float, params: Params, in_mean: float, out_mean:
 
 
 @njit(cache=True, fastmath=True)
+def synchronized_rounds(params: Params, batch: float) -> bool:
+    """A closed loop of `batch` running equal-length requests whose prompts fit one step's token budget runs in
+    rounds: its clients start together and finish together, so each round is one prefill step of the batch, then
+    O - 1 decode steps at that batch, and no prefill shares a decode step (vLLM's benchmark with --max-concurrency
+    and fixed lengths at small concurrency; the calibration's saturating windows). Varied lengths, or prompts the
+    scheduler admits over several steps, drift apart into the steady state of `continuous_batching`."""
+    in_q, out_q = params.in_q, params.out_q
+    one_step = batch * in_q[0] <= max(params.chunk_tokens, in_q[0])
+    same = in_q.max() == in_q.min() and out_q.max() == out_q.min()
+    return params.concurrency > 0.0 and same and one_step
+
+
+@njit(cache=True, fastmath=True)
+def round_prefill_s(ttft_iso: float, prefill_var: float, batch: float) -> float:
+    """One prefill step of `batch` requests: one request's (ttft_iso) + (batch - 1) times its work that grows with
+    the tokens (prefill_var: expert, transfer and non-expert seconds); the per-step overheads and latency once."""
+    return ttft_iso + (batch - 1.0) * prefill_var
+
+
+@njit(cache=True, fastmath=True)
 def busy_slots_share(
     m: StepModel, b: float, params: Params, in_mean: float, out_mean: float, prefill_work: float, upper: float
 ) -> float:
@@ -1413,6 +1443,7 @@ def continuous_batching(
     fixed: np.ndarray,
     ttft_iso: np.ndarray,
     prefill_work: np.ndarray,
+    prefill_var: np.ndarray,
     params: Params,
     in_mean: float,
     out_mean: float,
@@ -1431,8 +1462,9 @@ def continuous_batching(
     prefill_share = lam * prefill_work (at most MAX_RHO). A server with no KV room for one sequence serves nothing.
     With a closed-loop workload (`concurrency` C requests per server always in the system, as a benchmark that
     submits them all at once) b = min(C, c) slots are busy, the server completes b / S(b) requests/s (`served`;
-    0 otherwise) and the C - b waiting ones wait (C - b) / that rate. Out: tpot (stretched by prefills), ttft
-    without the wait (`prefill_in_steps`), wait, batch, admit_drop, served."""
+    0 otherwise) and the C - b waiting ones wait (C - b) / that rate; equal lengths run in `synchronized_rounds`
+    (prefill_var: a prefill's seconds that grow with its tokens, `round_prefill_s`). Out: tpot (stretched by
+    prefills), ttft without the wait (`prefill_in_steps`), wait, batch, admit_drop, served."""
     S = lam.shape[0]
     grid = params.batch_grid
     for s in range(S):
@@ -1443,12 +1475,18 @@ def continuous_batching(
         admit_drop[s] = 0.0
         wait[s] = 0.0
         served[s] = 0.0
+        first = -1.0  # a round's batched prefill (`synchronized_rounds`), else the steady state's
         if not up[s] or cap < 1.0:
             admit_drop[s] = 1.0
         elif params.concurrency > 0.0:  # closed loop: `concurrency` requests always in the system
             b = min(params.concurrency, cap)
-            share = busy_slots_share(m, b, params, in_mean, out_mean, prefill_work[s], MAX_RHO)
-            svc = sequence_s(m, b, params, in_mean, out_mean, share)
+            if synchronized_rounds(params, b):
+                share = 0.0
+                first = round_prefill_s(m.ttft_iso, prefill_var[s], b)
+                svc = first + (out_mean - 1.0) * decode_step_at(m, b)
+            else:
+                share = busy_slots_share(m, b, params, in_mean, out_mean, prefill_work[s], MAX_RHO)
+                svc = sequence_s(m, b, params, in_mean, out_mean, share)
             served[s] = b / svc
             wait[s] = (params.concurrency - b) / served[s]  # the clients beyond the slots wait their turn
         elif lam[s] > 0.0:
@@ -1483,7 +1521,9 @@ def continuous_batching(
         step = decode_step_at(m, b)
         batch[s] = b
         tpot[s] = step / (1.0 - share)
-        ttft[s] = prefill_in_steps(m.ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
+        if first < 0.0:
+            first = prefill_in_steps(m.ttft_iso, step, in_mean, params.chunk_tokens, b, params.chunked)
+        ttft[s] = first
 
 
 @njit(cache=True, fastmath=True)
@@ -1613,7 +1653,21 @@ def finish(
         if params.lockstep:
             iso_d = tpot.copy()
             iso_p = ttft.copy()
-            lockstep_steps(o_busy[n], lam, ne_dec[si], ne_pre[si], comm_d, comm_p, overhead, overhead_p, O, tpot, ttft)
+            lockstep_steps(
+                o_busy[n],
+                lam,
+                ne_dec[si],
+                ne_pre[si],
+                comm_d,
+                comm_p,
+                overhead,
+                overhead_p,
+                O,
+                up[si],
+                params.handoff_s,
+                tpot,
+                ttft,
+            )
             for s in range(S):
                 couple_d[s] = tpot[s] / iso_d[s] if iso_d[s] > 0.0 else 1.0
                 couple_p[s] = ttft[s] / iso_p[s] if iso_p[s] > 0.0 else 1.0
@@ -1627,6 +1681,7 @@ def finish(
             fixed = np.empty(S)
             transfer_d = np.empty(S)  # decode transfer bandwidth seconds at the reference batch
             prefill_work = np.empty(S)  # GPU seconds of a prefill (what decode steps share the server with)
+            prefill_var = np.empty(S)  # its seconds that grow with the tokens (`round_prefill_s`)
             run_batch = np.empty(S)
             expert_grid = grid[n] * c_host
             ne_grid = st.ne_dec_grid[si] * c_host
@@ -1635,6 +1690,8 @@ def finish(
                 transfer_d[s] = o_time[n, s, DECODE, TRANSFER_S] * c_host * couple_d[s]
                 # a prefill's GPU work, and what an eager prefill step costs beyond a decode step's overhead
                 extra_p = max(overhead_p - overhead, 0.0)
+                var_p = o_time[n, s, PREFILL, EXPERT_S] + o_time[n, s, PREFILL, TRANSFER_S] + ne_pre[si, s]
+                prefill_var[s] = var_p * c_host * couple_p[s]
                 prefill_work[s] = (o_time[n, s, PREFILL, EXPERT_S] + ne_pre[si, s] + extra_p) * c_host * couple_p[s]
                 expert_grid[s] *= couple_d[s]
                 ne_grid[s] *= couple_d[s]
@@ -1649,6 +1706,7 @@ def finish(
                 fixed,
                 ttft * c_host,
                 prefill_work,
+                prefill_var,
                 params,
                 I,
                 O,

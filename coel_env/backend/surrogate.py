@@ -254,6 +254,7 @@ class SurrogateBackend:
             slo_s=float(c.spec.workload.slo_s),
             step_overhead_s=m.num_layers * hw.layer_overhead_s,
             prefill_overhead_s=m.num_layers * hw.prefill_layer_overhead,
+            handoff_s=m.num_moe_layers * hw.shared_gpu_handoff_s,
             ungrouped_overhead_s=float(hw.ungrouped_layer_overhead_s),
             moe_uses=float(m.num_moe_layers * m.top_k),
             prune_linear=float(q.prune_linear),

@@ -152,6 +152,13 @@ class HardwareProfile(BaseModel):
         description="per step, per layer where some GPU computes its experts one by one (not all in GPU memory at "
         "grouped_expert_bits): the real backend's per-expert path syncs with the host to sort the rows by expert",
     )
+    shared_gpu_handoff_s: Annotated[Float, at_most(MAX_SECONDS)] = Field(
+        0.0,
+        ge=0,
+        description="lock-step serving on a rig whose server processes share one GPU (the one-GPU calibration "
+        "machine): per step, per MoE layer and per hand-off of the GPU to another live server's process (one for "
+        "its turn at the layer's exchange, one more when it has requests of its own)",
+    )
     grouped_expert_bits: list[Literal[16, 8, 4]] = Field(
         default_factory=list,
         description="bit-widths whose experts a GPU computes with one grouped kernel per layer (vLLM/SGLang fused "

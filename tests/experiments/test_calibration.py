@@ -463,6 +463,54 @@ def test_fidelity_report_from_rows_has_the_headline_keys(tmp_path):
     assert fitted.layer_overhead_s != base.layer_overhead_s and fitted.dequant_slowdown == base.dequant_slowdown
 
 
+def test_predict_with_reports_a_given_profile_out_of_sample(tmp_path):
+    """rows_from + predict_with: the held-out rows predicted by that profile as it is (no regression, no profile
+    written), the same predictions as `predict_heldout` under it."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import experiments.calibrate as cal
+    from experiments.calib.campaign import read_rows
+
+    rows = tmp_path / "rows.jsonl"
+    _synthetic_rows(rows)
+    overrides = [
+        "e2e.scenarios=[tiny-2srv]",
+        "fidelity.scenarios=[tiny-2srv]",
+        f"rows_from={rows}",
+        "predict_with=cpu-gloo",
+        f"out_dir={tmp_path}",
+        f"profile_path={tmp_path / 'fitted.yaml'}",
+        "fidelity.stem=fidelity_oos",
+    ]
+    with initialize_config_dir(config_dir=str(Path(cal.__file__).parents[1] / "conf"), version_base=None):
+        cfg = compose(config_name="calibrate", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.scenario_name = "tiny"
+    cal.run(cfg)
+    assert not (tmp_path / "fitted.yaml").exists()
+    out = json.loads((tmp_path / "fidelity_oos.json").read_text())
+    record = read_rows(rows)
+    held = [r for r in record["rows"] if r["role"] == "heldout"]
+    specs = {n: s["spec"] for n, s in record["scenarios"].items()}
+    want = cal.predict_heldout(load_hardware_profile("cpu-gloo"), specs, held, 0)
+    got = [r["pred"]["tpot_mean_s"] for r in out["rows"]]
+    np.testing.assert_allclose(got, [r["pred"]["tpot_mean_s"] for r in want], rtol=1e-12)
+
+
+def test_predict_with_needs_rows_from():
+    from hydra import compose, initialize_config_dir
+
+    import experiments.calibrate as cal
+
+    with initialize_config_dir(config_dir=str(Path(cal.__file__).parents[1] / "conf"), version_base=None):
+        cfg = compose(config_name="calibrate", overrides=["predict_with=h200"])
+    with pytest.raises(ConfigError, match=r"^predict_with: needs rows_from"):
+        cal.check_values(cfg)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibrate_on_the_gpu_end_to_end(tmp_path):
