@@ -1,4 +1,4 @@
-"""The surrogate's speed paths (issue 14) give exactly what the two-call formulation they replaced gave: the
+"""The surrogate's speed paths (issue 14) give what the two-call formulation they replaced gave (to 1e-12): the
 primary-replica check inside the serve kernel vs a second serve of the primary replicas and the rule in numpy."""
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def test_primary_check_in_the_kernel_matches_the_two_call_reference(scenario):
         got = SurrogateBackend(be.cluster).serve_arrays(dev, tier, bits, prune, fuse, state, 30.0).fields
         want, use = _two_call_reference(SurrogateBackend(be.cluster), dev, tier, bits, prune, fuse, state, 30.0)
         used += int(use.sum())
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        for k in want:  # the same formulas; fastmath may contract them differently at the two call sites (1 ulp)
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
     assert used > 0  # the primary replicas replaced some plan's metrics
 
 
