@@ -1463,8 +1463,8 @@ def continuous_batching(
     With a closed-loop workload (`concurrency` C requests per server always in the system, as a benchmark that
     submits them all at once) b = min(C, c) slots are busy, the server completes b / S(b) requests/s (`served`;
     0 otherwise) and the C - b waiting ones wait (C - b) / that rate; equal lengths whose b prompts fit one step run
-    in `synchronized_rounds` (prefill_var: a prefill's seconds that grow with its tokens, `round_prefill_s`). Out: tpot (stretched by
-    prefills), ttft without the wait (`prefill_in_steps`), wait, batch, admit_drop, served."""
+    in `synchronized_rounds` (prefill_var: a prefill's seconds that grow with its tokens, `round_prefill_s`).
+    Out: tpot (stretched by prefills), ttft without the wait (`prefill_in_steps`), wait, batch, admit_drop, served."""
     S = lam.shape[0]
     grid = params.batch_grid
     for s in range(S):
