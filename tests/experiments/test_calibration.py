@@ -422,31 +422,36 @@ def _synthetic_rows(path: Path) -> None:
     log.close()
 
 
-def test_fidelity_report_from_rows_has_the_headline_keys(tmp_path):
-    """rows_from: the overhead regression, the fitted profile and <stem>.json/.md/.png from a rows file, with the
-    latency headline keys at the top level and the breakdown per workload."""
-    import json
-
+def _calibrate_from_rows(tmp_path: Path, rows: Path, *extra: str) -> None:
+    """experiments.calibrate.run on a rows file of tiny-2srv windows, writing into tmp_path."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     import experiments.calibrate as cal
 
-    rows = tmp_path / "rows.jsonl"
-    _synthetic_rows(rows)
     overrides = [
         "e2e.scenarios=[tiny-2srv]",
         "fidelity.scenarios=[tiny-2srv]",
         f"rows_from={rows}",
         f"out_dir={tmp_path}",
         f"profile_path={tmp_path / 'fitted.yaml'}",
-        "fidelity.stem=fidelity_test",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(Path(cal.__file__).parents[1] / "conf"), version_base=None):
         cfg = compose(config_name="calibrate", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
     cfg.scenario_name = "tiny"
     cal.run(cfg)
+
+
+def test_fidelity_report_from_rows_has_the_headline_keys(tmp_path):
+    """rows_from: the overhead regression, the fitted profile and <stem>.json/.md/.png from a rows file, with the
+    latency headline keys at the top level and the breakdown per workload."""
+    import json
+
+    rows = tmp_path / "rows.jsonl"
+    _synthetic_rows(rows)
+    _calibrate_from_rows(tmp_path, rows, "fidelity.stem=fidelity_test")
     out = json.loads((tmp_path / "fidelity_test.json").read_text())
     assert np.isfinite(out["latency_mape_pct"]) and -1 <= out["latency_spearman"] <= 1
     s = out["summary"]
@@ -468,28 +473,12 @@ def test_predict_with_reports_a_given_profile_out_of_sample(tmp_path):
     written), the same predictions as `predict_heldout` under it."""
     import json
 
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     import experiments.calibrate as cal
     from experiments.calib.campaign import read_rows
 
     rows = tmp_path / "rows.jsonl"
     _synthetic_rows(rows)
-    overrides = [
-        "e2e.scenarios=[tiny-2srv]",
-        "fidelity.scenarios=[tiny-2srv]",
-        f"rows_from={rows}",
-        "predict_with=cpu-gloo",
-        f"out_dir={tmp_path}",
-        f"profile_path={tmp_path / 'fitted.yaml'}",
-        "fidelity.stem=fidelity_oos",
-    ]
-    with initialize_config_dir(config_dir=str(Path(cal.__file__).parents[1] / "conf"), version_base=None):
-        cfg = compose(config_name="calibrate", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.scenario_name = "tiny"
-    cal.run(cfg)
+    _calibrate_from_rows(tmp_path, rows, "predict_with=cpu-gloo", "fidelity.stem=fidelity_oos")
     assert not (tmp_path / "fitted.yaml").exists()
     out = json.loads((tmp_path / "fidelity_oos.json").read_text())
     record = read_rows(rows)
