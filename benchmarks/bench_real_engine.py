@@ -442,6 +442,7 @@ def saturate(args) -> dict:
         "steps": d["steps"],
         "fast_steps": d["fast_steps"],
         "static": d["static"],
+        "streams_served": d.get("streams_served"),
         "link_bytes": float(bytes_to.sum()),
         **saturation_bound(c, bytes_to, n_out),
     }

@@ -22,7 +22,7 @@ for cfg in ${CONFIGS:-2srv-app:64:64:0 2srv-app:64:64:0+1}; do
     f=$(ls /tmp/satj/saturate_${name}_*.json 2>/dev/null | head -1)
     if [ -n "$f" ]; then python3 -c "import json,sys; d=json.load(open('$f')); d['tree']='$tag'; print(json.dumps(d))" \
       >> "$OUT/saturate.jsonl"; else echo "$name| no result" >> "$LOG"; fi
-    python3 -c "import json; d=json.loads(open('$OUT/saturate.jsonl').readlines()[-1]); print('$name', {k: d[k] for k in ('tok_s','link_bound_tok_s','half_duplex_bound_tok_s','ttft_mean_s','tpot_mean_s','makespan_s','static','steps','fast_steps')})" 2>/dev/null
+    python3 -c "import json; d=json.loads(open('$OUT/saturate.jsonl').readlines()[-1]); print('$name', {k: d[k] for k in ('tok_s','link_bound_tok_s','half_duplex_bound_tok_s','ttft_mean_s','tpot_mean_s','makespan_s','static','streams_served','steps','fast_steps')})" 2>/dev/null
   done
 done
 tail -5 "$LOG"
