@@ -8,6 +8,8 @@ python -m benchmarks.bench_real_engine pstats --dir $OUT/prof --top 25
 python -m benchmarks.bench_real_engine floor --scenario paper-2server-1gpu --engine-step-ms 3.85
 # one MoE layer's message exchange between two server processes (header + request + reply), gloo vs shared memory
 python -m benchmarks.bench_real_engine exchange --device cpu --iters 2000 --out benchmarks/results/engine
+# closed-loop saturating throughput (clients per server, the scenario's lengths) next to its link bound
+python -m benchmarks.bench_real_engine saturate --job 2srv-app --batch 64 --clients 64 --client-servers 0 --out $OUT
 # TPOT (tokens/s) per job and batch of a device run's measured_<variant>_b<batch>.csv files, a column per variant
 python -m benchmarks.bench_real_engine table --dir $OUT --variants gloo shm
 """
@@ -22,6 +24,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _ping(rank: int, conn, iters: int, launches: int, out) -> None:
@@ -356,9 +360,97 @@ def measured_table(directory: str, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def link_directions(cluster, bytes_to: np.ndarray) -> np.ndarray:
+    """Bytes per link direction [2K] (the shaper's buckets) of a [S, S] src -> dst byte matrix."""
+    from real_backend.shaper import LinkShaper
+
+    out = np.zeros(2 * cluster.num_links)
+    for (a, b), hops in LinkShaper._routes(cluster).items():
+        for k, direction in hops:
+            out[2 * k + direction] += bytes_to[a, b]
+    return out
+
+
+def saturation_bound(cluster, bytes_to: np.ndarray, n_out: float) -> dict:
+    """The link-bound throughput of a run's traffic: output tokens per second if its busiest link direction carried
+    its bytes at the nominal rate (directions full duplex, as the shaper's buckets), and if each link's two
+    directions took turns (one chain of requests then replies, no overlap)."""
+    per_dir = link_directions(cluster, bytes_to)
+    rate = np.repeat(cluster.link_bw, 2)
+    busiest = float((per_dir / rate).max())
+    turns = float(((per_dir[0::2] + per_dir[1::2]) / cluster.link_bw).max())
+    return {
+        "bytes_per_out_token_busiest_dir": float(per_dir.max() / n_out),
+        "link_bound_tok_s": n_out / busiest if busiest else float("inf"),
+        "half_duplex_bound_tok_s": n_out / turns if turns else float("inf"),
+    }
+
+
+def saturate(args) -> dict:
+    """Closed-loop saturating run: `--clients` clients on each of `--client-servers`, each sending
+    `--per-client` requests of the scenario's lengths one after another; output tokens/s over the makespan, next
+    to the link bound of the same traffic (`saturation_bound`)."""
+    from benchmarks.bench_testbed import JOBS, scenario_spec
+    from coel_env.plan.deployment import DeploymentPlan
+    from coel_env.world.state import Scenario
+    from real_backend.backend import RealBackend
+
+    name, links = JOBS[args.job]
+    spec = scenario_spec(name, args.model, max_batch=args.batch)
+    if args.batched_tokens:
+        d = spec.model_dump()
+        d["workload"]["max_num_batched_tokens"] = args.batched_tokens
+        spec = type(spec).model_validate(d)
+    sc = Scenario(spec, seed=0)
+    c = sc.cluster
+    plan = DeploymentPlan.uniform(c)
+    state = sc.initial_state(np.random.default_rng(0))
+    window = 60.0
+    state.arrival_rate = np.zeros(c.num_servers)
+    state.arrival_rate[args.client_servers] = args.clients * args.per_client / window
+    be = RealBackend(c, device=args.device, links=links, timeout_s=300.0, measure_quality=False, gen_device=args.device)
+    try:
+        be.reset(plan, state)
+        warm = state.copy()
+        warm.arrival_rate = np.where(state.arrival_rate > 0, 1.0 / window, 0.0)
+        be.concurrency = 1
+        be.serve(plan, warm, window)  # warm-up: one request per client server
+        be.concurrency = args.clients
+        t0 = time.perf_counter()
+        m = be.serve(plan, state, window)
+        wall = time.perf_counter() - t0
+        d = be.last_details
+    finally:
+        be.close()
+    n_out = float(sum(len(t) for t in d["tokens"].values()))
+    bytes_to = np.asarray(d["bytes_to"])
+    return {
+        "job": args.job,
+        "batch": args.batch,
+        "batched_tokens": spec.workload.max_num_batched_tokens,
+        "clients": args.clients,
+        "client_servers": args.client_servers,
+        "requests": d["served"],
+        "input_len": spec.workload.input_len.mean,
+        "output_len": spec.workload.output_len.mean,
+        "out_tokens": n_out,
+        "tok_s": m.tokens_per_s,
+        "makespan_s": d["makespan_s"],
+        "wall_s": wall,
+        "ttft_mean_s": m.ttft_mean_s,
+        "tpot_mean_s": m.tpot_mean_s,
+        "steps": d["steps"],
+        "fast_steps": d["fast_steps"],
+        "static": d["static"],
+        "streams_served": d.get("streams_served"),
+        "link_bytes": float(bytes_to.sum()),
+        **saturation_bound(c, bytes_to, n_out),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange", "table"))
+    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange", "table", "saturate"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=2000)
@@ -369,6 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=50, help="floor: decode steps sampled")
     p.add_argument("--batch", type=int, default=1, help="floor: sequences per decode step")
     p.add_argument("--variants", nargs="*", default=None, help="parity / table: the variants (default: all)")
+    p.add_argument("--model", default=None, help="saturate: a model preset instead of the scenario's (tiny-moe)")
+    p.add_argument("--tag", default="", help="saturate: the result file's tag")
+    p.add_argument("--job", default="2srv-app", help="saturate: a bench_testbed job (scenario, links)")
+    p.add_argument("--clients", type=int, default=64, help="saturate: closed-loop clients per client server")
+    p.add_argument("--client-servers", type=int, nargs="+", default=[0], help="saturate: servers with clients")
+    p.add_argument("--per-client", type=int, default=2, help="saturate: requests each client sends in turn")
+    p.add_argument("--batched-tokens", type=int, default=0, help="saturate: max_num_batched_tokens (0: scenario)")
     args = p.parse_args(argv)
     if args.cmd == "pstats":
         print(pstats_top(args))
@@ -376,11 +475,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "table":
         print(measured_table(args.dir, args.variants or []))
         return
-    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity, "exchange": exchange}[args.cmd](args)
+    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity, "exchange": exchange, "saturate": saturate}[
+        args.cmd
+    ](args)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = f"shm_{args.device}" if args.cmd == "exchange" else args.cmd
+        if args.cmd == "saturate":
+            name = f"saturate_{args.tag or args.job}_b{args.batch}_c{args.clients}"
         (Path(args.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
         if args.cmd == "exchange":
             (Path(args.out) / f"{name}.md").write_text(exchange_md(res))

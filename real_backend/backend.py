@@ -577,6 +577,7 @@ class RealBackend:
             "transport": [r["transport"] for r in res],  # "shm" (one PipeChannel's servers) or "gloo" (process group)
             "transport_fallbacks": [r["transport_fallbacks"] for r in res],  # shm: messages larger than a lane's region
             "tokens_pruned": sum(r["tokens_pruned"] for r in res),
+            "streams_served": [r["streams_served"] for r in res],  # long requests served as streams (dist.py)
             "tokens_fused": sum(r["tokens_fused"] for r in res),
             "bytes_to": np.stack([r["bytes_to"] for r in res]).tolist(),
             "tokens_to": np.stack([r["tokens_to"] for r in res]).tolist(),

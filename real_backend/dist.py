@@ -22,6 +22,7 @@ torch.distributed process group; the bytes booked are the same either way.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -31,6 +32,13 @@ from coel_env.backend.wire import SLOT_BYTES, STAMP_BYTES, reply_row_bytes, requ
 from real_backend.shaper import LinkShaper, now, sleep_until
 from real_backend.tiers import ExpertStore
 from real_backend.transport import GlooTransport, Request, ShmTransport
+
+STREAM_ENV = "COEL_REAL_STREAM_ROWS"  # a request of more rows is served as a stream, chunks of this many rows
+
+
+def stream_rows() -> int:
+    """Rows per chunk of a streamed request (`COEL_REAL_STREAM_ROWS`, default 256: ~1 MB, 8 ms at 1 Gb/s)."""
+    return max(int(os.environ.get(STREAM_ENV, "256")), 1)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,6 +127,7 @@ class Dispatcher:
         self.static = None  # a static.StaticServe: peers' rows served by captured graphs (set by the server)
         self.version = 0  # configurations so far (graphs capture the targets)
         self.slot_bytes = SLOT_BYTES  # int32 expert id + fp32 gate weight per slot
+        self.stream_rows = stream_rows()
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -129,6 +138,7 @@ class Dispatcher:
         self.tokens_pruned = 0  # rows pruned
         self.tokens_fused = 0  # rows merged away
         self.remote_tokens_served = 0  # request rows this server computed for its peers
+        self.streams_served = 0  # requests served as streams (`_serve_stream`)
         self.comm_wait_s = 0.0
         self.transport.fallbacks = 0
 
@@ -305,22 +315,57 @@ class Dispatcher:
     def _serve_peers(self, layer: int, dtype: torch.dtype, k: int, req_row: int, rep_row: int) -> None:
         """Serve the peers' rows of the layer: one combined row back per request row (a captured graph straight
         from and to the lanes' regions where `self.static` can, real_backend/static.py)."""
-        hb = 8 * k  # slot-header bytes of a row (ids then weights)
         for q in self.recv_from[layer]:
             n, stamp, buf = self.transport.request(q)
             if n == 0:
                 continue
-            self._wait(stamp)
             self.remote_tokens_served += n
+            if n > self.stream_rows and self.shaper is not None:
+                self._serve_stream(layer, q, self._rows(buf, n, req_row), stamp, dtype, k, req_row, rep_row)
+                continue
+            self._wait(stamp)
             if self.static is not None and self.static.serves(layer, q, n):
                 self.static.serve(layer, q, n)
                 self.transport.reply_written(q, self._book(q, n * rep_row + STAMP_BYTES), n)
                 continue
-            rows = buf.to(self.device, non_blocking=True).view(n, req_row)
-            ids = _as(rows[:, : hb // 2], torch.int32)
-            w = _as(rows[:, hb // 2 : hb], torch.float32)
-            y = self._combine(layer, _as(rows[:, hb:], dtype), ids, w)
+            rows = self._rows(buf, n, req_row)
+            y = self._combine(layer, *self._slots(rows, dtype, k))
             self.transport.reply(q, self._book(q, n * rep_row + STAMP_BYTES), y)
+
+    def _rows(self, buf: torch.Tensor, n: int, req_row: int) -> torch.Tensor:
+        return buf.to(self.device, non_blocking=True).view(n, req_row)
+
+    @staticmethod
+    def _slots(rows: torch.Tensor, dtype: torch.dtype, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Request rows [n, row] bytes as (hidden [n, d], expert ids [n, k] int32, weights [n, k] fp32)."""
+        hb = 8 * k  # slot-header bytes of a row (ids then weights)
+        return _as(rows[:, hb:], dtype), _as(rows[:, : hb // 2], torch.int32), _as(rows[:, hb // 2 : hb], torch.float32)
+
+    def _serve_stream(
+        self, layer: int, q: int, rows: torch.Tensor, stamp: float, dtype, k: int, req_row: int, rep_row: int
+    ) -> None:
+        """A long request served as the stream it is on the wire: each chunk of `stream_rows` rows computed once it
+        has arrived (the stamp is the last byte's arrival; earlier bytes arrive earlier by the rest's
+        serialization), the reply booked once the first chunk is computed (it streams back while the request still
+        streams in, on the other direction) and delivered no earlier than its last chunk can follow. One message
+        each way, the bytes booked as for any message."""
+        n, me, sh, c = rows.shape[0], self.rank, self.shaper, self.stream_rows
+        self.streams_served += 1
+        x, ids, w = self._slots(rows, dtype, k)
+        y = torch.empty_like(x)
+        booked = None
+        for a in range(0, n, c):
+            b = min(a + c, n)
+            self._wait(stamp - sh.serialization_s(q, me, (n - b) * req_row))
+            y[a:b] = self._combine(layer, x[a:b], ids[a:b], w[a:b])
+            if booked is None:
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()  # the first chunk is computed
+                booked = self._book(q, n * rep_row + STAMP_BYTES)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        last = (n - 1) % c + 1
+        self.transport.reply(q, max(booked, sh.tail_arrival(me, q, last * rep_row)), y)
 
     def row_bytes(self, d: int, elem: int, k: int) -> tuple[int, int]:
         """Bytes of a request row and of a reply row (wire.py)."""

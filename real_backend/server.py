@@ -393,6 +393,7 @@ class ServerProcess:
             "tokens_pruned": d.tokens_pruned,
             "tokens_fused": d.tokens_fused,
             "remote_tokens_served": d.remote_tokens_served,
+            "streams_served": d.streams_served,
             "comm_wait_s": d.comm_wait_s,
             "transport": d.transport.name,
             "transport_fallbacks": d.transport.fallbacks,  # shm: messages over the process group (larger than a lane)

@@ -125,6 +125,19 @@ class LinkShaper:
             arrive += float(self.cluster.pair_latency[src, dst])
         return arrive
 
+    def serialization_s(self, src: int, dst: int, nbytes: int) -> float:
+        """Seconds `nbytes` take on the route's slowest hop (0 without bandwidth shaping): how long before a booked
+        message's last byte its earlier bytes arrive (the route is cut-through)."""
+        if not self.bandwidth or src == dst:
+            return 0.0
+        return nbytes / float(min(self.rate[k] for k, _ in self.routes[src, dst]))
+
+    def tail_arrival(self, src: int, dst: int, nbytes: int) -> float:
+        """When the last `nbytes` of a stream already booked arrive if they are sent now: their serialization on
+        the route plus its latency (a streamed reply cannot end before its last chunk, computed now, crosses)."""
+        lat = float(self.cluster.pair_latency[src, dst]) if self.latency else 0.0
+        return now() + self.serialization_s(src, dst, nbytes) + lat
+
     def reserve_cloud(self, nbytes: int) -> float:
         """Book a download from the checkpoint store over the WAN."""
         t = now()
