@@ -269,11 +269,13 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
             elapsed = time.time() - started
             log.info("[evaluate] %d/%d episodes (%s/%s done), %.0f s", done[0], total, scenario, policy, elapsed)
 
+    release_backends = cfg.backend.name != "surrogate"  # server processes: closed after each instance
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
         base_envs = {i.routing_seed: gym.make("CoEL-v0", **kwargs, scenario_seed=i.routing_seed) for i in insts}
         sc_knobs = knobs.get(str(scenario), {})
         sc_rows = []
+        setups = []  # per policy that fits: its envs, agent and config; episodes are run instance by instance below
         for name in names:
             kw = dict(pkw.get(name, {}) or {})
             envs, env_kw, agent = base_envs, kwargs, None
@@ -308,11 +310,17 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 "git": commit,
             }
             cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            eps = []
-            for inst in insts:
-                env = envs[inst.routing_seed]
+            setups.append(
+                {"name": name, "kw": kw, "envs": envs, "agent": agent, "config": config, "cid": cid, "eps": []}
+            )
+        # instance by instance, every policy: a backend with processes (real) is started once per instance's env
+        # and released after it, so the GPU holds at most one instance's servers per action space
+        for k, inst in enumerate(insts):
+            for st in setups:
+                name, env = st["name"], st["envs"][inst.routing_seed]
                 bar.set_postfix_str(f"{scenario}/{name}/{inst.label}")
-                policy = agent if agent is not None else build_policy(name, kw, inst.seed, sc_knobs)
+                agent = st["agent"]
+                policy = agent if agent is not None else build_policy(name, st["kw"], inst.seed, sc_knobs)
                 t0 = time.perf_counter()
                 ep = run_episode(env, policy, inst.seed, predictor=predictor(env, cfg))
                 ep.update(
@@ -322,22 +330,27 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                     routing_seed=inst.routing_seed,
                     seed=inst.seed,
                     wall_s=time.perf_counter() - t0,
-                    config_id=cid,
+                    config_id=st["cid"],
                 )
-                eps.append(ep)
+                st["eps"].append(ep)
                 bar.update(1)
-            status(scenario, name, len(insts))
-            if envs is not base_envs:
-                for env in envs.values():
+                if k == len(insts) - 1:
+                    status(scenario, name, len(insts))
+            if release_backends:
+                for st in setups:
+                    st["envs"][inst.routing_seed].close()
+        for st in setups:
+            if st["envs"] is not base_envs:
+                for env in st["envs"].values():
                     env.close()
             sc_rows.append(
                 {
                     "scenario": scenario,
-                    "policy": name,
-                    "kind": kind_of(name, agent is not None),
-                    "episodes": eps,
-                    "config_id": cid,
-                    "config": json.dumps(config, sort_keys=True, default=str),
+                    "policy": st["name"],
+                    "kind": kind_of(st["name"], st["agent"] is not None),
+                    "episodes": st["eps"],
+                    "config_id": st["cid"],
+                    "config": json.dumps(st["config"], sort_keys=True, default=str),
                 }
             )
         for env in base_envs.values():

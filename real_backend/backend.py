@@ -33,6 +33,7 @@ import inspect
 import shutil
 import socket
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from real_backend.quant import quality
 from real_backend.server import WorkerSpec
 from real_backend.shaper import NetnsTopology
 from real_backend.torchrun import TorchrunChannel, TorchrunSession, torchrun_env
+from real_backend.warmup import warm_requests
 
 LINK_MODES = ("app", "netns", "none")
 ROUTE_MODES = ("traces", "router")
@@ -66,6 +68,7 @@ OPTIONS = {
     "timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
     "start_timeout_s": Arg(float, 0, MAX_SECONDS, open_low=True),
     "measure_quality": Arg(bool, optional=True),
+    "warmup": Arg(bool, optional=True),
     "cpu_compute": Arg(bool, optional=True),
     "prefetch": Arg(int, 0, MAX_EXPERTS),
     "max_requests_per_server": Arg(int, 1, optional=True),
@@ -101,6 +104,9 @@ class RealBackend:
     (WORLD_SIZE must equal the number of servers; ranks != 0 serve rank 0 and exit without returning from here;
     no crash/hang injection, no restart after a failure); "auto" picks torchrun when torchrun's variables are set.
 
+    `warmup`: after every reset / apply, serve warm-up requests unmeasured (`real_backend.warmup`), so a window
+    measures serving, not the first steps' graph captures and expert re-stacking (default: on for CUDA only).
+
     Failures (see the module docstring): any server failure raises `ServerError` naming the server, after every
     server process has been stopped; a server that died between steps is reported by the next reset / apply /
     serve (never restarted silently); the call after the error starts fresh servers (under torchrun: raises,
@@ -128,6 +134,7 @@ class RealBackend:
         routing: RoutingModel | None = None,
         gen_device: str = "cpu",
         launcher: str = "auto",
+        warmup: bool | None = None,
     ):
         self.channel: PipeChannel | TorchrunChannel | None = None  # first: close() / __del__ work on a failed init
         self.session: TorchrunSession | None = None
@@ -148,6 +155,7 @@ class RealBackend:
             links=links,
             route_from=route_from,
             launcher=launcher,
+            warmup=warmup,
         )
         ok = {k: OPTIONS[k].check(f"real backend: {k}", v) for k, v in given.items()}
         seed, timeout_s, start_timeout_s = ok["seed"], ok["timeout_s"], ok["start_timeout_s"]
@@ -179,6 +187,10 @@ class RealBackend:
         self.cpu_compute = cluster.hw.cpu_compute if cpu_compute is None else cpu_compute
         self.prefetch, self.max_requests, self.threads = prefetch, max_requests_per_server, threads
         self.gen_device = gen_device  # "cuda": server processes draw random weights on their GPU (other values)
+        # serve warm-up requests, unmeasured, after every reset / apply (None: on CUDA, where the first steps of a
+        # plan re-stack the grouped experts and capture CUDA graphs); their wall seconds: `last_warmup_s`
+        self.warmup = device == "cuda" if warmup is None else warmup
+        self.last_warmup_s = 0.0
         self.current: DeploymentPlan | None = None
         self._ref = None
         self.window_index = 0
@@ -291,6 +303,8 @@ class RealBackend:
         arrs = {"device": plan.device, "tier": plan.tier, "bits": plan.bits}
         self._call("reset", [arrs] * self.cluster.num_servers)
         self.current = plan.copy()
+        self.window_index = 0  # the k-th window after a reset draws the same requests whatever ran before (paired runs)
+        self._warm_up(plan, state)
 
     def apply(self, plan: DeploymentPlan, state: ClusterState) -> MigrationReport:
         c = self.cluster
@@ -303,6 +317,7 @@ class RealBackend:
         arg = {"moves": moves, "removes": removes, "device": plan.device, "link_factor": state.link_factor}
         res = self._call("apply", [arg] * c.num_servers)
         self.current = plan.copy()
+        self._warm_up(plan, state)
         pair = np.stack([r["pair"] for r in res])  # [src, dst] bytes
         link = c.pair_to_links(pair)
         return MigrationReport(
@@ -342,7 +357,15 @@ class RealBackend:
             arrived = np.array([len(r) for r in requests], dtype=np.float64)
         if dropped is None:
             dropped = np.zeros(c.num_servers)
-        wl = c.spec.workload
+        res = self._serve(plan, state, requests, self.measure_quality)
+        self.last_requests = requests
+        return self._metrics(res, requests, arrived, dropped, window_s, state)
+
+    def _serve(
+        self, plan: DeploymentPlan, state: ClusterState, requests: list[list[dict]], want_logits: bool
+    ) -> list[dict]:
+        """The servers' "serve" command for given requests (per server) under the installed plan."""
+        c = self.cluster
         arg = [
             {
                 "requests": requests[s],
@@ -350,16 +373,39 @@ class RealBackend:
                 "prune": self._pair_matrix(plan.prune),
                 "fuse": self._pair_matrix(plan.fuse).astype(bool),
                 "fusion_fraction": c.hw.quality.fusion_fraction,
-                "max_batch": wl.max_batch,
-                "want_logits": self.measure_quality,
+                "max_batch": c.spec.workload.max_batch,
+                "want_logits": want_logits,
                 "link_factor": state.link_factor,
             }
             for s in range(c.num_servers)
         ]
-        timeout = self.timeout_s + 5.0 * sum(len(r) for r in requests)
-        res = self._call("serve", arg, timeout)
-        self.last_requests = requests
-        return self._metrics(res, requests, arrived, dropped, window_s, state)
+        return self._call("serve", arg, self.timeout_s + 5.0 * sum(len(r) for r in requests))
+
+    def _warm_up(self, plan: DeploymentPlan, state: ClusterState) -> None:
+        """Serve `warmup.warm_requests` (the workload's mean prompt, max_batch requests per live server), unmeasured,
+        when `warmup` is on; their wall seconds go to `last_warmup_s`, not into any window's or migration's metrics
+        (a one-time cost of this engine's install: a serving engine captures its graphs once, at start)."""
+        self.last_warmup_s = 0.0
+        if not self.warmup:
+            return
+        wl = self.cluster.spec.workload
+        rng = np.random.default_rng([self.seed, 1 << 20, self.window_index])
+        reqs = warm_requests(
+            self, state, max(int(wl.input_len.mean), 1), rng, int(wl.max_batch), self._live_experts(plan, state)
+        )
+        t0 = time.perf_counter()
+        self._serve(plan, state, reqs, want_logits=False)
+        self.last_warmup_s = time.perf_counter() - t0
+
+    def _live_experts(self, plan: DeploymentPlan, state: ClusterState) -> np.ndarray:
+        """[L, E] bool: the expert has a replica on a live server."""
+        c = self.cluster
+        live = np.zeros(plan.device.shape[:2], dtype=bool)
+        up_dev = state.server_up[c.dev_server]
+        for r in range(plan.device.shape[-1]):
+            d = plan.device[:, :, r]
+            live |= (d >= 0) & up_dev[np.maximum(d, 0)]
+        return live
 
     def close(self) -> None:
         """Close the servers ("close" command, then terminate/kill what is left). Idempotent, bounded (at worst
@@ -451,11 +497,7 @@ class RealBackend:
         rng = np.random.default_rng([self.seed, self.window_index])
         self.window_index += 1
         S = c.num_servers
-        live = np.zeros((self.cfg.num_moe_layers, self.cfg.num_experts), dtype=bool)
-        up_dev = state.server_up[c.dev_server]
-        for r in range(plan.device.shape[-1]):
-            d = plan.device[:, :, r]
-            live |= (d >= 0) & up_dev[np.maximum(d, 0)]
+        live = self._live_experts(plan, state)
         requests: list[list[dict]] = [[] for _ in range(S)]
         arrived, dropped = np.zeros(S), np.zeros(S)
         rid = 0
@@ -625,14 +667,14 @@ class RealBackend:
         self.channel.inject(server, fault)
 
 
-def make_real_backend(cluster: Cluster, **kw) -> RealBackend:
-    """Factory hook for the environment's `make_backend("real", cluster, **kw)`; an unknown option is a one-line
-    ConfigError naming the allowed ones."""
+def make_real_backend(cluster: Cluster, routing: RoutingModel | None = None, **kw) -> RealBackend:
+    """Factory hook for the environment's `make_backend("real", cluster, routing, **kw)` (`routing`: the scenario's
+    routing model); an unknown option is a one-line ConfigError naming the allowed ones."""
     allowed = [n for n in inspect.signature(RealBackend.__init__).parameters if n not in ("self", "cluster")]
     unknown = [k for k in kw if k not in allowed]
     if unknown:
         raise ConfigError(f"real backend: unknown option '{unknown[0]}'; allowed: {', '.join(allowed)}")
-    return RealBackend(cluster, **kw)
+    return RealBackend(cluster, routing=routing, **kw)
 
 
 @atexit.register

@@ -56,7 +56,7 @@ class CoELEnv(gym.Env):
             raise ConfigError(f"render_mode: unknown '{render_mode}'; allowed: ansi, rgb_array")
         self.scenario = build_scenario(scenario, scenario_seed)
         self.cluster = self.scenario.cluster
-        self.backend = make_backend(backend, self.cluster, **(backend_kwargs or {}))
+        self.backend = make_backend(backend, self.cluster, self.scenario.routing, **(backend_kwargs or {}))
         self.core = CoELCore(
             self.scenario,
             self.backend,

@@ -40,7 +40,7 @@ class CoELVectorEnv(VectorEnv):
         kwargs.pop("render_mode", None)
         self.scenario = build_scenario(scenario, scenario_seed)
         self.cluster = self.scenario.cluster
-        self.backend = make_backend(backend, self.cluster, **(backend_kwargs or {}))
+        self.backend = make_backend(backend, self.cluster, self.scenario.routing, **(backend_kwargs or {}))
         self.core = CoELCore(self.scenario, self.backend, num_envs, **kwargs)
         self.num_envs = num_envs
         self.single_action_space = self.core.codec.space

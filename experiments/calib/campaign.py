@@ -28,7 +28,6 @@ from experiments.calib.workloads import Load
 
 ROLES = ("train", "heldout")
 INSTALLS = ("reset", "apply")
-WARMUP_TOKENS = 4  # output tokens of the warm-up request each server serves before the first window
 MAX_FAILURES = 2  # server failures (crash, hang, out of memory) after which a scenario's other windows are left out
 
 
@@ -173,25 +172,6 @@ def plan_fields(plan: DeploymentPlan) -> dict:
     }
 
 
-def warm_requests(
-    backend, state: ClusterState, n_in: int, rng: np.random.Generator, batch: int = 1
-) -> list[list[dict]]:
-    """`batch` short requests per server at t = 0 (forced routes) with WARMUP_TOKENS, +1, ... output tokens, so the
-    decode batch passes through every size from `batch` down to 1: kernels, per-batch-size CUDA graphs, the grouped
-    experts' stacks and the links are warm before a window is measured."""
-    out = []
-    for s in range(backend.cluster.num_servers):
-        reqs = []
-        for j in range(batch):
-            n_out = WARMUP_TOKENS + j
-            routes = backend.routing.sample(state.domain_mix[s], n_in + n_out - 1, rng).astype(np.int16)
-            prompt = rng.integers(0, backend.cfg.vocab_size, n_in)
-            rid = 1 + s * batch + j
-            reqs.append({"rid": rid, "arrival": 0.0, "max_new": n_out, "prompt": prompt, "routes": routes, "server": s})
-        out.append(reqs)
-    return out
-
-
 @dataclass
 class Campaign:
     """Runs ScenarioJobs on the real backend and writes their rows (see the module docstring)."""
@@ -263,6 +243,7 @@ class Campaign:
                         threads=self.threads,
                         device=self.device,
                         gen_device=self.device,
+                        warmup=False,  # install_plan warms each plan at its job's lengths
                     )
                 try:
                     if installed is not pj:
@@ -292,6 +273,8 @@ class Campaign:
         install starts the servers), then warm it up unmeasured (`warm_requests` at the workload's max_batch: the
         first steps after an install re-stack the grouped experts and capture CUDA graphs per batch size). Returns
         the install's seconds (0 for the first: a start)."""
+        from real_backend.warmup import warm_requests
+
         t0 = time.perf_counter()
         first = not rb.alive
         if self.install == "reset" or first:

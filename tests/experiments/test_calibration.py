@@ -537,20 +537,3 @@ def test_calibrate_on_the_gpu_end_to_end(tmp_path):
     out = json.loads((tmp_path / "fid.json").read_text())
     assert {"latency_mape_pct", "latency_spearman"} <= set(out) and out["summary"]["device"] == "cuda"
     assert load_hardware_profile(tmp_path / "p.yaml").cpu_compute is False
-
-
-def test_warm_up_walks_the_decode_batch_down_to_one():
-    """Every install is warmed up with max_batch requests per server of 1, 2, ... more output tokens each: the decode
-    batch passes through every size (a CUDA graph each) before a window is measured."""
-    from types import SimpleNamespace
-
-    from experiments.calib.campaign import WARMUP_TOKENS, warm_requests
-
-    routing = SimpleNamespace(sample=lambda mix, n, rng: np.zeros((n, 2)))
-    cluster, cfg = SimpleNamespace(num_servers=2), SimpleNamespace(vocab_size=50)
-    backend = SimpleNamespace(cluster=cluster, routing=routing, cfg=cfg)
-    out = warm_requests(backend, SimpleNamespace(domain_mix=np.ones((2, 1))), 8, np.random.default_rng(0), batch=3)
-    assert [len(r) for r in out] == [3, 3]
-    assert [q["max_new"] for q in out[1]] == [WARMUP_TOKENS, WARMUP_TOKENS + 1, WARMUP_TOKENS + 2]
-    assert len({q["rid"] for r in out for q in r}) == 6
-    assert all(q["server"] == s and len(q["routes"]) == 8 + q["max_new"] - 1 for s, r in enumerate(out) for q in r)
