@@ -68,7 +68,7 @@ from coel_env.benchmark.score import (
 from coel_env.benchmark.stats import paired_difference, probability_of_improvement, stratified_bootstrap_ci
 from coel_env.errors import ConfigError
 from coel_env.specs import load_scenario_spec, scenario_with_hardware
-from experiments.cli_checks import require_int, run_in_output_dir
+from experiments.cli_checks import require_int, require_nonnegative, run_in_output_dir
 from experiments.results_io import save_png, write_csv
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def check(cfg: DictConfig) -> None:
     require_int(cfg.seeds, "seeds", 1)
     require_int(cfg.seed_offset, "seed_offset", 0)
     require_int(cfg.max_epochs, "max_epochs", 1)
+    if cfg.get("time_budget_s") is not None:
+        require_nonnegative(cfg.time_budget_s, "time_budget_s")
     for key in ("policies", "scenarios"):
         value = cfg.get(key)
         if isinstance(value, str) or not hasattr(value, "__len__") or not len(value):
@@ -263,13 +265,15 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress_bar and tty))
     started, done = time.time(), [0]
 
-    def status(scenario: str, policy: str, episodes: int) -> None:
-        done[0] += episodes
-        if cfg.progress_bar and not tty:
+    def status(what: str, wall_s: float) -> None:
+        done[0] += 1
+        if cfg.progress_bar and not tty:  # in a log file: one line per episode
             elapsed = time.time() - started
-            log.info("[evaluate] %d/%d episodes (%s/%s done), %.0f s", done[0], total, scenario, policy, elapsed)
+            log.info("[evaluate] %d/%d episodes (%s: %.1f s), %.0f s", done[0], total, what, wall_s, elapsed)
 
     release_backends = cfg.backend.name != "surrogate"  # server processes: closed after each instance
+    budget = None if cfg.get("time_budget_s") is None else float(cfg.time_budget_s)
+    done_insts: dict[str, int] = {}  # instances completed per scenario (all of them unless time_budget_s stopped)
     for scenario in cfg.scenarios:
         kwargs = env_kwargs(cfg, scenario)
         base_envs = {i.routing_seed: gym.make("CoEL-v0", **kwargs, scenario_seed=i.routing_seed) for i in insts}
@@ -292,7 +296,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                     for env in envs.values():
                         env.close()
                     bar.update(len(insts))
-                    status(scenario, name, len(insts))
+                    done[0] += len(insts)
                     continue
             if name in TUNED or name in SPECIAL:
                 bases = [TUNED[name]] if name in TUNED else (["coel"] if name == "never_update" else ["coel", "eplb"])
@@ -309,13 +313,20 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 "score": SCORE_VERSION,
                 "git": commit,
             }
-            cid = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            setups.append(
-                {"name": name, "kw": kw, "envs": envs, "agent": agent, "config": config, "cid": cid, "eps": []}
-            )
+            setups.append({"name": name, "kw": kw, "envs": envs, "agent": agent, "config": config, "eps": []})
         # instance by instance, every policy: a backend with processes (real) is started once per instance's env
         # and released after it, so the GPU holds at most one instance's servers per action space
-        for k, inst in enumerate(insts):
+        completed = 0
+        for inst in insts:
+            if budget is not None and time.time() - started > budget and completed:
+                log.warning(
+                    "time_budget_s %.0f s spent: %s stops after %d of %d instances",
+                    budget,
+                    scenario,
+                    completed,
+                    len(insts),
+                )
+                break
             for st in setups:
                 name, env = st["name"], st["envs"][inst.routing_seed]
                 bar.set_postfix_str(f"{scenario}/{name}/{inst.label}")
@@ -330,16 +341,20 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                     routing_seed=inst.routing_seed,
                     seed=inst.seed,
                     wall_s=time.perf_counter() - t0,
-                    config_id=st["cid"],
                 )
                 st["eps"].append(ep)
                 bar.update(1)
-                if k == len(insts) - 1:
-                    status(scenario, name, len(insts))
+                status(f"{scenario}/{name}/{inst.label}", ep["wall_s"])
             if release_backends:
                 for st in setups:
                     st["envs"][inst.routing_seed].close()
+            completed += 1
+        done_insts[str(scenario)] = completed
         for st in setups:
+            st["config"]["instances"] = st["config"]["instances"][:completed]
+            cid = hashlib.sha1(json.dumps(st["config"], sort_keys=True, default=str).encode()).hexdigest()[:8]
+            for ep in st["eps"]:
+                ep["config_id"] = cid
             if st["envs"] is not base_envs:
                 for env in st["envs"].values():
                     env.close()
@@ -349,7 +364,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                     "policy": st["name"],
                     "kind": kind_of(st["name"], st["agent"] is not None),
                     "episodes": st["eps"],
-                    "config_id": st["cid"],
+                    "config_id": cid,
                     "config": json.dumps(st["config"], sort_keys=True, default=str),
                 }
             )
@@ -375,7 +390,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
     agg = aggregate(rows, episodes) if len(cfg.scenarios) > 1 else []
     if agg:
         write_csv(out / "leaderboard_all.csv", agg)
-    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, insts, skipped))
+    reported = insts[: min(done_insts.values())] if done_insts else insts
+    atomic_write_text(out / "leaderboard.md", markdown(rows, cfg, agg, reported, skipped, done_insts))
     if cfg.plots:
         plot(rows, out)
     return rows
@@ -535,7 +551,14 @@ def _kind_label(r: dict) -> str:
     return {"bound": " (bound)", "reference": " (ref)", "agent": " (agent)"}.get(r["kind"], "")
 
 
-def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, skipped: list[dict] = ()) -> str:
+def markdown(
+    rows: list[dict],
+    cfg: DictConfig,
+    agg: list[dict],
+    insts: list,
+    skipped: list[dict] = (),
+    done_insts: dict[str, int] | None = None,
+) -> str:
     titles = {k: (t, sc) for k, t, sc in METRICS}
     lines = [
         f"# CoEL-Gym leaderboard ({cfg.backend.name} backend)",
@@ -556,6 +579,13 @@ def markdown(rows: list[dict], cfg: DictConfig, agg: list[dict], insts: list, sk
         f"(`{cfg.env.reward_space}`) summed over the episode, shown for reference, not ranked.",
         "",
     ]
+    if done_insts and any(n < int(cfg.seeds) for n in done_insts.values()):
+        counts = ", ".join(f"{k}: {n}" for k, n in done_insts.items())
+        lines += [
+            f"**Stopped by `time_budget_s` ({float(cfg.time_budget_s):g} s):** of {int(cfg.seeds)} instances asked, "
+            f"completed per scenario: {counts}.",
+            "",
+        ]
     if len(insts) < 10:
         lines += [f"**Warning:** {len(insts)} instances per scenario; the benchmark asks for at least 10.", ""]
     for scenario in dict.fromkeys(r["scenario"] for r in rows):

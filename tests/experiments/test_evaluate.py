@@ -53,3 +53,35 @@ def test_evaluate_end_to_end(tmp_path):
     assert "## tiny" in md and "Ranked on the official score" in md and rows[0]["config_id"] in md
     assert "at least 10" in md  # two instances: the report warns
     assert (out / "leaderboard_score.png").stat().st_size > 1000
+
+
+def test_time_budget_reports_the_completed_instances(tmp_path):
+    """time_budget_s: no instance starts after the budget (here 0: only the first runs), and the leaderboard says
+    how many of the asked instances it reports; every episode of that instance is there for every policy."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "scenarios=[tiny]",
+        "policies=[static_linear,eplb]",
+        "add_references=false",
+        "seeds=3",
+        "max_epochs=1",
+        "time_budget_s=0",
+        "logger=disabled",
+        "plots=false",
+        "progress_bar=false",
+        f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert {r["policy"] for r in rows} == {"static_linear", "eplb"} and all(int(r["episodes"]) == 1 for r in rows)
+    assert all(
+        json.loads(r["config"])["instances"] == [[i.routing_seed, i.seed] for i in instances("test", 1)] for r in rows
+    )
+    eps = list(csv.DictReader((out / "episodes.csv").open()))
+    assert sorted((e["policy"], e["instance"]) for e in eps) == [("eplb", "test0"), ("static_linear", "test0")]
+    assert "Stopped by `time_budget_s`" in (out / "leaderboard.md").read_text()
