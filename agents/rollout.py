@@ -22,6 +22,8 @@ EPISODE_METRICS = (
     "infeasible",
 )
 _PER_EPOCH = ("e2e_p95_s", "tokens_per_s", "quality_loss", "energy_j", "late_frac")
+_WINDOW = ("window_e2e_p95_s", "migration_s")  # with a predictor: the window alone, and the step's migration time
+_DISRUPTED = ("e2e_mean_s", "ttft_mean_s", "e2e_p95_s", "ttft_p95_s", "tokens_per_s", "late_frac")
 
 
 def run_episode(
@@ -31,9 +33,11 @@ def run_episode(
 
     Plan policies step with `step_plan` (their own plan, no encoding loss; the first decision always deploys);
     action policies with `step`, unless their `act` returns a Decision (e.g. an agent steering a heuristic).
-    With a `predictor` backend (the surrogate, while the env runs the real backend), every served window is also
-    predicted for the same plan and state: `pred_<metric>` fields sit next to the measured ones (`pred_score_raw`:
-    the official score's utility of the predicted windows).
+    With a `predictor` backend (the surrogate, while the env runs the real backend), every step is also predicted
+    for the same plans and state (`predicted_step`: its migration time through the env's disruption model, and
+    the window): `pred_<metric>` fields sit next to the measured ones (`pred_score_raw`: the official score's
+    utility of the predicted steps), plus the window alone (`window_e2e_p95_s`) and the migration time
+    (`migration_s`), measured and predicted.
     `score_raw` is the mean per-epoch utility of the official score (coel_env.benchmark.score; not normalized) and
     `infeasible` the fraction of epochs over its quality budget."""
     from coel_env.benchmark.score import epoch_feasible, epoch_utility
@@ -44,9 +48,11 @@ def run_episode(
     policy.reset(core.cluster, seed=seed, scenario=core.scenario)
     rec: dict[str, list[float]] = {k: [] for k in (*_PER_EPOCH, "decide_ms", "score_raw", "infeasible")}
     if predictor is not None:
+        rec.update({f"{p}{k}": [] for p in ("", "pred_") for k in _WINDOW})
         rec.update({f"pred_{k}": [] for k in (*_PER_EPOCH, "score_raw")})
     total, migration, repairs, steps, done = 0.0, 0.0, 0, 0, False
     while not done:
+        before = (core.plan.copy(), core.state.copy()) if predictor is not None else None
         t0 = time.perf_counter()
         if isinstance(policy, ActionPolicy):
             out = policy.act(obs, env)
@@ -65,11 +71,15 @@ def run_episode(
         rec["score_raw"].append(float(epoch_utility(info["metrics"], slo_s)))
         rec["infeasible"].append(float(not epoch_feasible(info["metrics"])))
         if predictor is not None:
-            pred = predictor.serve(core.plan, core.state, float(core.scenario.spec.dynamics.epoch_s))
+            pred = predicted_step(predictor, core, *before)
             for k in _PER_EPOCH:
-                rec[f"pred_{k}"].append(float(getattr(pred, k)))
-            fields = {k: getattr(pred, k) for k in ("late_frac", "dropped_frac", "e2e_p95_s", "quality_loss")}
-            rec["pred_score_raw"].append(float(epoch_utility(fields, slo_s)))
+                rec[f"pred_{k}"].append(float(pred[k]))
+            rec["pred_score_raw"].append(float(epoch_utility(pred, slo_s)))
+            window = core.core.last_record.measured
+            rec["window_e2e_p95_s"].append(float(window["e2e_p95_s"][0]))
+            rec["migration_s"].append(float(info["migration_time_s"]))
+            rec["pred_window_e2e_p95_s"].append(float(pred["window_e2e_p95_s"]))
+            rec["pred_migration_s"].append(float(pred["migration_s"]))
         migration += float(info["migration"]["bytes_total"])
         repairs += int(info.get("repaired", False))
         done = term or trunc or (max_steps is not None and steps >= max_steps)
@@ -86,6 +96,22 @@ def run_episode(
     if predictor is not None:
         out_row["pred_slo_attainment"] = 1.0 - out_row.pop("pred_late_frac")
     return out_row
+
+
+def predicted_step(predictor, core, plan_before, state_before) -> dict[str, float]:
+    """The surrogate's account of the step the env (on another backend) just took, for the same plans: its own
+    migration time for the same plan change (`plan_before` -> the env's plan now; a fault restoration in that step
+    is folded in), through the env's migration disruption model, on top of its prediction of the same window.
+    So measured and predicted metrics hold the same terms (`window_e2e_p95_s`: the window alone, both ways)."""
+    predictor.reset(plan_before, state_before)
+    migration_s = float(predictor.apply(core.plan, state_before).time_s)
+    window = predictor.serve(core.plan, core.state, float(core.scenario.spec.dynamics.epoch_s))
+    fields = {k: np.array([float(getattr(window, k))]) for k in _DISRUPTED}
+    served = core.core.disruption(fields, np.array([migration_s]))
+    out = {k: float(getattr(window, k)) for k in (*_PER_EPOCH, "dropped_frac")}
+    out.update({k: float(v[0]) for k, v in served.items()})
+    out.update(window_e2e_p95_s=float(window.e2e_p95_s), migration_s=migration_s)
+    return out
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

@@ -83,6 +83,8 @@ METRICS: tuple[tuple[str, str, float], ...] = (
     ("infeasible", "over quality budget (% epochs)", 100.0),
     ("energy_j", "energy (kJ/epoch)", 1e-3),
     ("migration_bytes", "migration (GB)", 1e-9),
+    ("migration_s", "migration (s/epoch)", 1.0),  # other backends' runs: also predicted (agents.rollout)
+    ("window_e2e_p95_s", "p95 latency of the window alone (s)", 1.0),  # the same, before migration disruption
     ("slo_attainment", "SLO attainment (%)", 100.0),
     ("decide_ms", "decision (ms)", 1.0),
 )
@@ -441,7 +443,7 @@ def summarize_scenario(sc_rows: list[dict]) -> list[dict]:
             raw[p], statistic=stats.mean
         )
         for k, _, _ in METRICS:
-            if k == "score":
+            if k == "score" or k not in eps[0]:
                 continue
             row[k], row[f"{k}_lo"], row[f"{k}_hi"] = stratified_bootstrap_ci([e[k] for e in eps], statistic=stats.mean)
         for k in (k for k in eps[0] if k.startswith("pred_")):  # the surrogate's prediction, same windows
