@@ -351,6 +351,8 @@ class RealBackend:
                 "fuse": self._pair_matrix(plan.fuse).astype(bool),
                 "fusion_fraction": c.hw.quality.fusion_fraction,
                 "max_batch": wl.max_batch,
+                "max_num_batched_tokens": wl.max_num_batched_tokens,  # a step's token budget (scheduler.py)
+                "chunked_prefill": wl.chunked_prefill,
                 "want_logits": self.measure_quality,
                 "link_factor": state.link_factor,
             }
