@@ -102,9 +102,9 @@ def _with_budget(backend, monkeypatch, budget: int, chunked: bool) -> None:
 @pytest.mark.slow
 def test_chunked_prefill_serves_the_same_tokens_in_more_steps(monkeypatch):
     """Requests sent at once, prompts of 16..48 tokens: a budget of 8 tokens a step (chunked, or whole prompts that
-    run alone) serves the tokens and prompt logits of an unlimited one, in more
-    steps (each step at most 8 tokens, or one whole prompt beside the decodes); the rows on each link are the same and
-    its bytes those of the wire format (the stamps follow the messages, which chunking splits across steps)."""
+    run alone) serves the tokens and prompt logits of an unlimited budget, in the steps the scheduler gives (a first
+    token only with a prompt's last chunk); the rows on each link are the same and its bytes those of the wire
+    format (the 8-byte stamps follow the messages, which chunking splits across steps)."""
     sc = Scenario("tiny", seed=0)
     state = sc.initial_state(np.random.default_rng(0))
     plan = DeploymentPlan.uniform(sc.cluster)
