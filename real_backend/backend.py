@@ -365,7 +365,7 @@ class RealBackend:
         self, plan: DeploymentPlan, state: ClusterState, requests: list[list[dict]], want_logits: bool
     ) -> list[dict]:
         """The servers' "serve" command for given requests (per server) under the installed plan."""
-        c = self.cluster
+        c, wl = self.cluster, self.cluster.spec.workload
         arg = [
             {
                 "requests": requests[s],
@@ -373,7 +373,9 @@ class RealBackend:
                 "prune": self._pair_matrix(plan.prune),
                 "fuse": self._pair_matrix(plan.fuse).astype(bool),
                 "fusion_fraction": c.hw.quality.fusion_fraction,
-                "max_batch": c.spec.workload.max_batch,
+                "max_batch": wl.max_batch,
+                "max_num_batched_tokens": wl.max_num_batched_tokens,  # a step's token budget (scheduler.py)
+                "chunked_prefill": wl.chunked_prefill,
                 "want_logits": want_logits,
                 "link_factor": state.link_factor,
             }

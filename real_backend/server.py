@@ -5,7 +5,9 @@ close); the servers talk to each other over a torch.distributed process group (w
 the per-layer dispatch messages and the step clock through shared memory when they are processes of one PipeChannel
 (real_backend/shm.py; `COEL_REAL_SHM=0`: the process group for those too).
 Serving is lock-step, as expert parallelism is: every step each server runs one forward pass of its own continuous
-batch (or an empty one) and all servers meet at each MoE layer's token exchange. The servers share one virtual clock:
+batch (or an empty one) and all servers meet at each MoE layer's token exchange. A step's tokens follow the
+surrogate's scheduler semantics (real_backend/scheduler.py: decodes, then prefill chunks within the workload's
+max_num_batched_tokens, with or without chunked prefill). The servers share one virtual clock:
 each step advances it by the slowest server's measured step time, and when every server is idle it jumps to the next
 arrival, so a window of W seconds need not take W seconds of wall time.
 """
@@ -16,6 +18,7 @@ import bisect
 import contextlib
 import cProfile
 import ctypes
+import itertools
 import os
 import signal
 import sys
@@ -35,6 +38,7 @@ from real_backend.dist import Dispatcher, dispatch_targets
 from real_backend.fast import FastDecoder, GroupedExperts, SlotCache, compact, fast_enabled, make_pool
 from real_backend.model import KVCache, MoEConfig, MoETransformer, WeightSource, expert_shapes
 from real_backend.quant import QTensor, int4_group, quantize, requantize
+from real_backend.scheduler import schedule_step
 from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
 from real_backend.shm import Segment
 from real_backend.static import StaticDecoder, StaticServe, pin_ok, static_enabled
@@ -122,6 +126,12 @@ class _Seq:
         self.cache = KVCache(num_layers)
         self.out: list[int] = []
         self.t_first = self.t_last = 0.0
+        self.admitted = -1  # admission order (the scheduler serves prefills first come first served)
+        self.logits: list[torch.Tensor] = []  # the prompt's logits so far, a part per prefill chunk (want_logits)
+
+    def to_prefill(self) -> int:
+        """Prompt tokens not yet processed (0 once it decodes)."""
+        return 0 if self.out else len(self.prompt) - self.cache.length
 
 
 class ServerProcess:
@@ -279,6 +289,8 @@ class ServerProcess:
         successor = {q.after: q for q in seqs if q.after is not None}  # closed-loop clients' next requests
         pending = deque(sorted((q for q in seqs if q.after is None), key=lambda q: q.arrival))
         max_batch, want_logits = arg["max_batch"], arg["want_logits"]
+        # a step's token budget (None: unlimited, every prompt whole: callers from before the budget) and chunking
+        budget, chunked = arg.get("max_num_batched_tokens"), bool(arg.get("chunked_prefill", True))
         # decode fast path: static KV slots for this serve's sequences, batched decode steps (fast.py)
         pool = make_pool(self.model, arg["requests"], max_batch)
         if pool is not None and self.fast_decoder is None:
@@ -289,7 +301,7 @@ class ServerProcess:
         active: list[_Seq] = []
         done, logits_out = [], {}
         clock = busy = 0.0
-        steps = fast_steps = 0
+        steps = fast_steps = n_admitted = 0
         empty = torch.empty(0, self.cfg.d_model, dtype=self.dtype, device=self.device)
         empty_idx = torch.empty(0, self.cfg.top_k, dtype=torch.long, device=self.device)
         dist.barrier()
@@ -301,47 +313,69 @@ class ServerProcess:
             if earliest == np.inf:
                 break
             clock = max(clock, earliest)
-            while pending and len(active) < max_batch and pending[0].arrival <= clock:
+            # this step's tokens (scheduler.py): decodes, prefill chunks under way, then admissions
+            free = max_batch - len(active)
+            queued = []  # prompt lengths of the arrived requests (pending is sorted by arrival) that a slot could take
+            for q in itertools.islice(pending, free):
+                if q.arrival > clock:
+                    break
+                queued.append(len(q.prompt))
+            order = sorted(active, key=lambda q: q.admitted)
+            plan = schedule_step([q.to_prefill() for q in order], queued, free, budget, chunked)
+            take = {id(q): n for q, n in zip(order, plan.running)}
+            for _ in plan.admitted:
                 q = pending.popleft()
                 if pool is not None:
                     q.cache = SlotCache(pool, len(active))
+                q.admitted, n_admitted = n_admitted, n_admitted + 1
                 active.append(q)
+            take.update((id(q), n) for q, n in zip(active[len(active) - len(plan.admitted) :], plan.admitted))
             t0 = time.perf_counter()
             if not active:
                 for l in range(self.cfg.num_moe_layers):
                     self.dispatcher(l, empty, empty_idx, empty)
                 clock += self._step_time(time.perf_counter() - t0)
                 continue
-            toks = [q.prompt if not q.out else torch.tensor([q.out[-1]]) for q in active]
+            step = [q for q in active if take[id(q)] > 0]  # slot order (the fast path's)
+            toks = [
+                torch.tensor([q.out[-1]]) if q.out else q.prompt[q.cache.length : q.cache.length + take[id(q)]]
+                for q in step
+            ]
             routes = None
-            if all(q.routes is not None for q in active):
-                routes = [q.routes[q.cache.length : q.cache.length + len(t)] for q, t in zip(active, toks)]
-            if pool is not None and all(q.out for q in active):  # every sequence decodes: the batched step
+            if all(q.routes is not None for q in step):
+                routes = [q.routes[q.cache.length : q.cache.length + len(t)] for q, t in zip(step, toks)]
+            if pool is not None and len(step) == len(active) and all(q.out for q in step):  # the batched decode
                 r = None if routes is None else torch.cat(routes)
                 sd = self.static_decoder
-                if sd is not None and sd.usable(len(active)):
-                    logits = sd.decode(active, pool, r)
+                if sd is not None and sd.usable(len(step)):
+                    logits = sd.decode(step, pool, r)
                 else:
-                    logits = self.fast_decoder.decode(active, pool, self.dispatcher, r)
+                    logits = self.fast_decoder.decode(step, pool, self.dispatcher, r)
                 fast_steps += 1
             else:
-                logits = self.model.forward(toks, [q.cache for q in active], self.dispatcher, routes)
+                logits = self.model.forward(toks, [q.cache for q in step], self.dispatcher, routes)
             ends = torch.tensor([len(t) for t in toks]).cumsum(0) - 1
             nxt = logits[ends.to(logits.device)].argmax(-1).tolist()
             dt = time.perf_counter() - t0
             clock += self._step_time(dt)
             busy += dt
             steps += 1
-            start, still = 0, []
-            for q, t, tok in zip(active, toks, nxt):
-                if not q.out:
+            start, finished = 0, set()
+            for q, t, tok in zip(step, toks, nxt):
+                prefill, start = not q.out, start + len(t)
+                if prefill and want_logits:
+                    q.logits.append(logits[start - len(t) : start].cpu())
+                if prefill and q.cache.length < len(q.prompt):  # an earlier chunk of its prompt: no token yet
+                    continue
+                if prefill:
                     q.t_first = clock
                     if want_logits:
-                        logits_out[q.rid] = logits[start : start + len(t)].cpu().numpy()
-                start += len(t)
+                        logits_out[q.rid] = torch.cat(q.logits).numpy()
+                        q.logits = []
                 q.out.append(int(tok))
                 if len(q.out) >= q.max_new:
                     q.t_last = clock
+                    finished.add(id(q))
                     nxt_q = successor.pop(q.rid, None)
                     if nxt_q is not None:  # its client sends the next request now
                         nxt_q.arrival = clock
@@ -356,8 +390,7 @@ class ServerProcess:
                             "tokens": q.out,
                         }
                     )
-                else:
-                    still.append(q)
+            still = [q for q in active if id(q) not in finished]
             active = still if pool is None else compact(still, pool)
         wall = time.perf_counter() - wall0
         del pool
