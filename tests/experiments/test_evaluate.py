@@ -12,26 +12,19 @@ from coel_env.benchmark import instances
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_evaluate_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.evaluate",
-        "scenarios=[tiny]",
-        "policies=[static_linear,greedy_popularity,eplb]",
-        "seeds=2",
-        "max_epochs=2",
-        "tuning.trials=2",
-        "tuning.instances=1",
-        "tuning.epochs=2",
-        "logger=disabled",
-        "progress_bar=false",
-        f"hydra.run.dir={out}",
-    ]
+def _evaluate(out: Path, *overrides: str) -> None:
+    """`python -m experiments.evaluate` on tiny into `out`, W&B off; it must succeed."""
+    cmd = [sys.executable, "-m", "experiments.evaluate", "scenarios=[tiny]", *overrides]
+    cmd += ["logger=disabled", "progress_bar=false", f"hydra.run.dir={out}"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_evaluate_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    policies = "policies=[static_linear,greedy_popularity,eplb]"
+    _evaluate(out, policies, "seeds=2", "max_epochs=2", "tuning.trials=2", "tuning.instances=1", "tuning.epochs=2")
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     # the listed policies, then the score's references (static_linear is listed), ranked on the score
     assert {r["policy"] for r in rows} == {"static_linear", "greedy_popularity", "eplb", "coel_tuned", "eplb_tuned"}
@@ -59,24 +52,9 @@ def test_time_budget_reports_the_completed_instances(tmp_path):
     """time_budget_s: no instance starts after the budget (here 0: only the first runs), and the leaderboard says
     how many of the asked instances it reports; every episode of that instance is there for every policy."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.evaluate",
-        "scenarios=[tiny]",
-        "policies=[static_linear,eplb]",
-        "add_references=false",
-        "seeds=3",
-        "max_epochs=1",
-        "time_budget_s=0",
-        "logger=disabled",
-        "plots=false",
-        "progress_bar=false",
-        f"hydra.run.dir={out}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _evaluate(
+        out, "policies=[static_linear,eplb]", "add_references=false", "seeds=3", "max_epochs=1", "time_budget_s=0"
+    )
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert {r["policy"] for r in rows} == {"static_linear", "eplb"} and all(int(r["episodes"]) == 1 for r in rows)
     assert all(
