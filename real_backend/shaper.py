@@ -46,7 +46,9 @@ def sleep_until(t: float) -> None:
 
 
 BURST_S = 0.02  # bucket depth: a late sender may catch up this much idle time (like tbf's burst), so scheduler
-# jitter on a busy host does not lower the average rate below the set one
+# jitter on a busy host does not lower the average rate below the set one. The credit keeps the rate; it never makes
+# one message faster than its own bytes: each arrives no earlier than its serialization after it is sent (before,
+# an idle link delivered up to 20 ms of bytes at once: prefill messages crossed a 0.1 Gb/s link for free)
 
 
 class TokenBucket:
@@ -58,9 +60,9 @@ class TokenBucket:
         self.rate, self.latency, self.free = rate, latency, 0.0
 
     def send(self, nbytes: int, t: float | None = None) -> float:
-        start = max((now() if t is None else t) - BURST_S, self.free)
-        self.free = start + nbytes / self.rate
-        return self.free + self.latency
+        t = now() if t is None else t
+        self.free = max(t - BURST_S, self.free) + nbytes / self.rate
+        return max(self.free, t + nbytes / self.rate) + self.latency
 
 
 class LinkShaper:
@@ -120,7 +122,7 @@ class LinkShaper:
                     i = 2 * k + direction
                     start = max(t - BURST_S, self.free[i])
                     self.free[i] = start + nbytes / self.rate[k]
-                    arrive = max(arrive, self.free[i])
+                    arrive = max(arrive, self.free[i], t + nbytes / self.rate[k])
         if self.latency:
             arrive += float(self.cluster.pair_latency[src, dst])
         return arrive
@@ -145,7 +147,7 @@ class LinkShaper:
             i = len(self.free) - 1
             start = max(t - BURST_S, self.free[i])
             self.free[i] = start + nbytes / self.cloud_rate
-            arrive = self.free[i]
+            arrive = max(self.free[i], t + nbytes / self.cloud_rate)
         return arrive + self.cluster.hw.cloud_latency_s
 
 

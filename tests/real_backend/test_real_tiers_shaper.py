@@ -84,6 +84,20 @@ def test_token_bucket_rate_within_10_percent():
     assert abs(rate / 4e6 - 1) < 0.10
 
 
+def test_an_idle_link_still_serializes_each_message():
+    """The bucket's burst credit keeps the average rate under scheduler jitter; it must not deliver a message
+    faster than its bytes cross the link (10 ms of bytes on an idle link arrive 10 ms after they are sent)."""
+    bucket = TokenBucket(rate=5e6, latency=1e-3)
+    assert bucket.send(50_000, t=100.0) == pytest.approx(100.0 + 0.01 + 1e-3)
+    c = Scenario("tiny").cluster
+    shaper = LinkShaper(c, np.full(c.num_links, 0.04))  # 5 MB/s per link
+    t0 = time.monotonic()
+    arrive = shaper.reserve(0, 1, 50_000)
+    assert arrive - t0 >= 0.01 + c.pair_latency[0, 1] - 1e-6
+    shaper.cloud_rate = 5e6
+    assert shaper.reserve_cloud(50_000) - time.monotonic() >= 0.01 + c.hw.cloud_latency_s - 2e-3
+
+
 def test_link_shaper_rate_and_latency_follow_the_cluster():
     c = Scenario("tiny").cluster  # 1 Gb/s star, 0.1 ms per hop
     factor = np.full(c.num_links, 0.04)  # 40 Mb/s = 5 MB/s
