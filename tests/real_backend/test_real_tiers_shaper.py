@@ -95,7 +95,8 @@ def test_an_idle_link_still_serializes_each_message():
     arrive = shaper.reserve(0, 1, 50_000)
     assert arrive - t0 >= 0.01 + c.pair_latency[0, 1] - 1e-6
     shaper.cloud_rate = 5e6
-    assert shaper.reserve_cloud(50_000) - time.monotonic() >= 0.01 + c.hw.cloud_latency_s - 2e-3
+    t0 = time.monotonic()
+    assert shaper.reserve_cloud(50_000) - t0 >= 0.01 + c.hw.cloud_latency_s - 1e-6
 
 
 def test_link_shaper_rate_and_latency_follow_the_cluster():
