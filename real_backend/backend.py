@@ -51,6 +51,7 @@ from coel_env.world.cluster import Cluster
 from coel_env.world.state import ClusterState
 from coel_env.world.traces import RoutingModel
 from real_backend.channels import PipeChannel, ServerError, check_fault
+from real_backend.dist import stream_rows
 from real_backend.model import MoEConfig, generate, reference_model
 from real_backend.quant import quality
 from real_backend.server import WorkerSpec
@@ -169,6 +170,7 @@ class RealBackend:
             raise ConfigError(f"real backend: device '{device}' unknown; allowed: cpu, cuda")
         if launcher not in LAUNCHERS:
             raise ConfigError(f"real backend: launcher '{launcher}' unknown; allowed: {', '.join(LAUNCHERS)}")
+        stream_rows()  # a bad COEL_REAL_STREAM_ROWS fails here in one line, not in every server process
         launch = torchrun_env() if launcher != "spawn" else None
         if launcher == "torchrun" and launch is None:
             raise ConfigError(

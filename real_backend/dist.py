@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from coel_env.backend.wire import SLOT_BYTES, STAMP_BYTES, reply_row_bytes, request_row_bytes
+from coel_env.errors import ConfigError
 from real_backend.shaper import LinkShaper, now, sleep_until
 from real_backend.tiers import ExpertStore
 from real_backend.transport import GlooTransport, Request, ShmTransport
@@ -38,7 +39,10 @@ STREAM_ENV = "COEL_REAL_STREAM_ROWS"  # a request of more rows is served as a st
 
 def stream_rows() -> int:
     """Rows per chunk of a streamed request (`COEL_REAL_STREAM_ROWS`, default 256: ~1 MB, 8 ms at 1 Gb/s)."""
-    return max(int(os.environ.get(STREAM_ENV, "256")), 1)
+    v = os.environ.get(STREAM_ENV, "256").strip()
+    if not v.isdigit() or int(v) < 1:
+        raise ConfigError(f"{STREAM_ENV}: '{v}' given; must be a whole number of rows >= 1")
+    return int(v)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

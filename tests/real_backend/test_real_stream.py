@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coel_env import DeploymentPlan, Scenario
+from coel_env import ConfigError, DeploymentPlan, Scenario
 from real_backend import make_real_backend
 from real_backend.dist import STREAM_ENV
 
@@ -37,3 +37,11 @@ def test_streamed_requests_serve_the_same_tokens_logits_and_bytes(monkeypatch):
     for key in ("bytes_to", "rows_to", "msgs_to", "tokens_to"):
         assert st[key] == ref[key], key
     np.testing.assert_array_equal(st["link_bytes"], ref["link_bytes"])
+
+
+@pytest.mark.parametrize("rows", ["0", "-3", "2.5", "lots"])
+def test_a_bad_stream_rows_setting_fails_in_one_line_before_any_server_starts(rows, monkeypatch):
+    monkeypatch.setenv(STREAM_ENV, rows)
+    sc = Scenario("tiny", seed=0)
+    with pytest.raises(ConfigError, match=rf"^{STREAM_ENV}: '{rows}' given; must be a whole number of rows >= 1$"):
+        make_real_backend(sc.cluster, seed=0)
