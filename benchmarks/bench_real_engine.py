@@ -10,6 +10,8 @@ python -m benchmarks.bench_real_engine floor --scenario paper-2server-1gpu --eng
 python -m benchmarks.bench_real_engine exchange --device cpu --iters 2000 --out benchmarks/results/engine
 # closed-loop saturating throughput (clients per server, the scenario's lengths) next to its link bound
 python -m benchmarks.bench_real_engine saturate --job 2srv-app --batch 64 --clients 64 --client-servers 0 --out $OUT
+# a plan change's migration on the real backend (bytes by kind, seconds by phase) next to the surrogate's prediction
+python -m benchmarks.bench_real_engine migrate --scenario PATH --links none --lan-gbps 10 --repeats 3 --out $OUT
 # TPOT (tokens/s) per job and batch of a device run's measured_<variant>_b<batch>.csv files, a column per variant
 python -m benchmarks.bench_real_engine table --dir $OUT --variants gloo shm
 """
@@ -448,9 +450,81 @@ def saturate(args) -> dict:
     }
 
 
+def migrate(args) -> dict:
+    """A plan change's migration, measured: the scenario's initial (uniform) plan and `--policy`'s first plan applied
+    in turn, `--repeats` times each way, on the real backend (`--device`, `--links`; the topology's bandwidth
+    replaced by `--lan-gbps` when given), next to the surrogate's predicted migration time for the same plan pair
+    (profile `--hardware`)."""
+    import yaml
+
+    from agents.baselines import make_policy
+    from coel_env import DeploymentPlan, Scenario
+    from coel_env.backend.surrogate import SurrogateBackend
+    from real_backend import RealBackend
+
+    path = Path(args.scenario)
+    spec = {"name": path.stem, **yaml.safe_load(path.read_text())} if path.is_file() else args.scenario
+    if args.lan_gbps is not None:
+        if not isinstance(spec, dict):
+            raise SystemExit("migrate: --lan-gbps needs --scenario as a path to a scenario YAML file")
+        spec = {**spec, "topology": {**spec["topology"], "bandwidth_gbps": float(args.lan_gbps)}}
+    sc = Scenario(spec, seed=args.seed, hardware=args.hardware)
+    c = sc.cluster
+    state = sc.initial_state(np.random.default_rng(args.seed))
+    policy = make_policy(args.policy)
+    policy.reset(c, seed=args.seed, scenario=sc)
+    plans = [DeploymentPlan.uniform(c), policy.decide(state, c, None).plan]
+    surrogate = SurrogateBackend(c)
+    rows = []
+    with RealBackend(c, device=args.device, gen_device=args.device, links=args.links, warmup=False) as real:
+        t0 = time.perf_counter()
+        real.reset(plans[0], state)
+        install_s = time.perf_counter() - t0
+        for k in range(2 * args.repeats):
+            old, new = plans[k % 2], plans[(k + 1) % 2]
+            rep = real.apply(new, state)
+            pred = surrogate.migration(old, new, state)
+            rows.append(
+                {
+                    "direction": "initial -> policy" if k % 2 == 0 else "policy -> initial",
+                    "bytes_peer": rep.bytes_peer,
+                    "bytes_local": rep.bytes_local,
+                    "bytes_cloud": rep.bytes_cloud,
+                    "time_s": rep.time_s,
+                    "pred_time_s": pred.time_s,
+                    "pred_bytes_total": pred.bytes_total,
+                    "phase_s": getattr(real, "last_migration_phases", None),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    ratio = [r["time_s"] / r["pred_time_s"] for r in rows if r["pred_time_s"] > 0]
+    goodput = [(r["bytes_peer"] + r["bytes_local"] + r["bytes_cloud"]) / r["time_s"] / 1e9 for r in rows]
+    return {
+        "scenario": str(args.scenario),
+        "lan_gbps": args.lan_gbps,
+        "links": args.links,
+        "policy": args.policy,
+        "device": args.device,
+        "install_s": install_s,
+        "median_measured_over_predicted": statistics.median(ratio) if ratio else None,
+        "median_goodput_gbs": statistics.median(goodput),
+        "rows": rows,
+    }
+
+
+COMMANDS = {
+    "ctxswitch": ctxswitch,
+    "floor": floor,
+    "parity": parity,
+    "exchange": exchange,
+    "saturate": saturate,
+    "migrate": migrate,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cmd", choices=("ctxswitch", "pstats", "floor", "parity", "exchange", "table", "saturate"))
+    p.add_argument("cmd", choices=(*COMMANDS, "pstats", "table"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=2000)
@@ -468,6 +542,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--client-servers", type=int, nargs="+", default=[0], help="saturate: servers with clients")
     p.add_argument("--per-client", type=int, default=2, help="saturate: requests each client sends in turn")
     p.add_argument("--batched-tokens", type=int, default=0, help="saturate: max_num_batched_tokens (0: scenario)")
+    p.add_argument("--links", default="none", help="migrate: the real backend's link mode (none, app, netns)")
+    p.add_argument("--lan-gbps", type=float, default=None, help="migrate: replaces the topology's bandwidth")
+    p.add_argument("--policy", default="static_linear", help="migrate: the policy whose first plan is applied")
+    p.add_argument("--hardware", default="h200", help="migrate: the surrogate's hardware profile")
+    p.add_argument("--repeats", type=int, default=2, help="migrate: plan changes each way")
+    p.add_argument("--seed", type=int, default=0, help="migrate: scenario, state and policy seed")
     args = p.parse_args(argv)
     if args.cmd == "pstats":
         print(pstats_top(args))
@@ -475,15 +555,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "table":
         print(measured_table(args.dir, args.variants or []))
         return
-    res = {"ctxswitch": ctxswitch, "floor": floor, "parity": parity, "exchange": exchange, "saturate": saturate}[
-        args.cmd
-    ](args)
+    res = COMMANDS[args.cmd](args)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = f"shm_{args.device}" if args.cmd == "exchange" else args.cmd
         if args.cmd == "saturate":
             name = f"saturate_{args.tag or args.job}_b{args.batch}_c{args.clients}"
+        if args.cmd == "migrate":
+            name = f"migrate_{args.tag or args.links}"
         (Path(args.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
         if args.cmd == "exchange":
             (Path(args.out) / f"{name}.md").write_text(exchange_md(res))

@@ -117,6 +117,9 @@ def predictor(env: gym.Env, cfg: DictConfig):
     return SurrogateBackend(env.unwrapped.cluster)
 
 
+PARTIAL = "episodes_partial.csv"  # rewritten after each completed instance; removed once episodes.csv is written
+
+
 def env_kwargs(cfg: DictConfig, scenario: str) -> dict:
     """Keyword arguments of gymnasium.make("CoEL-v0") but the instance's `scenario_seed`; `backend.hardware`
     replaces every scenario's own profile."""
@@ -351,6 +354,8 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
                 for st in setups:
                     st["envs"][inst.routing_seed].close()
             completed += 1
+            # what a run killed later (a hard timeout, a lost machine) keeps: every completed instance's episodes
+            write_csv(out / PARTIAL, episodes + [ep for st in setups for ep in st["eps"]])
         done_insts[str(scenario)] = completed
         for st in setups:
             st["config"]["instances"] = st["config"]["instances"][:completed]
@@ -388,6 +393,7 @@ def evaluate(cfg: DictConfig, out: Path) -> list[dict]:
         )
     write_csv(out / "leaderboard.csv", rows)
     write_csv(out / "episodes.csv", episodes)
+    (out / PARTIAL).unlink(missing_ok=True)  # the run completed: episodes.csv holds them all
     atomic_write_json(out / "skipped.json", skipped)  # (policy, scenario) pairs that do not fit, and why
     agg = aggregate(rows, episodes) if len(cfg.scenarios) > 1 else []
     if agg:

@@ -193,6 +193,7 @@ class RealBackend:
         # plan re-stack the grouped experts and capture CUDA graphs); their wall seconds: `last_warmup_s`
         self.warmup = device == "cuda" if warmup is None else warmup
         self.last_warmup_s = 0.0
+        self.last_migration_phases: list[dict[str, float]] = []
         self.current: DeploymentPlan | None = None
         self._ref = None
         self.window_index = 0
@@ -318,6 +319,7 @@ class RealBackend:
         moves, removes, added, removed = self.migration_moves(self.current, plan, state.server_up)
         arg = {"moves": moves, "removes": removes, "device": plan.device, "link_factor": state.link_factor}
         res = self._call("apply", [arg] * c.num_servers)
+        self.last_migration_phases = [r["phase_s"] for r in res]  # per server: wall seconds by phase (server.apply)
         self.current = plan.copy()
         self._warm_up(plan, state)
         pair = np.stack([r["pair"] for r in res])  # [src, dst] bytes

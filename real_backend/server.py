@@ -42,7 +42,7 @@ from real_backend.scheduler import schedule_step
 from real_backend.shaper import LinkShaper, enter_netns, now, sleep_until
 from real_backend.shm import Segment
 from real_backend.static import StaticDecoder, StaticServe, pin_ok, static_enabled
-from real_backend.tiers import Expert, ExpertStore, expert_nbytes
+from real_backend.tiers import TIER_GPU, Expert, ExpertStore, expert_nbytes
 from real_backend.transport import TAG_MIGRATE, GlooTransport, ShmTransport, _bits_f64, _f64_bits
 
 
@@ -75,12 +75,8 @@ def _die_with_parent() -> None:
 
 
 def pack_expert(w: Expert) -> torch.Tensor:
-    """One contiguous uint8 buffer of an expert's packed tensors (what goes over a link)."""
-    parts = []
-    for t in w:
-        for v in t.tensors().values():
-            parts.append(v.contiguous().cpu().view(-1).view(torch.uint8))
-    return torch.cat(parts)
+    """One contiguous uint8 buffer of an expert's packed tensors (what goes over a link), on their device."""
+    return torch.cat([v.contiguous().view(-1).view(torch.uint8) for t in w for v in t.tensors().values()])
 
 
 def expert_layout(cfg: MoEConfig, bits: int) -> list[tuple[tuple[int, int], list[tuple[torch.dtype, tuple]]]]:
@@ -115,6 +111,11 @@ def unpack_expert(buf: torch.Tensor, cfg: MoEConfig, bits: int) -> Expert:
         group = int4_group(shape[1]) if bits == 4 else 0
         out.append(QTensor(bits, ts[0], ts[1] if len(ts) > 1 else None, shape, group))
     return tuple(out)
+
+
+def _lowered(w: Expert, bits: int, device: torch.device) -> Expert:
+    """An expert's tensors at `bits`, requantized on `device` where they must be lowered (else where they are)."""
+    return tuple(t if t.bits == bits else requantize(t.to(device), bits) for t in w)
 
 
 class _Seq:
@@ -210,8 +211,12 @@ class ServerProcess:
         return {"gpu": gpu, "cpu": cpu, "ssd": ssd}
 
     def apply(self, arg: dict) -> dict:
-        """Carry out this server's part of a migration (see RealBackend._migration_moves)."""
-        me = self.rank
+        """Carry out this server's part of a migration (see RealBackend._migration_moves). Sources are read, lowered
+        to the move's bits and packed where this server computes (its GPU when it has one: a full plan's experts
+        requantized on one host thread take seconds, which no deployment would spend); only a peer copy's packed
+        bytes cross to the host, once each way. `phase_s`: wall seconds by phase (stage the sources, pack and post
+        the sends, receive and install, wait for the sends)."""
+        me, dev = self.rank, self.device
         if self.shaper is not None and arg.get("link_factor") is not None:
             self.shaper.set_link_factor(arg["link_factor"])
         dist.barrier()
@@ -219,24 +224,27 @@ class ServerProcess:
         out = {"local": 0, "peer": 0, "cloud": 0, "pair": np.zeros(self.S)}
         staged: dict[int, Expert] = {}
         for i, m in enumerate(arg["moves"]):  # read every source first: a move may replace another's source
-            if m["src"] == me:
+            if m["src"] == me:  # a GPU replica: the stored tensors themselves (no copy); else read into host memory
                 rep = self.store.replicas[(m["l"], m["e"], m["src_dev"])]
-                staged[i] = tuple(requantize(t, m["bits"]) for t in self.store.read(rep))
+                staged[i] = self.store.read(rep, self.devices[rep.device] if rep.tier == TIER_GPU else "cpu")
+        posted = self._post_receives(arg["moves"])
+        t1 = time.perf_counter()
         sends = []
         for i, m in enumerate(arg["moves"]):
             if m["kind"] == "peer" and m["src"] == me:
-                buf = pack_expert(staged[i])
+                buf = self._comm(pack_expert(_lowered(staged[i], m["bits"], dev)))
                 arrive = self.shaper.reserve(me, m["dst"], buf.numel()) if self.shaper else now()
                 out["pair"][m["dst"]] += buf.numel()
                 sends += [
                     dist.isend(self._comm(_f64_bits(arrive)), m["dst"], tag=TAG_MIGRATE),
-                    dist.isend(self._comm(buf), m["dst"], tag=TAG_MIGRATE + 1),
+                    dist.isend(buf, m["dst"], tag=TAG_MIGRATE + 1),
                 ]
+        t2 = time.perf_counter()
         for i, m in enumerate(arg["moves"]):
             if m["dst"] != me:
                 continue
             if m["kind"] == "local":
-                w = staged[i]
+                w = _lowered(staged[i], m["bits"], dev)
                 out["local"] += expert_nbytes(w)
             elif m["kind"] == "cloud":
                 w = self._master(m["l"], m["e"], m["bits"])
@@ -245,28 +253,53 @@ class ServerProcess:
                     sleep_until(self.shaper.reserve_cloud(n))
                 out["cloud"] += n
             else:
-                hdr = torch.empty(1, dtype=torch.int64, device=self.comm_device)
-                buf = torch.empty(expert_buffer_size(self.cfg, m["bits"]), dtype=torch.uint8, device=self.comm_device)
-                dist.recv(hdr, m["src"], tag=TAG_MIGRATE)
-                dist.recv(buf, m["src"], tag=TAG_MIGRATE + 1)
+                hdr, buf, works = posted.pop(i) if posted is not None else (*self._migration_buffers(m), None)
+                if works is None:
+                    dist.recv(hdr, m["src"], tag=TAG_MIGRATE)
+                    dist.recv(buf, m["src"], tag=TAG_MIGRATE + 1)
+                else:
+                    for w_ in works:
+                        w_.wait()
                 sleep_until(_bits_f64(hdr.cpu()))
-                w = unpack_expert(buf.cpu(), self.cfg, m["bits"])
+                w = unpack_expert(buf.to(dev), self.cfg, m["bits"])
                 out["peer"] += buf.numel()
             self.store.put(m["l"], m["e"], m["dev"], m["tier"], w)
         for l, e, d in arg["removes"]:
             if d in self.devices:
                 self.store.remove(l, e, d)
+        t3 = time.perf_counter()
         for s in sends:
             s.wait()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        out["time_s"] = time.perf_counter() - t0
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t4 = time.perf_counter()
+        out["time_s"] = t4 - t0
+        out["phase_s"] = {"stage": t1 - t0, "send": t2 - t1, "install": t3 - t2, "wait": t4 - t3}
         self.plan_holders = self._holders(arg["device"])
         out["memory"] = self.memory()
         return out
 
     def _comm(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.comm_device)
+
+    def _migration_buffers(self, m: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A peer copy's receive buffers: its arrival stamp and its packed bytes."""
+        hdr = torch.empty(1, dtype=torch.int64, device=self.comm_device)
+        return hdr, torch.empty(expert_buffer_size(self.cfg, m["bits"]), dtype=torch.uint8, device=self.comm_device)
+
+    def _post_receives(self, moves: list[dict]) -> dict[int, tuple] | None:
+        """Over a host-memory process group (gloo), every peer copy into this server is received from the start (per
+        move: stamp, bytes, their works), so the bytes flow while this server still packs its own sends; None over
+        NCCL, whose sends and receives of a server pair queue on one stream (there they are received in turn)."""
+        if self.comm_device.type != "cpu":
+            return None
+        posted = {}
+        for i, m in enumerate(moves):
+            if m["kind"] == "peer" and m["dst"] == self.rank:
+                hdr, buf = self._migration_buffers(m)
+                works = [dist.irecv(hdr, m["src"], tag=TAG_MIGRATE), dist.irecv(buf, m["src"], tag=TAG_MIGRATE + 1)]
+                posted[i] = (hdr, buf, works)
+        return posted
 
     # ---- serving -----------------------------------------------------------------------------------------
     def serve(self, arg: dict) -> dict:

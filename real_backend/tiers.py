@@ -145,11 +145,12 @@ class ExpertStore:
         else:
             self._best.pop((layer, expert), None)
 
-    def read(self, rep: Replica) -> Expert:
-        """The replica's packed weights on the CPU (for copies and re-tiering)."""
+    def read(self, rep: Replica, device: torch.device | str = "cpu") -> Expert:
+        """The replica's packed weights on `device` (for copies and re-tiering; the stored tensors themselves
+        where they already sit there: treat them as read-only)."""
         if rep.weights is None:
-            return load_expert(rep.path)
-        return tuple(t.to("cpu") for t in rep.weights)
+            return load_expert(rep.path, device)
+        return tuple(t.to(device) for t in rep.weights)
 
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._best

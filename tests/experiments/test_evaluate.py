@@ -46,6 +46,35 @@ def test_evaluate_end_to_end(tmp_path):
     assert "## tiny" in md and "Ranked on the official score" in md and rows[0]["config_id"] in md
     assert "at least 10" in md  # two instances: the report warns
     assert (out / "leaderboard_score.png").stat().st_size > 1000
+    assert not (out / "episodes_partial.csv").exists()  # a completed run leaves episodes.csv only
+
+
+KILLED_AT_THIRD_EPISODE = """
+import os, runpy, sys
+import agents.rollout as rollout
+calls, run = [0], rollout.run_episode
+def run_episode(*a, **k):
+    calls[0] += 1
+    if calls[0] == 3:  # the second instance's first episode: the process dies as under a hard timeout
+        os._exit(137)
+    return run(*a, **k)
+rollout.run_episode = run_episode  # what experiments.evaluate imports
+sys.argv = ["evaluate", *sys.argv[1:]]
+runpy.run_module("experiments.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_killed_run_keeps_the_episodes_of_its_completed_instances(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", KILLED_AT_THIRD_EPISODE, "scenarios=[tiny]", "policies=[static_linear,eplb]"]
+    cmd += ["add_references=false", "seeds=2", "max_epochs=1", "logger=disabled", "progress_bar=false"]
+    cmd += [f"hydra.run.dir={out}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert not (out / "episodes.csv").exists()
+    eps = list(csv.DictReader((out / "episodes_partial.csv").open()))
+    assert sorted((e["policy"], e["instance"]) for e in eps) == [("eplb", "test0"), ("static_linear", "test0")]
 
 
 def test_time_budget_reports_the_completed_instances(tmp_path):

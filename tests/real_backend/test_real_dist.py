@@ -110,7 +110,7 @@ def test_dispatch_bytes_equal_the_wire_format(env):
 
 
 def test_tier_moves_keep_outputs_identical(env):
-    _sc, state, plan, backend = env
+    sc, state, plan, backend = env
     _, tok0, log0 = _replay(backend, plan, state)
     moved = plan.copy()
     moved.tier[0, :, 0] = 1  # layer 0 to CPU memory
@@ -118,6 +118,9 @@ def test_tier_moves_keep_outputs_identical(env):
     rep = backend.apply(moved, state)
     assert rep.bytes_local == 16 * EXPERT16 and rep.bytes_peer == 0 and rep.bytes_cloud == 0
     assert rep.replicas_added == 16 and rep.replicas_removed == 16 and rep.time_s > 0
+    phases = backend.last_migration_phases  # per server, wall seconds by phase; the slowest server's sum is time_s
+    assert len(phases) == sc.cluster.num_servers and all(set(p) == {"stage", "send", "install", "wait"} for p in phases)
+    assert max(sum(p.values()) for p in phases) == pytest.approx(rep.time_s)
     m, tok1, log1 = _replay(backend, moved, state)
     assert tok1 == tok0
     for rid in log0:
