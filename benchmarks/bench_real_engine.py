@@ -455,19 +455,18 @@ def migrate(args) -> dict:
     in turn, `--repeats` times each way, on the real backend (`--device`, `--links`; the topology's bandwidth
     replaced by `--lan-gbps` when given), next to the surrogate's predicted migration time for the same plan pair
     (profile `--hardware`)."""
-    import yaml
-
     from agents.baselines import make_policy
     from coel_env import DeploymentPlan, Scenario
     from coel_env.backend.surrogate import SurrogateBackend
+    from coel_env.specs.scenario import load_scenario_spec, scenario_from_dict
     from real_backend import RealBackend
 
-    path = Path(args.scenario)
-    spec = {"name": path.stem, **yaml.safe_load(path.read_text())} if path.is_file() else args.scenario
-    if args.lan_gbps is not None:
-        if not isinstance(spec, dict):
-            raise SystemExit("migrate: --lan-gbps needs --scenario as a path to a scenario YAML file")
-        spec = {**spec, "topology": {**spec["topology"], "bandwidth_gbps": float(args.lan_gbps)}}
+    if args.repeats < 1:
+        raise SystemExit(f"migrate: --repeats {args.repeats} given; must be >= 1")
+    spec = load_scenario_spec(args.scenario)
+    if args.lan_gbps is not None:  # validated like any scenario's topology
+        d = spec.model_dump()
+        spec = scenario_from_dict({**d, "topology": {**d["topology"], "bandwidth_gbps": args.lan_gbps}})
     sc = Scenario(spec, seed=args.seed, hardware=args.hardware)
     c = sc.cluster
     state = sc.initial_state(np.random.default_rng(args.seed))
@@ -493,7 +492,7 @@ def migrate(args) -> dict:
                     "time_s": rep.time_s,
                     "pred_time_s": pred.time_s,
                     "pred_bytes_total": pred.bytes_total,
-                    "phase_s": getattr(real, "last_migration_phases", None),
+                    "phase_s": getattr(real, "last_migration_phases", None),  # None: session 9's server code
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

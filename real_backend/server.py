@@ -211,7 +211,7 @@ class ServerProcess:
         return {"gpu": gpu, "cpu": cpu, "ssd": ssd}
 
     def apply(self, arg: dict) -> dict:
-        """Carry out this server's part of a migration (see RealBackend._migration_moves). Sources are read, lowered
+        """Carry out this server's part of a migration (see RealBackend.migration_moves). Sources are read, lowered
         to the move's bits and packed where this server computes (its GPU when it has one: a full plan's experts
         requantized on one host thread take seconds, which no deployment would spend); only a peer copy's packed
         bytes cross to the host, once each way. `phase_s`: wall seconds by phase (stage the sources, pack and post
@@ -253,13 +253,14 @@ class ServerProcess:
                     sleep_until(self.shaper.reserve_cloud(n))
                 out["cloud"] += n
             else:
-                hdr, buf, works = posted.pop(i) if posted is not None else (*self._migration_buffers(m), None)
-                if works is None:
+                if posted is None:
+                    hdr, buf = self._migration_buffers(m)
                     dist.recv(hdr, m["src"], tag=TAG_MIGRATE)
                     dist.recv(buf, m["src"], tag=TAG_MIGRATE + 1)
                 else:
-                    for w_ in works:
-                        w_.wait()
+                    hdr, buf, works = posted.pop(i)
+                    for work in works:
+                        work.wait()
                 sleep_until(_bits_f64(hdr.cpu()))
                 w = unpack_expert(buf.to(dev), self.cfg, m["bits"])
                 out["peer"] += buf.numel()
